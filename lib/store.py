@@ -1,0 +1,175 @@
+"""Artifacts: atomic writes, the run manifest, and loading with shape checks.
+
+Every artifact is written to a temporary file in the destination folder and renamed into place, so a killed
+process leaves either the old file or the new one, never a partial file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lib import REPO_ROOT
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, malformed, or belongs to a different run or model."""
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and parents) and check that files can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ArtifactError(
+            f"output folder {str(path)!r} is not writable ({e.strerror}); choose another out_dir "
+            f"(e.g. --set out_dir=...) or fix its permissions"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write arrays to `path` (.npz, uncompressed) atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return Path(path)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def save_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame to CSV atomically (no index column)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_figure(path: str | os.PathLike, fig, dpi: int = 150) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)
+
+
+def load_npz(path: str | os.PathLike, expect: dict[str, int] | None = None, produced_by: str | None = None) -> dict:
+    """Load an .npz into a dict of arrays.
+
+    expect: {key: ndim} that must be present with that number of dimensions.
+    produced_by: the notebook that writes this file, named in the error when it is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = f"; run {produced_by} first (python -m lib.run --params <run>.yaml --only {produced_by})" if produced_by else ""
+        raise ArtifactError(f"missing artifact {str(path)!r}{hint}")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    for key, ndim in (expect or {}).items():
+        if key not in arrays:
+            raise ArtifactError(f"{path}: key {key!r} is missing (has {sorted(arrays)}); the file is from an older "
+                                f"or different writer: regenerate it with {produced_by or 'its notebook'}")
+        if arrays[key].ndim != ndim:
+            raise ArtifactError(f"{path}: {key!r} has shape {arrays[key].shape}, expected {ndim} dimensions")
+    return arrays
+
+
+def check_same_heads(name_a: str, n_a: int, name_b: str, n_b: int) -> None:
+    """Fail clearly when two artifacts describe a different number of heads (different model or run)."""
+    if n_a != n_b:
+        raise ArtifactError(
+            f"{name_a} has {n_a} heads but {name_b} has {n_b}: they come from different models or runs; "
+            f"rerun the notebooks of this run in order (python -m lib.run --params <run>.yaml --force)"
+        )
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+    names = ["torch", "transformers", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "papermill", "nbval"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def file_checksum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_manifest(out_dir: str | os.PathLike, section: str, entry: dict) -> dict:
+    """Merge `entry` into manifest.json under `section` (e.g. a notebook name), atomically."""
+    manifest = read_manifest(out_dir)
+    manifest.setdefault("git_commit", git_commit())
+    manifest["versions"] = package_versions()
+    manifest.setdefault("sections", {})[section] = {**entry, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    save_json(Path(out_dir) / "manifest.json", manifest)
+    return manifest
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
