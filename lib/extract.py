@@ -1,0 +1,156 @@
+"""Per-head activations during greedy generation.
+
+For every prompt the model generates exactly `n_tokens` tokens greedily (no stop at EOS: equal-length series),
+batched with left padding, an explicit attention mask and position ids, and a KV cache. At every step the head
+hook (lib.heads) records each head's L2 norm at the newest position; step t is the forward pass that produced
+generated token t (step 0 is the prompt pass).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lib.heads import HeadHooks
+from lib.models import ArchInfo
+from lib.prompts import Prompt
+
+
+@dataclass
+class ActivationRun:
+    """Everything notebook 01 writes to activations.npz (see to_arrays for the keys)."""
+    activations: np.ndarray        # float32 [prompts, heads, steps]: L2 norm of each head's output
+    tokens: np.ndarray             # int64 [prompts, steps]: generated token ids
+    prompt_input_ids: np.ndarray   # int64 [prompts, max_prompt_len], left-padded with pad_token_id
+    prompt_lengths: np.ndarray     # int64 [prompts]
+    prompts: list[Prompt]
+    head_layer: np.ndarray         # int64 [heads]
+    head_index: np.ndarray         # int64 [heads]
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    pad_token_id: int
+    model: str
+    chat_template: bool
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_arrays(self) -> dict:
+        return dict(
+            activations=self.activations, tokens=self.tokens, prompt_input_ids=self.prompt_input_ids,
+            prompt_lengths=self.prompt_lengths, prompt_ids=np.array([p.prompt_id for p in self.prompts]),
+            prompt_category=np.array([p.category for p in self.prompts]),
+            prompt_text=np.array([p.text for p in self.prompts]), head_layer=self.head_layer,
+            head_index=self.head_index, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            pad_token_id=self.pad_token_id, model=self.model, chat_template=self.chat_template,
+            seconds=self.seconds)
+
+
+def encode_prompts(tokenizer, texts: list[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's chat template (user turn + assistant header) when asked."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True but this tokenizer has no chat template; set chat_template: false")
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for t in texts]
+    return [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids [batch, max_len] left-padded, attention_mask [batch, max_len] (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(model, arch: ArchInfo, prompt_ids: list[list[int]], n_tokens: int, pad_id: int,
+                   record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy generation of exactly n_tokens for each prompt of one batch.
+
+    Returns tokens [batch, n_tokens] and head norms [batch, total_heads, n_tokens] (None when record=False).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    generated = []
+    with HeadHooks(arch, record=record) as hooks:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1)
+        for step in range(n_tokens):
+            next_token = out.logits[:, -1].argmax(-1)                      # [batch]
+            generated.append(next_token)
+            if step == n_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompt_ids), 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        norms = hooks.pop_norms() if record else None
+    if norms is not None and norms.ndim == 2:                               # n_tokens == 1
+        norms = norms[..., None]
+    return torch.stack(generated, dim=1), norms
+
+
+def extract_activations(model, tokenizer, arch: ArchInfo, prompts: list[Prompt], n_tokens: int = 100,
+                        batch_size: int = 60, chat_template: bool = False, progress: bool = True) -> ActivationRun:
+    """Generate `n_tokens` greedily for every prompt and record every head's output norm at every step."""
+    if not prompts:
+        raise ValueError("empty prompt list: select at least one prompt (n_prompts >= 1)")
+    if not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise ValueError(f"n_tokens must be a positive integer (got {n_tokens!r}); the paper uses 100")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer (got {batch_size!r}); e.g. 60 on CPU, 8-64 on a GPU")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = encode_prompts(tokenizer, [p.text for p in prompts], chat_template)
+    tokens, norms = [], []
+    t0 = time.perf_counter()
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc=f"generate {n_tokens} tokens", unit="batch", disable=not progress):
+        batch_tokens, batch_norms = generate_batch(model, arch, encoded[start:start + batch_size], n_tokens, pad_id)
+        tokens.append(batch_tokens.cpu())
+        norms.append(batch_norms.cpu())
+    seconds = time.perf_counter() - t0
+    prompt_input_ids, _ = left_pad(encoded, pad_id)
+    head_layer, head_index = arch.head_map()
+    return ActivationRun(
+        activations=torch.cat(norms).numpy().astype(np.float32), tokens=torch.cat(tokens).numpy().astype(np.int64),
+        prompt_input_ids=prompt_input_ids.numpy(), prompt_lengths=np.array([len(e) for e in encoded]),
+        prompts=list(prompts), head_layer=np.array(head_layer), head_index=np.array(head_index),
+        n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id),
+        model=arch.source, chat_template=bool(chat_template), seconds=seconds)
+
+
+def compare_batched(batched: ActivationRun, single: ActivationRun) -> list[dict]:
+    """Per prompt: do batched and one-at-a-time generation give the same tokens, and where do they first differ?"""
+    rows = []
+    for i, prompt in enumerate(batched.prompts):
+        same = batched.tokens[i] == single.tokens[i]
+        first = int(np.argmin(same)) if not same.all() else None
+        rows.append({"prompt_id": prompt.prompt_id, "category": prompt.category, "same_tokens": bool(same.all()),
+                     "first_difference_step": first,
+                     "max_abs_norm_diff_before_divergence": float(np.abs(
+                         batched.activations[i, :, :first or None] - single.activations[i, :, :first or None]).max())})
+    return rows
+
+
+def top2_margins(model, arch: ArchInfo, run: ActivationRun) -> np.ndarray:
+    """Logit gap between the best and second-best token at every generated step, teacher-forced on the run's
+    tokens, one prompt at a time: [prompts, steps]. Small gaps are where batching noise can flip a greedy choice."""
+    device = next(model.parameters()).device
+    margins = []
+    with torch.inference_mode():
+        for i in range(len(run.prompts)):
+            prompt = run.prompt_input_ids[i, -run.prompt_lengths[i]:]
+            ids = torch.as_tensor(np.concatenate([prompt, run.tokens[i, :-1]]), device=device)[None]
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
+            top = logits.topk(2, dim=-1).values
+            margins.append((top[:, 0] - top[:, 1]).cpu().numpy())
+    return np.stack(margins)
