@@ -1,0 +1,675 @@
+"""Exact Gaussian Integrated Information Decomposition (PhiID) for one pair and for all pairs of heads.
+
+Conventions (those of the reference library `phyid`, Imperial-MIND-lab/integrated-info-decomp):
+for a source series `src` and a target series `trg` and a lag `tau`,
+    x = src[:-tau] (source past)    y = trg[:-tau] (target past)
+    a = src[tau:]  (source future)  b = trg[tau:]  (target future)
+and atom "AtB" is the information carried by past atom A that ends up in future atom B, each side one of
+r (redundant), x (unique to source), y (unique to target), s (synergistic). Units: nats.
+
+What is computed (identical to phyid's Gaussian estimator, `kind="gaussian"`):
+each of the four rows is z-scored (mean, sd with ddof=1), C is their 4x4 correlation matrix, and the local
+entropy of a subset S at time t is h_S(t) = -log N(z_S(t); 0, C_SS). Local mutual informations are
+I(A;B)(t) = h_A + h_B - h_AB; there are nine of them (MI_NAMES). Six single-sided redundancies (RED_NAMES)
+and one double redundancy D are built from them, and the 16 atoms solve a fixed linear system
+(`atoms_from_parts`, explicit solution).
+
+Closed form for MMI (the fast path). The same correlation matrix is used to fit and to evaluate, so the time
+mean of every local MI is exactly
+    mean I(A;B) = 0.5 * [logdet C_AA + logdet C_BB - logdet C_AB,AB]
+(the mean quadratic form is |S| (N-1)/N and cancels). MMI picks whole local arrays (the first MI of a
+redundancy if its time mean is strictly smaller, else the second; the double redundancy is the argmin of
+I_xta, I_xtb, I_yta, I_ytb), so atom means are the linear atom formulas applied to these mean MIs, and they
+depend only on the 4x4 correlation matrix. For all pairs of H heads we build the lagged correlation blocks
+(past-past, future-future, past-future, each [H, H]) once per segment and evaluate closed-form 2x2, 3x3 and
+4x4 determinants for every unordered pair at once. A sample far from the mean (which makes phyid's density
+underflow to 0 and every atom NaN) is no problem here: nothing is exponentiated.
+
+CCS has no closed form: local values are needed because its redundancy keeps the local co-information only
+where the signs of the MIs agree. We evaluate local MIs in log space from the quadratic forms (regression
+residuals of the Gaussian, never a density), vectorised over chunks of pairs, and only the time means of the
+seven redundancy terms are accumulated (atoms are linear in the MIs, the redundancies and D).
+
+Modes of `phiid_all_pairs` (X has shape [prompts, heads, steps]):
+    per_prompt  PhiID of each prompt separately (its own correlation matrix), then the mean over prompts.
+                This is the paper's protocol.
+    concat      the prompts are joined end to end into one series per head ([heads, prompts*steps]) and
+                PhiID is computed on it once; the transitions across prompt junctions are included.
+    pooled      one correlation matrix from all within-prompt transitions: the past samples are
+                X[p, h, t] and the future samples X[p, h, t + tau] for every prompt p and t < steps - tau,
+                stacked over prompts ([heads, prompts*(steps - tau)] each). Each past row and each future row is
+                standardised over these pooled samples (its own mean and sd, ddof=1) and C is the correlation
+                matrix of the stacked (pasts, futures). No junction transition enters. Local values (CCS)
+                are evaluated at every pooled transition. Equivalent to phyid fed with these pooled
+                (x, y, a, b) rows.
+
+Degenerate pairs (policy). A pair is undefined in a segment (a prompt, or the whole series) when
+    * a head's past or future row contains NaN or inf, or is constant (sd <= CONSTANT_RTOL * max|value|), or
+    * the pair's 4x4 correlation matrix is (numerically) singular: min_k (1 - R^2_k) < SINGULAR_RTOL, where
+      R^2_k is the squared multiple correlation of variable k on the other three. This minimum residual
+      variance equals det C / max(det of the 3x3 principal minors) and lies within a factor 4 of the smallest
+      eigenvalue of C. It catches duplicate heads, affine copies, pure-lag copies and heads whose future is an
+      affine map of their past. With SINGULAR_RTOL = 1e-10 every pair that phyid computes (it refuses
+      eigenvalues below ~2.2e-10 of the largest) is computed here too, e.g. y = x + 1e-3 noise (condition
+      number 5e6) is computed and matches phyid; log-determinant errors stay below ~1e-5 nats at the threshold.
+Undefined pairs never become 0. In `concat` and `pooled` modes they get NaN atoms. In `per_prompt` mode a pair's
+atoms are the mean over the prompts in which it is defined, `result.n_valid[i, j]` counts those prompts, and a
+pair defined in no prompt gets NaN. `result.degenerate` is True exactly where the atoms are NaN (the diagonal
+included: a head with itself is singular). A `DegeneratePairWarning` names the heads involved, both for
+undefined pairs and (per_prompt) for pairs dropped from some prompts.
+"""
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ATOM_NAMES = ("rtr", "rtx", "rty", "rts", "xtr", "xtx", "xty", "xts",
+              "ytr", "ytx", "yty", "yts", "str", "stx", "sty", "sts")
+MI_NAMES = ("I_xta", "I_xtb", "I_yta", "I_ytb", "I_xyta", "I_xytb", "I_xtab", "I_ytab", "I_xytab")
+RED_NAMES = ("R_xyta", "R_xytb", "R_xytab", "R_abtx", "R_abty", "R_abtxy")
+PART_NAMES = MI_NAMES + RED_NAMES + ("D",)  # everything the atoms are a linear function of
+MODES = ("per_prompt", "concat", "pooled")
+REDUNDANCIES = ("MMI", "CCS")
+BACKENDS = ("numpy", "torch")
+
+# each redundancy: (first MI, second MI, joint MI); MMI picks first or second, CCS uses all three
+REDUNDANCY_ARGS = {
+    "R_xyta": ("I_xta", "I_yta", "I_xyta"),
+    "R_xytb": ("I_xtb", "I_ytb", "I_xytb"),
+    "R_xytab": ("I_xtab", "I_ytab", "I_xytab"),
+    "R_abtx": ("I_xta", "I_xtb", "I_xtab"),
+    "R_abty": ("I_yta", "I_ytb", "I_ytab"),
+    "R_abtxy": ("I_xyta", "I_xytb", "I_xytab"),
+}
+DOUBLE_ARGS = ("I_xta", "I_xtb", "I_yta", "I_ytb")  # MMI double redundancy: argmin of these
+
+# swapping source and target relabels x <-> y and a <-> b
+SWAPPED_ATOM = {"rtr": "rtr", "rtx": "rty", "rty": "rtx", "rts": "rts",
+                "xtr": "ytr", "ytr": "xtr", "xtx": "yty", "yty": "xtx",
+                "xty": "ytx", "ytx": "xty", "xts": "yts", "yts": "xts",
+                "str": "str", "stx": "sty", "sty": "stx", "sts": "sts"}
+
+MIN_SAMPLES = 5          # phyid needs steps - tau >= 5 for an invertible 4x4 covariance
+CONSTANT_RTOL = 1e-12    # a row is constant when sd <= CONSTANT_RTOL * max|value|
+SINGULAR_RTOL = 1e-10    # a pair is singular when its minimum residual variance is below this
+
+# the 4x4 correlation matrix is ordered (x, y, a, b); index subsets of each MI (A, B)
+_ROW = {"x": 0, "y": 1, "a": 2, "b": 3}
+_MI_SETS = {name: ([_ROW[c] for c in name[2:].split("t")[0]], [_ROW[c] for c in name[2:].split("t")[1]])
+            for name in MI_NAMES}
+
+
+class DegeneratePairWarning(UserWarning):
+    """Some head pairs are undefined (constant, non-finite or collinear series); see the module docstring."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# atoms from MIs and redundancies (shared by every path; works on floats, numpy arrays and torch tensors)
+
+def atoms_from_parts(p):
+    """dict of the 16 PART_NAMES (MIs, redundancies, double redundancy D) -> dict of the 16 atoms."""
+    D = p["D"]
+    return {
+        "rtr": D,
+        "rtx": p["R_xyta"] - D,
+        "rty": p["R_xytb"] - D,
+        "rts": p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + D,
+        "xtr": p["R_abtx"] - D,
+        "xtx": p["I_xta"] - p["R_xyta"] - p["R_abtx"] + D,
+        "xty": p["I_xtb"] - p["R_xytb"] - p["R_abtx"] + D,
+        "xts": (p["I_xtab"] - p["I_xta"] - p["I_xtb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
+                + p["R_abtx"] - D),
+        "ytr": p["R_abty"] - D,
+        "ytx": p["I_yta"] - p["R_xyta"] - p["R_abty"] + D,
+        "yty": p["I_ytb"] - p["R_xytb"] - p["R_abty"] + D,
+        "yts": (p["I_ytab"] - p["I_yta"] - p["I_ytb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
+                + p["R_abty"] - D),
+        "str": p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + D,
+        "stx": (p["I_xyta"] - p["I_xta"] - p["I_yta"] + p["R_xyta"] + p["R_abtx"] + p["R_abty"]
+                - p["R_abtxy"] - D),
+        "sty": (p["I_xytb"] - p["I_xtb"] - p["I_ytb"] + p["R_xytb"] + p["R_abtx"] + p["R_abty"]
+                - p["R_abtxy"] - D),
+        "sts": (p["I_xytab"] - p["I_xyta"] - p["I_xytb"] - p["I_xtab"] - p["I_ytab"]
+                + p["I_xta"] + p["I_xtb"] + p["I_yta"] + p["I_ytb"]
+                + p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + D),
+    }
+
+
+def mmi_parts(mi, xp=np):
+    """MMI on time means. mi: dict MI name -> mean (any shape) -> dict of the 16 parts (means).
+    phyid keeps the whole local array of the first MI when its mean is strictly smaller, else the second, and
+    takes the argmin of DOUBLE_ARGS for D; the mean of the kept array is therefore min(first, second) and
+    min(DOUBLE_ARGS) whichever way ties are broken, so means need only minimum (NaN never reaches here:
+    undefined pairs are masked before)."""
+    parts = dict(mi)
+    for red, (first, second, _) in REDUNDANCY_ARGS.items():
+        parts[red] = xp.minimum(mi[first], mi[second])
+    parts["D"] = xp.minimum(xp.minimum(mi["I_xta"], mi["I_xtb"]), xp.minimum(mi["I_yta"], mi["I_ytb"]))
+    return parts
+
+
+def _same_sign_or_zero(values, keep, xp):
+    """keep where every array in values is > 0 or every one is < 0, else 0 (phyid: all np.sign equal;
+    when they are all 0 the kept value is 0 anyway)."""
+    lo, hi = values[0], values[0]
+    for v in values[1:]:
+        lo, hi = xp.minimum(lo, v), xp.maximum(hi, v)
+    return xp.where((lo > 0) | (hi < 0), keep, 0.0)
+
+
+def ccs_local_redundancies(mi, xp=np):
+    """CCS on local values. mi: dict MI name -> local MI [..., time] -> dict RED_NAMES + "D" -> local values."""
+    red = {}
+    for name, (first, second, joint) in REDUNDANCY_ARGS.items():
+        coinfo = mi[first] + mi[second] - mi[joint]
+        red[name] = _same_sign_or_zero((mi[first], mi[second], mi[joint], coinfo), coinfo, xp)
+    q = (-(mi["I_xta"] + mi["I_xtb"] + mi["I_yta"] + mi["I_ytb"])
+         + mi["I_xtab"] + mi["I_ytab"] + mi["I_xyta"] + mi["I_xytb"] - mi["I_xytab"]
+         + red["R_xyta"] + red["R_xytb"] - red["R_xytab"] + red["R_abtx"] + red["R_abty"] - red["R_abtxy"])
+    red["D"] = _same_sign_or_zero(tuple(mi[n] for n in DOUBLE_ARGS) + (q,), q, xp)
+    return red
+
+
+def mmi_local_redundancies(mi):
+    """MMI on local arrays (phyid's exact rule, needed only for local atoms). mi: MI name -> [time]."""
+    means = {name: float(np.mean(v)) for name, v in mi.items()}
+    red = {}
+    for name, (first, second, _) in REDUNDANCY_ARGS.items():
+        red[name] = mi[first] if means[first] < means[second] else mi[second]
+    red["D"] = mi[DOUBLE_ARGS[int(np.argmin([means[n] for n in DOUBLE_ARGS]))]]
+    return red
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one pair: a plain, readable implementation (slogdet and solve on the 4x4 matrix)
+
+def _check_choice(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def _check_tau(tau, steps):
+    if isinstance(tau, bool) or not isinstance(tau, (int, np.integer)) or tau < 1:
+        raise ValueError(f"tau must be an integer >= 1 (the lag between past and future); got {tau!r}")
+    if steps < tau + MIN_SAMPLES:
+        raise ValueError(f"series of {steps} steps are too short for tau={tau}: PhiID needs steps >= tau + "
+                         f"{MIN_SAMPLES} (at least {MIN_SAMPLES} past/future samples); use longer series or "
+                         f"a smaller tau")
+
+
+def _as_series(s, name):
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim == 2 and s.shape[1] == 1:
+        s = s[:, 0]
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D series (or shape (T, 1)); got shape {s.shape}. "
+                         f"For many heads use phiid_all_pairs(X) with X [prompts, heads, steps].")
+    return s
+
+
+def _pair_rows(src, trg, tau):
+    """(src [T], trg [T]) -> rows [4, T - tau] ordered (x, y, a, b), after checking the inputs."""
+    src, trg = _as_series(src, "src"), _as_series(trg, "trg")
+    if src.shape != trg.shape:
+        raise ValueError(f"src and trg must have the same length; got {len(src)} and {len(trg)}")
+    _check_tau(tau, len(src))
+    return np.stack([src[:-tau], trg[:-tau], src[tau:], trg[tau:]])
+
+
+def _row_ok(rows):
+    """rows [n, N] -> bool [n]: finite and not constant."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(rows).all(axis=-1)
+        sd = np.std(rows, axis=-1, ddof=1)
+        scale = np.max(np.abs(rows), axis=-1)
+        return finite & (sd > CONSTANT_RTOL * scale)
+
+
+def _zscore(rows):
+    """rows [n, N] -> centred rows with unit sd (ddof=1); non-finite or constant rows become 0."""
+    ok = _row_ok(rows)
+    z = np.where(ok[:, None], rows, 0.0)
+    z = z - z.mean(axis=-1, keepdims=True)
+    sd = np.sqrt((z * z).sum(axis=-1) / (z.shape[-1] - 1))
+    return z / np.where(ok, sd, 1.0)[:, None], ok
+
+
+def _is_singular(C):
+    """C [4, 4] correlation matrix -> True when min_k (1 - R^2_k) = det C / max det(3x3 minor) < SINGULAR_RTOL."""
+    det4 = np.linalg.det(C)
+    det3 = max(np.linalg.det(np.delete(np.delete(C, k, 0), k, 1)) for k in range(4))
+    return not (np.isfinite(det4) and det4 > SINGULAR_RTOL * det3)
+
+
+def _rows_correlation(rows):
+    """rows [4, N] -> (z [4, N], C [4, 4]) or None when the pair is degenerate."""
+    z, ok = _zscore(rows)
+    if not ok.all():
+        return None
+    C = z @ z.T / (z.shape[1] - 1)
+    return None if _is_singular(C) else (z, C)
+
+
+def _logdet(C, idx):
+    sign, value = np.linalg.slogdet(C[np.ix_(idx, idx)])
+    return value if sign > 0 else -np.inf
+
+
+def _local_quadratic(z, C, idx):
+    """z_S(t)^T C_SS^-1 z_S(t) for every t -> [N]."""
+    zs = z[idx]
+    return np.sum(zs * np.linalg.solve(C[np.ix_(idx, idx)], zs), axis=0)
+
+
+def _local_mi(z, C):
+    """Local MIs in log space: dict MI name -> [N]."""
+    mi = {}
+    for name, (A, B) in _MI_SETS.items():
+        AB = A + B
+        const = 0.5 * (_logdet(C, A) + _logdet(C, B) - _logdet(C, AB))
+        mi[name] = const + 0.5 * (_local_quadratic(z, C, A) + _local_quadratic(z, C, B) - _local_quadratic(z, C, AB))
+    return mi
+
+
+def _mean_mi_closed_form(C):
+    """Time means of the nine local MIs from the correlation matrix alone: dict MI name -> float."""
+    return {name: 0.5 * (_logdet(C, A) + _logdet(C, B) - _logdet(C, A + B)) for name, (A, B) in _MI_SETS.items()}
+
+
+def _warn_pair_degenerate(tau):
+    warnings.warn(f"PhiID is undefined for this pair at tau={tau} (a constant, non-finite or collinear series: "
+                  f"singular 4x4 correlation matrix); returning NaN atoms", DegeneratePairWarning, stacklevel=3)
+
+
+def phiid_pair(src, trg, tau=1, redundancy="MMI"):
+    """PhiID of one source -> target pair. src, trg: [T] series (same length, T >= tau + 5).
+    Returns dict atom name -> time mean of the local atom (nats), in ATOM_NAMES order.
+    MMI uses the closed form (log-determinants of the correlation matrix); CCS evaluates local values in log
+    space. Degenerate pairs give NaN atoms and a DegeneratePairWarning."""
+    _check_choice(redundancy, REDUNDANCIES, "redundancy")
+    rows = _pair_rows(src, trg, tau)
+    fitted = _rows_correlation(rows)
+    if fitted is None:
+        _warn_pair_degenerate(tau)
+        return {name: float("nan") for name in ATOM_NAMES}
+    z, C = fitted
+    if redundancy == "MMI":
+        parts = mmi_parts(_mean_mi_closed_form(C))
+    else:
+        mi = _local_mi(z, C)
+        parts = {name: np.mean(v) for name, v in {**mi, **ccs_local_redundancies(mi)}.items()}
+    atoms = atoms_from_parts(parts)
+    return {name: float(atoms[name]) for name in ATOM_NAMES}
+
+
+def phiid_pair_local(src, trg, tau=1, redundancy="MMI"):
+    """Local (per time point) PhiID of one pair: dict atom name -> [T - tau] (nats), phyid's local atoms.
+    Evaluated in log space, so samples far from the mean stay finite. NaN arrays for a degenerate pair."""
+    _check_choice(redundancy, REDUNDANCIES, "redundancy")
+    rows = _pair_rows(src, trg, tau)
+    fitted = _rows_correlation(rows)
+    if fitted is None:
+        _warn_pair_degenerate(tau)
+        return {name: np.full(rows.shape[1], np.nan) for name in ATOM_NAMES}
+    mi = _local_mi(*fitted)
+    red = mmi_local_redundancies(mi) if redundancy == "MMI" else ccs_local_redundancies(mi)
+    atoms = atoms_from_parts({**mi, **red})
+    return {name: np.asarray(atoms[name], dtype=np.float64) for name in ATOM_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# all pairs at once
+
+class _Backend:
+    """Array namespace for the batched kernels: numpy float64, or torch float64 (cuda when available)."""
+
+    def __init__(self, name):
+        _check_choice(name, BACKENDS, "backend")
+        self.name = name
+        if name == "numpy":
+            self.xp, self.device = np, None
+        else:
+            import torch  # lazy: lib.phiid imports without torch
+            self.xp = torch
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _dtype(self, kind):
+        table = {"float": "float64", "int": "int64", "bool": "bool"}
+        return getattr(self.xp, table[kind])
+
+    def asarray(self, a, dtype="float"):
+        if self.name == "numpy":
+            return np.asarray(a, dtype=self._dtype(dtype))
+        return self.xp.as_tensor(np.asarray(a), dtype=self._dtype(dtype), device=self.device)
+
+    def zeros(self, n, dtype="float"):
+        if self.name == "numpy":
+            return np.zeros(n, dtype=self._dtype(dtype))
+        return self.xp.zeros(n, dtype=self._dtype(dtype), device=self.device)
+
+    def numpy(self, a):
+        return a if self.name == "numpy" else a.detach().cpu().numpy()
+
+
+@dataclass
+class _Segment:
+    """Lagged correlations of one segment (a prompt, or all of X), on the backend.
+    z: [2 * heads, samples] z-scored pasts (rows 0..heads-1) then futures; corr: [(2 * heads)^2] the flattened
+    correlation matrix of z; lag: [heads] corr(past_h, future_h); ok: [heads] usable heads (finite, not constant)."""
+    heads: int
+    z: object
+    corr: object
+    lag: object
+    ok: object
+
+
+def _segment(past, future, be):
+    """past, future: [heads, samples] numpy -> _Segment (one [2H, 2H] correlation matrix on the backend)."""
+    zp, ok_p = _zscore(past)
+    zf, ok_f = _zscore(future)
+    z = be.asarray(np.concatenate([zp, zf]))
+    heads = past.shape[0]
+    corr = ((z @ z.T) / (past.shape[1] - 1)).reshape(-1)
+    lag = corr[heads: 2 * heads * heads: 2 * heads + 1]  # corr[h, heads + h]
+    return _Segment(heads, z, corr, lag, be.asarray(ok_p & ok_f, dtype="bool"))
+
+
+def _segments(X, mode, tau):
+    """X [prompts, heads, steps] -> iterator of (past, future), each [heads, samples] (see module docstring)."""
+    if mode == "per_prompt":
+        for prompt in X:
+            yield prompt[:, :-tau], prompt[:, tau:]
+    elif mode == "concat":
+        joined = X.transpose(1, 0, 2).reshape(X.shape[1], -1)
+        yield joined[:, :-tau], joined[:, tau:]
+    else:  # pooled
+        pasts = X[:, :, :-tau].transpose(1, 0, 2).reshape(X.shape[1], -1)
+        futures = X[:, :, tau:].transpose(1, 0, 2).reshape(X.shape[1], -1)
+        yield pasts, futures
+
+
+def _one_minus_sq(r):
+    return (1 - r) * (1 + r)
+
+
+@dataclass
+class _PairChunk:
+    """A batch of unordered pairs (source i < target j) with flat indices into a segment's [2H, 2H] correlation
+    matrix; all index arrays [pairs] on the backend. sl: the batch's slice of the full pair list."""
+    sl: slice
+    i: object
+    j: object
+    xy: object
+    ab: object
+    xb: object
+    ya: object
+
+
+def _make_pair_chunks(heads, chunk_pairs, be):
+    """All unordered pairs of `heads` heads, split into batches of at most chunk_pairs -> list of _PairChunk."""
+    i_all, j_all = np.triu_indices(heads, 1)
+    width = 2 * heads
+    chunks = []
+    for start in range(0, len(i_all), chunk_pairs):
+        sl = slice(start, min(start + chunk_pairs, len(i_all)))
+        i, j = i_all[sl], j_all[sl]
+        flat = {"xy": i * width + j, "ab": (i + heads) * width + (j + heads),
+                "xb": i * width + (j + heads), "ya": j * width + (i + heads)}
+        chunks.append(_PairChunk(sl, be.asarray(i, "int"), be.asarray(j, "int"),
+                                 **{k: be.asarray(v, "int") for k, v in flat.items()}))
+    return chunks
+
+
+def _pair_correlations(seg, pc):
+    """Six correlations of the pairs of chunk pc, each [pairs]: (x, y, a, b) = (past_i, past_j, future_i,
+    future_j)."""
+    return {"xy": seg.corr[pc.xy], "ab": seg.corr[pc.ab], "xb": seg.corr[pc.xb], "ya": seg.corr[pc.ya],
+            "xa": seg.lag[pc.i], "yb": seg.lag[pc.j]}
+
+
+def _pair_geometry(r, xp):
+    """Conditional (co)variances of each pair's 4x4 correlation matrix, from its Cholesky factors in two orders,
+    (x, y | a, b) and (a, b | x, y). r: six [pairs] correlations -> dict of [pairs] arrays.
+    Every determinant is a product of these: det C_xya = det_xy * var_a_xy, det C_xab = det_ab * var_x_ab,
+    det C = det_xy * schur_ab_xy with schur_ab_xy = det cov(a, b | x, y). Cholesky keeps every subtraction at
+    unit scale, so they are accurate to ~eps * condition number (a cofactor formula loses ~1e-7 at 5e6)."""
+    g = {f"det_{k}": _one_minus_sq(r[k]) for k in ("xy", "ab", "xa", "xb", "ya", "yb")}
+    g["sd_xy"], g["sd_ab"] = xp.sqrt(g["det_xy"]), xp.sqrt(g["det_ab"])
+    # (x, y) first: a and b on the direction of y orthogonal to x, then their covariance given (x, y)
+    g["l_ya"] = (r["ya"] - r["xy"] * r["xa"]) / g["sd_xy"]
+    g["l_yb"] = (r["yb"] - r["xy"] * r["xb"]) / g["sd_xy"]
+    g["var_a_xy"] = g["det_xa"] - g["l_ya"] * g["l_ya"]
+    g["var_b_xy"] = g["det_xb"] - g["l_yb"] * g["l_yb"]
+    g["cov_ab_xy"] = r["ab"] - r["xa"] * r["xb"] - g["l_ya"] * g["l_yb"]
+    g["schur_ab_xy"] = g["var_a_xy"] * g["var_b_xy"] - g["cov_ab_xy"] * g["cov_ab_xy"]
+    # (a, b) first: x and y on the direction of b orthogonal to a, then their variances given (a, b)
+    g["l_bx"] = (r["xb"] - r["ab"] * r["xa"]) / g["sd_ab"]
+    g["l_by"] = (r["yb"] - r["ab"] * r["ya"]) / g["sd_ab"]
+    g["var_x_ab"] = g["det_xa"] - g["l_bx"] * g["l_bx"]
+    g["var_y_ab"] = g["det_ya"] - g["l_by"] * g["l_by"]
+    return g
+
+
+_IDENTITY_GEOMETRY = {"l_ya": 0.0, "l_yb": 0.0, "cov_ab_xy": 0.0, "l_bx": 0.0, "l_by": 0.0}  # others: 1.0
+
+
+def _defined_pairs(g, ok_i, ok_j, xp):
+    """[pairs] bool: both heads usable and min_k (1 - R^2_k) = det C / max det(3x3 minor) >= SINGULAR_RTOL."""
+    det3_max = xp.maximum(g["det_xy"] * xp.maximum(g["var_a_xy"], g["var_b_xy"]),
+                          g["det_ab"] * xp.maximum(g["var_x_ab"], g["var_y_ab"]))
+    det4 = g["det_xy"] * g["schur_ab_xy"]
+    return ok_i & ok_j & (det4 > SINGULAR_RTOL * det3_max)  # False for NaN
+
+
+def _mean_mi_batched(g, xp):
+    """Closed-form mean MIs (nats): dict MI name -> [pairs]. 0.5 [logdet C_A + logdet C_B - logdet C_AB]
+    written with conditional variances, e.g. I(xy; a) = -0.5 log var(a | x, y)."""
+    return {
+        "I_xta": -0.5 * xp.log(g["det_xa"]), "I_xtb": -0.5 * xp.log(g["det_xb"]),
+        "I_yta": -0.5 * xp.log(g["det_ya"]), "I_ytb": -0.5 * xp.log(g["det_yb"]),
+        "I_xyta": -0.5 * xp.log(g["var_a_xy"]), "I_xytb": -0.5 * xp.log(g["var_b_xy"]),
+        "I_xtab": -0.5 * xp.log(g["var_x_ab"]), "I_ytab": -0.5 * xp.log(g["var_y_ab"]),
+        "I_xytab": 0.5 * (xp.log(g["det_ab"]) - xp.log(g["schur_ab_xy"])),
+    }
+
+
+def _local_mi_batched(seg, i, j, r, g, mean_mi):
+    """Local MIs in log space for pairs (i, j): dict MI name -> [pairs, samples].
+    I(A;B)(t) = 0.5 [logdet C_A + logdet C_B - logdet C_AB] + 0.5 [q_A(t) + q_B(t) - q_AB(t)] with
+    q_S(t) = z_S(t)^T C_SS^-1 z_S(t). The first term is the closed-form mean; the quadratic forms come from
+    Cholesky residuals, e.g. q_xy + q_a - q_xya = z_a^2 - e_a|xy^2 / var(a | x, y)."""
+    H = seg.heads
+    zx, zy, za, zb = seg.z[i], seg.z[j], seg.z[i + H], seg.z[j + H]
+    r = {k: v[:, None] for k, v in r.items()}    # correlations, [pairs, 1]
+    g = {k: v[:, None] for k, v in g.items()}    # geometry, [pairs, 1]
+
+    def two(u, v, k):  # q_u + q_v - q_uv = v^2 - (v - r u)^2 / (1 - r^2)
+        return v * v - (v - r[k] * u) ** 2 / g[f"det_{k}"]
+
+    w_y = (zy - r["xy"] * zx) / g["sd_xy"]                      # y whitened against x
+    e_a = za - r["xa"] * zx - g["l_ya"] * w_y                    # residual of a given (x, y)
+    e_b = zb - r["xb"] * zx - g["l_yb"] * w_y                    # residual of b given (x, y)
+    w_b = (zb - r["ab"] * za) / g["sd_ab"]                       # b whitened against a
+    e_x = zx - r["xa"] * za - g["l_bx"] * w_b                    # residual of x given (a, b)
+    e_y = zy - r["ya"] * za - g["l_by"] * w_b                    # residual of y given (a, b)
+    e_b_xya = e_b - g["cov_ab_xy"] / g["var_a_xy"] * e_a         # residual of b given (x, y, a)
+    var_b_xya = g["schur_ab_xy"] / g["var_a_xy"]
+    q_a_xy = e_a * e_a / g["var_a_xy"]
+    quad = {
+        "I_xta": two(zx, za, "xa"), "I_xtb": two(zx, zb, "xb"),
+        "I_yta": two(zy, za, "ya"), "I_ytb": two(zy, zb, "yb"),
+        "I_xyta": za * za - q_a_xy,
+        "I_xytb": zb * zb - e_b * e_b / g["var_b_xy"],
+        "I_xtab": zx * zx - e_x * e_x / g["var_x_ab"],
+        "I_ytab": zy * zy - e_y * e_y / g["var_y_ab"],
+        "I_xytab": za * za + w_b * w_b - q_a_xy - e_b_xya * e_b_xya / var_b_xya,
+    }
+    return {name: mean_mi[name][:, None] + 0.5 * quad[name] for name in MI_NAMES}
+
+
+def _chunk_parts(seg, pc, redundancy, be):
+    """Time means of the parts for the pairs of chunk pc -> (dict PART_NAMES -> [pairs], defined [pairs] bool,
+    all_defined bool). Values of undefined pairs are finite garbage; the caller masks them."""
+    xp = be.xp
+    r = _pair_correlations(seg, pc)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        g = _pair_geometry(r, xp)
+        defined = _defined_pairs(g, seg.ok[pc.i], seg.ok[pc.j], xp)
+    all_defined = bool(defined.all())
+    if not all_defined:  # identity geometry where undefined keeps logs and divisions finite
+        g = {k: xp.where(defined, v, _IDENTITY_GEOMETRY.get(k, 1.0)) for k, v in g.items()}
+    mean_mi = _mean_mi_batched(g, xp)
+    if redundancy == "MMI":
+        return mmi_parts(mean_mi, xp), defined, all_defined
+    local_mi = _local_mi_batched(seg, pc.i, pc.j, r, g, mean_mi)
+    red = ccs_local_redundancies(local_mi, xp)
+    samples = local_mi["I_xta"].shape[1]
+    return {**mean_mi, **{name: v.sum(-1) / samples for name, v in red.items()}}, defined, all_defined
+
+
+def _default_chunk(redundancy, samples, backend):
+    """Pairs per batch. numpy: 8192 keeps every temporary at 64 KB, below glibc's mmap threshold (128 KB:
+    larger temporaries are mapped and faulted in on every operation, ~5x slower); torch caches its memory."""
+    if redundancy == "MMI":
+        return 8192 if backend == "numpy" else 1 << 16
+    return max(16, (1 << 15 if backend == "numpy" else 1 << 20) // samples)
+
+
+@dataclass
+class PhiIDResult:
+    """All-pairs PhiID. atoms: name -> [heads, heads] float64, entry [i, j] = head i source, head j target
+    (nats; NaN where degenerate, and on the diagonal). degenerate: [heads, heads] bool, True exactly where the
+    atoms are NaN. n_valid: [heads, heads] int, segments (prompts in per_prompt mode, else 1) in which the pair
+    was defined and averaged. result["sts"] is result.atoms["sts"]."""
+    atoms: dict
+    degenerate: np.ndarray
+    n_valid: np.ndarray
+    mode: str
+    tau: int
+    redundancy: str
+    backend: str
+    seconds: float
+    shape: tuple = field(default=())
+
+    def __getitem__(self, name):
+        return self.atoms[name]
+
+    def __contains__(self, name):
+        return name in self.atoms
+
+    def __iter__(self):
+        return iter(self.atoms)
+
+    def keys(self):
+        return self.atoms.keys()
+
+    def items(self):
+        return self.atoms.items()
+
+
+def _check_X(X):
+    X = np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(f"X must be a 3-D array [prompts, heads, steps]; got shape {X.shape}. "
+                         f"For one prompt pass X[None]; for one pair use phiid_pair(src, trg).")
+    if X.shape[0] < 1:
+        raise ValueError("X has no prompts (shape[0] == 0): pass at least one prompt [prompts, heads, steps]")
+    if X.shape[1] < 2:
+        raise ValueError(f"X has {X.shape[1]} head(s) (axis 1 of [prompts, heads, steps]); PhiID needs at "
+                         f"least 2 heads to form a pair")
+    return np.asarray(X, dtype=np.float64)
+
+
+def _check_atoms(atoms):
+    if atoms is None:
+        return ATOM_NAMES
+    atoms = (atoms,) if isinstance(atoms, str) else tuple(atoms)
+    unknown = [a for a in atoms if a not in ATOM_NAMES]
+    if unknown or not atoms:
+        raise ValueError(f"unknown atom name(s) {unknown}: atoms must be a non-empty subset of {ATOM_NAMES}")
+    return atoms
+
+
+def _describe_pairs(i, j, limit=8):
+    heads, counts = np.unique(np.concatenate([i, j]), return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:limit]
+    named = ", ".join(f"{heads[k]} ({counts[k]} pair{'s' if counts[k] > 1 else ''})" for k in order)
+    more = f" and {len(heads) - limit} more" if len(heads) > limit else ""
+    pairs = ", ".join(f"({a}, {b})" for a, b in list(zip(i.tolist(), j.tolist()))[:limit])
+    return f"heads {named}{more}; first pairs {pairs}"
+
+
+def _warn_all_pairs(i, j, n_valid, n_segments, mode):
+    undefined = n_valid == 0
+    if undefined.any():
+        warnings.warn(f"PhiID ({mode}) is undefined for {int(undefined.sum())} of {len(i)} head pairs "
+                      f"(constant, non-finite or collinear series): their atoms are NaN and "
+                      f"result.degenerate marks them; {_describe_pairs(i[undefined], j[undefined])}",
+                      DegeneratePairWarning, stacklevel=3)
+    partial = (n_valid > 0) & (n_valid < n_segments)
+    if partial.any():
+        warnings.warn(f"{int(partial.sum())} head pairs are undefined in some prompts: their atoms average "
+                      f"only the prompts where they are defined (result.n_valid counts them); "
+                      f"{_describe_pairs(i[partial], j[partial])}", DegeneratePairWarning, stacklevel=3)
+
+
+def _fill_square(values, i, j, heads, swapped_values):
+    """[pairs] values for (i, j) and [pairs] values of the swapped atom -> [heads, heads], NaN diagonal."""
+    out = np.full((heads, heads), np.nan)
+    out[i, j] = values
+    out[j, i] = swapped_values
+    return out
+
+
+def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, backend="numpy",
+                    chunk_pairs=None, warn=True):
+    """PhiID for every ordered pair of heads.
+
+    X: [prompts, heads, steps] (any float dtype; computed in float64), steps >= tau + 5.
+    tau: lag >= 1. redundancy: "MMI" (closed form) or "CCS" (local values, slower).
+    mode: "per_prompt" | "concat" | "pooled" (defined in the module docstring).
+    atoms: subset of ATOM_NAMES to return (default all 16). backend: "numpy" or "torch" (float64; cuda if
+    available). chunk_pairs: pairs per batch (memory knob; default 131072 for MMI, ~1M values for CCS).
+    warn: emit DegeneratePairWarning for undefined pairs.
+
+    Each unordered pair i < j is computed once with i as source; [j, i] is filled by relabeling
+    (SWAPPED_ATOM). Returns a PhiIDResult; result["sts"] is a [heads, heads] array, [i, j] = i -> j.
+    """
+    t0 = time.perf_counter()
+    _check_choice(redundancy, REDUNDANCIES, "redundancy")
+    _check_choice(mode, MODES, "mode")
+    be = _Backend(backend)
+    names = _check_atoms(atoms)
+    X = _check_X(X)
+    _check_tau(tau, X.shape[2])
+    heads = X.shape[1]
+    i_np, j_np = np.triu_indices(heads, 1)
+    sums = {name: be.zeros(len(i_np)) for name in PART_NAMES}
+    n_valid = be.zeros(len(i_np), dtype="int")
+    n_segments, chunks = 0, None
+    for past, future in _segments(X, mode, tau):
+        seg = _segment(past, future, be)
+        if chunks is None:  # every segment of a mode has the same number of samples
+            chunks = _make_pair_chunks(heads, chunk_pairs or _default_chunk(redundancy, past.shape[1], backend), be)
+        for pc in chunks:
+            parts, defined, all_defined = _chunk_parts(seg, pc, redundancy, be)
+            for name in PART_NAMES:
+                sums[name][pc.sl] += parts[name] if all_defined else be.xp.where(defined, parts[name], 0.0)
+            n_valid[pc.sl] += defined
+        n_segments += 1
+    n_valid = be.numpy(n_valid)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {name: np.where(n_valid > 0, be.numpy(v) / n_valid, np.nan) for name, v in sums.items()}
+    pair_atoms = atoms_from_parts(means)
+    out = {name: _fill_square(pair_atoms[name], i_np, j_np, heads, pair_atoms[SWAPPED_ATOM[name]])
+           for name in names}
+    counts = np.zeros((heads, heads), dtype=np.int64)
+    counts[i_np, j_np] = counts[j_np, i_np] = n_valid
+    if warn:
+        _warn_all_pairs(i_np, j_np, n_valid, n_segments, mode)
+    return PhiIDResult(atoms=out, degenerate=counts == 0, n_valid=counts, mode=mode, tau=int(tau),
+                       redundancy=redundancy, backend=backend, seconds=time.perf_counter() - t0,
+                       shape=tuple(X.shape))
