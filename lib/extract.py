@@ -154,3 +154,119 @@ def top2_margins(model, arch: ArchInfo, run: ActivationRun) -> np.ndarray:
             top = logits.topk(2, dim=-1).values
             margins.append((top[:, 0] - top[:, 1]).cpu().numpy())
     return np.stack(margins)
+
+
+# ----------------------------------------------------------------------------- notebook 01 entry point
+
+def activations_path(out_dir, tag: str = ""):
+    """activations.npz for the run's model, activations__<tag>.npz for a baseline (random_init, rev-<revision>)."""
+    from pathlib import Path
+    return Path(out_dir) / (f"activations__{tag}.npz" if tag else "activations.npz")
+
+
+def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 100, batch_size: int = 60,
+                    chat_template: bool = True, random_init: bool = False, seed: int = 0, dtype: str = "float32",
+                    device: str = "auto", revision: str | None = None, tag: str = "", progress: bool = True):
+    """Load the model, generate, and write activations[__tag].npz atomically; resumes from finished batches.
+
+    Batches are checkpointed in <out_dir>/.extract_checkpoints/<key>/ (key = hash of everything that defines the
+    result), so a killed extraction continues where it stopped. Returns (ActivationRun, ArchInfo, tokenizer, model).
+    """
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    from lib.models import load_model
+    from lib.prompts import select_prompts
+    from lib.store import ensure_writable_dir, load_npz, save_npz, update_manifest
+
+    for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("n_prompts", n_prompts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer (got {value!r})")
+    prompts = select_prompts(n_prompts)
+    out_dir = ensure_writable_dir(out_dir)
+    model_obj, tokenizer, arch = load_model(model, dtype=dtype, device=device, revision=revision,
+                                            random_init=random_init, seed=seed)
+    key = hashlib.sha256(json.dumps([model, arch.weights_id, [p.prompt_id for p in prompts], n_tokens, chat_template,
+                                     dtype, random_init, seed, revision]).encode()).hexdigest()[:12]
+    ckpt_dir = out_dir / ".extract_checkpoints" / key
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = encode_prompts(tokenizer, [p.text for p in prompts], chat_template)
+    t0 = time.perf_counter()
+    tokens, norms = [], []
+    starts = list(range(0, len(prompts), batch_size))
+    for start in tqdm(starts, desc=f"generate {n_tokens} tokens ({tag or 'model'})", unit="batch", disable=not progress):
+        ckpt = ckpt_dir / f"batch-{start:05d}-{batch_size}.npz"
+        if ckpt.exists():
+            saved = load_npz(ckpt)
+            batch_tokens, batch_norms = saved["tokens"], saved["norms"]
+        else:
+            t_batch, n_batch = generate_batch(model_obj, arch, encoded[start:start + batch_size], n_tokens, pad_id)
+            batch_tokens, batch_norms = t_batch.cpu().numpy(), n_batch.cpu().float().numpy()
+            save_npz(ckpt, tokens=batch_tokens, norms=batch_norms)
+        tokens.append(batch_tokens)
+        norms.append(batch_norms)
+    head_layer, head_index = arch.head_map()
+    prompt_input_ids, _ = left_pad(encoded, pad_id)
+    run = ActivationRun(
+        activations=np.concatenate(norms).astype(np.float32), tokens=np.concatenate(tokens).astype(np.int64),
+        prompt_input_ids=prompt_input_ids.numpy(), prompt_lengths=np.array([len(e) for e in encoded]),
+        prompts=prompts, head_layer=np.array(head_layer), head_index=np.array(head_index), n_layers=arch.n_layers,
+        n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id), model=model,
+        chat_template=bool(chat_template), seconds=time.perf_counter() - t0)
+    path = save_npz(activations_path(out_dir, tag), **run.to_arrays())
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
+        ckpt_dir.parent.rmdir()
+    update_manifest(out_dir, f"01_extract_activations{'__' + tag if tag else ''}", {
+        "model": model, "revision": revision, "random_init": random_init, "seed": seed, "dtype": dtype,
+        "device": str(next(model_obj.parameters()).device), "weights_id": arch.weights_id,
+        "n_prompts": len(prompts), "n_tokens": n_tokens, "batch_size": batch_size, "chat_template": chat_template,
+        "n_layers": arch.n_layers, "n_heads": arch.n_heads, "n_kv_heads": arch.n_kv_heads,
+        "seconds_generation": round(run.seconds, 2), "artifact": path.name})
+    return run, arch, tokenizer, model_obj
+
+
+def generated_texts(run: ActivationRun, tokenizer, max_chars: int = 160):
+    """A table of prompts and their generated continuations (pandas DataFrame)."""
+    import pandas as pd
+    rows = [{"prompt_id": p.prompt_id, "category": p.category, "prompt": p.text,
+             "generated": tokenizer.decode(run.tokens[i], skip_special_tokens=False)[:max_chars]}
+            for i, p in enumerate(run.prompts)]
+    return pd.DataFrame(rows)
+
+
+def layer_statistics(activations: np.ndarray, head_layer: np.ndarray):
+    """Per-layer statistics of head norms (pandas DataFrame). activations: [prompts, heads, steps]."""
+    import pandas as pd
+    rows = []
+    for layer in np.unique(head_layer):
+        values = activations[:, head_layer == layer]
+        rows.append({"layer": int(layer), "mean_norm": values.mean(), "sd_norm": values.std(),
+                     "min_norm": values.min(), "max_norm": values.max(),
+                     "mean_sd_over_steps": values.std(axis=-1).mean()})
+    return pd.DataFrame(rows)
+
+
+def batched_vs_single(run: ActivationRun, model, tokenizer, arch: ArchInfo, n_prompts: int):
+    """Regenerate the first `n_prompts` prompts one at a time and compare with the batched run (DataFrame).
+
+    Where the tokens differ, the table gives the first differing step and the top-1 vs top-2 logit gap there
+    (teacher-forced on the batched tokens): padding changes float rounding (different matmul shapes and masked
+    positions), which flips a greedy choice only where two candidates are nearly tied.
+    """
+    import pandas as pd
+    subset = ActivationRun(**{**run.__dict__, "activations": run.activations[:n_prompts],
+                              "tokens": run.tokens[:n_prompts], "prompts": run.prompts[:n_prompts],
+                              "prompt_input_ids": run.prompt_input_ids[:n_prompts],
+                              "prompt_lengths": run.prompt_lengths[:n_prompts]})
+    single = extract_activations(model, tokenizer, arch, subset.prompts, n_tokens=run.tokens.shape[1],
+                                 batch_size=1, chat_template=run.chat_template, progress=False)
+    rows = compare_batched(subset, single)
+    margins = top2_margins(model, arch, subset)
+    for row, margin in zip(rows, margins):
+        step = row["first_difference_step"]
+        row["logit_gap_at_difference"] = float(margin[step]) if step is not None else None
+        row["smallest_logit_gap"] = float(margin.min())
+    return pd.DataFrame(rows)

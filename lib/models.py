@@ -68,6 +68,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
+    # Gemma 3 multimodal checkpoints (e.g. google/gemma-3-4b-it): the text decoder inside the conditional model
+    "gemma3": ArchSpec(
+        layers="model.language_model.layers", attn="self_attn", attn_out="self_attn.o_proj", mlp_down="mlp.down_proj",
+        final_norm="model.language_model.norm", qkv_layout="separate",
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), embed="model.language_model.embed_tokens"),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers", attn="attention", attn_out="attention.dense", mlp_down="mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm", qkv_layout="neox_fused",
@@ -141,7 +146,16 @@ class ArchInfo:
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, unembedding and (when the config has it) final logit soft-capping. [.., hidden] -> [.., vocab]"""
-        logits = self.unembed()(self.final_norm()(hidden))
+        return self.logits_from_normed(self.final_norm()(hidden))
+
+    def base_model(self) -> nn.Module:
+        """The decoder stack without the LM head (Hugging Face `model.base_model`). Its `last_hidden_state` has the
+        final norm already applied (true of every architecture in ARCHITECTURES): use logits_from_normed on it."""
+        return self.model.base_model
+
+    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Unembedding and soft-capping of hidden states that already went through the final norm (base_model output)."""
+        logits = self.unembed()(normed)
         if self.final_logit_softcap:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
@@ -150,6 +164,11 @@ class ArchInfo:
         """(layer, head) of every head index, layer-major."""
         return ([l for l in range(self.n_layers) for _ in range(self.n_heads)],
                 [h for _ in range(self.n_layers) for h in range(self.n_heads)])
+
+    @property
+    def weights_transposed(self) -> bool:
+        """True when projection weights are stored [in, out] (GPT-2's Conv1D), False for nn.Linear's [out, in]."""
+        return self.spec.qkv_layout == "gpt2_fused"
 
     def block_param_slices(self, layer: int) -> dict[str, tuple[torch.Tensor, Callable[[int], tuple]]]:
         """For QK-OV: the weight tensor holding each of Q, K, V, O of `layer` and a function head -> index slices.
@@ -180,8 +199,8 @@ class ArchInfo:
 
 def arch_info(model: nn.Module, source: str = "", weights_id: str = "") -> ArchInfo:
     """Describe a loaded Hugging Face causal LM; fails for an architecture not in ARCHITECTURES."""
-    config = model.config
-    model_type = config.model_type
+    model_type = model.config.model_type
+    config = model.config.get_text_config()      # multimodal configs keep the decoder's settings in text_config
     if model_type not in ARCHITECTURES:
         raise ModelSpecError(
             f"unsupported architecture {model_type!r}; supported: {sorted(ARCHITECTURES)}. "

@@ -20,6 +20,10 @@ import numpy as np
 from lib import REPO_ROOT
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ArtifactError(ValueError):
     """An artifact is missing, malformed, or belongs to a different run or model."""
 
@@ -49,6 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)           # mkstemp creates 0600; artifacts are ordinary files
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -149,13 +154,31 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def update_manifest(out_dir: str | os.PathLike, section: str, entry: dict) -> dict:
-    """Merge `entry` into manifest.json under `section` (e.g. a notebook name), atomically."""
-    manifest = read_manifest(out_dir)
-    manifest.setdefault("git_commit", git_commit())
-    manifest["versions"] = package_versions()
-    manifest.setdefault("sections", {})[section] = {**entry, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    save_json(Path(out_dir) / "manifest.json", manifest)
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path` + '.lock' (SLURM array tasks update one manifest concurrently)."""
+    import fcntl
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_manifest(out_dir: str | os.PathLike, section: str, entry: dict, merge: bool = True) -> dict:
+    """Merge `entry` into manifest.json under `section` (e.g. a notebook name), atomically and under a lock."""
+    path = Path(out_dir) / "manifest.json"
+    with locked(path):
+        manifest = read_manifest(out_dir)
+        manifest.setdefault("git_commit", git_commit())
+        manifest["versions"] = package_versions()
+        sections = manifest.setdefault("sections", {})
+        old = sections.get(section, {}) if merge else {}
+        sections[section] = {**old, **entry, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        save_json(path, manifest)
     return manifest
 
 
