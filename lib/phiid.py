@@ -593,27 +593,28 @@ def _check_atoms(atoms):
     return atoms
 
 
-def _describe_pairs(i, j, limit=8):
+def _describe_pairs(i, j, names, limit=8):
+    """Heads involved in pairs (i, j), most frequent first, and the first pairs; names: label per head."""
     heads, counts = np.unique(np.concatenate([i, j]), return_counts=True)
     order = np.argsort(-counts, kind="stable")[:limit]
-    named = ", ".join(f"{heads[k]} ({counts[k]} pair{'s' if counts[k] > 1 else ''})" for k in order)
+    named = ", ".join(f"{names[heads[k]]} ({counts[k]} pair{'s' if counts[k] > 1 else ''})" for k in order)
     more = f" and {len(heads) - limit} more" if len(heads) > limit else ""
-    pairs = ", ".join(f"({a}, {b})" for a, b in list(zip(i.tolist(), j.tolist()))[:limit])
+    pairs = ", ".join(f"({names[a]}, {names[b]})" for a, b in list(zip(i.tolist(), j.tolist()))[:limit])
     return f"heads {named}{more}; first pairs {pairs}"
 
 
-def _warn_all_pairs(i, j, n_valid, n_segments, mode):
+def _warn_all_pairs(i, j, n_valid, n_segments, mode, names):
     undefined = n_valid == 0
     if undefined.any():
         warnings.warn(f"PhiID ({mode}) is undefined for {int(undefined.sum())} of {len(i)} head pairs "
                       f"(constant, non-finite or collinear series): their atoms are NaN and "
-                      f"result.degenerate marks them; {_describe_pairs(i[undefined], j[undefined])}",
+                      f"result.degenerate marks them; {_describe_pairs(i[undefined], j[undefined], names)}",
                       DegeneratePairWarning, stacklevel=3)
     partial = (n_valid > 0) & (n_valid < n_segments)
     if partial.any():
         warnings.warn(f"{int(partial.sum())} head pairs are undefined in some prompts: their atoms average "
                       f"only the prompts where they are defined (result.n_valid counts them); "
-                      f"{_describe_pairs(i[partial], j[partial])}", DegeneratePairWarning, stacklevel=3)
+                      f"{_describe_pairs(i[partial], j[partial], names)}", DegeneratePairWarning, stacklevel=3)
 
 
 def _fill_square(values, i, j, heads, swapped_values):
@@ -625,7 +626,7 @@ def _fill_square(values, i, j, heads, swapped_values):
 
 
 def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, backend="numpy",
-                    chunk_pairs=None, warn=True):
+                    chunk_pairs=None, warn=True, head_names=None):
     """PhiID for every ordered pair of heads.
 
     X: [prompts, heads, steps] (any float dtype; computed in float64), steps >= tau + 5.
@@ -633,7 +634,8 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     mode: "per_prompt" | "concat" | "pooled" (defined in the module docstring).
     atoms: subset of ATOM_NAMES to return (default all 16). backend: "numpy" or "torch" (float64; cuda if
     available). chunk_pairs: pairs per batch (memory knob; default 131072 for MMI, ~1M values for CCS).
-    warn: emit DegeneratePairWarning for undefined pairs.
+    warn: emit DegeneratePairWarning for undefined pairs. head_names: label per head for the warning
+    (default: the head's position on axis 1).
 
     Each unordered pair i < j is computed once with i as source; [j, i] is filled by relabeling
     (SWAPPED_ATOM). Returns a PhiIDResult; result["sts"] is a [heads, heads] array, [i, j] = i -> j.
@@ -669,7 +671,103 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     counts = np.zeros((heads, heads), dtype=np.int64)
     counts[i_np, j_np] = counts[j_np, i_np] = n_valid
     if warn:
-        _warn_all_pairs(i_np, j_np, n_valid, n_segments, mode)
+        _warn_all_pairs(i_np, j_np, n_valid, n_segments, mode,
+                        list(range(heads)) if head_names is None else list(head_names))
     return PhiIDResult(atoms=out, degenerate=counts == 0, n_valid=counts, mode=mode, tau=int(tau),
                        redundancy=redundancy, backend=backend, seconds=time.perf_counter() - t0,
                        shape=tuple(X.shape))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# artifacts: phiid_<mode>[__<tag>].npz next to activations[__<tag>].npz
+
+def activations_files(out_dir, tags=None):
+    """-> list of (tag, path) for the activation files of a run folder. Tag "" is activations.npz (the run's
+    model); tag "random_init" is activations__random_init.npz, etc. tags=None: every file present; else the
+    listed tags ("" or None for the main file), each of which must exist."""
+    out_dir = Path(out_dir)
+    if tags is None:
+        found = [("", out_dir / "activations.npz")] if (out_dir / "activations.npz").exists() else []
+        found += [(p.stem[len("activations__"):], p) for p in sorted(out_dir.glob("activations__*.npz"))]
+        if not found:
+            raise FileNotFoundError(f"no activations.npz or activations__<tag>.npz in {str(out_dir)!r}: run "
+                                    f"notebook 01_extract_activations with out_dir={str(out_dir)!r} first")
+        return found
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    found = [(tag or "", out_dir / (f"activations__{tag}.npz" if tag else "activations.npz")) for tag in tags]
+    missing = [str(path) for _, path in found if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"activation file(s) {missing} not found for tags {tags}; available: "
+                                f"{[t for t, _ in activations_files(out_dir)]} (tag '' is activations.npz)")
+    return found
+
+
+def phiid_path(out_dir, mode, tag=""):
+    """phiid_<mode>.npz for the run's model, phiid_<mode>__<tag>.npz for a baseline."""
+    return Path(out_dir) / (f"phiid_{mode}__{tag}.npz" if tag else f"phiid_{mode}.npz")
+
+
+def save_phiid(path, result, head_layer, head_index, **extra):
+    """Write a PhiIDResult atomically (lib.store.save_npz): one [heads, heads] array per atom name, atom_names,
+    head_layer, head_index [heads], degenerate, n_valid [heads, heads], seconds, tau, redundancy, mode, backend,
+    plus any extra arrays."""
+    from lib import store
+    heads = result.degenerate.shape[0]
+    if len(head_layer) != heads or len(head_index) != heads:
+        raise ValueError(f"head_layer/head_index have {len(head_layer)}/{len(head_index)} entries but the result "
+                         f"has {heads} heads: pass the head map of the activations the result was computed from")
+    return store.save_npz(
+        path, **result.atoms, atom_names=np.array(list(result.atoms)), head_layer=np.asarray(head_layer, np.int64),
+        head_index=np.asarray(head_index, np.int64), degenerate=result.degenerate, n_valid=result.n_valid,
+        seconds=np.float64(result.seconds), tau=np.int64(result.tau), redundancy=np.str_(result.redundancy),
+        mode=np.str_(result.mode), backend=np.str_(result.backend), **extra)
+
+
+def load_phiid(path):
+    """Read a file written by save_phiid -> dict: atom name -> [heads, heads], atom_names (list of str),
+    head_layer, head_index, degenerate, n_valid, and plain Python scalars seconds, tau, redundancy, mode."""
+    from lib import store
+    data = store.load_npz(path, expect={"atom_names": 1, "head_layer": 1, "head_index": 1, "degenerate": 2},
+                          produced_by="02_phiid")
+    data["atom_names"] = [str(a) for a in data["atom_names"]]
+    for key in ("seconds", "tau", "redundancy", "mode", "backend"):
+        if key in data:
+            data[key] = data[key].item()
+    return data
+
+
+def run_phiid_for_run(out_dir, modes=MODES, tau=1, redundancy="MMI", backend="numpy", tags=None):
+    """Notebook 02: PhiID for every activations file of a run folder (or the given tags) and every mode.
+    Writes phiid_<mode>[__<tag>].npz (see save_phiid) and a manifest entry; returns a pandas DataFrame with one
+    row per (file, mode): tag, mode, heads, prompts, steps, seconds, undefined and partially defined pairs."""
+    import pandas as pd
+    from lib import store
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    for mode in modes:
+        _check_choice(mode, MODES, "mode")
+    _check_choice(redundancy, REDUNDANCIES, "redundancy")
+    rows = []
+    for tag, path in activations_files(out_dir, tags):
+        run = store.load_npz(path, expect={"activations": 3, "head_layer": 1, "head_index": 1},
+                             produced_by="01_extract_activations")
+        X = run["activations"]
+        for mode in modes:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DegeneratePairWarning)
+                result = phiid_all_pairs(X, tau=tau, redundancy=redundancy, mode=mode, backend=backend,
+                                         head_names=[f"L{l}H{h}" for l, h in zip(run["head_layer"], run["head_index"])])
+            for w in caught:  # re-emit, naming the file
+                warnings.warn(f"{path.name}: {w.message}", DegeneratePairWarning, stacklevel=2)
+            out = save_phiid(phiid_path(out_dir, mode, tag), result, run["head_layer"], run["head_index"])
+            off_diagonal = ~np.eye(X.shape[1], dtype=bool)
+            rows.append({"tag": tag or "(model)", "mode": mode, "redundancy": redundancy, "tau": tau,
+                         "backend": backend, "prompts": X.shape[0], "heads": X.shape[1], "steps": X.shape[2],
+                         "seconds": round(result.seconds, 3),
+                         "undefined_pairs": int((result.degenerate & off_diagonal).sum()) // 2,
+                         "partially_defined_pairs": int(((result.n_valid > 0) & (result.n_valid < X.shape[0])
+                                                         & off_diagonal).sum()) // 2 if mode == "per_prompt" else 0,
+                         "file": out.name})
+    table = pd.DataFrame(rows)
+    store.update_manifest(out_dir, "02_phiid", {"tau": tau, "redundancy": redundancy, "backend": backend,
+                                                "modes": modes, "runs": rows})
+    return table
