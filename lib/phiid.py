@@ -594,13 +594,17 @@ def _check_atoms(atoms):
 
 
 def _describe_pairs(i, j, names, limit=8):
-    """Heads involved in pairs (i, j), most frequent first, and the first pairs; names: label per head."""
-    heads, counts = np.unique(np.concatenate([i, j]), return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:limit]
-    named = ", ".join(f"{names[heads[k]]} ({counts[k]} pair{'s' if counts[k] > 1 else ''})" for k in order)
-    more = f" and {len(heads) - limit} more" if len(heads) > limit else ""
+    """The heads that explain pairs (i, j) (greedy: the head in most pairs, then the next one among the pairs
+    left, ...) and the first pairs; names: label per head."""
+    left, culprits = np.ones(len(i), dtype=bool), []
+    while left.any() and len(culprits) < limit:
+        heads, counts = np.unique(np.concatenate([i[left], j[left]]), return_counts=True)
+        head = heads[np.argmax(counts)]
+        culprits.append(f"{names[head]} ({counts.max()} pair{'s' if counts.max() > 1 else ''})")
+        left &= (i != head) & (j != head)
+    more = f" and others ({int(left.sum())} pairs)" if left.any() else ""
     pairs = ", ".join(f"({names[a]}, {names[b]})" for a, b in list(zip(i.tolist(), j.tolist()))[:limit])
-    return f"heads {named}{more}; first pairs {pairs}"
+    return f"heads {', '.join(culprits)}{more}; first pairs {pairs}"
 
 
 def _warn_all_pairs(i, j, n_valid, n_segments, mode, names):
@@ -736,10 +740,16 @@ def load_phiid(path):
     return data
 
 
+def _mean_defined(values):
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def run_phiid_for_run(out_dir, modes=MODES, tau=1, redundancy="MMI", backend="numpy", tags=None):
     """Notebook 02: PhiID for every activations file of a run folder (or the given tags) and every mode.
     Writes phiid_<mode>[__<tag>].npz (see save_phiid) and a manifest entry; returns a pandas DataFrame with one
-    row per (file, mode): tag, mode, heads, prompts, steps, seconds, undefined and partially defined pairs."""
+    row per (file, mode): tag ("" = activations.npz), mode, heads, prompts, steps, seconds, undefined and
+    partially defined pairs (unordered), mean sts and rtr over defined ordered pairs (nats), output file."""
     import pandas as pd
     from lib import store
     modes = [modes] if isinstance(modes, str) else list(modes)
@@ -760,12 +770,13 @@ def run_phiid_for_run(out_dir, modes=MODES, tau=1, redundancy="MMI", backend="nu
                 warnings.warn(f"{path.name}: {w.message}", DegeneratePairWarning, stacklevel=2)
             out = save_phiid(phiid_path(out_dir, mode, tag), result, run["head_layer"], run["head_index"])
             off_diagonal = ~np.eye(X.shape[1], dtype=bool)
-            rows.append({"tag": tag or "(model)", "mode": mode, "redundancy": redundancy, "tau": tau,
+            rows.append({"tag": tag, "activations": path.name, "mode": mode, "redundancy": redundancy, "tau": tau,
                          "backend": backend, "prompts": X.shape[0], "heads": X.shape[1], "steps": X.shape[2],
                          "seconds": round(result.seconds, 3),
                          "undefined_pairs": int((result.degenerate & off_diagonal).sum()) // 2,
                          "partially_defined_pairs": int(((result.n_valid > 0) & (result.n_valid < X.shape[0])
                                                          & off_diagonal).sum()) // 2 if mode == "per_prompt" else 0,
+                         "mean_sts": _mean_defined(result["sts"]), "mean_rtr": _mean_defined(result["rtr"]),
                          "file": out.name})
     table = pd.DataFrame(rows)
     store.update_manifest(out_dir, "02_phiid", {"tau": tau, "redundancy": redundancy, "backend": backend,

@@ -1,0 +1,47 @@
+"""Figures for notebook 02 (PhiID over all head pairs). Each function returns a matplotlib Figure.
+
+(To be folded into lib.plots; kept separate while lib.plots is being written.)
+"""
+import matplotlib
+import numpy as np
+
+from lib.plots.common import new_figure
+
+ATOM_LABELS = {"sts": "synergy (sts)", "rtr": "redundancy (rtr)"}
+
+
+def layer_order(head_layer, head_index):
+    """Permutation of heads sorted by (layer, index within layer)."""
+    return np.lexsort((np.asarray(head_index), np.asarray(head_layer)))
+
+
+def atom_heatmaps(atoms, head_layer, head_index, names=("sts", "rtr"), title="", cmap="magma"):
+    """One heatmap per atom over all ordered head pairs (the paper's Fig 2a).
+
+    atoms: dict name -> [heads, heads] (nats; [i, j] = head i source, head j target; NaN = undefined, drawn grey).
+    head_layer, head_index: [heads]. Heads are ordered by layer; white lines mark layer boundaries and the ticks
+    name the layers.
+    """
+    order = layer_order(head_layer, head_index)
+    layers = np.asarray(head_layer)[order]
+    starts = np.flatnonzero(np.r_[True, layers[1:] != layers[:-1]])
+    centres = (starts + np.r_[starts[1:], len(layers)] - 1) / 2
+    step = max(1, len(starts) // 12)  # at most ~12 layer labels
+    fig, axes = new_figure(5.2 * len(names), 4.6, ncols=len(names), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = np.asarray(atoms[name], dtype=float)[np.ix_(order, order)]
+        colours = matplotlib.colormaps[cmap].copy()
+        colours.set_bad("0.8")
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, interpolation="nearest")
+        for s in starts[1:]:
+            ax.axhline(s - 0.5, color="white", lw=0.6)
+            ax.axvline(s - 0.5, color="white", lw=0.6)
+        ax.set_xticks(centres[::step], [str(l) for l in layers[starts][::step]])
+        ax.set_yticks(centres[::step], [str(l) for l in layers[starts][::step]])
+        ax.set_xlabel("target head (ordered by layer; ticks: layer)")
+        ax.set_ylabel("source head (ordered by layer; ticks: layer)")
+        ax.set_title(ATOM_LABELS.get(name, name))
+        fig.colorbar(image, ax=ax, shrink=0.85, label=f"{name} (nats)")
+    if title:
+        fig.suptitle(title)
+    return fig
