@@ -223,6 +223,7 @@ def record(step: Step, **entry) -> None:
 def render_html(executed: Path, html: Path) -> None:
     html.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
+                    "--CoalesceStreamsPreprocessor.enabled=True",
                     "--output-dir", str(html.parent), "--output", html.stem, str(executed)],
                    check=True, cwd=REPO_ROOT, capture_output=True)
 
@@ -233,12 +234,17 @@ def execute(step: Step, log_output: bool = True) -> float:
     from papermill.exceptions import PapermillExecutionError
     t0 = time.perf_counter()
     record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
+    from lib.progress import KERNEL_SETUP, LineWriter
     env_backup = os.environ.get("TQDM_MININTERVAL")
     if not sys.stderr.isatty():
         os.environ["TQDM_MININTERVAL"] = "10"     # readable logs under papermill / SLURM: few progress updates
+    # cell stdout/stderr streamed to our stdout/stderr (one line per update off a terminal); tqdm.auto in the
+    # kernel becomes a text bar on the log (lib/progress.py), so reports hold no blank progress widgets
+    streams = {"stdout_file": LineWriter(sys.stdout), "stderr_file": LineWriter(sys.stderr)} if log_output else {}
     try:
         papermill.execute_notebook(str(step.path), str(step.output), parameters=step.params, cwd=str(REPO_ROOT),
-                                   log_output=log_output, progress_bar=False, kernel_name="python3")
+                                   log_output=False, progress_bar=False, kernel_name="python3",
+                                   extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"], **streams)
     except PapermillExecutionError as e:
         seconds = time.perf_counter() - t0
         record(step, status="failed", seconds=seconds, error=f"{e.ename}: {e.evalue}", cell=e.exec_count,
