@@ -58,9 +58,10 @@ pair defined in no prompt gets NaN. `result.degenerate` is True exactly where th
 included: a head with itself is singular). A `DegeneratePairWarning` names the heads involved, both for
 undefined pairs and (per_prompt) for pairs dropped from some prompts.
 """
-import math
+import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -629,15 +630,33 @@ def _fill_square(values, i, j, heads, swapped_values):
     return out
 
 
+def _default_workers(backend):
+    """numpy: one thread per usable CPU (at most 4): numpy releases the GIL inside its loops, so pair batches
+    run in parallel. torch: 1 (torch parallelises each operation itself)."""
+    if backend != "numpy":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 4))
+
+
+def _accumulate(seg, pc, redundancy, be, sums, n_valid):
+    """Add the chunk's part means (where defined) to sums[name][pc.sl] and its defined mask to n_valid."""
+    parts, defined, all_defined = _chunk_parts(seg, pc, redundancy, be)
+    for name in PART_NAMES:
+        sums[name][pc.sl] += parts[name] if all_defined else be.xp.where(defined, parts[name], 0.0)
+    n_valid[pc.sl] += defined
+
+
 def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, backend="numpy",
-                    chunk_pairs=None, warn=True, head_names=None):
+                    chunk_pairs=None, workers=None, warn=True, head_names=None):
     """PhiID for every ordered pair of heads.
 
     X: [prompts, heads, steps] (any float dtype; computed in float64), steps >= tau + 5.
     tau: lag >= 1. redundancy: "MMI" (closed form) or "CCS" (local values, slower).
     mode: "per_prompt" | "concat" | "pooled" (defined in the module docstring).
     atoms: subset of ATOM_NAMES to return (default all 16). backend: "numpy" or "torch" (float64; cuda if
-    available). chunk_pairs: pairs per batch (memory knob; default 131072 for MMI, ~1M values for CCS).
+    available). chunk_pairs: pairs per batch (default: see _default_chunk). workers: threads working on
+    different pair batches at once (default: usable CPUs up to 4 for numpy, 1 for torch).
     warn: emit DegeneratePairWarning for undefined pairs. head_names: label per head for the warning
     (default: the head's position on axis 1).
 
@@ -656,16 +675,15 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     sums = {name: be.zeros(len(i_np)) for name in PART_NAMES}
     n_valid = be.zeros(len(i_np), dtype="int")
     n_segments, chunks = 0, None
-    for past, future in _segments(X, mode, tau):
-        seg = _segment(past, future, be)
-        if chunks is None:  # every segment of a mode has the same number of samples
-            chunks = _make_pair_chunks(heads, chunk_pairs or _default_chunk(redundancy, past.shape[1], backend), be)
-        for pc in chunks:
-            parts, defined, all_defined = _chunk_parts(seg, pc, redundancy, be)
-            for name in PART_NAMES:
-                sums[name][pc.sl] += parts[name] if all_defined else be.xp.where(defined, parts[name], 0.0)
-            n_valid[pc.sl] += defined
-        n_segments += 1
+    with ThreadPoolExecutor(workers or _default_workers(backend)) as pool:
+        for past, future in _segments(X, mode, tau):
+            seg = _segment(past, future, be)
+            if chunks is None:  # every segment of a mode has the same number of samples
+                chunk = chunk_pairs or _default_chunk(redundancy, past.shape[1], backend)
+                chunks = _make_pair_chunks(heads, chunk, be)
+            # chunks write disjoint slices; list() waits for all and re-raises any error
+            list(pool.map(lambda pc: _accumulate(seg, pc, redundancy, be, sums, n_valid), chunks))
+            n_segments += 1
     n_valid = be.numpy(n_valid)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = {name: np.where(n_valid > 0, be.numpy(v) / n_valid, np.nan) for name, v in sums.items()}
