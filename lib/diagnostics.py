@@ -1,0 +1,580 @@
+"""Is the PhiID head ranking measuring integration, or each head's own autocorrelation? Diagnostics.
+
+The paper ranks heads by rank(synergy) - rank(redundancy), with synergy = the `sts` atom and redundancy = the
+`rtr` atom, each averaged over all pairs a head takes part in. That ranking is informative only if synergy
+and redundancy carry different information. This module measures what they share:
+
+* per-head synergy and redundancy: the mean of `sts` (resp. `rtr`) over every pair involving the head, as
+  source or as target, degenerate pairs excluded (`per_head_mean`);
+* their Pearson and Spearman correlation at head level and at pair level (`syn_red_correlations`);
+* the time-delayed mutual information of each pair, TDMI = I(past_i, past_j; future_i, future_j) = the sum of
+  the 16 atoms (`tdmi_matrix`), which both atoms scale with;
+* each head's lag-1 autocorrelation (Pearson of x[:-lag] with x[lag:], per prompt, then the mean over
+  prompts; `lag_autocorrelation`), which the TDMI tracks;
+* each head's within-generation drift (`drift`): the least-squares slope of its norm over the generated steps
+  times (steps - 1), divided by its mean norm, per prompt, then the mean over prompts. -0.4 means the
+  fitted line falls by 40% of the head's mean level from the first to the last step;
+* per-layer profiles (`layer_profile`) on normalised depth (layer / (n_layers - 1)).
+
+It also holds the generic statistics used to decide whether a ranking is signal at all (used by
+lib.ranking): Spearman-Brown (`spearman_brown`), random prompt halves (`random_halves`), circular-shift
+surrogates (`circular_shift`), and the inverted-U test on a per-layer profile (`inverted_u_test`), and the
+loaders for the run's artifacts with their cross-checks (`load_activations`, `load_phiid`).
+
+Units: atoms and TDMI in nats; autocorrelation and correlations dimensionless; drift a fraction.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from lib.store import ArtifactError, check_same_heads, load_npz
+
+SYNERGY_ATOM = "sts"
+REDUNDANCY_ATOM = "rtr"
+PHIID_MODES = ("per_prompt", "concat", "pooled")
+ACTIVATIONS_NOTEBOOK = "01_extract_activations"
+PHIID_NOTEBOOK = "02_phiid"
+
+# inverted-U rule: depth thirds [0, 1/3), [1/3, 2/3], (2/3, 1]
+THIRDS = (1.0 / 3.0, 2.0 / 3.0)
+_EPS = 1e-9
+
+
+class DegenerateHeadError(ValueError):
+    """Every pair involving some head is degenerate, so the head has no synergy or redundancy."""
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+
+def _suffix(tag: str) -> str:
+    return f"__{tag}" if tag else ""
+
+
+def activations_path(out_dir, tag: str = "") -> Path:
+    return Path(out_dir) / f"activations{_suffix(tag)}.npz"
+
+
+def phiid_path(out_dir, mode: str = "per_prompt", tag: str = "") -> Path:
+    return Path(out_dir) / f"phiid_{mode}{_suffix(tag)}.npz"
+
+
+def load_activations(out_dir, tag: str = "") -> dict:
+    """activations(__tag).npz as a dict, checked: activations [prompts, heads, steps] and the head map."""
+    path = activations_path(out_dir, tag)
+    acts = load_npz(path, expect={"activations": 3, "head_layer": 1, "head_index": 1},
+                    produced_by=ACTIVATIONS_NOTEBOOK)
+    check_same_heads(f"{path.name} activations", acts["activations"].shape[1], f"{path.name} head_layer",
+                     len(acts["head_layer"]))
+    acts["n_layers"] = int(acts["n_layers"]) if "n_layers" in acts else int(acts["head_layer"].max()) + 1
+    acts["n_heads"] = int(acts["n_heads"]) if "n_heads" in acts else int(acts["head_index"].max()) + 1
+    acts["path"] = path
+    return acts
+
+
+def load_phiid(out_dir, mode: str = "per_prompt", tag: str = "", activations: dict | None = None,
+               atoms=(SYNERGY_ATOM, REDUNDANCY_ATOM), needed_by: str = "") -> dict:
+    """phiid_<mode>(__tag).npz as a dict, checked against `activations` (the same run) when given.
+
+    Fails clearly when the file is missing (naming notebook 02 and its `modes` parameter), when an atom is
+    missing, or when head count, head map, model or prompt count differ from the activations."""
+    if mode not in PHIID_MODES:
+        raise ValueError(f"unknown PhiID mode {mode!r}; use one of {PHIID_MODES}")
+    path = phiid_path(out_dir, mode, tag)
+    if not path.exists():
+        who = f"{needed_by} needs" if needed_by else "this analysis needs"
+        raise ArtifactError(
+            f"{who} {path.name} in {str(Path(out_dir))!r}, which does not exist. Notebook {PHIID_NOTEBOOK} "
+            f"writes phiid_<mode>.npz for every mode in its `modes` parameter: add {mode!r} to `modes` (params "
+            f"YAML, section of {PHIID_NOTEBOOK}) and rerun it (python -m lib.run --params <run>.yaml --only "
+            f"{PHIID_NOTEBOOK}), or drop the variants that need it")
+    expect = {a: 2 for a in atoms}
+    expect["degenerate"] = 2
+    ph = load_npz(path, expect=expect, produced_by=PHIID_NOTEBOOK)
+    n = ph[atoms[0]].shape[0]
+    for a in atoms:
+        if ph[a].shape != (n, n):
+            raise ArtifactError(f"{path}: atom {a!r} has shape {ph[a].shape}, expected a square [heads, heads]")
+    ph["degenerate"] = ph["degenerate"].astype(bool)
+    ph["path"] = path
+    if activations is not None:
+        check_same_run(activations, ph)
+    return ph
+
+
+def _scalar(d, key):
+    if key not in d:
+        return None
+    v = np.asarray(d[key])
+    return v.item() if v.ndim == 0 else None
+
+
+def check_same_run(acts: dict, ph: dict) -> None:
+    """Raise ArtifactError when an activations file and a PhiID file cannot come from the same run."""
+    a_name = Path(acts.get("path", "activations")).name
+    p_name = Path(ph.get("path", "phiid")).name
+    fix = (f"they come from different runs or models: rerun {PHIID_NOTEBOOK} on this run's {a_name} "
+           f"(python -m lib.run --params <run>.yaml --only {PHIID_NOTEBOOK} --force)")
+    check_same_heads(a_name, acts["activations"].shape[1], p_name, ph["degenerate"].shape[0])
+    for key in ("head_layer", "head_index"):
+        if key in ph and not np.array_equal(np.asarray(ph[key]), np.asarray(acts[key])):
+            raise ArtifactError(f"{p_name} and {a_name} have different {key} arrays: {fix}")
+    for key in ("model",):
+        a, p = _scalar(acts, key), _scalar(ph, key)
+        if a is not None and p is not None and str(a) != str(p):
+            raise ArtifactError(f"{p_name} was computed for model {p!r} but {a_name} holds model {a!r}: {fix}")
+    for key in ("n_prompts",):
+        p = _scalar(ph, key)
+        if p is not None and int(p) != acts["activations"].shape[0]:
+            raise ArtifactError(f"{p_name} was computed on {p} prompts but {a_name} has "
+                                f"{acts['activations'].shape[0]}: {fix}")
+
+
+def available_tags(out_dir) -> list[str]:
+    """Baseline tags with an activations__<tag>.npz in out_dir: random_init first, then checkpoints in
+    training order (the number in the revision, e.g. rev-step1000), then anything else."""
+    tags = [p.name[len("activations__"):-len(".npz")] for p in Path(out_dir).glob("activations__*.npz")]
+    return sorted(tags, key=tag_sort_key)
+
+
+def tag_sort_key(tag: str):
+    if tag == "random_init":
+        return (0, 0, tag)
+    if tag.startswith("rev-"):
+        nums = re.findall(r"\d+", tag)
+        return (1, int(nums[-1]) if nums else 0, tag)
+    return (2, 0, tag)
+
+
+# ------------------------------------------------------------------------------------------- per head / pair
+
+def head_labels(head_layer, head_index) -> list[str]:
+    return [f"L{int(l)}H{int(h)}" for l, h in zip(head_layer, head_index)]
+
+
+def _raise_degenerate_heads(bad, labels, what):
+    names = [labels[k] if labels is not None else str(k) for k in np.flatnonzero(bad)]
+    raise DegenerateHeadError(
+        f"all pairs involving head(s) {', '.join(names[:10])}{' ...' if len(names) > 10 else ''} are degenerate "
+        f"({what}): the head's series is constant, non-finite, or a copy of another head's in every prompt, so "
+        f"it has no synergy or redundancy. Inspect activations[:, head, :] (notebook 01); such a head cannot be "
+        f"ranked")
+
+
+def per_head_mean(M, degenerate=None, labels=None) -> np.ndarray:
+    """[heads, heads] pair matrix (entry [i, j]: i source, j target) -> [heads]: for head h the mean of
+    M[h, j] and M[j, h] over all j != h whose pair is not degenerate (NaN entries count as degenerate).
+    Raises DegenerateHeadError when a head has no usable pair."""
+    M = np.asarray(M, dtype=np.float64)
+    n = M.shape[0]
+    if M.shape != (n, n):
+        raise ValueError(f"expected a square [heads, heads] matrix, got shape {M.shape}")
+    ok = np.isfinite(M) & ~np.eye(n, dtype=bool)
+    if degenerate is not None:
+        ok &= ~np.asarray(degenerate, dtype=bool)
+    V = np.where(ok, M, 0.0)
+    counts = ok.sum(0) + ok.sum(1)
+    if (counts == 0).any():
+        _raise_degenerate_heads(counts == 0, labels, "pair matrix")
+    return (V.sum(0) + V.sum(1)) / counts
+
+
+def pair_index(n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unordered pairs i < j (row-major upper triangle)."""
+    return np.triu_indices(n_heads, 1)
+
+
+def upper(M) -> np.ndarray:
+    """[heads, heads] -> [pairs] values of the unordered pairs i < j."""
+    M = np.asarray(M)
+    return M[pair_index(M.shape[0])]
+
+
+def per_head_mean_pairs(values, valid, n_heads: int, labels=None) -> np.ndarray:
+    """Symmetric pair values [pairs] (order of pair_index) -> per-head mean over valid pairs [heads].
+    Same as per_head_mean on the symmetric matrix (for a symmetric atom, source and target entries agree)."""
+    i, j = pair_index(n_heads)
+    ok = np.asarray(valid, bool) & np.isfinite(values)
+    w = np.where(ok, values, 0.0)
+    sums = np.bincount(i, w, n_heads) + np.bincount(j, w, n_heads)
+    counts = np.bincount(i, ok, n_heads) + np.bincount(j, ok, n_heads)
+    if (counts == 0).any():
+        _raise_degenerate_heads(counts == 0, labels, "pair vectors")
+    return sums / counts
+
+
+def tdmi_matrix(atoms) -> np.ndarray:
+    """Sum of the 16 atoms = mean I(x, y; a, b), the time-delayed mutual information of each pair (nats)."""
+    from lib.phiid import ATOM_NAMES
+    missing = [a for a in ATOM_NAMES if a not in atoms]
+    if missing:
+        raise ArtifactError(f"TDMI needs all 16 atoms; missing {missing}. Rerun {PHIID_NOTEBOOK} with all atoms")
+    return sum(np.asarray(atoms[a], dtype=np.float64) for a in ATOM_NAMES)
+
+
+def correlation(a, b) -> dict:
+    """Pearson and Spearman correlation over the entries where both are finite."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"pearson": float("nan"), "spearman": float("nan"), "n": int(len(a))}
+    return {"pearson": float(stats.pearsonr(a, b)[0]), "spearman": float(stats.spearmanr(a, b)[0]),
+            "n": int(len(a))}
+
+
+def syn_red_correlations(sts, rtr, degenerate=None, labels=None) -> dict:
+    """Correlation of synergy and redundancy: at head level (per-head means) and at pair level (unordered
+    pairs i < j, degenerate pairs excluded). Keys head_pearson, head_spearman, pair_pearson, pair_spearman,
+    n_heads, n_pairs."""
+    n = np.asarray(sts).shape[0]
+    deg = np.zeros((n, n), bool) if degenerate is None else np.asarray(degenerate, bool)
+    head = correlation(per_head_mean(sts, deg, labels), per_head_mean(rtr, deg, labels))
+    ok = ~upper(deg)
+    pair = correlation(upper(sts)[ok], upper(rtr)[ok])
+    return {"head_pearson": head["pearson"], "head_spearman": head["spearman"], "n_heads": head["n"],
+            "pair_pearson": pair["pearson"], "pair_spearman": pair["spearman"], "n_pairs": pair["n"]}
+
+
+# ------------------------------------------------------------------------------------------- time series
+
+def _check_X(X):
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 3:
+        raise ValueError(f"activations must be [prompts, heads, steps]; got shape {X.shape}")
+    return X
+
+
+def lag_autocorrelation(X, lag: int = 1) -> np.ndarray:
+    """[prompts, heads, steps] -> [prompts, heads]: Pearson correlation of x[:-lag] and x[lag:] (each piece
+    centred and scaled by itself: the correlation PhiID sees between a head's past and future).
+    NaN where a piece is constant."""
+    X = _check_X(X)
+    if not 1 <= lag <= X.shape[2] - 3:
+        raise ValueError(f"lag must be in [1, steps - 3]; got {lag} for {X.shape[2]} steps")
+    p, f = X[..., :-lag], X[..., lag:]
+    p = p - p.mean(-1, keepdims=True)
+    f = f - f.mean(-1, keepdims=True)
+    den = np.sqrt((p * p).sum(-1) * (f * f).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (p * f).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def circular_autocorrelation(X, lag: int = 1) -> np.ndarray:
+    """[prompts, heads, steps] -> [prompts, heads]: sum_t (x_t - m)(x_{(t+lag) mod T} - m) / sum_t (x_t - m)^2.
+    Invariant under any circular shift of the series (the surrogate null keeps it exactly)."""
+    X = _check_X(X)
+    c = X - X.mean(-1, keepdims=True)
+    den = (c * c).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (c * np.roll(c, -lag, axis=-1)).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def head_autocorrelation(X, lag: int = 1) -> np.ndarray:
+    """Per-head lag autocorrelation: per prompt, then the mean over prompts where it is defined -> [heads]."""
+    r = lag_autocorrelation(X, lag)
+    ok = np.isfinite(r)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, r, 0.0).sum(0) / ok.sum(0)
+
+
+def drift(X) -> np.ndarray:
+    """[prompts, heads, steps] -> [prompts, heads]: least-squares slope of the norm over steps times
+    (steps - 1), divided by the mean norm (fractional change of the fitted line across the generation)."""
+    X = _check_X(X)
+    T = X.shape[2]
+    t = np.arange(T, dtype=np.float64) - (T - 1) / 2
+    slope = (X * t).sum(-1) / (t * t).sum()
+    mean = X.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.abs(mean) > 0, slope * (T - 1) / np.where(mean != 0, mean, 1.0), np.nan)
+
+
+def head_drift(X) -> np.ndarray:
+    """Per-head drift: per prompt, then the mean over prompts where it is defined -> [heads]."""
+    d = drift(X)
+    ok = np.isfinite(d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, d, 0.0).sum(0) / ok.sum(0)
+
+
+def linear_detrend(X) -> np.ndarray:
+    """Remove the least-squares line from every series (per prompt and head) -> same shape, float64."""
+    X = _check_X(X)
+    T = X.shape[2]
+    t = np.arange(T, dtype=np.float64) - (T - 1) / 2
+    slope = (X * t).sum(-1, keepdims=True) / (t * t).sum()
+    return X - X.mean(-1, keepdims=True) - slope * t
+
+
+def first_difference(X) -> np.ndarray:
+    """x[t] - x[t-1] along steps -> [prompts, heads, steps - 1]."""
+    return np.diff(_check_X(X), axis=-1)
+
+
+def shift_series(X, offsets) -> np.ndarray:
+    """Circularly shift series X[p, h] left by offsets[p, h] steps: out[p, h, t] = X[p, h, (t + offset) mod T]."""
+    X = np.asarray(X)
+    T = X.shape[2]
+    idx = (np.arange(T)[None, None, :] + np.asarray(offsets)[:, :, None]) % T
+    return np.take_along_axis(X, idx, axis=-1)
+
+
+def circular_shift(X, rng, return_offsets: bool = False):
+    """Surrogate: shift each head's series within each prompt circularly by an independent uniform random
+    offset in [0, steps). Keeps every series' values and its circular autocorrelation exactly; breaks the
+    timing between heads. rng: numpy Generator or seed."""
+    X = np.asarray(X)
+    rng = np.random.default_rng(rng)
+    offsets = rng.integers(0, X.shape[2], size=X.shape[:2])
+    out = shift_series(X, offsets)
+    return (out, offsets) if return_offsets else out
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+def normalized_depth(n_layers: int) -> np.ndarray:
+    """[n_layers]: layer / (n_layers - 1), 0 = first layer, 1 = last."""
+    return np.arange(n_layers) / max(n_layers - 1, 1)
+
+
+def layer_means(values, head_layer, n_layers: int) -> np.ndarray:
+    """[..., heads] -> [..., n_layers]: mean over the heads of each layer (NaN-aware)."""
+    values = np.asarray(values, dtype=np.float64)
+    head_layer = np.asarray(head_layer)
+    out = np.full(values.shape[:-1] + (n_layers,), np.nan)
+    for layer in range(n_layers):
+        sel = values[..., head_layer == layer]
+        if sel.shape[-1]:
+            with np.errstate(invalid="ignore"):
+                out[..., layer] = np.nanmean(sel, axis=-1) if np.isfinite(sel).any() else np.nan
+    return out
+
+
+def layer_profile(values, head_layer, n_layers: int) -> pd.DataFrame:
+    """Per-layer mean, sd, standard error and count of a per-head quantity, with normalised depth."""
+    values = np.asarray(values, dtype=np.float64)
+    head_layer = np.asarray(head_layer)
+    rows = []
+    for layer, depth in zip(range(n_layers), normalized_depth(n_layers)):
+        v = values[(head_layer == layer) & np.isfinite(values)]
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        rows.append({"layer": layer, "depth": float(depth), "mean": float(v.mean()) if len(v) else float("nan"),
+                     "sd": sd, "sem": sd / np.sqrt(len(v)) if len(v) > 1 else float("nan"), "n": len(v)})
+    return pd.DataFrame(rows)
+
+
+def heads_grid(values, head_layer, head_index, n_layers: int, n_heads: int) -> np.ndarray:
+    """[heads] -> [n_layers, n_heads] (NaN where a head is absent)."""
+    grid = np.full((n_layers, n_heads), np.nan)
+    grid[np.asarray(head_layer), np.asarray(head_index)] = values
+    return grid
+
+
+# ------------------------------------------------------------------------------------------- reliability
+
+def spearman_brown(r, factor: float = 2.0):
+    """Reliability of a measure `factor` times as long as one with reliability r: k r / (1 + (k - 1) r)."""
+    r = np.asarray(r, dtype=np.float64)
+    return factor * r / (1 + (factor - 1) * r)
+
+
+def random_halves(n_items: int, n_splits: int, rng) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n_splits random splits of range(n_items) into two disjoint halves of n_items // 2 (sorted indices;
+    with an odd count one item is left out of each split)."""
+    if n_items < 2:
+        raise ValueError(f"split halves need at least 2 prompts; got {n_items}")
+    rng = np.random.default_rng(rng)
+    half = n_items // 2
+    out = []
+    for _ in range(n_splits):
+        perm = rng.permutation(n_items)
+        out.append((np.sort(perm[:half]), np.sort(perm[half:2 * half])))
+    return out
+
+
+def null_band(null_profiles, observed, level: float = 0.95) -> pd.DataFrame:
+    """null_profiles [surrogates, layers], observed [layers] -> per layer: null mean, sd, lower/upper
+    quantiles of the central `level` band, z = (observed - null mean) / null sd."""
+    null = np.asarray(null_profiles, dtype=np.float64)
+    observed = np.asarray(observed, dtype=np.float64)
+    a = (1 - level) / 2
+    mean = null.mean(0) if len(null) else np.full(observed.shape, np.nan)
+    sd = null.std(0, ddof=1) if len(null) > 1 else np.full(observed.shape, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (observed - mean) / sd
+    lo = np.quantile(null, a, axis=0) if len(null) else mean
+    hi = np.quantile(null, 1 - a, axis=0) if len(null) else mean
+    n_layers = len(observed)
+    return pd.DataFrame({"layer": np.arange(n_layers), "depth": normalized_depth(n_layers), "observed": observed,
+                         "null_mean": mean, "null_sd": sd, "null_lo": lo, "null_hi": hi, "z": z})
+
+
+# ------------------------------------------------------------------------------------------- inverted U
+
+@dataclass
+class InvertedU:
+    """Shape of a per-layer profile against normalised depth (see inverted_u_test for the rule)."""
+    quadratic: float
+    linear: float
+    peak_depth: float
+    mid_minus_early: float
+    mid_minus_late: float
+    late_minus_early: float
+    ci: dict
+    verdict: str
+    n_boot: int
+
+    def as_row(self) -> dict:
+        row = {"verdict": self.verdict, "quadratic": self.quadratic, "peak_depth": self.peak_depth,
+               "mid_minus_early": self.mid_minus_early, "mid_minus_late": self.mid_minus_late,
+               "late_minus_early": self.late_minus_early}
+        for k, (lo, hi) in self.ci.items():
+            row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
+        return row
+
+
+def _thirds(depth):
+    early = depth < THIRDS[0] - _EPS
+    late = depth > THIRDS[1] + _EPS
+    return early, ~early & ~late, late
+
+
+def _shape_stats(profile, depth):
+    """profile [..., layers] -> quadratic coefficient, linear coefficient, vertex, thirds differences."""
+    ok = np.isfinite(profile)
+    if not ok.all():
+        profile = np.where(ok, profile, np.nanmean(profile, axis=-1, keepdims=True))
+    V = np.stack([np.ones_like(depth), depth, depth ** 2], 1)
+    coef = np.linalg.lstsq(V, np.moveaxis(profile, -1, 0).reshape(len(depth), -1), rcond=None)[0]
+    b, c = coef[1].reshape(profile.shape[:-1]), coef[2].reshape(profile.shape[:-1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        peak = np.where(c < 0, np.clip(-b / (2 * c), 0.0, 1.0), np.nan)
+    early, mid, late = _thirds(depth)
+    e, m, l = (profile[..., s].mean(-1) for s in (early, mid, late))
+    return {"quadratic": c, "linear": b, "peak_depth": peak, "mid_minus_early": m - e, "mid_minus_late": m - l,
+            "late_minus_early": l - e}
+
+
+def _sign(lo, hi):
+    return 1 if lo > 0 else (-1 if hi < 0 else 0)
+
+
+def inverted_u_test(scores, head_layer, n_layers: int, n_boot: int = 1000, seed=0, level: float = 0.95) -> InvertedU:
+    """Shape test of the per-layer mean of a per-head score against normalised depth d = layer / (L - 1).
+
+    Statistics on the per-layer profile: quadratic coefficient c of a least-squares fit a + b d + c d^2,
+    its peak (vertex -b / 2c, clipped to [0, 1]; NaN when c >= 0), and the differences between the mean
+    profile over the middle third (1/3 <= d <= 2/3) and the early (d < 1/3) and late (d > 2/3) thirds.
+    Confidence intervals: percentile bootstrap over heads, resampled with replacement within each layer.
+
+    Verdict (in this order, "CI > 0" = the whole interval above 0):
+      "inverted U"            mid - early CI > 0 and mid - late CI > 0
+      "U shape"               mid - early CI < 0 and mid - late CI < 0
+      "monotone increasing"   late - early CI > 0 (and not the above)
+      "monotone decreasing"   late - early CI < 0
+      "no depth trend"        otherwise (every difference compatible with 0)
+    Needs at least 3 layers (one per third)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    head_layer = np.asarray(head_layer)
+    depth = normalized_depth(n_layers)
+    if n_layers < 3:
+        raise ValueError(f"the inverted-U test needs at least 3 layers (early, middle, late); got {n_layers}")
+    obs = _shape_stats(layer_means(scores, head_layer, n_layers), depth)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(head_layer == l) for l in range(n_layers)]
+    boot = np.full((n_boot, n_layers), np.nan)
+    for l, idx in enumerate(members):
+        if len(idx):
+            boot[:, l] = np.nanmean(scores[rng.choice(idx, size=(n_boot, len(idx)))], axis=1)
+    bs = _shape_stats(boot, depth)
+    a = (1 - level) / 2
+    ci = {}
+    for k, v in bs.items():
+        if k == "linear":
+            continue
+        v = v[np.isfinite(v)]
+        ci[k] = (float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) if len(v) else (np.nan, np.nan)
+    me, ml, le = (_sign(*ci[k]) for k in ("mid_minus_early", "mid_minus_late", "late_minus_early"))
+    if me > 0 and ml > 0:
+        verdict = "inverted U"
+    elif me < 0 and ml < 0:
+        verdict = "U shape"
+    elif le > 0:
+        verdict = "monotone increasing"
+    elif le < 0:
+        verdict = "monotone decreasing"
+    else:
+        verdict = "no depth trend"
+    return InvertedU(quadratic=float(obs["quadratic"]), linear=float(obs["linear"]),
+                     peak_depth=float(obs["peak_depth"]), mid_minus_early=float(obs["mid_minus_early"]),
+                     mid_minus_late=float(obs["mid_minus_late"]), late_minus_early=float(obs["late_minus_early"]),
+                     ci=ci, verdict=verdict, n_boot=n_boot)
+
+
+# ------------------------------------------------------------------------------------------- one-call summary
+
+@dataclass
+class Diagnostics:
+    """Everything notebook 03 shows. heads: per-head table; pairs: per-pair table (unordered pairs, valid
+    only); summary: the numbers written to diagnostics.json."""
+    heads: pd.DataFrame
+    pairs: pd.DataFrame
+    profiles: dict
+    summary: dict
+    sts: np.ndarray
+    tdmi: np.ndarray | None
+
+
+def diagnose(acts: dict, ph: dict, lag: int = 1) -> Diagnostics:
+    """Per-head and per-pair diagnostics of one run (activations dict + PhiID dict of one mode)."""
+    check_same_run(acts, ph)
+    X = np.asarray(acts["activations"], dtype=np.float64)
+    head_layer, head_index = np.asarray(acts["head_layer"]), np.asarray(acts["head_index"])
+    n_layers, n_heads = int(acts["n_layers"]), int(acts["n_heads"])
+    labels = head_labels(head_layer, head_index)
+    deg = np.asarray(ph["degenerate"], bool)
+    sts, rtr = np.asarray(ph[SYNERGY_ATOM], float), np.asarray(ph[REDUNDANCY_ATOM], float)
+    try:
+        tdmi = tdmi_matrix(ph)
+    except ArtifactError:
+        tdmi = None
+    syn, red = per_head_mean(sts, deg, labels), per_head_mean(rtr, deg, labels)
+    heads = pd.DataFrame({"head_idx": np.arange(len(head_layer)), "layer": head_layer, "head": head_index,
+                          "depth": head_layer / max(n_layers - 1, 1), "synergy": syn, "redundancy": red,
+                          "autocorr": head_autocorrelation(X, lag), "drift": head_drift(X),
+                          "mean_norm": X.mean(axis=(0, 2))})
+    ok = ~upper(deg)
+    i, j = pair_index(len(head_layer))
+    pairs = pd.DataFrame({"i": i[ok], "j": j[ok], "sts": upper(sts)[ok], "rtr": upper(rtr)[ok]})
+    if tdmi is not None:
+        heads["tdmi"] = per_head_mean(tdmi, deg, labels)
+        pairs["tdmi"] = upper(tdmi)[ok]
+    corr = syn_red_correlations(sts, rtr, deg, labels)
+    summary = {
+        "model": str(_scalar(acts, "model")) if "model" in acts else None,
+        "n_prompts": int(X.shape[0]), "n_heads": int(X.shape[1]), "n_steps": int(X.shape[2]),
+        "n_layers": n_layers, "heads_per_layer": n_heads, "lag": lag,
+        "n_degenerate_pairs": int(upper(deg).sum()), "n_pairs": int(len(i)),
+        "syn_red": corr,
+        "autocorr_vs_synergy": correlation(heads["autocorr"], syn),
+        "autocorr_vs_redundancy": correlation(heads["autocorr"], red),
+        "drift_vs_synergy": correlation(heads["drift"], syn),
+        "mean_autocorr": float(np.nanmean(heads["autocorr"])),
+        "mean_drift": float(np.nanmean(heads["drift"])),
+    }
+    if tdmi is not None:
+        summary["tdmi_vs_synergy"] = correlation(heads["tdmi"], syn)
+        summary["tdmi_vs_redundancy"] = correlation(heads["tdmi"], red)
+        summary["autocorr_vs_tdmi"] = correlation(heads["autocorr"], heads["tdmi"])
+        summary["pair_tdmi_vs_sts"] = correlation(pairs["tdmi"], pairs["sts"])
+        summary["pair_tdmi_vs_rtr"] = correlation(pairs["tdmi"], pairs["rtr"])
+    cols = [c for c in ("synergy", "redundancy", "autocorr", "drift", "tdmi", "mean_norm") if c in heads]
+    profiles = {c: layer_profile(heads[c].to_numpy(), head_layer, n_layers) for c in cols}
+    summary["layer_profiles"] = {c: profiles[c]["mean"].tolist() for c in cols}
+    return Diagnostics(heads=heads, pairs=pairs, profiles=profiles, summary=summary, sts=sts, tdmi=tdmi)
