@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# pipeline.sh -- submit a run's whole notebook pipeline to SLURM as a chain of jobs.
+#
+#   slurm/pipeline.sh params/<run>.yaml [options]
+#
+# One job per notebook that has a section in the params file, in notebook order, each `afterok` the previous:
+#   01 extract (GPU) -> 02 PhiID (CPU) -> 03 diagnostics (CPU) -> 04 ranking (CPU)
+#   -> 05 ablation array (GPU, shard i/N) -> 05 merge -> 06 neuron array (GPU) -> 06 merge -> 07 QK-OV (GPU)
+#   -> report (index.html; `afterany`, so it also shows a failed or cancelled pipeline)
+# A notebook is shardable when it declares a `shard` parameter. Every job has --kill-on-invalid-dep=yes: when a
+# job fails, the jobs after it are cancelled instead of pending forever. Array tasks are --requeue'able and the
+# notebooks checkpoint, so a requeued or resubmitted shard continues where it stopped; notebooks already done
+# with the same parameters are skipped by the runner (see --force).
+#
+# Options
+#   --dry-run              print the sbatch commands, submit nothing
+#   --set KEY=VALUE        passed to every runner call (python -m lib.run --set ...), e.g. --set out_dir=/scratch/x
+#   --shards N             array size for every shardable notebook (default 4; 1 = one unsharded job)
+#   --shards NB=N          array size for one notebook, e.g. --shards 05_ablation=8
+#   --from NB              start the chain at notebook NB (earlier ones are assumed done), e.g. after a failure
+#   --after JOBID          make the first job wait for JOBID (afterok)
+#   --force                rerun notebooks even when the runner finds them up to date
+#   --gpu-args "ARGS"      sbatch arguments for GPU notebooks   (default: --gres=gpu:1 --cpus-per-task=4 --mem=32G)
+#   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
+#   --sbatch-args "ARGS"   sbatch arguments for every job, e.g. "--account=abc --partition=short --time=04:00:00"
+# GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: 01_extract_activations 05_ablation 06_neuron_effects
+# 07_qkov_interference); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
+# SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
+#
+# Output: one line per job ("submitted <notebook> <jobid> ..."), then "JOBS <id> <id> ...", and where the logs go
+# (<out_dir>/logs/, created before submission).
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+DRY=0 FORCE=0 FROM="" AFTER="" DEFAULT_SHARDS=4
+GPU_ARGS="--gres=gpu:1 --cpus-per-task=4 --mem=32G"
+CPU_ARGS="--cpus-per-task=8 --mem=32G"
+ALL_ARGS=""
+declare -A SHARDS=()
+SETS=()
+PARAMS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --force) FORCE=1 ;;
+        --set) SETS+=(--set "$2"); shift ;;
+        --set=*) SETS+=(--set "${1#--set=}") ;;
+        --shards)
+            case "$2" in
+                *=*) SHARDS[${2%%=*}]=${2#*=} ;;
+                *) DEFAULT_SHARDS=$2 ;;
+            esac
+            shift ;;
+        --from) FROM=$2; shift ;;
+        --after) AFTER=$2; shift ;;
+        --gpu-args) GPU_ARGS=$2; shift ;;
+        --cpu-args) CPU_ARGS=$2; shift ;;
+        --sbatch-args) ALL_ARGS=$2; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) [ -z "$PARAMS" ] || { echo "error: one params file only (got $PARAMS and $1)" >&2; exit 2; }
+           PARAMS=$1 ;;
+    esac
+    shift
+done
+[ -n "$PARAMS" ] || { usage >&2; exit 2; }
+for n in "$DEFAULT_SHARDS" "${SHARDS[@]}"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: --shards needs a positive integer, got '$n'" >&2; exit 2; }
+done
+
+HEADINFO_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+export HEADINFO_REPO
+source "$HEADINFO_REPO/slurm/env.sh"
+cd "$REPO"
+[ -f "$PARAMS" ] || { echo "error: params file '$PARAMS' not found (relative to $REPO)" >&2; exit 2; }
+PARAMS=$(cd "$(dirname "$PARAMS")" && pwd -P)/$(basename "$PARAMS")
+if [ "$DRY" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
+    echo "error: sbatch not found: run this on a SLURM login node (or use --dry-run)" >&2; exit 2
+fi
+
+# Validate the params file exactly as the runner will (before anything is submitted) and list the pipeline:
+# "OUT_DIR <dir>" then "NB <name> <shardable 0/1>" per notebook.
+PLAN=$("$PY" - "$PARAMS" "${SETS[@]}" <<'PYEOF'
+import sys
+from lib.run import ParamsError, build_steps, declared_parameters, load_params
+from lib.store import ArtifactError
+args = sys.argv[2:]
+overrides = [args[i + 1] for i in range(0, len(args), 2)]
+try:
+    run, shared, sections = load_params(sys.argv[1], overrides)
+    steps = build_steps(run, shared, sections)
+except (ParamsError, ArtifactError) as e:
+    sys.exit(f"error: {e}")
+print("OUT_DIR", steps[0].params["out_dir"])
+for s in steps:
+    print("NB", s.name, int("shard" in declared_parameters(s.path)))
+PYEOF
+) || exit 2
+OUT_DIR=$(awk '$1 == "OUT_DIR" {print $2}' <<<"$PLAN")
+case "$OUT_DIR" in /*) ;; *) OUT_DIR=$REPO/$OUT_DIR ;; esac
+mapfile -t NOTEBOOKS < <(awk '$1 == "NB" {print $2}' <<<"$PLAN")
+declare -A SHARDABLE=()
+while read -r tag name s; do [ "$tag" = NB ] && SHARDABLE[$name]=$s; done <<<"$PLAN"
+if [ -n "$FROM" ]; then
+    found=0
+    for nb in "${NOTEBOOKS[@]}"; do [ "$nb" = "$FROM" ] && found=1; done
+    [ $found = 1 ] || { echo "error: --from $FROM is not in this run's pipeline: ${NOTEBOOKS[*]}" >&2; exit 2; }
+fi
+for nb in "${!SHARDS[@]}"; do
+    [ "${SHARDABLE[$nb]:-0}" = 1 ] || { echo "error: --shards $nb=...: not a shardable notebook of this run" >&2; exit 2; }
+done
+
+RUN=$(basename "$PARAMS" .yaml)
+LOG_DIR=$OUT_DIR/logs
+GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference}
+RUNNER_ARGS=("${SETS[@]}")
+[ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
+COMMON=(--parsable --kill-on-invalid-dep=yes --chdir="$REPO" --export=ALL,HEADINFO_REPO="$REPO")
+# shellcheck disable=SC2206
+EXTRA_ALL=($ALL_ARGS)
+
+resources() {  # $1 notebook -> sbatch arguments for its resources
+    local words
+    if [[ " $GPU_NOTEBOOKS " == *" $1 "* ]]; then words=$GPU_ARGS; else words=$CPU_ARGS; fi
+    # shellcheck disable=SC2086
+    printf '%s\n' $words
+}
+
+exec 3>&1                          # --dry-run prints the commands on the real stdout
+JOB_IDS=()
+submit() {  # $1 label, rest: sbatch arguments -> prints the job id (or a placeholder in --dry-run)
+    local label=$1
+    shift
+    if [ "$DRY" = 1 ]; then
+        { printf 'sbatch'; printf ' %q' "$@"; printf '\n'; } >&3
+        echo "<$label>"
+    else
+        local out
+        out=$(sbatch "$@") || { echo "error: sbatch failed for $label (jobs submitted so far: ${JOB_IDS[*]:-none})" >&2; return 1; }
+        echo "${out%%;*}"
+    fi
+}
+
+if [ "$DRY" = 1 ]; then
+    echo "# dry run: run $RUN, out_dir $OUT_DIR, logs $LOG_DIR (created on submission)"
+else
+    mkdir -p "$LOG_DIR"           # --output in a missing directory makes the job fail at start
+fi
+prev=$AFTER
+started=$([ -z "$FROM" ] && echo 1 || echo 0)
+for nb in "${NOTEBOOKS[@]}"; do
+    [ "$nb" = "$FROM" ] && started=1
+    [ "$started" = 1 ] || continue
+    mapfile -t res < <(resources "$nb")
+    dep=()
+    [ -n "$prev" ] && dep=(--dependency="afterok:$prev")
+    n=${SHARDS[$nb]:-$DEFAULT_SHARDS}
+    if [ "${SHARDABLE[$nb]}" = 1 ] && [ "$n" -gt 1 ]; then
+        arr=$(submit "$nb shards" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --array="1-$n" --requeue \
+              --open-mode=append --job-name="$RUN:$nb:shard" --output="$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out" \
+              slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${RUNNER_ARGS[@]}")
+        JOB_IDS+=("$arr")
+        echo "submitted $nb shards $arr array 1-$n"
+        merge=$(submit "$nb merge" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" --dependency="afterok:$arr" \
+                --job-name="$RUN:$nb:merge" --output="$LOG_DIR/$nb.merge.%j.out" \
+                slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${RUNNER_ARGS[@]}")
+        JOB_IDS+=("$merge")
+        echo "submitted $nb merge $merge"
+        echo "  resubmit one failed shard K: sbatch --array=K ${res[*]} --chdir=$REPO --output=$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out slurm/run_shards.sbatch $PARAMS $nb $n ${RUNNER_ARGS[*]}"
+        prev=$merge
+    else
+        job=$(submit "$nb" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --job-name="$RUN:$nb" \
+              --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${RUNNER_ARGS[@]}")
+        JOB_IDS+=("$job")
+        echo "submitted $nb $job"
+        prev=$job
+    fi
+done
+report_dep=()
+[ -n "$prev" ] && report_dep=(--dependency="afterany:$prev")
+report=$(submit report "${COMMON[@]}" "${EXTRA_ALL[@]}" "${report_dep[@]}" --job-name="$RUN:report" \
+         --output="$LOG_DIR/report.%j.out" slurm/report.sbatch "$OUT_DIR")
+JOB_IDS+=("$report")
+echo "submitted report $report"
+echo "JOBS ${JOB_IDS[*]}"
+[ "$DRY" = 1 ] || echo "logs: $LOG_DIR   watch: squeue -u ${USER:-$(id -un)}   report: $OUT_DIR/html/index.html"
