@@ -20,15 +20,20 @@ mean of every local MI is exactly
 (the mean quadratic form is |S| (N-1)/N and cancels). MMI picks whole local arrays (the first MI of a
 redundancy if its time mean is strictly smaller, else the second; the double redundancy is the argmin of
 I_xta, I_xtb, I_yta, I_ytb), so atom means are the linear atom formulas applied to these mean MIs, and they
-depend only on the 4x4 correlation matrix. For all pairs of H heads we build the lagged correlation blocks
-(past-past, future-future, past-future, each [H, H]) once per segment and evaluate closed-form 2x2, 3x3 and
-4x4 determinants for every unordered pair at once. A sample far from the mean (which makes phyid's density
-underflow to 0 and every atom NaN) is no problem here: nothing is exponentiated.
+depend only on the 4x4 correlation matrix. For all pairs of H heads we build one [2H, 2H] correlation matrix
+of (all pasts, all futures) per segment, gather the six correlations of every unordered pair, and evaluate the
+needed log-determinants for all pairs at once in closed form, as products of conditional variances from the
+pair's Cholesky factors (e.g. I(xy; a) = -0.5 log var(a | x, y)); this keeps every subtraction at unit scale.
+A sample far from the mean (which makes phyid's density underflow to 0 and every atom NaN) is no problem here:
+nothing is exponentiated.
 
 CCS has no closed form: local values are needed because its redundancy keeps the local co-information only
 where the signs of the MIs agree. We evaluate local MIs in log space from the quadratic forms (regression
-residuals of the Gaussian, never a density), vectorised over chunks of pairs, and only the time means of the
+residuals of the Gaussian, never a density), vectorised over batches of pairs, and only the time means of the
 seven redundancy terms are accumulated (atoms are linear in the MIs, the redundancies and D).
+
+Batches of pairs are processed by a few threads at once (numpy releases the GIL in its loops); each batch
+writes its own slice of the accumulators, so results do not depend on the number of threads or batch size.
 
 Modes of `phiid_all_pairs` (X has shape [prompts, heads, steps]):
     per_prompt  PhiID of each prompt separately (its own correlation matrix), then the mean over prompts.
@@ -51,7 +56,9 @@ Degenerate pairs (policy). A pair is undefined in a segment (a prompt, or the wh
       eigenvalue of C. It catches duplicate heads, affine copies, pure-lag copies and heads whose future is an
       affine map of their past. With SINGULAR_RTOL = 1e-10 every pair that phyid computes (it refuses
       eigenvalues below ~2.2e-10 of the largest) is computed here too, e.g. y = x + 1e-3 noise (condition
-      number 5e6) is computed and matches phyid; log-determinant errors stay below ~1e-5 nats at the threshold.
+      number 5e6) is computed and matches phyid to 4e-11. Rounding error grows like 1e-16 / (min residual
+      variance): against 50-digit arithmetic on the same correlation matrix, 2e-11 nats at 1e-6 and 4e-8 nats
+      at 1e-9, so atoms near the threshold are still good to ~1e-7 nats.
 Undefined pairs never become 0. In `concat` and `pooled` modes they get NaN atoms. In `per_prompt` mode a pair's
 atoms are the mean over the prompts in which it is defined, `result.n_valid[i, j]` counts those prompts, and a
 pair defined in no prompt gets NaN. `result.degenerate` is True exactly where the atoms are NaN (the diagonal
@@ -152,25 +159,29 @@ def mmi_parts(mi, xp=np):
     return parts
 
 
-def _same_sign_or_zero(values, keep, xp):
-    """keep where every array in values is > 0 or every one is < 0, else 0 (phyid: all np.sign equal;
-    when they are all 0 the kept value is 0 anyway)."""
-    lo, hi = values[0], values[0]
-    for v in values[1:]:
-        lo, hi = xp.minimum(lo, v), xp.maximum(hi, v)
-    return xp.where((lo > 0) | (hi < 0), keep, 0.0)
+def _keep_if_signs_agree(signs, value, xp):
+    """value where every array in signs equals sign(value), else 0 (phyid: all np.sign equal)."""
+    value_sign = xp.sign(value)
+    agree = signs[0] == value_sign
+    for other in signs[1:]:
+        agree &= other == value_sign
+    return xp.where(agree, value, 0.0)
 
 
 def ccs_local_redundancies(mi, xp=np):
-    """CCS on local values. mi: dict MI name -> local MI [..., time] -> dict RED_NAMES + "D" -> local values."""
+    """CCS on local values. mi: dict MI name -> local MI [..., time] -> dict RED_NAMES + "D" -> local values.
+    A redundancy is the local co-information m1 + m2 - m12 where sign(m1), sign(m2), sign(m12) and its own sign
+    agree, else 0; D likewise from q (below) and the four single-variable MIs. Linear in mi: scaling every
+    MI by a constant scales the result by it."""
+    sign = {name: xp.sign(v) for name, v in mi.items()}
     red = {}
     for name, (first, second, joint) in REDUNDANCY_ARGS.items():
         coinfo = mi[first] + mi[second] - mi[joint]
-        red[name] = _same_sign_or_zero((mi[first], mi[second], mi[joint], coinfo), coinfo, xp)
+        red[name] = _keep_if_signs_agree((sign[first], sign[second], sign[joint]), coinfo, xp)
     q = (-(mi["I_xta"] + mi["I_xtb"] + mi["I_yta"] + mi["I_ytb"])
          + mi["I_xtab"] + mi["I_ytab"] + mi["I_xyta"] + mi["I_xytb"] - mi["I_xytab"]
          + red["R_xyta"] + red["R_xytb"] - red["R_xytab"] + red["R_abtx"] + red["R_abty"] - red["R_abtxy"])
-    red["D"] = _same_sign_or_zero(tuple(mi[n] for n in DOUBLE_ARGS) + (q,), q, xp)
+    red["D"] = _keep_if_signs_agree(tuple(sign[n] for n in DOUBLE_ARGS), q, xp)
     return red
 
 
@@ -359,15 +370,17 @@ class _Backend:
 class _Segment:
     """Lagged correlations of one segment (a prompt, or all of X), on the backend.
     z: [2 * heads, samples] z-scored pasts (rows 0..heads-1) then futures; corr: [(2 * heads)^2] the flattened
-    correlation matrix of z; lag: [heads] corr(past_h, future_h); ok: [heads] usable heads (finite, not constant)."""
+    correlation matrix of z; lag: [heads] corr(past_h, future_h); ok: [heads] usable heads (finite, not constant);
+    self_quad: [heads, samples] q_x + q_a - q_xa of each head with itself (local I(past; future) part), CCS only."""
     heads: int
     z: object
     corr: object
     lag: object
     ok: object
+    self_quad: object = None
 
 
-def _segment(past, future, be):
+def _segment(past, future, be, local=False):
     """past, future: [heads, samples] numpy -> _Segment (one [2H, 2H] correlation matrix on the backend)."""
     zp, ok_p = _zscore(past)
     zf, ok_f = _zscore(future)
@@ -375,7 +388,17 @@ def _segment(past, future, be):
     heads = past.shape[0]
     corr = ((z @ z.T) / (past.shape[1] - 1)).reshape(-1)
     lag = corr[heads: 2 * heads * heads: 2 * heads + 1]  # corr[h, heads + h]
-    return _Segment(heads, z, corr, lag, be.asarray(ok_p & ok_f, dtype="bool"))
+    seg = _Segment(heads, z, corr, lag, be.asarray(ok_p & ok_f, dtype="bool"))
+    if local:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = lag[:, None]
+            seg.self_quad = _two_variable_quad(z[:heads], z[heads:], r, _one_minus_sq(r))
+    return seg
+
+
+def _two_variable_quad(u, v, r, det):
+    """q_u + q_v - q_uv for unit-variance u, v with correlation r (det = 1 - r^2) = v^2 - (v - r u)^2 / det."""
+    return v * v - (v - r * u) ** 2 / det
 
 
 def _segments(X, mode, tau):
@@ -478,18 +501,15 @@ def _mean_mi_batched(g, xp):
 
 
 def _local_mi_batched(seg, i, j, r, g, mean_mi):
-    """Local MIs in log space for pairs (i, j): dict MI name -> [pairs, samples].
-    I(A;B)(t) = 0.5 [logdet C_A + logdet C_B - logdet C_AB] + 0.5 [q_A(t) + q_B(t) - q_AB(t)] with
-    q_S(t) = z_S(t)^T C_SS^-1 z_S(t). The first term is the closed-form mean; the quadratic forms come from
-    Cholesky residuals, e.g. q_xy + q_a - q_xya = z_a^2 - e_a|xy^2 / var(a | x, y)."""
+    """Twice the local MIs, in log space, for pairs (i, j): dict MI name -> [pairs, samples].
+    2 I(A;B)(t) = [logdet C_A + logdet C_B - logdet C_AB] + [q_A(t) + q_B(t) - q_AB(t)] with
+    q_S(t) = z_S(t)^T C_SS^-1 z_S(t). The first term is twice the closed-form mean; the quadratic forms come
+    from Cholesky residuals, e.g. q_xy + q_a - q_xya = z_a^2 - e_a|xy^2 / var(a | x, y). (Doubling saves a
+    multiplication per value; the CCS rule is linear, so the caller halves the resulting means.)"""
     H = seg.heads
     zx, zy, za, zb = seg.z[i], seg.z[j], seg.z[i + H], seg.z[j + H]
     r = {k: v[:, None] for k, v in r.items()}    # correlations, [pairs, 1]
     g = {k: v[:, None] for k, v in g.items()}    # geometry, [pairs, 1]
-
-    def two(u, v, k):  # q_u + q_v - q_uv = v^2 - (v - r u)^2 / (1 - r^2)
-        return v * v - (v - r[k] * u) ** 2 / g[f"det_{k}"]
-
     w_y = (zy - r["xy"] * zx) / g["sd_xy"]                      # y whitened against x
     e_a = za - r["xa"] * zx - g["l_ya"] * w_y                    # residual of a given (x, y)
     e_b = zb - r["xb"] * zx - g["l_yb"] * w_y                    # residual of b given (x, y)
@@ -500,15 +520,16 @@ def _local_mi_batched(seg, i, j, r, g, mean_mi):
     var_b_xya = g["schur_ab_xy"] / g["var_a_xy"]
     q_a_xy = e_a * e_a / g["var_a_xy"]
     quad = {
-        "I_xta": two(zx, za, "xa"), "I_xtb": two(zx, zb, "xb"),
-        "I_yta": two(zy, za, "ya"), "I_ytb": two(zy, zb, "yb"),
+        "I_xta": seg.self_quad[i], "I_ytb": seg.self_quad[j],
+        "I_xtb": _two_variable_quad(zx, zb, r["xb"], g["det_xb"]),
+        "I_yta": _two_variable_quad(zy, za, r["ya"], g["det_ya"]),
         "I_xyta": za * za - q_a_xy,
         "I_xytb": zb * zb - e_b * e_b / g["var_b_xy"],
         "I_xtab": zx * zx - e_x * e_x / g["var_x_ab"],
         "I_ytab": zy * zy - e_y * e_y / g["var_y_ab"],
         "I_xytab": za * za + w_b * w_b - q_a_xy - e_b_xya * e_b_xya / var_b_xya,
     }
-    return {name: mean_mi[name][:, None] + 0.5 * quad[name] for name in MI_NAMES}
+    return {name: 2 * mean_mi[name][:, None] + quad[name] for name in MI_NAMES}
 
 
 def _chunk_parts(seg, pc, redundancy, be):
@@ -525,10 +546,10 @@ def _chunk_parts(seg, pc, redundancy, be):
     mean_mi = _mean_mi_batched(g, xp)
     if redundancy == "MMI":
         return mmi_parts(mean_mi, xp), defined, all_defined
-    local_mi = _local_mi_batched(seg, pc.i, pc.j, r, g, mean_mi)
-    red = ccs_local_redundancies(local_mi, xp)
-    samples = local_mi["I_xta"].shape[1]
-    return {**mean_mi, **{name: v.sum(-1) / samples for name, v in red.items()}}, defined, all_defined
+    twice_local_mi = _local_mi_batched(seg, pc.i, pc.j, r, g, mean_mi)
+    twice_red = ccs_local_redundancies(twice_local_mi, xp)
+    samples = twice_local_mi["I_xta"].shape[1]
+    return {**mean_mi, **{name: v.sum(-1) / (2 * samples) for name, v in twice_red.items()}}, defined, all_defined
 
 
 def _default_chunk(redundancy, samples, backend):
@@ -536,7 +557,7 @@ def _default_chunk(redundancy, samples, backend):
     larger temporaries are mapped and faulted in on every operation, ~5x slower); torch caches its memory."""
     if redundancy == "MMI":
         return 8192 if backend == "numpy" else 1 << 16
-    return max(16, (1 << 15 if backend == "numpy" else 1 << 20) // samples)
+    return max(16, (16000 if backend == "numpy" else 1 << 20) // samples)
 
 
 @dataclass
@@ -677,7 +698,7 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     n_segments, chunks = 0, None
     with ThreadPoolExecutor(workers or _default_workers(backend)) as pool:
         for past, future in _segments(X, mode, tau):
-            seg = _segment(past, future, be)
+            seg = _segment(past, future, be, local=redundancy == "CCS")
             if chunks is None:  # every segment of a mode has the same number of samples
                 chunk = chunk_pairs or _default_chunk(redundancy, past.shape[1], backend)
                 chunks = _make_pair_chunks(heads, chunk, be)
