@@ -253,12 +253,14 @@ def test_swap_symmetry_of_all_pairs(red):
         np.testing.assert_array_equal(result[name], result[name].T)
 
 
-def test_chunking_does_not_change_results():
+def test_batch_size_and_threads_do_not_change_results():
     X = coupled_heads(2, 7, 30, seed=12)
     for red in ("MMI", "CCS"):
-        a, b = phiid_all_pairs(X, redundancy=red), phiid_all_pairs(X, redundancy=red, chunk_pairs=4)
-        for name in ATOM_NAMES:
-            np.testing.assert_allclose(a[name], b[name], atol=1e-14)
+        a = phiid_all_pairs(X, redundancy=red, workers=1)
+        for kwargs in ({"chunk_pairs": 4, "workers": 3}, {"chunk_pairs": 1, "workers": 2}):
+            b = phiid_all_pairs(X, redundancy=red, **kwargs)
+            for name in ATOM_NAMES:
+                np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-14)
 
 
 def test_atoms_subset_and_result_access():
