@@ -1,0 +1,103 @@
+"""Extraction: shapes, values, batched vs one-at-a-time generation, resume after a kill, bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lib.extract import compare_batched, extract_activations, extract_to_file, generate_batch, encode_prompts
+from lib.heads import HeadHooks
+from lib.prompts import select_prompts
+from lib.store import load_npz
+from tests.conftest import cached_model
+
+
+def test_shapes_values_and_steps(tiny_arch):
+    name, model, tokenizer, arch = tiny_arch
+    prompts = select_prompts(6)
+    run = extract_activations(model, tokenizer, arch, prompts, n_tokens=7, batch_size=4, progress=False)
+    assert run.activations.shape == (6, arch.total_heads, 7) and run.activations.dtype == np.float32
+    assert run.tokens.shape == (6, 7)
+    assert np.isfinite(run.activations).all() and (run.activations > 0).all()
+    # step t is the forward pass that produced token t: recompute step 3 of prompt 0 with a plain forward
+    ids = encode_prompts(tokenizer, [prompts[0].text], False)[0] + list(run.tokens[0, :3])
+    with torch.no_grad(), HeadHooks(arch, record=True) as hooks:
+        logits = model(torch.tensor([ids])).logits
+        norms = hooks.pop_norms()[0].numpy()
+    assert logits[0, -1].argmax().item() == run.tokens[0, 3]
+    np.testing.assert_allclose(run.activations[0, :, 3], norms, rtol=1e-4, atol=1e-5)
+
+
+def test_exactly_n_tokens_even_past_eos(smollm2):
+    model, tokenizer, arch = smollm2
+    # without its chat template SmolLM2-Instruct emits <|im_end|> within a few tokens; generation must go on
+    tokens, norms = generate_batch(model, arch, encode_prompts(tokenizer, ["Correct the error: He go to school."], False),
+                                   40, tokenizer.pad_token_id)
+    assert tokens.shape == (1, 40) and norms.shape == (1, arch.total_heads, 40)
+    assert (tokens[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")).any()
+
+
+def test_batched_equals_one_at_a_time_on_smollm2(smollm2):
+    model, tokenizer, arch = smollm2
+    prompts = select_prompts(6)
+    batched = extract_activations(model, tokenizer, arch, prompts, n_tokens=16, batch_size=6, chat_template=True,
+                                  progress=False)
+    single = extract_activations(model, tokenizer, arch, prompts, n_tokens=16, batch_size=1, chat_template=True,
+                                 progress=False)
+    rows = compare_batched(batched, single)
+    same = [r for r in rows if r["same_tokens"]]
+    assert len(same) >= 5                                  # padding noise may flip a near-tie at most rarely
+    for r in same:
+        i = [p.prompt_id for p in prompts].index(r["prompt_id"])
+        np.testing.assert_allclose(batched.activations[i], single.activations[i], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_tokens=0), "n_tokens must be a positive integer"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(prompts=[]), "empty prompt list"),
+])
+def test_bad_input(kwargs, message):
+    model, tokenizer, arch = cached_model("random:llama")
+    args = dict(prompts=select_prompts(2), n_tokens=2, batch_size=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        extract_activations(model, tokenizer, arch, args.pop("prompts"), progress=False, **args)
+
+
+def test_bad_input_leaves_no_artifact(tmp_path):
+    with pytest.raises(ValueError, match="n_tokens"):
+        extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=-1)
+    with pytest.raises(ValueError, match="n_prompts"):
+        extract_to_file(tmp_path, "random:llama", n_prompts=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_extraction_resumes(tmp_path):
+    """Kill an extraction after its first batch; the rerun reuses that batch and ends identical to a clean run."""
+    code = ("import sys, lib.extract as e\n"
+            "orig = e.generate_batch\ncalls = []\n"
+            "def once(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 2: import os; os._exit(9)\n"
+            "    return orig(*a, **k)\n"
+            "e.generate_batch = once\n"
+            "e.extract_to_file(sys.argv[1], 'random:llama', n_prompts=4, n_tokens=5, batch_size=2, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not (tmp_path / "a" / "activations.npz").exists()
+    assert len(list((tmp_path / "a" / ".extract_checkpoints").rglob("batch-*.npz"))) == 1
+    calls = []
+    import lib.extract as e
+    original = e.generate_batch
+    try:
+        e.generate_batch = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+        extract_to_file(tmp_path / "a", "random:llama", n_prompts=4, n_tokens=5, batch_size=2, progress=False)
+    finally:
+        e.generate_batch = original
+    assert len(calls) == 1                                  # only the unfinished batch was generated again
+    extract_to_file(tmp_path / "b", "random:llama", n_prompts=4, n_tokens=5, batch_size=2, progress=False)
+    resumed, clean = load_npz(tmp_path / "a" / "activations.npz"), load_npz(tmp_path / "b" / "activations.npz")
+    np.testing.assert_array_equal(resumed["tokens"], clean["tokens"])
+    np.testing.assert_allclose(resumed["activations"], clean["activations"], rtol=1e-6)
+    assert not (tmp_path / "a" / ".extract_checkpoints").exists()
