@@ -154,7 +154,7 @@ def collect(out_dir: str | Path) -> tuple[dict, list[NotebookReport]]:
     for name in planned_notebooks(manifest):
         if not any(r.name == name for r in reports):
             reports.append(NotebookReport(stem=name, name=name, shard=None, status="not run"))
-    reports.sort(key=lambda r: (r.name, r.shard is None, r.shard or (0, 0)))
+    reports.sort(key=lambda r: (r.name, r.shard is not None, r.shard or (0, 0)))
     return manifest, reports
 
 

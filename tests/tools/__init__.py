@@ -1,0 +1,1 @@
+"""Helper scripts and modules for the integration tests (local SLURM, headless browser)."""
