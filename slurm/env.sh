@@ -58,7 +58,7 @@ headinfo_job_header() {  # a few lines at the top of every job log
          "on $(hostname -s) ${SLURM_RESTART_COUNT:+(restart ${SLURM_RESTART_COUNT})}"
     echo "== repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
     echo "== python $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
-    echo "== cpus ${SLURM_CPUS_PER_TASK:-?}, gpus ${CUDA_VISIBLE_DEVICES:-none}, HF_HUB_OFFLINE=$HF_HUB_OFFLINE, HF_HOME=${HF_HOME:-~/.cache/huggingface}"
+    echo "== cpus ${SLURM_CPUS_PER_TASK:-?}, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-(none)}, HF_HUB_OFFLINE=$HF_HUB_OFFLINE, HF_HOME=${HF_HOME:-~/.cache/huggingface}"
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi -L 2>/dev/null | sed 's/^/== /' || true
     fi
