@@ -88,9 +88,13 @@ def reference_estimate(case):
     return calls * per_call, calls, per_call, length
 
 
-def spawn(case, timeout):
+def spawn(case, timeout, blas_threads=None):
+    """Run one case in a fresh process; blas_threads sets OPENBLAS/OMP/MKL_NUM_THREADS for it."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one-case", json.dumps(case)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ)
+    if blas_threads:
+        env.update({k: str(blas_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         return {**case, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -98,7 +102,7 @@ def spawn(case, timeout):
 
 def table(rows):
     head = (f"{'redundancy':10} {'mode':10} {'backend':7} {'heads':>5} {'prompts':>7} {'steps':>5} {'seconds':>8} "
-            f"{'cpu s':>7} {'peak RSS MB':>11} {'phyid est. s':>12} {'speedup':>8} {'load':>9}")
+            f"{'cpu s':>7} {'peak RSS MB':>11} {'phyid est. s':>12} {'speedup':>8} {'blas':>7} {'load':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -106,7 +110,7 @@ def table(rows):
             continue
         lines.append(f"{r['redundancy']:10} {r['mode']:10} {r['backend']:7} {r['heads']:5} {r['prompts']:7} "
                      f"{r['steps']:5} {r['seconds']:8.3f} {r['cpu_seconds']:7.2f} {r['peak_rss_mb']:11.0f} "
-                     f"{r['reference_seconds']:12.0f} {r['speedup_vs_reference']:8.0f} "
+                     f"{r['reference_seconds']:12.0f} {r['speedup_vs_reference']:8.0f} {str(r['blas_threads']):>7} "
                      f"{r['load_before']:4.1f}>{r['load_after']:4.1f}")
     return "\n".join(lines)
 
@@ -122,6 +126,9 @@ def main():
     parser.add_argument("--only", default="", help="comma list of filters, e.g. MMI,numpy,per_prompt")
     parser.add_argument("--quick", action="store_true", help="small shapes: 32 / 96 heads, 6 prompts")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="OPENBLAS_NUM_THREADS for the cases (default: inherited). On a shared machine 1 avoids "
+                             "BLAS threads spin-waiting; lib.phiid parallelises the pair batches itself")
     parser.add_argument("--one-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_case:
@@ -135,7 +142,7 @@ def main():
     rows = []
     for case in cases:
         for _ in range(args.repeats):
-            row = spawn(case, args.timeout)
+            row = {**spawn(case, args.timeout, args.blas_threads), "blas_threads": args.blas_threads or "default"}
             if "error" not in row:
                 ref, calls, per_call, length = reference_estimate(row)
                 row.update(reference_seconds=ref, reference_calls=calls, reference_seconds_per_call=per_call,
@@ -146,6 +153,7 @@ def main():
     report = {
         "reference_timing_note": "phyid is not run: speedups use its documented per-call timing (median 1.58 ms "
                                  "MMI / 1.56 ms CCS at T=100; 5.39 / 6.1 ms at T=6000), not a fresh measurement",
+        "command": " ".join(sys.argv),
         "machine": {"python": platform.python_version(), "numpy": numpy.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor()},
         "results": rows,
