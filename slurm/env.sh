@@ -47,7 +47,8 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 export PYTHONUNBUFFERED=1
-export MPLBACKEND=${MPLBACKEND:-Agg}
+# no MPLBACKEND here: a kernel with MPLBACKEND=Agg would not put figures into the notebooks (inline backend)
+if [ "${MPLBACKEND:-}" = Agg ] || [ "${MPLBACKEND:-}" = agg ]; then unset MPLBACKEND; fi
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}
     export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$SLURM_CPUS_PER_TASK}

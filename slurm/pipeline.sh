@@ -134,7 +134,7 @@ submit() {  # $1 label, rest: sbatch arguments -> prints the job id (or a placeh
     shift
     if [ "$DRY" = 1 ]; then
         { printf 'sbatch'; printf ' %q' "$@"; printf '\n'; } >&3
-        echo "<$label>"
+        echo "<${label// /-}>"
     else
         local out
         out=$(sbatch "$@") || { echo "error: sbatch failed for $label (jobs submitted so far: ${JOB_IDS[*]:-none})" >&2; return 1; }

@@ -127,8 +127,7 @@ class LocalSlurm:
         deadline = time.time() + timeout
         while True:
             jobs = self.jobs(ids)
-            if jobs and all(j["JobState"] in FINISHED for j in jobs) and not any(
-                    j.get("ArrayTaskId", "").startswith("[") or "-" in j.get("ArrayTaskId", "") for j in jobs):
+            if jobs and all(j["JobState"] in FINISHED for j in jobs):
                 return jobs
             if time.time() > deadline:
                 raise TimeoutError("jobs not finished after %d s: %s" % (timeout, [(j["JobId"], j.get("ArrayTaskId"),

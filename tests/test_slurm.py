@@ -1,0 +1,314 @@
+"""slurm/: the pipeline on a real single-node SLURM cluster started on this machine.
+
+The slow tests start slurmctld + slurmd + munged (tests/tools/start-local-slurm.sh: apt-get installs slurm-wlm and
+munge when missing; 4 fake GPUs so that the GPU jobs' --gres=gpu:1 is accepted and the code falls back to CPU;
+no cluster-wide kill_invalid_depend, so each job's own --kill-on-invalid-dep=yes is what is tested), run
+`slurm/pipeline.sh params/tiny.yaml` into a temporary out_dir, and check every job, artifact, report and log.
+On the way, one ablation array task is cancelled while it runs (after its first checkpoint): the merge and the
+rest of the chain must be cancelled (not left pending), the report job still runs, and resubmitting with
+`--from 05_ablation` must resume that shard from its checkpoint. Every daemon is stopped by its recorded PID.
+They are skipped only when SLURM cannot be installed or started here, with the reason.
+The dry-run test needs no SLURM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lib import REPO_ROOT
+
+PARAMS = REPO_ROOT / "params" / "tiny.yaml"
+PIPELINE = REPO_ROOT / "slurm" / "pipeline.sh"
+SHARDS = 2
+GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference"}
+# artifacts each notebook must leave in the run folder (conventions: "Artifacts of a run")
+ARTIFACTS = {"01_extract_activations": ["activations.npz"], "02_phiid": ["phiid_per_prompt.npz"],
+             "04_ranking_variants": ["rankings.csv"], "05_ablation": ["ablation.csv"],
+             "06_neuron_effects": ["neuron_effects.csv"], "07_qkov_interference": ["interference.npz"]}
+
+
+def sections(params: Path = PARAMS) -> list[str]:
+    """The pipeline of a params file: its notebook sections that exist in notebooks/."""
+    raw = yaml.safe_load(params.read_text())
+    return sorted(k for k in raw if re.match(r"^\d\d_", k) and (REPO_ROOT / "notebooks" / f"{k}.ipynb").exists())
+
+
+def shardable(nb: str) -> bool:
+    from lib.run import declared_parameters
+    return "shard" in declared_parameters(REPO_ROOT / "notebooks" / f"{nb}.ipynb")
+
+
+def parse_submission(stdout: str) -> dict[str, str]:
+    """'submitted <label...> <id>' lines -> {label: id}; labels: notebook, '<nb> shards', '<nb> merge', 'report'."""
+    jobs = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^submitted (.+?) (\S+)(?: array \S+)?$", line)
+        if m:
+            jobs[m.group(1)] = m.group(2)
+    return jobs
+
+
+# ----------------------------------------------------------------------------- no cluster needed
+
+def test_scripts_parse_with_bash():
+    for script in sorted((REPO_ROOT / "slurm").glob("*.s*")) + sorted((REPO_ROOT / "tests" / "tools").glob("*.sh")):
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, (script, r.stderr)
+
+
+def test_dry_run_prints_the_chain_and_submits_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--shards", str(SHARDS), "--set", f"out_dir={out}"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    commands = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+    jobs = parse_submission(r.stdout)
+    expected = []
+    for nb in sections():
+        expected += [f"{nb} shards", f"{nb} merge"] if shardable(nb) else [nb]
+    assert list(jobs) == expected + ["report"]
+    assert len(commands) == len(jobs)
+    assert not out.exists()                                    # nothing created, nothing submitted
+    previous = None
+    for label, cmd in zip(jobs, commands):
+        nb = label.split()[0]
+        assert "--kill-on-invalid-dep=yes" in cmd and "--parsable" in cmd
+        assert ("--gres=gpu:1" in cmd) == (nb in GPU_NOTEBOOKS), cmd
+        assert f"--set out_dir={out}" in cmd or label == "report"
+        if previous is None:
+            assert "--dependency" not in cmd
+        else:   # each job waits for the one before it; the report also after a failure
+            kind = "afterany" if label == "report" else "afterok"
+            assert f"--dependency={kind}:\\<{previous.replace(' ', '-')}\\>" in cmd, cmd
+        if label.endswith("shards"):
+            assert f"--array=1-{SHARDS}" in cmd and "--requeue" in cmd and f"run_shards.sbatch {PARAMS} {nb} {SHARDS}" in cmd
+        elif label.endswith("merge"):
+            assert f"run_notebook.sbatch {PARAMS} {nb} --set {nb}.shard=\\\"\\\"" in cmd, cmd
+        elif label != "report":
+            assert f"run_notebook.sbatch {PARAMS} {nb}" in cmd
+        previous = label
+
+
+def test_pipeline_refuses_bad_params_before_submitting(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(PARAMS.read_text() + "\n01_extract_activations:\n  n_tokens: many\n")
+    r = subprocess.run([str(PIPELINE), str(bad), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "n_tokens" in r.stderr and "sbatch" not in r.stdout
+    r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--from", "99_nope"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "99_nope" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the real cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    from tests.tools.local_slurm import LocalSlurm, SlurmUnavailable
+    t0 = time.perf_counter()
+    c = LocalSlurm(cpus=16, gpus=4, kill_invalid_depend=False)
+    try:
+        c.start_seconds = c.start()
+    except SlurmUnavailable as e:
+        print(f"\nSLURM unavailable: {e}")
+        pytest.skip(f"SLURM cannot be installed or started here: {e}")
+    c.t0 = t0
+    try:
+        yield c
+    finally:
+        pids = c.pids()
+        alive = c.stop()
+        assert pids and not alive, f"daemons still alive after stop: {alive} (recorded {pids})"
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def submit(cluster, *args) -> tuple[dict[str, str], str]:
+    r = cluster.run(str(PIPELINE), str(PARAMS), "--shards", str(SHARDS), *args, timeout=300)
+    return parse_submission(r.stdout), r.stdout
+
+
+def ablation_checkpoint(out: Path, i: int) -> dict | None:
+    path = out / "ablation_shards" / f"shard-{i}-of-{SHARDS}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as d:
+            return {k: d[k] for k in ("assigned", "done", "kl")}
+    except (OSError, ValueError, KeyError):      # being replaced right now: read it again later
+        return None
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster):
+    """Run the tiny pipeline to the end on the cluster, with one cancelled and resubmitted ablation shard."""
+    out = Path(tempfile.mkdtemp(prefix="hi-slurm-run-"))
+    record = {"out": out, "cancel": None}
+    t_submit = time.perf_counter()
+    jobs, text = submit(cluster, "--set", f"out_dir={out}")
+    record["first_submission"] = jobs
+    assert "report" in jobs, text
+    if "05_ablation shards" in jobs:
+        array = jobs["05_ablation shards"]
+        task = f"{array}_{SHARDS}"
+
+        def running_with_checkpoint():
+            j = cluster.jobs(task)
+            if j and j[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                pytest.fail(f"shard {SHARDS} ended ({j[0]['JobState']}) before it could be cancelled mid-run: "
+                            f"give the test ablation more work")
+            ck = ablation_checkpoint(out, SHARDS)
+            return j and j[0]["JobState"] == "RUNNING" and ck is not None and ck["done"].any() and \
+                not ck["done"][ck["assigned"]].all()
+
+        wait_for(running_with_checkpoint, 600, f"ablation task {task} running with a partial checkpoint", 0.1)
+        cluster.run("scancel", task)
+        state = wait_for(lambda: (j := cluster.jobs(task)) and j[0]["JobState"] in ("CANCELLED", "COMPLETED")
+                         and j[0], 60, f"{task} to end")
+        assert state["JobState"] == "CANCELLED", state
+        before = ablation_checkpoint(out, SHARDS)
+        # the merge and everything after it are cancelled (never satisfiable), not left pending; the report runs
+        later = [jobs[k] for k in list(jobs)[list(jobs).index("05_ablation merge"):] if k != "report"]
+        final = cluster.wait(later + [jobs["report"]], timeout=300)
+        record["cancel"] = {"task": task, "before": before, "after_cancel": final,
+                            "index_after_cancel": (out / "html" / "index.html").read_text()}
+        jobs2, text2 = submit(cluster, "--set", f"out_dir={out}", "--from", "05_ablation")
+        record["resubmission"] = jobs2
+        record["resubmitted_array"] = jobs2["05_ablation shards"]
+        final_jobs = list(jobs2.values())
+        record["earlier_jobs"] = [jobs[k] for k in list(jobs)[:list(jobs).index("05_ablation shards")]]
+    else:
+        final_jobs = list(jobs.values())
+        record["earlier_jobs"] = []
+    record["final"] = cluster.wait(final_jobs, timeout=1200)
+    record["earlier"] = cluster.wait(record["earlier_jobs"], timeout=60) if record["earlier_jobs"] else []
+    record["seconds_pipeline"] = time.perf_counter() - t_submit
+    record["seconds_from_nothing"] = time.perf_counter() - cluster.t0
+    summary = {"installed_now": cluster.installed_now, "cluster_start_s": round(cluster.start_seconds, 1),
+               "pipeline_s": round(record["seconds_pipeline"], 1),
+               "from_nothing_to_finished_s": round(record["seconds_from_nothing"], 1),
+               "notebooks": sections(), "shards": SHARDS, "cancel_and_resubmit": record["cancel"] is not None}
+    print("\nSLURM tiny pipeline:", json.dumps(summary))
+    if os.environ.get("SLURM_BENCH_JSON"):
+        Path(os.environ["SLURM_BENCH_JSON"]).write_text(json.dumps(summary, indent=2))
+    yield record
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def states(jobs: list[dict]) -> list[tuple]:
+    return [(j["JobName"], j.get("ArrayTaskId", ""), j["JobState"], j["ExitCode"], j.get("Reason")) for j in jobs]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
+    jobs = pipeline["final"] + pipeline["earlier"]
+    assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), states(jobs)
+    out = pipeline["out"]
+    from lib.report import check_run
+    from lib.store import read_manifest
+    manifest = read_manifest(out)["notebooks"]
+    for nb in sections():
+        assert manifest[nb]["status"] == "ok", (nb, manifest[nb])
+        assert (out / f"{nb}.ipynb").exists() and (out / "html" / f"{nb}.html").exists(), nb
+        for name in ARTIFACTS.get(nb, []):
+            assert (out / name).stat().st_size > 0, name
+        if shardable(nb):
+            for i in range(1, SHARDS + 1):
+                stem = f"{nb}.shard-{i}-of-{SHARDS}"
+                assert manifest[stem]["status"] == "ok" and (out / "html" / f"{stem}.html").exists(), stem
+    assert (out / "html" / "index.html").exists()
+    assert check_run(out) == []          # no failed notebook, no error output, no traceback in any report
+    # GPU notebooks ran with a (fake) GPU allocated, CPU notebooks without
+    for log in (out / "logs").glob("*.out"):
+        nb = log.name.split(".")[0]
+        if nb in GPU_NOTEBOOKS:
+            assert "CUDA_VISIBLE_DEVICES=(none)" not in log.read_text(), log.name
+        elif nb in sections():
+            assert "CUDA_VISIBLE_DEVICES=(none)" in log.read_text(), log.name
+
+
+@pytest.mark.slow
+def test_cancelled_shard_stops_the_chain_and_resumes_when_resubmitted(pipeline):
+    if pipeline["cancel"] is None:
+        pytest.skip("params/tiny.yaml has no 05_ablation section yet: nothing to cancel")
+    c = pipeline["cancel"]
+    after = {(j["JobName"], j.get("ArrayTaskId", "")): j for j in c["after_cancel"]}
+    report = [j for j in c["after_cancel"] if j["JobName"].endswith(":report")]
+    assert report and report[0]["JobState"] == "COMPLETED"                 # afterany: the index shows the failure
+    for j in c["after_cancel"]:
+        if not j["JobName"].endswith(":report"):
+            assert j["JobState"] == "CANCELLED" and j["Reason"] == "DependencyNeverSatisfied", states([j])
+    assert "Problems" in c["index_after_cancel"] and f"05_ablation.shard-{SHARDS}-of-{SHARDS}" in c["index_after_cancel"]
+    before = c["before"]
+    done_before = before["done"][before["assigned"]].all(-1)                 # units finished before the cancel
+    assert 0 < done_before.sum() < len(done_before)
+    # resumed: the resubmitted task had only the remaining units to do, the finished ones kept their values
+    out = pipeline["out"]
+    array = pipeline["resubmitted_array"]
+    log = (out / "logs" / f"05_ablation.shard-{SHARDS}-of-{SHARDS}.{array}_{SHARDS}.out").read_text()
+    remaining = int(len(done_before) - done_before.sum())
+    assert re.search(rf"ablation \w+ shard {SHARDS}/{SHARDS}:\s+0%\|[^|]*\| 0/{remaining} ", log), log[-3000:]
+    final = ablation_checkpoint(out, SHARDS)
+    assert final["done"][final["assigned"]].all()
+    units = np.argwhere(before["assigned"])[done_before]
+    for g, j in units:
+        np.testing.assert_array_equal(final["done"][g, j], before["done"][g, j])
+    kept = np.isfinite(before["kl"])
+    np.testing.assert_array_equal(final["kl"][kept], before["kl"][kept])
+    # the finished shard was not recomputed: the runner skipped it
+    log1 = (out / "logs" / f"05_ablation.shard-1-of-{SHARDS}.{array}_1.out").read_text()
+    assert "up to date (same parameters), skipped" in log1
+
+
+@pytest.mark.slow
+def test_job_logs_are_readable(pipeline):
+    logs = sorted((pipeline["out"] / "logs").glob("*.out"))
+    assert logs
+    finished = re.compile(r"finished with exit code 0 after \d+ s")
+    for log in logs:
+        text = log.read_text()
+        assert "\r" not in text, f"{log.name}: carriage returns in the log"
+        assert len(text.splitlines()) < 400, f"{log.name}: {len(text.splitlines())} lines"
+        assert text.startswith("== "), log.name                              # the job header
+        if not log.name.startswith("report."):
+            cancelled_task = pipeline["cancel"] and log.name.endswith(f"{pipeline['cancel']['task']}.out")
+            assert cancelled_task or finished.search(text), f"{log.name}:\n{text[-1500:]}"
+    extract = next(l for l in logs if l.name.startswith("01_extract_activations."))
+    progress = [l for l in extract.read_text().splitlines() if re.search(r"generate .*\d+%\|", l)]
+    assert progress and any("100%|" in l for l in progress)               # text progress bars, one line each
+
+
+@pytest.mark.slow
+def test_run_index_renders_in_chromium(pipeline, tmp_path):
+    from tests.tools.browser import dump_dom, ensure_chromium, html_attributes, image_stats, screenshot
+    chromium, why = ensure_chromium()
+    if not chromium:
+        pytest.skip(f"no headless browser: {why}")
+    index = pipeline["out"] / "html" / "index.html"
+    attrs = html_attributes(dump_dom(chromium, index.as_uri()))
+    assert attrs.get("data-report-ready") == "1" and int(attrs["data-images-total"]) > 0, attrs
+    assert attrs["data-images-ok"] == attrs["data-images-total"], attrs
+    shot = screenshot(chromium, index.as_uri(), tmp_path / "slurm_index.png")
+    assert image_stats(shot)["non_white_fraction"] > 0.02
+    if os.environ.get("REPORT_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["REPORT_SCREENSHOT_DIR"]) / "tiny_slurm_index.png")
+        for nb in sections()[:7]:
+            screenshot(chromium, (pipeline["out"] / "html" / f"{nb}.html").as_uri(),
+                       Path(os.environ["REPORT_SCREENSHOT_DIR"]) / f"tiny_{nb}.png")
