@@ -34,6 +34,8 @@ seven redundancy terms are accumulated (atoms are linear in the MIs, the redunda
 
 Batches of pairs are processed by a few threads at once (numpy releases the GIL in its loops); each batch
 writes its own slice of the accumulators, so results do not depend on the number of threads or batch size.
+On a small shared machine, OPENBLAS_NUM_THREADS=1 (set before numpy is imported) avoids BLAS threads competing
+with these; the per-segment matrix products are small.
 
 Modes of `phiid_all_pairs` (X has shape [prompts, heads, steps]):
     per_prompt  PhiID of each prompt separately (its own correlation matrix), then the mean over prompts.
@@ -377,6 +379,7 @@ class _Segment:
     corr: object
     lag: object
     ok: object
+    all_ok: bool
     self_quad: object = None
 
 
@@ -388,12 +391,23 @@ def _segment(past, future, be, local=False):
     heads = past.shape[0]
     corr = ((z @ z.T) / (past.shape[1] - 1)).reshape(-1)
     lag = corr[heads: 2 * heads * heads: 2 * heads + 1]  # corr[h, heads + h]
-    seg = _Segment(heads, z, corr, lag, be.asarray(ok_p & ok_f, dtype="bool"))
+    ok = ok_p & ok_f
+    seg = _Segment(heads, z, corr, lag, be.asarray(ok, dtype="bool"), bool(ok.all()))
     if local:
         with np.errstate(divide="ignore", invalid="ignore"):
             r = lag[:, None]
             seg.self_quad = _two_variable_quad(z[:heads], z[heads:], r, _one_minus_sq(r))
     return seg
+
+
+def _segment_groups(X, mode, tau, be, local, budget_bytes=1 << 28):
+    """Lists of _Segment whose correlation matrices (each (2H)^2 float64) fit in budget_bytes together.
+    Computing a group's matrix products back to back, then its pair batches, keeps BLAS worker threads from
+    spin-waiting while the pair-batch threads run (on 2 cores that contention costs more than the products)."""
+    segments = list(_segments(X, mode, tau))
+    per_group = max(1, budget_bytes // (8 * (2 * X.shape[1]) ** 2))
+    for start in range(0, len(segments), per_group):
+        yield [_segment(past, future, be, local) for past, future in segments[start:start + per_group]]
 
 
 def _two_variable_quad(u, v, r, det):
@@ -480,12 +494,13 @@ def _pair_geometry(r, xp):
 _IDENTITY_GEOMETRY = {"l_ya": 0.0, "l_yb": 0.0, "cov_ab_xy": 0.0, "l_bx": 0.0, "l_by": 0.0}  # others: 1.0
 
 
-def _defined_pairs(g, ok_i, ok_j, xp):
+def _defined_pairs(g, seg, pc, xp):
     """[pairs] bool: both heads usable and min_k (1 - R^2_k) = det C / max det(3x3 minor) >= SINGULAR_RTOL."""
     det3_max = xp.maximum(g["det_xy"] * xp.maximum(g["var_a_xy"], g["var_b_xy"]),
                           g["det_ab"] * xp.maximum(g["var_x_ab"], g["var_y_ab"]))
     det4 = g["det_xy"] * g["schur_ab_xy"]
-    return ok_i & ok_j & (det4 > SINGULAR_RTOL * det3_max)  # False for NaN
+    defined = det4 > SINGULAR_RTOL * det3_max  # False for NaN
+    return defined if seg.all_ok else defined & seg.ok[pc.i] & seg.ok[pc.j]
 
 
 def _mean_mi_batched(g, xp):
@@ -539,7 +554,7 @@ def _chunk_parts(seg, pc, redundancy, be):
     r = _pair_correlations(seg, pc)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         g = _pair_geometry(r, xp)
-        defined = _defined_pairs(g, seg.ok[pc.i], seg.ok[pc.j], xp)
+        defined = _defined_pairs(g, seg, pc, xp)
     all_defined = bool(defined.all())
     if not all_defined:  # identity geometry where undefined keeps logs and divisions finite
         g = {k: xp.where(defined, v, _IDENTITY_GEOMETRY.get(k, 1.0)) for k, v in g.items()}
@@ -697,14 +712,14 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     n_valid = be.zeros(len(i_np), dtype="int")
     n_segments, chunks = 0, None
     with ThreadPoolExecutor(workers or _default_workers(backend)) as pool:
-        for past, future in _segments(X, mode, tau):
-            seg = _segment(past, future, be, local=redundancy == "CCS")
-            if chunks is None:  # every segment of a mode has the same number of samples
-                chunk = chunk_pairs or _default_chunk(redundancy, past.shape[1], backend)
-                chunks = _make_pair_chunks(heads, chunk, be)
-            # chunks write disjoint slices; list() waits for all and re-raises any error
-            list(pool.map(lambda pc: _accumulate(seg, pc, redundancy, be, sums, n_valid), chunks))
-            n_segments += 1
+        for group in _segment_groups(X, mode, tau, be, local=redundancy == "CCS"):
+            for seg in group:
+                if chunks is None:  # every segment of a mode has the same number of samples
+                    chunk = chunk_pairs or _default_chunk(redundancy, seg.z.shape[1], backend)
+                    chunks = _make_pair_chunks(heads, chunk, be)
+                # chunks write disjoint slices; list() waits for all and re-raises any error
+                list(pool.map(lambda pc: _accumulate(seg, pc, redundancy, be, sums, n_valid), chunks))
+                n_segments += 1
     n_valid = be.numpy(n_valid)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = {name: np.where(n_valid > 0, be.numpy(v) / n_valid, np.nan) for name, v in sums.items()}
