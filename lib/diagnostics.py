@@ -578,3 +578,75 @@ def diagnose(acts: dict, ph: dict, lag: int = 1) -> Diagnostics:
     profiles = {c: layer_profile(heads[c].to_numpy(), head_layer, n_layers) for c in cols}
     summary["layer_profiles"] = {c: profiles[c]["mean"].tolist() for c in cols}
     return Diagnostics(heads=heads, pairs=pairs, profiles=profiles, summary=summary, sts=sts, tdmi=tdmi)
+
+
+def correlation_table(out_dir, lag: int = 1) -> pd.DataFrame:
+    """Syn-red correlations (head and pair level) and autocorrelation-synergy correlation for every PhiID
+    file in out_dir: every mode, the run's model and each baseline tag. One row per (tag, mode)."""
+    rows = []
+    for tag in [""] + available_tags(out_dir):
+        if not activations_path(out_dir, tag).exists():
+            continue
+        acts = load_activations(out_dir, tag)
+        ac = head_autocorrelation(acts["activations"], lag)
+        labels = head_labels(acts["head_layer"], acts["head_index"])
+        for mode in PHIID_MODES:
+            if not phiid_path(out_dir, mode, tag).exists():
+                continue
+            ph = load_phiid(out_dir, mode, tag, activations=acts)
+            try:
+                c = syn_red_correlations(ph[SYNERGY_ATOM], ph[REDUNDANCY_ATOM], ph["degenerate"], labels)
+                syn = per_head_mean(ph[SYNERGY_ATOM], ph["degenerate"], labels)
+            except DegenerateHeadError as e:
+                rows.append({"tag": tag or "(model)", "mode": mode, "error": str(e)})
+                continue
+            rows.append({"tag": tag or "(model)", "mode": mode, "head_pearson": c["head_pearson"],
+                         "head_spearman": c["head_spearman"], "pair_pearson": c["pair_pearson"],
+                         "pair_spearman": c["pair_spearman"],
+                         "autocorr_vs_synergy_spearman": correlation(ac, syn)["spearman"]})
+    return pd.DataFrame(rows)
+
+
+def run_diagnostics(out_dir, mode: str = "per_prompt", lag: int = 1, tag: str = "") -> tuple[Diagnostics, pd.DataFrame]:
+    """Notebook 03: diagnostics of one PhiID file plus the correlation table over every file of the run;
+    writes diagnostics.json (diagnostics__<tag>.json for a baseline) and a manifest entry."""
+    import time
+
+    from lib.store import save_json, update_manifest
+    t0 = time.perf_counter()
+    acts = load_activations(out_dir, tag)
+    from lib.phiid import ATOM_NAMES
+    ph = load_phiid(out_dir, mode, tag, activations=acts, atoms=ATOM_NAMES, needed_by="03_phiid_diagnostics")
+    d = diagnose(acts, ph, lag)
+    table = correlation_table(out_dir, lag)
+    d.summary.update(mode=mode, tag=tag, phiid_tau=_scalar(ph, "tau"), phiid_redundancy=_scalar(ph, "redundancy"),
+                     all_files=table.to_dict(orient="records"))
+    d.summary["per_head"] = d.heads.to_dict(orient="list")
+    name = f"diagnostics{_suffix(tag)}.json"
+    save_json(Path(out_dir) / name, d.summary)
+    update_manifest(out_dir, "03_phiid_diagnostics", {"mode": mode, "lag": lag, "tag": tag, "file": name,
+                                                      "seconds": round(time.perf_counter() - t0, 3)})
+    return d, table
+
+
+def summary_table(summary: dict) -> pd.DataFrame:
+    """The headline numbers of diagnostics.json as a two-column table."""
+    s = summary
+    rows = [
+        ("syn-red Pearson r, head level", s["syn_red"]["head_pearson"]),
+        ("syn-red Spearman ρ, head level", s["syn_red"]["head_spearman"]),
+        ("syn-red Pearson r, pair level", s["syn_red"]["pair_pearson"]),
+        ("syn-red Spearman ρ, pair level", s["syn_red"]["pair_spearman"]),
+        ("lag-1 autocorrelation vs synergy, Pearson r", s["autocorr_vs_synergy"]["pearson"]),
+        ("lag-1 autocorrelation vs synergy, Spearman ρ", s["autocorr_vs_synergy"]["spearman"]),
+        ("lag-1 autocorrelation vs redundancy, Spearman ρ", s["autocorr_vs_redundancy"]["spearman"]),
+        ("drift vs synergy, Spearman ρ", s["drift_vs_synergy"]["spearman"]),
+        ("mean lag-1 autocorrelation over heads", s["mean_autocorr"]),
+        ("mean drift over heads (fraction of mean norm)", s["mean_drift"]),
+    ]
+    if "tdmi_vs_synergy" in s:
+        rows += [("TDMI vs synergy (head), Spearman ρ", s["tdmi_vs_synergy"]["spearman"]),
+                 ("TDMI vs redundancy (head), Spearman ρ", s["tdmi_vs_redundancy"]["spearman"]),
+                 ("autocorrelation vs TDMI (head), Spearman ρ", s["autocorr_vs_tdmi"]["spearman"])]
+    rows += [("degenerate pairs", s["n_degenerate_pairs"]), ("pairs", s["n_pairs"])]
+    return pd.DataFrame(rows, columns=["quantity", "value"])

@@ -277,6 +277,11 @@ def mmi_segment_stats(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PerPro
     return PerPromptStats(valid=valid, n_heads=H, **out)
 
 
+def mmi_mode_stats(X, modes=("per_prompt",), tau=1, chunk: int = 8192) -> dict:
+    """mmi_segment_stats for several modes: mode -> PerPromptStats."""
+    return {mode: mmi_segment_stats(X, mode, tau, chunk) for mode in modes}
+
+
 class blas_threads:
     """Context manager: limit the BLAS (OpenBLAS) thread pool to n threads, restoring it afterwards.
     The PhiID correlation matmuls are small; on a shared machine a multithreaded BLAS makes them up to 25x
@@ -351,6 +356,21 @@ def per_prompt_stats(X, tau=1, redundancy="MMI", backend="numpy", progress=False
         s = phiid_pair_stats(X[p:p + 1], "per_prompt", tau, redundancy, backend)
         arrays["sts"][p], arrays["rtr"][p], arrays["tdmi"][p], valid[p] = s.sts, s.rtr, s.tdmi, s.valid
     return PerPromptStats(valid=valid, n_heads=H, **arrays)
+
+
+def source_stats(X_by_preprocess: dict, sources, tau=1, redundancy="MMI", backend="numpy") -> dict:
+    """Full-data PairStats of every source (mode, preprocess). X_by_preprocess: preprocess -> series.
+    MMI: the fast kernel (mmi_mode_stats); CCS: one lib.phiid engine call per source."""
+    out = {}
+    for how in dict.fromkeys(h for _, h in sources):
+        modes = tuple(m for m, h in sources if h == how)
+        if redundancy == "MMI":
+            for mode, st in mmi_mode_stats(X_by_preprocess[how], modes, tau).items():
+                out[(mode, how)] = st.mean()
+        else:
+            for mode in modes:
+                out[(mode, how)] = phiid_pair_stats(X_by_preprocess[how], mode, tau, redundancy, backend)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- scores
@@ -444,6 +464,7 @@ class RankingInputs:
     progress: bool = False
     _full: dict = field(default_factory=dict, repr=False)
     _per_prompt: dict = field(default_factory=dict, repr=False)
+    _prepared: dict = field(default_factory=dict, repr=False)
     _autocorr: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -460,19 +481,22 @@ class RankingInputs:
         return self._autocorr
 
     def autocorr(self, prompts=None) -> np.ndarray:
+        """Per-head lag-1 autocorrelation: mean over the (given) prompts where it is defined."""
         r = self.autocorr_per_prompt() if prompts is None else self.autocorr_per_prompt()[np.asarray(prompts)]
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(r, axis=0)
+        ok = np.isfinite(r)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(ok, r, 0.0).sum(0) / ok.sum(0)
 
     def prepared(self, how) -> np.ndarray:
-        return preprocess(self.X, how)
+        if how not in self._prepared:
+            self._prepared[how] = preprocess(self.X, how)
+        return self._prepared[how]
 
     def per_prompt(self, how) -> PerPromptStats:
+        """Per-prompt sts, rtr, TDMI of the (preprocessed) series [prompts, pairs], computed once."""
         if how not in self._per_prompt:
             self._per_prompt[how] = per_prompt_stats(self.prepared(how), self.tau, self.redundancy, self.backend,
                                                      progress=self.progress)
-            if how is None and "per_prompt" in self.files:
-                check_file_matches(self.files["per_prompt"], self._per_prompt[how].mean())
         return self._per_prompt[how]
 
     def full(self, source) -> PairStats:
@@ -481,18 +505,18 @@ class RankingInputs:
             if how is None and mode in self.files:
                 f = self.files[mode]
                 self._full[source] = PairStats.from_atoms(f, f["degenerate"])
-            elif mode == "per_prompt" and how in self._per_prompt:
-                self._full[source] = self._per_prompt[how].mean()
             else:
-                self._full[source] = phiid_pair_stats(self.prepared(how), mode, self.tau, self.redundancy,
-                                                      self.backend)
+                self._full[source] = self.half(source, np.arange(self.X.shape[0]))
         return self._full[source]
 
     def half(self, source, prompts) -> PairStats:
+        """PhiID of a prompt subset: the mean of per-prompt values (per_prompt mode), or the mode computed on
+        the subset's prompts (concat, pooled)."""
         mode, how = source
+        prompts = np.asarray(prompts)
         if mode == "per_prompt":
             return self.per_prompt(how).mean(prompts)
-        return phiid_pair_stats(self.prepared(how)[np.asarray(prompts)], mode, self.tau, self.redundancy, self.backend)
+        return phiid_pair_stats(self.prepared(how)[prompts], mode, self.tau, self.redundancy, self.backend)
 
     def scores(self, stats_of=None, autocorr=None) -> dict[str, VariantScore]:
         """Scores of every selected variant; stats_of(source) -> PairStats (default: full data)."""
@@ -508,10 +532,10 @@ class RankingInputs:
         return out
 
 
-def check_file_matches(ph: dict, computed: PairStats, rtol=1e-6, atol=1e-9) -> None:
-    """The per-prompt PhiID file must equal the per-prompt PhiID recomputed from the activations."""
+def check_file_matches(ph: dict, computed: PairStats, rtol=1e-6, atol=1e-8) -> None:
+    """A phiid_<mode>.npz must equal the PhiID recomputed from the activations (same mode)."""
     f = PairStats.from_atoms(ph, ph["degenerate"])
-    name = Path(ph.get("path", "phiid_per_prompt.npz")).name
+    name = Path(ph.get("path", "phiid.npz")).name
     fix = (f"{name} and the activations come from different runs (or another tau / redundancy): rerun "
            f"02_phiid on this run (python -m lib.run --params <run>.yaml --only 02_phiid --force)")
     if not np.array_equal(f.valid, computed.valid):
@@ -525,11 +549,13 @@ def check_file_matches(ph: dict, computed: PairStats, rtol=1e-6, atol=1e-9) -> N
 
 
 def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1, redundancy: str = "MMI",
-                backend: str = "numpy", progress: bool = False) -> RankingInputs:
+                backend: str = "numpy", progress: bool = False, verify: bool = True) -> RankingInputs:
     """Activations and PhiID files of a run (or of a baseline `tag`), checked, for the chosen variants.
 
-    Fails before computing anything when a variant needs a phiid_<mode>.npz that notebook 02 did not write,
-    when files come from different runs, or when tau / redundancy differ from those of the files."""
+    Fails before any score is computed when a variant needs a phiid_<mode>.npz that notebook 02 did not
+    write, when the files come from different runs (head count, head map, model; with verify=True (MMI) each
+    file is also compared with the PhiID recomputed from the activations), or when tau / redundancy differ
+    from those of the files."""
     variants = dg_variants = check_variants(variants)
     acts = dg.load_activations(out_dir, tag)
     files = {}
@@ -547,10 +573,16 @@ def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1,
                                     f"{key}={want!r}: set {key}: {got!r} in its parameters (or rerun 02_phiid "
                                     f"with {key}={want!r})")
         files[mode] = ph
-    return RankingInputs(X=np.asarray(acts["activations"], dtype=np.float64), head_layer=acts["head_layer"],
-                         head_index=acts["head_index"], n_layers=acts["n_layers"], n_heads=acts["n_heads"],
-                         variants=variants, tau=tau, redundancy=redundancy, backend=backend, files=files,
-                         progress=progress)
+    inputs = RankingInputs(X=np.asarray(acts["activations"], dtype=np.float64), head_layer=acts["head_layer"],
+                           head_index=acts["head_index"], n_layers=acts["n_layers"], n_heads=acts["n_heads"],
+                           variants=variants, tau=tau, redundancy=redundancy, backend=backend, files=files,
+                           progress=progress)
+    if verify and redundancy == "MMI":
+        for mode, ph in files.items():
+            computed = inputs.per_prompt(None).mean() if mode == "per_prompt" else mmi_segment_stats(
+                inputs.X, mode, tau).mean()
+            check_file_matches(ph, computed)
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------- is it signal?
@@ -628,9 +660,9 @@ def _one_surrogate(inputs: RankingInputs, prepared: dict, child) -> dict[str, np
     fractions = np.random.default_rng(child).random(size=inputs.X.shape[:2])
     shifted = {how: _shift(Y, fractions) for how, Y in prepared.items()}
     raw = shifted[None] if None in shifted else _shift(inputs.X, fractions)
-    ac = np.nanmean(dg.lag_autocorrelation(raw), 0)
-    sc = inputs.scores(lambda src: phiid_pair_stats(shifted[src[1]], src[0], inputs.tau, inputs.redundancy,
-                                                    inputs.backend), ac)
+    ac = dg.head_autocorrelation(raw)
+    stats_ = source_stats(shifted, inputs.sources, inputs.tau, inputs.redundancy, inputs.backend)
+    sc = inputs.scores(stats_.__getitem__, ac)
     return {n: v.score for n, v in sc.items()}
 
 
@@ -739,3 +771,27 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
         verdicts.append(t)
     cat = lambda fs: pd.concat(fs, ignore_index=True) if fs else pd.DataFrame()  # noqa: E731
     return cat(profiles), cat(verdicts), skipped
+
+
+def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None, verdicts=None, null_table=None,
+                  agreement_matrix=None, params: dict | None = None, seconds: float | None = None) -> pd.DataFrame:
+    """Write rankings.csv (see rankings_frame) and ranking_summary.json (reliability, inverted-U verdicts,
+    null z-scores, agreement), and a manifest entry for notebook 04. Returns the rankings frame."""
+    from lib.store import save_csv, save_json, update_manifest
+    df = rankings_frame(inputs, scores)
+    summary = {"variants": list(scores), "n_prompts": int(inputs.X.shape[0]), "n_heads": int(inputs.X.shape[1]),
+               "tau": inputs.tau, "redundancy": inputs.redundancy, "descriptions":
+               {n: VARIANTS[n].description for n in scores},
+               "layer_profiles": {n: s.layer_mean.tolist() for n, s in scores.items()}}
+    for key, frame in (("reliability", reliability), ("inverted_u", verdicts)):
+        if frame is not None:
+            summary[key] = frame.to_dict(orient="records")
+    if null_table is not None:
+        summary["null_z"] = {n: g["z"].tolist() for n, g in null_table.groupby("variant", sort=False)}
+    if agreement_matrix is not None:
+        summary["agreement"] = agreement_matrix.to_dict()
+    save_csv(Path(out_dir) / "rankings.csv", df)
+    save_json(Path(out_dir) / "ranking_summary.json", summary)
+    update_manifest(out_dir, "04_ranking_variants", {**(params or {}), "files": ["rankings.csv", "ranking_summary.json"],
+                                                     **({"seconds": round(seconds, 3)} if seconds is not None else {})})
+    return df
