@@ -71,10 +71,12 @@ done
 
 HEADINFO_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 export HEADINFO_REPO
+# the params file: relative to the current directory, else to the repository
+[ -f "$PARAMS" ] || [ "${PARAMS:0:1}" = / ] || PARAMS=$HEADINFO_REPO/$PARAMS
+[ -f "$PARAMS" ] || { echo "error: params file '$PARAMS' not found" >&2; exit 2; }
+PARAMS=$(cd "$(dirname "$PARAMS")" && pwd -P)/$(basename "$PARAMS")
 source "$HEADINFO_REPO/slurm/env.sh"
 cd "$REPO"
-[ -f "$PARAMS" ] || { echo "error: params file '$PARAMS' not found (relative to $REPO)" >&2; exit 2; }
-PARAMS=$(cd "$(dirname "$PARAMS")" && pwd -P)/$(basename "$PARAMS")
 if [ "$DRY" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
     echo "error: sbatch not found: run this on a SLURM login node (or use --dry-run)" >&2; exit 2
 fi

@@ -312,3 +312,20 @@ def test_run_index_renders_in_chromium(pipeline, tmp_path):
         for nb in sections()[:7]:
             screenshot(chromium, (pipeline["out"] / "html" / f"{nb}.html").as_uri(),
                        Path(os.environ["REPORT_SCREENSHOT_DIR"]) / f"tiny_{nb}.png")
+
+
+@pytest.mark.slow
+def test_explorer_runs_over_the_finished_run(pipeline, tmp_path):
+    """notebooks/00_explore.ipynb with papermill on the run the cluster produced: no error, its figures drawn."""
+    import papermill
+    out = tmp_path / "00_explore.ipynb"
+    papermill.execute_notebook(str(REPO_ROOT / "notebooks" / "00_explore.ipynb"), str(out),
+                               parameters={"out_dir": str(pipeline["out"]), "layer": 1, "head": 1},
+                               cwd=str(REPO_ROOT), progress_bar=False, kernel_name="python3")
+    nb = json.loads(out.read_text())
+    outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == (2 if "04_ranking_variants" in sections() else 1)
+    printed = "".join("".join(o.get("text", "")) for o in outputs if o["output_type"] == "stream")
+    assert "missing: activations.npz" not in printed and "missing: phiid" not in printed
