@@ -13,7 +13,9 @@ uses its documented per-call timing (shared reference README: median 1.58 ms per
 1.56 ms for CCS, T = 100, tau = 1, one thread, 2-core AMD EPYC VM, quietest run) times the number of calls the
 same computation needs (one call per unordered pair and prompt for per_prompt; per pair for concat/pooled at the
 longer length, where only the T = 6000 timing, 5.39 / 6.1 ms, is documented). It is a documented reference
-timing, not a fresh measurement. The machine is shared: the load average before and after each case is recorded.
+timing, not a fresh measurement. Optionally (--phyid-path DIR, a local checkout of phyid used only for
+measuring) phyid is also timed live on a few hundred pairs at T = 100 in the same conditions, and the per_prompt
+cases get a second, live ratio. The machine is shared: the load average before and after each case is recorded.
 """
 import argparse
 import json
@@ -77,6 +79,24 @@ def run_case(case):
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
+def time_phyid(calls, steps, redundancy):
+    """Runs in the child process: median seconds per phyid calc_PhiID call on synthetic pairs (only when
+    phyid is importable, e.g. via --phyid-path; it is never installed or stored by this project)."""
+    import statistics
+
+    from phyid.calculate import calc_PhiID
+    X = synthetic_activations(1, 2 * calls, steps, seed=1)[0].astype(float)
+    for k in range(5):  # warm-up
+        calc_PhiID(X[2 * k], X[2 * k + 1], 1, kind="gaussian", redundancy=redundancy)
+    times = []
+    for k in range(calls):
+        t0 = time.perf_counter()
+        calc_PhiID(X[2 * k], X[2 * k + 1], 1, kind="gaussian", redundancy=redundancy)
+        times.append(time.perf_counter() - t0)
+    return {"redundancy": redundancy, "steps": steps, "calls": calls, "median": statistics.median(times),
+            "min": min(times), "mean": statistics.fmean(times), "load": os.getloadavg()[0]}
+
+
 def reference_estimate(case):
     """Seconds phyid would need by its documented per-call timing, and the number of calls."""
     pairs = case["heads"] * (case["heads"] - 1) // 2
@@ -88,12 +108,14 @@ def reference_estimate(case):
     return calls * per_call, calls, per_call, length
 
 
-def spawn(case, timeout, blas_threads=None):
+def spawn(case, timeout, blas_threads=None, phyid_path=None):
     """Run one case in a fresh process; blas_threads sets OPENBLAS/OMP/MKL_NUM_THREADS for it."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one-case", json.dumps(case)]
     env = dict(os.environ)
     if blas_threads:
         env.update({k: str(blas_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    if phyid_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(phyid_path), env.get("PYTHONPATH")]))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         return {**case, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -101,8 +123,9 @@ def spawn(case, timeout, blas_threads=None):
 
 
 def table(rows):
+    """Text table; 'speedup' uses phyid's documented timing, 'live x' the live phyid timing (if measured)."""
     head = (f"{'redundancy':10} {'mode':10} {'backend':7} {'heads':>5} {'prompts':>7} {'steps':>5} {'seconds':>8} "
-            f"{'cpu s':>7} {'peak RSS MB':>11} {'phyid est. s':>12} {'speedup':>8} {'blas':>7} {'load':>9}")
+            f"{'cpu s':>7} {'peak RSS MB':>11} {'phyid est. s':>12} {'speedup':>8} {'live x':>7} {'blas':>7} {'load':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -110,7 +133,8 @@ def table(rows):
             continue
         lines.append(f"{r['redundancy']:10} {r['mode']:10} {r['backend']:7} {r['heads']:5} {r['prompts']:7} "
                      f"{r['steps']:5} {r['seconds']:8.3f} {r['cpu_seconds']:7.2f} {r['peak_rss_mb']:11.0f} "
-                     f"{r['reference_seconds']:12.0f} {r['speedup_vs_reference']:8.0f} {str(r['blas_threads']):>7} "
+                     f"{r['reference_seconds']:12.0f} {r['speedup_vs_reference']:8.0f} "
+                     f"{r.get('speedup_vs_phyid_live', float('nan')):7.0f} {str(r['blas_threads']):>7} "
                      f"{r['load_before']:4.1f}>{r['load_after']:4.1f}")
     return "\n".join(lines)
 
@@ -129,10 +153,15 @@ def main():
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="OPENBLAS_NUM_THREADS for the cases (default: inherited). On a shared machine 1 avoids "
                              "BLAS threads spin-waiting; lib.phiid parallelises the pair batches itself")
+    parser.add_argument("--phyid-path", default=None,
+                        help="folder containing the phyid package (a checkout of Imperial-MIND-lab/"
+                             "integrated-info-decomp): also time phyid live on --phyid-calls pairs")
+    parser.add_argument("--phyid-calls", type=int, default=300)
     parser.add_argument("--one-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_case:
-        print(json.dumps(run_case(json.loads(args.one_case))))
+        case = json.loads(args.one_case)
+        print(json.dumps(time_phyid(**case["phyid"]) if "phyid" in case else run_case(case)))
         return
     if args.quick:
         args.heads, args.large_heads, args.prompts = 32, 96, 6
@@ -149,6 +178,17 @@ def main():
                            reference_length=length, speedup_vs_reference=ref / row["seconds"])
             rows.append(row)
             print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    live = {}
+    if args.phyid_path:
+        for red in sorted({r["redundancy"] for r in rows}):
+            got = spawn({"phyid": {"calls": args.phyid_calls, "steps": 100, "redundancy": red}}, args.timeout,
+                        args.blas_threads or 1, args.phyid_path)
+            live[red] = got
+            print(f"phyid live ({red}, T=100): {got}", file=sys.stderr)
+        for r in rows:
+            if "error" not in r and r["mode"] == "per_prompt" and "median" in live.get(r["redundancy"], {}):
+                r["phyid_live_seconds_estimate"] = r["reference_calls"] * live[r["redundancy"]]["median"]
+                r["speedup_vs_phyid_live"] = r["phyid_live_seconds_estimate"] / r["seconds"]
     import numpy
     report = {
         "reference_timing_note": "phyid is not run: speedups use its documented per-call timing (median 1.58 ms "
@@ -157,6 +197,7 @@ def main():
         "machine": {"python": platform.python_version(), "numpy": numpy.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor()},
         "results": rows,
+        "phyid_live": live or "not measured (pass --phyid-path to time phyid on a subset of pairs)",
     }
     print("\n" + table(rows), file=sys.stderr)
     text = json.dumps(report, indent=2)

@@ -176,12 +176,16 @@ def test_mmi_closed_form_equals_mean_of_local_log_densities():
 
 
 def test_against_phyid_when_installed():
+    """Optional (phyid is not on PyPI): all pairs, per prompt, both redundancies, tau 1 and 2, vs phyid loops."""
     calc = pytest.importorskip("phyid.calculate")
-    X = coupled_heads(1, 2, 150, seed=9)[0]
+    X = coupled_heads(2, 4, 60, seed=9)
     for red in ("MMI", "CCS"):
-        atoms, _ = calc.calc_PhiID(X[0], X[1], 1, kind="gaussian", redundancy=red)
-        np.testing.assert_allclose(as_vector(phiid_pair(X[0], X[1], 1, red)),
-                                   [np.mean(atoms[n]) for n in ATOM_NAMES], atol=ATOL)
+        for tau in (1, 2):
+            result = phiid_all_pairs(X, tau=tau, redundancy=red)
+            for i, j in ordered_pairs(4):
+                runs = [calc.calc_PhiID(p[i], p[j], tau, kind="gaussian", redundancy=red)[0] for p in X]
+                want = [np.mean([np.mean(atoms[n]) for atoms in runs]) for n in ATOM_NAMES]
+                np.testing.assert_allclose([result[n][i, j] for n in ATOM_NAMES], want, rtol=0, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
