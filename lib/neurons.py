@@ -303,7 +303,7 @@ class CleanPass:
         return self.resid[:, -1]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def clean_pass(model, arch: ArchInfo, prompts: PromptSet, progress: bool = False) -> CleanPass:
     """Per prompt: a forward of the prompt minus its last token (keeps its KV cache), then the last token alone with
     that cache, recording every block's output and every down projection's input at that position."""
@@ -694,7 +694,7 @@ def _plan(setup: NeuronSetup, neurons: list[Neuron]) -> list[tuple[int, int, int
 def compute_batch(setup: NeuronSetup, neurons: list[Neuron], prompt: int,
                   directions: torch.Tensor | None = None) -> pd.DataFrame:
     """Direct, total and indirect effects of `neurons` on prompt `prompt`: one incremental forward (plus a clean
-    reference row in the same batch, so an exactly-zero V gives an exactly-zero effect) and one matrix step."""
+    reference row in the same batch, so a zero V gives an effect at rounding level, < 1e-6) and one matrix step."""
     arch, clean = setup.arch, setup.clean
     dirs = neuron_directions(arch, neurons) if directions is None else directions
     actual, scale = neuron_scales(clean, neurons, setup.activation_scale)
