@@ -80,6 +80,8 @@ def use_text_progress(stream=None) -> None:
         def __init__(self, *args, **kwargs):
             if kwargs.get("file") is None:
                 kwargs["file"] = target
+                if not target.tty:
+                    kwargs["leave"] = True      # a log keeps the final state (leave=False would blank it out)
             super().__init__(*args, **kwargs)
 
     def trange(*args, **kwargs):
