@@ -604,8 +604,8 @@ class NeuronSetup:
         return pd.DataFrame({
             "prompt_id": self.prompts.prompt_ids, "category": self.prompts.categories,
             "n_tokens": [len(i) for i in self.prompts.input_ids], "text": self.prompts.texts,
-            "target": [tok.decode([t]) for t in self.target_ids],
-            "distractor": [tok.decode([t]) for t in self.distractor_ids],
+            "target": [repr(tok.decode([t])) for t in self.target_ids],
+            "distractor": [repr(tok.decode([t])) for t in self.distractor_ids],
             "clean_target_prob": torch.softmax(self.clean.logits, -1)[
                 torch.arange(len(self.target_ids)), torch.tensor(self.target_ids)].numpy().round(4)})
 

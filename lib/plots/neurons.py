@@ -14,7 +14,7 @@ def direct_vs_total(effects: pd.DataFrame, n_layers: int, mode: str = "add"):
     """Scatter of the direct vs total target-logit effect, one point per (neuron, prompt), coloured by layer.
     On the diagonal the effect is all direct; on the horizontal axis (direct = 0) it is all indirect."""
     fig, ax = new_figure(6.4, 5.0)
-    norm = mpl.colors.Normalize(vmin=0, vmax=max(n_layers - 1, 1))
+    norm = mpl.colors.BoundaryNorm(np.arange(-0.5, n_layers + 0.5), mpl.colormaps[LAYER_CMAP].N)
     sc = ax.scatter(effects["total"], effects["direct"], c=effects["layer"], cmap=LAYER_CMAP, norm=norm, s=10,
                     alpha=0.7, linewidths=0)
     lim = float(np.nanmax(np.abs(np.r_[effects["total"], effects["direct"], 1e-9]))) * 1.05
@@ -27,7 +27,8 @@ def direct_vs_total(effects: pd.DataFrame, n_layers: int, mode: str = "add"):
     ax.set_title(f"Neuron effects, mode '{mode}': direct vs total ({effects['neuron_id'].nunique()} neurons x "
                  f"{effects['prompt'].nunique()} prompts)")
     ax.legend(loc="upper left", frameon=False)
-    fig.colorbar(sc, ax=ax, label="layer (index)")
+    bar = fig.colorbar(sc, ax=ax, label="layer (index)")
+    bar.set_ticks(np.unique(np.linspace(0, n_layers - 1, min(n_layers, 11)).round().astype(int)))
     return fig
 
 
@@ -52,7 +53,7 @@ def direct_ratio_by_layer(summary: pd.DataFrame, n_layers: int, thresholds=(0.3,
     ax.set_xlabel("layer (index)")
     ax.set_ylabel("direct ratio |d| / (|d| + |i|) (mean over prompts)")
     ax.set_title("Direct ratio of the neurons per layer (0 = all indirect, 1 = all direct)")
-    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False, fontsize=8)
     return fig
 
 
@@ -68,7 +69,7 @@ def class_counts_by_layer(layers: pd.DataFrame):
     ax.set_xlabel("layer (index)")
     ax.set_ylabel("neurons (count)")
     ax.set_title("Neuron classes per layer (from the mean direct ratio)")
-    ax.legend(frameon=False, loc="upper right")
+    fig.legend(loc="outside lower center", ncols=3, frameon=False)
     return fig
 
 
@@ -83,5 +84,5 @@ def mean_direct_ratio_by_layer(layers: pd.DataFrame, thresholds=(0.3, 0.7)):
     ax.set_xlabel("layer (index)")
     ax.set_ylabel("direct ratio (mean over neurons)")
     ax.set_title("Direct ratio by layer (dashed: class thresholds)")
-    ax.legend(frameon=False)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return fig
