@@ -768,7 +768,7 @@ def phiid_path(out_dir, mode, tag=""):
 def save_phiid(path, result, head_layer, head_index, **extra):
     """Write a PhiIDResult atomically (lib.store.save_npz): one [heads, heads] array per atom name, atom_names,
     head_layer, head_index [heads], degenerate, n_valid [heads, heads], seconds, tau, redundancy, mode, backend,
-    plus any extra arrays."""
+    plus any extra arrays (run_phiid_for_run adds n_prompts, n_steps, activations_file and model)."""
     from lib import store
     heads = result.degenerate.shape[0]
     if len(head_layer) != heads or len(head_index) != heads:
@@ -788,7 +788,7 @@ def load_phiid(path):
     data = store.load_npz(path, expect={"atom_names": 1, "head_layer": 1, "head_index": 1, "degenerate": 2},
                           produced_by="02_phiid")
     data["atom_names"] = [str(a) for a in data["atom_names"]]
-    for key in ("seconds", "tau", "redundancy", "mode", "backend"):
+    for key in ("seconds", "tau", "redundancy", "mode", "backend", "n_prompts", "n_steps", "activations_file", "model"):
         if key in data:
             data[key] = data[key].item()
     return data
@@ -822,7 +822,12 @@ def run_phiid_for_run(out_dir, modes=MODES, tau=1, redundancy="MMI", backend="nu
                                          head_names=[f"L{l}H{h}" for l, h in zip(run["head_layer"], run["head_index"])])
             for w in caught:  # re-emit, naming the file
                 warnings.warn(f"{path.name}: {w.message}", DegeneratePairWarning, stacklevel=2)
-            out = save_phiid(phiid_path(out_dir, mode, tag), result, run["head_layer"], run["head_index"])
+            provenance = {"n_prompts": np.int64(X.shape[0]), "n_steps": np.int64(X.shape[2]),
+                          "activations_file": np.str_(path.name)}
+            if "model" in run:
+                provenance["model"] = run["model"]
+            out = save_phiid(phiid_path(out_dir, mode, tag), result, run["head_layer"], run["head_index"],
+                             **provenance)
             off_diagonal = ~np.eye(X.shape[1], dtype=bool)
             rows.append({"tag": tag, "activations": path.name, "mode": mode, "redundancy": redundancy, "tau": tau,
                          "backend": backend, "prompts": X.shape[0], "heads": X.shape[1], "steps": X.shape[2],

@@ -473,6 +473,7 @@ def test_run_phiid_for_run_writes_every_file_and_mode(tmp_path):
                                                       "phiid_pooled__random_init.npz"}
     saved = phiid.load_phiid(tmp_path / "phiid_pooled__random_init.npz")
     assert saved["atom_names"] == list(ATOM_NAMES) and saved["mode"] == "pooled" and saved["tau"] == 1
+    assert saved["n_prompts"] == 3 and saved["activations_file"] == "activations__random_init.npz"
     np.testing.assert_array_equal(saved["head_layer"], head_layer)
     X = np.load(tmp_path / "activations__random_init.npz")["activations"]
     np.testing.assert_array_equal(saved["sts"], phiid_all_pairs(X, mode="pooled")["sts"])
