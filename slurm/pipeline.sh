@@ -82,28 +82,53 @@ if [ "$DRY" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
 fi
 
 # Validate the params file exactly as the runner will (before anything is submitted) and list the pipeline:
-# "OUT_DIR <dir>" then "NB <name> <shardable 0/1>" per notebook.
-PLAN=$("$PY" - "$PARAMS" "${SETS[@]}" <<'PYEOF'
+# "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1>" per notebook, where stale means
+# that the runner would (re)compute something of it: a step not done with these parameters (shards included).
+SHARDS_JSON="{"
+for nb in "${!SHARDS[@]}"; do SHARDS_JSON+="\"$nb\": ${SHARDS[$nb]}, "; done
+SHARDS_JSON="${SHARDS_JSON%, }}"
+PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
+import json
 import sys
-from lib.run import ParamsError, build_steps, declared_parameters, load_params
+from lib.run import ParamsError, Step, _shard_suffix, build_steps, declared_parameters, is_up_to_date, load_params
 from lib.store import ArtifactError
-args = sys.argv[2:]
+params, default_shards, shard_map = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+args = sys.argv[4:]
 overrides = [args[i + 1] for i in range(0, len(args), 2)]
 try:
-    run, shared, sections = load_params(sys.argv[1], overrides)
+    run, shared, sections = load_params(params, overrides)
     steps = build_steps(run, shared, sections)
 except (ParamsError, ArtifactError) as e:
     sys.exit(f"error: {e}")
-print("OUT_DIR", steps[0].params["out_dir"])
+out = steps[0].output.parent
+print("OUT_DIR", out)
+
+
+def with_shard(step, shard):
+    suffix = _shard_suffix(shard)
+    return Step(step.name, step.path, {**step.params, "shard": shard}, out / f"{step.name}{suffix}.ipynb",
+                out / "html" / f"{step.name}{suffix}.html")
+
+
 for s in steps:
-    print("NB", s.name, int("shard" in declared_parameters(s.path)))
+    shardable = "shard" in declared_parameters(s.path)
+    n = shard_map.get(s.name, default_shards) if shardable else 1
+    if n > 1:
+        shards_stale = any(not is_up_to_date(with_shard(s, f"{i}/{n}")) for i in range(1, n + 1))
+        stale = shards_stale or not is_up_to_date(with_shard(s, ""))
+    else:
+        shards_stale, stale = False, not is_up_to_date(s)
+    print("NB", s.name, int(shardable), int(stale), int(shards_stale))
 PYEOF
 ) || exit 2
 OUT_DIR=$(awk '$1 == "OUT_DIR" {print $2}' <<<"$PLAN")
 case "$OUT_DIR" in /*) ;; *) OUT_DIR=$REPO/$OUT_DIR ;; esac
 mapfile -t NOTEBOOKS < <(awk '$1 == "NB" {print $2}' <<<"$PLAN")
-declare -A SHARDABLE=()
-while read -r tag name s; do [ "$tag" = NB ] && SHARDABLE[$name]=$s; done <<<"$PLAN"
+declare -A SHARDABLE=() STALE=() SHARDS_STALE=()
+while read -r tag name sh st ss; do
+    [ "$tag" = NB ] || continue
+    SHARDABLE[$name]=$sh STALE[$name]=$st SHARDS_STALE[$name]=$ss
+done <<<"$PLAN"
 if [ -n "$FROM" ]; then
     found=0
     for nb in "${NOTEBOOKS[@]}"; do [ "$nb" = "$FROM" ] && found=1; done
@@ -118,6 +143,10 @@ LOG_DIR=$OUT_DIR/logs
 GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference}
 RUNNER_ARGS=("${SETS[@]}")
 [ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
+# Each job is its own runner invocation, so "rerun what follows a notebook that ran" (the runner's rule within
+# one invocation) is applied here: every notebook after the first one with work to do gets --force; a merge
+# gets --force when its shards have work to do.
+FORCE_REST=$FORCE
 COMMON=(--parsable --kill-on-invalid-dep=yes --chdir="$REPO" --export=ALL,HEADINFO_REPO="$REPO")
 # shellcheck disable=SC2206
 EXTRA_ALL=($ALL_ARGS)
@@ -155,27 +184,40 @@ for nb in "${NOTEBOOKS[@]}"; do
     [ "$nb" = "$FROM" ] && started=1
     [ "$started" = 1 ] || continue
     mapfile -t res < <(resources "$nb")
+    nb_args=("${RUNNER_ARGS[@]}")
+    merge_args=("${RUNNER_ARGS[@]}")
+    if [ "$FORCE_REST" = 1 ]; then
+        [ "$FORCE" = 1 ] || { nb_args+=(--force); merge_args+=(--force); }
+    elif [ "${SHARDS_STALE[$nb]}" = 1 ]; then
+        merge_args+=(--force)
+    fi
+    note=""
+    if [[ " ${nb_args[*]} " == *" --force "* ]]; then note=" (--force: reruns after an earlier notebook)"
+    elif [ "${STALE[$nb]}" = 0 ]; then note=" (up to date: the job will skip it)"; fi
+    [ "${STALE[$nb]}" = 1 ] && FORCE_REST=1
     dep=()
     [ -n "$prev" ] && dep=(--dependency="afterok:$prev")
     n=${SHARDS[$nb]:-$DEFAULT_SHARDS}
     if [ "${SHARDABLE[$nb]}" = 1 ] && [ "$n" -gt 1 ]; then
         arr=$(submit "$nb shards" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --array="1-$n" --requeue \
               --open-mode=append --job-name="$RUN:$nb:shard" --output="$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out" \
-              slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${RUNNER_ARGS[@]}")
+              slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${nb_args[@]}")
         JOB_IDS+=("$arr")
-        echo "submitted $nb shards $arr array 1-$n"
+        echo "submitted $nb shards $arr array 1-$n$note"
         merge=$(submit "$nb merge" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" --dependency="afterok:$arr" \
                 --job-name="$RUN:$nb:merge" --output="$LOG_DIR/$nb.merge.%j.out" \
-                slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${RUNNER_ARGS[@]}")
+                slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${merge_args[@]}")
         JOB_IDS+=("$merge")
-        echo "submitted $nb merge $merge"
+        merge_note=$note
+        [[ " ${merge_args[*]} " == *" --force "* ]] && merge_note=" (--force: merges freshly computed shards)"
+        echo "submitted $nb merge $merge$merge_note"
         echo "  resubmit one failed shard K: sbatch --array=K ${res[*]} --chdir=$REPO --output=$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out slurm/run_shards.sbatch $PARAMS $nb $n ${RUNNER_ARGS[*]}"
         prev=$merge
     else
         job=$(submit "$nb" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --job-name="$RUN:$nb" \
-              --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${RUNNER_ARGS[@]}")
+              --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${nb_args[@]}")
         JOB_IDS+=("$job")
-        echo "submitted $nb $job"
+        echo "submitted $nb $job$note"
         prev=$job
     fi
 done

@@ -52,7 +52,7 @@ def parse_submission(stdout: str) -> dict[str, str]:
     """'submitted <label...> <id>' lines -> {label: id}; labels: notebook, '<nb> shards', '<nb> merge', 'report'."""
     jobs = {}
     for line in stdout.splitlines():
-        m = re.match(r"^submitted (.+?) (\S+)(?: array \S+)?$", line)
+        m = re.match(r"^submitted (.+?) (<[^>]+>|\d+)(?: array \S+)?(?: \(.*\))?$", line)
         if m:
             jobs[m.group(1)] = m.group(2)
     return jobs
@@ -97,6 +97,48 @@ def test_dry_run_prints_the_chain_and_submits_nothing(tmp_path):
         elif label != "report":
             assert f"run_notebook.sbatch {PARAMS} {nb}" in cmd
         previous = label
+
+
+def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
+    """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
+    from lib.run import Step, _shard_suffix, build_steps, load_params, params_hash, record
+    out = tmp_path / "run"
+    run, shared, secs = load_params(PARAMS, [f"out_dir={out}"])
+    steps = build_steps(run, shared, secs)
+
+    def mark_done(step, shard=None):
+        if shard is not None:
+            suffix = _shard_suffix(shard)
+            step = Step(step.name, step.path, {**step.params, "shard": shard}, out / f"{step.name}{suffix}.ipynb",
+                        out / "html" / f"{step.name}{suffix}.html")
+        step.output.parent.mkdir(parents=True, exist_ok=True)
+        step.output.write_text("{}")
+        record(step, status="ok", params_hash=params_hash(step.params))
+
+    for step in steps:
+        if shardable(step.name):
+            for shard in [""] + [f"{i}/{SHARDS}" for i in range(1, SHARDS + 1)]:
+                mark_done(step, shard)
+        else:
+            mark_done(step)
+
+    def plan():
+        r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--shards", str(SHARDS), "--set", f"out_dir={out}"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        cmds = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+        return dict(zip(parse_submission(r.stdout), cmds)), r.stdout
+
+    cmds, text = plan()
+    assert not any(" --force" in c for c in cmds.values()), text       # everything up to date: nothing forced
+    assert text.count("up to date: the job will skip it") == len(steps), text
+    names = [s.name for s in steps]
+    (out / f"{names[0]}.ipynb").unlink()                                   # the first notebook has work again
+    cmds, text = plan()
+    assert len(cmds) > 2
+    for label, cmd in cmds.items():
+        nb = label.split()[0]
+        assert (" --force" in cmd) == (label != "report" and names.index(nb) > 0), (label, cmd)
 
 
 def test_pipeline_refuses_bad_params_before_submitting(tmp_path):
