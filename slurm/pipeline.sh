@@ -10,7 +10,8 @@
 # A notebook is shardable when it declares a `shard` parameter. Every job has --kill-on-invalid-dep=yes: when a
 # job fails, the jobs after it are cancelled instead of pending forever. Array tasks are --requeue'able and the
 # notebooks checkpoint, so a requeued or resubmitted shard continues where it stopped; notebooks already done
-# with the same parameters are skipped by the runner (see --force).
+# with the same parameters are skipped by the runner, except that every notebook after the first one with work to
+# do gets --force (the runner's own rule within one call; here each job is a separate call).
 #
 # Options
 #   --dry-run              print the sbatch commands, submit nothing
