@@ -271,9 +271,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _expand_cache(cache, rows: int):
+def _expand_cache(cache, rows: int, keep_growth: bool = True):
     """A fresh cache object holding the clean keys/values expanded (views) to `rows` batch rows. A forward
-    concatenates onto its own copy, so the clean cache is never modified."""
+    concatenates onto its own copy, so the clean cache is never modified. keep_growth=False: each layer returns the
+    grown keys/values to its attention but does not keep them (the cache is thrown away after one forward), so the
+    [rows, kv_heads, positions, head_dim] copies of all layers are never alive at the same time."""
     if cache is None:
         return None
     new = copy.copy(cache)
@@ -283,8 +285,20 @@ def _expand_cache(cache, rows: int):
         if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
             fresh.keys = layer.keys.expand(rows, -1, -1, -1)
             fresh.values = layer.values.expand(rows, -1, -1, -1)
+            if not keep_growth:
+                fresh.update = _forgetful_update(fresh)
         new.layers.append(fresh)
     return new
+
+
+def _forgetful_update(layer):
+    update, keys, values = layer.update, layer.keys, layer.values
+
+    def forgetful(*args, **kwargs):
+        out = update(*args, **kwargs)
+        layer.keys, layer.values = keys, values
+        return out
+    return forgetful
 
 
 @dataclass
@@ -394,7 +408,7 @@ def total_logits_incremental(model, arch: ArchInfo, clean: CleanPass, prompt: in
     rows = vectors.shape[0]
     device = _device(model)
     skip = int(layers.min()) if (skip_lower and clean.block_returns_tensor) else None
-    cache = _expand_cache(clean.caches[prompt], rows)
+    cache = _expand_cache(clean.caches[prompt], rows, keep_growth=False)
     ids = torch.full((rows, 1), clean.last_tokens[prompt], dtype=torch.long, device=device)
     with _Injection(arch, layers, vectors, skip, clean.resid[prompt]):
         out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
@@ -607,7 +621,7 @@ class NeuronSetup:
             "target": [repr(tok.decode([t])) for t in self.target_ids],
             "distractor": [repr(tok.decode([t])) for t in self.distractor_ids],
             "clean_target_prob": torch.softmax(self.clean.logits, -1)[
-                torch.arange(len(self.target_ids)), torch.tensor(self.target_ids)].numpy().round(4)})
+                torch.arange(len(self.target_ids)), torch.tensor(self.target_ids)].cpu().numpy().round(4)})
 
     def neuron_table(self) -> pd.DataFrame:
         counts = pd.Series([n.layer for n in self.neurons]).value_counts().sort_index()
@@ -643,7 +657,7 @@ def prepare(model, tokenizer, arch: ArchInfo, *, out_dir: str | Path = "outputs/
         explicit = validate_neurons(arch, read_neuron_file(neurons_file), f"neurons_file {neurons_file}")
     elif selector not in SELECTORS:
         raise ValueError(f"unknown neuron selector {selector!r}; use one of {list(SELECTORS)}")
-    elif selector == "random":           # validate before the clean pass
+    else:                                # validate n_neurons and layers before the (slower) clean pass
         select_neurons(arch, "random", n_neurons, layers, seed=seed)
     prompts = load_prompts(out_dir, tokenizer, arch, n_prompts, chat_template)
     if targets is not None:
@@ -712,7 +726,7 @@ def compute_batch(setup: NeuronSetup, neurons: list[Neuron], prompt: int,
     frame = pd.DataFrame({
         "neuron_id": [n.id for n in neurons], "layer": layers.numpy(), "neuron": [n.neuron for n in neurons],
         "prompt": prompt, "prompt_id": setup.prompts.prompt_ids[prompt], "target_id": t, "distractor_id": d,
-        "activation": actual[:, prompt].double().numpy(), "scale": scale[:, prompt].double().numpy(),
+        "activation": actual[:, prompt].double().cpu().numpy(), "scale": scale[:, prompt].double().cpu().numpy(),
         "v_norm": vectors.float().norm(dim=-1).double().cpu().numpy(),
         "clean_target_logit": float(total[0, t]), "clean_target_prob": float(clean_probs[t]), **m})
     frame["direct_ratio"] = direct_ratio(frame["direct"], frame["indirect"], frame["total"])
