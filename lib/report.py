@@ -331,6 +331,11 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
         parts.append("<h2>Artifacts</h2><table><tr><th>file</th><th>size</th></tr>" + "".join(
             f"<tr><td><a href='../{_e(n)}'>{_e(n)}</a></td><td class='num'>{_size(s)}</td></tr>" for n, s in artifacts)
             + "</table>")
+    logs = sorted((out_dir / "logs").glob("*.out")) if (out_dir / "logs").is_dir() else []
+    if logs:
+        parts.append("<h2>Job logs</h2><table><tr><th>log (SLURM)</th><th>size</th></tr>" + "".join(
+            f"<tr><td><a href='../logs/{_e(p.name)}'>{_e(p.name)}</a></td><td class='num'>{_size(p.stat().st_size)}</td></tr>"
+            for p in logs) + "</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
