@@ -518,27 +518,24 @@ def _batch_rows(total: torch.Tensor, direct: torch.Tensor, clean_total: torch.Te
     """Metrics of B rows (one prompt): total/direct logits [B, V] against their clean references [V]."""
     eff_t, eff_d = total - clean_total, direct - clean_direct
     eff_i = eff_t - eff_d
-    p_clean = torch.softmax(clean_total, -1)[target]
-    p_total = torch.softmax(total, -1)[:, target]
-    p_direct = torch.softmax(direct, -1)[:, target] - torch.softmax(clean_direct, -1)[target]
+    prob = lambda logits: torch.exp(logits[..., target] - torch.logsumexp(logits, -1))    # target probability
     k = min(topk, eff_t.shape[-1])
-    top_t = eff_t.abs().topk(k, dim=-1).indices
-    top_d = eff_d.abs().topk(k, dim=-1).indices
     np_ = lambda x: x.double().cpu().numpy()
     out = {
         "direct": np_(eff_d[:, target]), "indirect": np_(eff_i[:, target]), "total": np_(eff_t[:, target]),
         "diff_direct": np_(eff_d[:, target] - eff_d[:, distractor]),
         "diff_indirect": np_(eff_i[:, target] - eff_i[:, distractor]),
         "diff_total": np_(eff_t[:, target] - eff_t[:, distractor]),
-        "dprob_total": np_(p_total - p_clean), "dprob_direct": np_(p_direct),
+        "dprob_total": np_(prob(total) - prob(clean_total)), "dprob_direct": np_(prob(direct) - prob(clean_direct)),
     }
     for name, e in (("total", eff_t), ("direct", eff_d), ("indirect", eff_i)):
-        out[f"mean_abs_{name}"] = np_(e.abs().mean(-1))
-        out[f"max_abs_{name}"] = np_(e.abs().max(-1).values)
-    out["top_total_ids"] = [_join(r, str) for r in top_t.tolist()]
-    out["top_total_effects"] = [_join(r, lambda v: f"{v:.6g}") for r in eff_t.gather(1, top_t).tolist()]
-    out["top_direct_ids"] = [_join(r, str) for r in top_d.tolist()]
-    out["top_direct_effects"] = [_join(r, lambda v: f"{v:.6g}") for r in eff_d.gather(1, top_d).tolist()]
+        mag = e.abs()
+        top = mag.topk(k, dim=-1)
+        out[f"mean_abs_{name}"] = np_(mag.mean(-1))
+        out[f"max_abs_{name}"] = np_(top.values[:, 0])
+        if name != "indirect":
+            out[f"top_{name}_ids"] = [_join(r, str) for r in top.indices.tolist()]
+            out[f"top_{name}_effects"] = [_join(r, lambda v: f"{v:.6g}") for r in e.gather(1, top.indices).tolist()]
     return out
 
 
