@@ -20,18 +20,22 @@ atom `rtr`, TDMI = the sum of the 16 atoms; a head's value is the mean over all 
 
 Is it signal?
   split-half reliability  random halves of the prompts; PhiID recomputed on each half (per-prompt modes: mean
-                          of per-prompt atoms over the half; concat / pooled: the engine on the half's prompts);
+                          of the per-prompt values over the half; concat / pooled: the mode on the half's prompts);
                           Spearman between the halves' head scores; mean +- sd over splits and the
                           Spearman-Brown estimate for the full prompt set, 2 r / (1 + r), of the mean r.
   surrogate null          each head's series circularly shifted within each prompt by an independent random
                           offset (after the variant's preprocessing); PhiID recomputed; the per-layer profile of
                           every surrogate gives the null band and per-layer z-scores.
-  inverted-U test         lib.diagnostics.inverted_u_test on the per-layer profile.
+  inverted-U test         lib.diagnostics.inverted_u_test on the per-layer profile, and on the excess of each
+                          head's score over its mean surrogate score (what cross-head timing adds).
+
+Speed: with MMI, sts, rtr and TDMI come from a closed form of each pair's correlation matrix
+(mmi_segment_stats, checked against lib.phiid to ~1e-12), so 100 surrogates x 5 PhiID sources stay cheap; with
+CCS every recomputation calls lib.phiid.phiid_all_pairs.
 """
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,7 +188,8 @@ def _segments(X, mode, tau):
 
 def _pair_kernel(xy, ab, xa, xb, ya, yb, m_xa, m_yb, ok):
     """Correlations [n] of pairs (x, y, a, b) (m_xa = 1 - xa^2, m_yb = 1 - yb^2 precomputed per head) and
-    usable [n] -> (sts, rtr, tdmi, defined), each [n]. In-place arithmetic: this is the hot loop."""
+    usable [n] -> (sts, rtr, tdmi, defined), each [n]; values where not defined are meaningless (callers mask).
+    In-place arithmetic: this is the hot loop."""
     from lib.phiid import SINGULAR_RTOL
     m_xy, m_ab, m_xb, m_ya = ((1 - r) * (1 + r) for r in (xy, ab, xb, ya))
     sd_xy, sd_ab = np.sqrt(m_xy), np.sqrt(m_ab)
@@ -226,10 +231,7 @@ def _pair_kernel(xy, ab, xa, xb, ya, yb, m_xa, m_yb, ok):
     q /= den
     tdmi = m_xy * m_ab
     tdmi /= d4
-    bad = ~defined
-    for v in (q, tdmi, m_max):
-        v[bad] = np.nan
-    sts = np.log(q, out=q)
+    sts = np.log(q, out=q)            # undefined pairs hold garbage (NaN/inf): every consumer masks by `defined`
     sts *= 0.5
     rtr = np.log(m_max, out=m_max)
     rtr *= -0.5
@@ -238,10 +240,9 @@ def _pair_kernel(xy, ab, xa, xb, ya, yb, m_xa, m_yb, ok):
     return sts, rtr, tdmi, defined
 
 
-def mmi_segment_stats(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PerPromptStats":
-    """Fast exact MMI sts, rtr, TDMI for every unordered pair and every segment (one per prompt in
-    per_prompt mode, else one) -> PerPromptStats [segments, pairs]. Same numbers as lib.phiid (to ~1e-12),
-    same degenerate pairs (NaN values, valid False)."""
+def _mmi_chunks(X, mode, tau, chunk):
+    """Yield (segment, pair slice, sts, rtr, tdmi, defined) over the segments of `mode` and chunks of the
+    unordered pairs; one segment's [H, H] correlation blocks in memory at a time."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 3 or X.shape[1] < 2:
         raise ValueError(f"X must be [prompts, heads >= 2, steps]; got shape {X.shape}")
@@ -249,37 +250,61 @@ def mmi_segment_stats(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PerPro
         raise ValueError(f"series of {X.shape[2]} steps are too short for tau={tau} (need steps >= tau + 5)")
     past, future = _segments(X, mode, tau)
     S, H, N = past.shape
-    with blas_threads(1):
-        zp, ok_p = _zscore_rows(past)
-        zf, ok_f = _zscore_rows(future)
-        zpt, zft = zp.transpose(0, 2, 1), zf.transpose(0, 2, 1)
-        blocks = {"pp": (zp @ zpt).reshape(S, -1), "ff": (zf @ zft).reshape(S, -1), "pf": (zp @ zft).reshape(S, -1)}
-    for v in blocks.values():
-        v /= N - 1
+    zp, ok_p = _zscore_rows(past)
+    zf, ok_f = _zscore_rows(future)
     ok = ok_p & ok_f
     iu, ju = dg.pair_index(H)
-    # (block, flat index) of each correlation of pair (i, j): x = past_i, y = past_j, a = future_i, b = future_j
-    gather = {"xy": ("pp", iu * H + ju), "ab": ("ff", iu * H + ju), "xb": ("pf", iu * H + ju),
-              "ya": ("pf", ju * H + iu)}
-    diag = np.arange(H) * (H + 1)
-    out = {k: np.empty((S, len(iu))) for k in ("sts", "rtr", "tdmi")}
-    valid = np.empty((S, len(iu)), bool)
+    g_up, g_low = iu * H + ju, ju * H + iu      # flat index of (i, j) and of (j, i)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for s in range(S):
-            lag = blocks["pf"][s, diag]
+            with blas_threads(1):
+                pp = (zp[s] @ zp[s].T).ravel() / (N - 1)      # corr(past_i, past_j)
+                ff = (zf[s] @ zf[s].T).ravel() / (N - 1)      # corr(future_i, future_j)
+                pf = zp[s] @ zf[s].T / (N - 1)                # corr(past_i, future_j)
+            lag = np.diagonal(pf).copy()
             m_lag = (1 - lag) * (1 + lag)
+            pf = pf.ravel()
             for a in range(0, len(iu), chunk):
                 sl = slice(a, a + chunk)
                 i, j = iu[sl], ju[sl]
-                r = {k: blocks[b][s, g[sl]] for k, (b, g) in gather.items()}
-                out["sts"][s, sl], out["rtr"][s, sl], out["tdmi"][s, sl], valid[s, sl] = _pair_kernel(
-                    r["xy"], r["ab"], lag[i], r["xb"], r["ya"], lag[j], m_lag[i], m_lag[j], ok[s, i] & ok[s, j])
+                yield (s, sl, *_pair_kernel(pp[g_up[sl]], ff[g_up[sl]], lag[i], pf[g_up[sl]], pf[g_low[sl]], lag[j],
+                                            m_lag[i], m_lag[j], ok[s, i] & ok[s, j]))
+
+
+def mmi_segment_stats(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PerPromptStats":
+    """Fast exact MMI sts, rtr, TDMI for every unordered pair and every segment (one per prompt in
+    per_prompt mode, else one) -> PerPromptStats [segments, pairs]. Same numbers as lib.phiid (to ~1e-12),
+    same degenerate pairs (NaN values, valid False)."""
+    S = X.shape[0] if mode == "per_prompt" else 1
+    H = X.shape[1]
+    n_pairs = H * (H - 1) // 2
+    out = {k: np.empty((S, n_pairs)) for k in ("sts", "rtr", "tdmi")}
+    valid = np.empty((S, n_pairs), bool)
+    for s, sl, sts, rtr, tdmi, ok in _mmi_chunks(X, mode, tau, chunk):
+        out["sts"][s, sl], out["rtr"][s, sl], out["tdmi"][s, sl], valid[s, sl] = sts, rtr, tdmi, ok
+    for v in out.values():
+        v[~valid] = np.nan
     return PerPromptStats(valid=valid, n_heads=H, **out)
 
 
+def mmi_pair_means(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PairStats":
+    """mmi_segment_stats(...).mean() with running sums (memory O(pairs), not O(prompts x pairs))."""
+    H = X.shape[1]
+    n_pairs = H * (H - 1) // 2
+    sums = {k: np.zeros(n_pairs) for k in ("sts", "rtr", "tdmi")}
+    count = np.zeros(n_pairs, np.int64)
+    for _, sl, sts, rtr, tdmi, ok in _mmi_chunks(X, mode, tau, chunk):
+        for k, v in (("sts", sts), ("rtr", rtr), ("tdmi", tdmi)):
+            sums[k][sl] += np.where(ok, v, 0.0)
+        count[sl] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {k: np.where(count > 0, v / count, np.nan) for k, v in sums.items()}
+    return PairStats(valid=count > 0, n_heads=H, **means)
+
+
 def mmi_mode_stats(X, modes=("per_prompt",), tau=1, chunk: int = 8192) -> dict:
-    """mmi_segment_stats for several modes: mode -> PerPromptStats."""
-    return {mode: mmi_segment_stats(X, mode, tau, chunk) for mode in modes}
+    """mmi_pair_means for several modes: mode -> PairStats."""
+    return {mode: mmi_pair_means(X, mode, tau, chunk) for mode in modes}
 
 
 class blas_threads:
@@ -334,7 +359,7 @@ def _engine(X, mode, tau, redundancy, backend):
 def phiid_pair_stats(X, mode="per_prompt", tau=1, redundancy="MMI", backend="numpy") -> PairStats:
     """PhiID (mode) of X -> PairStats: the fast kernel for MMI, lib.phiid.phiid_all_pairs for CCS."""
     if redundancy == "MMI":
-        return mmi_segment_stats(X, mode, tau).mean()
+        return mmi_pair_means(X, mode, tau)
     res = _engine(X, mode, tau, redundancy, backend)
     return PairStats.from_atoms(res, res.degenerate)
 
@@ -366,7 +391,7 @@ def source_stats(X_by_preprocess: dict, sources, tau=1, redundancy="MMI", backen
         modes = tuple(m for m, h in sources if h == how)
         if redundancy == "MMI":
             for mode, st in mmi_mode_stats(X_by_preprocess[how], modes, tau).items():
-                out[(mode, how)] = st.mean()
+                out[(mode, how)] = st
         else:
             for mode in modes:
                 out[(mode, how)] = phiid_pair_stats(X_by_preprocess[how], mode, tau, redundancy, backend)
@@ -556,10 +581,10 @@ def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1,
     write, when the files come from different runs (head count, head map, model; with verify=True (MMI) each
     file is also compared with the PhiID recomputed from the activations), or when tau / redundancy differ
     from those of the files."""
-    variants = dg_variants = check_variants(variants)
+    variants = check_variants(variants)
     acts = dg.load_activations(out_dir, tag)
     files = {}
-    for mode in sorted({VARIANTS[v].mode for v in dg_variants if VARIANTS[v].preprocess is None}):
+    for mode in sorted({VARIANTS[v].mode for v in variants if VARIANTS[v].preprocess is None}):
         users = [v for v in variants if VARIANTS[v].mode == mode and VARIANTS[v].preprocess is None]
         atoms = tuple(_atom_names()) if mode == "per_prompt" else ("sts", "rtr")
         if mode == "per_prompt" and not NEEDS_TDMI & set(users):
@@ -579,8 +604,7 @@ def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1,
                            progress=progress)
     if verify and redundancy == "MMI":
         for mode, ph in files.items():
-            computed = inputs.per_prompt(None).mean() if mode == "per_prompt" else mmi_segment_stats(
-                inputs.X, mode, tau).mean()
+            computed = inputs.per_prompt(None).mean() if mode == "per_prompt" else mmi_pair_means(inputs.X, mode, tau)
             check_file_matches(ph, computed)
     return inputs
 
@@ -710,11 +734,34 @@ def null_tables(scores: dict[str, VariantScore], null: dict[str, np.ndarray], he
     return pd.concat(frames, ignore_index=True)
 
 
-def inverted_u_table(scores: dict[str, VariantScore], head_layer, n_layers, n_boot=1000, seed=0) -> pd.DataFrame:
+def inverted_u_table(scores: dict[str, VariantScore], head_layer, n_layers, n_boot=1000, seed=0,
+                     null: dict | None = None) -> pd.DataFrame:
+    """lib.diagnostics.inverted_u_test of every variant's head scores. With `null` (surrogate_scores) the test
+    runs on the excess over the null instead: score - the head's mean surrogate score, i.e. only what the
+    timing between heads adds to what each head's own series (autocorrelation, drift, level) already gives."""
     rows = []
     for name, s in scores.items():
-        rows.append({"variant": name, **dg.inverted_u_test(s.score, head_layer, n_layers, n_boot, seed).as_row()})
+        values = s.score if null is None else s.score - np.asarray(null[name]).mean(0)
+        rows.append({"variant": name, **dg.inverted_u_test(values, head_layer, n_layers, n_boot, seed).as_row()})
     return pd.DataFrame(rows)
+
+
+def signal_summary(reliability: pd.DataFrame, verdicts: pd.DataFrame, verdicts_beyond_null: pd.DataFrame | None,
+                   null_table: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per variant: split-half reliability, inverted-U verdict of the profile, verdict of the excess
+    over the surrogate null, and how far the profile leaves the null band (layers with |z| > 3)."""
+    out = reliability[["variant", "r_mean", "r_sd", "spearman_brown"]].merge(
+        verdicts[["variant", "verdict", "peak_depth"]], on="variant", how="outer")
+    if verdicts_beyond_null is not None:
+        out = out.merge(verdicts_beyond_null[["variant", "verdict", "mid_minus_early", "mid_minus_late"]].rename(
+            columns={"verdict": "verdict_beyond_null", "mid_minus_early": "beyond_null_mid_minus_early",
+                     "mid_minus_late": "beyond_null_mid_minus_late"}), on="variant", how="left")
+    if null_table is not None:
+        g = null_table.groupby("variant", sort=False)["z"]
+        out["layers_abs_z_gt_3"] = out["variant"].map(g.apply(lambda z: int((np.abs(z) > 3).sum())))
+        out["max_abs_z"] = out["variant"].map(g.apply(lambda z: float(np.nanmax(np.abs(z))) if np.isfinite(z).any()
+                                                      else np.nan))
+    return out
 
 
 def agreement(scores: dict[str, VariantScore]) -> pd.DataFrame:
@@ -774,7 +821,8 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
 
 
 def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None, verdicts=None, null_table=None,
-                  agreement_matrix=None, params: dict | None = None, seconds: float | None = None) -> pd.DataFrame:
+                  agreement_matrix=None, params: dict | None = None, seconds: float | None = None,
+                  verdicts_beyond_null=None) -> pd.DataFrame:
     """Write rankings.csv (see rankings_frame) and ranking_summary.json (reliability, inverted-U verdicts,
     null z-scores, agreement), and a manifest entry for notebook 04. Returns the rankings frame."""
     from lib.store import save_csv, save_json, update_manifest
@@ -783,7 +831,8 @@ def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None
                "tau": inputs.tau, "redundancy": inputs.redundancy, "descriptions":
                {n: VARIANTS[n].description for n in scores},
                "layer_profiles": {n: s.layer_mean.tolist() for n, s in scores.items()}}
-    for key, frame in (("reliability", reliability), ("inverted_u", verdicts)):
+    for key, frame in (("reliability", reliability), ("inverted_u", verdicts),
+                       ("inverted_u_beyond_null", verdicts_beyond_null)):
         if frame is not None:
             summary[key] = frame.to_dict(orient="records")
     if null_table is not None:

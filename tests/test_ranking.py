@@ -2,7 +2,6 @@
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from lib import diagnostics as dg
@@ -64,6 +63,9 @@ def test_fast_kernel_equals_lib_phiid_including_degenerate_pairs(mode, tau):
     for name in ("sts", "rtr", "tdmi"):  # the near-singular pair (condition ~1e6) loses ~1e-10 either way
         np.testing.assert_allclose(getattr(fast, name)[fast.valid], getattr(want, name)[want.valid],
                                    rtol=1e-9, atol=1e-8)
+    running = rk.mmi_pair_means(X, mode, tau)  # running sums instead of per-segment arrays
+    np.testing.assert_array_equal(running.valid, fast.valid)
+    np.testing.assert_allclose(running.sts, fast.sts, rtol=1e-13, atol=1e-15)
 
 
 def test_per_prompt_stats_subset_mean_equals_phiid_on_the_subset():
@@ -299,3 +301,18 @@ def test_head_with_all_pairs_degenerate(tmp_path):
     inp = rk.load_inputs(tmp_path, ("rank_diff",))
     with pytest.raises(dg.DegenerateHeadError, match="L1H2"):
         inp.scores()
+
+
+def test_inverted_u_beyond_the_null_removes_a_profile_the_null_already_has():
+    # the observed scores and the surrogates share the same inverted U: nothing is left beyond the null
+    layer = np.repeat(np.arange(9), 6)
+    d = layer / 8
+    rng = np.random.default_rng(1)
+    shape = 0.5 - (d - 0.5) ** 2
+    observed = rk.VariantScore("x", shape + 0.02 * rng.normal(size=54), None, None, None, None, None)
+    null = {"x": shape + 0.02 * rng.normal(size=(30, 54))}
+    plain = rk.inverted_u_table({"x": observed}, layer, 9, n_boot=300)
+    beyond = rk.inverted_u_table({"x": observed}, layer, 9, n_boot=300, null=null)
+    assert plain["verdict"].iloc[0] == "inverted U" and beyond["verdict"].iloc[0] == "no depth trend"
+    np.testing.assert_allclose(beyond["mid_minus_early"].iloc[0],
+                               dg.inverted_u_test(observed.score - null["x"].mean(0), layer, 9, 10).mid_minus_early)
