@@ -1,0 +1,100 @@
+"""Figures of notebook 05 (iterative head ablation): the paper's Fig. 4a and per-prompt views."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from lib.plots.common import new_figure
+
+RANDOM_COLOR = "0.25"
+
+
+def _message_figure(text: str):
+    fig, ax = new_figure(6.4, 2.0)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return fig
+
+
+def plot_ablation_curves(result, title: str | None = None, log_inset: bool = True):
+    """Fraction of heads deactivated vs behaviour divergence (mean over prompts): solid ranking curve per
+    variant, dashed random mean with a +-sd band over seeds, dotted reverse order (most redundant first).
+    Right panel: the same on a log scale (shows the small-fraction regime)."""
+    if not result.complete:
+        return _message_figure(f"Partial run (nothing to plot): {result.message}")
+    fig, axes = new_figure(11.5, 4.2, ncols=2 if log_inset else 1)
+    axes = np.atleast_1d(axes)
+    x = result.fractions
+    mean = result.kl.mean(-1)                                            # [orderings, points]
+    colors = [f"C{i}" for i in range(10)]
+    rnd = result.index("random")
+    for ax, logy in zip(axes, (False, True)):
+        if rnd:
+            r = mean[rnd]
+            r_mean = r.mean(0)
+            r_sd = r.std(0, ddof=1) if len(rnd) > 1 else np.zeros_like(r_mean)
+            ax.plot(x, r_mean, "--", color=RANDOM_COLOR, lw=1.6, label=f"random order (mean of {len(rnd)} seeds)")
+            lower = np.maximum(r_mean - r_sd, r_mean.clip(min=0) * 1e-3) if logy else r_mean - r_sd
+            ax.fill_between(x, lower, r_mean + r_sd, color=RANDOM_COLOR, alpha=0.18, lw=0,
+                            label="random +- sd" if len(rnd) > 1 else None)
+        for i, v in enumerate(result.variants):
+            c = colors[i % len(colors)]
+            ax.plot(x, mean[result.index("ranking", v)[0]], "-", color=c, lw=2.0,
+                    label=f"ranking '{v}' (most synergistic first)")
+            rev = result.index("reverse", v)
+            if rev:
+                ax.plot(x, mean[rev[0]], ":", color=c, lw=1.8, label=f"reverse '{v}' (most redundant first)")
+        ax.set_xlabel("fraction of heads deactivated")
+        ax.set_ylabel("behaviour divergence KL(clean || ablated) (nats/token)")
+        ax.set_xlim(0, 1)
+        if logy:
+            positive = mean[:, 1:][mean[:, 1:] > 0]
+            if positive.size:
+                ax.set_yscale("log")
+                ax.set_ylim(positive.min() / 2, mean.max() * 2)
+            ax.set_title("log scale")
+        else:
+            ax.set_ylim(bottom=0)
+            ax.legend(loc="upper left", frameon=False)
+    kind = "zeroed" if result.perturbation == "zero" else f"Gaussian noise sigma={result.noise_sigma:g} on Q/O"
+    fig.suptitle(title or f"Cumulative head ablation ({kind}): {result.model}, "
+                          f"{result.kl.shape[2]} prompts x {result.total_heads} heads")
+    return fig
+
+
+def plot_prompt_auc_ratios(result):
+    """Per prompt: AUC of each ranking (and reverse) curve divided by the mean AUC of the random orders, grouped
+    by prompt category (1 = like random; > 1 = removing in ranking order hurts more)."""
+    if not result.complete:
+        return _message_figure(f"Partial run (nothing to plot): {result.message}")
+    rnd = result.index("random")
+    if not rnd:
+        return _message_figure("no random orderings (n_random = 0): no ratio to plot")
+    auc = result.prompt_auc()
+    base = auc[rnd].mean(0)
+    rows = []
+    for v in result.variants:
+        for kind in ("ranking", "reverse"):
+            for k in result.index(kind, v):
+                for p in range(auc.shape[1]):
+                    rows.append({"ordering": f"{kind} '{v}'", "category": str(result.prompt_category[p]),
+                                 "ratio": auc[k, p] / base[p] if base[p] > 0 else np.nan})
+    frame = pd.DataFrame(rows)
+    cats = list(dict.fromkeys(frame["category"]))
+    labels = list(dict.fromkeys(frame["ordering"]))
+    fig, ax = new_figure(9.0, 0.5 + 0.45 * len(cats) * max(1, len(labels)) ** 0.5 + 1.5)
+    offsets = np.linspace(-0.25, 0.25, len(labels)) if len(labels) > 1 else [0.0]
+    for i, (lab, off) in enumerate(zip(labels, offsets)):
+        sub = frame[frame["ordering"] == lab]
+        y = np.array([cats.index(c) for c in sub["category"]]) + off
+        ax.scatter(sub["ratio"], y, s=18, color=f"C{i}", alpha=0.8, label=lab)
+        for c in cats:
+            m = sub[sub["category"] == c]["ratio"].mean()
+            ax.plot([m, m], [cats.index(c) + off - 0.12, cats.index(c) + off + 0.12], color=f"C{i}", lw=2.5)
+    ax.axvline(1.0, color="0.3", ls="--", lw=1)
+    ax.set_yticks(range(len(cats)), cats)
+    ax.invert_yaxis()
+    ax.set_xlabel("AUC(ordering) / mean AUC(random orders) (ratio, per prompt; bar = category mean)")
+    ax.set_title("Per-prompt ablation damage relative to random order")
+    ax.legend(frameon=False, loc="best")
+    return fig

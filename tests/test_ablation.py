@@ -1,0 +1,397 @@
+"""lib.ablation: behaviour divergence under cumulative head ablation, checked against naive computations."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib import ablation as A
+from lib.models import load_model
+from lib.store import ArtifactError, save_npz
+
+T = 10
+PROMPT_LENGTHS = (5, 9, 7, 6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:llama")
+
+
+def write_run(folder: Path, arch, spec: str = "random:llama", seed: int = 0, prompt_lengths=PROMPT_LENGTHS,
+              n_tokens: int = T, n_heads_rankings: int | None = None) -> Path:
+    """A synthetic run folder: activations.npz (random prompts/tokens, left-padded) and rankings.csv."""
+    rng = np.random.default_rng(seed)
+    width = max(prompt_lengths)
+    ids = np.full((len(prompt_lengths), width), 2, dtype=np.int64)
+    for i, n in enumerate(prompt_lengths):
+        ids[i, width - n:] = rng.integers(3, 2000, n)
+    layer, head = arch.head_map()
+    save_npz(folder / "activations.npz", tokens=rng.integers(3, 2000, (len(prompt_lengths), n_tokens)),
+             prompt_input_ids=ids, prompt_lengths=np.array(prompt_lengths), prompt_ids=np.arange(len(prompt_lengths)),
+             prompt_category=np.array(["a", "b"] * (len(prompt_lengths) // 2) + ["a"] * (len(prompt_lengths) % 2)),
+             head_layer=np.array(layer), head_index=np.array(head), n_layers=arch.n_layers, n_heads=arch.n_heads,
+             n_kv_heads=arch.n_kv_heads, pad_token_id=2, model=spec, chat_template=False,
+             activations=np.zeros((len(prompt_lengths), arch.total_heads, n_tokens), dtype=np.float32))
+    h = n_heads_rankings or arch.total_heads
+    pd.DataFrame({"head_idx": np.arange(h), "layer": np.arange(h) // arch.n_heads, "head": np.arange(h) % arch.n_heads,
+                  "rank_diff": rng.random(h), "balance": rng.random(h)}).to_csv(folder / "rankings.csv", index=False)
+    return folder
+
+
+def naive_divergence(model, arch, inputs, removed, perturb=None) -> np.ndarray:
+    """Per prompt, one at a time, full logits, float64 log-softmax; heads removed by zeroing their output-projection
+    weight columns (no hook), or weights changed by `perturb` (a context manager factory)."""
+    from contextlib import nullcontext
+    saved = []
+    with torch.no_grad():
+        for h in removed:
+            layer, head = divmod(int(h), arch.n_heads)
+            weight, index = arch.block_param_slices(layer)["O"]
+            saved.append((weight, index(head), weight[index(head)].clone()))
+            weight[index(head)] = 0.0
+
+    def logp(i):
+        ids = torch.as_tensor(np.concatenate([inputs.prompts[i], inputs.tokens[i, :-1]]))[None]
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, len(inputs.prompts[i]) - 1:]
+        return logits.double().log_softmax(-1)
+
+    try:
+        with perturb() if perturb else nullcontext():
+            ablated = [logp(i) for i in range(len(inputs.prompts))]
+    finally:
+        with torch.no_grad():
+            for weight, idx, original in saved:
+                weight[idx] = original
+    clean = [logp(i) for i in range(len(inputs.prompts))]
+    return np.array([(c.exp() * (c - a)).sum(-1).mean().item() for c, a in zip(clean, ablated)])
+
+
+# ----------------------------------------------------------------------------- plan
+
+def test_points_and_orderings(tmp_path, tiny):
+    _, _, arch = tiny
+    assert A.make_points(16, step_size=5).tolist() == [0, 5, 10, 15, 16]
+    assert A.make_points(16).tolist() == list(range(17))
+    assert A.make_points(16, fractions=[0.5, 0.25, 1.0]).tolist() == [0, 4, 8, 16]
+    inputs, plan = A.prepare(write_run(tmp_path, arch), model="random:llama", variants=["balance"], n_random=3,
+                             step_size=4, seed=7)
+    ranks = inputs.rankings.set_index("head_idx")["balance"]
+    kinds = [o.kind for o in plan.orderings]
+    assert kinds == ["ranking", "random", "random", "random", "reverse"]
+    rank_order = plan.orderings[0].order
+    assert list(ranks.loc[list(rank_order)]) == sorted(ranks, reverse=True)          # most synergistic first
+    assert plan.orderings[-1].order == rank_order[::-1]
+    seeds = [o.seed for o in plan.orderings if o.kind == "random"]
+    assert seeds == [7, 8, 9]
+    for o in plan.orderings:
+        assert sorted(o.order) == list(range(16))
+    assert plan.orderings[1].order == tuple(np.random.default_rng(7).permutation(16).tolist())
+    assert len({o.order for o in plan.orderings[1:4]}) == 3
+
+
+def test_prompt_selection_spreads_over_categories():
+    cats = np.array(["x"] * 4 + ["y"] * 4 + ["z"] * 4)
+    assert A.select_prompt_rows(cats, 6) == [0, 1, 4, 5, 8, 9]
+    assert A.select_prompt_rows(cats, 4) == [0, 1, 4, 8]
+    assert A.select_prompt_rows(cats, None) == list(range(12))
+
+
+# ----------------------------------------------------------------------------- divergence against truth
+
+@pytest.mark.parametrize("spec", ["random:llama", "random:gpt2", "random:gpt_neox", "random:gemma3"])
+def test_batched_divergence_equals_naive(tmp_path, spec):
+    model, _, arch = load_model(spec)
+    inputs, _ = A.prepare(write_run(tmp_path, arch, spec), model=spec, variants=["rank_diff"])
+    rng = np.random.default_rng(3)
+    removed = [rng.choice(arch.total_heads, k, replace=False).tolist() for k in (1, 5, arch.total_heads - 2)]
+    masks = torch.ones(len(removed), arch.total_heads)
+    for m, r in enumerate(removed):
+        masks[m, r] = 0.0
+    engine = A.DivergenceEngine(model, arch, inputs, batch_size=5, logit_rows=2)   # batches mix masks and lengths
+    assert engine.method == ("direct" if arch.final_logit_softcap else "linear")
+    prompts = list(range(len(inputs.prompts)))
+    got = engine.divergence(prompts, masks, engine.clean(prompts))
+    for m, r in enumerate(removed):
+        truth = naive_divergence(model, arch, inputs, r)
+        assert truth.min() > 1e-5                                   # a real effect, not a trivially small one
+        # float32 logits: "linear" is within ~1e-8 nats of the float64 truth, "direct" (soft-capped) within ~3e-7
+        np.testing.assert_allclose(got[m], truth, rtol=2e-4, atol=1e-7 if engine.method == "linear" else 6e-7)
+
+
+def test_linear_and_direct_methods_agree(tmp_path, tiny):
+    model, _, arch = tiny
+    inputs, _ = A.prepare(write_run(tmp_path, arch), model="random:llama", variants=["rank_diff"])
+    masks = torch.ones(2, arch.total_heads)
+    masks[0, [1, 6, 11]] = 0.0
+    masks[1, :8] = 0.0
+    prompts = [0, 1, 2, 3]
+    out = {}
+    for method in ("linear", "direct"):
+        engine = A.DivergenceEngine(model, arch, inputs, batch_size=8, method=method)
+        out[method] = engine.divergence(prompts, masks, engine.clean(prompts))
+    np.testing.assert_allclose(out["linear"], out["direct"], rtol=1e-4)
+
+
+def test_padding_matches_one_prompt_at_a_time(tmp_path, tiny):
+    model, _, arch = tiny
+    inputs, _ = A.prepare(write_run(tmp_path, arch), model="random:llama", variants=["rank_diff"])
+    masks = torch.ones(3, arch.total_heads)
+    masks[0, [0, 5]] = 0.0
+    masks[1, 3:12] = 0.0
+    prompts = [0, 1, 2, 3]
+    batched = A.DivergenceEngine(model, arch, inputs, batch_size=64)
+    single = A.DivergenceEngine(model, arch, inputs, batch_size=1)
+    a = batched.divergence(prompts, masks, batched.clean(prompts))
+    b = single.divergence(prompts, masks, single.clean(prompts))
+    assert a[2].max() < 1e-7 and b[2].max() == 0.0           # unablated row (float noise only when padded)
+    np.testing.assert_allclose(a[:2], b[:2], rtol=1e-5)
+
+
+def run_plan(tmp_path, arch, model, **kwargs):
+    kwargs = {"variants": ["rank_diff"], "n_random": 2, "step_size": 3, **kwargs}
+    inputs, plan = A.prepare(tmp_path, model="random:llama", **kwargs)
+    return inputs, plan, A.run_ablation(model, arch, inputs, plan, batch_size=kwargs.get("batch_size", 32),
+                                        progress=False)
+
+
+def test_curves_zero_at_start_and_all_heads_equals_zeroed_o_proj(tmp_path, tiny):
+    model, _, arch = tiny
+    write_run(tmp_path, arch)
+    inputs, plan, result = run_plan(tmp_path, arch, model, batch_size=6)
+    assert result.complete and result.n_removed[0] == 0 and result.n_removed[-1] == arch.total_heads
+    assert (result.kl[:, 0] == 0.0).all()                                        # exactly 0, every ordering
+    all_heads = naive_divergence(model, arch, inputs, range(arch.total_heads))
+    for k in range(len(plan.orderings)):
+        np.testing.assert_allclose(result.kl[k, -1], all_heads, rtol=2e-4)
+    # a middle point of one random ordering against the naive computation
+    k, j = 1, 2
+    truth = naive_divergence(model, arch, inputs, plan.orderings[k].order[:plan.n_removed[j]])
+    np.testing.assert_allclose(result.kl[k, j], truth, rtol=2e-4)
+    frame = result.to_frame()
+    assert list(frame.columns[:7]) == ["ordering", "variant", "seed", "n_removed", "fraction", "kl_mean", "kl_sem"]
+    row = frame[(frame.ordering == "random") & (frame.seed == plan.orderings[k].seed) & (frame.n_removed == plan.n_removed[j])]
+    assert row.kl_mean.item() == pytest.approx(truth.mean(), rel=2e-4)
+    assert row.kl_sem.item() == pytest.approx(truth.std(ddof=1) / 2, rel=2e-3)
+
+
+# ----------------------------------------------------------------------------- resume and shards
+
+def test_resume_after_interruption_is_identical(tmp_path, tiny):
+    model, _, arch = tiny
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        d.mkdir()
+        write_run(d, arch)
+    _, _, reference = run_plan(ref_dir, arch, model)
+    inputs, plan = A.prepare(run_dir, model="random:llama", variants=["rank_diff"], n_random=2, step_size=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(n):
+        if n == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        A.run_ablation(model, arch, inputs, plan, progress=False, on_unit=kill_after)
+    ckpt = A.Checkpoint.load(run_dir / A.CHECKPOINT_FILE)
+    assert ckpt.units_done() == (3, len(plan.units())) and not ckpt.complete
+    calls = []
+    resumed = A.run_ablation(model, arch, inputs, plan, progress=False, on_unit=calls.append)
+    assert len(calls) == len(plan.units()) - 3                                    # only the missing units
+    np.testing.assert_array_equal(resumed.kl, reference.kl)
+
+
+def test_shards_merge_to_the_single_run(tmp_path, tiny):
+    model, _, arch = tiny
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        d.mkdir()
+        write_run(d, arch)
+    _, _, reference = run_plan(ref_dir, arch, model)
+    for i in (1, 3):
+        part = run_plan(run_dir, arch, model, shard=f"{i}/3")[2]
+        assert not part.complete and (run_dir / A.SHARD_DIR / f"shard-{i}-of-3.npz").exists()
+    with pytest.raises(ArtifactError, match=r"missing shards \[2\] of 3.*shard='2/3'"):
+        run_plan(run_dir, arch, model)
+    assert not (run_dir / A.CSV_FILE).exists()
+    run_plan(run_dir, arch, model, shard="2/3")
+    merged = run_plan(run_dir, arch, model)[2]
+    assert merged.complete
+    np.testing.assert_array_equal(merged.kl, reference.kl)
+    # a shard computed with other settings is refused, naming the difference
+    with pytest.raises(ArtifactError, match="other settings.*n_removed"):
+        run_plan(run_dir, arch, model, step_size=4)
+
+
+def test_incomplete_shard_is_refused(tmp_path, tiny):
+    model, _, arch = tiny
+    write_run(tmp_path, arch)
+    inputs, plan = A.prepare(tmp_path, model="random:llama", variants=["rank_diff"], n_random=1, step_size=4,
+                             shard="1/2")
+
+    def stop(n):
+        if n == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        A.run_ablation(model, arch, inputs, plan, progress=False, on_unit=stop)
+    run_plan(tmp_path, arch, model, n_random=1, step_size=4, shard="2/2")
+    with pytest.raises(ArtifactError, match=r"shard 1/2 \(1 of \d+ units done\).*shard='1/2'"):
+        run_plan(tmp_path, arch, model, n_random=1, step_size=4)
+
+
+# ----------------------------------------------------------------------------- noise perturbation
+
+def test_noise_perturbation(tmp_path, tiny):
+    model, _, arch = tiny
+    write_run(tmp_path, arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = [1, 6]
+    with A.perturbed_heads(arch, heads, 0.5, seed=3):
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        q = arch.block_param_slices(1)["Q"]
+        o = arch.block_param_slices(1)["O"]
+        diff_q = (q[0] - before_param(model, q[0], before)).abs()
+        diff_o = (o[0] - before_param(model, o[0], before)).abs()
+    d = arch.head_dim
+    assert changed == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                       "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"}
+    assert (diff_q[2 * d:3 * d] > 0).all() and diff_q[:2 * d].sum() == 0 and diff_q[3 * d:].sum() == 0   # head 6 = (1, 2)
+    assert (diff_o[:, 2 * d:3 * d] > 0).all() and diff_o[:, :2 * d].sum() == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # restored exactly
+
+    inputs, plan, result = run_plan(tmp_path, arch, model, perturbation="noise", noise_sigma=0.3, step_size=5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert (result.kl[:, 0] == 0).all() and (result.kl[:, 1:] > 0).all()
+    k, j = 2, 1
+    order = plan.orderings[k].order[:plan.n_removed[j]]
+    truth = naive_divergence(model, arch, inputs, [], perturb=lambda: A.perturbed_heads(arch, order, 0.3, plan.seed))
+    np.testing.assert_allclose(result.kl[k, j], truth, rtol=2e-4)
+    np.testing.assert_allclose(result.kl[:, -1], np.broadcast_to(result.kl[0, -1], result.kl[:, -1].shape), rtol=1e-5)
+
+
+def before_param(model, tensor, before):
+    name = next(n for n, p in model.named_parameters() if p is tensor)
+    return before[name]
+
+
+# ----------------------------------------------------------------------------- tables
+
+def synthetic_result(kl_rank, kl_random, kl_reverse, fractions_n=(0, 2, 4)):
+    orderings = ([A.Ordering("ranking", "v", -1, tuple(range(4)))]
+                 + [A.Ordering("random", A.RANDOM_VARIANT, s, tuple(range(4))) for s in range(len(kl_random))]
+                 + [A.Ordering("reverse", "v", -1, tuple(range(4)))])
+    kl = np.stack([kl_rank, *kl_random, kl_reverse])
+    return A.AblationResult(orderings, np.array(fractions_n), 4, kl, np.arange(kl.shape[2]),
+                            np.array(["c"] * kl.shape[2]))
+
+
+def test_fraction_table_and_auc_ratio():
+    rng = np.random.default_rng(0)
+    base = np.array([[0.0] * 5, rng.random(5), 1 + rng.random(5)])          # [points, prompts]
+    randoms = [base * (1 + 0.1 * s) for s in range(3)]
+    result = synthetic_result(2 * base, randoms, 0.5 * base)
+    table = result.fraction_table(fractions=[0.25, 0.5, 1.0])
+    rnd_means = np.array([r.mean(-1) for r in randoms])                     # [seeds, points]
+    at_quarter = rnd_means[:, 1] / 2                                        # 0.25 = halfway between 0 and 0.5
+    row = table[table.fraction == 0.25].iloc[0]
+    assert not row.on_grid and row.random_mean == pytest.approx(at_quarter.mean())
+    assert row.random_sd == pytest.approx(at_quarter.std(ddof=1))
+    row = table[table.fraction == 1.0].iloc[0]
+    assert row.ranking_kl == pytest.approx(2 * base[2].mean()) and row.reverse_kl == pytest.approx(0.5 * base[2].mean())
+    assert row.ratio == pytest.approx(2 * base[2].mean() / rnd_means[:, 2].mean())
+    auc = result.auc_table(n_boot=500)
+    rank = auc[auc.ordering == "ranking"].iloc[0]
+    x = np.array([0, 0.5, 1.0])
+    manual = np.trapezoid(2 * base.mean(-1), x) / np.mean([np.trapezoid(r.mean(-1), x) for r in randoms])
+    assert rank.auc_ratio == pytest.approx(manual)
+    assert rank.ci_low <= rank.auc_ratio <= rank.ci_high and rank.ci_high - rank.ci_low < 0.05  # ratio fixed per prompt
+    rev = auc[auc.ordering == "reverse"].iloc[0]
+    assert rev.auc_ratio == pytest.approx(manual / 4)
+
+
+def test_bootstrap_ci_widens_with_prompt_heterogeneity():
+    rng = np.random.default_rng(1)
+    base = np.array([[0.0] * 40, rng.random(40), 1 + rng.random(40)])
+    factor = np.where(np.arange(40) % 2 == 0, 0.5, 3.0)                       # ranking hurts some prompts more
+    result = synthetic_result(base * factor, [base, base * 1.05], base)
+    row = result.auc_table(n_boot=1000).query("ordering == 'ranking'").iloc[0]
+    assert row.ci_low < row.auc_ratio < row.ci_high and row.ci_high - row.ci_low > 0.2
+
+
+def test_save_load_roundtrip_and_figures(tmp_path, tiny):
+    model, _, arch = tiny
+    write_run(tmp_path, arch)
+    result = run_plan(tmp_path, arch, model, step_size=8, variants=["rank_diff", "balance"])[2]
+    result.save(tmp_path)
+    loaded = A.AblationResult.load(tmp_path)
+    np.testing.assert_array_equal(loaded.kl, result.kl)
+    assert [o.label for o in loaded.orderings] == [o.label for o in result.orderings]
+    csv = pd.read_csv(tmp_path / A.CSV_FILE, keep_default_na=False)
+    assert len(csv) == len(result.orderings) * len(result.n_removed)
+    assert set(csv.variant) == {"rank_diff", "balance", A.RANDOM_VARIANT}
+    from lib.plots.ablation import plot_ablation_curves, plot_prompt_auc_ratios
+    fig = plot_ablation_curves(result)
+    ax = fig.axes[0]
+    assert "fraction of heads" in ax.get_xlabel() and "nats" in ax.get_ylabel()
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("random" in lab for lab in labels) and sum("reverse" in lab for lab in labels) == 2
+    assert plot_prompt_auc_ratios(result).axes[0].get_xlabel()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def listing(folder: Path):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"variants": ["nope"]}, r"variant\(s\) \['nope'\] not in .*available: \['rank_diff', 'balance'\].*04_ranking_variants"),
+    ({"step_size": 0}, r"step_size must be an integer in \[1, 16\]"),
+    ({"step_size": 17}, r"step_size must be an integer in \[1, 16\]"),
+    ({"step_size": None, "fractions": [0.0, 0.5]}, r"fractions must lie in \(0, 1\].*\[0.0\]"),
+    ({"step_size": None, "fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\].*\[1.5\]"),
+    ({"shard": "3/2"}, r"shard must be '' .* 1 <= i <= n.*'3/2'"),
+    ({"perturbation": "noise"}, r"noise_sigma > 0"),
+    ({"model": "random:gpt2"}, r"greedy tokens of model 'random:llama'.*model='random:gpt2'"),
+])
+def test_bad_parameters_fail_clearly_and_write_nothing(tmp_path, tiny, kwargs, pattern):
+    write_run(tmp_path, tiny[2])
+    before = listing(tmp_path)
+    params = {"model": "random:llama", "variants": ["rank_diff"], "step_size": 1, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        A.prepare(tmp_path, **params)
+    assert listing(tmp_path) == before
+
+
+def test_bad_artifacts_fail_clearly_and_write_nothing(tmp_path, tiny):
+    arch = tiny[2]
+    write_run(tmp_path, arch, n_heads_rankings=20)                             # rankings of another model
+    before = listing(tmp_path)
+    with pytest.raises(ArtifactError, match="rankings.csv has 20 heads but .*activations.npz has 16"):
+        A.prepare(tmp_path, model="random:llama", variants=["rank_diff"])
+    (tmp_path / "activations.npz").unlink()
+    with pytest.raises(ArtifactError, match="missing artifact .*activations.npz.*01_extract_activations"):
+        A.prepare(tmp_path, model="random:llama", variants=["rank_diff"])
+    assert listing(tmp_path) == [p for p in before if p != "activations.npz"]
+
+
+def test_base_model_logits_match_full_model():
+    for spec in ("random:llama", "random:gpt2", "random:gpt_neox", "random:gemma3", "random:qwen3", "random:qwen2"):
+        model, _, arch = load_model(spec)
+        ids = torch.randint(3, 2000, (2, 9))
+        with torch.inference_mode():
+            full = model(input_ids=ids).logits
+            normed = arch.base_model()(input_ids=ids, use_cache=False).last_hidden_state
+            torch.testing.assert_close(arch.logits_from_normed(normed), full, rtol=0, atol=0)
