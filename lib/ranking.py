@@ -164,11 +164,14 @@ def _zscore_rows(rows):
     """rows [..., heads, N] -> (z-scored rows (ddof=1; unusable rows 0), usable [..., heads]); lib.phiid's
     rule: finite and sd > CONSTANT_RTOL * max|value|."""
     from lib.phiid import CONSTANT_RTOL
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         z = rows - rows.mean(-1, keepdims=True)
-        sd = np.sqrt(np.einsum("...t,...t->...", z, z) / (rows.shape[-1] - 1))
-        ok = np.isfinite(sd) & (sd > CONSTANT_RTOL * np.abs(rows).max(-1))
-    z = np.where(ok[..., None], z / np.where(ok, sd, 1.0)[..., None], 0.0)
+        sd = np.sqrt(np.einsum("...t,...t->...", z, z) / (rows.shape[-1] - 1))   # NaN/inf rows stay non-finite
+        scale = np.maximum(rows.max(-1), -rows.min(-1))
+        ok = np.isfinite(sd) & np.isfinite(scale) & (sd > CONSTANT_RTOL * scale)
+        z *= np.where(ok, 1 / sd, 0.0)[..., None]
+    if not ok.all():
+        z[~ok] = 0.0                                                               # also clears NaN * 0
     return z, ok
 
 
@@ -255,12 +258,16 @@ def _mmi_chunks(X, mode, tau, chunk):
     ok = ok_p & ok_f
     iu, ju = dg.pair_index(H)
     g_up, g_low = iu * H + ju, ju * H + iu      # flat index of (i, j) and of (j, i)
+    group = max(1, (1 << 27) // (24 * H * H))      # segments per batched matmul: <= 128 MB of blocks
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for s in range(S):
-            with blas_threads(1):
-                pp = (zp[s] @ zp[s].T).ravel() / (N - 1)      # corr(past_i, past_j)
-                ff = (zf[s] @ zf[s].T).ravel() / (N - 1)      # corr(future_i, future_j)
-                pf = zp[s] @ zf[s].T / (N - 1)                # corr(past_i, future_j)
+            if s % group == 0:
+                g = slice(s, min(s + group, S))
+                with blas_threads(1):
+                    PP = zp[g] @ zp[g].transpose(0, 2, 1) / (N - 1)      # corr(past_i, past_j)
+                    FF = zf[g] @ zf[g].transpose(0, 2, 1) / (N - 1)      # corr(future_i, future_j)
+                    PF = zp[g] @ zf[g].transpose(0, 2, 1) / (N - 1)      # corr(past_i, future_j)
+            pp, ff, pf = PP[s % group].ravel(), FF[s % group].ravel(), PF[s % group]
             lag = np.diagonal(pf).copy()
             m_lag = (1 - lag) * (1 + lag)
             pf = pf.ravel()
