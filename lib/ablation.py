@@ -43,7 +43,7 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -778,6 +778,61 @@ def run_ablation(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPl
                               message=f"shard {shard[0]}/{shard[1]} written to {path} ({done} of {total} units); "
                                       f"merge all shards with a run with shard=''", **common)
     return AblationResult(kl=ckpt.kl.copy(), seconds=seconds, message=f"computed {finished} units", **common)
+
+
+def plan_table(plan: AblationPlan, inputs: AblationInputs) -> pd.DataFrame:
+    """One row per ordering: kind, variant, seed and the first heads it removes (as layer.head)."""
+    n_heads = inputs.n_heads
+    return pd.DataFrame([{"ordering": o.kind, "variant": o.variant, "seed": o.seed if o.seed >= 0 else "",
+                          "first heads removed (layer.head)": " ".join(f"{h // n_heads}.{h % n_heads}" for h in o.order[:6]) + " ..."}
+                         for o in plan.orderings])
+
+
+@torch.inference_mode()
+def _naive_logprobs(model, inputs: AblationInputs, prompt: int) -> torch.Tensor:
+    ids = torch.as_tensor(np.concatenate([inputs.prompts[prompt], inputs.tokens[prompt, :-1]]),
+                          device=next(model.parameters()).device)[None]
+    logits = model(input_ids=ids).logits[0, len(inputs.prompts[prompt]) - 1:]
+    return logits.double().log_softmax(-1)
+
+
+def verify(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPlan, result: AblationResult,
+           n_checks: int = 3, n_prompts: int = 2) -> pd.DataFrame:
+    """Recompute a few (ordering, point, prompt) values the slow way: one prompt at a time, the full model with all
+    logits, float64 log-softmax, heads removed by zeroing their output-projection weight columns (no hook) or, for
+    'noise', the same weight perturbation. Rows: batched value, slow value, relative difference."""
+    rng = np.random.default_rng(plan.seed)
+    points = [j for j in range(len(plan.n_removed)) if 0 < plan.n_removed[j]]
+    rows = []
+    for _ in range(min(n_checks, len(points) * len(plan.orderings))):
+        k, j = int(rng.integers(len(plan.orderings))), int(rng.choice(points))
+        heads = plan.orderings[k].order[:plan.n_removed[j]]
+        saved = []
+        try:
+            with torch.no_grad():
+                if plan.perturbation == "zero":
+                    for h in heads:
+                        weight, index = arch.block_param_slices(h // arch.n_heads)["O"]
+                        idx = index(h % arch.n_heads)
+                        saved.append((weight, idx, weight[idx].clone()))
+                        weight[idx] = 0.0
+            ctx = perturbed_heads(arch, heads, plan.noise_sigma, plan.seed) if plan.perturbation == "noise" \
+                else nullcontext()
+            prompts = sorted(rng.choice(len(inputs.prompts), min(n_prompts, len(inputs.prompts)), replace=False))
+            with ctx:
+                ablated = {p: _naive_logprobs(model, inputs, p) for p in prompts}
+        finally:
+            with torch.no_grad():
+                for weight, idx, original in saved:
+                    weight[idx] = original
+        for p in prompts:
+            clean = _naive_logprobs(model, inputs, p)
+            slow = float((clean.exp() * (clean - ablated[p])).sum(-1).mean())
+            fast = float(result.kl[k, j, p])
+            rows.append({"ordering": plan.orderings[k].label, "n_removed": int(plan.n_removed[j]),
+                         "prompt": int(inputs.prompt_ids[p]), "batched_kl": fast, "slow_kl": slow,
+                         "rel_diff": abs(fast - slow) / max(abs(slow), 1e-12)})
+    return pd.DataFrame(rows)
 
 
 def shard_summary(result: AblationResult) -> pd.DataFrame:

@@ -22,40 +22,43 @@ def plot_ablation_curves(result, title: str | None = None, log_inset: bool = Tru
     Right panel: the same on a log scale (shows the small-fraction regime)."""
     if not result.complete:
         return _message_figure(f"Partial run (nothing to plot): {result.message}")
-    fig, axes = new_figure(11.5, 4.2, ncols=2 if log_inset else 1)
+    fig, axes = new_figure(11.5, 4.8, ncols=2 if log_inset else 1)
     axes = np.atleast_1d(axes)
     x = result.fractions
     mean = result.kl.mean(-1)                                            # [orderings, points]
     colors = [f"C{i}" for i in range(10)]
     rnd = result.index("random")
     for ax, logy in zip(axes, (False, True)):
+        s = slice(1, None) if logy and result.n_removed[0] == 0 else slice(None)   # log axis: skip the exact 0
         if rnd:
             r = mean[rnd]
             r_mean = r.mean(0)
             r_sd = r.std(0, ddof=1) if len(rnd) > 1 else np.zeros_like(r_mean)
-            ax.plot(x, r_mean, "--", color=RANDOM_COLOR, lw=1.6, label=f"random order (mean of {len(rnd)} seeds)")
-            lower = np.maximum(r_mean - r_sd, r_mean.clip(min=0) * 1e-3) if logy else r_mean - r_sd
-            ax.fill_between(x, lower, r_mean + r_sd, color=RANDOM_COLOR, alpha=0.18, lw=0,
-                            label="random +- sd" if len(rnd) > 1 else None)
+            lower = np.maximum(r_mean - r_sd, r_mean * 0.05) if logy else r_mean - r_sd
+            ax.plot(x[s], r_mean[s], "--", color=RANDOM_COLOR, lw=1.6, label=f"random order (mean of {len(rnd)} seeds)")
+            ax.fill_between(x[s], lower[s], (r_mean + r_sd)[s], color=RANDOM_COLOR, alpha=0.18, lw=0,
+                            label="random order +- 1 sd over seeds" if len(rnd) > 1 else None)
         for i, v in enumerate(result.variants):
             c = colors[i % len(colors)]
-            ax.plot(x, mean[result.index("ranking", v)[0]], "-", color=c, lw=2.0,
+            ax.plot(x[s], mean[result.index("ranking", v)[0]][s], "-", color=c, lw=2.0,
                     label=f"ranking '{v}' (most synergistic first)")
             rev = result.index("reverse", v)
             if rev:
-                ax.plot(x, mean[rev[0]], ":", color=c, lw=1.8, label=f"reverse '{v}' (most redundant first)")
+                ax.plot(x[s], mean[rev[0]][s], ":", color=c, lw=1.8, label=f"reverse '{v}' (most redundant first)")
         ax.set_xlabel("fraction of heads deactivated")
-        ax.set_ylabel("behaviour divergence KL(clean || ablated) (nats/token)")
+        ax.set_ylabel("behaviour divergence, KL (nats/token)")
         ax.set_xlim(0, 1)
         if logy:
-            positive = mean[:, 1:][mean[:, 1:] > 0]
+            positive = mean[:, s][mean[:, s] > 0]
             if positive.size:
                 ax.set_yscale("log")
-                ax.set_ylim(positive.min() / 2, mean.max() * 2)
-            ax.set_title("log scale")
+                ax.set_ylim(positive.min() / 2, positive.max() * 1.5)
+            ax.set_title("same, log scale", fontsize=10)
         else:
             ax.set_ylim(bottom=0)
-            ax.legend(loc="upper left", frameon=False)
+            ax.set_title("KL(clean || ablated), mean over prompts", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), frameon=False)
     kind = "zeroed" if result.perturbation == "zero" else f"Gaussian noise sigma={result.noise_sigma:g} on Q/O"
     fig.suptitle(title or f"Cumulative head ablation ({kind}): {result.model}, "
                           f"{result.kl.shape[2]} prompts x {result.total_heads} heads")
