@@ -9,7 +9,8 @@ The naive plan is timed on a subset (--naive-neurons neurons x all prompts) and 
 its forwards costs the same); the same subset gives the max |difference| between the two plans over the whole
 vocabulary. Also timed: the fast path without skipping the lower blocks, whole-prompt forwards batched over
 neurons (to separate the gain of batching from the gain of computing one position), and the full per-row pipeline
-(total + direct + metrics).
+(total + direct + metrics). Wall-clock and process CPU times are both reported: on a shared machine the CPU time
+(with --threads 1) is the steadier measure of the work.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _fast_totals(model, arch, clean, neurons, dirs, scale, batch_size, skip, kee
     """Time the fast path over all (neuron, prompt); return seconds and the effects of rows in `keep`."""
     layers = torch.tensor([n.layer for n in neurons])
     kept = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in range(clean.resid.shape[0]):
         vec = dirs * scale[:, p, None].to(dirs.dtype)
         for s in range(0, len(neurons), batch_size - 1):
@@ -44,7 +45,7 @@ def _fast_totals(model, arch, clean, neurons, dirs, scale, batch_size, skip, kee
             for j in range(s, e):
                 if j in keep:
                     kept[(j, p)] = logits[j - s + 1] - logits[0]
-    return time.perf_counter() - t0, kept
+    return time.perf_counter() - t0, time.process_time() - c0, kept
 
 
 def main(argv=None) -> int:
@@ -80,8 +81,10 @@ def main(argv=None) -> int:
     _, scale = N.neuron_scales(clean, neurons, "actual")
     subset = [int(i) for i in np.linspace(0, len(neurons) - 1, args.naive_neurons).round()]
 
-    res["fast_s"], fast = _fast_totals(model, arch, clean, neurons, dirs, scale, args.batch_size, True, set(subset))
-    res["fast_no_skip_s"], _ = _fast_totals(model, arch, clean, neurons, dirs, scale, args.batch_size, False, set())
+    res["fast_s"], res["fast_cpu_s"], fast = _fast_totals(model, arch, clean, neurons, dirs, scale, args.batch_size,
+                                                          True, set(subset))
+    res["fast_no_skip_s"], res["fast_no_skip_cpu_s"], _ = _fast_totals(model, arch, clean, neurons, dirs, scale,
+                                                                       args.batch_size, False, set())
     rows = len(neurons) * len(prompts)
     res["fast_ms_per_row"] = 1000 * res["fast_s"] / rows
 
@@ -89,13 +92,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         setup = N.prepare(model, tokenizer, arch, out_dir=tmp, n_prompts=args.n_prompts, neurons=[n.id for n in neurons],
                           batch_size=args.batch_size, progress=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         N.compute_effects(setup, setup.neurons, None, progress=False)
-        res["pipeline_s"] = time.perf_counter() - t0
+        res["pipeline_s"], res["pipeline_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
 
     if not args.skip_compare:
         # naive: one whole-prompt, all-layer forward per (neuron, prompt), plus one clean forward per prompt
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         naive, clean_full = {}, {}
         for p in range(len(prompts)):
             ids = prompts.input_ids[p]
@@ -103,11 +106,13 @@ def main(argv=None) -> int:
             for j in subset:
                 v = (dirs[j] * scale[j, p].to(dirs.dtype))[None]
                 naive[(j, p)] = N.total_logits_full(model, arch, ids, torch.tensor([neurons[j].layer]), v)[0] - clean_full[p]
-        sub_s = time.perf_counter() - t0
+        sub_s, sub_cpu = time.perf_counter() - t0, time.process_time() - c0
         res["naive_subset_forwards"] = len(subset) * len(prompts)
         res["naive_subset_s"] = sub_s
         res["naive_extrapolated_s"] = sub_s * len(neurons) / len(subset)
+        res["naive_extrapolated_cpu_s"] = sub_cpu * len(neurons) / len(subset)
         res["speedup_vs_naive"] = res["naive_extrapolated_s"] / res["fast_s"]
+        res["speedup_vs_naive_cpu"] = res["naive_extrapolated_cpu_s"] / res["fast_cpu_s"]
         diffs = [float((fast[k] - naive[k]).abs().max()) for k in naive]
         res["max_abs_diff_fast_vs_naive"] = max(diffs)
         res["max_abs_total_effect_in_subset"] = max(float(naive[k].abs().max()) for k in naive)
@@ -121,18 +126,20 @@ def main(argv=None) -> int:
 
     if args.section:
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             setup = N.prepare(model, tokenizer, arch, out_dir=tmp, n_prompts=args.section_prompts,
                               n_neurons=args.section_neurons, batch_size=args.batch_size, progress=False)
             result = N.run(setup, progress=False)
             check = N.verify(setup)
             res["section"] = {"n_neurons": args.section_neurons, "n_prompts": args.section_prompts,
-                              "prepare_run_verify_s": time.perf_counter() - t0, "run_s": result.seconds,
+                              "prepare_run_verify_s": time.perf_counter() - t0,
+                              "prepare_run_verify_cpu_s": time.process_time() - c0, "run_s": result.seconds,
                               "check_ok": bool(check["ok"].all()),
                               "check_max_diff_total": float(check["batched_vs_full_max_abs_diff"].max()),
                               "check_max_diff_direct": float(check["algebraic_vs_frozen_max_abs_diff"].max())}
 
     width = max(map(len, res))
+    res["load_average_at_end"] = os.getloadavg()[0]
     for k, v in res.items():
         print(f"{k:<{width}}  {json.dumps(v) if not isinstance(v, float) else f'{v:.6g}'}")
     if args.json:

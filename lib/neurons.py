@@ -841,19 +841,27 @@ def layer_summary(summaries: list[dict], n_layers: int) -> pd.DataFrame:
 
 
 def layer_trend(summaries: list[dict], n_layers: int) -> dict:
-    """Does 'early layers routing-dominant, late layers logit-dominant' hold? Spearman rho of layer vs the neurons'
-    mean direct_ratio, and the mean ratio of the first and last third of the layers."""
+    """Does 'early layers routing-dominant, late layers logit-dominant' hold? Two readings:
+    trend_holds: the neurons' mean direct_ratio rises with the layer (Spearman rho > 0, p < 0.05) and the first third
+    of the layers has a lower mean ratio than the last third; classes_hold (the strong claim): the most common class
+    in the first third of the layers is routing-dominant AND in the last third logit-dominant."""
     from scipy.stats import spearmanr
     frame = summaries_frame(summaries)
     third = max(1, n_layers // 3)
-    early = frame[frame["layer"] < third]["direct_ratio_mean"]
-    late = frame[frame["layer"] >= n_layers - third]["direct_ratio_mean"]
+    early = frame[frame["layer"] < third]
+    late = frame[frame["layer"] >= n_layers - third]
     rho, p = (spearmanr(frame["layer"], frame["direct_ratio_mean"]) if frame["layer"].nunique() > 1
               else (np.nan, np.nan))
+    major = lambda g: g["classification"].value_counts().idxmax() if len(g) else "none"
+    e_mean = float(early["direct_ratio_mean"].mean()) if len(early) else np.nan
+    l_mean = float(late["direct_ratio_mean"].mean()) if len(late) else np.nan
     return {"spearman_rho_layer_vs_direct_ratio": float(rho), "p_value": float(p), "n_neurons": len(frame),
-            f"mean_direct_ratio_layers_0_{third - 1}": float(early.mean()) if len(early) else np.nan,
-            f"mean_direct_ratio_layers_{n_layers - third}_{n_layers - 1}": float(late.mean()) if len(late) else np.nan,
-            "holds": bool(rho > 0 and p < 0.05 and early.mean() < late.mean()) if np.isfinite(rho) else False}
+            f"mean_direct_ratio_layers_0-{third - 1}": e_mean,
+            f"mean_direct_ratio_layers_{n_layers - third}-{n_layers - 1}": l_mean,
+            f"most_common_class_layers_0-{third - 1}": major(early),
+            f"most_common_class_layers_{n_layers - third}-{n_layers - 1}": major(late),
+            "trend_holds": bool(np.isfinite(rho) and rho > 0 and p < 0.05 and e_mean < l_mean),
+            "classes_hold": bool(major(early) == CLASSES[0] and major(late) == CLASSES[2])}
 
 
 def top_neurons(summaries: list[dict], tokenizer, k: int = 10) -> pd.DataFrame:

@@ -259,6 +259,23 @@ def test_neuron_and_layer_summaries():
     assert np.isnan(layers.loc[1, "mean_direct_ratio"])
 
 
+def test_layer_trend_readings():
+    def summaries(ratios_by_layer):
+        frames = [_synthetic([r, r], [1 - r, 1 - r], layer=l, neuron=j)
+                  for l, ratios in enumerate(ratios_by_layer) for j, r in enumerate(ratios)]
+        return N.summarize_neurons(pd.concat(frames, ignore_index=True))
+    strong = N.layer_trend(summaries([[0.1, 0.2, 0.5], [0.2, 0.25, 0.4], [0.4, 0.5, 0.6], [0.5, 0.6, 0.5],
+                                      [0.8, 0.9, 0.5], [0.75, 0.95, 0.85]]), 6)
+    assert strong["trend_holds"] and strong["classes_hold"]
+    assert strong["most_common_class_layers_0-1"] == "routing-dominant"
+    assert strong["mean_direct_ratio_layers_4-5"] == pytest.approx(np.mean([0.8, 0.9, 0.5, 0.75, 0.95, 0.85]))
+    weak = N.layer_trend(summaries([[0.1, 0.2, 0.5], [0.2, 0.25, 0.4], [0.4, 0.5, 0.6], [0.5, 0.6, 0.5],
+                                    [0.5, 0.6, 0.8], [0.65, 0.6, 0.5]]), 6)        # rises, but ends "mixed"
+    assert weak["trend_holds"] and not weak["classes_hold"]
+    flat = N.layer_trend(summaries([[0.5, 0.4]] * 6), 6)
+    assert not flat["trend_holds"] and not flat["classes_hold"]
+
+
 # ----------------------------------------------------------------------------- neuron sets and prompts
 
 def test_neuron_sets_from_list_file_and_selectors(tmp_path):
