@@ -122,7 +122,7 @@ def _check_against_references(model, arch, prompts, neurons, scale, min_effect):
 
 # ----------------------------------------------------------------------------- exactness on every architecture
 
-def test_fast_paths_equal_whole_model_references(tiny_arch):
+def test_fast_paths_equal_whole_model_references(tiny_arch, tmp_path):
     name, model, tokenizer, arch = tiny_arch
     prompts = _prompts(tokenizer, 2)
     assert min(len(i) for i in prompts.input_ids) > 20          # longer than gemma3's sliding window (16)
@@ -139,6 +139,17 @@ def test_fast_paths_equal_whole_model_references(tiny_arch):
         model(input_ids=prompts.input_ids[1][None])
     h.remove()
     torch.testing.assert_close(clean.acts[1, 1], got["a"], atol=1e-5, rtol=1e-4)
+    # the rows written to neuron_effects.csv: indirect + direct == total, target effects as the references say
+    setup = N.prepare(model, tokenizer, arch, out_dir=tmp_path, n_prompts=1, neurons=[n.id for n in neurons],
+                      activation_scale="unit", progress=False)
+    frame = N.compute_batch(setup, setup.neurons, 0)
+    np.testing.assert_allclose(frame["direct"] + frame["indirect"], frame["total"], rtol=0, atol=1e-12)
+    ids, t = setup.prompts.input_ids[0], setup.target_ids[0]
+    ref = ref_clean(model, arch, ids)
+    for row, n in zip(frame.itertuples(), setup.neurons):
+        v = arch.down_proj_weight(n.layer)[:, n.neuron]
+        assert row.total == pytest.approx(float(ref_total(model, arch, ids, n.layer, v, ref)[t]), abs=TOL)
+        assert row.direct == pytest.approx(float(ref_frozen(model, arch, ids, n.layer, v, ref)[t]), abs=TOL)
 
 
 @pytest.mark.parametrize("arch_name", ["gemma3", "gpt_neox"])
@@ -146,6 +157,23 @@ def test_fast_paths_with_sdpa_attention(arch_name):
     model, tokenizer, arch = cached_model(f"random:{arch_name}")
     neurons = [N.Neuron(0, 5), N.Neuron(2, 7), N.Neuron(arch.n_layers - 1, 1)]
     _check_against_references(model, arch, _prompts(tokenizer, 2), neurons, torch.full((3, 2), 40.0), 1e-2)
+
+
+def test_lower_blocks_are_skipped_and_restored():
+    model, tokenizer, arch = cached_model("random:qwen3")
+    prompts = _prompts(tokenizer, 1)
+    clean = N.clean_pass(model, arch, prompts)
+    calls = []
+    handles = [arch.attention(l).register_forward_hook(lambda m, a, o, l=l: calls.append(l)) for l in range(4)]
+    vec = N.neuron_directions(arch, [N.Neuron(2, 0)]) * 30
+    N.total_logits_incremental(model, arch, clean, 0, torch.tensor([2]), vec, skip_lower=True)
+    assert calls == [3]                                     # blocks 0-2 come from the cache, only block 3 runs
+    calls.clear()
+    N.total_logits_incremental(model, arch, clean, 0, torch.tensor([2]), vec, skip_lower=False)
+    assert calls == [0, 1, 2, 3]
+    for h in handles:
+        h.remove()
+    assert all("forward" not in block.__dict__ for block in arch.layers())
 
 
 def test_smollm2_actual_activations(smollm2):
