@@ -638,6 +638,7 @@ def prepare(model, tokenizer, arch: ArchInfo, *, out_dir: str | Path = "outputs/
     if activation_scale not in SCALES:
         raise ValueError(f"unknown activation_scale {activation_scale!r}; use one of {list(SCALES)}")
     if (not isinstance(thresholds, (list, tuple)) or len(thresholds) != 2
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds)
             or not 0 <= float(thresholds[0]) <= float(thresholds[1]) <= 1):
         raise ValueError(f"thresholds must be [low, high] with 0 <= low <= high <= 1 (got {thresholds!r}); default [0.3, 0.7]")
     for name, value in (("batch_size", batch_size), ("topk", topk)):
@@ -668,7 +669,11 @@ def prepare(model, tokenizer, arch: ArchInfo, *, out_dir: str | Path = "outputs/
                     raise ValueError(f"targets[{p}] has no 'target' key: {entry!r}")
                 t = _token_id(tokenizer, arch, entry["target"], "target", p)
                 d = entry.get("distractor")
-                pairs.append((t, None if d is None else _token_id(tokenizer, arch, d, "distractor", p)))
+                d = None if d is None else _token_id(tokenizer, arch, d, "distractor", p)
+                if d == t:
+                    raise ValueError(f"targets[{p}]: the distractor is the target itself ({entry!r}); give another "
+                                     f"distractor or leave it out (then the clean top prediction is used)")
+                pairs.append((t, d))
             else:
                 pairs.append((_token_id(tokenizer, arch, entry, "target", p), None))
     clean = clean_pass(model, arch, prompts, progress=progress)
@@ -922,7 +927,8 @@ def _merge_shards(setup: NeuronSetup, metas: dict) -> pd.DataFrame:
         raise ArtifactError(f"incomplete shard set in {where}: shards {missing} of {n} are missing; rerun them "
                             f"(--set shard=<i>/{n} for i in {missing}, e.g. sbatch --array="
                             f"{','.join(map(str, missing))} ...), then rerun this merge with shard ''")
-    frames = [read_effects_csv(where / f"{_shard_name(i, n)}.csv") for i in range(1, n + 1)]
+    frames = [read_effects_csv(where / f"{_shard_name(i, n)}.csv") for i in range(1, n + 1)
+              if metas[(i, n)].get("n_rows", 1) > 0]                 # more shards than neurons: empty shards
     effects = pd.concat(frames, ignore_index=True)
     expected = len(setup.neurons) * len(setup.prompts)
     if len(effects) != expected:

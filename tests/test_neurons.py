@@ -360,6 +360,7 @@ def test_prompts_from_activations_file(tmp_path):
     (dict(targets=[{"target": " the"}, {"target": " the", "distractor": " xylophonequark"}]),
      r"distractor ' xylophonequark' of prompt 1 tokenises to 4 tokens \[' xyl'"),
     (dict(targets=[{"target": " the"}]), r"targets must be None .* list of 2 entries"),
+    (dict(targets=[{"target": " the", "distractor": " the"}, {"target": " a"}]), r"distractor is the target itself"),
     (dict(mode="zero"), r"unknown mode 'zero'"),
     (dict(shard="3/2"), r"shard must be"),
     (dict(thresholds=[0.8, 0.2]), r"thresholds must be"),
@@ -437,3 +438,10 @@ def test_shards_merge_to_the_full_result_and_resume(tmp_path, monkeypatch):
     N.run(_setup(out, shard="2/2", mode="ablate"))
     with pytest.raises(ArtifactError, match=r"shards \[2\] of 2 .* different parameters"):
         N.run(_setup(out))
+
+
+def test_more_shards_than_neurons(tmp_path):
+    for i in (1, 2, 3):
+        assert not N.run(_setup(tmp_path, neurons=[[0, 1], [3, 2]], shard=f"{i}/3")).complete
+    merged = N.run(_setup(tmp_path, neurons=[[0, 1], [3, 2]]))
+    assert merged.complete and list(merged.effects["neuron_id"].unique()) == ["L0/N1", "L3/N2"]
