@@ -278,6 +278,11 @@ def _expand_cache(cache, rows: int, keep_growth: bool = True):
     [rows, kv_heads, positions, head_dim] copies of all layers are never alive at the same time."""
     if cache is None:
         return None
+    if not hasattr(cache, "layers"):
+        import transformers
+        raise RuntimeError(f"the KV cache of transformers {transformers.__version__} has no per-layer objects "
+                           f"(Cache.layers); neuron effects need a newer transformers (tested with 5.x): "
+                           f"pip install -U 'transformers>=5'")
     new = copy.copy(cache)
     new.layers = []
     for layer in cache.layers:
