@@ -164,6 +164,15 @@ def activations_path(out_dir, tag: str = ""):
     return Path(out_dir) / (f"activations__{tag}.npz" if tag else "activations.npz")
 
 
+def extraction_key(model: str, weights_id: str, prompts: list[Prompt], n_tokens: int, chat_template: bool,
+                   dtype: str, random_init: bool, seed: int, revision: str | None) -> str:
+    """Hash of everything that defines an extraction's result (batch size does not, beyond float rounding)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps([model, weights_id, [p.prompt_id for p in prompts], n_tokens, chat_template,
+                                      dtype, random_init, seed, revision]).encode()).hexdigest()[:12]
+
+
 def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 100, batch_size: int = 60,
                     chat_template: bool = True, random_init: bool = False, seed: int = 0, dtype: str = "float32",
                     device: str = "auto", revision: str | None = None, tag: str = "", progress: bool = True):
@@ -172,10 +181,7 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
     Batches are checkpointed in <out_dir>/.extract_checkpoints/<key>/ (key = hash of everything that defines the
     result), so a killed extraction continues where it stopped. Returns (ActivationRun, ArchInfo, tokenizer, model).
     """
-    import hashlib
-    import json
     import shutil
-    from pathlib import Path
 
     from lib.models import load_model
     from lib.prompts import select_prompts
@@ -188,11 +194,16 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
     out_dir = ensure_writable_dir(out_dir)
     model_obj, tokenizer, arch = load_model(model, dtype=dtype, device=device, revision=revision,
                                             random_init=random_init, seed=seed)
-    key = hashlib.sha256(json.dumps([model, arch.weights_id, [p.prompt_id for p in prompts], n_tokens, chat_template,
-                                     dtype, random_init, seed, revision]).encode()).hexdigest()[:12]
+    key = extraction_key(model, arch.weights_id, prompts, n_tokens, chat_template, dtype, random_init, seed, revision)
     ckpt_dir = out_dir / ".extract_checkpoints" / key
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_prompts(tokenizer, [p.text for p in prompts], chat_template)
+    existing = activations_path(out_dir, tag)
+    if existing.exists():
+        saved = load_npz(existing)
+        if str(saved.get("extraction_key", "")) == key:          # same model, weights, prompts and settings
+            print(f"[extract] {existing.name} already holds this extraction (key {key}); reusing it")
+            return _run_from_arrays(saved, prompts), arch, tokenizer, model_obj
     t0 = time.perf_counter()
     tokens, norms = [], []
     starts = list(range(0, len(prompts), batch_size))
@@ -215,7 +226,7 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
         prompts=prompts, head_layer=np.array(head_layer), head_index=np.array(head_index), n_layers=arch.n_layers,
         n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id), model=model,
         chat_template=bool(chat_template), seconds=time.perf_counter() - t0)
-    path = save_npz(activations_path(out_dir, tag), **run.to_arrays())
+    path = save_npz(activations_path(out_dir, tag), **run.to_arrays(), extraction_key=key)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
         ckpt_dir.parent.rmdir()
@@ -226,6 +237,15 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
         "n_layers": arch.n_layers, "n_heads": arch.n_heads, "n_kv_heads": arch.n_kv_heads,
         "seconds_generation": round(run.seconds, 2), "artifact": path.name})
     return run, arch, tokenizer, model_obj
+
+
+def _run_from_arrays(saved: dict, prompts: list[Prompt]) -> ActivationRun:
+    return ActivationRun(
+        activations=saved["activations"], tokens=saved["tokens"], prompt_input_ids=saved["prompt_input_ids"],
+        prompt_lengths=saved["prompt_lengths"], prompts=prompts, head_layer=saved["head_layer"],
+        head_index=saved["head_index"], n_layers=int(saved["n_layers"]), n_heads=int(saved["n_heads"]),
+        n_kv_heads=int(saved["n_kv_heads"]), pad_token_id=int(saved["pad_token_id"]), model=str(saved["model"]),
+        chat_template=bool(saved["chat_template"]), seconds=float(saved["seconds"]))
 
 
 def generated_texts(run: ActivationRun, tokenizer, max_chars: int = 160):

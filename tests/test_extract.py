@@ -101,3 +101,13 @@ def test_killed_extraction_resumes(tmp_path):
     np.testing.assert_array_equal(resumed["tokens"], clean["tokens"])
     np.testing.assert_allclose(resumed["activations"], clean["activations"], rtol=1e-6)
     assert not (tmp_path / "a" / ".extract_checkpoints").exists()
+
+
+def test_identical_extraction_is_reused_and_changed_one_is_not(tmp_path, monkeypatch):
+    import lib.extract as e
+    first, *_ = extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=3, batch_size=2, progress=False)
+    monkeypatch.setattr(e, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    again, *_ = extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=3, batch_size=2, progress=False)
+    np.testing.assert_array_equal(first.activations, again.activations)
+    with pytest.raises(AssertionError, match="regenerated"):      # a different setting is a new extraction
+        extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=4, batch_size=2, progress=False)
