@@ -808,7 +808,8 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
         for v in check_variants(variants):
             var = VARIANTS[v]
             if var.preprocess is None and not dg.phiid_path(out_dir, var.mode, tag).exists():
-                skipped.append((tag, f"{v}: no {dg.phiid_path(out_dir, var.mode, tag).name}"))
+                skipped.append((tag, f"variant {v} skipped: no {dg.phiid_path(out_dir, var.mode, tag).name} "
+                                      f"(02_phiid modes)"))
             else:
                 usable.append(v)
         if not usable:
@@ -817,7 +818,7 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
             inp = load_inputs(out_dir, usable, tag=tag, tau=tau, redundancy=redundancy, backend=backend)
             sc = inp.scores()
         except (ValueError, ArtifactError) as e:
-            skipped.append((tag, str(e)))
+            skipped.append((tag, f"skipped entirely: {e}"))
             continue
         profiles.append(profiles_frame(sc, inp.n_layers, tag))
         t = inverted_u_table(sc, inp.head_layer, inp.n_layers, n_boot, seed)
