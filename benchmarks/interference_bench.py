@@ -7,6 +7,8 @@
    sample (loop); wall time and peak resident memory above the level before the phase; agreement with the loop.
 2. All scores for n x n samples (every layer, head, block and variant), hooks: time and peak memory.
 3. The main job's section (n_main x n_main samples, the notebook defaults for params/smollm2-135m.yaml).
+The machine is shared: besides wall time each row reports the process's CPU time (all threads; on an idle
+2-core machine wall time is about cpu_seconds / 2) and the load average before the phase.
 Samples: the paper's prompts (chat template) + a continuation of --cont-len tokens of paper text (no generation,
 so that only the interference computation is timed). Peak memory = max RSS sampled every 5 ms (CPU) or
 torch.cuda.max_memory_allocated (GPU).
@@ -91,6 +93,7 @@ def run_phase(phase: str, args) -> dict:
     lengths = [len(s.prompt_ids) + len(s.continuation_ids) for s in task_a.samples]
     row = {"phase": phase, "samples_per_task": n, "tokens_per_sample": f"{min(lengths)}-{max(lengths)}",
            "load_seconds": load_seconds, "rss_before_mb": rss_bytes() / 2**20}
+    cpu0 = time.process_time()
     with PeakMemory(device) as mem:
         t = time.perf_counter()
         if phase.startswith("grads:"):
@@ -111,6 +114,7 @@ def run_phase(phase: str, args) -> dict:
             row["seconds"] = time.perf_counter() - t
             row.update({f"{k}_seconds": v for k, v in r.seconds.items()})
             row["variants"] = len(r.variants)
+    row["cpu_seconds"] = time.process_time() - cpu0          # all threads: ~ wall time x cores on an idle machine
     row["peak_mb"] = mem.delta_mb
     row["peak_rss_mb"] = mem.peak / 2**20
     return row

@@ -118,8 +118,8 @@ def _check_category(category: str) -> None:
                          f"(or give text samples with sample_source='texts')")
 
 
-def _activations_problem(path: Path, arch: ArchInfo, task_a: str, task_b: str, need_a: int, max_samples: int
-                         ) -> str | None:
+def _activations_problem(path: Path, arch: ArchInfo, task_a: str, task_b: str, need_a: int, need_b: int,
+                         max_samples: int) -> str | None:
     """Why activations.npz cannot serve as the sample source (None when it can)."""
     if not path.exists():
         return f"{path} does not exist (run 01_extract_activations first, or use generated/text samples)"
@@ -138,7 +138,7 @@ def _activations_problem(path: Path, arch: ArchInfo, task_a: str, task_b: str, n
         return (f"{path} holds {have_a} prompt(s) of task A {task_a!r}"
                 f"{f' (capped at max_samples={max_samples})' if max_samples > 0 else ''}, fewer than "
                 f"min_samples_for_fisher={need_a} needed for the Fisher")
-    if categories.count(task_b) == 0:
+    if categories.count(task_b) < need_b:
         return f"{path} holds no prompt of task B {task_b!r}"
     return None
 
@@ -307,8 +307,10 @@ def _load_task_samples(model, tokenizer, arch, out_dir, task_a, task_b, source, 
     _check_category(task_b)
     path = Path(out_dir) / "activations.npz"
     if source in ("auto", "activations"):
-        problem = _activations_problem(path, arch, task_a, task_b, min_samples_for_fisher, max_samples)
-        if problem is None or (source == "activations" and problem.startswith(f"{path} holds no prompt of task B")):
+        # "activations" accepts an empty task B (empty results, a warning); "auto" then rather generates
+        need_b = 1 if source == "auto" else 0
+        problem = _activations_problem(path, arch, task_a, task_b, min_samples_for_fisher, need_b, max_samples)
+        if problem is None:
             a = samples_from_activations(path, task_a, max_samples, arch.source)
             b = samples_from_activations(path, task_b, max_samples, arch.source)
             log(f"[interference] samples from {path}: {len(a)} for A ({task_a!r}), {len(b)} for B ({task_b!r})")
@@ -659,7 +661,7 @@ class InterferenceResult:
 
     def top_pairs(self, k: int = 20, variants: Sequence[str] | None = None):
         """The k strongest entries per (variant, block), with the true sample ids. For `signed` the most negative
-        (conflict); for the others the largest. head is a query head for Q/O and a KV head for K/V."""
+        (conflicts; only scores < 0 are listed); for the others the largest. head is a query head for Q/O and a KV head for K/V."""
         import pandas as pd
         rows = []
         for variant in variants or self.variants:
@@ -668,7 +670,9 @@ class InterferenceResult:
                 if s.size == 0:
                     continue
                 flat = s.ravel() if variant != "signed" else -s.ravel()
-                take = min(k, flat.size)
+                take = min(k, flat.size if variant != "signed" else int((flat > 0).sum()))   # signed: only < 0
+                if take == 0:
+                    continue
                 best = np.argpartition(-flat, take - 1)[:take]
                 best = best[np.argsort(-flat[best], kind="stable")]
                 for rank, f in enumerate(best):
@@ -788,28 +792,50 @@ def interference_from_gradients(arch: ArchInfo, grads_a: SampleGradients, grads_
     if progress:
         from tqdm.auto import tqdm
         layers = tqdm(layers, desc="interference scores", leave=False)
+    checked: set = set()
     for layer in layers:
-        check_block_slices(arch, layer, names)
+        slices = arch.block_param_slices(layer)
+        shapes = tuple((b, tuple(w.shape)) for b, (w, _) in slices.items())
+        if shapes not in checked:                  # the slice checks depend only on the shapes: once per layer kind
+            check_block_slices(arch, layer, names)
+            checked.add(shapes)
         ga, gb = grads_a.layer(layer, device), grads_b.layer(layer, device)
-        fisher = {n: g.square().mean(0) for n, g in ga.items()}
-        denom = {n: fisher_denominator(f, eps, ridge) for n, f in fisher.items()}
-        if "pooled" in variants:
-            pooled = {n: fisher_denominator((f + gb[n].square().mean(0)) / 2 if n_b else f, eps, ridge)
-                      for n, f in fisher.items()}
-        for block, (weight, slicer) in arch.block_param_slices(layer).items():
+        # the operands of pair_scores, elementwise over each whole tensor once; then one product per block-head
+        left: dict[str, dict[str, torch.Tensor]] = {}
+        right: dict[str, dict[str, torch.Tensor]] = {}
+        fisher: dict[str, torch.Tensor] = {}
+        for name in list(ga):
+            g_a, g_b = ga.pop(name), gb.pop(name)
+            c_a = g_a.square()
+            fisher[name] = c_a.mean(0)
+            denom = fisher_denominator(fisher[name], eps, ridge)
+            ops = {}
+            for v in variants:
+                if v == "magnitude":
+                    ops[v] = c_a / denom
+                elif v == "pooled":
+                    f_pool = (fisher[name] + g_b.square().mean(0)) / 2 if n_b else fisher[name]
+                    ops[v] = c_a / fisher_denominator(f_pool, eps, ridge)
+                elif v == "signed":
+                    ops[v] = g_a / denom
+                else:
+                    ops[v] = g_a.abs() / denom
+            abs_b = g_b.abs()
+            left[name] = ops
+            right[name] = {v: (g_b if v == "signed" else abs_b) for v in variants}
+            del g_a, g_b, c_a
+        for block, (weight, slicer) in slices.items():
             name = names[id(weight)]
             for h in range(hkv if block in KV_BLOCKS else hq):
                 idx = (slice(None), *slicer(h))
-                a, b = ga[name][idx].flatten(1), gb[name][idx].flatten(1)
-                if a.shape[1] != arch.head_dim * arch.hidden_size:
-                    raise AssertionError(f"parameter {name} (layer {layer}, head {h}, block {block}): per-sample "
-                                         f"gradient slice has {a.shape[1]} elements, expected head_dim x hidden")
-                d = denom[name][slicer(h)].reshape(-1)
                 fisher_mass[block][layer, h] = float(fisher[name][slicer(h)].sum())
                 for v in variants:
-                    dv = pooled[name][slicer(h)].reshape(-1) if v == "pooled" else d
-                    scores[v][block][:, :, layer, h] = pair_scores(a, b, dv, v).cpu().numpy()
-        del ga, gb
+                    a, b = left[name][v][idx].flatten(1), right[name][v][idx].flatten(1)
+                    if a.shape[1] != arch.head_dim * arch.hidden_size:
+                        raise AssertionError(f"parameter {name} (layer {layer}, head {h}, block {block}): per-sample "
+                                             f"gradient slice has {a.shape[1]} elements, expected head_dim x hidden")
+                    scores[v][block][:, :, layer, h] = (a @ b.T).cpu().numpy()
+        del ga, gb, left, right
     return InterferenceResult(
         scores=scores, ids_a=list(grads_a.ids), ids_b=list(grads_b.ids), task_a=task_a, task_b=task_b, n_layers=L,
         n_heads=hq, n_kv_heads=hkv, loss_a=grads_a.losses.copy(), loss_b=grads_b.losses.copy(),
