@@ -29,7 +29,8 @@ positions, the unembedding and log-softmax run on the T predicting positions in 
 
 Resumable and shardable: the work units are (group, point) with group = all orderings for "zero" and one ordering
 for "noise"; a run (or shard i/n, which takes every n-th unit) checkpoints after every unit and prompt chunk
-(atomic rewrite of a small .npz); a rerun continues where it stopped with identical results. A run with shard ""
+(atomic rewrite of a small .npz: ablation_checkpoint_<settings hash>.npz, or ablation_shards/shard-i-of-n.npz);
+a rerun with the same settings continues where it stopped with identical results. A run with shard ""
 merges shard files when they exist (refusing incomplete or mismatched sets), else computes everything.
 
     inputs, plan = prepare("outputs/run", model="bundled:smollm2-135m", variants=["rank_diff"], step_size=9)
@@ -65,7 +66,7 @@ ACTIVATIONS_FILE = "activations.npz"
 RANKINGS_FILE = "rankings.csv"
 CSV_FILE = "ablation.csv"
 KL_FILE = "ablation_kl.npz"
-CHECKPOINT_FILE = "ablation_checkpoint.npz"
+CHECKPOINT_PREFIX = "ablation_checkpoint"          # + _<settings hash>.npz: one file per set of settings
 SHARD_DIR = "ablation_shards"
 RANDOM_VARIANT = "none"                                  # `variant` of random orderings in ablation.csv
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -533,6 +534,13 @@ def _open_checkpoint(path: Path, fp: dict, plan: AblationPlan, n_prompts: int, s
     return Checkpoint.new(path, fp, plan, n_prompts, shard)
 
 
+def checkpoint_path(out_dir: str | Path, fp: dict) -> Path:
+    """Checkpoint of an unsharded run, named by a hash of its settings: changing a parameter starts a new file
+    (and changing it back resumes the old one) instead of clashing with it."""
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(out_dir) / f"{CHECKPOINT_PREFIX}_{digest}.npz"
+
+
 def shard_path(out_dir: str | Path, i: int, n: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"shard-{i}-of-{n}.npz"
 
@@ -735,7 +743,7 @@ def run_ablation(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPl
         return AblationResult(kl=kl, seconds=time.perf_counter() - t0,
                               message=f"merged {len(existing_shards(inputs.out_dir))} shards", **common)
     shard = plan.shard or (1, 1)
-    path = shard_path(inputs.out_dir, *shard) if plan.shard else inputs.out_dir / CHECKPOINT_FILE
+    path = shard_path(inputs.out_dir, *shard) if plan.shard else checkpoint_path(inputs.out_dir, fp)
     ckpt = _open_checkpoint(path, fp, plan, n_p, shard)
     engine = DivergenceEngine(model, arch, inputs, batch_size=batch_size, logit_chunk_mb=logit_chunk_mb, method=method)
     chunk = max(1, int(max_cache_gb * 2 ** 30 // engine.clean_bytes_per_prompt()))
