@@ -27,7 +27,8 @@ import yaml
 
 from lib import REPO_ROOT
 
-PARAMS = REPO_ROOT / "params" / "tiny.yaml"
+# HEADINFO_SLURM_TEST_PARAMS: run the same checks on another params file (e.g. a cluster's params on a real cluster)
+PARAMS = Path(os.environ.get("HEADINFO_SLURM_TEST_PARAMS", REPO_ROOT / "params" / "tiny.yaml")).resolve()
 PIPELINE = REPO_ROOT / "slurm" / "pipeline.sh"
 SHARDS = 2
 GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference"}
