@@ -1,7 +1,4 @@
-"""Figures for notebook 02 (PhiID over all head pairs). Each function returns a matplotlib Figure.
-
-(To be folded into lib.plots; kept separate while lib.plots is being written.)
-"""
+"""Figures for notebook 02 (PhiID over all head pairs). Each function returns a matplotlib Figure."""
 import matplotlib
 import numpy as np
 
