@@ -169,9 +169,16 @@ submit() {  # $1 label, rest: sbatch arguments -> prints the job id (or a placeh
         echo "<${label// /-}>"
     else
         local out
-        out=$(sbatch "$@") || { echo "error: sbatch failed for $label (jobs submitted so far: ${JOB_IDS[*]:-none})" >&2; return 1; }
+        out=$(sbatch "$@") || { echo "error: sbatch failed for $label" >&2; return 1; }
         echo "${out%%;*}"
     fi
+}
+abort() {  # a submission failed: cancel what this call already submitted, so no half chain is left queued
+    if [ "${#JOB_IDS[@]}" -gt 0 ] && [ "$DRY" = 0 ]; then
+        echo "cancelling the jobs submitted so far: ${JOB_IDS[*]}" >&2
+        scancel "${JOB_IDS[@]}" || true
+    fi
+    exit 1
 }
 
 if [ "$DRY" = 1 ]; then
@@ -202,12 +209,12 @@ for nb in "${NOTEBOOKS[@]}"; do
     if [ "${SHARDABLE[$nb]}" = 1 ] && [ "$n" -gt 1 ]; then
         arr=$(submit "$nb shards" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --array="1-$n" --requeue \
               --open-mode=append --job-name="$RUN:$nb:shard" --output="$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out" \
-              slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${nb_args[@]}")
+              slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${nb_args[@]}") || abort
         JOB_IDS+=("$arr")
         echo "submitted $nb shards $arr array 1-$n$note"
         merge=$(submit "$nb merge" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" --dependency="afterok:$arr" \
                 --job-name="$RUN:$nb:merge" --output="$LOG_DIR/$nb.merge.%j.out" \
-                slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${merge_args[@]}")
+                slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${merge_args[@]}") || abort
         JOB_IDS+=("$merge")
         merge_note=$note
         [[ " ${merge_args[*]} " == *" --force "* ]] && merge_note=" (--force: merges freshly computed shards)"
@@ -216,7 +223,7 @@ for nb in "${NOTEBOOKS[@]}"; do
         prev=$merge
     else
         job=$(submit "$nb" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --job-name="$RUN:$nb" \
-              --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${nb_args[@]}")
+              --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${nb_args[@]}") || abort
         JOB_IDS+=("$job")
         echo "submitted $nb $job$note"
         prev=$job
@@ -225,7 +232,7 @@ done
 report_dep=()
 [ -n "$prev" ] && report_dep=(--dependency="afterany:$prev")
 report=$(submit report "${COMMON[@]}" "${EXTRA_ALL[@]}" "${report_dep[@]}" --job-name="$RUN:report" \
-         --output="$LOG_DIR/report.%j.out" slurm/report.sbatch "$OUT_DIR")
+         --output="$LOG_DIR/report.%j.out" slurm/report.sbatch "$OUT_DIR") || abort
 JOB_IDS+=("$report")
 echo "submitted report $report"
 echo "JOBS ${JOB_IDS[*]}"

@@ -372,3 +372,17 @@ def test_explorer_runs_over_the_finished_run(pipeline, tmp_path):
     assert len(images) == (2 if "04_ranking_variants" in sections() else 1)
     printed = "".join("".join(o.get("text", "")) for o in outputs if o["output_type"] == "stream")
     assert "missing: activations.npz" not in printed and "missing: phiid" not in printed
+
+
+@pytest.mark.slow
+def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, tmp_path):
+    """No half chain is left queued: 01 (GPU) is accepted, 02 (CPU, impossible request) is refused."""
+    r = cluster.run(str(PIPELINE), str(PARAMS), "--set", f"out_dir={tmp_path / 'run'}", "--cpu-args",
+                    "--cpus-per-task=999", "--sbatch-args", "--hold", check=False, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    jobs = parse_submission(r.stdout)
+    first = jobs[sections()[0]]
+    assert "cancelling the jobs submitted so far" in r.stderr and first in r.stderr
+    state = wait_for(lambda: (j := cluster.jobs(first)) and j[0]["JobState"] in ("CANCELLED",) and j[0], 30,
+                     f"job {first} to be cancelled")
+    assert state["JobState"] == "CANCELLED"
