@@ -19,7 +19,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

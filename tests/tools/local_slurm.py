@@ -54,8 +54,12 @@ class LocalSlurm:
                          "SLURM_LOCAL_LINK_ETC": "0", "SLURM_LOCAL_CPUS": str(cpus), "SLURM_LOCAL_GPUS": str(gpus),
                          "SLURM_LOCAL_KILL_INVALID_DEPEND": "1" if kill_invalid_depend else "0",
                          "SLURM_LOCAL_MIN_JOB_AGE": "7200"}
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        for extra in ("/usr/sbin", "/sbin"):          # slurmctld, slurmd, munged live in sbin
+            if extra not in path.split(":"):
+                path += ":" + extra
         self.env = {**os.environ, **self.settings, "SLURM_CONF": str(self.dir / "etc" / "slurm.conf"),
-                    "DEBIAN_FRONTEND": "noninteractive"}
+                    "DEBIAN_FRONTEND": "noninteractive", "PATH": path}
         self.started = False
         self.start_log = ""
         self.installed_now = False
@@ -64,9 +68,12 @@ class LocalSlurm:
     def start(self, timeout: int = 600) -> float:
         """Install if needed and start; -> seconds taken. Raises SlurmUnavailable with the reason."""
         if os.geteuid() != 0:
+            self.stop()
             raise SlurmUnavailable("starting slurmctld/slurmd/munged needs root")
-        self.installed_now = not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
+        self.installed_now = not all(shutil.which(b, path=self.env["PATH"])
+                                     for b in ("slurmctld", "slurmd", "sbatch", "munged"))
         if self.installed_now and not shutil.which("apt-get"):
+            self.stop()
             raise SlurmUnavailable("SLURM is not installed and there is no apt-get to install slurm-wlm + munge")
         t0 = time.perf_counter()
         try:
