@@ -10,20 +10,30 @@ from lib.plots.common import LAYER_CMAP, layer_colors, new_figure
 CLASS_COLORS = {"routing-dominant": "#4c72b0", "mixed": "#bbbbbb", "logit-dominant": "#dd8452"}
 
 
-def direct_vs_total(effects: pd.DataFrame, n_layers: int, mode: str = "add"):
+def direct_vs_total(effects: pd.DataFrame, n_layers: int, mode: str = "add", scale: str = "symlog"):
     """Scatter of the direct vs total target-logit effect, one point per (neuron, prompt), coloured by layer.
-    On the diagonal the effect is all direct; on the horizontal axis (direct = 0) it is all indirect."""
+    On the diagonal the effect is all direct; on the horizontal axis (direct = 0) it is all indirect.
+    scale "symlog" (default): both axes linear within +-linthresh (the 25th percentile of the nonzero |effects|,
+    rounded up to a power of ten) and logarithmic outside, so a few large effects do not squash the rest; "linear" otherwise."""
     fig, ax = new_figure(6.4, 5.0)
     norm = mpl.colors.BoundaryNorm(np.arange(-0.5, n_layers + 0.5), mpl.colormaps[LAYER_CMAP].N)
     sc = ax.scatter(effects["total"], effects["direct"], c=effects["layer"], cmap=LAYER_CMAP, norm=norm, s=10,
                     alpha=0.7, linewidths=0)
-    lim = float(np.nanmax(np.abs(np.r_[effects["total"], effects["direct"], 1e-9]))) * 1.05
+    values = np.abs(np.r_[effects["total"], effects["direct"]])
+    values = values[np.isfinite(values) & (values > 0)]
+    lim = float(values.max()) * 1.3 if len(values) else 1.0
     ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.8, ls="--", label="direct = total (no indirect part)")
     ax.axhline(0, color="0.5", lw=0.6, label="direct = 0 (all indirect)")
+    unit = "logits"
+    if scale == "symlog" and len(values):
+        linthresh = float(10 ** np.ceil(np.log10(np.percentile(values, 25))))     # a power of ten: clean ticks
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_yscale("symlog", linthresh=linthresh)
+        unit = f"logits; symlog, linear within ±{linthresh:.2g}"
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
-    ax.set_xlabel("total effect on the target logit (logits)")
-    ax.set_ylabel("direct effect on the target logit (logits)")
+    ax.set_xlabel(f"total effect on the target logit ({unit})")
+    ax.set_ylabel(f"direct effect on the target logit ({unit})")
     ax.set_title(f"Neuron effects, mode '{mode}': direct vs total ({effects['neuron_id'].nunique()} neurons x "
                  f"{effects['prompt'].nunique()} prompts)")
     ax.legend(loc="upper left", frameon=False)
