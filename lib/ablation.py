@@ -686,6 +686,7 @@ class AblationResult:
                 row = {"variant": v, "ordering": kind, "auc": auc[ks[0]].mean(),
                        "random_auc_mean": auc[rnd].mean(-1).mean() if rnd else np.nan,
                        "random_auc_sd": auc[rnd].mean(-1).std(ddof=1) if len(rnd) > 1 else np.nan}
+                row.update(auc_ratio=np.nan, ci_low=np.nan, ci_high=np.nan)
                 if rnd:
                     ratio_b = boot[ks[0]] / boot[rnd].mean(0)
                     row.update(auc_ratio=row["auc"] / row["random_auc_mean"],
