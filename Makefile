@@ -12,6 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smollm2-135m.yaml
 RUN ?= $(basename $(notdir $(PARAMS)))
 PYTEST_ARGS ?=
+# OpenMP worker threads sleep instead of spinning while they wait: on a machine shared with other jobs (or with
+# the test suite's own kernels and SLURM jobs) spinning threads made a SmolLM2 forward 9x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install model run test test-fast notebooks report lab bench clean-dev
 
