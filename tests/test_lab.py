@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,11 +41,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir():
     """A run folder with activations.npz, phiid_per_prompt.npz and rankings.csv for 3 layers x 4 heads."""
     from lib.phiid import phiid_all_pairs, save_phiid
     from lib.store import save_npz
-    out = tmp_path_factory.mktemp("explore_run")
+    out = Path(tempfile.mkdtemp(prefix="hi-explore-run-"))
     rng = np.random.default_rng(7)
     P, H, T = 5, N_LAYERS * N_HEADS, 40
     X = np.zeros((P, H, T))
@@ -58,14 +61,15 @@ def run_dir(tmp_path_factory):
                        "alpha": rng.permutation(H) / (H - 1), "beta": rng.random(H),
                        "syn": rng.random(H), "red": rng.random(H)})
     df.to_csv(out / "rankings.csv", index=False)
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab():
     """A running JupyterLab server: (base url, token); stopped by its PID afterwards."""
     port = free_port()
-    home = tmp_path_factory.mktemp("jupyter")
+    home = Path(tempfile.mkdtemp(prefix="hi-lab-"))    # not in pytest's basetemp: a concurrent session may prune it
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTER_CONFIG_DIR": str(home / "config"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log = open(home / "lab.log", "w")
@@ -99,6 +103,7 @@ def lab(tmp_path_factory):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         log.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def api(url: str, method: str, path: str, body: dict | None = None, token: str = TOKEN):

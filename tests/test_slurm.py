@@ -339,8 +339,16 @@ def test_job_logs_are_readable(pipeline):
     assert progress and any("100%|" in l for l in progress)               # text progress bars, one line each
 
 
+@pytest.fixture
+def private_tmp():
+    """A temporary directory outside pytest's basetemp (which a concurrent pytest session may prune)."""
+    path = Path(tempfile.mkdtemp(prefix="hi-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_run_index_renders_in_chromium(pipeline, tmp_path):
+def test_run_index_renders_in_chromium(pipeline, private_tmp):
     from tests.tools.browser import dump_dom, ensure_chromium, html_attributes, image_stats, screenshot
     chromium, why = ensure_chromium()
     if not chromium:
@@ -349,7 +357,7 @@ def test_run_index_renders_in_chromium(pipeline, tmp_path):
     attrs = html_attributes(dump_dom(chromium, index.as_uri()))
     assert attrs.get("data-report-ready") == "1" and int(attrs["data-images-total"]) > 0, attrs
     assert attrs["data-images-ok"] == attrs["data-images-total"], attrs
-    shot = screenshot(chromium, index.as_uri(), tmp_path / "slurm_index.png")
+    shot = screenshot(chromium, index.as_uri(), private_tmp / "slurm_index.png")
     assert image_stats(shot)["non_white_fraction"] > 0.02
     if os.environ.get("REPORT_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["REPORT_SCREENSHOT_DIR"]) / "tiny_slurm_index.png")
@@ -359,13 +367,14 @@ def test_run_index_renders_in_chromium(pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_explorer_runs_over_the_finished_run(pipeline, tmp_path):
+def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     """notebooks/00_explore.ipynb with papermill on the run the cluster produced: no error, its figures drawn."""
     import papermill
-    out = tmp_path / "00_explore.ipynb"
+    out = private_tmp / "00_explore.ipynb"
     papermill.execute_notebook(str(REPO_ROOT / "notebooks" / "00_explore.ipynb"), str(out),
                                parameters={"out_dir": str(pipeline["out"]), "layer": 1, "head": 1},
-                               cwd=str(REPO_ROOT), progress_bar=False, kernel_name="python3")
+                               cwd=str(REPO_ROOT), progress_bar=False, kernel_name="python3",
+                               start_timeout=120, execution_timeout=300)
     nb = json.loads(out.read_text())
     outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
     assert not [o for o in outputs if o["output_type"] == "error"]
@@ -376,9 +385,9 @@ def test_explorer_runs_over_the_finished_run(pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, tmp_path):
+def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, private_tmp):
     """No half chain is left queued: 01 (GPU) is accepted, 02 (CPU, impossible request) is refused."""
-    r = cluster.run(str(PIPELINE), str(PARAMS), "--set", f"out_dir={tmp_path / 'run'}", "--cpu-args",
+    r = cluster.run(str(PIPELINE), str(PARAMS), "--set", f"out_dir={private_tmp / 'run'}", "--cpu-args",
                     "--cpus-per-task=999", "--sbatch-args", "--hold", check=False, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     jobs = parse_submission(r.stdout)
