@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # the test suite's own kernels and SLURM jobs) spinning threads made a SmolLM2 forward 9x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install model run test test-fast notebooks report lab bench clean-dev
+.PHONY: install model run test test-fast report lab slurm bench clean-dev
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,10 @@ report: install
 	$(PY) -m lib.report outputs/$(RUN)
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+
+slurm: install
+	slurm/pipeline.sh $(PARAMS) $(SLURM_ARGS)
 
 bench: model
 	$(PY) benchmarks/run_all.py
