@@ -91,14 +91,15 @@ def run_phase(phase: str, args) -> dict:
     task_a = make_task(tok, "A", n, args.cont_len, 0)
     task_b = make_task(tok, "B", n, args.cont_len, 30)
     lengths = [len(s.prompt_ids) + len(s.continuation_ids) for s in task_a.samples]
-    row = {"phase": phase, "samples_per_task": n, "tokens_per_sample": f"{min(lengths)}-{max(lengths)}",
+    row = {"phase": phase, "threads": args.threads or torch.get_num_threads(), "samples_per_task": n, "tokens_per_sample": f"{min(lengths)}-{max(lengths)}",
            "load_seconds": load_seconds, "rss_before_mb": rss_bytes() / 2**20}
     cpu0 = time.process_time()
     with PeakMemory(device) as mem:
         t = time.perf_counter()
         if phase.startswith("grads:"):
             method = phase.split(":", 1)[1]
-            g = I.per_sample_gradients(model, arch, task_a, method, args.batch_size)
+            with I.torch_threads(args.threads):
+                g = I.per_sample_gradients(model, arch, task_a, method, args.batch_size)
             row["seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             check = {l: g.layer(l) for l in (0, arch.n_layers - 1)}
@@ -110,7 +111,7 @@ def run_phase(phase: str, args) -> dict:
                 torch.save(check, os.path.join(args.check_dir, f"{method}.pt"))
         else:
             r = I.compute_interference(model, arch, task_a, task_b, method="hooks", batch_size=args.batch_size,
-                                       min_samples_for_fisher=min(10, n), progress=False)
+                                       min_samples_for_fisher=min(10, n), num_threads=args.threads, progress=False)
             row["seconds"] = time.perf_counter() - t
             row.update({f"{k}_seconds": v for k, v in r.seconds.items()})
             row["variants"] = len(r.variants)
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-main", type=int, default=10, help="samples per task of the main job's section")
     ap.add_argument("--cont-len", type=int, default=100, help="continuation tokens per sample")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for the gradient passes (0: default)")
     ap.add_argument("--phases", default="grads:hooks,grads:vmap,grads:loop,scores,main",
                     help="comma list from grads:<hooks|vmap|loop>, scores, main")
     ap.add_argument("--json", default="")
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     rows = []
     check_dir = tempfile.mkdtemp(prefix="interference-bench-")
     base = [sys.executable, __file__, "--model", args.model, "--n", str(args.n), "--n-main", str(args.n_main),
-            "--cont-len", str(args.cont_len), "--batch-size", str(args.batch_size), "--check-dir", check_dir]
+            "--cont-len", str(args.cont_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+            "--check-dir", check_dir]
     for phase in args.phases.split(","):
         load = os.getloadavg()[0]
         proc = subprocess.run(base + ["--phase", phase], capture_output=True, text=True)
@@ -162,12 +165,12 @@ def main(argv=None) -> int:
                 got = torch.load(os.path.join(check_dir, f"{method}.pt"))
                 row["max_rel_diff_vs_loop"] = max(float((got[l][k] - ref[l][k]).abs().max() / ref[l][k].abs().max())
                                                   for l in ref for k in ref[l])
-    print(f"\n{args.model}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    print(f"\n{args.model}, {args.threads or torch.get_num_threads()} threads for gradients, batch {args.batch_size}, "
           f"continuations of {args.cont_len} tokens")
     print(f"{'phase':12s} {'n/task':>6s} {'tokens':>8s} {'seconds':>8s} {'peak MB':>8s} {'load':>5s}  extra")
     for row in rows:
         extra = {k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in row.items()
-                 if k not in ("phase", "samples_per_task", "tokens_per_sample", "seconds", "peak_mb",
+                 if k not in ("phase", "threads", "samples_per_task", "tokens_per_sample", "seconds", "peak_mb",
                               "load_average_before", "rss_before_mb", "peak_rss_mb")}
         print(f"{row['phase']:12s} {row['samples_per_task']:6d} {row['tokens_per_sample']:>8s} {row['seconds']:8.1f} "
               f"{row['peak_mb']:8.0f} {row['load_average_before']:5.1f}  {extra}")

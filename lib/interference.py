@@ -340,6 +340,18 @@ def projection_weights(arch: ArchInfo) -> dict[str, tuple[int, nn.Module]]:
 
 
 @contextmanager
+def torch_threads(n: int):
+    """Run the block with n intra-op CPU threads (n <= 0: leave torch's setting), restoring it afterwards."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def _differentiable(weights: Iterable[torch.Tensor]):
     """requires_grad on exactly these weights for the duration (restored after; no .grad is left behind)."""
     weights = list(weights)
@@ -793,49 +805,12 @@ def interference_from_gradients(arch: ArchInfo, grads_a: SampleGradients, grads_
         from tqdm.auto import tqdm
         layers = tqdm(layers, desc="interference scores", leave=False)
     checked: set = set()
-    for layer in layers:
-        slices = arch.block_param_slices(layer)
-        shapes = tuple((b, tuple(w.shape)) for b, (w, _) in slices.items())
-        if shapes not in checked:                  # the slice checks depend only on the shapes: once per layer kind
-            check_block_slices(arch, layer, names)
-            checked.add(shapes)
-        ga, gb = grads_a.layer(layer, device), grads_b.layer(layer, device)
-        # the operands of pair_scores, elementwise over each whole tensor once; then one product per block-head
-        left: dict[str, dict[str, torch.Tensor]] = {}
-        right: dict[str, dict[str, torch.Tensor]] = {}
-        fisher: dict[str, torch.Tensor] = {}
-        for name in list(ga):
-            g_a, g_b = ga.pop(name), gb.pop(name)
-            c_a = g_a.square()
-            fisher[name] = c_a.mean(0)
-            denom = fisher_denominator(fisher[name], eps, ridge)
-            ops = {}
-            for v in variants:
-                if v == "magnitude":
-                    ops[v] = c_a / denom
-                elif v == "pooled":
-                    f_pool = (fisher[name] + g_b.square().mean(0)) / 2 if n_b else fisher[name]
-                    ops[v] = c_a / fisher_denominator(f_pool, eps, ridge)
-                elif v == "signed":
-                    ops[v] = g_a / denom
-                else:
-                    ops[v] = g_a.abs() / denom
-            abs_b = g_b.abs()
-            left[name] = ops
-            right[name] = {v: (g_b if v == "signed" else abs_b) for v in variants}
-            del g_a, g_b, c_a
-        for block, (weight, slicer) in slices.items():
-            name = names[id(weight)]
-            for h in range(hkv if block in KV_BLOCKS else hq):
-                idx = (slice(None), *slicer(h))
-                fisher_mass[block][layer, h] = float(fisher[name][slicer(h)].sum())
-                for v in variants:
-                    a, b = left[name][v][idx].flatten(1), right[name][v][idx].flatten(1)
-                    if a.shape[1] != arch.head_dim * arch.hidden_size:
-                        raise AssertionError(f"parameter {name} (layer {layer}, head {h}, block {block}): per-sample "
-                                             f"gradient slice has {a.shape[1]} elements, expected head_dim x hidden")
-                    scores[v][block][:, :, layer, h] = (a @ b.T).cpu().numpy()
-        del ga, gb, left, right
+    # one CPU thread for the scores: thousands of small, memory-bound products and elementwise passes, where thread
+    # synchronisation costs more than it gains (SmolLM2, 10 x 10 pairs, shared 2-core machine: 6 s vs 90-136 s)
+    with torch_threads(1):
+        for layer in layers:
+            _layer_scores(arch, layer, grads_a, grads_b, variants, eps, ridge, names, checked, scores, fisher_mass,
+                          device)
     return InterferenceResult(
         scores=scores, ids_a=list(grads_a.ids), ids_b=list(grads_b.ids), task_a=task_a, task_b=task_b, n_layers=L,
         n_heads=hq, n_kv_heads=hkv, loss_a=grads_a.losses.copy(), loss_b=grads_b.losses.copy(),
@@ -844,19 +819,69 @@ def interference_from_gradients(arch: ArchInfo, grads_a: SampleGradients, grads_
                  "scores": time.perf_counter() - t0})
 
 
+def _layer_scores(arch, layer, grads_a, grads_b, variants, eps, ridge, names, checked, scores, fisher_mass, device):
+    """Fill scores[variant][block][:, :, layer, :] and fisher_mass[block][layer] for one layer."""
+    hq, hkv, n_b = arch.n_heads, arch.n_kv_heads, grads_b.n
+    slices = arch.block_param_slices(layer)
+    shapes = tuple((b, tuple(w.shape)) for b, (w, _) in slices.items())
+    if shapes not in checked:                  # the slice checks depend only on the shapes: once per layer kind
+        check_block_slices(arch, layer, names)
+        checked.add(shapes)
+    ga, gb = grads_a.layer(layer, device), grads_b.layer(layer, device)
+    # the operands of pair_scores, elementwise over each whole tensor once; then one product per block-head
+    left: dict[str, dict[str, torch.Tensor]] = {}
+    right: dict[str, dict[str, torch.Tensor]] = {}
+    fisher: dict[str, torch.Tensor] = {}
+    for name in list(ga):
+        g_a, g_b = ga.pop(name), gb.pop(name)
+        c_a = g_a.square()
+        fisher[name] = c_a.mean(0)
+        denom = fisher_denominator(fisher[name], eps, ridge)
+        ops = {}
+        for v in variants:
+            if v == "magnitude":
+                ops[v] = c_a / denom
+            elif v == "pooled":
+                f_pool = (fisher[name] + g_b.square().mean(0)) / 2 if n_b else fisher[name]
+                ops[v] = c_a / fisher_denominator(f_pool, eps, ridge)
+            elif v == "signed":
+                ops[v] = g_a / denom
+            else:
+                ops[v] = g_a.abs() / denom
+        abs_b = g_b.abs()
+        left[name] = ops
+        right[name] = {v: (g_b if v == "signed" else abs_b) for v in variants}
+        del g_a, g_b, c_a
+    for block, (weight, slicer) in slices.items():
+        name = names[id(weight)]
+        for h in range(hkv if block in KV_BLOCKS else hq):
+            idx = (slice(None), *slicer(h))
+            fisher_mass[block][layer, h] = float(fisher[name][slicer(h)].sum())
+            for v in variants:
+                a, b = left[name][v][idx].flatten(1), right[name][v][idx].flatten(1)
+                if a.shape[1] != arch.head_dim * arch.hidden_size:
+                    raise AssertionError(f"parameter {name} (layer {layer}, head {h}, block {block}): per-sample "
+                                         f"gradient slice has {a.shape[1]} elements, expected head_dim x hidden")
+                scores[v][block][:, :, layer, h] = (a @ b.T).cpu().numpy()
+    del ga, gb, left, right
+
+
 def compute_interference(model: nn.Module, arch: ArchInfo, task_a: TaskSamples, task_b: TaskSamples, *,
                          variants: Sequence[str] = VARIANTS, eps: float = DEFAULT_EPS, ridge: float = 0.0,
                          method: str = "hooks", batch_size: int = 8,
-                         min_samples_for_fisher: int = MIN_SAMPLES_FOR_FISHER,
+                         min_samples_for_fisher: int = MIN_SAMPLES_FOR_FISHER, num_threads: int = 0,
                          progress: bool = True) -> InterferenceResult:
     """Per-sample gradients of both tasks, then every score (see the module docstring). Inputs are validated
     before any gradient is computed: task A needs at least min_samples_for_fisher samples; an empty task B gives
-    a warning and empty results [n_a, 0, layers, heads]."""
+    a warning and empty results [n_a, 0, layers, heads]. num_threads > 0 sets torch's CPU threads for the
+    gradient passes (0: torch's default; on a machine shared with other jobs 1 thread was faster: see the
+    benchmark); the scores always use one thread."""
     _validate(variants, eps, ridge, len(task_a), min_samples_for_fisher, task_a.name)
     if method not in METHODS:
         raise ValueError(f"grad_method must be one of {METHODS} (got {method!r})")
-    grads_a = per_sample_gradients(model, arch, task_a, method, batch_size, progress)
-    grads_b = per_sample_gradients(model, arch, task_b, method, batch_size, progress)
+    with torch_threads(num_threads):
+        grads_a = per_sample_gradients(model, arch, task_a, method, batch_size, progress)
+        grads_b = per_sample_gradients(model, arch, task_b, method, batch_size, progress)
     device = next(model.parameters()).device
     result = interference_from_gradients(arch, grads_a, grads_b, variants=variants, eps=eps, ridge=ridge,
                                          min_samples_for_fisher=min_samples_for_fisher, task_a=task_a.name,

@@ -133,21 +133,24 @@ def test_head_additivity(arch_name):
 
 @pytest.fixture(scope="module")
 def llama64():
-    """The tiny llama in float64: single-sample backward passes are then exact to ~1e-15, a sharp reference."""
+    """The tiny llama in float64 (single-sample backward passes are then exact to ~1e-15, a sharp reference), 3
+    samples of different lengths, and each sample's loss and gradients from its own backward pass."""
     model, tokenizer, arch = tiny("llama")
     model = copy.deepcopy(model).double()
-    return model, tokenizer, I.ArchInfo(**{**arch.__dict__, "model": model})
+    arch = I.ArchInfo(**{**arch.__dict__, "model": model})
+    a = I.samples_from_texts(tokenizer, TEXTS_A[2:], "math", "A")   # 3 lengths: right padding inside one batch
+    names = list(I.projection_weights(arch))
+    weights = [I.projection_weights(arch)[n][1].weight for n in names]
+    reference = [manual_loss_and_grads(model, weights, sample) for sample in a.samples]
+    return model, arch, a, names, weights, reference
 
 
 @pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
 def test_per_sample_gradients_equal_single_sample_backward(method, llama64):
-    model, tokenizer, arch = llama64
-    a, _ = tasks(tokenizer)                                   # different lengths: right padding inside a batch
-    g = I.per_sample_gradients(model, arch, a, method, batch_size=5)
-    names = list(g.weights)
-    weights = [g.weights[n][1].weight for n in names]
-    for i, sample in enumerate(a.samples):
-        loss, grads = manual_loss_and_grads(model, weights, sample)
+    model, arch, a, names, weights, reference = llama64
+    g = I.per_sample_gradients(model, arch, a, method, batch_size=3)
+    assert list(g.weights) == names
+    for i, (loss, grads) in enumerate(reference):
         assert g.losses[i] == pytest.approx(loss, rel=1e-6)
         for n, want in zip(names, grads):
             got = g.full(n)[i]
