@@ -82,11 +82,16 @@ def main(argv=None) -> int:
     ap.add_argument("--logit-chunk-mb", type=float, default=32.0)
     ap.add_argument("--step-size", type=int, default=9, help="main-job points: 270 heads / 9 = 31 points")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default). On a shared machine "
+                    "1 thread gives a CPU time free of OpenMP spin-waiting; unloaded 2-core wall ~ that / 2")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--full", action="store_true", help="also time the whole main-job section")
     ap.add_argument("--json", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, tokenizer, arch = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, arch = load_model(args.model, dtype=args.dtype)
     data = Path(args.data)
     ensure_data(data, model, tokenizer, arch, args.n_prompts, chat_template=args.model.startswith("bundled:"))
     inputs, plan = A.prepare(data, model=args.model, variants=["rank_diff"], n_random=args.n_random,
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     t_kl = best_of(unembed_kl, args.repeats)
     threads = torch.get_num_threads()
     figures = {
-        "model": args.model, "prompts": len(prompts), "distinct_masks": len(masks), "rows": len(rows),
+        "model": args.model, "dtype": args.dtype, "prompts": len(prompts), "distinct_masks": len(masks), "rows": len(rows),
         "tokens_per_point": tokens, "padded_tokens_per_point": padded, "batch_size": args.batch_size,
         "threads": threads, "method": engine.method, "logit_rows": engine.logit_rows,
         "plain_wall_s": t_plain.wall, "plain_cpu_s": t_plain.cpu,

@@ -39,7 +39,7 @@ def block_heatmaps(result, variant: str = "magnitude"):
     if result.empty:
         return _empty_figure(result, title)
     widths = [result.heads(b) + 1.5 for b in BLOCKS]
-    fig, axes = new_figure(min(3.2 * len(BLOCKS), 1.0 + 0.5 * sum(widths)), 1.8 + 0.16 * result.n_layers,
+    fig, axes = new_figure(max(12.8, 2.0 + 0.45 * sum(widths)), 1.9 + 0.16 * result.n_layers,
                            ncols=len(BLOCKS), gridspec_kw={"width_ratios": widths})
     for ax, block in zip(axes, BLOCKS):
         m = result.layer_head_mean(block, variant)
@@ -54,7 +54,7 @@ def block_heatmaps(result, variant: str = "magnitude"):
         ax.set_ylabel("layer")
         ax.set_xticks(range(result.heads(block)))
         cbar = fig.colorbar(im, ax=ax, fraction=0.08)
-        cbar.set_label(f"mean score ({UNITS.get(variant, '')})")
+        cbar.set_label(f"mean score\n({UNITS.get(variant, '')})")
     fig.suptitle(title)
     return fig
 
@@ -65,7 +65,7 @@ def layer_profiles(result, variants=None):
     title = _title(result, "QK-OV interference by layer")
     if result.empty:
         return _empty_figure(result, title)
-    fig, axes = new_figure(3.4 * len(variants), 3.4, ncols=len(variants), squeeze=False)
+    fig, axes = new_figure(3.6 * len(variants), 3.9, ncols=len(variants), squeeze=False)
     layers = np.arange(result.n_layers)
     for ax, variant in zip(axes[0], variants):
         for block in BLOCKS:
@@ -77,7 +77,7 @@ def layer_profiles(result, variants=None):
             ax.set_yscale("log")                    # blocks differ by orders of magnitude
         ax.set_title(VARIANT_LABELS.get(variant, variant), fontsize=9)
         ax.set_xlabel("layer")
-        ax.set_ylabel(f"mean score per head ({UNITS.get(variant, '')})")
+        ax.set_ylabel(f"mean score per head\n({UNITS.get(variant, '')})")
         ax.legend(title="block")
     fig.suptitle(title)
     return fig
@@ -89,7 +89,7 @@ def pair_matrix(result, variant: str = "magnitude"):
     if result.empty:
         return _empty_figure(result, title)
     totals = result.pair_totals(variant)
-    fig, ax = new_figure(2.5 + 0.35 * result.n_b, 2.0 + 0.3 * result.n_a)
+    fig, ax = new_figure(max(6.4, 3.5 + 0.4 * result.n_b), 2.4 + 0.3 * result.n_a)
     if variant == "signed":
         lim = float(np.abs(totals).max()) or 1.0
         im = ax.imshow(totals, aspect="auto", cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim))
@@ -100,7 +100,7 @@ def pair_matrix(result, variant: str = "magnitude"):
     ax.set_xlabel(f"task B sample j ({result.task_b})")
     ax.set_ylabel(f"task A sample i ({result.task_a})")
     fig.colorbar(im, ax=ax).set_label(f"sum over layers, heads, blocks ({UNITS.get(variant, '')})")
-    ax.set_title(title, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -113,7 +113,7 @@ def fisher_profile(result):
                 color=BLOCK_COLORS[block], label=block)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel("sum of F_A over the block (nats² per unit weight²)")
+    ax.set_ylabel("sum of F_A over the block\n(nats² per unit weight²)")
     ax.legend(title="block")
     ax.set_title(title, fontsize=10)
     return fig
