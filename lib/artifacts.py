@@ -1,0 +1,274 @@
+"""The artifact contract: every file a notebook writes into a run folder, declared once.
+
+One `Artifact` record per file kind: its name pattern (with an optional baseline tag and shard), the notebook that
+produces it, its format, and its keys (npz arrays, CSV columns or JSON top-level keys) with dtype and dims.
+Modules and notebooks never build a file name or call np.load themselves; they call
+
+    path("activations", out_dir, tag="random_init")        # -> out_dir / "activations__random_init.npz"
+    load("activations", out_dir, keys=["activations"])      # checked: present, dtype kind, ndim
+    save("activations", out_dir, arrays, tag="")            # atomic (lib.store), keys checked before writing
+    tags("activations", out_dir)                            # ["", "random_init", "rev-step1000", ...]
+
+Tags: "" is the run's own model; "random_init" the re-initialised copy; "rev-<revision>" a training checkpoint.
+Shards: (i, n) -> "<stem>__shard-<i>-of-<n>.<ext>" in the artifact's shard folder.
+Dims name what an axis holds ("prompts", "heads", "steps", "pairs", ...); a dim "*" is any size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib.store import ArtifactError
+
+FORMATS = ("npz", "csv", "json", "jsonl")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One array / column / JSON key of an artifact. dtype: a numpy kind name ("float", "int", "bool", "str") or
+    an exact dtype ("float32"); dims: axis names, () for a scalar. Optional keys may be absent."""
+    dtype: str
+    dims: tuple[str, ...] = ()
+    doc: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    pattern: str                      # e.g. "phiid_{mode}{tag}.npz"; {tag} -> "" or "__<tag>"
+    producer: str                     # notebook that writes it
+    doc: str
+    keys: dict[str, Key] = field(default_factory=dict)
+    shard_dir: str | None = None      # folder (relative to the run) for shard files, if the artifact shards
+
+    @property
+    def format(self) -> str:
+        return self.pattern.rsplit(".", 1)[-1]
+
+    def filename(self, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> str:
+        if tag and ("/" in tag or tag.startswith(".")):
+            raise ArtifactError(f"artifact tag {tag!r} must be a plain name (e.g. 'random_init', 'rev-step1000')")
+        try:
+            name = self.pattern.format(tag=f"__{tag}" if tag else "", **fields)
+        except KeyError as e:
+            raise ArtifactError(f"artifact {self.name!r} needs the field {e.args[0]!r} (pattern {self.pattern!r})") from None
+        if shard is not None:
+            stem, ext = name.rsplit(".", 1)
+            name = f"{stem}__shard-{shard[0]}-of-{shard[1]}.{ext}"
+        return name
+
+    def path(self, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
+        folder = Path(out_dir) / self.shard_dir if (shard is not None and self.shard_dir) else Path(out_dir)
+        return folder / self.filename(tag, shard, **fields)
+
+
+def _k(dtype, *dims, doc="", optional=False) -> Key:
+    return Key(dtype, tuple(dims), doc, optional)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registry: one entry per file kind, in pipeline order
+
+_ATOMS = ("rtr", "rtx", "rty", "rts", "xtr", "xtx", "xty", "xts", "ytr", "ytx", "yty", "yts", "str", "stx", "sty", "sts")
+
+ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
+    Artifact("activations", "activations{tag}.npz", "01_extract_activations",
+             "per-head L2 norm of the attention output at every generated step, with the greedy tokens", {
+                 "activations": _k("float32", "prompts", "heads", "steps", doc="L2 norm of each head's output"),
+                 "tokens": _k("int", "prompts", "steps", doc="generated token ids"),
+                 "prompt_input_ids": _k("int", "prompts", "*", doc="prompt ids, left-padded with pad_token_id"),
+                 "prompt_lengths": _k("int", "prompts"),
+                 "prompt_ids": _k("int", "prompts"),
+                 "prompt_category": _k("str", "prompts"),
+                 "prompt_text": _k("str", "prompts"),
+                 "head_layer": _k("int", "heads"),
+                 "head_index": _k("int", "heads"),
+                 "n_layers": _k("int"), "n_heads": _k("int"), "n_kv_heads": _k("int"), "pad_token_id": _k("int"),
+                 "model": _k("str"), "chat_template": _k("bool"), "seconds": _k("float"),
+                 "extraction_key": _k("str", optional=True),
+             }),
+    Artifact("phiid", "phiid_{mode}{tag}.npz", "02_phiid",
+             "all 16 PhiID atoms (nats) for every ordered head pair, one mode (per_prompt, concat, pooled)", {
+                 **{a: _k("float", "heads", "heads") for a in _ATOMS},
+                 "atom_names": _k("str", "atoms"),
+                 "head_layer": _k("int", "heads"), "head_index": _k("int", "heads"),
+                 "degenerate": _k("bool", "heads", "heads"), "n_valid": _k("int", "heads", "heads"),
+                 "seconds": _k("float"), "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"),
+                 "backend": _k("str"),
+                 "n_prompts": _k("int", optional=True), "n_steps": _k("int", optional=True),
+                 "activations_file": _k("str", optional=True), "model": _k("str", optional=True),
+             }),
+    Artifact("diagnostics", "diagnostics{tag}.json", "03_phiid_diagnostics",
+             "synergy-redundancy correlation, lag-1 autocorrelation, TDMI, drift, layer profiles"),
+    Artifact("rankings", "rankings.csv", "04_ranking_variants",
+             "one row per head: layer, head and one score column per ranking variant", {
+                 "layer": _k("int", "heads"), "head": _k("int", "heads"),
+             }),
+    Artifact("ranking_summary", "ranking_summary.json", "04_ranking_variants",
+             "split-half reliability, surrogate null, inverted-U test, trained vs random"),
+    Artifact("ranking_surrogates", "ranking_surrogates.npz", "04_ranking_variants",
+             "circular-shift surrogate scores per variant [surrogates, heads]"),
+    Artifact("ablation", "ablation.csv", "05_ablation",
+             "KL(clean || ablated) per order and number of heads removed (mean and CI over prompts)"),
+    Artifact("ablation_kl", "ablation_kl.npz", "05_ablation",
+             "KL per order, point and prompt", {
+                 "kl": _k("float", "orders", "points", "prompts"),
+             }, shard_dir=".ablation_shards"),
+    Artifact("ablation_auc", "ablation_auc.csv", "05_ablation", "area under each KL curve and its ratio to random"),
+    Artifact("ablation_fractions", "ablation_fractions.csv", "05_ablation",
+             "KL at fixed fractions of heads removed, per order"),
+    Artifact("neuron_effects", "neuron_effects.csv", "06_neuron_effects",
+             "direct, indirect and total effect of each selected MLP neuron on each prompt",
+             shard_dir=".neuron_shards"),
+    Artifact("neuron_summaries", "neuron_summaries.json", "06_neuron_effects", "per-class summaries of the effects"),
+    Artifact("layer_summary", "layer_summary.csv", "06_neuron_effects", "direct/total ratio by layer"),
+    Artifact("interference", "interference.npz", "07_qkov_interference",
+             "QK-OV Fisher interference scores per variant and block, sample ids of both tasks", {
+                 "ids_a": _k("str", "samples_a"), "ids_b": _k("str", "samples_b"),
+             }),
+    Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)"),
+    Artifact("interference_summary", "interference_summary.csv", "07_qkov_interference",
+             "interference per block and variant"),
+    Artifact("manifest", "manifest.json", "lib.run", "parameters, versions, git commit, weights checksum, timings"),
+]}
+
+
+def artifact(name: str) -> Artifact:
+    try:
+        return ARTIFACTS[name]
+    except KeyError:
+        raise ArtifactError(f"unknown artifact {name!r}; known: {sorted(ARTIFACTS)}") from None
+
+
+def register(a: Artifact) -> Artifact:
+    """Add an artifact kind (modules that own a new notebook declare theirs at import)."""
+    if a.name in ARTIFACTS and ARTIFACTS[a.name] != a:
+        raise ArtifactError(f"artifact {a.name!r} is already declared differently")
+    ARTIFACTS[a.name] = a
+    return a
+
+
+def path(name: str, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
+    return artifact(name).path(out_dir, tag, shard, **fields)
+
+
+def tags(name: str, out_dir, **fields: Any) -> list[str]:
+    """Tags present in out_dir for this artifact: "" (the run's model) first, then the others sorted."""
+    a = artifact(name)
+    main = a.path(out_dir, "", **fields)
+    prefix, suffix = main.name.rsplit(".", 1)[0] + "__", "." + a.format
+    found = [p.name[len(prefix):-len(suffix)] for p in Path(out_dir).glob(f"{prefix}*{suffix}")
+             if "__shard-" not in p.name]
+    return ([""] if main.exists() else []) + sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load / save with key checks
+
+def _kind_ok(value: np.ndarray, dtype: str) -> bool:
+    kinds = {"float": "f", "int": "iu", "bool": "b", "str": "UST"}
+    if dtype in kinds:
+        return value.dtype.kind in kinds[dtype] or (dtype == "float" and value.dtype.kind in "iu" and value.ndim == 0)
+    return value.dtype == np.dtype(dtype)
+
+
+def check_keys(a: Artifact, data: dict, where: str, keys=None) -> None:
+    """Raise ArtifactError naming the file when a declared key is missing or has the wrong dtype / ndim."""
+    wanted = a.keys if keys is None else {k: a.keys[k] for k in keys if k in a.keys}
+    for key, spec in wanted.items():
+        if key not in data:
+            if spec.optional:
+                continue
+            raise ArtifactError(f"{where}: key {key!r} is missing (has {sorted(data)}); the file is from an older or "
+                                f"different writer: regenerate it with {a.producer}")
+        value = data[key]
+        if a.format == "npz":
+            if not _kind_ok(np.asarray(value), spec.dtype):
+                raise ArtifactError(f"{where}: {key!r} has dtype {np.asarray(value).dtype}, expected {spec.dtype}")
+            if np.ndim(value) != len(spec.dims):
+                raise ArtifactError(f"{where}: {key!r} has shape {np.shape(value)}, expected "
+                                    f"[{', '.join(spec.dims)}] ({len(spec.dims)} dimensions)")
+
+
+def _missing(a: Artifact, p: Path) -> ArtifactError:
+    return ArtifactError(f"missing artifact {str(p)!r}; run {a.producer} first "
+                         f"(python -m lib.run --params <run>.yaml --only {a.producer})")
+
+
+def load_file(name: str, p, keys=None):
+    """Load the file `p` of artifact kind `name`: npz -> dict of arrays (0-d arrays of str/scalars kept as arrays),
+    csv -> pandas DataFrame, json -> object, jsonl -> list of objects. Unreadable files raise ArtifactError."""
+    a, p = artifact(name), Path(p)
+    if not p.exists():
+        raise _missing(a, p)
+    try:
+        if a.format == "npz":
+            with np.load(p, allow_pickle=False) as z:
+                want = z.files if keys is None else [k for k in keys if k in z.files]
+                data = {k: z[k] for k in want}
+        elif a.format == "csv":
+            import pandas as pd
+            data = pd.read_csv(p)
+        elif a.format == "json":
+            data = json.loads(p.read_text())
+        else:
+            data = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: delete it "
+                            f"and rerun {a.producer}") from None
+    if a.format in ("npz", "csv") and a.keys:
+        cols = data if a.format == "npz" else {c: data[c].to_numpy() for c in data.columns}
+        check_keys(a, cols, str(p), keys)
+    elif a.format == "json" and isinstance(data, dict) and a.keys:
+        check_keys(a, data, str(p), keys)
+    return data
+
+
+def load(name: str, out_dir, tag: str = "", keys=None, shard: tuple[int, int] | None = None, **fields: Any):
+    """Load an artifact of a run folder (see load_file for the returned types)."""
+    return load_file(name, path(name, out_dir, tag, shard, **fields), keys)
+
+
+def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
+    """Write an artifact atomically after checking its declared keys; returns its path.
+    data: dict of arrays (npz), a DataFrame (csv), a JSON-able object (json) or a list of them (jsonl)."""
+    from lib import store
+    a = artifact(name)
+    p = a.path(out_dir, tag, shard, **fields)
+    if a.format == "npz":
+        check_keys(a, {k: np.asarray(v) for k, v in data.items()}, f"{name} (about to write {p.name})")
+        return store.save_npz(p, **data)
+    if a.format == "csv":
+        check_keys(a, {c: data[c].to_numpy() for c in data.columns}, f"{name} (about to write {p.name})")
+        return store.save_csv(p, data)
+    if a.format == "json":
+        return store.save_json(p, data)
+    with store.atomic_path(p) as tmp:
+        tmp.write_text("".join(json.dumps(store._jsonable(row)) + "\n" for row in data))
+    return p
+
+
+def outputs_table() -> str:
+    """The README's outputs table (markdown), generated from the registry."""
+    rows = ["| file | written by | what |", "|---|---|---|"]
+    for a in ARTIFACTS.values():
+        shown = a.pattern.replace("{tag}", "").replace("{mode}", "<mode>")
+        rows.append(f"| `{shown}` | {a.producer} | {a.doc} |")
+    return "\n".join(rows)
+
+
+def producer_outputs(notebook: str) -> list[Artifact]:
+    """The artifact kinds a notebook writes."""
+    return [a for a in ARTIFACTS.values() if a.producer == notebook]
+
+
+if __name__ == "__main__":  # python -m lib.artifacts: print the outputs table
+    print(outputs_table())
+    os.sys.exit(0)
