@@ -400,14 +400,15 @@ def _segment(past, future, be, local=False):
     return seg
 
 
-def _segment_groups(X, mode, tau, be, local, budget_bytes=1 << 28):
-    """Lists of _Segment whose correlation matrices (each (2H)^2 float64) fit in budget_bytes together.
-    Computing a group's matrix products back to back, then its pair batches, keeps BLAS worker threads from
-    spin-waiting while the pair-batch threads run (on 2 cores that contention costs more than the products)."""
-    segments = list(_segments(X, mode, tau))
+def _segment_groups(X, mode, tau, be, local, lengths=None, budget_bytes=1 << 28):
+    """Lists of _Segment (None for a prompt too short to use) whose correlation matrices (each (2H)^2 float64)
+    fit in budget_bytes together. Computing a group's matrix products back to back, then its pair batches, keeps
+    BLAS worker threads from spin-waiting while the pair-batch threads run (on 2 cores that contention costs more
+    than the products)."""
+    segments = list(_segments(X, mode, tau, lengths))
     per_group = max(1, budget_bytes // (8 * (2 * X.shape[1]) ** 2))
     for start in range(0, len(segments), per_group):
-        yield [_segment(past, future, be, local) for past, future in segments[start:start + per_group]]
+        yield [None if pf is None else _segment(*pf, be, local) for pf in segments[start:start + per_group]]
 
 
 def _two_variable_quad(u, v, r, det):
@@ -415,18 +416,46 @@ def _two_variable_quad(u, v, r, det):
     return v * v - (v - r * u) ** 2 / det
 
 
-def _segments(X, mode, tau):
-    """X [prompts, heads, steps] -> iterator of (past, future), each [heads, samples] (see module docstring)."""
+def _prompt_slices(X, lengths):
+    """[prompts, heads, steps] -> list of [heads, steps_p]: prompt p truncated to its first lengths[p] steps."""
+    return list(X) if lengths is None else [prompt[:, :n] for prompt, n in zip(X, lengths)]
+
+
+def _segments(X, mode, tau, lengths=None):
+    """X [prompts, heads, steps] -> iterator of (past, future), each [heads, samples] (see module docstring);
+    lengths [prompts] (optional): prompt p uses steps [:lengths[p]]. per_prompt yields None for a prompt with
+    fewer than tau + MIN_SAMPLES steps (undefined in that prompt)."""
+    prompts = _prompt_slices(X, lengths)
     if mode == "per_prompt":
-        for prompt in X:
-            yield prompt[:, :-tau], prompt[:, tau:]
+        for prompt in prompts:
+            usable = prompt.shape[1] >= tau + MIN_SAMPLES
+            yield (prompt[:, :-tau], prompt[:, tau:]) if usable else None
     elif mode == "concat":
-        joined = X.transpose(1, 0, 2).reshape(X.shape[1], -1)
+        joined = np.concatenate(prompts, axis=1)
         yield joined[:, :-tau], joined[:, tau:]
     else:  # pooled
-        pasts = X[:, :, :-tau].transpose(1, 0, 2).reshape(X.shape[1], -1)
-        futures = X[:, :, tau:].transpose(1, 0, 2).reshape(X.shape[1], -1)
-        yield pasts, futures
+        n = [max(prompt.shape[1] - tau, 0) for prompt in prompts]
+        yield (np.concatenate([prompt[:, :k] for prompt, k in zip(prompts, n)], axis=1),
+               np.concatenate([prompt[:, tau:tau + k] for prompt, k in zip(prompts, n)], axis=1))
+
+
+def _check_lengths(lengths, X, mode, tau):
+    """lengths: None or [prompts] ints in [0, steps] -> int64 array; concat / pooled need tau + MIN_SAMPLES
+    samples in total."""
+    if lengths is None:
+        return None
+    prompts, _, steps = X.shape
+    arr = np.asarray(lengths)
+    if arr.shape != (prompts,) or arr.dtype.kind not in "iu":
+        raise ValueError(f"lengths must be one integer per prompt ([{prompts}]); got {arr.dtype} array of shape "
+                         f"{arr.shape}")
+    if arr.min() < 0 or arr.max() > steps:
+        raise ValueError(f"lengths must lie in [0, {steps}] (the steps of X); got min {arr.min()}, max {arr.max()}")
+    samples = {"concat": int(arr.sum()) - tau, "pooled": int(np.maximum(arr - tau, 0).sum())}.get(mode)
+    if samples is not None and samples < MIN_SAMPLES:
+        raise ValueError(f"lengths leave {samples} past/future samples in mode {mode!r}; PhiID needs at least "
+                         f"{MIN_SAMPLES}: use longer prompts or a smaller tau")
+    return arr.astype(np.int64)
 
 
 def _one_minus_sq(r):
@@ -547,17 +576,25 @@ def _local_mi_batched(seg, i, j, r, g, mean_mi):
     return {name: 2 * mean_mi[name][:, None] + quad[name] for name in MI_NAMES}
 
 
-def _chunk_parts(seg, pc, redundancy, be):
-    """Time means of the parts for the pairs of chunk pc -> (dict PART_NAMES -> [pairs], defined [pairs] bool,
-    all_defined bool). Values of undefined pairs are finite garbage; the caller masks them."""
-    xp = be.xp
+def _chunk_geometry(seg, pc, xp):
+    """Correlations, geometry and the one degeneracy rule for the pairs of chunk pc -> (r, g, defined [pairs],
+    all_defined). Where a pair is undefined its geometry is replaced by the identity's, which keeps logs and
+    divisions finite (finite garbage that every caller masks)."""
     r = _pair_correlations(seg, pc)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         g = _pair_geometry(r, xp)
         defined = _defined_pairs(g, seg, pc, xp)
     all_defined = bool(defined.all())
-    if not all_defined:  # identity geometry where undefined keeps logs and divisions finite
+    if not all_defined:
         g = {k: xp.where(defined, v, _IDENTITY_GEOMETRY.get(k, 1.0)) for k, v in g.items()}
+    return r, g, defined, all_defined
+
+
+def _chunk_parts(seg, pc, redundancy, be):
+    """Time means of the parts for the pairs of chunk pc -> (dict PART_NAMES -> [pairs], defined [pairs] bool,
+    all_defined bool). Values of undefined pairs are finite garbage; the caller masks them."""
+    xp = be.xp
+    r, g, defined, all_defined = _chunk_geometry(seg, pc, xp)
     mean_mi = _mean_mi_batched(g, xp)
     if redundancy == "MMI":
         return mmi_parts(mean_mi, xp), defined, all_defined
@@ -683,8 +720,34 @@ def _accumulate(seg, pc, redundancy, be, sums, n_valid):
     n_valid[pc.sl] += defined
 
 
+def _for_each_chunk(X, mode, tau, lengths, be, local, chunk_of, workers, work):
+    """Call work(segment_index, seg, pc) for every usable segment of `mode` and every pair chunk, the chunks of a
+    segment on `workers` threads (they write disjoint slices). chunk_of(samples) -> pairs per chunk.
+    Returns the number of segments (unusable ones included)."""
+    n_segments, chunks = 0, None
+    with ThreadPoolExecutor(workers) as pool:
+        for group in _segment_groups(X, mode, tau, be, local, lengths):
+            for seg in group:
+                if seg is not None:
+                    if chunks is None:
+                        chunks = _make_pair_chunks(X.shape[1], chunk_of(seg.z.shape[1]), be)
+                    index = n_segments
+                    # list() waits for every chunk and re-raises any error
+                    list(pool.map(lambda pc: work(index, seg, pc), chunks))
+                n_segments += 1
+    return n_segments
+
+
+def _check_inputs(X, tau, mode, lengths):
+    """Shared checks of the all-pairs functions -> (X float64, lengths or None)."""
+    _check_choice(mode, MODES, "mode")
+    X = _check_X(X)
+    _check_tau(tau, X.shape[2])
+    return X, _check_lengths(lengths, X, mode, tau)
+
+
 def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, backend="numpy",
-                    chunk_pairs=None, workers=None, warn=True, head_names=None):
+                    chunk_pairs=None, workers=None, warn=True, head_names=None, lengths=None):
     """PhiID for every ordered pair of heads.
 
     X: [prompts, heads, steps] (any float dtype; computed in float64), steps >= tau + 5.
@@ -695,31 +758,27 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     different pair batches at once (default: usable CPUs up to 4 for numpy, 1 for torch).
     warn: emit DegeneratePairWarning for undefined pairs. head_names: label per head for the warning
     (default: the head's position on axis 1).
+    lengths: optional [prompts] ints; prompt p then uses only steps [:lengths[p]] (e.g. the steps before its
+    first end-of-turn token), in every mode. In per_prompt mode a prompt shorter than tau + 5 steps leaves
+    every pair undefined in that prompt (n_valid does not count it).
 
     Each unordered pair i < j is computed once with i as source; [j, i] is filled by relabeling
     (SWAPPED_ATOM). Returns a PhiIDResult; result["sts"] is a [heads, heads] array, [i, j] = i -> j.
     """
     t0 = time.perf_counter()
     _check_choice(redundancy, REDUNDANCIES, "redundancy")
-    _check_choice(mode, MODES, "mode")
     be = _Backend(backend)
     names = _check_atoms(atoms)
-    X = _check_X(X)
-    _check_tau(tau, X.shape[2])
+    X, lengths = _check_inputs(X, tau, mode, lengths)
     heads = X.shape[1]
     i_np, j_np = np.triu_indices(heads, 1)
     sums = {name: be.zeros(len(i_np)) for name in PART_NAMES}
     n_valid = be.zeros(len(i_np), dtype="int")
-    n_segments, chunks = 0, None
-    with ThreadPoolExecutor(workers or _default_workers(backend)) as pool:
-        for group in _segment_groups(X, mode, tau, be, local=redundancy == "CCS"):
-            for seg in group:
-                if chunks is None:  # every segment of a mode has the same number of samples
-                    chunk = chunk_pairs or _default_chunk(redundancy, seg.z.shape[1], backend)
-                    chunks = _make_pair_chunks(heads, chunk, be)
-                # chunks write disjoint slices; list() waits for all and re-raises any error
-                list(pool.map(lambda pc: _accumulate(seg, pc, redundancy, be, sums, n_valid), chunks))
-                n_segments += 1
+    n_segments = _for_each_chunk(
+        X, mode, tau, lengths, be, redundancy == "CCS",
+        lambda samples: chunk_pairs or _default_chunk(redundancy, samples, backend),
+        workers or _default_workers(backend),
+        lambda _, seg, pc: _accumulate(seg, pc, redundancy, be, sums, n_valid))
     n_valid = be.numpy(n_valid)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = {name: np.where(n_valid > 0, be.numpy(v) / n_valid, np.nan) for name, v in sums.items()}
@@ -734,6 +793,83 @@ def phiid_all_pairs(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=None, b
     return PhiIDResult(atoms=out, degenerate=counts == 0, n_valid=counts, mode=mode, tau=int(tau),
                        redundancy=redundancy, backend=backend, seconds=time.perf_counter() - t0,
                        shape=tuple(X.shape))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fast path: MMI sts, rtr and TDMI only, per segment or averaged (what rankings, halves and surrogates need)
+
+FAST_QUANTITIES = ("sts", "rtr", "tdmi")
+
+
+def _fast_quantities(g, xp):
+    """MMI sts, rtr and TDMI (= I(xy; ab), the sum of the 16 atoms) of a chunk's pairs from its geometry, each
+    [pairs]. With m_uv = 1 - r_uv^2, every MI is -1/2 log of a conditional variance and each MMI minimum of two
+    MIs is -1/2 log of the larger variance, so the sts atom formula collapses to one logarithm:
+        sts = 1/2 log[ det_ab min(var_a|xy, var_b|xy) min(var_x|ab, var_y|ab) max(m_xa, m_xb) max(m_ya, m_yb)
+                       / (det(ab | xy) min(m_xa, m_ya) min(m_xb, m_yb) max(m_xa, m_xb, m_ya, m_yb)) ]
+        rtr = D = -1/2 log max(m_xa, m_xb, m_ya, m_yb);   TDMI = 1/2 log(det_ab / det(ab | xy))."""
+    m_xa, m_xb, m_ya, m_yb = g["det_xa"], g["det_xb"], g["det_ya"], g["det_yb"]
+    max_x, max_y = xp.maximum(m_xa, m_xb), xp.maximum(m_ya, m_yb)
+    m_max = xp.maximum(max_x, max_y)
+    ratio = g["det_ab"] / g["schur_ab_xy"]
+    q = (ratio * xp.minimum(g["var_a_xy"], g["var_b_xy"]) * xp.minimum(g["var_x_ab"], g["var_y_ab"])
+         * max_x * max_y / (xp.minimum(m_xa, m_ya) * xp.minimum(m_xb, m_yb) * m_max))
+    return {"sts": 0.5 * xp.log(q), "rtr": -0.5 * xp.log(m_max), "tdmi": 0.5 * xp.log(ratio)}
+
+
+@dataclass
+class FastPairStats:
+    """MMI sts, rtr and TDMI (nats) of every unordered pair i < j (np.triu_indices order), source i.
+    per_segment=True: sts, rtr, tdmi, valid are [segments, pairs] (one segment per prompt in per_prompt mode,
+    else one), NaN where undefined. per_segment=False: [pairs] means over the segments where the pair is
+    defined, valid = defined in at least one, NaN elsewhere. n_valid [pairs]: segments where defined."""
+    sts: np.ndarray
+    rtr: np.ndarray
+    tdmi: np.ndarray
+    valid: np.ndarray
+    n_valid: np.ndarray
+    n_heads: int
+    mode: str
+    tau: int
+
+
+def phiid_fast_stats(X, tau=1, mode="per_prompt", lengths=None, per_segment=False, chunk_pairs=8192,
+                     workers=None):
+    """The fast option of the engine: MMI sts, rtr and TDMI only, for every unordered pair -> FastPairStats.
+    Same segments, z-scores, pair geometry and degeneracy rule as phiid_all_pairs (so the same pairs are
+    undefined and the values agree to rounding, ~1e-12); X, tau, mode, lengths as there. BLAS is limited to
+    one thread for the per-segment correlation products (they are small; a multithreaded BLAS on a shared
+    machine makes them much slower). No DegeneratePairWarning: valid / n_valid say which pairs are defined."""
+    from threadpoolctl import threadpool_limits
+    X, lengths = _check_inputs(X, tau, mode, lengths)
+    be = _Backend("numpy")
+    n_pairs = X.shape[1] * (X.shape[1] - 1) // 2
+    n_seg = X.shape[0] if mode == "per_prompt" else 1
+    rows = n_seg if per_segment else 1
+    out = {k: np.full((rows, n_pairs), np.nan if per_segment else 0.0) for k in FAST_QUANTITIES}
+    valid = np.zeros((n_seg if per_segment else 1, n_pairs), dtype=np.int64)
+
+    def work(s, seg, pc):
+        _, g, defined, all_defined = _chunk_geometry(seg, pc, np)
+        values = _fast_quantities(g, np)
+        row = s if per_segment else 0
+        for k in FAST_QUANTITIES:
+            if per_segment:
+                out[k][row, pc.sl] = np.where(defined, values[k], np.nan)
+            else:
+                out[k][row, pc.sl] += values[k] if all_defined else np.where(defined, values[k], 0.0)
+        valid[row, pc.sl] += defined
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        _for_each_chunk(X, mode, tau, lengths, be, False, lambda _: chunk_pairs,
+                        workers or _default_workers("numpy"), work)
+    if per_segment:
+        return FastPairStats(**out, valid=valid.astype(bool), n_valid=valid.sum(0), n_heads=X.shape[1],
+                             mode=mode, tau=int(tau))
+    n_valid = valid[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {k: np.where(n_valid > 0, v[0] / n_valid, np.nan) for k, v in out.items()}
+    return FastPairStats(**means, valid=n_valid > 0, n_valid=n_valid, n_heads=X.shape[1], mode=mode, tau=int(tau))
 
 
 # ----------------------------------------------------------------------------------------------------------------

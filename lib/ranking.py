@@ -29,8 +29,8 @@ Is it signal?
   inverted-U test         lib.diagnostics.inverted_u_test on the per-layer profile, and on the excess of each
                           head's score over its mean surrogate score (what cross-head timing adds).
 
-Speed: with MMI, sts, rtr and TDMI come from a closed form of each pair's correlation matrix
-(mmi_segment_stats, checked against lib.phiid to ~1e-12), so 100 surrogates x 5 PhiID sources stay cheap; with
+Speed: with MMI, sts, rtr and TDMI come from the engine's fast option (lib.phiid.phiid_fast_stats, a closed
+form of each pair's correlation matrix), so 100 surrogates x 5 PhiID sources stay cheap; with
 CCS every recomputation calls lib.phiid.phiid_all_pairs.
 """
 from __future__ import annotations
@@ -146,216 +146,30 @@ class PerPromptStats:
         return PairStats(valid=count > 0, n_heads=self.n_heads, **out)
 
 
-# ------------------------------------------------------------------------------------------- fast MMI kernel
+# ------------------------------------------------------------------------------------------- PhiID inputs
 #
-# Split halves and 100 surrogates need the per-prompt PhiID of every pair many times, but only three
-# quantities of it: sts, rtr and the TDMI. Under MMI each is a closed form of the pair's 4x4 correlation
-# matrix C of (x, y, a, b) = (past_i, past_j, future_i, future_j). With m_uv = 1 - r_uv^2 and det_S the
-# determinant of C restricted to S (the same Cholesky pieces as lib.phiid, so degenerate pairs agree):
-#   rtr  = D = min(I_xta, I_xtb, I_yta, I_ytb) = -1/2 log max(m_xa, m_xb, m_ya, m_yb)
-#   TDMI = I(xy; ab) = 1/2 log(det_xy det_ab / det_xyab)
-#   sts  = 1/2 log[ min(det_xya, det_xyb) min(det_xab, det_yab) / det_xyab
-#                   * max(m_xa, m_ya) max(m_xb, m_yb) max(m_xa, m_xb) max(m_ya, m_yb) / (m_xa m_xb m_ya m_yb max(m))]
-# (the sts atom formula of lib.phiid with every MI written as a log-determinant ratio and each MMI minimum of
-# two MIs as the log of the larger determinant; the det_xy and det_ab factors cancel). tests/test_ranking.py
-# checks all three against lib.phiid.phiid_all_pairs in every mode. CCS has no closed form: the engine is used.
+# Split halves and 100 surrogates need the per-prompt PhiID of every pair many times, but only sts, rtr and the
+# TDMI: lib.phiid.phiid_fast_stats gives these (MMI, closed form; the engine's own geometry and degeneracy rule).
+# CCS has no closed form: phiid_all_pairs is used.
 
-def _zscore_rows(rows):
-    """rows [..., heads, N] -> (z-scored rows (ddof=1; unusable rows 0), usable [..., heads]); lib.phiid's
-    rule: finite and sd > CONSTANT_RTOL * max|value|."""
-    from lib.phiid import CONSTANT_RTOL
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        z = rows - rows.mean(-1, keepdims=True)
-        sd = np.sqrt(np.einsum("...t,...t->...", z, z) / (rows.shape[-1] - 1))   # NaN/inf rows stay non-finite
-        scale = np.maximum(rows.max(-1), -rows.min(-1))
-        ok = np.isfinite(sd) & np.isfinite(scale) & (sd > CONSTANT_RTOL * scale)
-        z *= np.where(ok, 1 / sd, 0.0)[..., None]
-    if not ok.all():
-        z[~ok] = 0.0                                                               # also clears NaN * 0
-    return z, ok
+def mmi_segment_stats(X, mode="per_prompt", tau=1) -> PerPromptStats:
+    """MMI sts, rtr, TDMI for every unordered pair and every segment (one per prompt in per_prompt mode, else
+    one) -> PerPromptStats [segments, pairs] (NaN values and valid False where degenerate)."""
+    from lib.phiid import phiid_fast_stats
+    s = phiid_fast_stats(X, tau=tau, mode=mode, per_segment=True)
+    return PerPromptStats(sts=s.sts, rtr=s.rtr, tdmi=s.tdmi, valid=s.valid, n_heads=s.n_heads)
 
 
-def _segments(X, mode, tau):
-    """-> (past, future) stacks [segments, heads, samples] exactly as lib.phiid defines the modes."""
-    if mode == "per_prompt":
-        return X[:, :, :-tau], X[:, :, tau:]
-    if mode == "concat":
-        joined = X.transpose(1, 0, 2).reshape(X.shape[1], -1)
-        return joined[None, :, :-tau], joined[None, :, tau:]
-    if mode == "pooled":
-        pasts = X[:, :, :-tau].transpose(1, 0, 2).reshape(X.shape[1], -1)
-        futures = X[:, :, tau:].transpose(1, 0, 2).reshape(X.shape[1], -1)
-        return pasts[None], futures[None]
-    raise ValueError(f"unknown PhiID mode {mode!r}; use per_prompt, concat or pooled")
-
-
-def _pair_kernel(xy, ab, xa, xb, ya, yb, m_xa, m_yb, ok):
-    """Correlations [n] of pairs (x, y, a, b) (m_xa = 1 - xa^2, m_yb = 1 - yb^2 precomputed per head) and
-    usable [n] -> (sts, rtr, tdmi, defined), each [n]; values where not defined are meaningless (callers mask).
-    In-place arithmetic: this is the hot loop."""
-    from lib.phiid import SINGULAR_RTOL
-    m_xy, m_ab, m_xb, m_ya = ((1 - r) * (1 + r) for r in (xy, ab, xb, ya))
-    sd_xy, sd_ab = np.sqrt(m_xy), np.sqrt(m_ab)
-    l_ya = ya - xy * xa
-    l_ya /= sd_xy
-    l_yb = yb - xy * xb
-    l_yb /= sd_xy
-    var_a = m_xa - l_ya * l_ya
-    var_b = m_xb - l_yb * l_yb
-    cov = ab - xa * xb
-    cov -= l_ya * l_yb
-    l_bx = xb - ab * xa
-    l_bx /= sd_ab
-    l_by = yb - ab * ya
-    l_by /= sd_ab
-    d_xya, d_xyb = m_xy * var_a, m_xy * var_b
-    d_xab = m_xa - l_bx * l_bx
-    d_xab *= m_ab
-    d_yab = m_ya - l_by * l_by
-    d_yab *= m_ab
-    d4 = var_a * var_b
-    d4 -= cov * cov
-    d4 *= m_xy
-    min_a, min_b = np.minimum(d_xya, d_xyb), np.minimum(d_xab, d_yab)
-    max3 = np.maximum(d_xya, d_xyb, out=d_xya)
-    np.maximum(max3, d_xab, out=max3)
-    np.maximum(max3, d_yab, out=max3)
-    max3 *= SINGULAR_RTOL
-    defined = d4 > max3                      # False for NaN as well
-    defined &= ok
-    u1, u2, u3, u4 = np.maximum(m_xa, m_ya), np.maximum(m_xb, m_yb), np.maximum(m_xa, m_xb), np.maximum(m_ya, m_yb)
-    m_max = np.maximum(u1, u2)
-    q = min_a * min_b
-    for u in (u1, u2, u3, u4):
-        q *= u
-    den = m_xa * m_xb
-    for u in (m_ya, m_yb, m_max, d4):
-        den *= u
-    q /= den
-    tdmi = m_xy * m_ab
-    tdmi /= d4
-    sts = np.log(q, out=q)            # undefined pairs hold garbage (NaN/inf): every consumer masks by `defined`
-    sts *= 0.5
-    rtr = np.log(m_max, out=m_max)
-    rtr *= -0.5
-    np.log(tdmi, out=tdmi)
-    tdmi *= 0.5
-    return sts, rtr, tdmi, defined
-
-
-def _mmi_chunks(X, mode, tau, chunk):
-    """Yield (segment, pair slice, sts, rtr, tdmi, defined) over the segments of `mode` and chunks of the
-    unordered pairs; one segment's [H, H] correlation blocks in memory at a time."""
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 3 or X.shape[1] < 2:
-        raise ValueError(f"X must be [prompts, heads >= 2, steps]; got shape {X.shape}")
-    if X.shape[2] < tau + 5:
-        raise ValueError(f"series of {X.shape[2]} steps are too short for tau={tau} (need steps >= tau + 5)")
-    past, future = _segments(X, mode, tau)
-    S, H, N = past.shape
-    zp, ok_p = _zscore_rows(past)
-    zf, ok_f = _zscore_rows(future)
-    ok = ok_p & ok_f
-    iu, ju = dg.pair_index(H)
-    g_up, g_low = iu * H + ju, ju * H + iu      # flat index of (i, j) and of (j, i)
-    group = max(1, (1 << 27) // (24 * H * H))      # segments per batched matmul: <= 128 MB of blocks
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for s in range(S):
-            if s % group == 0:
-                g = slice(s, min(s + group, S))
-                with blas_threads(1):
-                    PP = zp[g] @ zp[g].transpose(0, 2, 1) / (N - 1)      # corr(past_i, past_j)
-                    FF = zf[g] @ zf[g].transpose(0, 2, 1) / (N - 1)      # corr(future_i, future_j)
-                    PF = zp[g] @ zf[g].transpose(0, 2, 1) / (N - 1)      # corr(past_i, future_j)
-            pp, ff, pf = PP[s % group].ravel(), FF[s % group].ravel(), PF[s % group]
-            lag = np.diagonal(pf).copy()
-            m_lag = (1 - lag) * (1 + lag)
-            pf = pf.ravel()
-            for a in range(0, len(iu), chunk):
-                sl = slice(a, a + chunk)
-                i, j = iu[sl], ju[sl]
-                yield (s, sl, *_pair_kernel(pp[g_up[sl]], ff[g_up[sl]], lag[i], pf[g_up[sl]], pf[g_low[sl]], lag[j],
-                                            m_lag[i], m_lag[j], ok[s, i] & ok[s, j]))
-
-
-def mmi_segment_stats(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PerPromptStats":
-    """Fast exact MMI sts, rtr, TDMI for every unordered pair and every segment (one per prompt in
-    per_prompt mode, else one) -> PerPromptStats [segments, pairs]. Same numbers as lib.phiid (to ~1e-12),
-    same degenerate pairs (NaN values, valid False)."""
-    S = X.shape[0] if mode == "per_prompt" else 1
-    H = X.shape[1]
-    n_pairs = H * (H - 1) // 2
-    out = {k: np.empty((S, n_pairs)) for k in ("sts", "rtr", "tdmi")}
-    valid = np.empty((S, n_pairs), bool)
-    for s, sl, sts, rtr, tdmi, ok in _mmi_chunks(X, mode, tau, chunk):
-        out["sts"][s, sl], out["rtr"][s, sl], out["tdmi"][s, sl], valid[s, sl] = sts, rtr, tdmi, ok
-    for v in out.values():
-        v[~valid] = np.nan
-    return PerPromptStats(valid=valid, n_heads=H, **out)
-
-
-def mmi_pair_means(X, mode="per_prompt", tau=1, chunk: int = 8192) -> "PairStats":
+def mmi_pair_means(X, mode="per_prompt", tau=1) -> PairStats:
     """mmi_segment_stats(...).mean() with running sums (memory O(pairs), not O(prompts x pairs))."""
-    H = X.shape[1]
-    n_pairs = H * (H - 1) // 2
-    sums = {k: np.zeros(n_pairs) for k in ("sts", "rtr", "tdmi")}
-    count = np.zeros(n_pairs, np.int64)
-    for _, sl, sts, rtr, tdmi, ok in _mmi_chunks(X, mode, tau, chunk):
-        for k, v in (("sts", sts), ("rtr", rtr), ("tdmi", tdmi)):
-            sums[k][sl] += np.where(ok, v, 0.0)
-        count[sl] += ok
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = {k: np.where(count > 0, v / count, np.nan) for k, v in sums.items()}
-    return PairStats(valid=count > 0, n_heads=H, **means)
+    from lib.phiid import phiid_fast_stats
+    s = phiid_fast_stats(X, tau=tau, mode=mode)
+    return PairStats(sts=s.sts, rtr=s.rtr, tdmi=s.tdmi, valid=s.valid, n_heads=s.n_heads)
 
 
-def mmi_mode_stats(X, modes=("per_prompt",), tau=1, chunk: int = 8192) -> dict:
+def mmi_mode_stats(X, modes=("per_prompt",), tau=1) -> dict:
     """mmi_pair_means for several modes: mode -> PairStats."""
-    return {mode: mmi_pair_means(X, mode, tau, chunk) for mode in modes}
-
-
-class blas_threads:
-    """Context manager: limit the BLAS (OpenBLAS) thread pool to n threads, restoring it afterwards.
-    The PhiID correlation matmuls are small; on a shared machine a multithreaded BLAS makes them up to 25x
-    slower (measured). Does nothing when the BLAS library cannot be found."""
-    _lib = None
-    _searched = False
-
-    def __init__(self, n: int = 1):
-        self.n, self.old = int(n), None
-
-    @classmethod
-    def _find(cls):
-        if not cls._searched:
-            cls._searched = True
-            try:
-                import ctypes
-                with open("/proc/self/maps") as f:
-                    paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-                for path in sorted(paths):
-                    lib = ctypes.CDLL(path)
-                    for prefix in ("scipy_openblas", "openblas"):
-                        for suffix in ("64_", ""):
-                            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                            if get is not None and put is not None:
-                                cls._lib = (get, put)
-                                return cls._lib
-            except (OSError, AttributeError):
-                pass
-        return cls._lib
-
-    def __enter__(self):
-        lib = self._find()
-        if lib is not None:
-            self.old = lib[0]()
-            lib[1](self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            self._find()[1](self.old)
-        return False
+    return {mode: mmi_pair_means(X, mode, tau) for mode in modes}
 
 
 def _engine(X, mode, tau, redundancy, backend):
@@ -701,7 +515,8 @@ _FORKED = {}
 
 
 def _forked_surrogate(child):
-    with blas_threads(1):
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
         return _one_surrogate(_FORKED["inputs"], _FORKED["prepared"], child)
 
 

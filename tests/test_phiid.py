@@ -309,6 +309,63 @@ def test_imports_and_runs_without_torch():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("mode", phiid.MODES)
+@pytest.mark.parametrize("red", ["MMI", "CCS"])
+def test_lengths_equal_truncating_each_prompt_by_hand(mode, red):
+    X = coupled_heads(4, 4, 30, seed=24)
+    lengths = np.array([30, 12, 21, 3])      # the last prompt is too short for a per-prompt PhiID
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegeneratePairWarning)
+        got = phiid_all_pairs(X, redundancy=red, mode=mode, lengths=lengths)
+    off = ~np.eye(4, dtype=bool)
+    if mode == "per_prompt":     # mean of each usable prompt's own PhiID on its first lengths[p] steps
+        parts = [phiid_all_pairs(X[p:p + 1, :, :n], redundancy=red) for p, n in enumerate(lengths[:3])]
+        want = {name: np.mean([r[name] for r in parts], axis=0) for name in ATOM_NAMES}
+        assert (got.n_valid[off] == 3).all()
+    else:                        # the truncated prompts, joined (concat) or their transitions pooled (pooled)
+        series = [X[p, :, :n] for p, n in enumerate(lengths)]
+        for i, j in ordered_pairs(4):
+            if mode == "concat":
+                joined = np.concatenate(series, axis=1)
+                rows = np.stack([joined[i, :-1], joined[j, :-1], joined[i, 1:], joined[j, 1:]])
+            else:
+                rows = np.stack([np.concatenate([s[h, :-1] for s in series]) for h in (i, j)]
+                                + [np.concatenate([s[h, 1:] for s in series]) for h in (i, j)])
+            np.testing.assert_allclose([got[n][i, j] for n in ATOM_NAMES], spec_phiid(rows, red), rtol=0, atol=1e-10)
+        return
+    for name in ATOM_NAMES:
+        np.testing.assert_allclose(got[name][off], want[name][off], rtol=0, atol=1e-12)
+
+
+def test_full_lengths_change_nothing_and_fast_stats_accept_lengths():
+    X = coupled_heads(3, 5, 25, seed=25)
+    for mode in phiid.MODES:
+        a, b = phiid_all_pairs(X, mode=mode), phiid_all_pairs(X, mode=mode, lengths=[25, 25, 25])
+        np.testing.assert_array_equal(a["sts"], b["sts"])
+    lengths = [25, 9, 17]
+    fast = phiid.phiid_fast_stats(X, lengths=lengths, per_segment=True)
+    for p, n in enumerate(lengths):
+        ref = phiid_all_pairs(X[p:p + 1, :, :n], atoms=["sts", "rtr"])
+        np.testing.assert_allclose(fast.sts[p], ref["sts"][np.triu_indices(5, 1)], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fast.rtr[p], ref["rtr"][np.triu_indices(5, 1)], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths, match", [
+    ([20, 20, 20], r"one integer per prompt \(\[2\]\)"),
+    ([20.0, 20.0], "one integer per prompt"),
+    ([21, 20], r"lengths must lie in \[0, 20\]"),
+    ([-1, 20], r"lengths must lie in \[0, 20\]"),
+])
+def test_bad_lengths_raise_one_clear_value_error(lengths, match):
+    with pytest.raises(ValueError, match=match):
+        phiid_all_pairs(GOOD, lengths=lengths)
+
+
+def test_lengths_too_short_for_pooled_raise():
+    with pytest.raises(ValueError, match="lengths leave 4 past/future samples in mode 'pooled'"):
+        phiid_all_pairs(GOOD, mode="pooled", lengths=[3, 3])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # degenerate heads
 

@@ -68,6 +68,36 @@ def test_fast_kernel_equals_lib_phiid_including_degenerate_pairs(mode, tau):
     np.testing.assert_allclose(running.sts, fast.sts, rtol=1e-13, atol=1e-15)
 
 
+def _degenerate_heads(kind, X):
+    """Head 2 of X [prompts, heads, steps] made degenerate in every prompt (constant, a duplicate of head 0,
+    or one NaN sample)."""
+    if kind == "constant":
+        X[:, 2] = 4.0
+    elif kind == "duplicate":
+        X[:, 2] = X[:, 0]
+    else:
+        X[:, 2, 7] = np.nan
+    return X
+
+
+@pytest.mark.parametrize("kind", ["constant", "duplicate", "nan"])
+@pytest.mark.parametrize("mode", ["per_prompt", "concat", "pooled"])
+def test_fast_path_equals_phiid_all_pairs_on_degenerate_heads(kind, mode):
+    X = _degenerate_heads(kind, _ar_heads(P=4, layers=2, per_layer=3, T=30, seed=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegeneratePairWarning)
+        ref = phiid_all_pairs(X, mode=mode)
+    want = rk.PairStats.from_atoms(ref, ref.degenerate)
+    iu, ju = dg.pair_index(6)
+    bad = (iu == 2) & (ju == 0) | (iu == 0) & (ju == 2) if kind == "duplicate" else (iu == 2) | (ju == 2)
+    np.testing.assert_array_equal(~want.valid, bad)            # the engine's rule, as documented
+    for got in (rk.mmi_segment_stats(X, mode).mean(), rk.mmi_pair_means(X, mode), rk.phiid_pair_stats(X, mode)):
+        np.testing.assert_array_equal(got.valid, want.valid)
+        for name in ("sts", "rtr", "tdmi"):
+            np.testing.assert_array_equal(np.isnan(getattr(got, name)), bad)
+            np.testing.assert_allclose(getattr(got, name)[~bad], getattr(want, name)[~bad], rtol=1e-10, atol=1e-12)
+
+
 def test_per_prompt_stats_subset_mean_equals_phiid_on_the_subset():
     X = _ar_heads(P=8, T=25, seed=3)
     X[1, 4] = 3.0  # head 4 undefined in prompt 1: the mean uses the other prompts
