@@ -32,6 +32,13 @@ where the signs of the MIs agree. We evaluate local MIs in log space from the qu
 residuals of the Gaussian, never a density), vectorised over batches of pairs, and only the time means of the
 seven redundancy terms are accumulated (atoms are linear in the MIs, the redundancies and D).
 
+Fast option (`phiid_fast_stats`): MMI sts, rtr and TDMI only, per segment or averaged, from the same segments,
+geometry and degeneracy rule (what rankings, split halves and surrogates need).
+
+Local atoms (`phiid_local_pairs` for explicit pairs, `phiid_local_head_means` for per-head means over all
+partners, streamed): phyid's local arrays, evaluated for every prompt at once per block of pairs, in per_prompt
+and pooled modes; their time means are phiid_all_pairs.
+
 Batches of pairs are processed by a few threads at once (numpy releases the GIL in its loops); each batch
 writes its own slice of the accumulators, so results do not depend on the number of threads or batch size.
 On a small shared machine, OPENBLAS_NUM_THREADS=1 (set before numpy is imported) avoids BLAS threads competing
@@ -119,33 +126,36 @@ class DegeneratePairWarning(UserWarning):
 # ----------------------------------------------------------------------------------------------------------------
 # atoms from MIs and redundancies (shared by every path; works on floats, numpy arrays and torch tensors)
 
-def atoms_from_parts(p):
-    """dict of the 16 PART_NAMES (MIs, redundancies, double redundancy D) -> dict of the 16 atoms."""
-    D = p["D"]
-    return {
-        "rtr": D,
-        "rtx": p["R_xyta"] - D,
-        "rty": p["R_xytb"] - D,
-        "rts": p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + D,
-        "xtr": p["R_abtx"] - D,
-        "xtx": p["I_xta"] - p["R_xyta"] - p["R_abtx"] + D,
-        "xty": p["I_xtb"] - p["R_xytb"] - p["R_abtx"] + D,
-        "xts": (p["I_xtab"] - p["I_xta"] - p["I_xtb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
-                + p["R_abtx"] - D),
-        "ytr": p["R_abty"] - D,
-        "ytx": p["I_yta"] - p["R_xyta"] - p["R_abty"] + D,
-        "yty": p["I_ytb"] - p["R_xytb"] - p["R_abty"] + D,
-        "yts": (p["I_ytab"] - p["I_yta"] - p["I_ytb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
-                + p["R_abty"] - D),
-        "str": p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + D,
-        "stx": (p["I_xyta"] - p["I_xta"] - p["I_yta"] + p["R_xyta"] + p["R_abtx"] + p["R_abty"]
-                - p["R_abtxy"] - D),
-        "sty": (p["I_xytb"] - p["I_xtb"] - p["I_ytb"] + p["R_xytb"] + p["R_abtx"] + p["R_abty"]
-                - p["R_abtxy"] - D),
-        "sts": (p["I_xytab"] - p["I_xyta"] - p["I_xytb"] - p["I_xtab"] - p["I_ytab"]
-                + p["I_xta"] + p["I_xtb"] + p["I_yta"] + p["I_ytb"]
-                + p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + D),
-    }
+_ATOM_FORMULAS = {
+    "rtr": lambda p: p["D"],
+    "rtx": lambda p: p["R_xyta"] - p["D"],
+    "rty": lambda p: p["R_xytb"] - p["D"],
+    "rts": lambda p: p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + p["D"],
+    "xtr": lambda p: p["R_abtx"] - p["D"],
+    "xtx": lambda p: p["I_xta"] - p["R_xyta"] - p["R_abtx"] + p["D"],
+    "xty": lambda p: p["I_xtb"] - p["R_xytb"] - p["R_abtx"] + p["D"],
+    "xts": lambda p: (p["I_xtab"] - p["I_xta"] - p["I_xtb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
+                      + p["R_abtx"] - p["D"]),
+    "ytr": lambda p: p["R_abty"] - p["D"],
+    "ytx": lambda p: p["I_yta"] - p["R_xyta"] - p["R_abty"] + p["D"],
+    "yty": lambda p: p["I_ytb"] - p["R_xytb"] - p["R_abty"] + p["D"],
+    "yts": lambda p: (p["I_ytab"] - p["I_yta"] - p["I_ytb"] + p["R_xyta"] + p["R_xytb"] - p["R_xytab"]
+                      + p["R_abty"] - p["D"]),
+    "str": lambda p: p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + p["D"],
+    "stx": lambda p: (p["I_xyta"] - p["I_xta"] - p["I_yta"] + p["R_xyta"] + p["R_abtx"] + p["R_abty"]
+                      - p["R_abtxy"] - p["D"]),
+    "sty": lambda p: (p["I_xytb"] - p["I_xtb"] - p["I_ytb"] + p["R_xytb"] + p["R_abtx"] + p["R_abty"]
+                      - p["R_abtxy"] - p["D"]),
+    "sts": lambda p: (p["I_xytab"] - p["I_xyta"] - p["I_xytb"] - p["I_xtab"] - p["I_ytab"]
+                      + p["I_xta"] + p["I_xtb"] + p["I_yta"] + p["I_ytb"]
+                      + p["R_xytab"] - p["R_xyta"] - p["R_xytb"] + p["R_abtxy"] - p["R_abtx"] - p["R_abty"] + p["D"]),
+}
+
+
+def atoms_from_parts(p, names=ATOM_NAMES):
+    """dict of the 16 PART_NAMES (MIs, redundancies, double redundancy D) -> dict of the atoms `names`
+    (default all 16): the explicit solution of the PhiID lattice equations."""
+    return {name: _ATOM_FORMULAS[name](p) for name in names}
 
 
 def mmi_parts(mi, xp=np):
@@ -187,13 +197,19 @@ def ccs_local_redundancies(mi, xp=np):
     return red
 
 
-def mmi_local_redundancies(mi):
-    """MMI on local arrays (phyid's exact rule, needed only for local atoms). mi: MI name -> [time]."""
-    means = {name: float(np.mean(v)) for name, v in mi.items()}
-    red = {}
-    for name, (first, second, _) in REDUNDANCY_ARGS.items():
-        red[name] = mi[first] if means[first] < means[second] else mi[second]
-    red["D"] = mi[DOUBLE_ARGS[int(np.argmin([means[n] for n in DOUBLE_ARGS]))]]
+def mmi_local_redundancies(mi, xp=np):
+    """MMI on local arrays (phyid's exact rule, needed only for local atoms). mi: MI name -> [..., time]
+    (any leading batch axes). Each redundancy keeps the whole local array of its first MI where that array's
+    time mean is strictly smaller, else the second; D keeps the DOUBLE_ARGS array with the smallest mean (the
+    first one on ties: argmin semantics)."""
+    means = {name: v.mean(-1, keepdims=True) for name, v in mi.items()}
+    red = {name: xp.where(means[first] < means[second], mi[first], mi[second])
+           for name, (first, second, _) in REDUNDANCY_ARGS.items()}
+    best, best_mean = mi[DOUBLE_ARGS[0]], means[DOUBLE_ARGS[0]]
+    for name in DOUBLE_ARGS[1:]:
+        smaller = means[name] < best_mean
+        best, best_mean = xp.where(smaller, mi[name], best), xp.where(smaller, means[name], best_mean)
+    red["D"] = best
     return red
 
 
@@ -523,13 +539,23 @@ def _pair_geometry(r, xp):
 _IDENTITY_GEOMETRY = {"l_ya": 0.0, "l_yb": 0.0, "cov_ab_xy": 0.0, "l_bx": 0.0, "l_by": 0.0}  # others: 1.0
 
 
-def _defined_pairs(g, seg, pc, xp):
-    """[pairs] bool: both heads usable and min_k (1 - R^2_k) = det C / max det(3x3 minor) >= SINGULAR_RTOL."""
+def _nonsingular(g, xp):
+    """[...] bool: min_k (1 - R^2_k) = det C / max det(3x3 minor) >= SINGULAR_RTOL (False for NaN)."""
     det3_max = xp.maximum(g["det_xy"] * xp.maximum(g["var_a_xy"], g["var_b_xy"]),
                           g["det_ab"] * xp.maximum(g["var_x_ab"], g["var_y_ab"]))
     det4 = g["det_xy"] * g["schur_ab_xy"]
-    defined = det4 > SINGULAR_RTOL * det3_max  # False for NaN
+    return det4 > SINGULAR_RTOL * det3_max
+
+
+def _defined_pairs(g, seg, pc, xp):
+    """[pairs] bool: both heads usable (finite, not constant) and the pair's correlation matrix nonsingular."""
+    defined = _nonsingular(g, xp)
     return defined if seg.all_ok else defined & seg.ok[pc.i] & seg.ok[pc.j]
+
+
+def _identity_where_undefined(g, defined, xp):
+    """Geometry with the identity's values where a pair is undefined (keeps logs and divisions finite)."""
+    return {k: xp.where(defined, v, _IDENTITY_GEOMETRY.get(k, 1.0)) for k, v in g.items()}
 
 
 def _mean_mi_batched(g, xp):
@@ -545,15 +571,24 @@ def _mean_mi_batched(g, xp):
 
 
 def _local_mi_batched(seg, i, j, r, g, mean_mi):
-    """Twice the local MIs, in log space, for pairs (i, j): dict MI name -> [pairs, samples].
+    """Twice the local MIs, in log space, for pairs (i, j) of one segment: dict MI name -> [pairs, samples]
+    (see _twice_local_mi)."""
+    H = seg.heads
+    expand = lambda d: {k: v[:, None] for k, v in d.items()}  # noqa: E731  [pairs] -> [pairs, 1]
+    return _twice_local_mi((seg.z[i], seg.z[j], seg.z[i + H], seg.z[j + H]), (seg.self_quad[i], seg.self_quad[j]),
+                           expand(r), expand(g), expand(mean_mi))
+
+
+def _twice_local_mi(rows, self_quad, r, g, mean_mi):
+    """Twice the local MIs, in log space: dict MI name -> [..., samples].
+    rows: z-scored (x, y, a, b), each [..., samples]; self_quad: (q_x + q_a - q_xa, q_y + q_b - q_yb) of the
+    two heads, [..., samples]; r, g, mean_mi: correlations, geometry and closed-form mean MIs broadcastable
+    against the rows ([..., 1]).
     2 I(A;B)(t) = [logdet C_A + logdet C_B - logdet C_AB] + [q_A(t) + q_B(t) - q_AB(t)] with
     q_S(t) = z_S(t)^T C_SS^-1 z_S(t). The first term is twice the closed-form mean; the quadratic forms come
     from Cholesky residuals, e.g. q_xy + q_a - q_xya = z_a^2 - e_a|xy^2 / var(a | x, y). (Doubling saves a
-    multiplication per value; the CCS rule is linear, so the caller halves the resulting means.)"""
-    H = seg.heads
-    zx, zy, za, zb = seg.z[i], seg.z[j], seg.z[i + H], seg.z[j + H]
-    r = {k: v[:, None] for k, v in r.items()}    # correlations, [pairs, 1]
-    g = {k: v[:, None] for k, v in g.items()}    # geometry, [pairs, 1]
+    multiplication per value; the redundancy rules are linear, so callers halve the results.)"""
+    zx, zy, za, zb = rows
     w_y = (zy - r["xy"] * zx) / g["sd_xy"]                      # y whitened against x
     e_a = za - r["xa"] * zx - g["l_ya"] * w_y                    # residual of a given (x, y)
     e_b = zb - r["xb"] * zx - g["l_yb"] * w_y                    # residual of b given (x, y)
@@ -564,7 +599,7 @@ def _local_mi_batched(seg, i, j, r, g, mean_mi):
     var_b_xya = g["schur_ab_xy"] / g["var_a_xy"]
     q_a_xy = e_a * e_a / g["var_a_xy"]
     quad = {
-        "I_xta": seg.self_quad[i], "I_ytb": seg.self_quad[j],
+        "I_xta": self_quad[0], "I_ytb": self_quad[1],
         "I_xtb": _two_variable_quad(zx, zb, r["xb"], g["det_xb"]),
         "I_yta": _two_variable_quad(zy, za, r["ya"], g["det_ya"]),
         "I_xyta": za * za - q_a_xy,
@@ -573,7 +608,7 @@ def _local_mi_batched(seg, i, j, r, g, mean_mi):
         "I_ytab": zy * zy - e_y * e_y / g["var_y_ab"],
         "I_xytab": za * za + w_b * w_b - q_a_xy - e_b_xya * e_b_xya / var_b_xya,
     }
-    return {name: 2 * mean_mi[name][:, None] + quad[name] for name in MI_NAMES}
+    return {name: 2 * mean_mi[name] + quad[name] for name in MI_NAMES}
 
 
 def _chunk_geometry(seg, pc, xp):
@@ -586,7 +621,7 @@ def _chunk_geometry(seg, pc, xp):
         defined = _defined_pairs(g, seg, pc, xp)
     all_defined = bool(defined.all())
     if not all_defined:
-        g = {k: xp.where(defined, v, _IDENTITY_GEOMETRY.get(k, 1.0)) for k, v in g.items()}
+        g = _identity_where_undefined(g, defined, xp)
     return r, g, defined, all_defined
 
 
@@ -870,6 +905,245 @@ def phiid_fast_stats(X, tau=1, mode="per_prompt", lengths=None, per_segment=Fals
     with np.errstate(invalid="ignore", divide="ignore"):
         means = {k: np.where(n_valid > 0, v[0] / n_valid, np.nan) for k, v in out.items()}
     return FastPairStats(**means, valid=n_valid > 0, n_valid=n_valid, n_heads=X.shape[1], mode=mode, tau=int(tau))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# local (per step) atoms for many pairs
+#
+# Segments are stacked ([segments, 2 heads, samples]: every prompt in per_prompt mode, one pooled segment
+# otherwise) so that a block of pairs is evaluated for every prompt at once: correlations and geometry
+# [segments, pairs], local values [segments, pairs, samples]. Same z-scores, geometry, degeneracy rule and local
+# MIs as the all-pairs engine; MMI picks whole local arrays by their means within each segment (phyid's rule).
+
+LOCAL_MODES = ("per_prompt", "pooled")
+SYMMETRIC_ATOMS = ("rtr", "rts", "str", "sts")   # unchanged when source and target swap
+
+
+@dataclass
+class _Stacked:
+    """Every segment at once. z: [segments, 2 heads, samples] z-scored pasts then futures; corr: [segments,
+    2 heads, 2 heads]; lag: [segments, heads] corr(past_h, future_h); ok: [segments, heads] usable heads;
+    self_quad: [segments, heads, samples] local I(past_h; future_h) quadratic part."""
+    heads: int
+    z: np.ndarray
+    corr: np.ndarray
+    lag: np.ndarray
+    ok: np.ndarray
+    self_quad: np.ndarray
+
+
+def _stacked_segments(X, mode, tau):
+    """X [prompts, heads, steps] -> _Stacked of the mode's segments (per_prompt or pooled)."""
+    from threadpoolctl import threadpool_limits
+    past = np.stack([p for p, _ in _segments(X, mode, tau)])
+    future = np.stack([f for _, f in _segments(X, mode, tau)])
+    S, H, N = past.shape
+    zp, ok_p = _zscore(past.reshape(S * H, N))
+    zf, ok_f = _zscore(future.reshape(S * H, N))
+    z = np.concatenate([zp.reshape(S, H, N), zf.reshape(S, H, N)], axis=1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        corr = z @ z.transpose(0, 2, 1) / (N - 1)
+    lag = corr[:, np.arange(H), H + np.arange(H)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = lag[..., None]
+        self_quad = _two_variable_quad(z[:, :H], z[:, H:], r, _one_minus_sq(r))
+    return _Stacked(H, z, corr, lag, (ok_p & ok_f).reshape(S, H), self_quad)
+
+
+def _local_block(st, i, j, redundancy, names):
+    """Local atoms of pairs (source i, target j) in every segment -> (dict name -> [segments, pairs, samples],
+    defined [segments, pairs]); values where undefined are finite garbage (callers mask them)."""
+    H, C = st.heads, st.corr
+    r = {"xy": C[:, i, j], "ab": C[:, H + i, H + j], "xb": C[:, i, H + j], "ya": C[:, j, H + i],
+         "xa": st.lag[:, i], "yb": st.lag[:, j]}
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        g = _pair_geometry(r, np)
+        defined = _nonsingular(g, np) & st.ok[:, i] & st.ok[:, j]
+    g = _identity_where_undefined(g, defined, np)
+    expand = lambda d: {k: v[..., None] for k, v in d.items()}  # noqa: E731  [S, pairs] -> [S, pairs, 1]
+    rows = (st.z[:, i], st.z[:, j], st.z[:, H + i], st.z[:, H + j])
+    twice = _twice_local_mi(rows, (st.self_quad[:, i], st.self_quad[:, j]), expand(r), expand(g),
+                            expand(_mean_mi_batched(g, np)))
+    mi = {name: 0.5 * v for name, v in twice.items()}
+    red = mmi_local_redundancies(mi) if redundancy == "MMI" else ccs_local_redundancies(mi)
+    return atoms_from_parts({**mi, **red}, names), defined
+
+
+def _per_prompt_axis(values, prompts):
+    """[segments, pairs, samples] -> [pairs, prompts, steps - tau] (pooled: the pooled samples split back into
+    prompts)."""
+    return values.transpose(1, 0, 2).reshape(values.shape[1], prompts, -1)
+
+
+def _check_local(X, tau, redundancy, mode, atoms, allowed=ATOM_NAMES):
+    _check_choice(redundancy, REDUNDANCIES, "redundancy")
+    if mode not in LOCAL_MODES:
+        raise ValueError(f"unknown mode {mode!r} for local PhiID: use one of {LOCAL_MODES} (concat has no "
+                         f"per-prompt steps)")
+    names = _check_atoms(atoms)
+    wrong = [a for a in names if a not in allowed]
+    if wrong:
+        raise ValueError(f"atoms {wrong} change when source and target swap, so a per-head mean over partners "
+                         f"is not defined for them: use atoms from {allowed}, or phiid_local_pairs")
+    X = _check_X(X)
+    _check_tau(tau, X.shape[2])
+    return X, names
+
+
+def _check_pairs(pairs, heads):
+    """pairs: [pairs, 2] (source, target) head indices -> int64 array; out of range, self or repeated pairs
+    raise."""
+    arr = np.asarray(pairs)
+    if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0 or arr.dtype.kind not in "iu":
+        raise ValueError(f"pairs must be a non-empty list of (source, target) head indices, an integer array "
+                         f"[pairs, 2]; got a {arr.dtype} array of shape {arr.shape}")
+    bad = np.flatnonzero(((arr < 0) | (arr >= heads)).any(axis=1))
+    if len(bad):
+        raise ValueError(f"pairs {arr[bad[:5]].tolist()} are out of range: head indices must lie in "
+                         f"[0, {heads - 1}] (axis 1 of X has {heads} heads)")
+    same = np.flatnonzero(arr[:, 0] == arr[:, 1])
+    if len(same):
+        raise ValueError(f"pairs {arr[same[:5]].tolist()} pair a head with itself: PhiID needs two different "
+                         f"heads")
+    unique, counts = np.unique(arr, axis=0, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"pairs {unique[counts > 1][:5].tolist()} are listed more than once: list each "
+                         f"(source, target) pair once")
+    return arr.astype(np.int64)
+
+
+@dataclass
+class LocalPairs:
+    """Local PhiID of explicit pairs. atoms: name -> [pairs, prompts, steps - tau] (nats), entry [k, p, t] = the
+    atom of pair k at the transition t -> t + tau of prompt p; NaN where the pair is undefined (per_prompt: in
+    that prompt; pooled: everywhere). defined: [pairs, prompts]. pairs: [pairs, 2] (source, target)."""
+    atoms: dict
+    defined: np.ndarray
+    pairs: np.ndarray
+    mode: str
+    tau: int
+    redundancy: str
+
+    def __getitem__(self, name):
+        return self.atoms[name]
+
+
+def _block_size(segments, samples, block_values):
+    """Pairs per block so that one local array [segments, pairs, samples] holds about block_values values."""
+    return max(1, block_values // (segments * samples))
+
+
+def phiid_local_pairs(X, pairs, tau=1, redundancy="MMI", mode="per_prompt", atoms=("sts", "rtr"),
+                      block_values=1 << 17):
+    """Local (per step) PhiID atoms of an explicit list of pairs -> LocalPairs.
+
+    X: [prompts, heads, steps]; pairs: [pairs, 2] (source, target) head indices, each pair once, no head with
+    itself; mode: "per_prompt" (each prompt's own correlation matrix) or "pooled" (one correlation matrix from
+    all within-prompt transitions, evaluated on each prompt's steps); atoms: names among ATOM_NAMES.
+    The values are phyid's local atoms (calc_PhiID's local arrays); their time mean is phiid_all_pairs."""
+    X, names = _check_local(X, tau, redundancy, mode, atoms)
+    pairs = _check_pairs(pairs, X.shape[1])
+    P = X.shape[0]
+    st = _stacked_segments(X, mode, tau)
+    out = {name: np.empty((len(pairs), P, X.shape[2] - tau)) for name in names}
+    defined = np.empty((len(pairs), P), dtype=bool)
+    step = _block_size(*st.z.shape[::2], block_values)
+    for start in range(0, len(pairs), step):
+        sl = slice(start, start + step)
+        values, ok = _local_block(st, pairs[sl, 0], pairs[sl, 1], redundancy, names)
+        ok = np.broadcast_to(ok.T, (ok.shape[1], P))
+        for name in names:
+            out[name][sl] = np.where(ok[..., None], _per_prompt_axis(values[name], P), np.nan)
+        defined[sl] = ok
+    return LocalPairs(out, defined, pairs, mode, int(tau), redundancy)
+
+
+@dataclass
+class LocalHeadMeans:
+    """Per head, the local atoms averaged over all its partners. atoms: name -> [heads, prompts, steps - tau]
+    (nats), entry [h, p, t] = mean over the heads k defined with h in prompt p of the atom of pair (h, k) at
+    transition t -> t + tau; NaN where no partner is defined. n_partners: [heads, prompts]."""
+    atoms: dict
+    n_partners: np.ndarray
+    mode: str
+    tau: int
+    redundancy: str
+    seconds: float
+
+    def __getitem__(self, name):
+        return self.atoms[name]
+
+
+def _head_blocks(heads, block):
+    """(source h, partners k > h in blocks of at most `block`) covering every unordered pair once."""
+    return [(h, np.arange(k, min(k + block, heads))) for h in range(heads - 1) for k in range(h + 1, heads, block)]
+
+
+def _accumulate_head_block(st, h, ks, redundancy, names, sums, counts):
+    """Add the local atoms of pairs (h, k) for k in ks to the running sums of h and of every k."""
+    values, ok = _local_block(st, np.full(len(ks), h), ks, redundancy, names)
+    for name in names:
+        v = np.where(ok[..., None], values[name], 0.0)                 # [segments, pairs, samples]
+        sums[name][h] += v.sum(axis=1)
+        sums[name][ks] += v.transpose(1, 0, 2)
+    counts[h] += ok.sum(axis=1)
+    counts[ks] += ok.T
+
+
+def phiid_local_head_means(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=("sts", "rtr"), workers=None,
+                           block_values=1 << 17, progress=False):
+    """Per-head local atoms averaged over all partners, streamed over blocks of pairs -> LocalHeadMeans.
+
+    Memory O(heads x prompts x steps) per worker: no pair-level local array is kept. atoms: swap-invariant
+    atoms only (SYMMETRIC_ATOMS: rtr, rts, str, sts), so each unordered pair is computed once and added to both
+    heads. workers: threads with their own running sums (default: usable CPUs up to 4); the result depends on
+    their number only through the order of floating-point additions (~1e-15)."""
+    t0 = time.perf_counter()
+    X, names = _check_local(X, tau, redundancy, mode, atoms, allowed=SYMMETRIC_ATOMS)
+    P, H = X.shape[:2]
+    st = _stacked_segments(X, mode, tau)
+    S, _, N = st.z.shape
+    blocks = _head_blocks(H, _block_size(S, N, block_values))
+    workers = workers or _default_workers("numpy")
+    shares = [blocks[w::workers] for w in range(workers)]
+    bar = _progress_bar(len(blocks), progress)
+
+    def run(share):
+        sums, counts = {name: np.zeros((H, S, N)) for name in names}, np.zeros((H, S), dtype=np.int64)
+        for h, ks in share:
+            _accumulate_head_block(st, h, ks, redundancy, names, sums, counts)
+            bar.update(1)
+        return sums, counts
+
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(run, shares))
+    bar.close()
+    counts = sum(c for _, c in parts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {name: _head_axis(sum(s[name] for s, _ in parts) / counts[..., None], P) for name in names}
+    n_partners = np.broadcast_to(counts, (H, P)) if S == 1 else counts
+    return LocalHeadMeans(means, np.ascontiguousarray(n_partners), mode, int(tau), redundancy,
+                          time.perf_counter() - t0)
+
+
+def _head_axis(values, prompts):
+    """[heads, segments, samples] -> [heads, prompts, steps - tau] (NaN where no partner was defined)."""
+    return values.reshape(values.shape[0], prompts, -1)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, on):
+    if not on:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="local PhiID", unit="block")
 
 
 # ----------------------------------------------------------------------------------------------------------------

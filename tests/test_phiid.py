@@ -538,3 +538,106 @@ def test_run_phiid_for_run_writes_every_file_and_mode(tmp_path):
     assert list(only["file"]) == ["phiid_concat__random_init.npz"]
     with pytest.raises(FileNotFoundError, match="rev-step1000"):
         phiid.run_phiid_for_run(tmp_path, tags=["rev-step1000"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local (per step) atoms for many pairs
+
+@pytest.mark.parametrize("red", ["MMI", "CCS"])
+def test_local_pairs_match_golden_local_arrays(red):
+    g = GOLDEN[red]
+    for c in g["local_case_indices"]:
+        src, trg, tau = golden_case(red, int(c))
+        X = np.stack([src, trg])[None]
+        got = phiid.phiid_local_pairs(X, [(0, 1)], tau=tau, redundancy=red, atoms=None)
+        np.testing.assert_allclose(np.stack([got[n][0, 0] for n in ATOM_NAMES]), g[f"local_atoms_{int(c):03d}"],
+                                   rtol=0, atol=ATOL)
+        swapped = phiid.phiid_local_pairs(X, [(1, 0)], tau=tau, redundancy=red, atoms=None)  # target as source
+        np.testing.assert_allclose(np.stack([swapped[phiid.SWAPPED_ATOM[n]][0, 0] for n in ATOM_NAMES]),
+                                   g[f"local_atoms_{int(c):03d}"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", phiid.LOCAL_MODES)
+@pytest.mark.parametrize("red", ["MMI", "CCS"])
+def test_local_pairs_time_mean_equals_all_pairs(mode, red):
+    X = coupled_heads(4, 5, 30, seed=26)
+    X[2, 3] = 1.0                                  # head 3 undefined in prompt 2
+    pairs = [(i, j) for i, j in ordered_pairs(5)]
+    local = phiid.phiid_local_pairs(X, pairs, redundancy=red, mode=mode, atoms=None, block_values=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegeneratePairWarning)
+        ref = phiid_all_pairs(X, redundancy=red, mode=mode)
+    for k, (i, j) in enumerate(pairs):
+        assert local.defined[k].sum() == (ref.n_valid[i, j] if mode == "per_prompt" else 4 * ref.n_valid[i, j])
+        for name in ATOM_NAMES:
+            values = local[name][k]
+            assert np.isnan(values[~local.defined[k]]).all()
+            if local.defined[k].any():
+                np.testing.assert_allclose(values[local.defined[k]].mean(axis=-1).mean(), ref[name][i, j],
+                                           rtol=0, atol=1e-12)
+            else:
+                assert np.isnan(ref[name][i, j])
+
+
+def test_local_pairs_equal_phiid_pair_local_per_prompt():
+    X = coupled_heads(3, 4, 25, seed=27)
+    local = phiid.phiid_local_pairs(X, [(0, 2), (3, 1)], redundancy="CCS", atoms=["sts", "xty"])
+    for k, (i, j) in enumerate([(0, 2), (3, 1)]):
+        for p in range(3):
+            one = phiid.phiid_pair_local(X[p, i], X[p, j], redundancy="CCS")
+            np.testing.assert_allclose(local["xty"][k, p], one["xty"], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(local["sts"][k, p], one["sts"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", phiid.LOCAL_MODES)
+@pytest.mark.parametrize("red", ["MMI", "CCS"])
+def test_streamed_head_means_equal_a_brute_force_loop(mode, red):
+    X = coupled_heads(3, 6, 22, seed=28)
+    X[1, 4] = 2.0                                  # head 4 undefined in prompt 1
+    got = phiid.phiid_local_head_means(X, redundancy=red, mode=mode, atoms=("sts", "rtr"), workers=2,
+                                       block_values=50)
+    pairs = ordered_pairs(6)
+    local = phiid.phiid_local_pairs(X, pairs, redundancy=red, mode=mode, atoms=("sts", "rtr"))
+    for h in range(6):
+        rows = [k for k, (i, _) in enumerate(pairs) if i == h]     # h as source with every partner
+        for name in ("sts", "rtr"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN slices: head 4 in prompt 1
+                want = np.nanmean(local[name][rows], axis=0)
+            np.testing.assert_allclose(got[name][h], want, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got.n_partners[h], local.defined[rows].sum(axis=0))
+    one = phiid.phiid_local_head_means(X, redundancy=red, mode=mode, workers=1)
+    np.testing.assert_allclose(one["sts"], got["sts"], rtol=0, atol=1e-13)
+
+
+def test_head_means_time_mean_equals_all_pairs_head_mean():
+    X = coupled_heads(3, 5, 30, seed=29)
+    got = phiid.phiid_local_head_means(X, atoms=["sts"])
+    ref = phiid_all_pairs(X)["sts"]
+    np.testing.assert_allclose(got["sts"].mean(axis=(1, 2)), np.nanmean(ref, axis=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pairs": [(0, 3)]}, r"out of range: head indices must lie in \[0, 2\]"),
+    ({"pairs": [(-1, 2)]}, "out of range"),
+    ({"pairs": [(0, 1), (0, 1)]}, r"\[\[0, 1\]\] are listed more than once"),
+    ({"pairs": [(1, 1)]}, "pair a head with itself"),
+    ({"pairs": [0, 1]}, r"integer array \[pairs, 2\]"),
+    ({"pairs": [(0.0, 1.0)]}, r"integer array \[pairs, 2\]"),
+    ({"atoms": ["sts", "syn"]}, "unknown atom"),
+    ({"tau": 16}, r"steps >= tau \+ 5"),
+    ({"tau": 0}, "tau must be an integer >= 1"),
+    ({"mode": "concat"}, "unknown mode 'concat' for local PhiID"),
+    ({"redundancy": "mmi"}, "unknown redundancy"),
+])
+def test_local_pairs_bad_input_raises_one_clear_error(kwargs, match):
+    kwargs = {"X": GOOD, "pairs": [(0, 1)], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        phiid.phiid_local_pairs(**kwargs)
+
+
+def test_head_means_refuse_atoms_that_change_under_swap():
+    with pytest.raises(ValueError, match="change when source and target swap"):
+        phiid.phiid_local_head_means(GOOD, atoms=["xty"])
+    with pytest.raises(ValueError, match=r"steps >= tau \+ 5"):
+        phiid.phiid_local_head_means(GOOD, tau=20)
