@@ -136,6 +136,20 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)"),
     Artifact("interference_summary", "interference_summary.csv", "07_qkov_interference",
              "interference per block and variant"),
+    Artifact("behaviour", "behaviour.csv", "09_task_behaviour",
+             "task accuracy per perturbation condition: Clopper-Pearson CI, McNemar vs random, percentile", {
+                 "condition": _k("str", "conditions"), "kind": _k("str", "conditions"),
+                 "accuracy": _k("float", "conditions"), "ci_low": _k("float", "conditions"),
+                 "ci_high": _k("float", "conditions"), "n_problems": _k("int", "conditions"),
+             }),
+    Artifact("behaviour_generations", "behaviour_generations.jsonl", "09_task_behaviour",
+             "per condition and problem: generated text, extracted answer, correctness"),
+    Artifact("behaviour_summary", "behaviour_summary.json", "09_task_behaviour",
+             "settings, synergistic vs random tests per variant and the C6 claim block", {
+                 "claim": _k("object", doc="the C6 claim block read by the claims scorecard"),
+             }),
+    Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
+             "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
     Artifact("manifest", "manifest.json", "lib.run", "parameters, versions, git commit, weights checksum, timings"),
 ]}
 
@@ -202,9 +216,17 @@ def _missing(a: Artifact, p: Path) -> ArtifactError:
                          f"(python -m lib.run --params <run>.yaml --only {a.producer})")
 
 
-def load_file(name: str, p, keys=None):
+def _jsonl_rows(text: str, torn_tail_ok: bool) -> list:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if torn_tail_ok and lines and not text.endswith("\n"):
+        lines = lines[:-1]                      # a line cut short by a killed writer (see append)
+    return [json.loads(line) for line in lines]
+
+
+def load_file(name: str, p, keys=None, torn_tail_ok: bool = False):
     """Load the file `p` of artifact kind `name`: npz -> dict of arrays (0-d arrays of str/scalars kept as arrays),
-    csv -> pandas DataFrame, json -> object, jsonl -> list of objects. Unreadable files raise ArtifactError."""
+    csv -> pandas DataFrame, json -> object, jsonl -> list of objects. Unreadable files raise ArtifactError.
+    torn_tail_ok (jsonl): drop a last line without its newline (an append interrupted by a kill)."""
     a, p = artifact(name), Path(p)
     if not p.exists():
         raise _missing(a, p)
@@ -219,7 +241,7 @@ def load_file(name: str, p, keys=None):
         elif a.format == "json":
             data = json.loads(p.read_text())
         else:
-            data = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            data = _jsonl_rows(p.read_text(), torn_tail_ok)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: delete it "
                             f"and rerun {a.producer}") from None
@@ -231,9 +253,10 @@ def load_file(name: str, p, keys=None):
     return data
 
 
-def load(name: str, out_dir, tag: str = "", keys=None, shard: tuple[int, int] | None = None, **fields: Any):
+def load(name: str, out_dir, tag: str = "", keys=None, shard: tuple[int, int] | None = None,
+         torn_tail_ok: bool = False, **fields: Any):
     """Load an artifact of a run folder (see load_file for the returned types)."""
-    return load_file(name, path(name, out_dir, tag, shard, **fields), keys)
+    return load_file(name, path(name, out_dir, tag, shard, **fields), keys, torn_tail_ok)
 
 
 def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
@@ -252,6 +275,22 @@ def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None 
         return store.save_json(p, data)
     with store.atomic_path(p) as tmp:
         tmp.write_text("".join(json.dumps(store._jsonable(row)) + "\n" for row in data))
+    return p
+
+
+def append(name: str, out_dir, rows: list, tag: str = "", **fields: Any) -> Path:
+    """Append rows to a jsonl artifact (checkpoints that grow by a unit at a time): whole lines in one write,
+    flushed to disk. A write cut short by a kill leaves a last line without newline, which
+    load(..., torn_tail_ok=True) drops; rewrite the file with save() before appending again."""
+    a = artifact(name)
+    if a.format != "jsonl":
+        raise ArtifactError(f"append works on jsonl artifacts only; {name!r} is {a.format}")
+    from lib import store
+    p = a.path(out_dir, tag, None, **fields)
+    with open(p, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(store._jsonable(row)) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
     return p
 
 
