@@ -230,6 +230,7 @@ def load_file(name: str, p, keys=None, torn_tail_ok: bool = False):
     a, p = artifact(name), Path(p)
     if not p.exists():
         raise _missing(a, p)
+    note_read(p)
     try:
         if a.format == "npz":
             with np.load(p, allow_pickle=False) as z:
@@ -306,6 +307,110 @@ def outputs_table() -> str:
 def producer_outputs(notebook: str) -> list[Artifact]:
     """The artifact kinds a notebook writes."""
     return [a for a in ARTIFACTS.values() if a.producer == notebook]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# provenance: what each file of a run folder was computed from
+#
+# manifest.json["artifacts"][<file relative to the run folder>] = {sha256, size, mtime_ns, producer, model, inputs},
+# written by the runner after a notebook succeeded: `inputs` maps every run-folder file the notebook read (through
+# lib.artifacts or lib.store) to its sha256, `model` is the weights the file derives from. A new notebook gets this by
+# registering its artifacts with producer = its name; nothing else is needed.
+
+READS_ENV = "HEADINFO_READS"          # file the kernel appends every artifact it reads to (set by the runner)
+NOTEBOOK_ENV = "HEADINFO_NOTEBOOK"    # notebook being executed by the runner
+MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.run.model_key)
+
+
+def note_read(p) -> None:
+    """Under the runner: check the provenance of a file about to be read and log it as an input of the notebook."""
+    log = os.environ.get(READS_ENV)
+    if not log:
+        return
+    p = Path(p).resolve()
+    check_input(p.parent if p.parent.name not in _shard_dirs() else p.parent.parent, p,
+                os.environ.get(NOTEBOOK_ENV, ""), os.environ.get(MODEL_ENV, ""))
+    with open(log, "a") as f:
+        f.write(f"{p}\n")
+
+
+def _shard_dirs() -> set[str]:
+    return {a.shard_dir for a in ARTIFACTS.values() if a.shard_dir}
+
+
+def fingerprint(p, known: dict | None = None) -> dict:
+    """{sha256, size, mtime_ns} of a file; the known checksum is reused when size and mtime did not change."""
+    from lib.store import file_checksum
+    st = Path(p).stat()
+    if known and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns and known.get("sha256"):
+        return {"sha256": known["sha256"], "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": file_checksum(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _glob(pattern: str) -> str:
+    import re
+    return re.sub(r"\{[^}]*\}", "*", pattern)
+
+
+def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -> list[Path]:
+    """The files of the notebook's registered artifacts present in out_dir: the shard files of `shard` for a shard
+    run, else the run folder's files (shard files excluded)."""
+    out_dir, found = Path(out_dir), set()
+    for a in producer_outputs(notebook):
+        if shard is not None:
+            if a.shard_dir:
+                stem, ext = _glob(a.pattern).rsplit(".", 1)
+                found.update((out_dir / a.shard_dir).glob(f"{stem}__shard-{shard[0]}-of-{shard[1]}.{ext}"))
+            continue
+        found.update(p for p in out_dir.glob(_glob(a.pattern)) if "__shard-" not in p.name and p.is_file())
+    return sorted(found)
+
+
+def relative(p, out_dir) -> str:
+    return Path(p).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+
+
+def _records(out_dir) -> dict:
+    from lib.store import read_manifest
+    return read_manifest(out_dir).get("artifacts", {})
+
+
+def is_tagged(rel: str) -> bool:
+    """Baseline files (random_init, rev-...) derive from other weights by design."""
+    return "__" in Path(rel).name.split("__shard-")[0]
+
+
+def check_input(out_dir, p, notebook: str = "", model: str = "", records: dict | None = None) -> None:
+    """Refuse a run-folder file whose provenance does not hold: modified or replaced after its producer wrote it,
+    computed from a file that has changed since (mixed inputs), or derived from other weights than `model`."""
+    out_dir = Path(out_dir)
+    try:
+        rel = relative(p, out_dir)
+    except ValueError:
+        return                                            # outside the run folder (a user's neurons file, ...)
+    records = _records(out_dir) if records is None else records
+    rec = records.get(rel)
+    if not rec or rec.get("producer", "").split(".shard-")[0] == notebook:
+        return
+    now = fingerprint(p, rec)["sha256"]
+    if now != rec["sha256"]:
+        raise ArtifactError(f"{out_dir / rel} is not the file {rec['producer']} wrote (sha256 {rec['sha256'][:12]} "
+                            f"recorded, {now[:12]} found): it was replaced or modified outside the runner; rerun "
+                            f"{rec['producer']} (python -m lib.run --params <run>.yaml --only {rec['producer']})")
+    for src, sha in (rec.get("inputs") or {}).items():
+        src_path = out_dir / src
+        if not src_path.exists():
+            raise ArtifactError(f"{out_dir / rel} was computed from {src}, which is missing now: rerun the "
+                                f"producers of both ({records.get(src, {}).get('producer', '?')}, {rec['producer']})")
+        cur = fingerprint(src_path, records.get(src))["sha256"]
+        if cur != sha:
+            raise ArtifactError(f"{out_dir / rel} was computed from another {src} (sha256 {sha[:12]}) than the one in "
+                                f"the run folder ({cur[:12]}): mixed inputs; rerun {rec['producer']}")
+    theirs = rec.get("model") or ""
+    if model and theirs and theirs != model and not is_tagged(rel):
+        raise ArtifactError(f"{out_dir / rel} derives from model {theirs!r} but {notebook or 'this notebook'} runs "
+                            f"model {model!r}: results would mix weights; use the same model (and seed) as "
+                            f"{rec['producer']}, or rerun it with this one")
 
 
 if __name__ == "__main__":  # python -m lib.artifacts: print the outputs table

@@ -9,8 +9,12 @@ pipeline, in file-name order. The run's name, and so its output folder outputs/<
 Before anything runs, every key is checked against the notebook's declared parameters (its `parameters` cell,
 read by papermill.inspect_notebook) and against the type of the declared default. Each notebook is executed with
 the repository root as working directory into outputs/<run>/NN_name.ipynb and rendered to
-outputs/<run>/html/NN_name.html (report view, no code). A notebook whose executed copy exists for identical
-parameters is skipped unless --force (or an earlier notebook of the pipeline ran in this invocation).
+outputs/<run>/html/NN_name.html (report view, no code).
+
+A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256)
+and every one of its outputs are unchanged since it last succeeded, and no earlier notebook of the pipeline ran
+since; otherwise it reruns (the log says why), and so does everything after it. --force reruns anyway. One runner
+at a time holds a run folder (shard runs of one notebook may run at once); see lib.store.run_lock.
 """
 from __future__ import annotations
 
@@ -18,15 +22,19 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from lib import REPO_ROOT
+from lib import artifacts, params as constraints
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -66,7 +74,22 @@ def declared_parameters(path: Path) -> dict[str, dict]:
     if missed:
         raise ParamsError(f"{path.name}: papermill cannot parse the parameter line(s) of {missed} (it drops lines "
                           f"whose comment contains '=' or ';'); rewrite those comments")
+    untyped = [n for n, info in declared.items() if info["default"] == "None" and _base_type(info["inferred_type_name"]) is None]
+    if untyped:
+        raise ParamsError(f"{path.name}: parameter(s) {untyped} default to None without a declared type; declare it in "
+                          f"the parameters cell, e.g. `{untyped[0]} = None  # type: int  what it holds`")
     return {name: {"type": info["inferred_type_name"], "default": info["default"]} for name, info in declared.items()}
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+def _base_type(type_name) -> type | None:
+    """'int', 'Optional[int]', 'int|None', 'list[int]', 'typing.List[str]' -> the Python type (None if not declared)."""
+    name = str(type_name or "None").replace("typing.", "").replace(" ", "")
+    name = re.sub(r"^Optional\[(.*)\]$", r"\1", name)
+    name = "|".join(t for t in name.split("|") if t != "None")
+    return _TYPES.get(name.split("[", 1)[0].lower())
 
 
 def assigned_names(path: Path) -> set[str]:
@@ -94,9 +117,8 @@ def _default_value(source: str):
 
 def check_type(notebook: str, key: str, value, declared: dict) -> None:
     """Fail when `value` does not fit the declared type (or the type of the declared default)."""
-    type_name = (declared.get("type") or "None").replace("typing.", "")
     default = _default_value(declared.get("default", "None"))
-    expected = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(type_name)
+    expected = _base_type(declared.get("type"))
     if expected is None and default is not None:
         expected = type(default)
     if expected is None or value is None:
@@ -137,6 +159,9 @@ def load_params(params_path: str | os.PathLike, overrides: list[str] = ()) -> tu
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
     notebooks = pipeline_notebooks()
+    ghosts = [k for k in raw if isinstance(k, str) and re.fullmatch(r"\d\d_\w+", k) and k not in notebooks]
+    if ghosts:
+        raise ParamsError(f"{path}: section(s) {ghosts} name no notebook in notebooks/; notebooks: {list(notebooks)}")
     shared = {k: v for k, v in raw.items() if k not in notebooks}
     sections = {k: (v or {}) for k, v in raw.items() if k in notebooks}
     for name, section in sections.items():
@@ -150,8 +175,13 @@ def load_params(params_path: str | os.PathLike, overrides: list[str] = ()) -> tu
         if "." in key and key.split(".", 1)[0] in notebooks:
             nb, sub = key.split(".", 1)
             sections.setdefault(nb, {})[sub] = value
-        else:
+        elif "." in key and re.fullmatch(r"\d\d_\w+", key.split(".", 1)[0]):
+            raise ParamsError(f"--set {item!r}: no notebook {key.split('.', 1)[0]!r}; notebooks: {list(notebooks)}")
+        else:                        # a shared --set wins over the file everywhere, notebook sections included
             shared[key] = value
+            for section in sections.values():
+                if key in section:
+                    section[key] = value
     return path.stem, shared, sections
 
 
@@ -175,6 +205,9 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
         for key, value in shared.items():
             if key in declared[name]:
                 check_type(name, key, value, declared[name][key])
+    problems = [p for name in sorted(sections) for p in constraints.problems(name, _merged(name, shared, sections, declared))]
+    if problems:
+        raise ParamsError("invalid value(s): " + "; ".join(problems))
     if only:
         unknown = [o for o in only if o not in sections]
         if unknown:
@@ -183,13 +216,17 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
     for name in sorted(sections):
         if only and name not in only:
             continue
-        params = {k: v for k, v in shared.items() if k in declared[name]}
-        params.update(sections[name])
+        params = _merged(name, shared, sections, declared)
         params["out_dir"] = str(out_dir)
         suffix = _shard_suffix(params.get("shard"))
         steps.append(Step(name, notebooks[name], params, out_dir / f"{name}{suffix}.ipynb",
                           out_dir / "html" / f"{name}{suffix}.html"))
     return steps
+
+
+def _merged(name: str, shared: dict, sections: dict, declared: dict) -> dict:
+    """The parameters a notebook receives (besides out_dir): its declared shared keys, then its section."""
+    return {**{k: v for k, v in shared.items() if k in declared[name]}, **sections[name]}
 
 
 def _shard_suffix(shard) -> str:
@@ -205,9 +242,56 @@ def params_hash(params: dict) -> str:
 
 # ----------------------------------------------------------------------------- execution
 
-def is_up_to_date(step: Step) -> bool:
-    entry = read_manifest(step.output.parent).get("notebooks", {}).get(step.output.stem, {})
-    return step.output.exists() and entry.get("status") == "ok" and entry.get("params_hash") == params_hash(step.params)
+def model_key(params: dict) -> str:
+    """The weights a notebook's results derive from: the model spec, plus the seed where it builds the weights."""
+    spec = params.get("model")
+    if not spec:
+        return ""
+    seeded = str(spec).startswith("random:") or params.get("random_init")
+    seed = f" seed {params.get('seed', 0)}" if seeded else ""
+    return f"{spec}{seed}{' re-initialised' if params.get('random_init') else ''}"
+
+
+def _shard_of(step: Step) -> tuple[int, int] | None:
+    shard = step.params.get("shard")
+    return tuple(int(x) for x in str(shard).split("/")) if shard else None
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
+    """Why `step` must run again (empty: up to date). earlier: the notebooks before it in this run's pipeline."""
+    entries, records = manifest.get("notebooks", {}), manifest.get("artifacts", {})
+    entry, out_dir = entries.get(step.output.stem), step.output.parent
+    if not entry:
+        return ["it has not run in this run folder"]
+    if entry.get("status") != "ok":
+        return [f"its last run {entry.get('status', 'did not finish')}"]
+    if entry.get("params_hash") != params_hash(step.params):
+        return [f"parameters changed: {_changed(entry.get('params', {}), step.params)}"]
+    if not step.output.exists():
+        return [f"its executed copy {step.output.name} is missing"]
+    if "outputs" not in entry:
+        return ["no provenance recorded for its last run"]
+    reasons = []
+    for kind, files in (("output", entry["outputs"]), ("input", entry.get("inputs", {}))):
+        for rel, sha in files.items():
+            if not (out_dir / rel).is_file():
+                reasons.append(f"{kind} {rel} is missing")
+            elif artifacts.fingerprint(out_dir / rel, records.get(rel))["sha256"] != sha:
+                reasons.append(f"{kind} {rel} changed since it ran")
+    upstream = entry.get("upstream", {})
+    reasons += [f"{nb} ran since" for nb in earlier if nb in entries and entries[nb].get("run_id") != upstream.get(nb)]
+    return reasons
+
+
+def is_up_to_date(step: Step, earlier: list[str] | None = None) -> bool:
+    """True when `step` would be skipped (see stale_reasons); earlier defaults to the notebooks sorted before it."""
+    if earlier is None:
+        earlier = [n for n in pipeline_notebooks() if n < step.name]
+    return not stale_reasons(step, read_manifest(step.output.parent), earlier)
 
 
 def record(step: Step, **entry) -> None:
@@ -220,71 +304,208 @@ def record(step: Step, **entry) -> None:
         save_json(path, manifest)
 
 
+def record_success(step: Step, reads: set[Path], earlier: list[str], **entry) -> None:
+    """Status ok plus provenance: the files the notebook read and wrote (sha256) and what each output derives from."""
+    from lib.store import locked, save_json
+    out_dir = step.output.parent
+    path = out_dir / "manifest.json"
+    with locked(path):
+        manifest = read_manifest(out_dir)
+        records, entries = manifest.setdefault("artifacts", {}), manifest.setdefault("notebooks", {})
+        outputs = {artifacts.relative(p, out_dir): p for p in artifacts.output_files(step.name, out_dir, _shard_of(step))}
+        inputs = {}
+        for p in sorted(reads):
+            rel = artifacts.relative(p, out_dir)
+            if rel not in outputs and p.is_file():
+                inputs[rel] = artifacts.fingerprint(p, records.get(rel))["sha256"]
+        model = model_key(step.params) or next((records[r].get("model", "") for r in inputs
+                                                 if r in records and not artifacts.is_tagged(r)), "")
+        for rel, p in list(outputs.items()):
+            old = records.get(rel) or {}
+            now = artifacts.fingerprint(p, old)
+            if not (old.get("mtime_ns") == now["mtime_ns"] and old.get("sha256") == now["sha256"]):
+                records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
+            elif _lost_inputs(out_dir, old, records):   # not rewritten, and what it was computed from is gone
+                print(f"[run] removed {rel}: {step.name} did not rewrite it and it was computed from "
+                      f"{_lost_inputs(out_dir, old, records)}, which changed or is missing now", flush=True)
+                p.unlink()
+                del outputs[rel], records[rel]
+        entries[step.output.stem] = {
+            "params": step.params, **entry, "run_id": uuid.uuid4().hex[:12], "model": model, "inputs": inputs,
+            "outputs": {rel: records[rel]["sha256"] for rel in outputs},
+            "upstream": {nb: entries[nb].get("run_id") for nb in earlier if nb in entries}}
+        save_json(path, manifest)
+
+
+def _lost_inputs(out_dir: Path, record: dict, records: dict) -> list[str]:
+    """The recorded inputs of an artifact that are missing or changed in the run folder."""
+    lost = []
+    for rel, sha in (record.get("inputs") or {}).items():
+        p = out_dir / rel
+        if not p.is_file() or artifacts.fingerprint(p, records.get(rel))["sha256"] != sha:
+            lost.append(rel)
+    return lost
+
+
 def render_html(executed: Path, html: Path) -> None:
+    """nbconvert's report view, written to a temporary name and renamed (no partial HTML on a full disk)."""
     html.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
-                    "--CoalesceStreamsPreprocessor.enabled=True",
-                    "--output-dir", str(html.parent), "--output", html.stem, str(executed)],
-                   check=True, cwd=REPO_ROOT, capture_output=True)
+    tmp_stem = f".{html.stem}.tmp"
+    try:
+        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
+                        "--CoalesceStreamsPreprocessor.enabled=True",
+                        "--output-dir", str(html.parent), "--output", tmp_stem, str(executed)],
+                       check=True, cwd=REPO_ROOT, capture_output=True, text=True)
+        os.replace(html.parent / f"{tmp_stem}.html", html)
+    except subprocess.CalledProcessError as e:
+        last = (e.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        raise OSError(f"nbconvert could not write {html}: {last[0]}") from None
+    finally:
+        (html.parent / f"{tmp_stem}.html").unlink(missing_ok=True)
 
 
-def execute(step: Step, log_output: bool = True) -> float:
-    """Run one notebook; raise RuntimeError naming the failing cell."""
+class _KernelEnv:
+    """Environment of one notebook's kernel: quiet progress bars off a terminal, provenance logging of reads."""
+
+    def __init__(self, step: Step, reads_log: Path):
+        self.values = {artifacts.READS_ENV: str(reads_log), artifacts.NOTEBOOK_ENV: step.name,
+                       artifacts.MODEL_ENV: model_key(step.params)}
+        if not sys.stderr.isatty():
+            self.values["TQDM_MININTERVAL"] = "10"   # readable logs under papermill / SLURM: few progress updates
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _papermill(step: Step, target: Path, log_output: bool) -> None:
     import papermill
-    from papermill.exceptions import PapermillExecutionError
-    t0 = time.perf_counter()
-    record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
     from lib.progress import KERNEL_SETUP, LineWriter
-    env_backup = os.environ.get("TQDM_MININTERVAL")
-    if not sys.stderr.isatty():
-        os.environ["TQDM_MININTERVAL"] = "10"     # readable logs under papermill / SLURM: few progress updates
     # cell stdout/stderr streamed to our stdout/stderr (one line per update off a terminal); tqdm.auto in the
     # kernel becomes a text bar on the log (lib/progress.py), so reports hold no blank progress widgets
     streams = {"stdout_file": LineWriter(sys.stdout), "stderr_file": LineWriter(sys.stderr)} if log_output else {}
+    papermill.execute_notebook(str(step.path), str(target), parameters=step.params, cwd=str(REPO_ROOT),
+                               log_output=False, progress_bar=False, kernel_name="python3",
+                               extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"], **streams)
+
+
+def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> float:
+    """Run one notebook into a temporary copy renamed into place; raise RuntimeError naming the failing cell, or
+    the file that could not be written. The manifest says "failed" for any failure, never "running"."""
+    from papermill.exceptions import PapermillExecutionError
+    t0 = time.perf_counter()
+    record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
+    tmp = step.output.with_name(f".{step.output.name}.tmp.ipynb")
+    fd, log = tempfile.mkstemp(prefix="headinfo-reads-", suffix=".log")
+    os.close(fd)
+    failure = None
     try:
-        papermill.execute_notebook(str(step.path), str(step.output), parameters=step.params, cwd=str(REPO_ROOT),
-                                   log_output=False, progress_bar=False, kernel_name="python3",
-                                   extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"], **streams)
+        with _KernelEnv(step, Path(log)):
+            _papermill(step, tmp, log_output)
+        os.replace(tmp, step.output)
+        render_html(step.output, step.html)
+        reads = {Path(line) for line in Path(log).read_text().splitlines() if line}
+        record_success(step, reads, list(earlier), status="ok", seconds=round(time.perf_counter() - t0, 2),
+                       params_hash=params_hash(step.params), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     except PapermillExecutionError as e:
-        seconds = time.perf_counter() - t0
-        record(step, status="failed", seconds=seconds, error=f"{e.ename}: {e.evalue}", cell=e.exec_count,
-               params_hash=params_hash(step.params))
-        raise RuntimeError(f"notebook {step.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                           f"  executed copy with the traceback: {step.output}") from None
+        if tmp.exists():
+            os.replace(tmp, step.output)          # the executed copy shows the traceback
+        failure = (f"{e.ename}: {e.evalue}", e.exec_count,
+                   f"notebook {step.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                   f"  executed copy with the traceback: {step.output}")
+    except OSError as e:
+        from lib.store import disk_error
+        message = disk_error(e, e.filename or tmp) if e.errno else str(e)
+        failure = (message, None, f"notebook {step.name}: {message}")
+    except BaseException as e:                    # Ctrl-C, SIGTERM from scancel, anything unexpected
+        failure = (f"interrupted ({type(e).__name__})", None, None)
+        raise
     finally:
-        if env_backup is None:
-            os.environ.pop("TQDM_MININTERVAL", None)
-        else:
-            os.environ["TQDM_MININTERVAL"] = env_backup
-    render_html(step.output, step.html)
-    seconds = time.perf_counter() - t0
-    record(step, status="ok", seconds=round(seconds, 2), params_hash=params_hash(step.params),
-           finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return seconds
+        Path(log).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        if failure:
+            _record_failure(step, failure[0], failure[1], time.perf_counter() - t0)
+    if failure:
+        raise RuntimeError(failure[2])
+    return time.perf_counter() - t0
+
+
+def _record_failure(step: Step, error: str, cell, seconds: float) -> None:
+    try:
+        record(step, status="failed", seconds=round(seconds, 2), error=error, cell=cell,
+               params_hash=params_hash(step.params))
+    except OSError as e:                           # a full disk: the next run marks the entry as failed
+        print(f"[run] could not record the failure of {step.name} in manifest.json ({e.strerror})", file=sys.stderr)
+    if error.startswith("could not write") or error.startswith("nbconvert"):
+        step.html.unlink(missing_ok=True)
+
+
+def _settle_interrupted(out_dir: Path) -> None:
+    """Entries left "running" by a runner that died (we hold the run lock, so nothing runs): mark them failed."""
+    manifest = read_manifest(out_dir)
+    stuck = [k for k, v in manifest.get("notebooks", {}).items() if v.get("status") == "running"]
+    if not stuck:
+        return
+    from lib.store import locked, save_json
+    with locked(out_dir / "manifest.json"):
+        manifest = read_manifest(out_dir)
+        for name in stuck:
+            manifest["notebooks"][name].update(status="failed", error="interrupted: the runner stopped while it ran")
+        save_json(out_dir / "manifest.json", manifest)
+    print(f"[run] {stuck}: marked failed (interrupted by an earlier runner that stopped)", flush=True)
+
+
+def _lock_scope(steps: list[Step]) -> str | None:
+    """Shard runs of one notebook share the run folder (their own lock each); anything else holds it alone."""
+    if len(steps) == 1 and _shard_of(steps[0]):
+        return steps[0].output.stem
+    return None
 
 
 def run_pipeline(params_path: str, only: list[str] | None = None, overrides: list[str] = (), force: bool = False,
                  log_output: bool = True) -> Path:
+    from lib.store import clean_temp_files, run_lock
     run, shared, sections = load_params(params_path, overrides)
     steps = build_steps(run, shared, sections, only)
     out_dir = ensure_writable_dir(steps[0].params["out_dir"]) if steps else OUTPUT_ROOT / run
-    update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
-                                     "overrides": list(overrides)})
-    rerun_rest = force
-    for step in steps:
-        if not rerun_rest and is_up_to_date(step):
-            print(f"[run] {step.name}: up to date (same parameters), skipped; --force reruns it", flush=True)
-            continue
-        print(f"[run] {step.name} -> {step.output.relative_to(REPO_ROOT) if step.output.is_relative_to(REPO_ROOT) else step.output}", flush=True)
-        seconds = execute(step, log_output=log_output)
-        print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
-        rerun_rest = True
-    try:
-        from lib.report import write_index
-        print(f"[run] report: {write_index(out_dir)}", flush=True)
-    except ImportError:
-        pass
+    scope = _lock_scope(steps)
+    with run_lock(out_dir, f"python -m lib.run --params {params_path}", scope) as stale_owner:
+        if stale_owner:
+            print(f"[run] took over the lock of a runner that is gone: {stale_owner}", flush=True)
+        if scope is None:
+            for p in clean_temp_files(out_dir):
+                print(f"[run] removed {p.relative_to(out_dir)} (left by an interrupted write)", flush=True)
+            _settle_interrupted(out_dir)
+        update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
+                                         "overrides": list(overrides)})
+        _run_steps(steps, sorted(sections), force, log_output)
+        try:
+            from lib.report import write_index
+            print(f"[run] report: {write_index(out_dir)}", flush=True)
+        except ImportError:
+            pass
     return out_dir
+
+
+def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: bool) -> None:
+    for step in steps:
+        earlier = [n for n in pipeline if n < step.name]
+        reasons = ["--force"] if force else stale_reasons(step, read_manifest(step.output.parent), earlier)
+        if not reasons:
+            print(f"[run] {step.name}: up to date (same parameters, inputs and outputs), skipped; --force reruns it",
+                  flush=True)
+            continue
+        shown = step.output.relative_to(REPO_ROOT) if step.output.is_relative_to(REPO_ROOT) else step.output
+        print(f"[run] {step.name} -> {shown} (runs because {'; '.join(reasons)})", flush=True)
+        seconds = execute(step, log_output=log_output, earlier=earlier)
+        print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -307,7 +528,7 @@ def main(argv=None) -> int:
     except (ParamsError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,8 +98,14 @@ def load_npz(path: str | os.PathLike, expect: dict[str, int] | None = None, prod
     if not path.exists():
         hint = f"; run {produced_by} first (python -m lib.run --params <run>.yaml --only {produced_by})" if produced_by else ""
         raise ArtifactError(f"missing artifact {str(path)!r}{hint}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+    from lib.artifacts import note_read
+    note_read(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: delete it "
+                            f"and rerun {produced_by or 'the notebook that wrote it'}") from None
     for key, ndim in (expect or {}).items():
         if key not in arrays:
             raise ArtifactError(f"{path}: key {key!r} is missing (has {sorted(arrays)}); the file is from an older "
@@ -151,7 +158,39 @@ def file_checksum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: move it "
+                            f"aside (mv {path} {path}.bad) and rerun; the run's notebooks then run again") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds a {type(manifest).__name__}, not a mapping: it is corrupt; move it aside "
+                            f"(mv {path} {path}.bad) and rerun")
+    return manifest
+
+
+TEMP_GLOBS = (".*.tmp*", ".write-test-*")      # atomic_path's and ensure_writable_dir's temporary files
+
+
+def clean_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove temporary files that an interrupted write left in the run folder (and its sub-folders)."""
+    removed = []
+    for pattern in TEMP_GLOBS:
+        for p in Path(out_dir).rglob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def disk_error(e: OSError, path) -> str:
+    """One line for a failed write: the file, the reason and the fix."""
+    import errno
+    fix = "free space there (or choose another out_dir) and rerun" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "check the folder and rerun"
+    return f"could not write {path}: {e.strerror or e} (errno {e.errno}); {fix}"
 
 
 @contextlib.contextmanager
@@ -196,3 +235,83 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# ----------------------------------------------------------------------------- run lock
+
+class RunLockedError(ArtifactError):
+    """Another runner is using the run folder."""
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "an unknown process"
+    return (f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('started')}"
+            f"{', SLURM job ' + info['slurm_job'] if info.get('slurm_job') else ''}: {info.get('what', '')})")
+
+
+def _write_owner(f, what: str) -> str | None:
+    """Replace the lock file's owner line with ours; -> the previous owner when it was left by a dead process."""
+    import socket
+    f.seek(0)
+    previous = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "slurm_job": os.environ.get("SLURM_JOB_ID", ""), "what": what}))
+    f.flush()
+    return previous or None
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike, what: str, shard_stem: str | None = None) -> Iterator[str | None]:
+    """Hold the run folder for one runner invocation.
+
+    A whole run takes `.run.lock` exclusively. Shard runs of one notebook (disjoint files, SLURM arrays) share
+    `.run.lock` and each takes `.run.lock.<shard stem>` exclusively, so shards run at once but never beside a
+    whole run or a second copy of the same shard. The locks are flock()s: when the owner dies the kernel releases
+    them, and the next runner reports the stale owner it replaces. Yields the stale owner's line (or None).
+    """
+    import fcntl
+    out_dir = Path(out_dir)
+    main_path = out_dir / ".run.lock"
+    held = []
+    try:
+        main = open(main_path, "a+")
+        held.append(main)
+        try:
+            fcntl.flock(main, (fcntl.LOCK_SH if shard_stem else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owners = [_lock_owner(p) for p in sorted(out_dir.glob(".run.lock.*")) if _is_locked(p)]
+            raise RunLockedError(f"run folder {out_dir} is in use by {'; '.join(owners or [_lock_owner(main_path)])} "
+                                 f"(lock {main_path}); wait for it to finish or stop that process") from None
+        target = main
+        if shard_stem:
+            shard_path = out_dir / f".run.lock.{shard_stem}"
+            target = open(shard_path, "a+")
+            held.append(target)
+            try:
+                fcntl.flock(target, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLockedError(f"{shard_stem} of {out_dir} is already running: {_lock_owner(shard_path)} "
+                                     f"(lock {shard_path})") from None
+        try:
+            yield _write_owner(target, what)
+        finally:
+            target.truncate(0)             # an empty lock file: its last owner did not die while holding it
+    finally:
+        for f in reversed(held):
+            f.close()                      # closing releases the flock
+
+
+def _is_locked(path: Path) -> bool:
+    import fcntl
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False

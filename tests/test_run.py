@@ -2,11 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from lib import REPO_ROOT
+from lib.store import ArtifactError
 from lib.run import ParamsError, build_steps, declared_parameters, load_params, parse_value, pipeline_notebooks
 
 
@@ -119,3 +122,265 @@ def test_end_to_end_on_tiny(tmp_path):
                      "--set", "01_extract_activations.n_tokens=-3")
     assert failing.returncode == 1
     assert "notebook 01_extract_activations failed in cell" in failing.stderr and "n_tokens must be a positive" in failing.stderr
+
+
+# ----------------------------------------------------------------------------- --set precedence, declared types
+
+def test_shared_set_wins_over_a_notebook_section(tmp_path):
+    path = write_params(tmp_path, "model: random:llama\n01_extract_activations:\n  chat_template: true\n  n_tokens: 5\n"
+                                  "06_neuron_effects:\n  chat_template: true\n")
+    steps = steps_for(path, ["chat_template=false", "n_tokens=7"])
+    assert [s.params["chat_template"] for s in steps] == [False, False]
+    assert steps[0].params["n_tokens"] == 7
+    (step,) = steps_for(path, ["01_extract_activations.n_tokens=9"])[:1]   # the dotted form still targets one notebook
+    assert step.params["n_tokens"] == 9
+
+
+def test_set_naming_a_missing_notebook_is_refused(tmp_path):
+    path = write_params(tmp_path, "01_extract_activations: {}\n")
+    with pytest.raises(ParamsError, match=r"--set '09_nope.x=1': no notebook '09_nope'"):
+        steps_for(path, ["09_nope.x=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("05_ablation.step_size=two", r"'step_size' must be int \(default None\), got str"),
+    ("05_ablation.n_prompts=1.5", r"'n_prompts' must be int"),
+    ("05_ablation.fractions=0.5", r"'fractions' must be list"),
+    ("06_neuron_effects.layers=3", r"'layers' must be list \(default None\), got int"),
+    ("02_phiid.tags=random_init", r"'tags' must be list"),
+])
+def test_none_defaults_are_type_checked_by_their_declared_type(tmp_path, override, message):
+    path = write_params(tmp_path, "02_phiid: {}\n05_ablation: {}\n06_neuron_effects: {}\n")
+    with pytest.raises(ParamsError, match=message):
+        steps_for(path, [override])
+    (step,) = [s for s in steps_for(path, ["05_ablation.step_size=3"]) if s.name == "05_ablation"]
+    assert step.params["step_size"] == 3
+
+
+def _notebook(tmp_path, source, name="01_typed.ipynb"):
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells.append(cell)
+    nbformat.write(nb, tmp_path / name)
+    return tmp_path / name
+
+
+def test_none_default_without_declared_type_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"\['k'\] default to None without a declared type.*# type: int"):
+        declared_parameters(_notebook(tmp_path, 'out_dir = "x"\nk = None  # how many\n'))
+    typed = declared_parameters(_notebook(tmp_path, 'out_dir = "x"\nk = None  # type: Optional[int]  how many\n', "01_b.ipynb"))
+    from lib.run import check_type
+    check_type("01_b", "k", 3, typed["k"])
+    check_type("01_b", "k", None, typed["k"])
+    with pytest.raises(ParamsError, match="'k' must be int"):
+        check_type("01_b", "k", "3", typed["k"])
+
+
+def test_every_none_default_of_the_notebooks_declares_its_type():
+    for path in pipeline_notebooks().values():
+        for name, info in declared_parameters(path).items():
+            if info["default"] == "None":
+                assert info["type"] not in (None, "None"), f"{path.name}: {name}"
+
+
+# ----------------------------------------------------------------------------- --check validates values
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("01_extract_activations:\n  n_prompts: 0\n", r"01_extract_activations: n_prompts=0 must be >= 1"),
+    ("02_phiid:\n  tau: 0\n", r"02_phiid: tau=0 must be >= 1"),
+    ("02_phiid:\n  modes: [per_prompt, bogus]\n", r"modes=.* has unknown entries \['bogus'\]; allowed: \['per_prompt'"),
+    ("model: random:foo\n01_extract_activations: {}\n", r"random:foo is not a tiny test model; use one of .*random:llama"),
+    ("dtype: float8\n01_extract_activations: {}\n", r"dtype='float8' must be one of \['float32', 'bfloat16', 'float16'\]"),
+    ("05_ablation:\n  shard: 3/2\n", r"shard='3/2' must be '' or 'i/n' with 1 <= i <= n"),
+    ("05_ablation:\n  shard: abc\n", r"shard='abc' must be '' or 'i/n'"),
+    ("05_ablation:\n  step_size: 0\n", r"step_size=0 must be >= 1"),
+    ("05_ablation:\n  step_size: 2\n  fractions: [0.5]\n", r"either step_size or fractions"),
+    ("06_neuron_effects:\n  layers: [0, -1]\n", r"layers=\[0, -1\] has invalid entries \[-1\]"),
+    ("06_neuron_effects:\n  mode: zero\n", r"mode='zero' must be one of \['add', 'ablate'\]"),
+    ("model: lib\n01_extract_activations: {}\n", r"folder 'lib' is not a model \(no config.json\)"),
+    ("04_ranking_variants:\n  variants: [rank_diff, nope]\n", r"variants=.*unknown entries \['nope'\]"),
+    ("01_extract_activations: {}\n09_nonexistent:\n  x: 1\n", r"section\(s\) \['09_nonexistent'\] name no notebook"),
+])
+def test_check_refuses_values_that_would_fail_on_the_node(tmp_path, yaml_text, message):
+    with pytest.raises(ParamsError, match=message):
+        steps_for(write_params(tmp_path, yaml_text))
+
+
+def test_check_cli_is_one_line_and_lists_every_problem(tmp_path):
+    proc = runner("--params", str(write_params(tmp_path, "01_extract_activations:\n  n_prompts: 0\n  n_tokens: 0\n")),
+                  "--check")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "n_prompts=0" in proc.stderr and "n_tokens=0" in proc.stderr
+
+
+def test_constraints_are_the_library_rules():
+    from lib import params
+    assert params.problems("05_ablation", {"shard": "2/4", "step_size": None, "fractions": [0.5, 1.0]}) == []
+    with pytest.raises(params.ParamsValueError, match="noise_sigma=0 must be > 0"):
+        params.validate("05_ablation", {"noise_sigma": 0})
+    params.declare("98_new", {"n_null": params.at_least(1)})       # a new notebook declares its rules once
+    assert params.problems("98_new", {"n_null": 0}) == ["98_new: n_null=0 must be >= 1"]
+
+
+# ----------------------------------------------------------------------------- provenance (a registered notebook)
+
+@pytest.fixture
+def fake_pipeline(tmp_path, monkeypatch):
+    """Two notebooks known only by their registered artifacts (no runner change): 97_make writes made*.npz from
+    the model, 98_use reads made.npz and writes used.npz."""
+    from lib import artifacts
+    from lib.run import Step
+    for a in (artifacts.Artifact("made", "made{tag}.npz", "97_make", "test input"),
+              artifacts.Artifact("used", "used.npz", "98_use", "test output")):
+        monkeypatch.setitem(artifacts.ARTIFACTS, a.name, a)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def step(name, **params):
+        return Step(name, tmp_path / f"{name}.ipynb", {"out_dir": str(out), **params}, out / f"{name}.ipynb",
+                    out / "html" / f"{name}.html")
+    return out, step
+
+
+def _succeed(step, reads=(), earlier=()):
+    from lib.run import params_hash, record_success
+    step.output.write_text("{}")
+    record_success(step, {step.output.parent / r for r in reads}, list(earlier), status="ok",
+                   params_hash=params_hash(step.params))
+
+
+def _reasons(step, earlier=()):
+    from lib.run import stale_reasons
+    from lib.store import read_manifest
+    return stale_reasons(step, read_manifest(step.output.parent), list(earlier))
+
+
+def test_up_to_date_needs_parameters_inputs_and_outputs(fake_pipeline):
+    from lib.store import save_npz
+    out, step = fake_pipeline
+    make, use = step("97_make", model="random:llama", seed=0), step("98_use")
+    save_npz(out / "made.npz", x=np.arange(3))
+    _succeed(make)
+    save_npz(out / "used.npz", y=np.arange(2))
+    _succeed(use, reads=["made.npz"], earlier=["97_make"])
+    assert _reasons(make) == [] and _reasons(use, ["97_make"]) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["used.npz"]["inputs"] == {"made.npz": manifest["artifacts"]["made.npz"]["sha256"]}
+    assert manifest["artifacts"]["used.npz"]["model"] == "random:llama seed 0"      # inherited through made.npz
+    (out / "used.npz").unlink()
+    assert _reasons(use, ["97_make"]) == ["output used.npz is missing"]
+    save_npz(out / "used.npz", y=np.arange(2))
+    save_npz(out / "made.npz", x=np.arange(4))                   # changed outside the runner
+    assert _reasons(make) == ["output made.npz changed since it ran"]
+    assert "input made.npz changed since it ran" in _reasons(use, ["97_make"])
+    _succeed(make)                                               # 97 reruns: 98 is stale because it ran since
+    assert "97_make ran since" in _reasons(use, ["97_make"])
+    assert _reasons(step("98_use", other=1), ["97_make"])[0].startswith("parameters changed: ['other']")
+
+
+def test_consumers_refuse_replaced_mixed_and_foreign_inputs(fake_pipeline):
+    from lib import artifacts
+    from lib.store import save_npz
+    out, step = fake_pipeline
+    save_npz(out / "made.npz", x=np.arange(3))
+    _succeed(step("97_make", model="random:llama", seed=0))
+    save_npz(out / "used.npz", y=np.arange(2))
+    _succeed(step("98_use"), reads=["made.npz"], earlier=["97_make"])
+    artifacts.check_input(out, out / "used.npz", "99_next", "random:llama seed 0")
+    with pytest.raises(ArtifactError, match=r"made.npz derives from model 'random:llama seed 0' but 99_next runs "
+                                            r"model 'random:llama seed 1'"):
+        artifacts.check_input(out, out / "made.npz", "99_next", "random:llama seed 1")
+    save_npz(out / "made.npz", x=np.arange(5))                   # e.g. another seed's file copied in
+    with pytest.raises(ArtifactError, match=r"made.npz is not the file 97_make wrote .*replaced or modified"):
+        artifacts.check_input(out, out / "made.npz", "99_next")
+    with pytest.raises(ArtifactError, match=r"used.npz was computed from another made.npz .* mixed inputs"):
+        artifacts.check_input(out, out / "used.npz", "99_next")
+    artifacts.check_input(out, out / "made.npz", "97_make")      # its producer may read (and rewrite) it
+
+
+def test_reads_under_the_runner_are_checked_and_logged(fake_pipeline, monkeypatch):
+    from lib import artifacts
+    from lib.store import load_npz, save_npz
+    out, step = fake_pipeline
+    save_npz(out / "made.npz", x=np.arange(3))
+    _succeed(step("97_make", model="random:gpt2", seed=0))
+    log = out.parent / "reads.log"
+    monkeypatch.setenv(artifacts.READS_ENV, str(log))
+    monkeypatch.setenv(artifacts.MODEL_ENV, "random:llama seed 0")
+    with pytest.raises(ArtifactError, match="derives from model 'random:gpt2 seed 0'"):
+        load_npz(out / "made.npz")
+    monkeypatch.setenv(artifacts.MODEL_ENV, "random:gpt2 seed 0")
+    load_npz(out / "made.npz")
+    assert log.read_text().split() == [str((out / "made.npz").resolve())]
+
+
+def test_stale_leftover_outputs_are_removed(fake_pipeline, capsys):
+    """A notebook rerun that no longer writes a file (its input is gone) removes the stale file it left."""
+    from lib.store import save_npz
+    out, step = fake_pipeline
+    save_npz(out / "made.npz", x=np.arange(3))
+    save_npz(out / "made__random_init.npz", x=np.arange(4))
+    _succeed(step("97_make"))
+    save_npz(out / "used.npz", y=np.arange(2))
+    _succeed(step("98_use"), reads=["made.npz"])
+    (out / "made.npz").unlink()
+    _succeed(step("98_use"), reads=["made__random_init.npz"])      # used.npz was not rewritten
+    assert not (out / "used.npz").exists() and "removed used.npz" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- failures: status, partial files
+
+def test_full_disk_during_a_notebook_is_one_line_and_failed(fake_pipeline, monkeypatch):
+    import errno
+    from lib import run
+    out, step = fake_pipeline
+    s = step("97_make")
+
+    def full(step, target, log_output):
+        target.write_text('{"cells": [')                     # a partial executed copy
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    monkeypatch.setattr(run, "_papermill", full)
+    with pytest.raises(RuntimeError, match=r"^notebook 97_make: could not write .*97_make.ipynb.tmp.ipynb: No space "
+                                           r"left on device \(errno 28\); free space there"):
+        run.execute(s)
+    entry = json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]
+    assert entry["status"] == "failed" and "No space left" in entry["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.json.lock"]
+
+
+def test_full_disk_in_nbconvert_leaves_no_html(fake_pipeline, monkeypatch):
+    from lib import run
+    out, step = fake_pipeline
+    s = step("97_make")
+    monkeypatch.setattr(run, "_papermill", lambda step, target, log_output: target.write_text("{}"))
+
+    def nbconvert_full(cmd, **kwargs):
+        html_dir = Path(cmd[cmd.index("--output-dir") + 1])
+        (html_dir / (cmd[cmd.index("--output") + 1] + ".html")).write_text("<html")
+        raise subprocess.CalledProcessError(1, cmd, stderr="OSError: [Errno 28] No space left on device\n")
+    monkeypatch.setattr(run.subprocess, "run", nbconvert_full)
+    with pytest.raises(RuntimeError, match=r"^notebook 97_make: nbconvert could not write .*97_make.html: OSError: "
+                                           r"\[Errno 28\] No space left on device$"):
+        run.execute(s)
+    assert json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]["status"] == "failed"
+    assert list((out / "html").iterdir()) == []
+
+
+def test_interrupted_entries_are_marked_failed(fake_pipeline):
+    from lib.run import _settle_interrupted, record
+    out, step = fake_pipeline
+    record(step("97_make"), status="running")
+    _settle_interrupted(out)
+    entry = json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]
+    assert entry["status"] == "failed" and "interrupted" in entry["error"]
+
+
+def test_corrupt_manifest_cli_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b"\x00\xff garbage")
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--only", "02_phiid", "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert f"{out / 'manifest.json'} is unreadable" in proc.stderr

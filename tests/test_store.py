@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,155 @@ def test_manifest_sections_merge(tmp_path):
     manifest = read_manifest(tmp_path)
     assert manifest["sections"]["01"]["a"] == 1 and manifest["sections"]["01"]["c"] == 3
     assert manifest["sections"]["02"]["b"] == 2 and "numpy" in manifest["versions"]
+
+
+# ----------------------------------------------------------------------------- unreadable files, full disks
+
+def test_corrupt_manifest_is_one_error_naming_the_file(tmp_path):
+    from lib.store import read_manifest
+    (tmp_path / "manifest.json").write_bytes(b'{"notebooks": {"01": \xff\xfe')
+    with pytest.raises(ArtifactError, match=r"manifest.json is unreadable .*truncated or corrupt: move it aside"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"notebooks": {')
+    with pytest.raises(ArtifactError, match="JSONDecodeError"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="not a mapping"):
+        read_manifest(tmp_path)
+
+
+def test_truncated_npz_is_one_error_naming_the_file(tmp_path):
+    from lib import artifacts
+    path = save_npz(tmp_path / "activations.npz", activations=np.zeros((2, 3, 4), np.float32))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"activations.npz is unreadable .*truncated or corrupt: delete it and rerun 01"):
+        load_npz(path, produced_by="01_extract_activations")
+    with pytest.raises(ArtifactError, match=r"activations.npz is unreadable .*rerun 01_extract_activations"):
+        artifacts.load("activations", tmp_path)
+
+
+def test_malformed_csv_is_one_error_naming_the_file(tmp_path):
+    from lib import artifacts
+    (tmp_path / "rankings.csv").write_text('layer,head\n0,1\n1,"2\n')
+    with pytest.raises(ArtifactError, match=r"rankings.csv is unreadable .*rerun 04_ranking_variants"):
+        artifacts.load("rankings", tmp_path)
+
+
+def test_temp_files_of_interrupted_writes_are_cleaned(tmp_path):
+    from lib.store import clean_temp_files
+    orphans = [tmp_path / ".neurons_direct_vs_total.png.k2j3.tmp.png", tmp_path / ".ablation_shards" / ".a.npz.x.tmp.npz",
+               tmp_path / ".write-test-abc", tmp_path / "html" / ".02_phiid.tmp.html"]
+    for p in orphans:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("partial")
+    keep = save_npz(tmp_path / "activations.npz", a=np.arange(2))
+    assert sorted(clean_temp_files(tmp_path)) == sorted(orphans)
+    assert not any(p.exists() for p in orphans) and keep.exists()
+
+
+def _fill_disk(monkeypatch, after_bytes: int):
+    """Make every write through lib.store fail with ENOSPC once `after_bytes` were written (a fake full disk)."""
+    import builtins
+    import errno
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > after_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Full(f) if ("w" in mode or "a" in mode) and ".tmp" in str(file) else f
+
+    def fake_write_text(self, data, *args, **kwargs):
+        with fake_open(self, "w") as f:
+            return f.write(data)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(Path, "write_text", fake_write_text)
+
+
+def test_full_disk_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    from lib.store import save_json
+    target = save_npz(tmp_path / "x.npz", a=np.arange(3))
+    save_json(tmp_path / "s.json", {"a": 1})
+    _fill_disk(monkeypatch, after_bytes=64)
+    with pytest.raises(OSError, match="No space left"):
+        save_npz(target, a=np.arange(1000))
+    with pytest.raises(OSError, match="No space left"):
+        save_json(tmp_path / "s.json", {"a": list(range(1000))})
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_npz(target)["a"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "x.npz"]
+
+
+def test_real_full_tmpfs_leaves_no_partial_file(tmp_path):
+    """On a real full file system (a 1 MB tmpfs; needs root and mount, otherwise the fake disk above covers it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; test_full_disk_leaves_old_file_and_no_temp fakes a full disk")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs is not permitted in this container; the fake full disk test covers ENOSPC")
+    try:
+        save_npz(mnt / "a.npz", a=np.arange(10))
+        with pytest.raises(OSError) as e:
+            save_npz(mnt / "a.npz", a=np.zeros(1 << 20))
+        import errno
+        assert e.value.errno == errno.ENOSPC
+        assert [p.name for p in mnt.iterdir()] == ["a.npz"]
+        np.testing.assert_array_equal(load_npz(mnt / "a.npz")["a"], np.arange(10))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- run lock
+
+def test_run_lock_names_the_owner(tmp_path):
+    import socket
+    from lib.store import RunLockedError, run_lock
+    code = ("import sys, time\nfrom lib.store import run_lock\n"
+            "with run_lock(sys.argv[1], 'owner run'):\n  print('locked', flush=True); time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"in use by pid {owner.pid} on host {socket.gethostname()}.*owner run"):
+            with run_lock(tmp_path, "second"):
+                pass
+        with pytest.raises(RunLockedError, match=f"pid {owner.pid}"):      # a shard run waits for a whole run too
+            with run_lock(tmp_path, "shard", shard_stem="05_ablation.shard-1-of-2"):
+                pass
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    with run_lock(tmp_path, "after the owner died") as stale:          # the kernel released the flock
+        assert f'"pid": {owner.pid}' in stale
+
+
+def test_shard_runs_share_the_folder_but_not_a_shard(tmp_path):
+    from lib.store import RunLockedError, run_lock
+    with run_lock(tmp_path, "a", shard_stem="05_ablation.shard-1-of-2") as stale_a:
+        with run_lock(tmp_path, "b", shard_stem="05_ablation.shard-2-of-2") as stale_b:
+            assert stale_a is None and stale_b is None
+            with pytest.raises(RunLockedError, match="05_ablation.shard-2-of-2 of .* is already running"):
+                with run_lock(tmp_path, "c", shard_stem="05_ablation.shard-2-of-2"):
+                    pass
+            with pytest.raises(RunLockedError, match="in use by pid"):
+                with run_lock(tmp_path, "whole run"):
+                    pass
+    with run_lock(tmp_path, "whole run") as stale:
+        assert stale is None                        # both shard runs finished normally

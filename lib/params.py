@@ -1,0 +1,196 @@
+"""Parameter value constraints of every notebook, declared once.
+
+The runner (`python -m lib.run --check`, and so `slurm/pipeline.sh` before it submits anything) and the library
+entry points call `validate(notebook, params)`, so a value that would fail on a compute node is refused on the login
+node with the same one-line message. Types are checked by the runner from the parameters cell; these rules check
+values: ranges, allowed names, shard specs, model specs.
+
+A notebook added to the pipeline declares its rules with `declare("08_topology", {"n_null": at_least(1), ...})`;
+keys without a rule are only type-checked. SHARED rules (model, dtype, device, seed, shard) apply to every notebook
+that declares the key.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from lib import REPO_ROOT
+
+Rule = Callable[[Any], "str | None"]      # value -> None when fine, else what is wrong ("must be >= 1")
+
+DTYPES = ("float32", "bfloat16", "float16")
+PHIID_MODES = ("per_prompt", "concat", "pooled")
+RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
+BUNDLED_MODELS = ("smollm2-135m",)
+
+
+class ParamsValueError(ValueError):
+    """A parameter value that the notebook cannot run with (the message names notebook, key, value and the fix)."""
+
+
+# ----------------------------------------------------------------------------- rules
+
+def at_least(low, optional: bool = False) -> Rule:
+    def rule(v):
+        if v is None and optional:
+            return None
+        return None if v is not None and v >= low else f"must be >= {low}"
+    return rule
+
+
+def above(low) -> Rule:
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def one_of(*names) -> Rule:
+    return lambda v: None if v in names else f"must be one of {list(names)}"
+
+
+def subset_of(*names, empty_ok: bool = False) -> Rule:
+    def rule(v):
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)):
+            return f"must be a list drawn from {list(names)}"
+        bad = [x for x in v if x not in names]
+        if bad:
+            return f"has unknown entries {bad}; allowed: {list(names)}"
+        return None if v or empty_ok else f"must name at least one of {list(names)}"
+    return rule
+
+
+def list_of(kind: type, optional: bool = True, low=None) -> Rule:
+    def rule(v):
+        if v is None and optional:
+            return None
+        if not isinstance(v, (list, tuple)):
+            return f"must be a list of {kind.__name__} (e.g. [0, 1]), not a single {type(v).__name__}"
+        bad = [x for x in v if not isinstance(x, kind) or isinstance(x, bool) or (low is not None and x < low)]
+        return f"has invalid entries {bad} (each must be {kind.__name__}{f' >= {low}' if low is not None else ''})" if bad else None
+    return rule
+
+
+def fractions(v) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v:
+        return "must be None or a non-empty list of fractions in (0, 1]"
+    bad = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1]
+    return f"has entries outside (0, 1]: {bad}" if bad else None
+
+
+def thresholds(v) -> str | None:
+    ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+    return None if ok and 0 <= v[0] <= v[1] <= 1 else "must be two numbers [low, high] with 0 <= low <= high <= 1"
+
+
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def shard(v) -> str | None:
+    """'' (everything, or merge the shards) or 'i/n' with 1 <= i <= n."""
+    if v in ("", None):
+        return None
+    m = _SHARD.fullmatch(str(v))
+    if m and 1 <= int(m.group(1)) <= int(m.group(2)):
+        return None
+    return "must be '' or 'i/n' with 1 <= i <= n (e.g. '2/4'; SLURM: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
+
+
+def device(v) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(v)) else "must be auto, cpu, cuda, cuda:<n> or mps"
+
+
+def model_spec(v) -> str | None:
+    """random:<arch>, bundled:<name>, a local model folder (with config.json) or a Hugging Face id org/name."""
+    v = str(v)
+    if v.startswith("random:"):
+        arch = v.split(":", 1)[1]
+        return None if arch in RANDOM_ARCHS else f"random:{arch} is not a tiny test model; use one of " \
+                                                   f"{[f'random:{a}' for a in RANDOM_ARCHS]}"
+    if v.startswith("bundled:"):
+        name = v.split(":", 1)[1]
+        return None if name in BUNDLED_MODELS else f"bundled:{name} is unknown; use one of " \
+                                                    f"{[f'bundled:{n}' for n in BUNDLED_MODELS]}"
+    folder = Path(v).expanduser()
+    folder = folder if folder.is_absolute() else REPO_ROOT / folder      # notebooks run in the repository root
+    if folder.is_dir():
+        return None if (folder / "config.json").is_file() else \
+            f"folder {v!r} is not a model (no config.json); give a model folder, an org/name Hugging Face id, " \
+            f"bundled:... or random:<arch>"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+        return None
+    return "must be a Hugging Face id (org/name), a local model folder, bundled:<name> or random:<arch>"
+
+
+# ----------------------------------------------------------------------------- declarations
+
+SHARED: dict[str, Rule] = {
+    "model": model_spec, "dtype": one_of(*DTYPES), "device": device, "seed": at_least(0), "shard": shard,
+    "batch_size": at_least(1),
+}
+
+CONSTRAINTS: dict[str, dict[str, Rule]] = {
+    "01_extract_activations": {"n_prompts": at_least(1), "n_tokens": at_least(1), "n_single_check": at_least(0),
+                               "revisions": list_of(str, optional=False)},
+    "02_phiid": {"modes": subset_of(*PHIID_MODES), "tau": at_least(1), "redundancy": one_of("MMI", "CCS"),
+                 "backend": one_of("numpy", "torch"), "tags": list_of(str)},
+    "03_phiid_diagnostics": {"mode": one_of(*PHIID_MODES), "lag": at_least(1), "hexbin_gridsize": at_least(1)},
+    "04_ranking_variants": {"n_splits": at_least(1), "n_surrogates": at_least(0), "n_bootstrap": at_least(0),
+                            "tau": at_least(1), "redundancy": one_of("MMI", "CCS"), "n_jobs": at_least(1)},
+    "05_ablation": {"n_random": at_least(0), "step_size": at_least(1, optional=True), "fractions": fractions,
+                    "n_prompts": at_least(1, optional=True), "perturbation": one_of("zero", "noise"),
+                    "noise_sigma": above(0), "n_bootstrap": at_least(0)},
+    "06_neuron_effects": {"n_prompts": at_least(1), "selector": one_of("top_activation", "random"),
+                          "n_neurons": at_least(1), "layers": list_of(int, low=0), "mode": one_of("add", "ablate"),
+                          "activation_scale": one_of("actual", "mean", "unit"), "thresholds": thresholds,
+                          "topk": at_least(1), "n_check": at_least(0)},
+    "07_qkov_interference": {"sample_source": one_of("auto", "activations", "generate", "texts"),
+                             "max_samples": at_least(0), "max_continuation_tokens": at_least(0),
+                             "n_new_tokens": at_least(1), "min_samples_for_fisher": at_least(1), "eps": above(0),
+                             "ridge": at_least(0.0), "variants": subset_of("magnitude", "signed", "symmetric", "pooled"),
+                             "grad_method": one_of("hooks", "vmap", "loop"), "num_threads": at_least(0),
+                             "top_k": at_least(1)},
+}
+
+
+def declare(notebook: str, rules: dict[str, Rule]) -> None:
+    """Add (or extend) a notebook's value rules; called by the module that owns the notebook."""
+    CONSTRAINTS.setdefault(notebook, {}).update(rules)
+
+
+def _late_rules(notebook: str) -> dict[str, Rule]:
+    """Rules whose allowed names live in a library module (imported only when the notebook is checked)."""
+    if notebook == "04_ranking_variants":
+        from lib.ranking import VARIANTS
+        return {"variants": subset_of(*VARIANTS)}
+    if notebook == "05_ablation":
+        return {"variants": list_of(str, optional=False)}
+    return {}
+
+
+def problems(notebook: str, params: dict) -> list[str]:
+    """Every value problem of `params` for `notebook`, one message each (empty when all is fine)."""
+    rules = {**SHARED, **CONSTRAINTS.get(notebook, {}), **_late_rules(notebook)}
+    found = []
+    for key, value in params.items():
+        rule = rules.get(key)
+        if rule is None:
+            continue
+        try:
+            why = rule(value)
+        except TypeError:
+            why = f"has the wrong type ({type(value).__name__})"
+        if why:
+            found.append(f"{notebook}: {key}={value!r} {why}")
+    if notebook == "05_ablation" and params.get("step_size") is not None and params.get("fractions") is not None:
+        found.append(f"{notebook}: give either step_size or fractions, not both (set the other to None)")
+    return found
+
+
+def validate(notebook: str, params: dict) -> None:
+    """Raise ParamsValueError listing every problem (one line each); call before anything is loaded or written."""
+    found = problems(notebook, params)
+    if found:
+        raise ParamsValueError("; ".join(found))
