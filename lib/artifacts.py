@@ -136,6 +136,18 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)"),
     Artifact("interference_summary", "interference_summary.csv", "07_qkov_interference",
              "interference per block and variant"),
+    Artifact("topology", "topology.json", "08_topology",
+             "efficiency and modularity of the synergy and redundancy networks, threshold sweep, strength-"
+             "preserving null, modules vs layers, per tag; the C4 claim block", {
+                 "tags": _k("object", doc="per tag (trained, random_init, rev-...): measures, null bands, z-scores"),
+                 "claim": _k("object", doc="claim C4 in the claims scorecard's shape"),
+             }),
+    Artifact("modules", "modules.csv", "08_topology",
+             "Louvain module of every head in each network (full and top 10%), its layer and strength", {
+                 "head_idx": _k("int", "heads"), "layer": _k("int", "heads"), "head": _k("int", "heads"),
+                 "module": _k("int", "heads"), "module_top": _k("int", "heads"),
+                 "strength": _k("float", "heads"),
+             }),
     Artifact("behaviour", "behaviour.csv", "09_task_behaviour",
              "task accuracy per perturbation condition: Clopper-Pearson CI, McNemar vs random, percentile", {
                  "condition": _k("str", "conditions"), "kind": _k("str", "conditions"),

@@ -1,0 +1,682 @@
+"""Network topology of synergy and redundancy (the paper's Fig 3b-c): notebook 08.
+
+The pairwise PhiID atoms `sts` (synergy) and `rtr` (redundancy) are the weights of two undirected weighted networks
+over heads: W_ij = mean of atom[i, j] and atom[j, i] over the directions that are defined (both directions are
+relabellings of one pair), negatives clipped to 0, diagonal 0; a pair undefined in both directions has no edge.
+
+Measures (each on the full network and on the strongest p of all pairs, p in `thresholds`):
+  efficiency   weighted global efficiency exactly as the Brain Connectivity Toolbox's `efficiency_wei`
+               (Rubinov & Sporns 2010): lengths 1 / w on W / max(W), the mean over ordered pairs of 1 / shortest
+               path length (0 for unreachable pairs). Shortest paths with scipy.sparse.csgraph (Dijkstra, C code)
+               on a pruned graph: an edge longer than a path already found between its ends lies on no shortest
+               path, so dropping it changes no distance (exact, and sparse for near-complete networks).
+  modularity   Louvain (gamma 1): the best Q over `n_louvain` random node orders, with its module assignment.
+               The local-moving phase runs many orders (and many networks) at once as one batch of numpy arrays;
+               the result is checked against bctpy's `community_louvain` and networkx's `louvain_communities`.
+  threshold    `threshold_proportional` keeps the round(p * n (n - 1) / 2) strongest pairs, as bctpy's
+               function of that name.
+
+Null (beyond the paper): `n_null` randomised networks that keep the weight distribution exactly and every node's
+strength to within `STRENGTH_TOL` (max relative error reported). The equivalent of bctpy's
+`null_model_und_sign` for these networks, vectorised: that function rewires edges keeping degrees (which moves
+nothing in a complete graph, the usual case here) and then reassigns the sorted weights to approximate the
+strengths, one Python step per edge. Here: the weights of the unordered pairs are shuffled (isolated nodes stay
+isolated), then alternately (a) scaled as W_ij x_i x_j so every strength is exact (symmetric Sinkhorn iteration)
+and (b) replaced rank for rank by the original weights (the exact distribution), until the strengths are within
+the tolerance after (b). Degrees are not kept when some pairs have zero weight.
+From the null: z-scores (observed - null mean) / null sd, one-sided empirical p-values (1 + #{null as extreme}) /
+(1 + n_null), and the syn-minus-red difference of efficiency (and red-minus-syn of modularity) against the same
+difference between the null networks (its 2.5 / 97.5 percentiles).
+
+Modules vs layers: normalised mutual information 2 I(M; B) / (H(M) + H(B)) between the module assignment and
+`n_bands` contiguous layer bands, against the same NMI for the null networks' modules. Node strength by layer.
+Every tag of the phiid files (trained "", "random_init", checkpoints "rev-...") gets the same measures.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
+
+from lib.store import ArtifactError
+
+NETWORKS = {"syn": "sts", "red": "rtr"}          # network name -> PhiID atom
+THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 1.0)          # fractions of all pairs kept, strongest first
+DRAW_FRACTION = 0.1                              # the Fig 3b drawing: top 10% of pairs
+STRENGTH_TOL = 0.01                              # null strengths within 1% of the observed ones
+_PRUNE_NEIGHBOURS = 12                           # shortest edges per node in the first (upper-bound) graph
+
+
+class TopologyError(ArtifactError):
+    """Bad input to the topology analysis (raised before anything is written)."""
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+def pair_weights(atom: np.ndarray, degenerate: np.ndarray) -> np.ndarray:
+    """[heads, heads] ordered-pair atom values and degenerate mask -> [heads, heads] symmetric weights W:
+    the mean over the defined directions of each unordered pair, negatives clipped to 0, diagonal 0."""
+    values = np.where(degenerate | ~np.isfinite(atom), np.nan, atom).astype(np.float64)
+    both = np.stack([values, values.T])
+    defined = np.isfinite(both).sum(0)
+    total = np.nansum(both, axis=0)
+    W = np.divide(total, defined, out=np.zeros_like(total), where=defined > 0)
+    W = np.clip(W, 0.0, None)
+    np.fill_diagonal(W, 0.0)
+    return W
+
+
+def check_network(W: np.ndarray, name: str) -> None:
+    """A network must have at least one positive weight."""
+    if not np.any(W > 0):
+        raise TopologyError(f"the {name} network has no positive weight (every pair is undefined, negative or 0): "
+                            f"there is nothing to measure; check the PhiID file (notebook 02) of this run")
+
+
+def check_threshold(p) -> float:
+    if not isinstance(p, (int, float, np.floating)) or isinstance(p, bool) or not 0 < float(p) <= 1:
+        raise TopologyError(f"threshold {p!r} is outside (0, 1]: give the fraction of pairs to keep, e.g. 0.1 "
+                            f"for the strongest 10% (1.0 = the full network)")
+    return float(p)
+
+
+def threshold_proportional(W: np.ndarray, p: float) -> np.ndarray:
+    """[n, n] symmetric -> copy keeping the round(p n (n - 1) / 2) strongest positive pairs (bctpy
+    threshold_proportional: half-up rounding, ties in stable order of the upper triangle)."""
+    p = check_threshold(p)
+    n = len(W)
+    i, j = np.triu_indices(n, 1)
+    w = W[i, j]
+    pos = np.flatnonzero(w > 0)
+    keep = int(np.floor(n * (n - 1) / 2 * p + 0.5))
+    order = pos[np.argsort(-w[pos], kind="stable")][:keep]
+    out = np.zeros_like(W)
+    out[i[order], j[order]] = w[order]
+    return out + out.T
+
+
+# ------------------------------------------------------------------------------------------------- efficiency
+
+def _lengths(W: np.ndarray) -> np.ndarray:
+    """[n, n] weights -> connection lengths max(W) / W (0 where there is no edge, as csgraph reads it)."""
+    L = np.zeros_like(W, dtype=np.float64)
+    pos = W > 0
+    L[pos] = W.max() / W[pos]
+    return L
+
+
+def _upper_bound_graph(L: np.ndarray, k: int) -> sparse.csr_matrix:
+    """Each node's k shortest edges (union over both ends) as a sparse graph."""
+    n = len(L)
+    masked = np.where(L > 0, L, np.inf)
+    nearest = np.argpartition(masked, k - 1, axis=1)[:, :k]
+    rows = np.repeat(np.arange(n), k)
+    cols = nearest.ravel()
+    vals = L[rows, cols]
+    ok = vals > 0
+    return sparse.csr_matrix((vals[ok], (rows[ok], cols[ok])), shape=(n, n))
+
+
+def shortest_paths(L: np.ndarray) -> np.ndarray:
+    """[n, n] symmetric lengths (0 = no edge) -> [n, n] shortest path lengths (inf if unreachable), exact.
+    Distances D_k on each node's shortest edges bound the true ones from above; an edge longer than D_k of its
+    ends is on no shortest path and is dropped before the final Dijkstra."""
+    n = len(L)
+    if n <= _PRUNE_NEIGHBOURS + 1:
+        return csgraph.dijkstra(sparse.csr_matrix(L), directed=False)
+    bound = csgraph.dijkstra(_upper_bound_graph(L, _PRUNE_NEIGHBOURS), directed=False)
+    useful = (L > 0) & (L <= bound * (1 + 1e-12))
+    return csgraph.dijkstra(sparse.csr_matrix(np.where(useful, L, 0.0)), directed=False)
+
+
+def global_efficiency(W: np.ndarray) -> float:
+    """Weighted global efficiency of an undirected network, as bctpy efficiency_wei(W / max(W)):
+    mean over ordered pairs i != j of 1 / d_ij, d on lengths 1 / w (unreachable pairs count 0)."""
+    n = len(W)
+    if n < 2 or not np.any(W > 0):
+        return 0.0
+    D = shortest_paths(_lengths(W))
+    np.fill_diagonal(D, np.inf)
+    return float((1.0 / D).sum() / (n * n - n))
+
+
+# ------------------------------------------------------------------------------------------------- modularity
+
+def modularity(W: np.ndarray, labels: np.ndarray, gamma: float = 1.0) -> float:
+    """Newman's weighted modularity Q = sum_c [W_in(c) / 2m - gamma (K_c / 2m)^2] of a partition.
+    W [n, n] symmetric, labels [n] module of each node."""
+    two_m = W.sum()
+    same = labels[:, None] == labels[None, :]
+    K = np.bincount(np.unique(labels, return_inverse=True)[1], weights=W.sum(1))
+    return float(W[same].sum() / two_m - gamma * (K ** 2).sum() / two_m ** 2)
+
+
+def _local_moving(W, k, two_m, graph_of, labels, orders, gamma):
+    """Louvain local moving for B instances at once, each visiting nodes in its own order until a full pass moves
+    no node. W [G, n, n] (self loops allowed), k [G, n] strengths, two_m [G]; graph_of [B] the graph of each
+    instance; labels [B, n] start modules (ints < n), orders [B, n] -> labels [B, n] (updated in place)."""
+    active = np.arange(len(labels))
+    while active.size:
+        moved = _one_pass(W, k, two_m, graph_of[active], labels, active, orders[active], gamma)
+        active = active[moved]
+    return labels
+
+
+def _one_pass(W, k, two_m, graphs, labels, which, orders, gamma):
+    """One pass of every node for the instances `which` (rows of labels) -> [len(which)] bool: any node moved."""
+    B, n = orders.shape
+    rows = np.arange(B)
+    offset = (rows * n)[:, None]
+    lab = labels[which]
+    kk, diag = k[graphs], np.diagonal(W, axis1=1, axis2=2)[graphs]
+    tot = np.bincount((offset + lab).ravel(), weights=kk.ravel(), minlength=B * n).reshape(B, n)
+    scale, tol = gamma / two_m[graphs], 1e-12 * two_m[graphs]
+    moved = np.zeros(B, bool)
+    for t in range(n):
+        i = orders[:, t]
+        a = lab[rows, i]
+        ki = kk[rows, i]
+        kic = np.bincount((offset + lab).ravel(), weights=W[graphs, i].ravel(), minlength=B * n).reshape(B, n)
+        kic[rows, a] -= diag[rows, i]
+        tot[rows, a] -= ki
+        gain = kic - tot * (scale * ki)[:, None]
+        best = gain.argmax(1)
+        new = np.where(gain[rows, best] > gain[rows, a] + tol, best, a)
+        tot[rows, new] += ki
+        lab[rows, i] = new
+        moved |= new != a
+    labels[which] = lab
+    return moved
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """[B, n] module ids -> the same partition with ids 0..C_b - 1 per row (in order of first appearance)."""
+    out = np.empty_like(labels)
+    for b, row in enumerate(labels):
+        _, first, inverse = np.unique(row, return_index=True, return_inverse=True)
+        out[b] = np.argsort(np.argsort(first))[inverse]
+    return out
+
+
+def _aggregate(W: np.ndarray, labels: np.ndarray, size: int) -> np.ndarray:
+    """[n, n] graph and compact labels [n] -> [size, size] module graph H^T W H (zero-padded)."""
+    H = np.zeros((len(labels), size))
+    H[np.arange(len(labels)), labels] = 1.0
+    return H.T @ (W @ H)
+
+
+def _levels(Ws, graph_of, rng, gamma):
+    """Multilevel Louvain for instances on graphs Ws [G, n, n] -> (membership [B, n], Q [B])."""
+    B, n = len(graph_of), Ws.shape[1]
+    k = Ws.sum(2)
+    two_m = k.sum(1)
+    graphs, g_of, g_two_m = Ws, graph_of, two_m
+    membership = np.tile(np.arange(n), (B, 1))
+    while True:
+        size = graphs.shape[1]
+        labels = np.tile(np.arange(size), (B, 1))
+        orders = np.argsort(rng.random((B, size)), axis=1)
+        labels = _compact(_local_moving(graphs, graphs.sum(2), g_two_m, g_of, labels, orders, gamma))
+        membership = np.take_along_axis(labels, membership, axis=1)
+        n_modules = labels.max(1) + 1
+        top = int(n_modules.max())
+        graphs = np.stack([_aggregate(graphs[g_of[b]], labels[b], top) for b in range(B)])
+        g_of, g_two_m = np.arange(B), two_m[graph_of]
+        if top == size:
+            break
+    trace = np.trace(graphs, axis1=1, axis2=2)
+    q = trace / g_two_m - gamma * (graphs.sum(2) ** 2).sum(1) / g_two_m ** 2
+    return membership, q
+
+
+def louvain_batch(Ws: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0):
+    """Best-of-n_seeds Louvain for each of G networks. Ws [G, n, n] symmetric non-negative ->
+    (modules [G, n] of the best run, Q [G] its modularity, Q_all [G, n_seeds] every run's modularity)."""
+    rng = np.random.default_rng(seed)
+    G = len(Ws)
+    graph_of = np.repeat(np.arange(G), n_seeds)
+    membership, q = _levels(np.asarray(Ws, np.float64), graph_of, rng, gamma)
+    q_all = q.reshape(G, n_seeds)
+    best = q_all.argmax(1)
+    modules = membership.reshape(G, n_seeds, -1)[np.arange(G), best]
+    return _compact(modules), q_all.max(1), q_all
+
+
+def louvain(W: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0):
+    """Best-of-n_seeds Louvain of one network W [n, n] -> (modules [n], Q)."""
+    modules, q, _ = louvain_batch(W[None], n_seeds, seed, gamma)
+    return modules[0], float(q[0])
+
+
+# ------------------------------------------------------------------------------------------------------- null
+
+def _sinkhorn(W: np.ndarray, s: np.ndarray, iters: int = 200, rtol: float = 1e-10) -> np.ndarray:
+    """Symmetric scaling W_ij x_i x_j whose row sums are s (nodes with s = 0 get x = 0)."""
+    x = np.where(s > 0, 1.0, 0.0)
+    for _ in range(iters):
+        row = W @ x
+        x = np.sqrt(x * np.divide(s, row, out=np.zeros_like(s), where=row > 0))
+        if np.max(np.abs(x * (W @ x) - s)) <= rtol * s.max():
+            break
+    return W * x[:, None] * x[None, :]
+
+
+def strength_error(W0: np.ndarray, W1: np.ndarray) -> float:
+    """Max relative difference of node strengths, over nodes with positive strength in W0."""
+    s0, s1 = W0.sum(1), W1.sum(1)
+    pos = s0 > 0
+    return float(np.max(np.abs(s1[pos] - s0[pos]) / s0[pos])) if pos.any() else 0.0
+
+
+def _swap_gains(r, inv_s, a, b, x, y, d):
+    """Change of sum((strength error / strength)^2) when edges (a, b) [m] and (x, y) [E] swap weights
+    (d [m, E] = weight(x, y) - weight(a, b)); edges sharing a node are excluded (inf)."""
+    def change(node, delta):
+        return (r[node] + delta * inv_s[node]) ** 2 - r[node] ** 2
+    total = change(a[:, None], d) + change(b[:, None], d) + change(x[None, :], -d) + change(y[None, :], -d)
+    shared = (x[None, :] == a[:, None]) | (x[None, :] == b[:, None]) | (y[None, :] == a[:, None]) | \
+             (y[None, :] == b[:, None])
+    return np.where(shared, np.inf, total)
+
+
+def _refine_by_swaps(w, i, j, s, tol, rng, max_steps, candidates=16, partners=4096):
+    """Greedy weight swaps between edges (keeps the distribution) that shrink the largest relative strength
+    error: the worst node's edges (a random `candidates` of them) against `partners` random edges. w [E] edge weights, i, j
+    [E] their ends, s [n] target strengths -> w (updated in place)."""
+    inv_s = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
+    r = (np.bincount(i, w, len(s)) + np.bincount(j, w, len(s)) - s) * inv_s
+    failures = 0
+    for _ in range(max_steps):
+        u = int(np.argmax(np.abs(r)))
+        if abs(r[u]) <= tol:
+            break
+        mine = np.flatnonzero((i == u) | (j == u))
+        mine = rng.choice(mine, min(candidates, mine.size), replace=False)
+        other = rng.choice(w.size, min(partners, w.size), replace=False)
+        gains = _swap_gains(r, inv_s, i[mine], j[mine], i[other], j[other], w[None, other] - w[mine, None])
+        k, best = np.unravel_index(np.argmin(gains), gains.shape)
+        if not gains[k, best] < -1e-15:
+            failures += 1
+            if failures > 20:
+                break
+            continue
+        failures = 0
+        e1, e2 = mine[k], other[best]
+        d = w[e2] - w[e1]
+        w[e1], w[e2] = w[e2], w[e1]
+        for node, delta in ((i[e1], d), (j[e1], d), (i[e2], -d), (j[e2], -d)):
+            r[node] += delta * inv_s[node]
+    return w
+
+
+def _alternate(null, s, values, i, j, W, tol, max_rounds):
+    """Alternate exact-strength scaling and exact-distribution rank replacement -> (null, error)."""
+    error = strength_error(W, null)
+    for _ in range(max_rounds):
+        if error <= tol:
+            break
+        ranks = np.argsort(_sinkhorn(null, s)[i, j])
+        null = np.zeros_like(W)
+        null[i[ranks], j[ranks]] = values
+        null = null + null.T
+        previous, error = error, strength_error(W, null)
+        if error >= previous * 0.999:
+            break
+    return null, error
+
+
+def strength_null(W: np.ndarray, rng, tol: float = STRENGTH_TOL / 2, max_rounds: int = 30):
+    """One randomised network keeping the weight distribution of W [n, n] exactly and its node strengths within
+    `tol` when reachable (alternating Sinkhorn scaling and rank-for-rank weight replacement, then greedy weight
+    swaps, see the module doc) -> (null [n, n], max relative strength error)."""
+    s = W.sum(1)
+    live = np.flatnonzero(s > 0)
+    i, j = np.triu_indices(len(live), 1)
+    i, j = live[i], live[j]
+    values = np.sort(W[i, j])
+    null = np.zeros_like(W)
+    null[i, j] = rng.permutation(values)
+    null, error = _alternate(null + null.T, s, values, i, j, W, tol, max_rounds)
+    if error > tol:
+        w = _refine_by_swaps(null[i, j].copy(), i, j, s, tol, rng, max_steps=min(20 * len(live), 2000))
+        null = np.zeros_like(W)
+        null[i, j] = w
+        null, error = null + null.T, strength_error(W, null + null.T)
+    return null, error
+
+
+# ---------------------------------------------------------------------------------------------- modules/layers
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information 2 I(a; b) / (H(a) + H(b)) of two labelings [n] (1 when both are one
+    block)."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1.0)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1), p.sum(0)
+
+    def entropy(q):
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+    ha, hb = entropy(pa), entropy(pb)
+    if ha + hb == 0:
+        return 1.0
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
+    return 2 * mi / (ha + hb)
+
+
+def layer_bands(head_layer: np.ndarray, n_bands: int) -> np.ndarray:
+    """[heads] layer of each head -> [heads] band 0..n_bands-1 of contiguous, equally wide layer ranges."""
+    n_layers = int(head_layer.max()) + 1
+    return np.minimum(head_layer * n_bands // n_layers, n_bands - 1)
+
+
+def strength_by_layer(W: np.ndarray, head_layer: np.ndarray):
+    """Mean node strength (nats, summed over a head's pairs) per layer with a normal 95% CI over its heads ->
+    DataFrame layer, heads, strength, ci_lo, ci_hi."""
+    import pandas as pd
+    s = W.sum(1)
+    rows = []
+    for layer in np.unique(head_layer):
+        v = s[head_layer == layer]
+        half = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.nan
+        rows.append({"layer": int(layer), "heads": len(v), "strength": float(v.mean()),
+                     "ci_lo": float(v.mean() - half), "ci_hi": float(v.mean() + half)})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ one network
+
+def check_settings(thresholds, n_louvain, n_null, n_bands) -> tuple[float, ...]:
+    """Validate the analysis settings -> thresholds as floats (TopologyError naming the bad one)."""
+    thresholds = tuple(check_threshold(p) for p in thresholds)
+    if not thresholds:
+        raise TopologyError("thresholds is empty: give at least one fraction of pairs, e.g. [0.1, 1.0]")
+    for name, value, low in (("n_null", n_null, 0), ("n_louvain", n_louvain, 1), ("n_bands", n_bands, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise TopologyError(f"{name} = {value!r}: it must be an integer >= {low}")
+    return thresholds
+
+
+def observed_measures(W: np.ndarray, thresholds, n_louvain: int, seed) -> tuple[list[dict], np.ndarray]:
+    """Efficiency and best-of-n_louvain modularity of W [n, n] kept at each threshold ->
+    (rows threshold, edges, efficiency, modularity, modularity_sd_over_seeds, n_modules; modules [thresholds, n])."""
+    nets = np.stack([threshold_proportional(W, p) for p in thresholds])
+    modules, q, q_all = louvain_batch(nets, n_louvain, seed)
+    rows = [{"threshold": p, "edges": int((np.triu(net, 1) > 0).sum()), "efficiency": global_efficiency(net),
+             "modularity": float(q[t]), "modularity_sd_over_seeds": float(q_all[t].std()),
+             "n_modules": int(modules[t].max() + 1)}
+            for t, (p, net) in enumerate(zip(thresholds, nets))]
+    return rows, modules
+
+
+def null_measures(W: np.ndarray, n_null: int, n_louvain: int, seed, bands, chunk: int = 8, progress=None):
+    """Efficiency, modularity and module-band NMI of n_null strength-preserving nulls of W ->
+    dict of [n_null] arrays: efficiency, modularity, nmi_layers, strength_error."""
+    seeds = np.random.SeedSequence(seed).spawn(n_null)
+    out = {k: np.zeros(n_null) for k in ("efficiency", "modularity", "nmi_layers", "strength_error")}
+    for start in range(0, n_null, chunk):
+        ks = range(start, min(start + chunk, n_null))
+        nulls = []
+        for k in ks:
+            null, out["strength_error"][k] = strength_null(W, np.random.default_rng(seeds[k]))
+            out["efficiency"][k] = global_efficiency(null)
+            nulls.append(null)
+        modules, q, _ = louvain_batch(np.stack(nulls), n_louvain, seeds[start])
+        out["modularity"][list(ks)] = q
+        out["nmi_layers"][list(ks)] = [nmi(m, bands) for m in modules]
+        if progress is not None:
+            progress.update(len(ks))
+    return out
+
+
+def band(values) -> dict:
+    """Summary of null values [n]: mean, sd, 2.5 / 97.5 percentiles (None when there are none)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return {"mean": None, "sd": None, "ci95": None, "n": 0}
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else None,
+            "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))], "n": int(values.size)}
+
+
+def versus_null(observed: float, null_values, direction: str = "greater") -> dict:
+    """observed against its null [n]: z = (observed - mean) / sd, one-sided empirical p (1 + #{null at least as
+    extreme}) / (1 + n), and the null band."""
+    null_values = np.asarray(null_values, np.float64)
+    summary = {"observed": float(observed), "null": band(null_values), "z": None, "p": None}
+    if null_values.size:
+        extreme = null_values >= observed if direction == "greater" else null_values <= observed
+        summary["p"] = float((1 + extreme.sum()) / (1 + null_values.size))
+        sd = summary["null"]["sd"]
+        summary["z"] = float((observed - null_values.mean()) / sd) if sd else None
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+def _scalar(data: dict, key: str):
+    return np.asarray(data[key]).item() if key in data else None
+
+
+def _fix(mode: str) -> str:
+    return (f"rerun 02_phiid on this run (python -m lib.run --params <run>.yaml --only 02_phiid --force) so that "
+            f"phiid_{mode}*.npz come from this run's activations")
+
+
+def _check_provenance(ph: dict, out_dir, mode: str, tag: str, name: str) -> None:
+    """The phiid file must be this mode's, computed from this tag's activations file of this run."""
+    from lib import artifacts
+    if _scalar(ph, "mode") not in (None, mode):
+        raise TopologyError(f"{name} holds PhiID of mode {_scalar(ph, 'mode')!r}, not {mode!r}: {_fix(mode)}")
+    expected = artifacts.path("activations", out_dir, tag=tag)
+    source = _scalar(ph, "activations_file")
+    if source is not None and source != expected.name:
+        raise TopologyError(f"{name} was computed from {source!r}, not {expected.name!r}: it is a file of another "
+                            f"run or tag; {_fix(mode)}")
+    if expected.exists():
+        acts = artifacts.load("activations", out_dir, tag=tag, keys=["head_layer", "head_index", "model"])
+        for key in ("head_layer", "head_index"):
+            if not np.array_equal(acts[key], ph[key]):
+                raise TopologyError(f"{name} and {expected.name} have different {key}: {_fix(mode)}")
+        a, p = _scalar(acts, "model"), _scalar(ph, "model")
+        if a is not None and p is not None and a != p:
+            raise TopologyError(f"{name} was computed for model {p!r} but {expected.name} holds {a!r}: {_fix(mode)}")
+
+
+def load_networks(out_dir, mode: str = "per_prompt", tag: str = "") -> dict:
+    """The syn and red networks of one phiid file -> dict: syn, red [heads, heads] weights, head_layer,
+    head_index [heads], file, undefined_pairs. TopologyError when the file is of another run or defines no pair."""
+    from lib import artifacts
+    name = artifacts.path("phiid", out_dir, tag=tag, mode=mode).name
+    keys = ["sts", "rtr", "degenerate", "head_layer", "head_index", "mode", "activations_file", "model"]
+    ph = artifacts.load("phiid", out_dir, tag=tag, keys=keys, mode=mode)
+    _check_provenance(ph, out_dir, mode, tag, name)
+    n = len(ph["head_layer"])
+    off = ~np.eye(n, dtype=bool)
+    undefined = ph["degenerate"] | ~np.isfinite(ph["sts"]) | ~np.isfinite(ph["rtr"])
+    if n < 2 or undefined[off].all():
+        raise TopologyError(f"{name}: every head pair is undefined (degenerate), so there is no network: check the "
+                            f"activations (constant or copied heads) and rerun 01 and 02")
+    nets = {net: pair_weights(ph[atom], undefined) for net, atom in NETWORKS.items()}
+    for net, W in nets.items():
+        check_network(W, f"{net} ({NETWORKS[net]}, {name})")
+    return {**nets, "head_layer": ph["head_layer"].astype(int), "head_index": ph["head_index"].astype(int),
+            "file": name, "undefined_pairs": int((undefined & undefined.T)[off].sum() // 2)}
+
+
+def load_all(out_dir, mode: str, baselines: bool = True) -> dict:
+    """Networks of the trained model (tag "") and, with baselines, of every other phiid tag -> {tag: networks}."""
+    from lib import artifacts
+    found = artifacts.tags("phiid", out_dir, mode=mode)
+    if "" not in found:
+        artifacts.load("phiid", out_dir, mode=mode, keys=["mode"])      # raises the missing-artifact error
+    inputs = {tag: load_networks(out_dir, mode, tag) for tag in (found if baselines else [""])}
+    ref = inputs[""]
+    for tag, nets in inputs.items():
+        if not np.array_equal(nets["head_layer"], ref["head_layer"]):
+            raise TopologyError(f"{nets['file']} has another head map than {ref['file']}: {_fix(mode)}")
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------------ the analysis
+
+def analysis_thresholds(thresholds) -> tuple[float, ...]:
+    """The sweep plus the full network (the claim, the null) and the drawn top fraction, ascending."""
+    return tuple(sorted(set(thresholds) | {1.0, DRAW_FRACTION}))
+
+
+def analyse_network(W, head_layer, thresholds, n_louvain, n_null, n_bands, seed, progress=None) -> dict:
+    """Every measure of one network W [heads, heads]: the sweep, modules, null comparison of the full network."""
+    rows, modules = observed_measures(W, thresholds, n_louvain, seed)
+    bands = layer_bands(head_layer, n_bands)
+    full = thresholds.index(1.0)
+    null = null_measures(W, n_null, n_louvain, [*np.atleast_1d(seed), 1], bands, progress=progress)
+    nmi_obs = nmi(modules[full], bands)
+    return {
+        "sweep": rows, "modules": modules[full], "modules_top": modules[thresholds.index(DRAW_FRACTION)],
+        "strength": W.sum(1),
+        "efficiency": versus_null(rows[full]["efficiency"], null["efficiency"]),
+        "modularity": versus_null(rows[full]["modularity"], null["modularity"]),
+        "nmi_layers": versus_null(nmi_obs, null["nmi_layers"]),
+        "null_values": null,
+        "null_strength_error_max": float(null["strength_error"].max()) if n_null else None,
+    }
+
+
+def _difference(a: dict, b: dict, measure: str) -> dict:
+    """measure(a) - measure(b) against the same difference between their null networks (paired by index)."""
+    obs = a[measure]["observed"] - b[measure]["observed"]
+    null = a["null_values"][measure] - b["null_values"][measure]
+    return versus_null(obs, null, "greater")
+
+
+def analyse_tag(nets: dict, thresholds, n_louvain, n_null, n_bands, seed, progress=None) -> dict:
+    """Both networks of one tag and their differences: efficiency syn - red, modularity red - syn."""
+    out = {net: analyse_network(nets[net], nets["head_layer"], thresholds, n_louvain, n_null, n_bands,
+                                [*seed, k], progress) for k, net in enumerate(NETWORKS)}
+    out["efficiency_syn_minus_red"] = _difference(out["syn"], out["red"], "efficiency")
+    out["modularity_red_minus_syn"] = _difference(out["red"], out["syn"], "modularity")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+
+PAPER_TEXT = ("Gemma-3-4B efficiency syn 0.052 vs red 0.007, modularity syn 0.030 vs red 0.100; Qwen-3-8B "
+              "efficiency 0.048 vs 0.007, modularity 0.033 vs 0.058 (text of the paper, Fig 3c)")
+NULL_NAME = "strength-preserving randomised networks (weight distribution exact, node strengths within 1%)"
+
+
+def _json_network(r: dict) -> dict:
+    keep = ("efficiency", "modularity", "nmi_layers")
+    return {**{k: r[k] for k in keep}, "sweep": r["sweep"], "n_modules": int(r["modules"].max() + 1),
+            "null_strength_error_max": r["null_strength_error_max"],
+            "null_values": {k: v.tolist() for k, v in r["null_values"].items()}}
+
+
+def _json_tag(nets: dict, r: dict) -> dict:
+    return {"file": nets["file"], "n_heads": len(nets["head_layer"]), "undefined_pairs": nets["undefined_pairs"],
+            "syn": _json_network(r["syn"]), "red": _json_network(r["red"]),
+            "efficiency_syn_minus_red": r["efficiency_syn_minus_red"],
+            "modularity_red_minus_syn": r["modularity_red_minus_syn"]}
+
+
+def _claim_numbers(t: dict) -> dict:
+    """The C4 numbers of one tag: both differences with null bands, the four z-scores."""
+    return {"efficiency_syn_minus_red": t["efficiency_syn_minus_red"],
+            "modularity_red_minus_syn": t["modularity_red_minus_syn"],
+            "z": {f"{m}_{net}": t[net][m]["z"] for net in NETWORKS for m in ("efficiency", "modularity")},
+            "observed": {f"{m}_{net}": t[net][m]["observed"] for net in NETWORKS for m in ("efficiency", "modularity")}}
+
+
+def claim_block(per_tag: dict, n_null: int) -> dict:
+    """Claim C4 (the claims scorecard's shape): efficiency(syn) - efficiency(red) of the trained model's full
+    networks against the same difference between strength-preserving nulls; direction "greater"."""
+    trained = per_tag[""]
+    diff = trained["efficiency_syn_minus_red"]
+    null = diff["null"]
+    details = {"trained": _claim_numbers(trained), "n_null": n_null,
+               "ci_note": "no CI of the observed difference: the PhiID file holds one value per pair (means over "
+                          "prompts); the uncertainty shown is the null band",
+               "baselines": {tag: _claim_numbers(t) for tag, t in per_tag.items() if tag}}
+    return {"id": "C4", "statistic": "global efficiency (bctpy efficiency_wei on W / max W) of the synergistic "
+                                     "minus the redundant network, full weighted networks (unitless)",
+            "value": diff["observed"], "ci95": None,
+            "null": {"name": f"the same difference between {NULL_NAME}, n = {n_null}", "value": null["mean"],
+                     "ci95": null["ci95"]},
+            "direction": "greater", "paper": {"value": 0.052 - 0.007, "text": PAPER_TEXT},
+            "n": int(trained["n_heads"]), "details": details}
+
+
+def modules_table(inputs: dict, results: dict):
+    """One row per (tag, network, head): layer, head, module (full network), module_top (top 10%), strength."""
+    import pandas as pd
+    frames = []
+    for tag, nets in inputs.items():
+        for net in NETWORKS:
+            r = results[tag][net]
+            frames.append(pd.DataFrame({
+                "tag": tag or "trained", "network": net, "head_idx": np.arange(len(nets["head_layer"])),
+                "layer": nets["head_layer"], "head": nets["head_index"], "module": r["modules"].astype(int),
+                "module_top": r["modules_top"].astype(int), "strength": r["strength"]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summary_table(per_tag: dict):
+    """One row per (tag, network, measure): observed, null mean, null 2.5 / 97.5 %, z, p (full networks)."""
+    import pandas as pd
+    rows = []
+    for tag, t in per_tag.items():
+        for net in NETWORKS:
+            for m in ("efficiency", "modularity", "nmi_layers"):
+                v = t[net][m]
+                rows.append({"tag": tag or "trained", "network": net, "measure": m, "observed": v["observed"],
+                             "null_mean": v["null"]["mean"], "null_lo": (v["null"]["ci95"] or [None, None])[0],
+                             "null_hi": (v["null"]["ci95"] or [None, None])[1], "z": v["z"], "p": v["p"]})
+    return pd.DataFrame(rows)
+
+
+def sweep_table(per_tag: dict):
+    """One row per (tag, network, threshold): edges, efficiency, modularity, n_modules."""
+    import pandas as pd
+    return pd.DataFrame([{"tag": tag or "trained", "network": net, **row}
+                         for tag, t in per_tag.items() for net in NETWORKS for row in t[net]["sweep"]])
+
+
+def run_topology(out_dir, mode: str = "per_prompt", thresholds=THRESHOLDS, n_louvain: int = 20,
+                 n_null: int = 100, n_bands: int = 3, seed: int = 0, baselines: bool = True,
+                 progress: bool = False) -> dict:
+    """Notebook 08: every measure for the trained model's networks and (baselines) every other phiid tag.
+    Checks every input first, then writes topology.json (with the C4 claim block) and modules.csv.
+    -> dict: json (the written summary), summary, sweep, modules, strength (DataFrames), networks {tag: nets}."""
+    import pandas as pd
+    from lib import artifacts, store
+    measured = analysis_thresholds(check_settings(thresholds, n_louvain, n_null, n_bands))
+    inputs = load_all(out_dir, mode, baselines)
+    bar = _progress(progress, n_null * len(NETWORKS) * len(inputs))
+    results = {tag: analyse_tag(nets, measured, n_louvain, n_null, n_bands, [seed, k], bar)
+               for k, (tag, nets) in enumerate(inputs.items())}
+    if bar is not None:
+        bar.close()
+    per_tag = {tag: _json_tag(inputs[tag], r) for tag, r in results.items()}
+    summary = {"mode": mode, "thresholds": list(measured), "n_louvain": n_louvain, "n_null": n_null,
+               "n_bands": n_bands, "seed": seed, "null": NULL_NAME, "tags": per_tag,
+               "claim": claim_block(per_tag, n_null)}
+    modules = modules_table(inputs, results)
+    strength = pd.concat([strength_by_layer(nets[net], nets["head_layer"]).assign(tag=tag or "trained", network=net)
+                          for tag, nets in inputs.items() for net in NETWORKS], ignore_index=True)
+    artifacts.save("modules", out_dir, modules)
+    artifacts.save("topology", out_dir, summary)
+    store.update_manifest(out_dir, "08_topology", {k: summary[k] for k in ("mode", "thresholds", "n_louvain",
+                                                                          "n_null", "n_bands", "seed")})
+    return {"json": summary, "summary": summary_table(per_tag), "sweep": sweep_table(per_tag), "modules": modules,
+            "strength": strength, "networks": inputs}
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="null networks", unit="net")
