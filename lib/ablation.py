@@ -77,14 +77,16 @@ _SHARD_FILE_RE = re.compile(r"^shard-(\d+)-of-(\d+)\.npz$")
 
 @dataclass(frozen=True)
 class Ordering:
-    kind: str                  # "ranking", "random" or "reverse"
+    kind: str                  # "ranking", "random", "matched" (layer-matched random) or "reverse"
     variant: str               # ranking variant the order comes from (RANDOM_VARIANT for random orders)
-    seed: int                  # the random seed (-1 unless kind == "random")
+    seed: int                  # the random seed (-1 unless kind is "random" or "matched")
     order: tuple[int, ...]     # head indices in removal order (a permutation of all heads)
 
     @property
     def label(self) -> str:
-        return f"random:seed={self.seed}" if self.kind == "random" else f"{self.kind}:{self.variant}"
+        if self.kind == "random":
+            return f"random:seed={self.seed}"
+        return f"matched:{self.variant}:seed={self.seed}" if self.kind == "matched" else f"{self.kind}:{self.variant}"
 
 
 @dataclass
@@ -172,9 +174,20 @@ def make_points(total_heads: int, step_size: int | None = None, fractions: list[
     return np.array(sorted(counts), dtype=np.int64)
 
 
+def layer_matched_order(order, head_layer, rng) -> tuple[int, ...]:
+    """A random order with the layer histogram of `order` at every prefix: position i removes a random,
+    not yet removed head of the layer that order[i] belongs to. head_layer [heads]; rng: numpy Generator."""
+    head_layer = np.asarray(head_layer)
+    pools = {int(l): list(rng.permutation(np.flatnonzero(head_layer == l))) for l in np.unique(head_layer)}
+    return tuple(int(pools[int(head_layer[h])].pop()) for h in order)
+
+
 def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 5, include_reverse: bool = True,
-                   seed: int = 0) -> list[Ordering]:
-    """Ranking order per variant, n_random seeded random orders, and (optionally) the reverse of each ranking."""
+                   seed: int = 0, n_matched: int = 0, matched_variants: list[str] | None = None) -> list[Ordering]:
+    """Ranking order per variant, n_random seeded random orders, (optionally) the reverse of each ranking, and
+    n_matched layer-matched random orders for each of matched_variants (default: every variant; seeds seed,
+    seed+1, ...: numpy default_rng([seed_k, variant position]); same layer histogram as the ranking's first k
+    heads for every k, see layer_matched_order)."""
     heads = rankings["head_idx"].to_numpy()
     total = len(heads)
     by_head = rankings.set_index("head_idx").loc[np.arange(total)]
@@ -188,6 +201,10 @@ def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 
             for k in range(n_random)]
     if include_reverse:
         out += [Ordering("reverse", v, -1, order[::-1]) for v, order in rankings_orders]
+    layers = by_head["layer"].to_numpy()
+    out += [Ordering("matched", v, seed + k, layer_matched_order(order, layers, np.random.default_rng([seed + k, i])))
+            for i, (v, order) in enumerate(rankings_orders) if matched_variants is None or v in matched_variants
+            for k in range(n_matched)]
     return out
 
 
@@ -273,7 +290,7 @@ def select_prompt_rows(category: np.ndarray, n_prompts: int | None) -> list[int]
 def prepare(out_dir: str | Path, model: str | None = None, variants: list[str] = ("rank_diff",), n_random: int = 5,
             include_reverse: bool = True, step_size: int | None = None, fractions: list[float] | None = None,
             n_prompts: int | None = None, perturbation: str = "zero", noise_sigma: float = 0.0, seed: int = 0,
-            shard: str = "", batch_size: int = 32) -> tuple[AblationInputs, AblationPlan]:
+            shard: str = "", batch_size: int = 32, n_matched: int = 0) -> tuple[AblationInputs, AblationPlan]:
     """Validate every parameter and input artifact (nothing is written): -> (inputs, plan)."""
     shard_spec = parse_shard(shard)
     if perturbation not in PERTURBATIONS:
@@ -283,6 +300,9 @@ def prepare(out_dir: str | Path, model: str | None = None, variants: list[str] =
                          f"added to the head's Q rows and O columns, in weight units, e.g. 0.05); got {noise_sigma!r}")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an integer >= 0 (number of random orders; the paper uses 5); got {n_random!r}")
+    if isinstance(n_matched, bool) or not isinstance(n_matched, int) or n_matched < 0:
+        raise ValueError(f"n_matched must be an integer >= 0 (layer-matched random orders for the first variant: "
+                         f"random heads with the layer histogram of its first k); got {n_matched!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size (rows per forward pass) must be a positive integer; got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -290,7 +310,8 @@ def prepare(out_dir: str | Path, model: str | None = None, variants: list[str] =
     inputs = load_inputs(out_dir, list(variants) if isinstance(variants, (list, tuple)) else variants,
                          n_prompts, model)
     points = make_points(inputs.total_heads, step_size, fractions)
-    orderings = make_orderings(inputs.rankings, list(variants), n_random, include_reverse, seed)
+    orderings = make_orderings(inputs.rankings, list(variants), n_random, include_reverse, seed, n_matched,
+                               matched_variants=list(variants)[:1])
     plan = AblationPlan(orderings=orderings, n_removed=points, total_heads=inputs.total_heads,
                         perturbation=perturbation, noise_sigma=float(noise_sigma) if perturbation == "noise" else 0.0,
                         seed=seed, shard=shard_spec, variants=list(variants))
@@ -663,35 +684,70 @@ class AblationResult:
                              "ratio": rank[i] / r_mean if r_mean > 0 else np.nan, "reverse_kl": rev[i]})
         return pd.DataFrame(rows)
 
-    def prompt_auc(self) -> np.ndarray:
-        """[orderings, prompts]: area under KL vs fraction removed (trapezoid over the measured points)."""
-        return np.trapezoid(self.kl, self.fractions, axis=1)
+    def prompt_auc(self, max_fraction: float = 1.0) -> np.ndarray:
+        """[orderings, prompts]: area under KL vs fraction removed over [0, max_fraction] (trapezoid over the
+        measured points, the curve linearly interpolated at max_fraction when it falls between two points)."""
+        x = self.fractions
+        if not x[0] <= max_fraction <= x[-1] + 1e-12:
+            raise ValueError(f"max_fraction must lie within the measured fractions [{x[0]:.3g}, {x[-1]:.3g}]; "
+                             f"got {max_fraction!r}")
+        keep = x < max_fraction - 1e-12
+        j = min(int(np.searchsorted(x, max_fraction - 1e-12)), len(x) - 1)
+        w = 0.0 if j == 0 or np.isclose(x[j], max_fraction) else (x[j] - max_fraction) / (x[j] - x[j - 1])
+        end = (1 - w) * self.kl[:, j] + w * self.kl[:, max(j - 1, 0)]                   # [orderings, prompts]
+        xs = np.append(x[keep], max_fraction)
+        return np.trapezoid(np.concatenate([self.kl[:, keep], end[:, None]], axis=1), xs, axis=1)
 
-    def auc_table(self, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
-        """Per variant: AUC of the ranking / mean AUC of the random orders (and reverse / random), with a
-        percentile bootstrap CI over prompts (prompts resampled with replacement, the same resample for all
-        orderings)."""
-        auc = self.prompt_auc()
+    def _vs_controls(self, auc, boot_auc, k: int, controls: list[int], rng, n_boot: int, resample_orders: bool,
+                     ci: float) -> dict:
+        """Ratio of ordering k's mean AUC to the controls' mean AUC, its percentile bootstrap CI (prompts, and
+        with resample_orders also the control orders, resampled with replacement), and k's percentile among
+        the controls (% of control orders with a smaller mean AUC; ties count half)."""
+        if not controls:
+            return dict(auc_mean=np.nan, auc_sd=np.nan, ratio=np.nan, ci_low=np.nan, ci_high=np.nan,
+                        percentile=np.nan, n=0)
+        per_order = auc[controls].mean(-1)                                         # [controls]
+        pick = rng.integers(0, len(controls), size=(n_boot, len(controls))) if resample_orders \
+            else np.tile(np.arange(len(controls)), (n_boot, 1))
+        ctrl_b = np.take_along_axis(boot_auc[controls].T, pick, axis=1).mean(1)    # [n_boot]
+        ratio_b = boot_auc[k] / ctrl_b
+        a = (1 - ci) / 2
+        mine = auc[k].mean()
+        return dict(auc_mean=per_order.mean(), auc_sd=per_order.std(ddof=1) if len(controls) > 1 else np.nan,
+                    ratio=mine / per_order.mean() if per_order.mean() > 0 else np.nan,
+                    ci_low=np.quantile(ratio_b, a), ci_high=np.quantile(ratio_b, 1 - a),
+                    percentile=100 * (np.mean(per_order < mine) + 0.5 * np.mean(per_order == mine)), n=len(controls))
+
+    def auc_table(self, n_boot: int = 2000, seed: int = 0, ci: float = 0.95, max_fraction: float = 1.0,
+                  resample_orders: bool = True) -> pd.DataFrame:
+        """Per variant and ordering (ranking, reverse): AUC over [0, max_fraction], the ratio to the mean AUC of
+        the random orders with a percentile bootstrap CI that resamples prompts (the same resample for all
+        orderings) and, with resample_orders, the random orders too (so the CI also carries the spread between
+        random orders), the ordering's percentile among the random orders, and the same three against the
+        layer-matched random orders of that variant (columns matched_*)."""
+        auc = self.prompt_auc(max_fraction)
         n_p = auc.shape[1]
-        idx = np.random.default_rng(seed).integers(0, n_p, size=(n_boot, n_p))
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n_p, size=(n_boot, n_p))
         boot = auc[:, idx].mean(-1)                                          # [orderings, n_boot]
         rnd = self.index("random")
-        lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
         rows = []
         for v in self.variants:
+            matched = self.index("matched", v)
             for kind in ("ranking", "reverse"):
                 ks = self.index(kind, v)
                 if not ks:
                     continue
-                row = {"variant": v, "ordering": kind, "auc": auc[ks[0]].mean(),
-                       "random_auc_mean": auc[rnd].mean(-1).mean() if rnd else np.nan,
-                       "random_auc_sd": auc[rnd].mean(-1).std(ddof=1) if len(rnd) > 1 else np.nan}
-                row.update(auc_ratio=np.nan, ci_low=np.nan, ci_high=np.nan)
-                if rnd:
-                    ratio_b = boot[ks[0]] / boot[rnd].mean(0)
-                    row.update(auc_ratio=row["auc"] / row["random_auc_mean"],
-                               ci_low=np.quantile(ratio_b, lo_q), ci_high=np.quantile(ratio_b, hi_q))
-                rows.append(row)
+                r = self._vs_controls(auc, boot, ks[0], rnd, np.random.default_rng([seed, 1]), n_boot,
+                                      resample_orders, ci)
+                m = self._vs_controls(auc, boot, ks[0], matched, np.random.default_rng([seed, 2]), n_boot,
+                                      resample_orders, ci)
+                rows.append({"variant": v, "ordering": kind, "max_fraction": max_fraction, "auc": auc[ks[0]].mean(),
+                             "random_auc_mean": r["auc_mean"], "random_auc_sd": r["auc_sd"], "n_random": r["n"],
+                             "auc_ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                             "percentile": r["percentile"], "matched_auc_mean": m["auc_mean"], "n_matched": m["n"],
+                             "matched_ratio": m["ratio"], "matched_ci_low": m["ci_low"],
+                             "matched_ci_high": m["ci_high"], "matched_percentile": m["percentile"]})
         return pd.DataFrame(rows)
 
     def save(self, out_dir: str | Path) -> list[Path]:

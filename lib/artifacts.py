@@ -163,6 +163,11 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
     Artifact("manifest", "manifest.json", "lib.run", "parameters, versions, git commit, weights checksum, timings"),
+    Artifact("claims", "claims.json", "lib.run",
+             "the claims scorecard: one entry per claim of the paper (C1-C7) with statistic, 95% CI, null, the "
+             "paper's figure and a verdict by the rules of lib/claims.py", {
+                 "paper": _k("str"), "claims": _k("str", "claims", doc="list of claim entries"),
+             }),
 ]}
 
 

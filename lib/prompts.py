@@ -120,3 +120,31 @@ def select_prompts(n_prompts: int = 60, categories: list[str] | None = None) -> 
     for i, c in enumerate(chosen):
         picked.extend(by_category[c][: base + (1 if i < extra else 0)])
     return sorted(picked, key=lambda p: p.prompt_id)
+
+
+# ----------------------------------------------------------------------------- end of turn
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end a chat turn: the tokenizer's eos id and any END_OF_TURN_TOKENS in its vocabulary."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def end_of_turn_flags(tokens, eot_ids) -> "np.ndarray":
+    """tokens [prompts, steps] (greedy tokens) -> bool [prompts, steps], True at the steps AFTER each prompt's
+    first end-of-turn token (where the model has closed its answer and writes a new turn)."""
+    import numpy as np
+    tokens = np.asarray(tokens)
+    is_eot = np.isin(tokens, np.asarray(list(eot_ids)))
+    return np.cumsum(is_eot, axis=1) - is_eot > 0
+
+
+def end_of_turn_lengths(tokens, eot_ids) -> "np.ndarray":
+    """[prompts] number of steps up to and including the first end-of-turn token (all steps when there is none)."""
+    return (~end_of_turn_flags(tokens, eot_ids)).sum(axis=1)

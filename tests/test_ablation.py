@@ -320,7 +320,7 @@ def test_fraction_table_and_auc_ratio():
     row = table[table.fraction == 1.0].iloc[0]
     assert row.ranking_kl == pytest.approx(2 * base[2].mean()) and row.reverse_kl == pytest.approx(0.5 * base[2].mean())
     assert row.ratio == pytest.approx(2 * base[2].mean() / rnd_means[:, 2].mean())
-    auc = result.auc_table(n_boot=500)
+    auc = result.auc_table(n_boot=500, resample_orders=False)
     rank = auc[auc.ordering == "ranking"].iloc[0]
     x = np.array([0, 0.5, 1.0])
     manual = np.trapezoid(2 * base.mean(-1), x) / np.mean([np.trapezoid(r.mean(-1), x) for r in randoms])
@@ -328,6 +328,46 @@ def test_fraction_table_and_auc_ratio():
     assert rank.ci_low <= rank.auc_ratio <= rank.ci_high and rank.ci_high - rank.ci_low < 0.05  # ratio fixed per prompt
     rev = auc[auc.ordering == "reverse"].iloc[0]
     assert rev.auc_ratio == pytest.approx(manual / 4)
+    joint = result.auc_table(n_boot=500).query("ordering == 'ranking'").iloc[0]   # random orders resampled too
+    assert joint.auc_ratio == pytest.approx(manual) and joint.ci_high - joint.ci_low > 0.1
+    assert rank.percentile == 100.0 and rev.percentile == 0.0
+
+
+def test_auc_over_part_of_the_range_matches_hand_trapezoid():
+    kl = np.array([[0.0, 1.0, 3.0], [0.0, 2.0, 2.0]])[:, :, None] * np.ones((1, 1, 2))   # [orderings, points, prompts]
+    orderings = [A.Ordering("ranking", "v", -1, (0, 1, 2, 3)), A.Ordering("random", A.RANDOM_VARIANT, 0, (3, 2, 1, 0))]
+    result = A.AblationResult(orderings, np.array([0, 2, 4]), 4, kl, np.arange(2), np.array(["c", "c"]))
+    # ranking over [0, 0.75]: 0..0.5 -> (0 + 1) / 2 * 0.5 = 0.25; 0.5..0.75 (KL 1 -> 2 at 0.75) -> 1.5 * 0.25
+    assert result.prompt_auc(0.75)[0] == pytest.approx([0.25 + 0.375] * 2)
+    assert result.prompt_auc(0.5)[1] == pytest.approx([0.5, 0.5])
+    assert result.prompt_auc()[0] == pytest.approx([0.25 + 1.0] * 2)
+    with pytest.raises(ValueError, match="max_fraction"):
+        result.prompt_auc(1.5)
+
+
+def test_ranking_equal_to_a_random_order_sits_inside_the_random_spread():
+    rng = np.random.default_rng(3)
+    curves = [np.vstack([np.zeros(8), (1 + 0.3 * rng.standard_normal()) * rng.random((2, 8)).cumsum(0)]) for _ in range(21)]
+    result = synthetic_result(curves[0], curves[:20], curves[20])              # ranking = random order 0
+    row = result.auc_table(n_boot=1000).query("ordering == 'ranking'").iloc[0]
+    per_order = result.prompt_auc()[1:21].mean(-1)
+    expected = 100 * (np.mean(per_order < per_order[0]) + 0.5 / 20)            # itself counts as a tie
+    assert row.percentile == pytest.approx(expected) and 0 < row.percentile < 100
+
+
+def test_layer_matched_orders_keep_every_prefix_histogram():
+    layers = np.repeat(np.arange(5), 4)
+    rankings = pd.DataFrame({"head_idx": np.arange(20), "layer": layers, "head": np.tile(np.arange(4), 5),
+                             "v": np.random.default_rng(0).random(20)})
+    orders = A.make_orderings(rankings, ["v"], n_random=2, include_reverse=True, seed=7, n_matched=3)
+    assert [o.kind for o in orders] == ["ranking", "random", "random", "reverse", "matched", "matched", "matched"]
+    ranking = np.array(orders[0].order)
+    for o in orders[4:]:
+        m = np.array(o.order)
+        assert sorted(m) == list(range(20)) and o.label == f"matched:v:seed={o.seed}"
+        assert all(np.array_equal(np.bincount(layers[ranking[:k]], minlength=5), np.bincount(layers[m[:k]], minlength=5))
+                   for k in range(21))
+    assert len({o.order for o in orders[4:]} | {orders[0].order}) == 4          # differ from the ranking and each other
 
 
 def test_bootstrap_ci_widens_with_prompt_heterogeneity():

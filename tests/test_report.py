@@ -21,6 +21,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from lib import report
 from lib.run import Step, record
 from lib.store import update_manifest
+from tests.test_claims import tiny_run  # noqa: F401  (the session's tiny pipeline run, shared with test_claims)
 
 
 def png_bytes(seed: int, color: str = "tab:blue") -> bytes:
@@ -102,15 +103,15 @@ def test_index_summarises_run_links_reports_and_extracts_exactly_the_key_figures
     assert index == out / "html" / "index.html"
     text = index.read_text()
     figures = sorted(p.name for p in (out / "html" / "figures").iterdir())
-    # key figures of non-shard notebooks only; the untagged figure and the shard's figure are not shown
-    assert figures == ["01_extract-1.png", "02_phiid-1.png", "02_phiid-2.png", "05_ablation-1.png"]
+    # key figures of non-shard notebooks only; the untagged figure and the shard's figure are not shown; 02 shows
+    # its first pair only (INDEX_FIGURE_LIMIT: the per_prompt heatmaps, not every mode and tag)
+    assert figures == ["01_extract-1.png", "02_phiid-1.png", "05_ablation-1.png"]
     assert (out / "html" / "figures" / "01_extract-1.png").read_bytes() == pngs[0]
     assert (out / "html" / "figures" / "02_phiid-1.png").read_bytes() == pngs[2]
-    assert (out / "html" / "figures" / "02_phiid-2.png").read_bytes() == pngs[3]
     for name in figures:
         assert f"src='figures/{name}'" in text
     # captions come from the section heading above each figure
-    assert "Head output norms" in text and "Redundancy" in text and "Not key" not in text
+    assert "Head output norms" in text and "Synergy" in text and "Redundancy" not in text and "Not key" not in text
     for stem in ("01_extract", "02_phiid", "05_ablation", "05_ablation.shard-1-of-2", "05_ablation.shard-2-of-2"):
         assert f"href='{stem}.html'" in text
         assert f"href='../{stem}.ipynb'" in text
@@ -130,6 +131,69 @@ def test_index_is_idempotent_and_drops_stale_figures(clean_run):
     assert not stale.exists()
     assert sorted((p.name, p.read_bytes()) for p in (out / "html" / "figures").iterdir()) == first
     assert not list((out / "html").glob("*.lock")) and not list((out / "html").glob(".*tmp*"))
+
+
+def planted_claims(out: Path) -> list[dict]:
+    from lib import artifacts
+    from lib import claims as C
+    rows = [C.new_claim("C1"), C.new_claim("C5"), C.not_tested("C6", "no behaviour_summary.json (09 did not run)")]
+    rows[0].verdict, rows[0].value, rows[0].ci95 = "not supported", 0.891, [0.85, 0.92]
+    rows[0].null = {"name": "circular-shift surrogates", "value": 0.9, "ci95": [0.88, 0.93]}
+    rows[0].notebook = "02_phiid"
+    rows[1].verdict, rows[1].value, rows[1].ci95 = "inconclusive", 0.91, [0.8, 1.02]
+    artifacts.save("claims", out, {"paper": C.PAPER, "claims": [c.as_dict() for c in rows]})
+    return rows
+
+
+def test_findings_box_leads_the_index_and_each_notebook_report(clean_run):
+    out, _ = clean_run
+    planted_claims(out)
+    for _ in range(2):                                            # idempotent: one box per page
+        text = report.write_index(out).read_text()
+    assert text.index("Findings") < text.index("<h2>Notebooks</h2>") and "arXiv 2601.06851" in text
+    assert "0.891 [0.85, 0.92]" in text and "circular-shift surrogates: 0.9 [0.88, 0.93]" in text
+    assert 'class="verdict v-no"' in text and 'class="verdict v-maybe"' in text and 'class="verdict v-none"' in text
+    assert "4.1 vs 2.1 random at 30% removed" in text and "09 did not run" in text
+    nb_page = (out / "html" / "02_phiid.html").read_text()
+    assert nb_page.count("<!-- findings -->") == 1 and "0.891 [0.85, 0.92]" in nb_page
+    assert nb_page.index("Findings") < nb_page.index("<h1>report</h1>") and "C5" not in nb_page
+    other = (out / "html" / "01_extract.html").read_text()
+    assert "Findings" not in other and "overflow-x: auto" in other            # wide tables scroll in their cell
+    assert report.check_run(out) == []
+
+
+def test_index_without_claims_says_how_to_get_them_and_names_bundled_weights(clean_run):
+    out, _ = clean_run
+    update_manifest(out, "run", {"name": "unit", "params_file": "unit.yaml", "shared": {"model": "bundled:smollm2-135m"},
+                                 "overrides": []})
+    text = report.write_index(out).read_text()
+    assert "No claims.json in this run yet" in text and "Q4_1 GGUF file dequantized to float32" in text
+
+
+def test_templates_ship_with_the_package():
+    from importlib.resources import files
+    import tomllib
+    names = {p.name for p in files("lib").joinpath("templates").iterdir()}
+    assert {"index.html.j2", "findings.html.j2"} <= names
+    pyproject = tomllib.loads((Path(report.__file__).parents[1] / "pyproject.toml").read_text())
+    assert "templates/*.j2" in pyproject["tool"]["setuptools"]["package-data"]["lib"]
+
+
+def test_check_run_flags_stderr_output(clean_run):
+    out, _ = clean_run
+    nb = nbformat.read(out / "01_extract.ipynb", as_version=4)
+    next(c for c in nb.cells if c.cell_type == "code").outputs.append(new_output("stream", name="stderr", text="FutureWarning: past_key_values\n"))
+    nbformat.write(nb, out / "01_extract.ipynb")
+    problems = report.check_run(out)
+    assert len(problems) == 1 and "stderr output" in problems[0] and "01_extract" in problems[0]
+
+
+@pytest.mark.slow
+def test_executed_tiny_run_notebooks_have_no_stderr_output(tiny_run):
+    executed = sorted(tiny_run.glob("[0-9][0-9]_*.ipynb"))
+    assert executed
+    noisy = {p.name: report.stderr_cells(p) for p in executed if report.stderr_cells(p)}
+    assert not noisy, f"executed notebooks with stderr output (cells): {noisy}"
 
 
 def test_check_run_reports_failures_error_cells_tracebacks_and_notebooks_never_run(tmp_path):

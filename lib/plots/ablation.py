@@ -30,11 +30,13 @@ def plot_ablation_curves(result, title: str | None = None, log_inset: bool = Tru
     rnd = result.index("random")
     for ax, logy in zip(axes, (False, True)):
         s = slice(1, None) if logy and result.n_removed[0] == 0 else slice(None)   # log axis: skip the exact 0
+        positive = mean[:, s][mean[:, s] > 0]
+        floor = positive.min() / 2 if logy and positive.size else 0.0            # bottom of the log axis
         if rnd:
             r = mean[rnd]
             r_mean = r.mean(0)
             r_sd = r.std(0, ddof=1) if len(rnd) > 1 else np.zeros_like(r_mean)
-            lower = np.maximum(r_mean - r_sd, r_mean * 0.05) if logy else r_mean - r_sd
+            lower = np.maximum(r_mean - r_sd, floor)          # never below 0; on log axes the band meets the floor
             ax.plot(x[s], r_mean[s], "--", color=RANDOM_COLOR, lw=1.6, label=f"random order (mean of {len(rnd)} seeds)")
             ax.fill_between(x[s], lower[s], (r_mean + r_sd)[s], color=RANDOM_COLOR, alpha=0.18, lw=0,
                             label="random order +- 1 sd over seeds" if len(rnd) > 1 else None)
@@ -45,14 +47,17 @@ def plot_ablation_curves(result, title: str | None = None, log_inset: bool = Tru
             rev = result.index("reverse", v)
             if rev:
                 ax.plot(x[s], mean[rev[0]][s], ":", color=c, lw=1.8, label=f"reverse '{v}' (most redundant first)")
+            matched = result.index("matched", v)
+            if matched:
+                ax.plot(x[s], mean[matched].mean(0)[s], "-.", color=c, lw=1.2, alpha=0.8,
+                        label=f"layer-matched random '{v}' (mean of {len(matched)})")
         ax.set_xlabel("fraction of heads deactivated")
         ax.set_ylabel("behaviour divergence, KL (nats/token)")
-        ax.set_xlim(0, 1)
+        ax.set_xlim(0, max(x[-1], 1e-9))
         if logy:
-            positive = mean[:, s][mean[:, s] > 0]
             if positive.size:
                 ax.set_yscale("log")
-                ax.set_ylim(positive.min() / 2, positive.max() * 1.5)
+                ax.set_ylim(floor, positive.max() * 1.5)
             ax.set_title("same, log scale", fontsize=10)
         else:
             ax.set_ylim(bottom=0)
