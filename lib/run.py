@@ -487,7 +487,9 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
                                          "overrides": list(overrides)})
         _run_steps(steps, sorted(sections), force, log_output)
         try:
+            from lib.claims import write_claims
             from lib.report import write_index
+            print(f"[run] claims: {write_claims(out_dir)}", flush=True)
             print(f"[run] report: {write_index(out_dir)}", flush=True)
         except ImportError:
             pass
