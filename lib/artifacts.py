@@ -366,7 +366,7 @@ def fingerprint(p, known: dict | None = None) -> dict:
 
 def _glob(pattern: str) -> str:
     import re
-    return re.sub(r"\{[^}]*\}", "*", pattern)
+    return re.sub(r"(\{[^}]*\})+", "*", pattern)        # "phiid_{mode}{tag}.npz" -> "phiid_*.npz"
 
 
 def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -> list[Path]:

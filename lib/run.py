@@ -237,7 +237,10 @@ def _shard_suffix(shard) -> str:
 
 
 def params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of what a notebook computes with; out_dir is left out (a moved or copied run folder stays valid: its
+    files are checked by their checksums)."""
+    kept = {k: v for k, v in params.items() if k != "out_dir"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- execution
@@ -257,8 +260,8 @@ def _shard_of(step: Step) -> tuple[int, int] | None:
     return tuple(int(x) for x in str(shard).split("/")) if shard else None
 
 
-def _changed(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+def _changed(old: dict, new: dict, ignore: str = "") -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != ignore)
 
 
 def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
@@ -270,7 +273,8 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
     if entry.get("status") != "ok":
         return [f"its last run {entry.get('status', 'did not finish')}"]
     if entry.get("params_hash") != params_hash(step.params):
-        return [f"parameters changed: {_changed(entry.get('params', {}), step.params)}"]
+        keys = _changed(entry.get("params", {}), step.params, ignore="out_dir")
+        return [f"parameters changed: {keys}" if keys else "its parameters were recorded by an older runner"]
     if not step.output.exists():
         return [f"its executed copy {step.output.name} is missing"]
     if "outputs" not in entry:

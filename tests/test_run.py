@@ -232,7 +232,7 @@ def fake_pipeline(tmp_path, monkeypatch):
     the model, 98_use reads made.npz and writes used.npz."""
     from lib import artifacts
     from lib.run import Step
-    for a in (artifacts.Artifact("made", "made{tag}.npz", "97_make", "test input"),
+    for a in (artifacts.Artifact("made", "made{kind}{tag}.npz", "97_make", "test input"),
               artifacts.Artifact("used", "used.npz", "98_use", "test output")):
         monkeypatch.setitem(artifacts.ARTIFACTS, a.name, a)
     out = tmp_path / "run"
@@ -384,3 +384,188 @@ def test_corrupt_manifest_cli_is_one_line(tmp_path):
     proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--only", "02_phiid", "--quiet")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert f"{out / 'manifest.json'} is unreadable" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the tiny run: stale, missing, mixed, kill -9
+
+@pytest.fixture(scope="module")
+def tiny_reference():
+    """One uninterrupted tiny run (outside pytest's basetemp, which a concurrent session may prune).
+    HEADINFO_RUN_TEST_REFERENCE=<folder> reuses a finished tiny run instead (checked: every notebook up to date)."""
+    import os
+    import shutil
+    import tempfile
+    given = os.environ.get("HEADINFO_RUN_TEST_REFERENCE")
+    out = Path(given) if given else Path(tempfile.mkdtemp(prefix="hi-run-ref-"))
+    if not given:
+        proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(r == [] for r in reasons_of(out).values()), reasons_of(out)
+    yield out
+    if not given:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_copy(tiny_reference):
+    import shutil
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix="hi-run-copy-")) / "tiny"
+    shutil.copytree(tiny_reference, out)            # copy2 keeps mtimes: the checksums recorded stay valid
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def tiny_steps(out, *overrides):
+    run, shared, sections = load_params(REPO_ROOT / "params/tiny.yaml", [f"out_dir={out}", *overrides])
+    return {s.name: s for s in build_steps(run, shared, sections)}
+
+
+def reasons_of(out, *overrides):
+    from lib.run import stale_reasons
+    from lib.store import read_manifest
+    steps, manifest = tiny_steps(out, *overrides), read_manifest(out)
+    return {name: stale_reasons(s, manifest, [n for n in steps if n < name]) for name, s in steps.items()}
+
+
+def outputs_of(out, notebook):
+    return json.loads((out / "manifest.json").read_text())["notebooks"][notebook]["outputs"]
+
+
+def assert_same_artifacts(ref, out, notebook):
+    """Every output of `notebook` equal in both runs (timings aside)."""
+    import pandas as pd
+    assert sorted(outputs_of(out, notebook)) == sorted(outputs_of(ref, notebook))
+    for rel in outputs_of(ref, notebook):
+        a, b = ref / rel, out / rel
+        if rel.endswith(".npz"):
+            with np.load(a) as za, np.load(b) as zb:
+                assert sorted(za.files) == sorted(zb.files), rel
+                for key in za.files:
+                    if "seconds" not in key:
+                        np.testing.assert_array_equal(za[key], zb[key], err_msg=f"{rel}:{key}")
+        elif rel.endswith(".csv"):
+            fa, fb = pd.read_csv(a), pd.read_csv(b)
+            pd.testing.assert_frame_equal(fa[[c for c in fa if "seconds" not in c]], fb[[c for c in fb if "seconds" not in c]])
+        elif rel.endswith(".json"):
+            def strip(x):
+                if isinstance(x, dict):
+                    return {k: strip(v) for k, v in x.items() if not any(t in k for t in ("seconds", "updated", "time"))}
+                return [strip(v) for v in x] if isinstance(x, list) else x
+            assert strip(json.loads(a.read_text())) == strip(json.loads(b.read_text())), rel
+
+
+@pytest.mark.slow
+def test_changed_upstream_reruns_everything_after_it(tiny_copy):
+    out = tiny_copy
+    assert all(r == [] for r in reasons_of(out).values())        # a moved run folder stays up to date
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "01_extract_activations",
+                  "--set", "01_extract_activations.n_prompts=6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reasons = reasons_of(out, "01_extract_activations.n_prompts=6")
+    assert reasons["01_extract_activations"] == []
+    for name in ("02_phiid", "03_phiid_diagnostics", "05_ablation", "06_neuron_effects", "07_qkov_interference"):
+        assert "01_extract_activations ran since" in reasons[name], (name, reasons[name])
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--set", "01_extract_activations.n_prompts=6",
+                  "--only", "01_extract_activations", "02_phiid", "--quiet")
+    assert proc.returncode == 0 and "02_phiid -> " in proc.stdout and "01_extract_activations ran since" in proc.stdout
+    records = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert records["phiid_per_prompt.npz"]["inputs"]["activations.npz"] == records["activations.npz"]["sha256"]
+    with np.load(out / "activations.npz") as z:
+        assert z["activations"].shape[0] == 6
+    assert "01_extract_activations: up to date" in proc.stdout
+
+
+@pytest.mark.slow
+def test_deleted_and_replaced_artifacts_are_noticed(tiny_reference, tiny_copy):
+    import shutil
+    out = tiny_copy
+    (out / "phiid_per_prompt.npz").unlink()
+    (out / "rankings.csv").unlink()
+    reasons = reasons_of(out)
+    assert any("output phiid_per_prompt.npz is missing" in r for r in reasons["02_phiid"])
+    assert any("output rankings.csv is missing" in r for r in reasons["04_ranking_variants"])
+    assert "input phiid_per_prompt.npz is missing" in reasons["03_phiid_diagnostics"]
+    assert reasons["01_extract_activations"] == []
+    shutil.copy(out / "activations__random_init.npz", out / "activations.npz")   # same shapes, other weights
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "05_ablation")
+    assert proc.returncode == 1 and "notebook 05_ablation failed in cell" in proc.stderr
+    assert "activations.npz is not the file 01_extract_activations wrote" in proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["notebooks"]["05_ablation"]["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_missing_main_activations_leave_no_stale_phiid(tiny_copy):
+    out = tiny_copy
+    (out / "activations.npz").unlink()
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "02_phiid", "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "removed phiid_per_prompt.npz" in proc.stdout and not (out / "phiid_per_prompt.npz").exists()
+    assert (out / "phiid_per_prompt__random_init.npz").exists()
+    assert "output activations.npz is missing" in reasons_of(out)["01_extract_activations"]
+
+
+@pytest.mark.slow
+def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
+    out = tiny_copy
+    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "05_ablation",
+                  "--set", "05_ablation.seed=1")
+    assert proc.returncode == 1
+    assert "activations.npz derives from model 'random:llama seed 0' but 05_ablation runs model 'random:llama seed 1'" \
+        in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_second_runner_is_refused_while_one_runs(tiny_copy):
+    import socket
+    out = tiny_copy
+    first = subprocess.Popen([sys.executable, "-m", "lib.run", "--params", "params/tiny.yaml", "--set", f"out_dir={out}",
+                              "--quiet", "--only", "02_phiid", "--force"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "02_phiid -> " in first.stdout.readline()
+        second = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "03_phiid_diagnostics")
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"in use by pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    finally:
+        first.wait(timeout=600)
+    assert first.returncode == 0
+
+
+def _executed_cells(path: Path) -> int:
+    try:
+        nb = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(1 for c in nb["cells"] if c.get("cell_type") == "code" and c.get("execution_count"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["01_extract_activations", "02_phiid", "05_ablation"])
+def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_reference, tiny_copy, notebook):
+    import os
+    import signal
+    import time
+    out = tiny_copy
+    for rel in outputs_of(out, notebook):                 # the killed run has to compute them again
+        (out / rel).unlink()
+    n_code = sum(1 for c in nbformat.read(REPO_ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4).cells
+                 if c.cell_type == "code")
+    args = [sys.executable, "-m", "lib.run", "--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet",
+            "--only", notebook]
+    killed = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    partial = out / f".{notebook}.ipynb.tmp.ipynb"
+    deadline = time.time() + 600
+    while _executed_cells(partial) < n_code // 2 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the notebook finished before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)                 # the runner and its kernel
+    killed.wait()
+    entry = json.loads((out / "manifest.json").read_text())["notebooks"][notebook]
+    assert entry["status"] == "running"
+    proc = runner(*args[3:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "interrupted by an earlier runner" in proc.stdout and f"{notebook} -> " in proc.stdout
+    assert not [p for p in out.rglob(".*.tmp*")], "temp files left"
+    assert_same_artifacts(tiny_reference, out, notebook)

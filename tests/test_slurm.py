@@ -102,7 +102,7 @@ def test_dry_run_prints_the_chain_and_submits_nothing(tmp_path):
 
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
-    from lib.run import Step, _shard_suffix, build_steps, load_params, params_hash, record
+    from lib.run import Step, _shard_suffix, build_steps, load_params, params_hash, record_success
     out = tmp_path / "run"
     run, shared, secs = load_params(PARAMS, [f"out_dir={out}"])
     steps = build_steps(run, shared, secs)
@@ -114,7 +114,8 @@ def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
                         out / "html" / f"{step.name}{suffix}.html")
         step.output.parent.mkdir(parents=True, exist_ok=True)
         step.output.write_text("{}")
-        record(step, status="ok", params_hash=params_hash(step.params))
+        earlier = [s.name for s in steps if s.name < step.name]
+        record_success(step, set(), earlier, status="ok", params_hash=params_hash(step.params))
 
     for step in steps:
         if shardable(step.name):
