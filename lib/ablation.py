@@ -18,7 +18,7 @@ fractions f (0 is always included).
 
 Perturbations: "zero" = the head's slice of the output projection's input is multiplied by 0 (lib.heads mask);
 "noise" = Gaussian noise N(0, sigma^2) (sigma absolute, in weight units) added to the head's query-projection
-rows and output-projection columns (ArchInfo.block_param_slices); the noise of head h is fixed by (seed, h), so
+rows and output-projection columns (ArchInfo.head_weight_slices, lib.hooks.patched_weights); the noise of head h is fixed by (seed, h), so
 every ordering perturbs a given head identically; weights are restored exactly after every forward.
 
 Efficiency: for "zero" all orderings of one point share batched forwards (one row per distinct head mask x prompt;
@@ -44,7 +44,6 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 
 from lib.extract import left_pad
 from lib.heads import HeadHooks
+from lib.hooks import patched_weights
 from lib.models import ArchInfo
 from lib.store import ArtifactError, check_same_heads, load_npz, save_csv, save_npz
 
@@ -349,10 +349,7 @@ class DivergenceEngine:
         self.logit_rows = logit_rows or max(1, int(logit_chunk_mb * 2 ** 20 // (self.T * self.V * 4)))
         self.seqs = [np.concatenate([p, t[:-1]]) for p, t in zip(inputs.prompts, inputs.tokens)]
         self.base = arch.base_model()
-        weight = arch.unembedding_matrix()
-        self.W = weight if weight.dtype == torch.float32 else weight.float()          # [vocab, hidden]
-        bias = getattr(arch.unembed(), "bias", None)
-        self.b = None if bias is None else bias.float()
+        self.W = arch.unembedding_float32()[0]                                        # [vocab, hidden] float32
         self.softcap = arch.final_logit_softcap
         if method == "auto":
             method = "direct" if self.softcap else "linear"
@@ -388,13 +385,8 @@ class DivergenceEngine:
                 yield batch[s:s + self.logit_rows], hidden[s:s + self.logit_rows].float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits [.., vocab] from final-normed hidden states (same as ArchInfo.logits_from_normed, in float32)."""
-        z = h @ self.W.T
-        if self.b is not None:
-            z += self.b
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        """float32 logits [.., vocab] from final-normed hidden states (ArchInfo.logits_from_normed in float32)."""
+        return self.arch.logits_from_normed(h, float32=True)
 
     @staticmethod
     def _exp_lse(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,29 +457,29 @@ def _noise_seed(seed: int, head: int, part: int) -> int:
     return int(np.random.SeedSequence([seed, head, part]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-@contextmanager
+def _head_noise(seed: int, head: int, part: int, shape, sigma: float) -> torch.Tensor:
+    """N(0, sigma^2) float32 noise of one weight slice, fixed by (seed, head, part)."""
+    gen = torch.Generator().manual_seed(_noise_seed(seed, head, part))
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * sigma
+
+
 def perturbed_heads(arch: ArchInfo, heads, sigma: float, seed: int):
-    """Add N(0, sigma^2) noise to the Q rows and O columns of `heads` (noise fixed by (seed, head)); restore the
-    exact original weights on exit."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for h in heads:
-                layer, head = divmod(int(h), arch.n_heads)
-                slices = arch.block_param_slices(layer)
-                for part, key in enumerate(("Q", "O")):
-                    weight, index = slices[key]
-                    idx = index(head)
-                    original = weight[idx].clone()
-                    gen = torch.Generator().manual_seed(_noise_seed(seed, int(h), part))
-                    noise = torch.randn(original.shape, generator=gen, dtype=torch.float32) * sigma
-                    saved.append((weight, idx, original))
-                    weight[idx] = original + noise.to(device=weight.device, dtype=weight.dtype)
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, idx, original in reversed(saved):
-                weight[idx] = original
+    """Context: add N(0, sigma^2) noise to the Q rows and O columns of `heads` (noise fixed by (seed, head));
+    the exact original weights are restored on exit (lib.hooks.patched_weights)."""
+    patches = []
+    for h in heads:
+        slices = arch.head_weight_slices(*divmod(int(h), arch.n_heads))
+        for part, key in enumerate(("q", "o")):
+            add = lambda w, h=int(h), part=part: w + _head_noise(seed, h, part, w.shape, sigma).to(w.device, w.dtype)
+            patches.append((slices[key], add))
+    return patched_weights(patches)
+
+
+def zeroed_heads(arch: ArchInfo, heads):
+    """Context: the output-projection columns of `heads` set to zero (the heads removed at the weights, no hook);
+    restored bit-exactly on exit."""
+    return patched_weights([(arch.head_weight_slices(*divmod(int(h), arch.n_heads))["o"], torch.zeros_like)
+                            for h in heads])
 
 
 # ----------------------------------------------------------------------------- checkpoints and shards
@@ -872,24 +864,11 @@ def verify(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPlan, re
     for _ in range(min(n_checks, len(points) * len(plan.orderings))):
         k, j = int(rng.integers(len(plan.orderings))), int(rng.choice(points))
         heads = plan.orderings[k].order[:plan.n_removed[j]]
-        saved = []
-        try:
-            with torch.no_grad():
-                if plan.perturbation == "zero":
-                    for h in heads:
-                        weight, index = arch.block_param_slices(h // arch.n_heads)["O"]
-                        idx = index(h % arch.n_heads)
-                        saved.append((weight, idx, weight[idx].clone()))
-                        weight[idx] = 0.0
-            ctx = perturbed_heads(arch, heads, plan.noise_sigma, plan.seed) if plan.perturbation == "noise" \
-                else nullcontext()
-            prompts = sorted(rng.choice(len(inputs.prompts), min(n_prompts, len(inputs.prompts)), replace=False))
-            with ctx:
-                ablated = {p: _naive_logprobs(model, inputs, p) for p in prompts}
-        finally:
-            with torch.no_grad():
-                for weight, idx, original in saved:
-                    weight[idx] = original
+        ctx = perturbed_heads(arch, heads, plan.noise_sigma, plan.seed) if plan.perturbation == "noise" \
+            else zeroed_heads(arch, heads)
+        prompts = sorted(rng.choice(len(inputs.prompts), min(n_prompts, len(inputs.prompts)), replace=False))
+        with ctx:
+            ablated = {p: _naive_logprobs(model, inputs, p) for p in prompts}
         for p in prompts:
             clean = _naive_logprobs(model, inputs, p)
             slow = float((clean.exp() * (clean - ablated[p])).sum(-1).mean())

@@ -77,13 +77,16 @@ def generate_batch(model, arch: ArchInfo, prompt_ids: list[list[int]], n_tokens:
 
     Returns tokens [batch, n_tokens] and head norms [batch, total_heads, n_tokens] (None when record=False).
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generated = []
+    cache = DynamicCache(config=model.config)                               # filled in place by every forward
     with HeadHooks(arch, record=record) as hooks:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1)
+                    cache=cache, use_cache=True, logits_to_keep=1)
         for step in range(n_tokens):
             next_token = out.logits[:, -1].argmax(-1)                      # [batch]
             generated.append(next_token)
@@ -92,7 +95,7 @@ def generate_batch(model, arch: ArchInfo, prompt_ids: list[list[int]], n_tokens:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompt_ids), 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                        cache=cache, use_cache=True, logits_to_keep=1)
         norms = hooks.pop_norms() if record else None
     if norms is not None and norms.ndim == 2:                               # n_tokens == 1
         norms = norms[..., None]

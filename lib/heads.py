@@ -1,4 +1,4 @@
-"""The per-head hook: ONE forward pre-hook on every attention output projection.
+"""The per-head hook: the "head_out" site (input of every attention output projection), through lib.hooks.
 
 The input of a layer's output projection is the attention heads' outputs concatenated,
 [batch, positions, n_heads * head_dim], head h occupying columns h*head_dim : (h+1)*head_dim; for head h that slice
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import torch
 
+from lib.hooks import hooks
 from lib.models import ArchInfo
 
 HOOK_POINT = "attn_out.input"
 
 
 class HeadHooks:
-    """Context manager installing the per-head pre-hook on every layer; always removes it on exit.
+    """Context manager installing the per-head hook (site "head_out" of lib.hooks) on every layer; always removes
+    it on exit.
 
     record: store the L2 norm of every head at the last position of each forward pass.
     mask:   None, or a tensor [batch, total_heads] multiplying each head's output (set or change it any time
@@ -35,43 +37,34 @@ class HeadHooks:
         self.arch = arch
         self.record = record
         self.mask = mask
-        self._handles: list = []
+        self._context = None
         self._norms: list[torch.Tensor] = []     # per layer of the current forward: [batch, n_heads]
         self._steps: list[torch.Tensor] = []     # finished forwards: [batch, total_heads]
 
     def __enter__(self) -> "HeadHooks":
-        for layer in range(self.arch.n_layers):
-            module = self.arch.attn_out(layer)
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+        self._context = hooks(self.arch, {"head_out": self._hook})
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        context, self._context = self._context, None
+        context.__exit__(*exc)
 
-    def _make_hook(self, layer: int):
+    def _hook(self, layer: int, z: torch.Tensor) -> torch.Tensor | None:
+        """z: [batch, pos, n_heads * head_dim] -> the masked heads (or None when there is no mask)."""
         n_heads, head_dim = self.arch.n_heads, self.arch.head_dim
-        lo, hi = layer * n_heads, (layer + 1) * n_heads
-
-        def hook(module, args):
-            z = args[0]                                              # [batch, pos, n_heads * head_dim]
-            if self.mask is not None:
-                scale = self.mask[:, lo:hi].to(z.dtype)              # [batch, n_heads]
-                if scale.shape[0] != z.shape[0]:
-                    raise ValueError(f"head mask has {scale.shape[0]} rows but the batch has {z.shape[0]}")
-                z = (z.unflatten(-1, (n_heads, head_dim)) * scale[:, None, :, None]).flatten(-2)
-            if self.record:
-                last = z[:, -1].unflatten(-1, (n_heads, head_dim))   # [batch, n_heads, head_dim]
-                self._norms.append(torch.linalg.vector_norm(last.float(), dim=-1))
-                if layer == self.arch.n_layers - 1:
-                    self._steps.append(torch.cat(self._norms, dim=1))
-                    self._norms = []
-            if self.mask is not None:
-                return (z,) + tuple(args[1:])
-            return None
-
-        return hook
+        if self.mask is not None:
+            scale = self.mask[:, layer * n_heads:(layer + 1) * n_heads].to(z.dtype)    # [batch, n_heads]
+            if scale.shape[0] != z.shape[0]:
+                raise ValueError(f"head mask has {scale.shape[0]} rows but the batch has {z.shape[0]}")
+            z = (z.unflatten(-1, (n_heads, head_dim)) * scale[:, None, :, None]).flatten(-2)
+        if self.record:
+            last = z[:, -1].unflatten(-1, (n_heads, head_dim))       # [batch, n_heads, head_dim]
+            self._norms.append(torch.linalg.vector_norm(last.float(), dim=-1))
+            if layer == self.arch.n_layers - 1:
+                self._steps.append(torch.cat(self._norms, dim=1))
+                self._norms = []
+        return z if self.mask is not None else None
 
     def pop_norms(self) -> torch.Tensor:
         """Head norms of the forward passes since the last call: [batch, total_heads] for one pass,

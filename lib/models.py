@@ -54,6 +54,7 @@ class ArchSpec:
     qkv_layout: str             # "separate" (q_proj/k_proj/v_proj), "neox_fused" or "gpt2_fused"
     qkv: tuple[str, ...]        # projection paths relative to a block (one path when fused)
     embed: str
+    mlp: str = "mlp"            # the MLP module, relative to a block
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -84,6 +85,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+# Named places in every block where lib.hooks reads or replaces a tensor: name -> what the tensor is, its shape,
+# and which hook sees it ("pre": the module's first positional input; "post": its output, element 0 of a tuple).
+SITES: dict[str, str] = {
+    "head_out": "input of the attention output projection [batch, pos, n_heads * head_dim], heads concatenated "
+                "(head h = columns h*head_dim:(h+1)*head_dim) (pre-hook)",
+    "attn_out": "output of the attention output projection [batch, pos, d_model] (forward hook)",
+    "mlp_act": "input of the MLP down projection [batch, pos, d_mlp] = the neuron activations (pre-hook)",
+    "mlp_out": "output of the MLP module [batch, pos, d_model], before any post-MLP norm (forward hook)",
+    "resid_post": "output of a transformer block: the residual stream after the block [batch, pos, d_model] (forward hook)",
+}
+_SITE_MODULES = {"head_out": ("attn_out", "pre"), "attn_out": ("attn_out", "post"), "mlp_act": ("mlp_down", "pre"),
+                 "mlp_out": ("mlp", "post"), "resid_post": ("", "post")}
+
+
 def _get(module: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
@@ -107,6 +122,7 @@ class ArchInfo:
     final_logit_softcap: float | None = None
     source: str = ""            # the spec this model was loaded from
     weights_id: str = ""        # checksum of the weights file, or a description for random models
+    _unembedding32: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_heads(self) -> int:
@@ -121,6 +137,20 @@ class ArchInfo:
 
     def attention(self, layer: int) -> nn.Module:
         return _get(self.layers()[layer], self.spec.attn)
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP module of `layer` (its output is [.., hidden], before any post-MLP norm)."""
+        return _get(self.layers()[layer], self.spec.mlp)
+
+    def site(self, name: str, layer: int) -> tuple[nn.Module, str]:
+        """The module a hook site lives on and the hook kind: (module, "pre" | "post"). Sites: see SITES."""
+        if name not in SITES:
+            raise ValueError(f"unknown hook site {name!r}; sites: {sorted(SITES)} (lib.models.SITES)")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range for site {name!r}: the model has {self.n_layers} layers")
+        path, kind = _SITE_MODULES[name]
+        block = self.layers()[layer]
+        return (_get(block, getattr(self.spec, path)) if path else block), kind
 
     def mlp_down(self, layer: int) -> nn.Module:
         """MLP down projection of `layer`; its input is the neuron activations [.., d_mlp]."""
@@ -153,12 +183,34 @@ class ArchInfo:
         final norm already applied (true of every architecture in ARCHITECTURES): use logits_from_normed on it."""
         return self.model.base_model
 
-    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
-        """Unembedding and soft-capping of hidden states that already went through the final norm (base_model output)."""
-        logits = self.unembed()(normed)
+    def logits_from_normed(self, normed: torch.Tensor, float32: bool = False) -> torch.Tensor:
+        """Unembedding and soft-capping of hidden states that already went through the final norm (base_model output).
+        float32=True: computed in float32 whatever the model's dtype (a float32 copy of the unembedding is kept)."""
+        if float32:
+            weight, bias = self.unembedding_float32()
+            logits = normed.float() @ weight.T
+            if bias is not None:
+                logits += bias
+        else:
+            logits = self.unembed()(normed)
+        return self.soft_cap(logits)
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Final logit soft-capping (Gemma 2/3: cap * tanh(z / cap)); the identity for models without it."""
         if self.final_logit_softcap:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
+
+    def unembedding_float32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [vocab, hidden], bias [vocab] or None) in float32: the parameters themselves for a float32 model,
+        else a copy made once (and again only after the weight changes in place)."""
+        weight, bias = self.unembedding_matrix(), getattr(self.unembed(), "bias", None)
+        if weight.dtype == torch.float32:
+            return weight, None if bias is None else bias.float()
+        key = (weight.data_ptr(), weight._version)
+        if self._unembedding32 is None or self._unembedding32[0] != key:
+            self._unembedding32 = (key, weight.float(), None if bias is None else bias.float())
+        return self._unembedding32[1], self._unembedding32[2]
 
     def head_map(self) -> tuple[list[int], list[int]]:
         """(layer, head) of every head index, layer-major."""
@@ -195,6 +247,20 @@ class ArchInfo:
             return {"Q": (qkv, cols(0)), "K": (qkv, cols(1)), "V": (qkv, cols(2)),
                     "O": (o_weight, lambda h: (slice(h * d, (h + 1) * d), slice(None)))}   # Conv1D [in, out]
         raise ModelSpecError(f"unknown qkv layout {layout!r}")
+
+    def kv_head(self, head: int) -> int:
+        """The KV head query head `head` reads under grouped-query attention (query heads grouped consecutively)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def head_weight_slices(self, layer: int, head: int) -> dict[str, tuple[torch.Tensor, tuple]]:
+        """The weights of one query head: {"q"|"k"|"v"|"o": (parameter, index)}; parameter[index] is that head's
+        part ([head_dim, d_model] rows of Q/K/V, [d_model, head_dim] columns of O; transposed for GPT-2's Conv1D).
+        K and V index the KV head this query head reads (shared with the other query heads of its group)."""
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"head {head} out of range: layer {layer} has {self.n_heads} query heads")
+        slices = self.block_param_slices(layer)
+        kv = self.kv_head(head)
+        return {part.lower(): (weight, index(kv if part in "KV" else head)) for part, (weight, index) in slices.items()}
 
 
 def arch_info(model: nn.Module, source: str = "", weights_id: str = "") -> ArchInfo:

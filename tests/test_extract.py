@@ -111,3 +111,21 @@ def test_identical_extraction_is_reused_and_changed_one_is_not(tmp_path, monkeyp
     np.testing.assert_array_equal(first.activations, again.activations)
     with pytest.raises(AssertionError, match="regenerated"):      # a different setting is a new extraction
         extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=4, batch_size=2, progress=False)
+
+
+def test_generation_uses_the_cache_api_without_warnings(tiny_arch):
+    """The KV cache goes through transformers' current `cache=` API: no deprecation (Future)Warning, and the tokens
+    equal greedy decoding without any cache (the full sequence re-run at every step)."""
+    import warnings
+    _, model, tokenizer, arch = tiny_arch
+    prompt_ids = encode_prompts(tokenizer, ["The cat sat on the", "Two plus"], False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokens, norms = generate_batch(model, arch, prompt_ids, 4, tokenizer.pad_token_id)
+    assert norms.shape == (2, arch.total_heads, 4)
+    for row, ids in enumerate(prompt_ids):
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(4):
+                seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+        assert tokens[row].tolist() == seq[len(ids):]
