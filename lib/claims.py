@@ -223,17 +223,8 @@ def verdict_ablation(ratio_ci, percentile: float, matched_ratio_ci=None) -> str:
 
 def bootstrap_spearman(a, b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of Spearman r(a, b), resampling items (heads) with replacement."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
-    ra, rb = stats.rankdata(a[idx], axis=1), stats.rankdata(b[idx], axis=1)
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
-    r = r[np.isfinite(r)]
-    q = (1 - level) / 2
-    return float(np.quantile(r, q)), float(np.quantile(r, 1 - q))
+    from lib.diagnostics import bootstrap_correlation
+    return tuple(bootstrap_correlation(a, b, n_boot, seed, level)["spearman_ci"])
 
 
 @dataclass

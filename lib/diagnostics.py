@@ -228,6 +228,75 @@ def correlation(a, b) -> dict:
             "n": int(len(a))}
 
 
+def _rows_pearson(a, b, w=None) -> np.ndarray:
+    """Pearson r of every row pair of a, b [resamples, items] (optionally weighted by w [resamples, items])."""
+    w = np.ones_like(a) if w is None else w
+    sw = w.sum(1, keepdims=True)
+    da, db = a - (w * a).sum(1, keepdims=True) / sw, b - (w * b).sum(1, keepdims=True) / sw
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * da * db).sum(1) / np.sqrt((w * da ** 2).sum(1) * (w * db ** 2).sum(1))
+
+
+def _interval(r, level) -> list[float]:
+    r = r[np.isfinite(r)]
+    q = (1 - level) / 2
+    return [float(np.quantile(r, q)), float(np.quantile(r, 1 - q))] if len(r) else [float("nan")] * 2
+
+
+def bootstrap_correlation(a, b, n_boot: int = 1000, seed=0, level: float = 0.95) -> dict:
+    """Pearson and Spearman r of a and b (entries where both are finite) with percentile bootstrap CIs, items
+    (heads) resampled with replacement: keys pearson, pearson_ci, spearman, spearman_ci, n."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    point = correlation(a, b)
+    if point["n"] < 3 or not np.isfinite(point["pearson"]):
+        return {**point, "pearson_ci": [float("nan")] * 2, "spearman_ci": [float("nan")] * 2}
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    ra, rb = stats.rankdata(a[idx], axis=1), stats.rankdata(b[idx], axis=1)
+    return {**point, "pearson_ci": _interval(_rows_pearson(a[idx], b[idx]), level),
+            "spearman_ci": _interval(_rows_pearson(ra, rb), level)}
+
+
+def pair_bootstrap_correlation(i, j, a, b, n_heads: int, n_boot: int = 500, seed=0, level: float = 0.95) -> dict:
+    """Pair-level correlation of a, b [pairs] (pairs (i, j) of heads) with a head-cluster bootstrap: heads are
+    resampled with replacement and each pair weighted by the product of its heads' counts, so pairs that share a
+    head are not treated as independent. The Spearman CI uses the full-data ranks (weighted Pearson of ranks)."""
+    i, j = np.asarray(i), np.asarray(j)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    point = correlation(a, b)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_heads, n_heads), minlength=n_heads) for _ in range(n_boot)])
+    w = (counts[:, i] * counts[:, j]).astype(float)                          # [n_boot, pairs]
+    tile = lambda x: np.broadcast_to(x, w.shape)                              # noqa: E731
+    ra, rb = stats.rankdata(a), stats.rankdata(b)
+    return {**point, "pearson_ci": _interval(_rows_pearson(tile(a), tile(b), w), level),
+            "spearman_ci": _interval(_rows_pearson(tile(ra), tile(rb), w), level)}
+
+
+HEAD_CORRELATIONS = (("synergy", "redundancy"), ("autocorr", "synergy"), ("autocorr", "redundancy"),
+                     ("drift", "synergy"), ("tdmi", "synergy"), ("tdmi", "redundancy"), ("autocorr", "tdmi"))
+PAIR_CORRELATIONS = (("sts", "rtr"), ("tdmi", "sts"), ("tdmi", "rtr"))
+
+
+def correlation_ci_table(heads: pd.DataFrame, pairs: pd.DataFrame, n_boot: int = 1000, seed=0) -> pd.DataFrame:
+    """Every correlation notebook 03 shows, with 95% bootstrap CIs: head level (heads resampled) and pair level
+    (head-cluster bootstrap, see pair_bootstrap_correlation). One row per (level, x, y)."""
+    rows = []
+    for x, y in HEAD_CORRELATIONS:
+        if x in heads and y in heads:
+            rows.append({"level": "head", "x": x, "y": y,
+                         **bootstrap_correlation(heads[x], heads[y], n_boot, seed)})
+    for x, y in PAIR_CORRELATIONS:
+        if x in pairs and y in pairs:
+            rows.append({"level": "pair", "x": x, "y": y, **pair_bootstrap_correlation(
+                pairs["i"], pairs["j"], pairs[x], pairs[y], len(heads), max(n_boot // 2, 1), seed)})
+    out = pd.DataFrame(rows)
+    for k in ("pearson", "spearman"):
+        out[f"{k}_lo"], out[f"{k}_hi"] = out[f"{k}_ci"].str[0], out[f"{k}_ci"].str[1]
+    return out.drop(columns=["pearson_ci", "spearman_ci"])
+
+
 def syn_red_correlations(sts, rtr, degenerate=None, labels=None) -> dict:
     """Correlation of synergy and redundancy: at head level (per-head means) and at pair level (unordered
     pairs i < j, degenerate pairs excluded). Keys head_pearson, head_spearman, pair_pearson, pair_spearman,
@@ -577,6 +646,7 @@ def diagnose(acts: dict, ph: dict, lag: int = 1) -> Diagnostics:
     cols = [c for c in ("synergy", "redundancy", "autocorr", "drift", "tdmi", "mean_norm") if c in heads]
     profiles = {c: layer_profile(heads[c].to_numpy(), head_layer, n_layers) for c in cols}
     summary["layer_profiles"] = {c: profiles[c]["mean"].tolist() for c in cols}
+    summary["correlation_ci"] = correlation_ci_table(heads, pairs).to_dict(orient="records")
     return Diagnostics(heads=heads, pairs=pairs, profiles=profiles, summary=summary, sts=sts, tdmi=tdmi)
 
 
@@ -600,8 +670,11 @@ def correlation_table(out_dir, lag: int = 1) -> pd.DataFrame:
             except DegenerateHeadError as e:
                 rows.append({"tag": tag or "(model)", "mode": mode, "error": str(e)})
                 continue
+            lo, hi = bootstrap_correlation(syn, per_head_mean(ph[REDUNDANCY_ATOM], ph["degenerate"], labels))[
+                "spearman_ci"]
             rows.append({"tag": tag or "(model)", "mode": mode, "head_pearson": c["head_pearson"],
-                         "head_spearman": c["head_spearman"], "pair_pearson": c["pair_pearson"],
+                         "head_spearman": c["head_spearman"], "head_spearman_lo": lo, "head_spearman_hi": hi,
+                         "pair_pearson": c["pair_pearson"],
                          "pair_spearman": c["pair_spearman"],
                          "autocorr_vs_synergy_spearman": correlation(ac, syn)["spearman"]})
     return pd.DataFrame(rows)

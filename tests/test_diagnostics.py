@@ -1,5 +1,6 @@
 """lib.diagnostics against independent truth: explicit loops, closed forms, simulations."""
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -277,3 +278,34 @@ def test_available_tags_order(tmp_path):
     for tag in ("rev-step1000", "random_init", "rev-step20", "other"):
         save_npz(tmp_path / f"activations__{tag}.npz", x=np.zeros(1))
     assert dg.available_tags(tmp_path) == ["random_init", "rev-step20", "rev-step1000", "other"]
+
+
+# ----------------------------------------------------------------------------- bootstrap CIs of the correlations
+
+def test_bootstrap_correlation_matches_scipy_bootstrap():
+    from scipy import stats as st
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(150)
+    b = a + rng.standard_normal(150)
+    got = dg.bootstrap_correlation(a, b, n_boot=3000)
+    for key, fn in (("pearson", lambda x, y: st.pearsonr(x, y)[0]), ("spearman", lambda x, y: st.spearmanr(x, y)[0])):
+        ref = st.bootstrap((a, b), fn, paired=True, n_resamples=3000, method="percentile", random_state=2,
+                           vectorized=False).confidence_interval
+        assert abs(got[f"{key}_ci"][0] - ref.low) < 0.03 and abs(got[f"{key}_ci"][1] - ref.high) < 0.03
+        assert got[f"{key}_ci"][0] < got[key] < got[f"{key}_ci"][1]
+
+
+def test_pair_bootstrap_accounts_for_pairs_sharing_heads():
+    rng = np.random.default_rng(1)
+    n = 40
+    i, j = dg.pair_index(n)
+    u = rng.standard_normal(n)                                   # the only shared signal comes through the heads
+    x = u[i] + u[j] + 0.5 * rng.standard_normal(len(i))
+    y = u[i] + u[j] + 0.5 * rng.standard_normal(len(i))
+    cluster = dg.pair_bootstrap_correlation(i, j, x, y, n, n_boot=400)
+    naive = dg.bootstrap_correlation(x, y, n_boot=400)
+    width = lambda r: r["pearson_ci"][1] - r["pearson_ci"][0]    # noqa: E731
+    assert cluster["pearson"] == pytest.approx(naive["pearson"]) and width(cluster) > 2 * width(naive)
+    table = dg.correlation_ci_table(pd.DataFrame({"synergy": u, "redundancy": u + rng.standard_normal(n)}),
+                                    pd.DataFrame({"i": i, "j": j, "sts": x, "rtr": y}), n_boot=200)
+    assert list(table["level"]) == ["head", "pair"] and (table["spearman_lo"] <= table["spearman"]).all()
