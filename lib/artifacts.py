@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from lib.store import ArtifactError
 
-FORMATS = ("npz", "csv", "json", "jsonl")
+FORMATS = ("npz", "csv", "json", "jsonl", "png")
 
 
 @dataclass(frozen=True)
@@ -125,17 +126,47 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     Artifact("ablation_fractions", "ablation_fractions.csv", "05_ablation",
              "KL at fixed fractions of heads removed, per order"),
     Artifact("neuron_effects", "neuron_effects.csv", "06_neuron_effects",
-             "direct, indirect and total effect of each selected MLP neuron on each prompt",
-             shard_dir=".neuron_shards"),
+             "direct, indirect and total effect of each selected MLP neuron on each prompt", {
+                 "neuron_id": _k("str", "rows"), "layer": _k("int", "rows"), "neuron": _k("int", "rows"),
+                 "prompt": _k("int", "rows"), "prompt_id": _k("int", "rows"),
+                 "direct": _k("float", "rows", doc="target-logit effect, logits"), "indirect": _k("float", "rows"),
+                 "total": _k("float", "rows"), "direct_ratio": _k("float", "rows"),
+                 **{c: _k("str", "rows", doc="space-separated, top-k tokens") for c in (
+                     "top_total_ids", "top_total_effects", "top_direct_ids", "top_direct_effects")},
+             }, shard_dir=".neuron_shards"),
+    Artifact("neuron_shard_info", "neuron_effects.json", "06_neuron_effects",
+             "what one shard of neuron_effects computed (settings, neurons, rows); next to its shard CSV", {
+                 "settings": _k("object", doc="what the numbers depend on"), "shard": _k("str"), "n_rows": _k("int"),
+             }, shard_dir=".neuron_shards"),
+    Artifact("neuron_effects_part", "batch-{batch:05d}.csv", "06_neuron_effects",
+             "checkpoint: the rows of one finished batch, in a parts folder (parts_dir('neuron_effects', ...))"),
     Artifact("neuron_summaries", "neuron_summaries.json", "06_neuron_effects", "per-class summaries of the effects"),
-    Artifact("layer_summary", "layer_summary.csv", "06_neuron_effects", "direct/total ratio by layer"),
-    Artifact("interference", "interference.npz", "07_qkov_interference",
-             "QK-OV Fisher interference scores per variant and block, sample ids of both tasks", {
-                 "ids_a": _k("str", "samples_a"), "ids_b": _k("str", "samples_b"),
+    Artifact("layer_summary", "layer_summary.csv", "06_neuron_effects", "direct/total ratio by layer", {
+                 "layer": _k("int", "layers"), "n_neurons": _k("int", "layers"),
              }),
-    Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)"),
+    Artifact("neurons_figure", "neurons_{figure}.png", "06_neuron_effects",
+             "figures: direct_vs_total, direct_ratio_by_layer, classes_by_layer"),
+    Artifact("interference", "interference.npz", "07_qkov_interference",
+             "QK-OV Fisher interference scores per variant and block (scores__<variant>__<block> [samples_a, "
+             "samples_b, layers, heads]), sample ids of both tasks", {
+                 "ids_a": _k("str", "samples_a"), "ids_b": _k("str", "samples_b"),
+                 "loss_a": _k("float32", "samples_a"), "loss_b": _k("float32", "samples_b"),
+                 "texts_a": _k("str", "samples_a"), "texts_b": _k("str", "samples_b"),
+                 "variants": _k("str", "variants"), "blocks": _k("str", "blocks"),
+                 **{f"fisher_mass__{b}": _k("float32", "layers", "heads") for b in "QKVO"},
+                 "n_layers": _k("int"), "n_heads": _k("int"), "n_kv_heads": _k("int"), "eps": _k("float"),
+                 "ridge": _k("float"), "task_a": _k("str"), "task_b": _k("str"), "model": _k("str"),
+                 "method": _k("str"), "source_a": _k("str"), "source_b": _k("str"),
+             }),
+    Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)", {
+                 "variant": _k("str", "rows"), "block": _k("str", "rows"), "rank": _k("int", "rows"),
+                 "sample_a": _k("str", "rows"), "sample_b": _k("str", "rows"), "text_a": _k("str", "rows"),
+                 "text_b": _k("str", "rows"),
+             }),
     Artifact("interference_summary", "interference_summary.csv", "07_qkov_interference",
-             "interference per block and variant"),
+             "interference per block and variant", {"variant": _k("str", "rows"), "block": _k("str", "rows")}),
+    Artifact("interference_figure", "interference_{figure}.png", "07_qkov_interference",
+             "figures: heatmaps_magnitude, heatmaps_signed, layers"),
     Artifact("topology", "topology.json", "08_topology",
              "efficiency and modularity of the synergy and redundancy networks, threshold sweep, strength-"
              "preserving null, modules vs layers, per tag; the C4 claim block", {
@@ -188,6 +219,29 @@ def register(a: Artifact) -> Artifact:
 
 def path(name: str, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
     return artifact(name).path(out_dir, tag, shard, **fields)
+
+
+def parts_dir(name: str, out_dir, shard: tuple[int, int] | None = None) -> Path:
+    """The checkpoint folder of a run (shard None: "<shard folder>/<stem>.parts") or of one shard
+    ("<shard folder>/<stem>__shard-<i>-of-<n>.parts"), for artifacts with a shard folder."""
+    a = artifact(name)
+    if not a.shard_dir:
+        raise ArtifactError(f"artifact {name!r} has no shard folder, hence no checkpoint parts")
+    stem = a.filename(shard=shard).rsplit(".", 1)[0]
+    return Path(out_dir) / a.shard_dir / f"{stem}.parts"
+
+
+def shards(name: str, out_dir, **fields: Any) -> dict[tuple[int, int], Path]:
+    """The shard files of an artifact present in out_dir: {(i, n): path}."""
+    a = artifact(name)
+    stem, ext = a.filename(**fields).rsplit(".", 1)
+    folder = Path(out_dir) / (a.shard_dir or "")
+    found = {}
+    for p in sorted(folder.glob(f"{stem}__shard-*-of-*.{ext}")) if folder.is_dir() else []:
+        m = re.fullmatch(re.escape(stem) + r"__shard-(\d+)-of-(\d+)\." + re.escape(ext), p.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
 
 
 def tags(name: str, out_dir, **fields: Any) -> list[str]:
@@ -255,7 +309,11 @@ def load_file(name: str, p, keys=None, torn_tail_ok: bool = False):
                 data = {k: z[k] for k in want}
         elif a.format == "csv":
             import pandas as pd
-            data = pd.read_csv(p)
+            text_columns = [k for k, spec in a.keys.items() if spec.dtype == "str"]
+            data = pd.read_csv(p, dtype={k: str for k in text_columns})
+            for k in text_columns:                     # declared text: an empty field is "", not NaN
+                if k in data.columns:
+                    data[k] = data[k].fillna("")
         elif a.format == "json":
             data = json.loads(p.read_text())
         else:
@@ -291,6 +349,8 @@ def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None 
         return store.save_csv(p, data)
     if a.format == "json":
         return store.save_json(p, data)
+    if a.format == "png":
+        return store.save_figure(p, data)
     with store.atomic_path(p) as tmp:
         tmp.write_text("".join(json.dumps(store._jsonable(row)) + "\n" for row in data))
     return p

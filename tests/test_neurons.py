@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import neurons as N
+from lib import artifacts, neurons as N
+from lib.checkpoints import CheckpointMismatch, differences, parse_shard
+from lib.neurons import pipeline
 from lib.extract import encode_prompts
 from lib.models import arch_info
 from lib.prompts import select_prompts
@@ -403,11 +405,11 @@ def _setup(out, **kw):
 def test_shards_merge_to_the_full_result_and_resume(tmp_path, monkeypatch):
     full = N.run(_setup(tmp_path / "full"))
     assert full.complete and len(full.effects) == 16
-    assert not (tmp_path / "full" / N.SHARD_DIR).exists()           # checkpoints removed after success
-    on_disk = N.read_effects_csv(tmp_path / "full" / N.EFFECTS_FILE)
-    summaries = json.loads((tmp_path / "full" / N.SUMMARIES_FILE).read_text())
+    assert not artifacts.parts_dir("neuron_effects", tmp_path / "full").parent.exists()   # checkpoints removed
+    on_disk = N.read_effects_csv(artifacts.path("neuron_effects", tmp_path / "full"))
+    summaries = json.loads(artifacts.path("neuron_summaries", tmp_path / "full").read_text())
     assert len(summaries) == 8 and {s["id"] for s in summaries} == set(on_disk["neuron_id"])
-    assert len(pd.read_csv(tmp_path / "full" / N.LAYERS_FILE)) == 4
+    assert len(pd.read_csv(artifacts.path("layer_summary", tmp_path / "full"))) == 4
 
     out = tmp_path / "sharded"
     # shard 1 of 2 is killed after two batches, then resumed: only the missing batches are computed
@@ -419,17 +421,17 @@ def test_shards_merge_to_the_full_result_and_resume(tmp_path, monkeypatch):
         if calls["n"] > 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(N, "compute_batch", dying)
+    monkeypatch.setattr(pipeline, "compute_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         N.run(_setup(out, shard="1/2"))
-    assert len(list((out / N.SHARD_DIR / "shard-1-of-2.parts").glob("batch-*.csv"))) == 2
-    monkeypatch.setattr(N, "compute_batch", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real(*a, **k))[1])
+    assert len(list(artifacts.parts_dir("neuron_effects", out, (1, 2)).glob("batch-*.csv"))) == 2
+    monkeypatch.setattr(pipeline, "compute_batch", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real(*a, **k))[1])
     calls["n"] = 0
     first = N.run(_setup(out, shard="1/2"))
     assert not first.complete and calls["n"] == 2                   # 4 neurons x 2 prompts / 2 rows = 4 batches
     with pytest.raises(ArtifactError, match=r"shards \[2\] of 2 are missing"):
         N.run(_setup(out))
-    assert not (out / N.EFFECTS_FILE).exists()
+    assert not artifacts.path("neuron_effects", out).exists()
     N.run(_setup(out, shard="2/2"))
     merged = N.run(_setup(out))
     assert merged.complete and merged.message.startswith("merged 2 shards")
@@ -451,3 +453,33 @@ def test_more_shards_than_neurons(tmp_path):
         assert not N.run(_setup(tmp_path, neurons=[[0, 1], [3, 2]], shard=f"{i}/3")).complete
     merged = N.run(_setup(tmp_path, neurons=[[0, 1], [3, 2]]))
     assert merged.complete and list(merged.effects["neuron_id"].unique()) == ["L0/N1", "L3/N2"]
+
+
+def test_checkpoint_of_other_settings_is_refused_naming_what_differs(tmp_path, monkeypatch):
+    real, calls = pipeline.compute_batch, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(pipeline, "compute_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        N.run(_setup(tmp_path))
+    monkeypatch.setattr(pipeline, "compute_batch", real)
+    with pytest.raises(CheckpointMismatch, match=r'mode: "add" \(checkpoint\) vs "ablate" \(this run\)') as err:
+        N.run(_setup(tmp_path, mode="ablate"))
+    assert "batch_size" not in str(err.value) and "rm -r" in str(err.value)
+    with pytest.raises(CheckpointMismatch, match=r"batch_size: 3 \(checkpoint\) vs 4 \(this run\)"):
+        N.run(_setup(tmp_path, batch_size=4))
+    assert not artifacts.path("neuron_effects", tmp_path).exists()
+    assert N.run(_setup(tmp_path)).complete                          # the matching settings resume
+
+
+def test_shard_specs_and_setting_differences():
+    assert parse_shard("") is None and parse_shard(" 2 / 4 ") == (2, 4)
+    for bad in ("0/4", "5/4", "2-4", "x"):
+        with pytest.raises(ValueError, match="1 <= i <= n"):
+            parse_shard(bad)
+    assert differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []      # compared as JSON
+    assert differences({"a": 1}, {"a": 2, "c": 0}) == ["a", "c"]
