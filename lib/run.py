@@ -514,6 +514,34 @@ def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: 
         print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
 
 
+def uncached_models(steps: list[Step]) -> list[str]:
+    """Hugging Face ids (and revisions) of the run that are not in the local HF cache, as the download commands to
+    run on a login node; local folders, bundled: and random: specs need nothing."""
+    from huggingface_hub import try_to_load_from_cache
+    wanted = set()
+    for step in steps:
+        spec = str(step.params.get("model") or "")
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not (REPO_ROOT / spec).is_dir() and not Path(spec).is_dir():
+            wanted.add((spec, None))
+            wanted.update((spec, rev) for rev in step.params.get("revisions") or [])
+    missing = []
+    for spec, rev in sorted(wanted, key=str):
+        if not isinstance(try_to_load_from_cache(spec, "config.json", revision=rev), str):
+            missing.append(f"huggingface-cli download {spec}{f' --revision {rev}' if rev else ''}")
+    return missing
+
+
+def check_run(params_path: str, only=None, overrides=()) -> list[Step]:
+    """--check: parameters (types and values) and, for Hugging Face ids, the offline cache of the compute nodes."""
+    run, shared, sections = load_params(params_path, overrides)
+    steps = build_steps(run, shared, sections, only)
+    missing = uncached_models(steps)
+    if missing:
+        raise ParamsError(f"model weights not in the local Hugging Face cache (compute nodes run offline); on a login "
+                          f"node run: {' && '.join(missing)}")
+    return steps
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="params/<run>.yaml")
@@ -526,8 +554,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
-            run, shared, sections = load_params(args.params, args.overrides)
-            steps = build_steps(run, shared, sections, args.only)
+            steps = check_run(args.params, args.only, args.overrides)
             print(f"[run] {args.params}: valid; pipeline {[s.name for s in steps]} -> {steps[0].params['out_dir']}")
             return 0
         run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet)

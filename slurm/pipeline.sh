@@ -82,7 +82,8 @@ if [ "$DRY" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
     echo "error: sbatch not found: run this on a SLURM login node (or use --dry-run)" >&2; exit 2
 fi
 
-# Validate the params file exactly as the runner will (before anything is submitted) and list the pipeline:
+# Validate the params file exactly as `python -m lib.run --check` does (types, values, models in the offline HF
+# cache) before anything is submitted, and list the pipeline:
 # "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1>" per notebook, where stale means
 # that the runner would (re)compute something of it: a step not done with these parameters (shards included).
 SHARDS_JSON="{"
@@ -91,14 +92,13 @@ SHARDS_JSON="${SHARDS_JSON%, }}"
 PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
-from lib.run import ParamsError, Step, _shard_suffix, build_steps, declared_parameters, is_up_to_date, load_params
+from lib.run import ParamsError, Step, _shard_suffix, check_run, declared_parameters, is_up_to_date
 from lib.store import ArtifactError
 params, default_shards, shard_map = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 args = sys.argv[4:]
 overrides = [args[i + 1] for i in range(0, len(args), 2)]
 try:
-    run, shared, sections = load_params(params, overrides)
-    steps = build_steps(run, shared, sections)
+    steps = check_run(params, None, overrides)        # types, values, and the offline model cache
 except (ParamsError, ArtifactError) as e:
     sys.exit(f"error: {e}")
 out = steps[0].output.parent

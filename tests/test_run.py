@@ -118,10 +118,14 @@ def test_end_to_end_on_tiny(tmp_path):
     assert (out / "activations.npz").exists()
     again = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0])
     assert again.returncode == 0 and "up to date" in again.stdout
+    refused = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0],
+                     "--set", "01_extract_activations.n_tokens=-3")     # a value constraint: refused before running
+    assert refused.returncode == 2 and "01_extract_activations: n_tokens=-3 must be >= 1" in refused.stderr
     failing = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0],
-                     "--set", "01_extract_activations.n_tokens=-3")
+                     "--set", "model=nobody/no-such-model")             # valid spec, fails when the notebook loads it
     assert failing.returncode == 1
-    assert "notebook 01_extract_activations failed in cell" in failing.stderr and "n_tokens must be a positive" in failing.stderr
+    assert "notebook 01_extract_activations failed in cell" in failing.stderr and "nobody/no-such-model" in failing.stderr
+    assert json.loads((out / "manifest.json").read_text())["notebooks"][names[0]]["status"] == "failed"
 
 
 # ----------------------------------------------------------------------------- --set precedence, declared types
@@ -569,3 +573,18 @@ def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_reference,
     assert "interrupted by an earlier runner" in proc.stdout and f"{notebook} -> " in proc.stdout
     assert not [p for p in out.rglob(".*.tmp*")], "temp files left"
     assert_same_artifacts(tiny_reference, out, notebook)
+
+
+def test_check_names_the_download_for_models_missing_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    from lib.run import check_run
+    path = write_params(tmp_path, "model: EleutherAI/pythia-1b\n01_extract_activations:\n  revisions: [step1000]\n")
+    seen = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name, revision=None: seen.append((repo, revision)) or
+                        ("/cache/config.json" if revision is None else None))
+    with pytest.raises(ParamsError, match=r"not in the local Hugging Face cache .*huggingface-cli download "
+                                          r"EleutherAI/pythia-1b --revision step1000$"):
+        check_run(path)
+    assert set(seen) == {("EleutherAI/pythia-1b", None), ("EleutherAI/pythia-1b", "step1000")}
+    assert [s.name for s in check_run(write_params(tmp_path, "model: random:llama\n01_extract_activations: {}\n"))]
