@@ -522,10 +522,30 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0)
 
 def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0) -> Path:
     """Evaluate every claim and write <out_dir>/claims.json atomically; -> its path."""
+    from lib.store import update_manifest
     claims = evaluate(out_dir, n_surrogates, n_boot, seed)
     data = {"paper": PAPER, "verdicts": list(VERDICTS), "rules_doc": "lib/claims.py (module docstring)",
-            "claims": [c.as_dict() for c in claims]}
-    return artifacts.save("claims", out_dir, data)
+            "model": _run_model(out_dir), "claims": [c.as_dict() for c in claims]}
+    note = weights_note(data["model"])
+    if note:
+        data["weights"] = note
+    path = artifacts.save("claims", out_dir, data)
+    update_manifest(out_dir, "claims", {"file": path.name, "paper": PAPER, "model": data["model"],
+                                        **({"weights": note} if note else {}),
+                                        "verdicts": {c.id: c.verdict for c in claims}})
+    return path
+
+
+def _run_model(out_dir) -> str:
+    if not artifacts.path("activations", out_dir).exists():
+        return ""
+    return str(artifacts.load("activations", out_dir, keys=["model"]).get("model", ""))
+
+
+def weights_note(model_spec: str) -> str:
+    """What the weights of a bundled model are (stated in claims.json, the manifest and the index)."""
+    from lib.report import BUNDLED_WEIGHTS_NOTE
+    return BUNDLED_WEIGHTS_NOTE if model_spec.startswith("bundled:smollm2") else ""
 
 
 def load_claims(out_dir) -> list[dict]:

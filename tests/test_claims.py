@@ -279,3 +279,25 @@ def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
         if not artifacts.path(C.EXPERIMENT_ARTIFACTS[cid], tiny_run).exists() \
                 if C.EXPERIMENT_ARTIFACTS[cid] in artifacts.ARTIFACTS else True:
             assert claims[cid]["verdict"] == "not tested"
+
+
+def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry(artefact_run, tmp_path):
+    import shutil
+    from lib.store import read_manifest
+    for name in ("activations.npz", "phiid_per_prompt.npz"):
+        shutil.copy(artefact_run / name, tmp_path / name)
+    with np.load(tmp_path / "activations.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    save_npz(artifacts.path("activations", tmp_path), **{**arrays, "model": "bundled:smollm2-135m"})
+    planted_ablation(tmp_path, rank_scale=3.0)
+    path = C.write_claims(tmp_path, n_surrogates=3, n_boot=200)
+    data = json.loads(path.read_text())
+    verdicts = {c["id"]: c["verdict"] for c in data["claims"]}
+    assert list(verdicts) == [f"C{i}" for i in range(1, 8)]
+    assert verdicts["C1"] == "not supported" and verdicts["C5"] == "supported"
+    assert verdicts["C3"] == "not tested" and verdicts["C2"] == "not tested"      # no random-init copy, no 04
+    reasons = {c["id"]: c["reason"] for c in data["claims"]}
+    assert "04_ranking_variants" in reasons["C2"] and "random-init" in reasons["C3"]
+    assert "Q4_1 GGUF" in data["weights"]
+    entry = read_manifest(tmp_path)["sections"]["claims"]
+    assert entry["verdicts"] == verdicts and "Q4_1 GGUF" in entry["weights"]
