@@ -154,39 +154,109 @@ def modularity(W: np.ndarray, labels: np.ndarray, gamma: float = 1.0) -> float:
 def _local_moving(W, k, two_m, graph_of, labels, orders, gamma):
     """Louvain local moving for B instances at once, each visiting nodes in its own order until a full pass moves
     no node. W [G, n, n] (self loops allowed), k [G, n] strengths, two_m [G]; graph_of [B] the graph of each
-    instance; labels [B, n] start modules (ints < n), orders [B, n] -> labels [B, n] (updated in place)."""
-    active = np.arange(len(labels))
+    instance; labels [B, n] start modules (ints < n), orders [B, n] -> (labels [B, n] compact per row,
+    K [B, n, C]: each node's weight to each module, or None when no node moved).
+    The first pass reads each visited node's row (bincount); later passes, where few nodes move, read K."""
+    rows = np.arange(len(labels))
+    moved = _first_pass(W, k, two_m, graph_of, labels, orders, gamma)
+    if not moved.any():
+        return labels, None
+    labels[:] = _compact(labels)
+    K = _module_weights(W, graph_of, labels)
+    tot = _module_totals(k[graph_of], labels, K.shape[2])
+    active = rows[moved]
     while active.size:
-        moved = _one_pass(W, k, two_m, graph_of[active], labels, active, orders[active], gamma)
+        moved = _k_pass(W, K, tot, k, two_m, graph_of, labels, active, orders, gamma)
         active = active[moved]
-    return labels
+    return _recompact(labels, K)
 
 
-def _one_pass(W, k, two_m, graphs, labels, which, orders, gamma):
-    """One pass of every node for the instances `which` (rows of labels) -> [len(which)] bool: any node moved."""
-    B, n = orders.shape
+def _gain_step(kic, tot, a, ki, scale, tol, rows):
+    """One node per instance: remove it from its module a [B], pick the module of largest modularity gain
+    (stay unless strictly better) -> new module [B]; tot [B, C] updated in place."""
+    tot[rows, a] -= ki
+    gain = kic - tot * (scale * ki)[:, None]
+    best = gain.argmax(1)
+    new = np.where(gain[rows, best] > gain[rows, a] + tol, best, a)
+    tot[rows, new] += ki
+    return new
+
+
+def _first_pass(W, k, two_m, graph_of, labels, orders, gamma):
+    """The first pass from singletons: kic from each visited node's row -> [B] bool, any node moved."""
+    B, n = labels.shape
     rows = np.arange(B)
     offset = (rows * n)[:, None]
-    lab = labels[which]
-    kk, diag = k[graphs], np.diagonal(W, axis1=1, axis2=2)[graphs]
-    tot = np.bincount((offset + lab).ravel(), weights=kk.ravel(), minlength=B * n).reshape(B, n)
-    scale, tol = gamma / two_m[graphs], 1e-12 * two_m[graphs]
+    kk, diag = k[graph_of], np.diagonal(W, axis1=1, axis2=2)[graph_of]
+    tot = _module_totals(kk, labels, n)
+    scale, tol = gamma / two_m[graph_of], 1e-12 * two_m[graph_of]
     moved = np.zeros(B, bool)
     for t in range(n):
         i = orders[:, t]
-        a = lab[rows, i]
-        ki = kk[rows, i]
-        kic = np.bincount((offset + lab).ravel(), weights=W[graphs, i].ravel(), minlength=B * n).reshape(B, n)
+        a = labels[rows, i]
+        kic = np.bincount((offset + labels).ravel(), weights=W[graph_of, i].ravel(), minlength=B * n).reshape(B, n)
         kic[rows, a] -= diag[rows, i]
-        tot[rows, a] -= ki
-        gain = kic - tot * (scale * ki)[:, None]
-        best = gain.argmax(1)
-        new = np.where(gain[rows, best] > gain[rows, a] + tol, best, a)
-        tot[rows, new] += ki
-        lab[rows, i] = new
+        new = _gain_step(kic, tot, a, kk[rows, i], scale, tol, rows)
+        labels[rows, i] = new
         moved |= new != a
-    labels[which] = lab
     return moved
+
+
+def _k_pass(W, K, tot, k, two_m, graph_of, labels, which, orders, gamma):
+    """One pass for the instances `which`, reading module weights from K [B, n, C] and updating K, tot [B, C]
+    and labels only where a node moves -> [len(which)] bool, any node moved."""
+    n = labels.shape[1]
+    rows = np.arange(len(which))
+    g = graph_of[which]
+    kk, diag = k[g], np.diagonal(W, axis1=1, axis2=2)[g]
+    sub_tot = tot[which]
+    scale, tol = gamma / two_m[g], 1e-12 * two_m[g]
+    moved = np.zeros(len(which), bool)
+    for t in range(n):
+        i = orders[which, t]
+        a = labels[which, i]
+        kic = K[which, i, :]
+        kic[rows, a] -= diag[rows, i]
+        new = _gain_step(kic, sub_tot, a, kk[rows, i], scale, tol, rows)
+        mv = np.flatnonzero(new != a)
+        if mv.size:
+            b, col = which[mv], W[g[mv], i[mv]]
+            K[b, :, a[mv]] -= col
+            K[b, :, new[mv]] += col
+            labels[b, i[mv]] = new[mv]
+            moved[mv] = True
+    tot[which] = sub_tot
+    return moved
+
+
+def _module_totals(kk: np.ndarray, labels: np.ndarray, C: int) -> np.ndarray:
+    """[B, n] strengths and labels -> [B, C] total strength of each module."""
+    B = len(labels)
+    idx = (np.arange(B) * C)[:, None] + labels
+    return np.bincount(idx.ravel(), weights=kk.ravel(), minlength=B * C).reshape(B, C)
+
+
+def _module_weights(W, graph_of, labels) -> np.ndarray:
+    """K [B, n, C]: K[b, i, c] = sum of W[graph_of[b], i, j] over nodes j in module c (columns grouped by label)."""
+    B, n = labels.shape
+    K = np.zeros((B, n, int(labels.max()) + 1))
+    for b in range(B):
+        order = np.argsort(labels[b], kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(labels[b][order]) != 0])
+        K[b][:, labels[b][order][starts]] = np.add.reduceat(W[graph_of[b]][:, order], starts, axis=1)
+    return K
+
+
+def _recompact(labels, K):
+    """Relabel each row 0..C_b - 1 (first appearance) and permute K's module columns the same way."""
+    out = _compact(labels)
+    K2 = np.zeros((K.shape[0], K.shape[1], int(out.max()) + 1))
+    for b in range(len(labels)):
+        used = np.unique(out[b])
+        old = np.zeros(len(used), int)
+        old[out[b]] = labels[b]
+        K2[b][:, used] = K[b][:, old]
+    return out, K2
 
 
 def _compact(labels: np.ndarray) -> np.ndarray:
@@ -198,29 +268,35 @@ def _compact(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _aggregate(W: np.ndarray, labels: np.ndarray, size: int) -> np.ndarray:
-    """[n, n] graph and compact labels [n] -> [size, size] module graph H^T W H (zero-padded)."""
-    H = np.zeros((len(labels), size))
-    H[np.arange(len(labels)), labels] = 1.0
-    return H.T @ (W @ H)
+def _aggregate(K: np.ndarray | None, graphs, g_of, labels, size: int) -> np.ndarray:
+    """Module graphs [B, size, size] (zero-padded): rows of K [B, n, C] summed by module; without K (nothing
+    moved) each instance's graph itself."""
+    B = len(labels)
+    if K is None:
+        return graphs[g_of].copy()
+    out = np.zeros((B, size, size))
+    for b in range(B):
+        C = K.shape[2]
+        order = np.argsort(labels[b], kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(labels[b][order]) != 0])
+        out[b, :len(starts), :C] = np.add.reduceat(K[b][order], starts, axis=0)
+    return out
 
 
 def _levels(Ws, graph_of, rng, gamma):
     """Multilevel Louvain for instances on graphs Ws [G, n, n] -> (membership [B, n], Q [B])."""
     B, n = len(graph_of), Ws.shape[1]
-    k = Ws.sum(2)
-    two_m = k.sum(1)
+    two_m = Ws.sum((1, 2))
     graphs, g_of, g_two_m = Ws, graph_of, two_m
     membership = np.tile(np.arange(n), (B, 1))
     while True:
         size = graphs.shape[1]
         labels = np.tile(np.arange(size), (B, 1))
         orders = np.argsort(rng.random((B, size)), axis=1)
-        labels = _compact(_local_moving(graphs, graphs.sum(2), g_two_m, g_of, labels, orders, gamma))
+        labels, K = _local_moving(graphs, graphs.sum(2), g_two_m, g_of, labels, orders, gamma)
         membership = np.take_along_axis(labels, membership, axis=1)
-        n_modules = labels.max(1) + 1
-        top = int(n_modules.max())
-        graphs = np.stack([_aggregate(graphs[g_of[b]], labels[b], top) for b in range(B)])
+        top = int(labels.max()) + 1
+        graphs = _aggregate(K, graphs, g_of, labels, top)
         g_of, g_two_m = np.arange(B), two_m[graph_of]
         if top == size:
             break
@@ -229,16 +305,22 @@ def _levels(Ws, graph_of, rng, gamma):
     return membership, q
 
 
-def louvain_batch(Ws: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0):
+def louvain_batch(Ws: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0, budget_bytes: int = 1 << 28):
     """Best-of-n_seeds Louvain for each of G networks. Ws [G, n, n] symmetric non-negative ->
-    (modules [G, n] of the best run, Q [G] its modularity, Q_all [G, n_seeds] every run's modularity)."""
+    (modules [G, n] of the best run, Q [G] its modularity, Q_all [G, n_seeds] every run's modularity).
+    Networks run in groups whose per-instance arrays [seeds, n, n] fit in budget_bytes."""
     rng = np.random.default_rng(seed)
-    G = len(Ws)
-    graph_of = np.repeat(np.arange(G), n_seeds)
-    membership, q = _levels(np.asarray(Ws, np.float64), graph_of, rng, gamma)
-    q_all = q.reshape(G, n_seeds)
-    best = q_all.argmax(1)
-    modules = membership.reshape(G, n_seeds, -1)[np.arange(G), best]
+    Ws = np.asarray(Ws, np.float64)
+    G, n = len(Ws), Ws.shape[1]
+    per_graph = max(1, budget_bytes // max(1, n_seeds * n * n * 8))
+    modules, q_all = np.zeros((G, n), int), np.zeros((G, n_seeds))
+    for start in range(0, G, per_graph):
+        group = Ws[start:start + per_graph]
+        graph_of = np.repeat(np.arange(len(group)), n_seeds)
+        membership, q = _levels(group, graph_of, rng, gamma)
+        q_all[start:start + len(group)] = q.reshape(len(group), n_seeds)
+        best = q_all[start:start + len(group)].argmax(1)
+        modules[start:start + len(group)] = membership.reshape(len(group), n_seeds, n)[np.arange(len(group)), best]
     return _compact(modules), q_all.max(1), q_all
 
 
@@ -443,15 +525,16 @@ def band(values) -> dict:
 
 
 def versus_null(observed: float, null_values, direction: str = "greater") -> dict:
-    """observed against its null [n]: z = (observed - mean) / sd, one-sided empirical p (1 + #{null at least as
-    extreme}) / (1 + n), and the null band."""
+    """observed against its null [n]: z = (observed - mean) / sd (None when the null is constant), one-sided
+    empirical p (1 + #{null at least as extreme}) / (1 + n), and the null band."""
     null_values = np.asarray(null_values, np.float64)
     summary = {"observed": float(observed), "null": band(null_values), "z": None, "p": None}
     if null_values.size:
         extreme = null_values >= observed if direction == "greater" else null_values <= observed
         summary["p"] = float((1 + extreme.sum()) / (1 + null_values.size))
-        sd = summary["null"]["sd"]
-        summary["z"] = float((observed - null_values.mean()) / sd) if sd else None
+        sd, mean = summary["null"]["sd"], summary["null"]["mean"]
+        if sd and sd > 1e-9 * max(abs(mean), abs(observed), 1e-300):      # a constant null has no z-score
+            summary["z"] = float((observed - mean) / sd)
     return summary
 
 

@@ -35,7 +35,8 @@ GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "
 # artifacts each notebook must leave in the run folder (conventions: "Artifacts of a run")
 ARTIFACTS = {"01_extract_activations": ["activations.npz"], "02_phiid": ["phiid_per_prompt.npz"],
              "04_ranking_variants": ["rankings.csv"], "05_ablation": ["ablation.csv"],
-             "06_neuron_effects": ["neuron_effects.csv"], "07_qkov_interference": ["interference.npz"]}
+             "06_neuron_effects": ["neuron_effects.csv"], "07_qkov_interference": ["interference.npz"],
+             "08_topology": ["topology.json", "modules.csv"]}
 
 
 def sections(params: Path = PARAMS) -> list[str]:

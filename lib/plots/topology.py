@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator
 
 from lib.plots.common import LAYER_CMAP, new_figure
 
@@ -41,7 +42,7 @@ def network_drawing(W, head_layer, modules, ax=None, title: str = ""):
     norm = Normalize(0, max(int(head_layer.max()), 1))
     sc = ax.scatter(pos[:, 0], pos[:, 1], c=head_layer, cmap=LAYER_CMAP, norm=norm, s=18, edgecolor="k",
                     linewidth=0.3, zorder=2)
-    fig.colorbar(sc, ax=ax, shrink=0.7, label="layer")
+    fig.colorbar(sc, ax=ax, shrink=0.7, label="layer", ticks=MaxNLocator(integer=True))
     ax.set_title(title or f"strongest {len(i)} pairs, {len(np.unique(modules))} modules")
     ax.set_aspect("equal")
     ax.set_axis_off()
@@ -77,7 +78,8 @@ def measure_bars(summary, tag: str = "trained"):
         ax.set_xticks([0, 1], ["syn", "red"])
         ax.set_ylabel(MEASURE_LABELS[measure])
         ax.set_title(f"{measure} ({tag})")
-    axes[0].legend(fontsize=7, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=3)
     fig.suptitle("Synergy vs redundancy network, against strength-preserving nulls")
     return fig
 
@@ -87,11 +89,12 @@ def threshold_sweep(sweep):
     fig, axes = new_figure(9.5, 3.6, ncols=2)
     styles = dict(zip(dict.fromkeys(sweep["tag"]), ["-", "--", ":", "-."] * 10))
     for ax, measure in zip(axes, ("efficiency", "modularity")):
+        levels = sorted(set(sweep["threshold"]))
         for (tag, net), t in sweep.groupby(["tag", "network"], sort=False):
-            ax.plot(100 * t["threshold"], t[measure], styles[tag], marker="o", ms=3, color=NET_COLORS[net],
-                    label=f"{net}, {tag}")
-        ax.set_xscale("log")
-        ax.set_xlabel("strongest pairs kept (% of all pairs, log scale)")
+            ax.plot([levels.index(p) for p in t["threshold"]], t[measure], styles[tag], marker="o", ms=3,
+                    color=NET_COLORS[net], label=f"{net}, {tag}")
+        ax.set_xticks(range(len(levels)), [f"{100 * p:g}%" for p in levels])
+        ax.set_xlabel("strongest pairs kept (% of all pairs)")
         ax.set_ylabel(MEASURE_LABELS[measure])
     axes[0].legend(fontsize=7)
     fig.suptitle("Threshold sweep")
@@ -105,7 +108,9 @@ def modules_vs_layers(modules_table, summary, tag: str = "trained"):
         rows = modules_table[(modules_table["tag"] == tag) & (modules_table["network"] == net)]
         counts = np.zeros((rows["module"].max() + 1, rows["layer"].max() + 1))
         np.add.at(counts, (rows["module"], rows["layer"]), 1)
-        im = ax.imshow(counts, aspect="auto", origin="lower", cmap="Greys", interpolation="nearest")
+        im = ax.imshow(counts, aspect="auto", origin="lower", cmap="Greys", interpolation="nearest", vmin=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax, label="heads")
         s = summary[(summary["tag"] == tag) & (summary["network"] == net) & (summary["measure"] == "nmi_layers")]
         r = s.iloc[0]
