@@ -346,7 +346,11 @@ def _extra_lines(c: dict) -> list[str]:
     if c.get("id") == "C2" and d.get("raw_verdict"):
         lines.append(f"raw profile: {d['raw_verdict']}; beyond the null: {d.get('beyond_null_verdict')}")
     if c.get("id") == "C3" and d.get("trained"):
-        lines.append(f"trained: {d['trained']}; random init: {d.get('random_init')}")
+        t, r = d["trained"], d.get("random_init") or {}
+        lines.append(f"trained: raw {t.get('raw')}, beyond null {t.get('beyond_null')}; random init: raw "
+                     f"{r.get('raw')}, beyond null {r.get('beyond_null')}")
+        for tag, v in (d.get("checkpoints") or {}).items():
+            lines.append(f"{tag}: raw {v.get('raw')}, beyond null {v.get('beyond_null')}")
     if "percentile_among_random" in d:
         m = d.get("layer_matched") or {}
         lines.append(f"percentile among {d.get('n_random')} random orders: {_num(d['percentile_among_random'])}; "
