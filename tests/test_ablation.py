@@ -464,3 +464,19 @@ A.run_ablation(model, arch, inputs, plan, batch_size=6, progress=False, on_unit=
     resumed = A.run_ablation(model, arch, inputs, plan, batch_size=6, progress=False, on_unit=calls.append)
     assert len(calls) == len(plan.units()) - 2
     np.testing.assert_array_equal(resumed.kl, reference[2].kl)
+
+
+def test_random_band_never_drawn_below_zero_on_the_log_axis():
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.collections import PolyCollection
+    from lib.plots.ablation import plot_ablation_curves
+    base = np.array([[0.0] * 3, [0.01] * 3, [1.0] * 3])                      # [points, prompts]
+    result = synthetic_result(base, [base * 0.05, base * 2.0, base * 0.1], base * 0.5)   # sd > mean at every point
+    fig = plot_ablation_curves(result)
+    for ax in fig.axes[:2]:
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert bands
+        lowest = min(p.vertices[:, 1].min() for b in bands for p in b.get_paths())
+        assert lowest >= 0 and (ax.get_yscale() != "log" or lowest >= ax.get_ylim()[0] * (1 - 1e-9) > 0)
+    assert fig.axes[1].get_yscale() == "log"
