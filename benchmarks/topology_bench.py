@@ -59,9 +59,13 @@ def one_size(args) -> dict:
     else:
         synthetic_run(scratch, args.heads[0], tags=("", "random_init")[:args.tags])
     wall, cpu = time.perf_counter(), time.process_time()
-    out = tp.run_topology(scratch, n_null=args.n_null, n_louvain=args.n_louvain, seed=0, baselines=args.tags > 1)
+    out = tp.run_topology(scratch, n_null=args.n_null, n_louvain=args.n_louvain, seed=0, baselines=args.tags > 1,
+                          n_jobs=args.n_jobs)
     claim = out["json"]["claim"]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"heads": claim["n"], "tags": len(out["json"]["tags"]), "n_null": args.n_null, "n_louvain": args.n_louvain,
+            "n_jobs": args.n_jobs, "children_cpu_s": round(children.ru_utime + children.ru_stime, 2),
+            "children_peak_rss_gb": round(children.ru_maxrss / 2 ** 20, 3),
             "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
             "efficiency_syn_minus_red": claim["value"], "null_ci95": claim["null"]["ci95"],
@@ -77,6 +81,7 @@ def main() -> int:
     parser.add_argument("--n-null", type=int, default=100)
     parser.add_argument("--n-louvain", type=int, default=20)
     parser.add_argument("--tags", type=int, default=1, help="1: trained only (the target); 2: + random_init")
+    parser.add_argument("--n-jobs", type=int, default=2, help="processes (one per tag and network)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,9 +91,9 @@ def main() -> int:
     rows = []
     for heads in ([0] if args.out_dir else args.heads):
         cmd = [sys.executable, __file__, "--child", "--heads", str(heads), "--n-null", str(args.n_null),
-               "--n-louvain", str(args.n_louvain), "--tags", str(args.tags)]
+               "--n-louvain", str(args.n_louvain), "--tags", str(args.tags), "--n-jobs", str(args.n_jobs)]
         cmd += ["--out-dir", args.out_dir] if args.out_dir else []
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -154,7 +154,7 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                              "grad_method": one_of("hooks", "vmap", "loop"), "num_threads": at_least(0),
                              "top_k": at_least(1)},
     "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
-                    "n_null": at_least(0), "n_bands": at_least(1)},
+                    "n_null": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
 }
 
 

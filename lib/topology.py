@@ -472,12 +472,13 @@ def strength_by_layer(W: np.ndarray, head_layer: np.ndarray):
 
 # ------------------------------------------------------------------------------------------------ one network
 
-def check_settings(thresholds, n_louvain, n_null, n_bands) -> tuple[float, ...]:
+def check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs=1) -> tuple[float, ...]:
     """Validate the analysis settings -> thresholds as floats (TopologyError naming the bad one)."""
     thresholds = tuple(check_threshold(p) for p in thresholds)
     if not thresholds:
         raise TopologyError("thresholds is empty: give at least one fraction of pairs, e.g. [0.1, 1.0]")
-    for name, value, low in (("n_null", n_null, 0), ("n_louvain", n_louvain, 1), ("n_bands", n_bands, 1)):
+    for name, value, low in (("n_null", n_null, 0), ("n_louvain", n_louvain, 1), ("n_bands", n_bands, 1),
+                             ("n_jobs", n_jobs, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise TopologyError(f"{name} = {value!r}: it must be an integer >= {low}")
     return thresholds
@@ -636,12 +637,33 @@ def _difference(a: dict, b: dict, measure: str) -> dict:
     return versus_null(obs, null, "greater")
 
 
-def analyse_tag(nets: dict, thresholds, n_louvain, n_null, n_bands, seed, progress=None) -> dict:
-    """Both networks of one tag and their differences: efficiency syn - red, modularity red - syn."""
-    out = {net: analyse_network(nets[net], nets["head_layer"], thresholds, n_louvain, n_null, n_bands,
-                                [*seed, k], progress) for k, net in enumerate(NETWORKS)}
-    out["efficiency_syn_minus_red"] = _difference(out["syn"], out["red"], "efficiency")
-    out["modularity_red_minus_syn"] = _difference(out["red"], out["syn"], "modularity")
+def _analyse_one(args):
+    return analyse_network(*args)
+
+
+def analyse_all(inputs: dict, thresholds, n_louvain, n_null, n_bands, seed, n_jobs: int = 1, bar=None) -> dict:
+    """Both networks of every tag ({tag: networks}) and their differences (efficiency syn - red, modularity
+    red - syn) -> {tag: {"syn": ..., "red": ..., differences}}. n_jobs > 1: the (tag, network) units run in
+    forked processes; the seeds depend only on (seed, tag index, network), so the results do not depend on n_jobs."""
+    units = [(tag, net) for tag in inputs for net in NETWORKS]
+    args = [(inputs[tag][net], inputs[tag]["head_layer"], thresholds, n_louvain, n_null, n_bands,
+             [seed, list(inputs).index(tag), list(NETWORKS).index(net)]) for tag, net in units]
+    if n_jobs > 1 and len(args) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(min(n_jobs, len(args))) as pool:
+            done = []
+            for r in pool.imap(_analyse_one, args):
+                done.append(r)
+                if bar is not None:
+                    bar.update(n_null)
+    else:
+        done = [analyse_network(*a, progress=bar) for a in args]
+    out = {tag: {} for tag in inputs}
+    for (tag, net), r in zip(units, done):
+        out[tag][net] = r
+    for r in out.values():
+        r["efficiency_syn_minus_red"] = _difference(r["syn"], r["red"], "efficiency")
+        r["modularity_red_minus_syn"] = _difference(r["red"], r["syn"], "modularity")
     return out
 
 
@@ -730,17 +752,16 @@ def sweep_table(per_tag: dict):
 
 def run_topology(out_dir, mode: str = "per_prompt", thresholds=THRESHOLDS, n_louvain: int = 20,
                  n_null: int = 100, n_bands: int = 3, seed: int = 0, baselines: bool = True,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, n_jobs: int = 1) -> dict:
     """Notebook 08: every measure for the trained model's networks and (baselines) every other phiid tag.
     Checks every input first, then writes topology.json (with the C4 claim block) and modules.csv.
     -> dict: json (the written summary), summary, sweep, modules, strength (DataFrames), networks {tag: nets}."""
     import pandas as pd
     from lib import artifacts, store
-    measured = analysis_thresholds(check_settings(thresholds, n_louvain, n_null, n_bands))
+    measured = analysis_thresholds(check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs))
     inputs = load_all(out_dir, mode, baselines)
     bar = _progress(progress, n_null * len(NETWORKS) * len(inputs))
-    results = {tag: analyse_tag(nets, measured, n_louvain, n_null, n_bands, [seed, k], bar)
-               for k, (tag, nets) in enumerate(inputs.items())}
+    results = analyse_all(inputs, measured, n_louvain, n_null, n_bands, seed, n_jobs, bar)
     if bar is not None:
         bar.close()
     per_tag = {tag: _json_tag(inputs[tag], r) for tag, r in results.items()}

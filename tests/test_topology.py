@@ -251,3 +251,14 @@ def test_a_baseline_file_copied_from_another_tag_fails(tmp_path):
     with pytest.raises(tp.TopologyError, match="file of another run or tag"):
         tp.run_topology(tmp_path, n_null=2, n_louvain=2)
     assert _written(tmp_path) == []
+
+
+def test_results_do_not_depend_on_n_jobs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        _phiid_file(d)
+        _phiid_file(d, tag="random_init", seed=1)
+    one = tp.run_topology(a, n_null=3, n_louvain=2, n_jobs=1)["json"]
+    two = tp.run_topology(b, n_null=3, n_louvain=2, n_jobs=2)["json"]
+    assert json.dumps(one["tags"], sort_keys=True) == json.dumps(two["tags"], sort_keys=True)
