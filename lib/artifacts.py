@@ -193,6 +193,26 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              }),
     Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
+    Artifact("local_phiid", "local_phiid{tag}.npz", "11_local_synergy",
+             "per-head local sts and rtr (mean over partners) at every transition t -> t + tau, with the token "
+             "read, entropy and surprisal at the future step and the token kinds", {
+                 "sts": _k("float", "heads", "prompts", "transitions", doc="local synergy, nats"),
+                 "rtr": _k("float", "heads", "prompts", "transitions", doc="local redundancy, nats"),
+                 "n_partners": _k("int", "heads", "prompts", doc="partners defined with the head in the prompt"),
+                 "head_layer": _k("int", "heads"), "head_index": _k("int", "heads"),
+                 "entropy": _k("float", "prompts", "transitions", doc="next-token entropy at the future step, nats"),
+                 "surprisal": _k("float", "prompts", "transitions", doc="-log p(generated token), nats"),
+                 "token_ids": _k("int", "prompts", "transitions", doc="token read at the future step"),
+                 "kinds": _k("bool", "kinds", "prompts", "transitions"), "kind_names": _k("str", "kinds"),
+                 "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"), "model": _k("str"),
+                 "greedy_agreement": _k("float"), "seconds": _k("float"),
+             }),
+    Artifact("local_summary", "local_summary.json", "11_local_synergy",
+             "local synergy vs entropy/surprisal (circular-shift null) per layer, by token kind (bootstrap CI, "
+             "shift null), per tag", {
+                 "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"),
+                 "tags": _k("object", doc="per tag (trained, random_init): correlations, kind table, agreement"),
+             }),
     Artifact("manifest", "manifest.json", "lib.run", "parameters, versions, git commit, weights checksum, timings"),
     Artifact("claims", "claims.json", "lib.run",
              "the claims scorecard: one entry per claim of the paper (C1-C7) with statistic, 95% CI, null, the "

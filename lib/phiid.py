@@ -197,12 +197,13 @@ def ccs_local_redundancies(mi, xp=np):
     return red
 
 
-def mmi_local_redundancies(mi, xp=np):
+def mmi_local_redundancies(mi, xp=np, means=None):
     """MMI on local arrays (phyid's exact rule, needed only for local atoms). mi: MI name -> [..., time]
     (any leading batch axes). Each redundancy keeps the whole local array of its first MI where that array's
     time mean is strictly smaller, else the second; D keeps the DOUBLE_ARGS array with the smallest mean (the
-    first one on ties: argmin semantics)."""
-    means = {name: v.mean(-1, keepdims=True) for name, v in mi.items()}
+    first one on ties: argmin semantics). means: MI name -> [..., 1] to compare instead of the arrays' own
+    time means (e.g. closed-form means when mi holds linear coefficients rather than local values)."""
+    means = means or {name: v.mean(-1, keepdims=True) for name, v in mi.items()}
     red = {name: xp.where(means[first] < means[second], mi[first], mi[second])
            for name, (first, second, _) in REDUNDANCY_ARGS.items()}
     best, best_mean = mi[DOUBLE_ARGS[0]], means[DOUBLE_ARGS[0]]
@@ -755,10 +756,10 @@ def _accumulate(seg, pc, redundancy, be, sums, n_valid):
     n_valid[pc.sl] += defined
 
 
-def _for_each_chunk(X, mode, tau, lengths, be, local, chunk_of, workers, work):
+def _for_each_chunk(X, mode, tau, lengths, be, local, chunk_of, workers, work, segment_done=None):
     """Call work(segment_index, seg, pc) for every usable segment of `mode` and every pair chunk, the chunks of a
-    segment on `workers` threads (they write disjoint slices). chunk_of(samples) -> pairs per chunk.
-    Returns the number of segments (unusable ones included)."""
+    segment on `workers` threads (they write disjoint slices), then segment_done(segment_index, seg) if given.
+    chunk_of(samples) -> pairs per chunk. Returns the number of segments (unusable ones included)."""
     n_segments, chunks = 0, None
     with ThreadPoolExecutor(workers) as pool:
         for group in _segment_groups(X, mode, tau, be, local, lengths):
@@ -769,6 +770,8 @@ def _for_each_chunk(X, mode, tau, lengths, be, local, chunk_of, workers, work):
                     index = n_segments
                     # list() waits for every chunk and re-raises any error
                     list(pool.map(lambda pc: work(index, seg, pc), chunks))
+                    if segment_done is not None:
+                        segment_done(index, seg)
                 n_segments += 1
     return n_segments
 
@@ -964,9 +967,9 @@ def _local_block(st, i, j, redundancy, names):
     rows = (st.z[:, i], st.z[:, j], st.z[:, H + i], st.z[:, H + j])
     twice = _twice_local_mi(rows, (st.self_quad[:, i], st.self_quad[:, j]), expand(r), expand(g),
                             expand(_mean_mi_batched(g, np)))
-    mi = {name: 0.5 * v for name, v in twice.items()}
-    red = mmi_local_redundancies(mi) if redundancy == "MMI" else ccs_local_redundancies(mi)
-    return atoms_from_parts({**mi, **red}, names), defined
+    # both redundancy rules and the atoms are linear in the MIs (MMI compares means): halve only the atoms
+    red = mmi_local_redundancies(twice) if redundancy == "MMI" else ccs_local_redundancies(twice)
+    return {name: 0.5 * v for name, v in atoms_from_parts({**twice, **red}, names).items()}, defined
 
 
 def _per_prompt_axis(values, prompts):
@@ -1101,29 +1104,182 @@ def phiid_local_head_means(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=
     t0 = time.perf_counter()
     X, names = _check_local(X, tau, redundancy, mode, atoms, allowed=SYMMETRIC_ATOMS)
     P, H = X.shape[:2]
+    workers = workers or _default_workers("numpy")
+    if redundancy == "MMI":
+        sums, counts = _mmi_head_means(X, tau, mode, names, workers)
+    else:
+        sums, counts = _ccs_head_sums(X, tau, mode, names, workers, block_values, progress)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {name: _head_axis(sums[name] / counts[..., None], P) for name in names}
+    n_partners = np.broadcast_to(counts, (H, P)) if counts.shape[1] == 1 else counts
+    return LocalHeadMeans(means, np.ascontiguousarray(n_partners), mode, int(tau), redundancy,
+                          time.perf_counter() - t0)
+
+
+# MMI per-head means without pair-level local arrays. Every local MI is its closed-form mean plus half a quadratic
+# form of the pair's z-scored (x, y, a, b)(t) (the residual terms of _twice_local_mi, as squared linear forms), and
+# under MMI every atom is a fixed (per pair) linear combination of the nine MIs. So a pair's local atom is
+# mean + 1/2 w(t)^T M w(t), and the sum over all partners k of head h expands into per-segment matrix products
+# [heads, heads] @ [heads, samples] of per-pair coefficients with x, a, x^2, a^2 and x a. Rounding grows like
+# 1e-16 / (smallest residual variance of the pair): ~1e-12 for well-conditioned pairs.
+
+_SWAP = (1, 0, 3, 2)                     # (x, y, a, b) seen from the target: (y, x, b, a)
+_QUAD_TERMS = [(p, q) for p in range(4) for q in range(p, 4)]
+
+
+def _quadratic_terms(r, g):
+    """Quadratic parts of the nine local MIs as sums of squared linear forms: dict MI name -> list of
+    (u, weight) with q_A(t) + q_B(t) - q_AB(t) = sum weight * (u . w(t))^2, w = (x, y, a, b)(t); u: dict
+    position -> coefficient ([pairs] arrays or 1.0). The same residuals as _twice_local_mi."""
+    def minus(u, v, c):                                   # u - c * v
+        out = dict(u)
+        for k, value in v.items():
+            out[k] = out.get(k, 0.0) - c * value
+        return out
+
+    def two(k, m, rr, det):                               # v^2 - (v - r u)^2 / det, u = w_k, v = w_m
+        return [({m: 1.0}, 1.0), ({k: -rr, m: 1.0}, -1 / det)]
+
+    w_y = {0: -r["xy"] / g["sd_xy"], 1: 1 / g["sd_xy"]}
+    e_a = minus({0: -r["xa"], 2: 1.0}, w_y, g["l_ya"])
+    e_b = minus({0: -r["xb"], 3: 1.0}, w_y, g["l_yb"])
+    w_b = {2: -r["ab"] / g["sd_ab"], 3: 1 / g["sd_ab"]}
+    e_x = minus({0: 1.0, 2: -r["xa"]}, w_b, g["l_bx"])
+    e_y = minus({1: 1.0, 2: -r["ya"]}, w_b, g["l_by"])
+    e_b_xya = minus(e_b, e_a, g["cov_ab_xy"] / g["var_a_xy"])
+    return {"I_xta": two(0, 2, r["xa"], g["det_xa"]), "I_xtb": two(0, 3, r["xb"], g["det_xb"]),
+            "I_yta": two(1, 2, r["ya"], g["det_ya"]), "I_ytb": two(1, 3, r["yb"], g["det_yb"]),
+            "I_xyta": [({2: 1.0}, 1.0), (e_a, -1 / g["var_a_xy"])],
+            "I_xytb": [({3: 1.0}, 1.0), (e_b, -1 / g["var_b_xy"])],
+            "I_xtab": [({0: 1.0}, 1.0), (e_x, -1 / g["var_x_ab"])],
+            "I_ytab": [({1: 1.0}, 1.0), (e_y, -1 / g["var_y_ab"])],
+            "I_xytab": [({2: 1.0}, 1.0), (w_b, 1.0), (e_a, -1 / g["var_a_xy"]),
+                        (e_b_xya, -g["var_a_xy"] / g["schur_ab_xy"])]}
+
+
+def _atom_form(coef, terms):
+    """coef: [pairs, 9] coefficients of one atom over MI_NAMES; terms: _quadratic_terms -> dict (p, q), p <= q ->
+    [pairs] entries of the atom's symmetric form M (w^T M w = its quadratic part)."""
+    M = {}
+    for k, name in enumerate(MI_NAMES):
+        c = coef[:, k]
+        if not c.any():
+            continue
+        for u, weight in terms[name]:
+            cw = c * weight
+            for p in u:
+                for q in u:
+                    if p <= q:
+                        M[p, q] = M.get((p, q), 0.0) + cw * u[p] * u[q]
+    return M
+
+
+def _mmi_coefficients(mean_mi, names):
+    """Each atom of `names` under MMI (picks made on the closed-form means, phyid's rule) as coefficients over
+    MI_NAMES -> dict name -> [pairs, 9]."""
+    n = len(mean_mi["I_xta"])
+    onehot = {name: np.broadcast_to(np.eye(len(MI_NAMES))[k], (n, len(MI_NAMES))) for k, name in enumerate(MI_NAMES)}
+    red = mmi_local_redundancies(onehot, means={k: v[:, None] for k, v in mean_mi.items()})
+    return atoms_from_parts({**onehot, **red}, names)
+
+
+class _HeadSums:
+    """Running per-head sums of local atoms for one atom under MMI: per-segment [heads, heads] coefficient
+    matrices (one per entry of the symmetric 4x4 form, from head h's point of view: (x_h, x_k, a_h, a_k)) and
+    the per-pair means, turned into [heads, samples] sums by segment_sums."""
+
+    def __init__(self, heads, segments, samples):
+        self.A = np.zeros((len(_QUAD_TERMS), heads, heads))
+        self.mean = np.zeros((heads, heads))
+        self.sums = np.zeros((heads, segments, samples))
+
+    def add_pairs(self, i, j, M, mean, defined):
+        """Pairs (i, j) (source i): M (p, q) -> [pairs] form entries in (x_i, x_j, a_i, a_j) order, mean [pairs],
+        defined [pairs]."""
+        for t, (p, q) in enumerate(_QUAD_TERMS):
+            factor = 1.0 if p == q else 2.0
+            swapped = tuple(sorted((_SWAP[p], _SWAP[q])))
+            self.A[t, i, j] = np.where(defined, factor * M.get((p, q), 0.0), 0.0)
+            self.A[t, j, i] = np.where(defined, factor * M.get(swapped, 0.0), 0.0)
+        self.mean[i, j] = self.mean[j, i] = np.where(defined, mean, 0.0)
+
+    def segment_sums(self, s, x, a):
+        """Sum over partners of the local atom for every head of segment s: x, a [heads, samples] z-scored
+        pasts and futures."""
+        w = {0: x, 2: a}                                  # head h's own rows; partners' rows enter through A @ .
+        out = self.mean.sum(1)[:, None] * np.ones_like(x)
+        for t, (p, q) in enumerate(_QUAD_TERMS):
+            A = self.A[t]
+            own = [k for k in (p, q) if k in w]
+            other = [{1: x, 3: a}[k] for k in (p, q) if k not in w]
+            if not other:                                 # both factors are head h's own rows
+                term = A.sum(1)[:, None] * w[own[0]] * w[own[1]]
+            elif not own:                                 # both factors are the partner's rows
+                term = A @ (other[0] * other[1])
+            else:
+                term = w[own[0]] * (A @ other[0])
+            out += 0.5 * term
+        self.sums[:, s] = out
+        self.A[:] = 0.0
+        self.mean[:] = 0.0
+
+
+def _mmi_head_means(X, tau, mode, names, workers):
+    """MMI per-head local atoms averaged over partners via _HeadSums -> (dict name -> [heads, segments, samples]
+    sums, counts [heads, segments])."""
+    heads = X.shape[1]
+    n_seg = X.shape[0] if mode == "per_prompt" else 1
+    samples = X.shape[2] - tau if mode == "per_prompt" else X.shape[0] * (X.shape[2] - tau)
+    acc = {name: _HeadSums(heads, n_seg, samples) for name in names}
+    counts = np.zeros((heads, n_seg), dtype=np.int64)
+    pair_defined = np.zeros((heads, heads), dtype=bool)
+    be = _Backend("numpy")
+
+    def work(_, seg, pc):
+        r, g, defined, _ = _chunk_geometry(seg, pc, np)
+        terms = _quadratic_terms(r, g)
+        mean_mi = _mean_mi_batched(g, np)
+        coef = _mmi_coefficients(mean_mi, names)
+        means = np.stack([mean_mi[k] for k in MI_NAMES], axis=1)                 # [pairs, 9]
+        for name in names:
+            acc[name].add_pairs(pc.i, pc.j, _atom_form(coef[name], terms), (coef[name] * means).sum(1), defined)
+        pair_defined[pc.i, pc.j] = pair_defined[pc.j, pc.i] = defined
+
+    def segment_done(s, seg):
+        H = seg.heads
+        for name in names:
+            acc[name].segment_sums(s, seg.z[:H], seg.z[H:])
+        counts[:, s] = pair_defined.sum(1)
+        pair_defined[:] = False
+
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
+        _for_each_chunk(X, mode, tau, None, be, False, lambda _: 4096, workers, work, segment_done)
+    return {name: acc[name].sums for name in names}, counts
+
+
+def _ccs_head_sums(X, tau, mode, names, workers, block_values, progress):
+    """Per-head sums of local atoms over partners from pair blocks (CCS has no closed form: its sign tests act
+    on every local value) -> (dict name -> [heads, segments, samples], counts [heads, segments]). Each worker
+    keeps its own sums."""
+    H = X.shape[1]
     st = _stacked_segments(X, mode, tau)
     S, _, N = st.z.shape
     blocks = _head_blocks(H, _block_size(S, N, block_values))
-    workers = workers or _default_workers("numpy")
     shares = [blocks[w::workers] for w in range(workers)]
     bar = _progress_bar(len(blocks), progress)
 
     def run(share):
         sums, counts = {name: np.zeros((H, S, N)) for name in names}, np.zeros((H, S), dtype=np.int64)
         for h, ks in share:
-            _accumulate_head_block(st, h, ks, redundancy, names, sums, counts)
+            _accumulate_head_block(st, h, ks, "CCS", names, sums, counts)
             bar.update(1)
         return sums, counts
 
     with ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(run, shares))
     bar.close()
-    counts = sum(c for _, c in parts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = {name: _head_axis(sum(s[name] for s, _ in parts) / counts[..., None], P) for name in names}
-    n_partners = np.broadcast_to(counts, (H, P)) if S == 1 else counts
-    return LocalHeadMeans(means, np.ascontiguousarray(n_partners), mode, int(tau), redundancy,
-                          time.perf_counter() - t0)
+    return {name: sum(s[name] for s, _ in parts) for name in names}, sum(c for _, c in parts)
 
 
 def _head_axis(values, prompts):

@@ -7,6 +7,8 @@
 #   01 extract (GPU) -> 02 PhiID (CPU) -> 03 diagnostics (CPU) -> 04 ranking (CPU)
 #   -> 05 ablation array (GPU, shard i/N) -> 05 merge -> 06 neuron array (GPU) -> 06 merge -> 07 QK-OV (GPU)
 #   -> 08 topology (CPU; needs only 02's files, placed in the chain like every other notebook)
+#   -> 11 local synergy (CPU: local PhiID of notebook 01's activations plus a teacher-forced pass; it needs 01 only,
+#   and runs in the chain's order)
 #   -> report (index.html; `afterany`, so it also shows a failed or cancelled pipeline)
 # A notebook is shardable when it declares a `shard` parameter. Every job has --kill-on-invalid-dep=yes: when a
 # job fails, the jobs after it are cancelled instead of pending forever. Array tasks are --requeue'able and the
