@@ -1095,12 +1095,14 @@ def _accumulate_head_block(st, h, ks, redundancy, names, sums, counts):
 
 def phiid_local_head_means(X, tau=1, redundancy="MMI", mode="per_prompt", atoms=("sts", "rtr"), workers=None,
                            block_values=1 << 17, progress=False):
-    """Per-head local atoms averaged over all partners, streamed over blocks of pairs -> LocalHeadMeans.
+    """Per-head local atoms averaged over all partners, streamed -> LocalHeadMeans.
 
-    Memory O(heads x prompts x steps) per worker: no pair-level local array is kept. atoms: swap-invariant
-    atoms only (SYMMETRIC_ATOMS: rtr, rts, str, sts), so each unordered pair is computed once and added to both
-    heads. workers: threads with their own running sums (default: usable CPUs up to 4); the result depends on
-    their number only through the order of floating-point additions (~1e-15)."""
+    Memory O(heads x prompts x steps): no pair-level local array is kept. atoms: swap-invariant atoms only
+    (SYMMETRIC_ATOMS: rtr, rts, str, sts), so each unordered pair is computed once and added to both heads.
+    MMI: per-pair quadratic forms summed over partners with per-segment matrix products (_HeadSums); pairs in
+    chunks on `workers` threads. CCS: local values of blocks of pairs (about block_values values each), each
+    of `workers` threads with its own running sums (progress: a tqdm bar over the blocks). The result depends
+    on workers only through the order of floating-point additions (~1e-15)."""
     t0 = time.perf_counter()
     X, names = _check_local(X, tau, redundancy, mode, atoms, allowed=SYMMETRIC_ATOMS)
     P, H = X.shape[:2]
