@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -66,8 +65,11 @@ def declared_parameters(path: Path) -> dict[str, dict]:
     """name -> {"type": inferred type name, "default": default source text} from the `parameters` cell."""
     import papermill
     import logging
+    import warnings
     logging.getLogger("papermill").setLevel(logging.ERROR)
-    declared = papermill.inspect_notebook(str(path))
+    with warnings.catch_warnings():                  # nbformat's cell-id notice is about the file, not the run
+        warnings.simplefilter("ignore")
+        declared = papermill.inspect_notebook(str(path))
     if not declared:
         raise ParamsError(f"{path.name} has no cell tagged 'parameters'")
     missed = sorted(assigned_names(path) - set(declared))
@@ -407,10 +409,10 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
     t0 = time.perf_counter()
     record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
     tmp = step.output.with_name(f".{step.output.name}.tmp.ipynb")
-    fd, log = tempfile.mkstemp(prefix="headinfo-reads-", suffix=".log")
-    os.close(fd)
+    log = step.output.with_name(f".{step.output.stem}.reads.tmp.log")    # removed by the next run if we are killed
     failure = None
     try:
+        log.write_text("")
         with _KernelEnv(step, Path(log)):
             _papermill(step, tmp, log_output)
         os.replace(tmp, step.output)
@@ -552,6 +554,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the params file and exit")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs to the log")
     args = parser.parse_args(argv)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # scancel / requeue: record "failed", then stop
     try:
         if args.check:
             steps = check_run(args.params, args.only, args.overrides)

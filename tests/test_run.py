@@ -536,6 +536,20 @@ def test_a_second_runner_is_refused_while_one_runs(tiny_copy):
     assert first.returncode == 0
 
 
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc), deepest first."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            found += _children(child) + [child]
+    return found
+
+
 def _executed_cells(path: Path) -> int:
     try:
         nb = json.loads(path.read_text())
@@ -564,7 +578,8 @@ def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_reference,
     while _executed_cells(partial) < n_code // 2 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert killed.poll() is None, "the notebook finished before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)                 # the runner and its kernel
+    for pid in _children(killed.pid) + [killed.pid]:      # the kernel (its own session) and the runner
+        os.kill(pid, signal.SIGKILL)
     killed.wait()
     entry = json.loads((out / "manifest.json").read_text())["notebooks"][notebook]
     assert entry["status"] == "running"
