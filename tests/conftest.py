@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from lib.models import RANDOM_ARCHS, load_model  # noqa: E402
+from lib.models import CLUSTER_ARCHS, RANDOM_ARCHS, load_model  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,3 +28,17 @@ def tiny_arch(request):
 def smollm2():
     """The real bundled SmolLM2-135M-Instruct (sdpa attention): (model, tokenizer, arch)."""
     return cached_model("bundled:smollm2-135m")
+
+
+@pytest.fixture(params=RANDOM_ARCHS + CLUSTER_ARCHS)
+def every_arch(request):
+    """Every tiny architecture, the cluster examples' layouts included (multimodal Gemma 3, Gemma 2, Mistral)."""
+    model, tokenizer, arch = cached_model(f"random:{request.param}", "eager")
+    return request.param, model, tokenizer, arch
+
+
+@pytest.fixture(params=CLUSTER_ARCHS)
+def cluster_arch(request):
+    """The cluster examples' layouts as tiny random models: (name, model, tokenizer, arch)."""
+    model, tokenizer, arch = cached_model(f"random:{request.param}", "eager")
+    return request.param, model, tokenizer, arch

@@ -112,7 +112,8 @@ def test_prompt_selection_spreads_over_categories():
 
 # ----------------------------------------------------------------------------- divergence against truth
 
-@pytest.mark.parametrize("spec", ["random:llama", "random:qwen3", "random:gpt2", "random:gpt_neox", "random:gemma3"])
+@pytest.mark.parametrize("spec", ["random:llama", "random:qwen3", "random:gpt2", "random:gpt_neox", "random:gemma3",
+                                  "random:gemma3_multimodal", "random:gemma2", "random:mistral"])
 def test_batched_divergence_equals_naive(tmp_path, spec):
     model, _, arch = load_model(spec)
     ids = torch.randint(3, 2000, (2, 9))

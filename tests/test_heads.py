@@ -94,3 +94,10 @@ def test_mask_row_count_mismatch_is_an_error(tiny_arch):
     with pytest.raises(ValueError, match="mask has 3 rows"):
         with HeadHooks(arch, mask=torch.ones(3, arch.total_heads)):
             model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_cluster_layouts_hook_and_mask(cluster_arch):
+    """Multimodal Gemma 3 (decoder under model.language_model), Gemma 2 (attention soft-capping), Mistral (sliding
+    window): the head hook equals the hand attention, and the mask equals zeroing weights."""
+    test_hook_norms_equal_manual_attention(cluster_arch)
+    test_mask_equals_zeroing_output_projection_columns(cluster_arch)

@@ -50,8 +50,8 @@ def mlp_inputs(arch, model):
     return seen
 
 
-def test_head_out_equals_hand_attention(tiny_arch):
-    name, model, _, arch = tiny_arch
+def test_head_out_equals_hand_attention(every_arch):
+    name, model, _, arch = every_arch
     manual_model, _, manual_arch = cached_model(f"random:{name}", manual_attention.NAME)
     manual_attention.captured.clear()
     got, _ = capture(manual_arch, manual_model, ["head_out"])
@@ -61,8 +61,8 @@ def test_head_out_equals_hand_attention(tiny_arch):
         torch.testing.assert_close(got["head_out"][l], heads.transpose(1, 2).flatten(-2), atol=1e-6, rtol=1e-5)
 
 
-def test_attn_out_mlp_act_mlp_out_resid_post_by_hand(tiny_arch):
-    _, model, _, arch = tiny_arch
+def test_attn_out_mlp_act_mlp_out_resid_post_by_hand(every_arch):
+    _, model, _, arch = every_arch
     got, out = capture(arch, model, list(SITES), output_hidden_states=True)
     x_mlp = mlp_inputs(arch, model)
     for l in range(arch.n_layers):
@@ -76,8 +76,8 @@ def test_attn_out_mlp_act_mlp_out_resid_post_by_hand(tiny_arch):
     torch.testing.assert_close(last, out.hidden_states[-1])
 
 
-def test_one_layer_key_and_order(tiny_arch):
-    _, model, _, arch = tiny_arch
+def test_one_layer_key_and_order(every_arch):
+    _, model, _, arch = every_arch
     calls = []
     with torch.no_grad(), hooks(arch, {("mlp_act", 2): lambda l, x: calls.append(("a", l)),
                                        "resid_post": lambda l, x: calls.append(("r", l))}):
@@ -90,9 +90,9 @@ def zero_params(*modules):
 
 
 @pytest.mark.parametrize("site", ["head_out", "attn_out", "mlp_act", "mlp_out"])
-def test_replacement_equals_zeroed_weights(tiny_arch, site):
+def test_replacement_equals_zeroed_weights(every_arch, site):
     """Returning zeros at a site = zeroing the weights that produce (post) or read (pre) it."""
-    _, model, _, arch = tiny_arch
+    _, model, _, arch = every_arch
     layer = 1
     module = {"head_out": arch.attn_out(layer), "attn_out": arch.attn_out(layer),
               "mlp_act": arch.mlp_down(layer), "mlp_out": arch.mlp_down(layer)}[site]
@@ -109,8 +109,8 @@ def test_replacement_equals_zeroed_weights(tiny_arch, site):
     assert (hooked - clean).abs().max() > 1e-4
 
 
-def test_resid_post_replacement_reaches_the_logits(tiny_arch):
-    _, model, _, arch = tiny_arch
+def test_resid_post_replacement_reaches_the_logits(every_arch):
+    _, model, _, arch = every_arch
     h = torch.randn(2, IDS.shape[1], arch.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), hooks(arch, {("resid_post", arch.n_layers - 1): lambda l, x: h}):
         logits = model(input_ids=IDS).logits
@@ -121,8 +121,8 @@ def all_hooks(arch):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in arch.model.modules())
 
 
-def test_handles_removed_after_an_exception(tiny_arch):
-    _, model, _, arch = tiny_arch
+def test_handles_removed_after_an_exception(every_arch):
+    _, model, _, arch = every_arch
     own = all_hooks(arch)                       # hooks transformers itself installs on some models
     def boom(layer, x):
         raise RuntimeError("inside the hook")
@@ -137,8 +137,8 @@ def test_handles_removed_after_an_exception(tiny_arch):
     assert all_hooks(arch) == own
 
 
-def test_bad_site_or_layer_installs_nothing(tiny_arch):
-    _, _, _, arch = tiny_arch
+def test_bad_site_or_layer_installs_nothing(every_arch):
+    _, _, _, arch = every_arch
     own = all_hooks(arch)
     for fns, message in [({"attn_in": print}, "unknown hook site 'attn_in'"),
                          ({"head_out": print, ("mlp_act", 9): print}, "layer 9 out of range"),
@@ -149,8 +149,8 @@ def test_bad_site_or_layer_installs_nothing(tiny_arch):
         assert all_hooks(arch) == own
 
 
-def test_patched_weights_restores_bit_exactly_after_an_exception(tiny_arch):
-    _, model, _, arch = tiny_arch
+def test_patched_weights_restores_bit_exactly_after_an_exception(every_arch):
+    _, model, _, arch = every_arch
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q, q_index = arch.head_weight_slices(1, 2)["q"]
     o, o_index = arch.head_weight_slices(1, 2)["o"]
@@ -169,9 +169,9 @@ def name_of(model, tensor):
     return next(n for n, p in model.named_parameters() if p is tensor)
 
 
-def test_head_weight_slices_index_the_kv_head_of_the_group(tiny_arch):
+def test_head_weight_slices_index_the_kv_head_of_the_group(every_arch):
     """Perturbing head h's V slice changes exactly the query heads that share its KV head; its O slice only h."""
-    _, model, _, arch = tiny_arch
+    _, model, _, arch = every_arch
     layer, head = 1, arch.n_heads - 1
     slices = arch.head_weight_slices(layer, head)
     group = [h for h in range(arch.n_heads) if h // (arch.n_heads // arch.n_kv_heads) == head // (arch.n_heads // arch.n_kv_heads)]

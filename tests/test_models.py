@@ -90,3 +90,87 @@ def test_unsupported_architecture_lists_supported_ones():
     with pytest.raises(ModelSpecError, match="supported: .*llama.*lib/models.py"):
         arch_info(AutoModelForCausalLM.from_config(cfg))
     assert "opt" not in ARCHITECTURES
+
+
+def test_cluster_layouts_load_as_the_real_checkpoints_do(cluster_arch):
+    name, model, tokenizer, arch = cluster_arch
+    expected = {"gemma3_multimodal": ("gemma3", "Gemma3ForConditionalGeneration", 1, 32),
+                "gemma2": ("gemma2", "Gemma2ForCausalLM", 2, 32), "mistral": ("mistral", "MistralForCausalLM", 2, 16)}
+    model_type, cls, n_kv, head_dim = expected[name]
+    assert (arch.model_type, type(model).__name__, arch.n_kv_heads, arch.head_dim) == (model_type, cls, n_kv, head_dim)
+    # the multimodal Gemma 3 head does not soft-cap (the model's logits are the truth, checked below)
+    assert (arch.final_logit_softcap is not None) == (name == "gemma2")
+    if name == "gemma3_multimodal":                     # the decoder's blocks, not the vision tower's
+        assert arch.layers()[0] is model.model.language_model.layers[0]
+    ids = tokenizer("one two three four five six seven eight nine ten eleven", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        normed = arch.base_model()(input_ids=ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(arch.logits_from_normed(normed), logits, rtol=0, atol=0)
+        torch.testing.assert_close(arch.logits_from_normed(normed, float32=True), logits, rtol=1e-6, atol=1e-6)
+    test_logits_from_hidden_reproduces_model_logits(cluster_arch)
+    test_arch_info_slices_match_projection_shapes(cluster_arch)
+
+
+def test_arch_info_slices_match_projection_shapes(tiny_arch):
+    """block_param_slices / head_weight_slices cut [head_dim, d_model] blocks (transposed for Conv1D), one per head."""
+    _, model, _, arch = tiny_arch
+    for layer in (0, arch.n_layers - 1):
+        for head in range(arch.n_heads):
+            parts = arch.head_weight_slices(layer, head)
+            for key, (weight, index) in parts.items():
+                shape = tuple(weight[index].shape)
+                want = (arch.head_dim, arch.hidden_size) if key != "o" else (arch.hidden_size, arch.head_dim)
+                assert shape == (want[::-1] if arch.weights_transposed else want), (key, shape)
+            q, index = parts["q"]
+            assert q[index].data_ptr() == arch.block_param_slices(layer)["Q"][0][arch.block_param_slices(layer)["Q"][1](head)].data_ptr()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3_multimodal"])
+def test_random_init_differs_from_the_model_it_copies(name):
+    base, _, base_arch = load_model(f"random:{name}", seed=0, device="cpu")
+    fresh, _, fresh_arch = load_model(f"random:{name}", random_init=True, seed=0, device="cpu")
+    pb, pf = dict(base.named_parameters()), dict(fresh.named_parameters())
+    assert pb.keys() == pf.keys()
+    random_weights = [k for k, v in pb.items() if v.ndim == 2 and v.std() > 0]    # norms start at constants
+    assert len(random_weights) >= 4 * base_arch.n_layers
+    assert not any(torch.equal(pb[k], pf[k]) for k in random_weights)
+    assert fresh_arch.weights_id != base_arch.weights_id
+
+
+def test_weights_id_of_a_local_folder_is_the_safetensors_sha256(tmp_path):
+    import hashlib
+    model, tokenizer, _ = load_model("random:llama", device="cpu")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, _, arch = load_model(str(tmp_path), device="cpu")
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert arch.weights_id == "sha256:" + "+".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files)
+    (tmp_path / files[0].name).write_bytes(files[0].read_bytes()[:-1] + b" ")     # other bytes, other id
+    from lib.models import weights_checksum
+    assert weights_checksum(tmp_path) != arch.weights_id
+
+
+def test_weights_id_of_a_hf_snapshot_uses_the_blob_hashes(tmp_path, monkeypatch):
+    """An HF cache snapshot: each weights file links to blobs/<sha256 of its content>; resolved offline."""
+    import hashlib
+    import huggingface_hub
+    from lib.models import resolved_folder, weights_checksum
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    digests = []
+    for name, content in [("model-00001-of-00002.safetensors", b"first"), ("model-00002-of-00002.safetensors", b"second")]:
+        digest = hashlib.sha256(content).hexdigest()
+        (repo / "blobs" / digest).write_bytes(content)
+        (snapshot / name).symlink_to(repo / "blobs" / digest)
+        digests.append(digest[:16])
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, local_files_only=False: calls.append((repo_id, revision, local_files_only)) or str(snapshot))
+    folder = resolved_folder("org/tiny", "step1000")
+    assert calls == [("org/tiny", "step1000", True)] and folder == snapshot
+    assert weights_checksum(folder) == "sha256:" + "+".join(digests)
+    with pytest.raises(ModelSpecError, match="no weights files"):
+        weights_checksum(tmp_path)
