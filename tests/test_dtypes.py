@@ -85,4 +85,4 @@ def test_cuda_phiid_torch_backend_matches_numpy():
     X = np.random.default_rng(0).standard_normal((3, 6, 60)).cumsum(-1)
     cpu = phiid_all_pairs(X, backend="numpy", warn=False)
     gpu = phiid_all_pairs(X, backend="torch", warn=False)
-    np.testing.assert_allclose(gpu["sts"], cpu["sts"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(gpu["sts"], cpu["sts"], rtol=1e-7, atol=1e-9 * np.nanmax(np.abs(cpu["sts"])))

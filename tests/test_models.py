@@ -174,3 +174,19 @@ def test_weights_id_of_a_hf_snapshot_uses_the_blob_hashes(tmp_path, monkeypatch)
     assert weights_checksum(folder) == "sha256:" + "+".join(digests)
     with pytest.raises(ModelSpecError, match="no weights files"):
         weights_checksum(tmp_path)
+
+
+def test_cluster_layouts_phiid_on_their_activations(cluster_arch):
+    """Extraction on the cluster layouts feeds PhiID: all 16 atoms finite for every ordered pair of heads."""
+    import numpy as np
+    from lib.extract import extract_activations
+    from lib.phiid import ATOM_NAMES, phiid_all_pairs
+    from lib.prompts import select_prompts
+    _, model, tokenizer, arch = cluster_arch
+    run = extract_activations(model, tokenizer, arch, select_prompts(3), n_tokens=16, batch_size=3, progress=False)
+    X = run.activations[:, : 2 * arch.n_heads]                         # the heads of the first two layers
+    result = phiid_all_pairs(X, mode="concat", warn=False)
+    off = ~np.eye(X.shape[1], dtype=bool)
+    atoms = np.stack([result[a] for a in ATOM_NAMES])                 # [16, heads, heads]
+    assert np.isfinite(atoms[:, off]).all()
+    assert np.abs(atoms[:, off]).sum() > 0

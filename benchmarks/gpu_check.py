@@ -1,0 +1,130 @@
+"""Check every engine on a device against the CPU in float32; print timings and peak memory. Run this first on a
+GPU node (before a cluster run):
+
+    .venv/bin/python benchmarks/gpu_check.py --device cuda [--model random:llama] [--dtype bfloat16]
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --dtype bfloat16        # the bfloat16 path on CPU
+
+Engines: extraction (greedy generation with the head hook; head norms and tokens), ablation (DivergenceEngine KL
+for two head masks), PhiID (torch backend, float64, on the device the backend picks: cuda when available, against
+the numpy backend). Each line: engine, max relative difference to the CPU float32 reference, the tolerance it is
+held to, seconds on the device and on the CPU, peak memory on the device (CUDA: torch.cuda.max_memory_allocated;
+CPU: the process's peak resident set). Exit status 1 when an engine is outside its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib import ablation as A
+from lib.extract import extract_activations
+from lib.models import arch_info, load_model, resolve_device, resolve_dtype
+from lib.phiid import phiid_all_pairs
+from lib.prompts import select_prompts
+
+# float32 on another device: summation order only; bfloat16: ~3 significant digits (see tests/test_dtypes.py)
+TOLERANCE = {"float32": {"extract": 1e-3, "ablation": 1e-3}, "bfloat16": {"extract": 3e-2, "ablation": 1e-1},
+             "float16": {"extract": 1e-2, "ablation": 5e-2}}
+PHIID_TOLERANCE = 1e-7                # float64 on both sides
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: kilobytes
+
+
+def timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| (relative to the reference's scale, so values near 0 do not dominate)."""
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def ablation_inputs(run, model_spec: str) -> A.AblationInputs:
+    """The engine's inputs straight from an extraction run (no run folder)."""
+    prompts = [ids[-n:] for ids, n in zip(run.prompt_input_ids, run.prompt_lengths)]
+    return A.AblationInputs(out_dir=Path("."), model=model_spec, prompts=prompts, tokens=run.tokens,
+                            prompt_ids=np.array([p.prompt_id for p in run.prompts]),
+                            prompt_category=np.array([p.category for p in run.prompts]), rankings=pd.DataFrame(),
+                            total_heads=run.activations.shape[1], n_heads=run.n_heads,
+                            pad_token_id=run.pad_token_id, tokens_checksum="")
+
+
+def kl(model, arch, inputs) -> np.ndarray:
+    masks = torch.ones(2, arch.total_heads)
+    masks[0, [1, arch.n_heads + 1]] = 0.0
+    masks[1, ::2] = 0.0
+    engine = A.DivergenceEngine(model, arch, inputs, batch_size=8)
+    prompts = list(range(len(inputs.prompts)))
+    return engine.divergence(prompts, masks, engine.clean(prompts))
+
+
+def check(args) -> list[dict]:
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model, tokenizer, arch = load_model(args.model, device="cpu")
+    other = copy.deepcopy(model).to(device=device, dtype=dtype)
+    other_arch = arch_info(other, source=args.model)
+    prompts = select_prompts(args.n_prompts)
+    extract = lambda m, a: extract_activations(m, tokenizer, a, prompts, n_tokens=args.n_tokens,
+                                               batch_size=args.n_prompts, progress=False)
+    ref_run, cpu_s = timed(lambda: extract(model, arch), torch.device("cpu"))
+    run, dev_s = timed(lambda: extract(other, other_arch), device)
+    same = run.tokens == ref_run.tokens
+    rows = [dict(engine="extract", max_rel_diff=relative(run.activations[same.all(1)], ref_run.activations[same.all(1)]),
+                 tolerance=TOLERANCE[args.dtype]["extract"], same_tokens=f"{same.mean():.0%}", device_s=dev_s,
+                 cpu_s=cpu_s, peak_mb=peak_memory_mb(device))]
+    inputs = ablation_inputs(ref_run, args.model)
+    ref_kl, cpu_s = timed(lambda: kl(model, arch, inputs), torch.device("cpu"))
+    dev_kl, dev_s = timed(lambda: kl(other, other_arch, inputs), device)
+    rows.append(dict(engine="ablation", max_rel_diff=relative(dev_kl, ref_kl), tolerance=TOLERANCE[args.dtype]["ablation"],
+                     device_s=dev_s, cpu_s=cpu_s, peak_mb=peak_memory_mb(device)))
+    X = ref_run.activations[:, : args.phiid_heads]
+    ref_phi, cpu_s = timed(lambda: phiid_all_pairs(X, backend="numpy", warn=False), torch.device("cpu"))
+    phi, dev_s = timed(lambda: phiid_all_pairs(X, backend="torch", warn=False), device)
+    rows.append(dict(engine=f"phiid torch ({'cuda' if torch.cuda.is_available() else 'cpu'})",
+                     max_rel_diff=relative(np.nan_to_num(phi["sts"]), np.nan_to_num(ref_phi["sts"])),
+                     tolerance=PHIID_TOLERANCE, device_s=dev_s, cpu_s=cpu_s, peak_mb=peak_memory_mb(device)))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cpu | cuda | cuda:N (default cuda)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
+    parser.add_argument("--model", default="random:llama", help="model spec (default random:llama)")
+    parser.add_argument("--n-prompts", type=int, default=4)
+    parser.add_argument("--n-tokens", type=int, default=20, help="generated tokens (>= 6 for PhiID)")
+    parser.add_argument("--phiid-heads", type=int, default=16, help="heads in the PhiID check")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+              f"run on a GPU node with a CUDA build of torch, or use --device cpu", file=sys.stderr)
+        return 2
+    print(f"[gpu_check] {args.model} on {args.device} ({args.dtype}) against cpu float32; torch {torch.__version__}")
+    rows = check(args)
+    table = pd.DataFrame(rows)
+    table["ok"] = table.max_rel_diff <= table.tolerance
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
+        print(table.to_string(index=False))
+    return 0 if table.ok.all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
