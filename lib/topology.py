@@ -8,8 +8,8 @@ Measures (each on the full network and on the strongest p of all pairs, p in `th
   efficiency   weighted global efficiency exactly as the Brain Connectivity Toolbox's `efficiency_wei`
                (Rubinov & Sporns 2010): lengths 1 / w on W / max(W), the mean over ordered pairs of 1 / shortest
                path length (0 for unreachable pairs). Shortest paths with scipy.sparse.csgraph (Dijkstra, C code)
-               on a pruned graph: an edge longer than a path already found between its ends lies on no shortest
-               path, so dropping it changes no distance (exact, and sparse for near-complete networks).
+               on a pruned graph: an edge longer than a two-step path through a hub between its ends lies on no
+               shortest path, so dropping it changes no distance (exact, and sparse for near-complete networks).
   modularity   Louvain (gamma 1): the best Q over `n_louvain` random node orders, with its module assignment.
                The local-moving phase runs many orders (and many networks) at once as one batch of numpy arrays;
                the result is checked against bctpy's `community_louvain` and networkx's `louvain_communities`.
@@ -31,6 +31,10 @@ difference between the null networks (its 2.5 / 97.5 percentiles).
 Modules vs layers: normalised mutual information 2 I(M; B) / (H(M) + H(B)) between the module assignment and
 `n_bands` contiguous layer bands, against the same NMI for the null networks' modules. Node strength by layer.
 Every tag of the phiid files (trained "", "random_init", checkpoints "rev-...") gets the same measures.
+
+Cost: each null network costs one efficiency (a sparse Dijkstra) and n_louvain Louvain runs; Louvain dominates and
+grows with heads^2 per pass. `n_jobs` runs the (tag, network) units in forked processes. Results depend only on the
+seed, never on n_jobs. benchmarks/topology_bench.py measures the 270- and 1,152-head cases.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ NETWORKS = {"syn": "sts", "red": "rtr"}          # network name -> PhiID atom
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 1.0)          # fractions of all pairs kept, strongest first
 DRAW_FRACTION = 0.1                              # the Fig 3b drawing: top 10% of pairs
 STRENGTH_TOL = 0.01                              # null strengths within 1% of the observed ones
-_PRUNE_NEIGHBOURS = 12                           # shortest edges per node in the first (upper-bound) graph
+_PRUNE_HUBS = 16                                 # hubs whose two-step paths bound the shortest paths
 
 
 class TopologyError(ArtifactError):
@@ -105,27 +109,22 @@ def _lengths(W: np.ndarray) -> np.ndarray:
     return L
 
 
-def _upper_bound_graph(L: np.ndarray, k: int) -> sparse.csr_matrix:
-    """Each node's k shortest edges (union over both ends) as a sparse graph."""
-    n = len(L)
-    masked = np.where(L > 0, L, np.inf)
-    nearest = np.argpartition(masked, k - 1, axis=1)[:, :k]
-    rows = np.repeat(np.arange(n), k)
-    cols = nearest.ravel()
-    vals = L[rows, cols]
-    ok = vals > 0
-    return sparse.csr_matrix((vals[ok], (rows[ok], cols[ok])), shape=(n, n))
+def _hub_bound(L: np.ndarray, hubs: int) -> np.ndarray:
+    """[n, n] lengths (0 = no edge) -> an upper bound of every shortest path: the direct edge or the two-step
+    path through one of the `hubs` nodes of largest strength (sum of 1 / length)."""
+    Lm = np.where(L > 0, L, np.inf)
+    strength = np.divide(1.0, L, out=np.zeros_like(L), where=L > 0).sum(1)
+    bound = Lm.copy()
+    for h in np.argsort(-strength)[:hubs]:
+        np.minimum(bound, Lm[:, h][:, None] + Lm[h][None, :], out=bound)
+    return bound
 
 
 def shortest_paths(L: np.ndarray) -> np.ndarray:
     """[n, n] symmetric lengths (0 = no edge) -> [n, n] shortest path lengths (inf if unreachable), exact.
-    Distances D_k on each node's shortest edges bound the true ones from above; an edge longer than D_k of its
-    ends is on no shortest path and is dropped before the final Dijkstra."""
-    n = len(L)
-    if n <= _PRUNE_NEIGHBOURS + 1:
-        return csgraph.dijkstra(sparse.csr_matrix(L), directed=False)
-    bound = csgraph.dijkstra(_upper_bound_graph(L, _PRUNE_NEIGHBOURS), directed=False)
-    useful = (L > 0) & (L <= bound * (1 + 1e-12))
+    Two-step paths through the strongest hubs bound the distances from above; an edge longer than that bound is
+    on no shortest path (a shorter path joins its ends) and is dropped before Dijkstra."""
+    useful = (L > 0) & (L <= _hub_bound(L, _PRUNE_HUBS) * (1 + 1e-12))
     return csgraph.dijkstra(sparse.csr_matrix(np.where(useful, L, 0.0)), directed=False)
 
 
