@@ -46,7 +46,6 @@ C5  removing synergistic heads first diverges behaviour faster than random. Stat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
