@@ -3,7 +3,8 @@
 Planted inputs: head series with an autocorrelation artefact (independent AR(1) heads whose coefficient follows an
 inverted U over depth: synergy and redundancy both track it, the circular-shift null keeps it), ablation curves
 whose ranking IS one of the random orders, or clearly beats random and layer-matched orders, and the JSON claim
-blocks of the experiment notebooks (CLAIM_INPUTS shape).
+blocks of the experiment notebooks (CLAIM_INPUTS shape). The slow tests run the tiny pipeline once per session and
+check its claims.json against the rules and its executed notebooks for stderr output (warnings, log lines).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib import REPO_ROOT, artifacts
+from lib import REPO_ROOT, artifacts, report
 from lib import claims as C
 from lib.ablation import AblationResult, Ordering, RANDOM_VARIANT
 from lib.diagnostics import inverted_u_test
@@ -306,3 +307,11 @@ def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry
     assert "Q4_1 GGUF" in data["weights"]
     entry = read_manifest(tmp_path)["sections"]["claims"]
     assert entry["verdicts"] == verdicts and "Q4_1 GGUF" in entry["weights"]
+
+
+@pytest.mark.slow
+def test_executed_tiny_run_notebooks_have_no_stderr_output(tiny_run):
+    executed = sorted(tiny_run.glob("[0-9][0-9]_*.ipynb"))
+    assert executed
+    noisy = {p.name: report.stderr_cells(p) for p in executed if report.stderr_cells(p)}
+    assert not noisy, f"executed notebooks with stderr output (cells): {noisy}"
