@@ -248,3 +248,16 @@ def test_index_renders_in_chromium_with_every_image_loaded(clean_run, chromium, 
     (out / "html" / "figures" / "02_phiid-2.png").unlink()
     attrs = html_attributes(dump_dom(chromium, index.as_uri()))
     assert attrs["data-images-total"] == "4" and attrs["data-images-ok"] == "3", attrs
+
+
+def test_notebook_formulas_read_offline_without_mathjax():
+    """Reports are read offline: nbconvert's MathJax comes from a CDN, so no markdown cell may hold TeX math
+    ($...$, $$...$$, \\(...\\)); formulas are written as plain text / HTML (e.g. <sub>, <sup>, &Sigma;)."""
+    import json
+    import re
+    tex = re.compile(r"\$\$.*?\$\$|\$[^$\n]+\$|\\\(|\\\[", re.S)
+    notebooks = sorted((Path(report.__file__).parents[1] / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    found = {p.name: m.group(0)[:40] for p in notebooks for c in json.loads(p.read_text())["cells"]
+             if c["cell_type"] == "markdown" for m in [tex.search("".join(c["source"]))] if m}
+    assert not found, f"TeX math in markdown (unreadable offline): {found}"
