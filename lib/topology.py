@@ -362,8 +362,8 @@ def _swap_gains(r, inv_s, a, b, x, y, d):
 
 def _refine_by_swaps(w, i, j, s, tol, rng, max_steps, candidates=16, partners=4096):
     """Greedy weight swaps between edges (keeps the distribution) that shrink the largest relative strength
-    error: the worst node's edges (a random `candidates` of them) against `partners` random edges. w [E] edge weights, i, j
-    [E] their ends, s [n] target strengths -> w (updated in place)."""
+    error: the worst node's edges (a random `candidates` of them) against `partners` random edges.
+    w [E] edge weights, i, j [E] their ends, s [n] target strengths -> w (updated in place)."""
     inv_s = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
     r = (np.bincount(i, w, len(s)) + np.bincount(j, w, len(s)) - s) * inv_s
     failures = 0
@@ -487,9 +487,16 @@ def observed_measures(W: np.ndarray, thresholds, n_louvain: int, seed) -> tuple[
     """Efficiency and best-of-n_louvain modularity of W [n, n] kept at each threshold ->
     (rows threshold, edges, efficiency, modularity, modularity_sd_over_seeds, n_modules; modules [thresholds, n])."""
     nets = np.stack([threshold_proportional(W, p) for p in thresholds])
-    modules, q, q_all = louvain_batch(nets, n_louvain, seed)
+    n = len(W)
+    modules, q = np.tile(np.arange(n), (len(nets), 1)), np.full(len(nets), np.nan)
+    q_all = np.full((len(nets), 1), np.nan)
+    some = np.flatnonzero(nets.sum((1, 2)) > 0)          # a threshold that keeps no pair has no modularity
+    if some.size:
+        modules[some], q[some], q_found = louvain_batch(nets[some], n_louvain, seed)
+        q_all = np.full((len(nets), n_louvain), np.nan)
+        q_all[some] = q_found
     rows = [{"threshold": p, "edges": int((np.triu(net, 1) > 0).sum()), "efficiency": global_efficiency(net),
-             "modularity": float(q[t]), "modularity_sd_over_seeds": float(q_all[t].std()),
+             "modularity": float(q[t]), "modularity_sd_over_seeds": float(np.std(q_all[t])),
              "n_modules": int(modules[t].max() + 1)}
             for t, (p, net) in enumerate(zip(thresholds, nets))]
     return rows, modules

@@ -262,3 +262,11 @@ def test_results_do_not_depend_on_n_jobs(tmp_path):
     one = tp.run_topology(a, n_null=3, n_louvain=2, n_jobs=1)["json"]
     two = tp.run_topology(b, n_null=3, n_louvain=2, n_jobs=2)["json"]
     assert json.dumps(one["tags"], sort_keys=True) == json.dumps(two["tags"], sort_keys=True)
+
+
+def test_a_threshold_that_keeps_no_pair_gives_no_modularity():
+    W = _lognormal(5, seed=2)                                   # 10 pairs: 5% keeps round(0.5) = 1, 1% keeps 0
+    rows, modules = tp.observed_measures(W, (0.01, 1.0), n_louvain=2, seed=0)
+    assert rows[0]["edges"] == 0 and rows[0]["efficiency"] == 0.0 and np.isnan(rows[0]["modularity"])
+    assert rows[1]["edges"] == 10 and np.isfinite(rows[1]["modularity"])
+    np.testing.assert_array_equal(modules[0], np.arange(5))
