@@ -3,7 +3,8 @@
 The paper: "A Brain-like Synergistic Core in LLMs Drives Behaviour and Learning" (arXiv 2601.06851).
 
     python -m lib.claims outputs/<run>          # (re)write outputs/<run>/claims.json from the run's artifacts
-    write_claims(out_dir)                       # what the runner calls at the end of every run
+    write_claims(out_dir)                       # what the runner calls at the end of every run (recomputes only
+                                                # when an input file, a setting or these rules changed)
 
 One entry per claim (C1-C7), each with: the claim in one sentence, the test, the statistic with its 95% CI, the
 null or baseline it is compared with, the paper's own figure (read off the paper's plots: approximate), the
@@ -521,9 +522,13 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0)
 def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0) -> Path:
     """Evaluate every claim and write <out_dir>/claims.json atomically; -> its path."""
     from lib.store import update_manifest
+    signature = inputs_signature(out_dir, n_surrogates, n_boot, seed)
+    previous = artifacts.path("claims", out_dir)
+    if previous.exists() and _saved_signature(out_dir) == signature:
+        return previous                                   # same inputs, settings and rules: nothing to redo
     claims = evaluate(out_dir, n_surrogates, n_boot, seed)
     data = {"paper": PAPER, "verdicts": list(VERDICTS), "rules_doc": "lib/claims.py (module docstring)",
-            "model": _run_model(out_dir), "claims": [c.as_dict() for c in claims]}
+            "model": _run_model(out_dir), "inputs": signature, "claims": [c.as_dict() for c in claims]}
     note = weights_note(data["model"])
     if note:
         data["weights"] = note
@@ -532,6 +537,26 @@ def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int 
                                         **({"weights": note} if note else {}),
                                         "verdicts": {c.id: c.verdict for c in claims}})
     return path
+
+
+def inputs_signature(out_dir, *settings) -> dict:
+    """What claims.json was computed from: size and modification time of every input file, the settings and a
+    hash of this module (a rerun of any notebook, or changed rules, recomputes the scorecard)."""
+    import hashlib
+    tags = artifacts.tags("activations", out_dir)
+    files = [artifacts.path("activations", out_dir, tag=t) for t in tags]
+    files += [artifacts.path("phiid", out_dir, tag=t, mode="per_prompt") for t in tags]
+    files += [artifacts.path(n, out_dir) for n in ("ranking_summary", "ablation_kl", *EXPERIMENT_ARTIFACTS.values())
+              if n in artifacts.ARTIFACTS]
+    return {"files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()},
+            "settings": list(settings), "rules": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+
+
+def _saved_signature(out_dir):
+    try:
+        return artifacts.load("claims", out_dir).get("inputs")
+    except ArtifactError:
+        return None
 
 
 def _run_model(out_dir) -> str:

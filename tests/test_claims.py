@@ -307,6 +307,11 @@ def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry
     assert "Q4_1 GGUF" in data["weights"]
     entry = read_manifest(tmp_path)["sections"]["claims"]
     assert entry["verdicts"] == verdicts and "Q4_1 GGUF" in entry["weights"]
+    stamp = path.stat().st_mtime_ns
+    assert C.write_claims(tmp_path, n_surrogates=3, n_boot=200).stat().st_mtime_ns == stamp     # inputs unchanged
+    planted_ablation(tmp_path, rank_scale=None)                                               # 05 rerun
+    again = json.loads(C.write_claims(tmp_path, n_surrogates=3, n_boot=200).read_text())
+    assert {c["id"]: c["verdict"] for c in again["claims"]}["C5"] in ("inconclusive", "not supported")
 
 
 @pytest.mark.slow
