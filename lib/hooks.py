@@ -14,6 +14,11 @@ Patch weights for the duration of a block, restored bit-exactly on exit (also on
     with patched_weights([((q, index), lambda w: w + noise), (o_weight, torch.zeros_like)]):
         model(input_ids)
 
+Skip blocks whose output is known (e.g. cached clean residual streams below the first perturbed layer):
+
+    with skipped_blocks(arch, {0: h0, 1: h1}):  # blocks 0 and 1 return h0, h1 without computing
+        model(input_ids)
+
 Every hook handle is removed on exit, whatever happens inside the block.
 """
 from __future__ import annotations
@@ -56,11 +61,13 @@ def _post_hook(fn: HookFn, layer: int):
 
 
 @contextmanager
-def hooks(arch: ArchInfo, fns: Mapping):
+def hooks(arch: ArchInfo, fns: Mapping, innermost: bool = False):
     """Install fn(layer, tensor) -> replacement | None at each site ("site": every layer, ("site", layer): one).
 
-    "pre" sites (head_out, mlp_act) pass the module's first positional input, "post" sites (attn_out, mlp_out,
-    resid_post) its output (element 0 when the module returns a tuple). Hooks run in the order of `fns`.
+    "pre" sites (head_out, mlp_act, qkv_in) pass the module's first positional input, "post" sites (attn_out,
+    mlp_out, resid_post, q_out, k_out, v_out) its output (element 0 when the module returns a tuple). Hooks run in
+    the order of `fns`, after hooks already installed; innermost=True puts the post hooks before those (they see
+    the module's own output even when another hook rewrites it; pre hooks are last anyway: the real input).
     """
     planned = []
     for key, fn in fns.items():                  # resolve every site before installing any hook
@@ -72,11 +79,32 @@ def hooks(arch: ArchInfo, fns: Mapping):
             if kind == "pre":
                 handles.append(module.register_forward_pre_hook(_pre_hook(fn, layer)))
             else:
-                handles.append(module.register_forward_hook(_post_hook(fn, layer)))
+                handles.append(module.register_forward_hook(_post_hook(fn, layer), prepend=innermost))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def skipped_blocks(arch: ArchInfo, outputs: Mapping[int, torch.Tensor]):
+    """Skip the computation of blocks for the duration: block `layer` returns outputs[layer] (its resid_post
+    tensor [batch, pos, d_model]) without running; hooks at its resid_post site still see and may replace it.
+    Decoder blocks of transformers 5 return a plain tensor, which is what the skipped block returns. Restored on
+    exit, also after an error."""
+    blocks = arch.layers()
+    skipped = []
+    try:
+        for layer, output in outputs.items():
+            block = blocks[layer]
+            if "forward" in block.__dict__:
+                raise RuntimeError(f"block {layer} already has its forward replaced (nested skipped_blocks?)")
+            block.forward = (lambda *args, _out=output, **kwargs: _out)
+            skipped.append(block)
+        yield
+    finally:
+        for block in skipped:
+            del block.forward
 
 
 def _targets(patches) -> Iterable[tuple]:

@@ -101,8 +101,18 @@ SITES: dict[str, str] = {
     "mlp_out": "output of the MLP module [batch, pos, d_model], before any post-MLP norm (forward hook)",
     "resid_post": "output of a transformer block: the residual stream after the block [batch, pos, d_model] (forward hook)",
 }
+# The attention's projections (per-sample gradients of their weights): not every layout has every one of them.
+PROJECTION_SITES: dict[str, str] = {
+    "qkv_in": "input of the query/key/value projection(s) [batch, pos, d_model]: what the attention reads (pre-hook)",
+    "q_out": "output of the query projection, or of the fused query/key/value projection (GPT-NeoX, GPT-2) "
+             "(forward hook)",
+    "k_out": "output of the key projection; separate q/k/v projections only (forward hook)",
+    "v_out": "output of the value projection; separate q/k/v projections only (forward hook)",
+}
 _SITE_MODULES = {"head_out": ("attn_out", "pre"), "attn_out": ("attn_out", "post"), "mlp_act": ("mlp_down", "pre"),
-                 "mlp_out": ("mlp", "post"), "resid_post": ("", "post")}
+                 "mlp_out": ("mlp", "post"), "resid_post": ("", "post"), "qkv_in": ("qkv", "pre"),
+                 "q_out": ("qkv", "post"), "k_out": ("qkv", "post"), "v_out": ("qkv", "post")}
+_QKV_INDEX = {"qkv_in": 0, "q_out": 0, "k_out": 1, "v_out": 2}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -150,12 +160,19 @@ class ArchInfo:
 
     def site(self, name: str, layer: int) -> tuple[nn.Module, str]:
         """The module a hook site lives on and the hook kind: (module, "pre" | "post"). Sites: see SITES."""
-        if name not in SITES:
-            raise ValueError(f"unknown hook site {name!r}; sites: {sorted(SITES)} (lib.models.SITES)")
+        if name not in SITES and name not in PROJECTION_SITES:
+            raise ValueError(f"unknown hook site {name!r}; sites: {sorted(SITES)} (lib.models.SITES) and "
+                             f"{sorted(PROJECTION_SITES)} (lib.models.PROJECTION_SITES)")
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range for site {name!r}: the model has {self.n_layers} layers")
         path, kind = _SITE_MODULES[name]
         block = self.layers()[layer]
+        if path == "qkv":
+            index = _QKV_INDEX[name]
+            if index >= len(self.spec.qkv):
+                raise ValueError(f"site {name!r} needs separate q/k/v projections; {self.model_type} has the fused "
+                                 f"layout {self.spec.qkv_layout!r} (its one projection is site 'q_out')")
+            return _get(block, self.spec.qkv[index]), kind
         return (_get(block, getattr(self.spec, path)) if path else block), kind
 
     def mlp_down(self, layer: int) -> nn.Module:

@@ -483,3 +483,59 @@ def test_shard_specs_and_setting_differences():
             parse_shard(bad)
     assert differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []      # compared as JSON
     assert differences({"a": 1}, {"a": 2, "c": 0}) == ["a", "c"]
+
+
+# ----------------------------------------------------------------------------- ablate = activation zeroed at mlp_act
+
+def _zeroed_logits(model, arch, ids, layer, neuron):
+    """Whole-prompt forward with the neuron's down-projection input set to 0 at the last position (an independent
+    hook, not lib.hooks): logits [V] at the last position."""
+    def zero(module, args):
+        act = args[0].clone()
+        act[:, -1, neuron] = 0.0
+        return (act,) + tuple(args[1:])
+    handle = arch.mlp_down(layer).register_forward_pre_hook(zero)
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3", "gpt_neox", "gpt2"])
+def test_ablate_zeroes_the_activation_at_the_down_projection_input(arch_name, tmp_path):
+    model, tokenizer, arch = cached_model(f"random:{arch_name}")
+    setup = N.prepare(model, tokenizer, arch, out_dir=tmp_path, n_prompts=2, mode="ablate",
+                      selector="top_activation", n_neurons=arch.n_layers, progress=False)   # the top one per layer
+    for p in range(2):
+        frame = N.compute_batch(setup, setup.neurons, p)
+        ids = setup.prompts.input_ids[p]
+        with torch.no_grad():
+            clean = model(input_ids=ids[None], logits_to_keep=1).logits[0, -1].float()
+        target = setup.target_ids[p]
+        for row, nrn in zip(frame.itertuples(), setup.neurons):
+            effect = _zeroed_logits(model, arch, ids, nrn.layer, nrn.neuron) - clean
+            assert abs(row.total - float(effect[target])) < 1e-4 * max(1.0, float(effect.abs().max()))
+            assert abs(row.activation) > 1e-2 and float(effect.abs().max()) > 1e-4     # a neuron that was on
+    check = N.verify(setup, 3, 2)
+    assert check["ok"].all(), check
+    if arch_name == "gemma3":   # the MLP output passes post_feedforward_layernorm: a residual push of -a W is not it
+        push = dataclasses.replace(setup, mode="add", activation_scale="actual")
+        push.clean = copy.copy(setup.clean)
+        push.clean.acts = -setup.clean.acts
+        pushed = N.compute_batch(push, setup.neurons, 0)
+        zeroed = N.compute_batch(setup, setup.neurons, 0)
+        assert (pushed["total"] - zeroed["total"]).abs().max() > 1e-3
+
+
+def test_cache_api_without_deprecation(capfd):
+    import warnings
+    model, tokenizer, arch = cached_model("random:llama")
+    prompts = _prompts(tokenizer, 1)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = N.clean_pass(model, arch, prompts)
+        N.total_logits_incremental(model, arch, clean, 0, torch.tensor([0, 1]),
+                                   N.neuron_directions(arch, [N.Neuron(1, 0), N.Neuron(1, 1)]))
+    assert "deprecated" not in capfd.readouterr().err

@@ -32,7 +32,7 @@ Modules: samples (task samples), gradients (per-sample gradients), scores (Fishe
 (InterferenceResult: tables, artifacts, figures).
 """
 from lib.interference.gradients import (METHODS, SampleGradients, continuation_nll, per_sample_gradients,
-                                        projection_weights, torch_threads)
+                                        projection_sites, projection_weights, torch_threads)
 from lib.interference.result import BLOCKS, DEFAULT_EPS, KV_BLOCKS, VARIANT_UNITS, VARIANTS, InterferenceResult
 from lib.interference.samples import (MIN_SAMPLES_FOR_FISHER, SOURCES, TEXT_SEPARATOR, Sample, TaskSamples,
                                       load_task_samples, sample_from_text, samples_from_activations,

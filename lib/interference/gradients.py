@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lib.hooks import hooks
 from lib.interference.samples import Sample, TaskSamples
 from lib.models import ArchInfo
 
@@ -19,14 +20,24 @@ METHODS = ("hooks", "vmap", "loop")
 
 # ----------------------------------------------------------------------------- per-sample gradients
 
+_QKV_OUT_SITES = ("q_out", "k_out", "v_out")
+
+
+def projection_sites(arch: ArchInfo) -> dict[str, tuple[int, nn.Module, str, str]]:
+    """Parameter name of every attention projection weight -> (layer, module owning it, input site, output site)
+    (lib.models.SITES, PROJECTION_SITES). Fused tensors appear once; q/k/v share their input site qkv_in."""
+    module_names = {id(m): n for n, m in arch.model.named_modules()}
+    out: dict[str, tuple[int, nn.Module, str, str]] = {}
+    for layer in range(arch.n_layers):
+        for i, module in enumerate(arch.qkv_modules(layer)):
+            out[f"{module_names[id(module)]}.weight"] = (layer, module, "qkv_in", _QKV_OUT_SITES[i])
+        out[f"{module_names[id(arch.attn_out(layer))]}.weight"] = (layer, arch.attn_out(layer), "head_out", "attn_out")
+    return out
+
+
 def projection_weights(arch: ArchInfo) -> dict[str, tuple[int, nn.Module]]:
     """Parameter name of every attention projection weight -> (layer, module owning it). Fused tensors appear once."""
-    module_names = {id(m): n for n, m in arch.model.named_modules()}
-    out: dict[str, tuple[int, nn.Module]] = {}
-    for layer in range(arch.n_layers):
-        for module in (*arch.qkv_modules(layer), arch.attn_out(layer)):
-            out[f"{module_names[id(module)]}.weight"] = (layer, module)
-    return out
+    return {name: (layer, module) for name, (layer, module, _, _) in projection_sites(arch).items()}
 
 
 @contextmanager
@@ -171,52 +182,62 @@ def per_sample_gradients(model: nn.Module, arch: ArchInfo, task: TaskSamples, me
     return out
 
 
+def _keep(store: dict, key):
+    def fn(_, tensor):
+        store[key] = tensor
+    return fn
+
+
 def _grads_hooks(model, out: SampleGradients, batches) -> None:
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    """One batched forward/backward per batch: each projection's input x (its input site) and output y (its output
+    site, seen before any other hook rewrites it), dy = d(sum of losses)/dy; g_i = sum_t dy_t x_t^T."""
+    sites = projection_sites(out.arch)
+    inputs: dict = {}
+    outputs: dict = {}
+    fns = {}
+    for name, (layer, _, in_site, out_site) in sites.items():
+        fns[(in_site, layer)] = _keep(inputs, (in_site, layer))
+        fns[(out_site, layer)] = _keep(outputs, name)
+    with hooks(out.arch, fns, innermost=True), _differentiable(m.weight for _, m in out.weights.values()), \
+            torch.enable_grad():
+        for idx, ids, target in batches:
+            inputs.clear()
+            outputs.clear()
+            logits = model(input_ids=ids, use_cache=False).logits
+            losses = continuation_nll(logits, ids, target)
+            missing = set(out.weights) - set(outputs)
+            if missing:
+                raise RuntimeError(f"the forward pass did not run the projections {sorted(missing)[:3]}")
+            names = list(outputs)
+            dys = torch.autograd.grad(losses.sum(), [outputs[n] for n in names], allow_unused=True)
+            xs = {n: inputs[(sites[n][2], sites[n][0])] for n in names}
+            out.add(idx, _batch_entries(out, names, xs, dys, outputs, ids, target))
+            out.losses[idx] = losses.detach().cpu().numpy()
+            inputs.clear()
+            outputs.clear()
 
-    def hook(name):
-        def fn(module, args, output):
-            captured[name] = (args[0], output)
-        return fn
 
-    # prepend: see the projection's own output even if another forward hook later rewrites it (the gradient then
-    # flows through that hook, as it should); forward pre-hooks have already run, so x is the real input
-    handles = [m.register_forward_hook(hook(n), prepend=True) for n, (_, m) in out.weights.items()]
-    try:
-        with _differentiable(m.weight for _, m in out.weights.values()), torch.enable_grad():
-            for idx, ids, target in batches:
-                captured.clear()
-                logits = model(input_ids=ids, use_cache=False).logits
-                losses = continuation_nll(logits, ids, target)
-                names = list(captured)
-                dys = torch.autograd.grad(losses.sum(), [captured[n][1] for n in names], allow_unused=True)
-                length = target.shape[1] - target.flip(1).int().argmax(1)          # last continuation token + 1
-                valid = (torch.arange(ids.shape[1], device=ids.device)[None] < length[:, None])[..., None]
-                xs: dict[int, torch.Tensor] = {}                                   # q/k/v share one input: keep once
-                entries = {}
-                for name, dy in zip(names, dys):
-                    x = captured[name][0]
-                    dy = torch.zeros_like(captured[name][1]) if dy is None else dy
-                    b, t, d_in = x.shape
-                    d_out = dy.shape[-1]
-                    if t * (d_in + d_out) < d_in * d_out:
-                        if id(x) not in xs:
-                            xs[id(x)] = _at_least_float32(x.detach() * valid).cpu()
-                        entries[name] = ("factors", xs[id(x)], _at_least_float32(dy * valid).cpu())
-                    else:
-                        xf, dyf = _at_least_float32(x.detach() * valid), _at_least_float32(dy * valid)
-                        g = (torch.einsum("bti,bto->bio", xf, dyf) if out.arch.weights_transposed
-                             else torch.einsum("bto,bti->boi", dyf, xf))
-                        entries[name] = ("dense", g.cpu())
-                missing = set(out.weights) - set(entries)
-                if missing:
-                    raise RuntimeError(f"the forward pass did not run the projections {sorted(missing)[:3]}")
-                out.add(idx, entries)
-                out.losses[idx] = losses.detach().cpu().numpy()
-                captured.clear()
-    finally:
-        for h in handles:
-            h.remove()
+def _batch_entries(out: SampleGradients, names, xs, dys, outputs, ids, target) -> dict:
+    """Per weight: ("factors", x, dy) or ("dense", g), whichever is smaller; padding and prompt-only tail zeroed."""
+    length = target.shape[1] - target.flip(1).int().argmax(1)          # last continuation token + 1
+    valid = (torch.arange(ids.shape[1], device=ids.device)[None] < length[:, None])[..., None]
+    kept: dict[int, torch.Tensor] = {}                                 # q/k/v share one input: keep once
+    entries = {}
+    for name, dy in zip(names, dys):
+        x = xs[name]
+        dy = torch.zeros_like(outputs[name]) if dy is None else dy
+        b, t, d_in = x.shape
+        d_out = dy.shape[-1]
+        if t * (d_in + d_out) < d_in * d_out:
+            if id(x) not in kept:
+                kept[id(x)] = _at_least_float32(x.detach() * valid).cpu()
+            entries[name] = ("factors", kept[id(x)], _at_least_float32(dy * valid).cpu())
+        else:
+            xf, dyf = _at_least_float32(x.detach() * valid), _at_least_float32(dy * valid)
+            g = (torch.einsum("bti,bto->bio", xf, dyf) if out.arch.weights_transposed
+                 else torch.einsum("bto,bti->boi", dyf, xf))
+            entries[name] = ("dense", g.cpu())
+    return entries
 
 
 def _grads_loop(model, out: SampleGradients, batches) -> None:

@@ -4,8 +4,10 @@ Causal mediation / activation patching at the LAST prompt position. For neuron n
 
     a      the neuron's activation in the clean pass (the down projection's input) at the last position
     V      = W_down[:, n] * a   (activation_scale "actual"; "mean": a averaged over the prompts; "unit": a = 1)
-    treatment  mode "add": residual stream after layer l, last position, += V;  mode "ablate": -= V
-               (with "actual" scale, "ablate" is the neuron zeroed at the last position)
+    treatment  mode "add": residual stream after layer l, last position, += V;  mode "ablate": the neuron's
+               activation at the down-projection input (site mlp_act), last position, set to a - s (s the scale:
+               with "actual", 0: the neuron zeroed, on every architecture, also where the MLP output is normalised
+               before the residual add, Gemma 2/3); V is then the change of the block's output it causes
     total      = logits(model with the treatment) - clean logits                       (a forward pass)
     direct     = logits_from_hidden(h_final + V) - logits_from_hidden(h_final)         (no forward pass)
                h_final is the final pre-norm hidden state. This is exact for "every later layer frozen" (their
@@ -30,7 +32,8 @@ runs) are here too, for the tests, the benchmark and the notebook's live check t
 
 Artifacts (notebook 06): neuron_effects.csv (one row per neuron x prompt), neuron_summaries.json (one entry per
 neuron, id "L{layer}/N{neuron}"), layer_summary.csv. Sharding (shard "i/n") splits the neuron set round-robin;
-each shard checkpoints per batch in <out_dir>/neuron_effects_shards/ and a run with shard "" merges the shards.
+each shard checkpoints per batch (lib.checkpoints: a checkpoint of other settings is refused, naming what differs)
+and writes its shard files (lib.artifacts: neuron_effects, neuron_shard_info); a run with shard "" merges them.
 Modules: selection (neuron sets, prompts), effects (clean pass, total / direct / reference computations, metrics),
 summaries (per neuron, per layer, trend), pipeline (setup, resumable run, shards, artifacts, live check).
 """

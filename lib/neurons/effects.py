@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lib.hooks import hooks, skipped_blocks
 from lib.models import ArchInfo
-from lib.neurons._hooks import hooks, skipped_blocks
 from lib.neurons.selection import SCALES, Neuron, PromptSet
 
 CLASSES = ("routing-dominant", "mixed", "logit-dominant")

@@ -110,7 +110,8 @@ def prepare(model, tokenizer, arch: ArchInfo, *, out_dir: str | Path = "outputs/
     """Validate every parameter, load the prompts, run the clean pass, resolve the neuron set and the targets.
     Raises ValueError (one clear message) on bad input; writes nothing."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use 'add' (add V) or 'ablate' (subtract V: the neuron zeroed)")
+        raise ValueError(f"unknown mode {mode!r}; use 'add' (add V to the residual stream) or 'ablate' (the "
+                         f"neuron's activation set to 0 at the down-projection input)")
     if activation_scale not in SCALES:
         raise ValueError(f"unknown activation_scale {activation_scale!r}; use one of {list(SCALES)}")
     if (not isinstance(thresholds, (list, tuple)) or len(thresholds) != 2
