@@ -13,7 +13,8 @@ results (no negative counts, exact division only):
     ops    "She buys {b} more."  (+b)   "She gives {b} to a friend."  (-b, only when b < count)
            "She shares them equally among {c} friends." (/c, only when c divides the count; always the last step)
 One-step problems are start-with-one-op or a bags start alone; two-step problems have two steps. `difficulty`
-picks the operand range and the share of two-step problems (DIFFICULTIES). Train / test split: the two splits
+picks the operand range and the share of two-step problems (DIFFICULTIES); difficulty 0 is bare one-step
+arithmetic on digits ("What is 7 - 3?", "Compute 4 * 6.", ...: +, - with a non-negative result, *). Train / test split: the two splits
 use separate seeded streams (numpy SeedSequence([seed, split, difficulty, index])) AND a content rule (a hash of the
 problem text puts it in "train" or "test", 1 in 5 in test), so no problem appears in both splits for any seeds.
 
@@ -21,9 +22,11 @@ Jsonl files (GSM8K, MATH, ... downloaded on a login node with `datasets`, see RE
 `question` and `answer` (number or string; a GSM8K-style answer "... #### 72" keeps the part after '####');
 optional `id` and `split`.
 
-Prompt format (PROMPT_TEMPLATE, the one place): the question, then an instruction to end with "The answer is N.";
-with the tokenizer's chat template as a user turn plus the assistant header (chat_template=True), else plain text.
-`target_text(problem)` is the matching reference completion for supervised fine-tuning.
+Prompt format (PROMPT_TEMPLATE and ANSWER_PREFIX, the one place): the question and an instruction to answer with a
+number, as a user turn with the tokenizer's chat template plus the assistant header (chat_template=True; else the
+plain text), then the start of the reply, "The answer is" (answer_prefix; "" lets the model reason before it
+answers, for larger models with more new tokens). `reply_text` joins the prefix and a generation for checking;
+`target_text(problem)` is the matching reference reply for supervised fine-tuning.
 
 Checking: first the answer span of the reply (the first \\boxed{..}; else the first "answer is ..." sentence; else
 the whole reply, so text a model writes after its answer does not count), then math-verify on that span
@@ -45,8 +48,9 @@ import numpy as np
 
 SPLITS = ("train", "test")
 TEST_SHARE = 5                      # 1 in TEST_SHARE problems (by content hash) belongs to the test split
-PROMPT_TEMPLATE = "{question}\nSolve the problem and end your reply with \"The answer is N.\" where N is the number."
-TARGET_TEMPLATE = "The answer is {answer}."
+PROMPT_TEMPLATE = "{question}\nGive the final answer as a number."
+ANSWER_PREFIX = "The answer is"        # the reply is started with this (answer_prefix="" lets the model reason first)
+TARGET_TEMPLATE = "{prefix} {answer}."
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,15 @@ class Level:
     lo: int
     hi: int
     two_step: float
+    bare: bool = False      # "What is 3 + 4?" instead of a word problem
 
 
-DIFFICULTIES = {1: Level(2, 9, 0.0), 2: Level(2, 20, 0.0), 3: Level(2, 20, 0.5), 4: Level(2, 50, 1.0),
+DIFFICULTIES = {0: Level(1, 9, 0.0, bare=True), 1: Level(2, 9, 0.0), 2: Level(2, 20, 0.0), 3: Level(2, 20, 0.5), 4: Level(2, 50, 1.0),
                 5: Level(10, 200, 1.0)}
 
 _PEOPLE = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
            ("Ivy", "She"), ("Ben", "He"), ("Lea", "She"), ("Max", "He")]
+_BARE = ["What is {expr}?", "Compute {expr}.", "Calculate {expr}.", "How much is {expr}?"]
 _ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "cards", "shells", "coins"]
 
 
@@ -113,8 +119,18 @@ def _operation(rng, level: Level, count: int, last: bool) -> tuple[str, int, boo
     return f"{{pron}} shares them equally among {c} friends.", count // c, True
 
 
+def _draw_bare(rng, level: Level) -> tuple[str, int, int]:
+    a, b = (int(x) for x in rng.integers(level.lo, level.hi + 1, size=2))
+    op = rng.choice(["+", "-", "*"])
+    a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+    ask = _BARE[int(rng.integers(len(_BARE)))].format(expr=f"{a} {op} {b}")
+    return ask, a + b if op == "+" else a - b if op == "-" else a * b, 1
+
+
 def _draw(rng, level: Level) -> tuple[str, int, int] | None:
     """One candidate problem -> (question, answer, steps) or None to redraw."""
+    if level.bare:
+        return _draw_bare(rng, level)
     two_step = bool(rng.random() < level.two_step)
     want = 2 if two_step else 1
     sentence, count, steps = _start(rng, level, two_step)
@@ -242,15 +258,25 @@ def prompt_text(problem: Problem) -> str:
     return PROMPT_TEMPLATE.format(question=problem.question)
 
 
-def target_text(problem: Problem) -> str:
-    """Reference completion for supervised fine-tuning, in the form the prompt asks for."""
-    return TARGET_TEMPLATE.format(answer=problem.answer)
+def target_text(problem: Problem, answer_prefix: str = ANSWER_PREFIX) -> str:
+    """Reference completion for supervised fine-tuning, in the form the prompt asks for (the whole reply,
+    including the answer prefix)."""
+    return TARGET_TEMPLATE.format(prefix=answer_prefix or "The answer is", answer=problem.answer)
 
 
-def encode_problem(tokenizer, problem: Problem, chat_template: bool = True) -> list[int]:
-    """Prompt token ids: the chat template's user turn + assistant header, or the plain text (base models)."""
+def encode_problem(tokenizer, problem: Problem, chat_template: bool = True, answer_prefix: str = ANSWER_PREFIX) -> list[int]:
+    """Prompt token ids: the chat template's user turn + assistant header (or the plain text, for base models),
+    then the start of the reply `answer_prefix` ("" = none). Check a generation with reply_text(...)."""
     from lib.extract import encode_prompts
-    return encode_prompts(tokenizer, [prompt_text(problem)], chat_template)[0]
+    ids = encode_prompts(tokenizer, [prompt_text(problem)], chat_template)[0]
+    if not chat_template:
+        ids = ids + tokenizer("\n", add_special_tokens=False).input_ids
+    return ids + (tokenizer(answer_prefix, add_special_tokens=False).input_ids if answer_prefix else [])
+
+
+def reply_text(generated: str, answer_prefix: str = ANSWER_PREFIX) -> str:
+    """The whole reply: the answer prefix given in the prompt followed by the generated text."""
+    return f"{answer_prefix}{generated}" if answer_prefix else generated
 
 
 # ----------------------------------------------------------------------------- answer checking

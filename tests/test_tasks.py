@@ -10,6 +10,10 @@ from lib import tasks
 
 def _solve(question: str) -> int:
     """Recompute the answer from the question text alone (an independent reading of the templates)."""
+    bare = re.fullmatch(r"(?:What is|Compute|Calculate|How much is) (\d+) ([-+*]) (\d+)[?.]", question)
+    if bare:
+        a, op, b = int(bare[1]), bare[2], int(bare[3])
+        return a + b if op == "+" else a - b if op == "-" else a * b
     bags = re.search(r"has (\d+) bags with (\d+) \w+ in each bag", question)
     count = int(bags[1]) * int(bags[2]) if bags else int(re.search(r"has (\d+) \w+\.", question)[1])
     for verb, n in re.findall(r"(buys|gives|among) (\d+)", question):
@@ -137,7 +141,11 @@ def test_prompt_format_uses_chat_template_and_instruction():
     tok = bundled_tokenizer()
     p = tasks.generate_problems(1, "test", 1, 0)[0]
     text = tok.decode(tasks.encode_problem(tok, p, chat_template=True))
-    assert p.question in text and "The answer is N." in text and "<|im_start|>assistant" in text
+    assert p.question in text and "answer as a number" in text
+    assert text.endswith("<|im_start|>assistant\nThe answer is")
     plain = tok.decode(tasks.encode_problem(tok, p, chat_template=False))
-    assert "<|im_start|>" not in plain and plain.strip().endswith("where N is the number.")
+    assert "<|im_start|>" not in plain and plain.endswith("as a number.\nThe answer is")
+    free = tok.decode(tasks.encode_problem(tok, p, chat_template=True, answer_prefix=""))
+    assert free.endswith("<|im_start|>assistant\n")
+    assert tasks.reply_text(" 12.") == "The answer is 12." and tasks.reply_text("x", "") == "x"
     assert tasks.target_text(p) == f"The answer is {p.answer}." and tasks.check_answer(tasks.target_text(p), p.answer).correct
