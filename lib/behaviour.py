@@ -8,7 +8,8 @@ Conditions (k = max(1, round(fraction * total heads)) heads each):
 - synergistic: the top k heads of each ranking variant (rankings.csv, descending score, ties by lower index);
 - redundant: the k heads at the other end of the same order (most redundant first);
 - random: `n_random` random sets, default_rng(seed + i).permutation(heads)[:k] (lib.ablation's random orders);
-- layer_matched: per variant, a random set with as many heads in each layer as that variant's synergistic set.
+- layer_matched: per variant, a random set with as many heads in each layer as that variant's synergistic set
+  (the first k heads of lib.ablation's layer-matched random order).
 Perturbations (lib.ablation's, reused): "zero" multiplies the heads' outputs by 0 (lib.heads.HeadHooks mask, one
 row per (condition, problem)); "noise" adds N(0, (sigma * s)^2) to the heads' query-projection rows and
 output-projection columns (lib.ablation.perturbed_heads, noise of head h fixed by (seed, h), so a head is perturbed
@@ -82,27 +83,20 @@ class Condition:
         return "baseline" if self.kind == "baseline" else ":".join(parts)
 
 
-def layer_matched(heads, n_heads: int, rng) -> tuple[int, ...]:
-    """A random set with as many heads in each layer as `heads` (drawn within each layer, without replacement)."""
-    layers, counts = np.unique(np.asarray(heads) // n_heads, return_counts=True)
-    chosen = [int(layer) * n_heads + int(h) for layer, c in zip(layers, counts)
-              for h in rng.choice(n_heads, size=int(c), replace=False)]
-    return tuple(sorted(chosen))
-
-
 def head_sets(rankings: pd.DataFrame, variants: list[str], fraction: float, n_random: int, seed: int,
               n_heads: int) -> list[tuple[str, str, int, tuple[int, ...]]]:
     """(kind, variant, seed, heads) for every perturbed set: synergistic / redundant / layer-matched per variant,
-    then the random sets (lib.ablation.make_orderings' orders, cut after k heads)."""
+    then the random sets: lib.ablation.make_orderings' ranking, reverse, layer-matched and random orders, cut after
+    the first k heads."""
     k = max(1, int(round(fraction * len(rankings))))
-    orders = make_orderings(rankings, variants, n_random, include_reverse=True, seed=seed)
+    orders = make_orderings(rankings, variants, n_random, include_reverse=True, seed=seed, n_matched=1)
+    first = lambda kind, v: [o for o in orders if o.kind == kind and o.variant == v][0]     # noqa: E731
     out = []
-    for i, v in enumerate(variants):
-        top = [o for o in orders if o.kind == "ranking" and o.variant == v][0].order[:k]
-        bottom = [o for o in orders if o.kind == "reverse" and o.variant == v][0].order[:k]
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 1, i]))
-        out += [("synergistic", v, -1, tuple(sorted(top))), ("redundant", v, -1, tuple(sorted(bottom))),
-                ("layer_matched", v, seed, layer_matched(top, n_heads, rng))]
+    for v in variants:
+        matched = first("matched", v)
+        out += [("synergistic", v, -1, tuple(sorted(first("ranking", v).order[:k]))),
+                ("redundant", v, -1, tuple(sorted(first("reverse", v).order[:k]))),
+                ("layer_matched", v, matched.seed, tuple(sorted(matched.order[:k])))]
     out += [("random", "", o.seed, tuple(sorted(o.order[:k]))) for o in orders if o.kind == "random"]
     return out
 
