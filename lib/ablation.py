@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from lib.extract import left_pad
 from lib.heads import HeadHooks
 from lib.hooks import patched_weights
+from lib.checkpoints import parse_shard
 from lib.models import ArchInfo
 from lib.store import ArtifactError, check_same_heads, load_npz, save_csv, save_npz
 
@@ -69,7 +70,6 @@ KL_FILE = "ablation_kl.npz"
 CHECKPOINT_PREFIX = "ablation_checkpoint"          # + _<settings hash>.npz: one file per set of settings
 SHARD_DIR = "ablation_shards"
 RANDOM_VARIANT = "none"                                  # `variant` of random orderings in ablation.csv
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _SHARD_FILE_RE = re.compile(r"^shard-(\d+)-of-(\d+)\.npz$")
 
 
@@ -136,17 +136,6 @@ class AblationPlan:
     def shard_units(self) -> list[tuple[int, int]]:
         i, n = self.shard or (1, 1)
         return self.units()[i - 1::n]
-
-
-def parse_shard(shard: str | None) -> tuple[int, int] | None:
-    """'' or None -> None; 'i/n' (1-based, 1 <= i <= n) -> (i, n)."""
-    if shard is None or str(shard).strip() == "":
-        return None
-    m = _SHARD_RE.match(str(shard))
-    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
-        raise ValueError(f"shard must be '' (no sharding) or 'i/n' with 1 <= i <= n, e.g. '2/4' for task 2 of 4 "
-                         f"(SLURM: shard=\"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\"); got {shard!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def make_points(total_heads: int, step_size: int | None = None, fractions: list[float] | None = None) -> np.ndarray:
