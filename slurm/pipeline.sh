@@ -7,6 +7,7 @@
 #   01 extract (GPU) -> 02 PhiID (CPU) -> 03 diagnostics (CPU) -> 04 ranking (CPU)
 #   -> 05 ablation array (GPU, shard i/N) -> 05 merge -> 06 neuron array (GPU) -> 06 merge -> 07 QK-OV (GPU)
 #   -> 08 topology (CPU; needs only 02's files, placed in the chain like every other notebook)
+#   -> 09 task behaviour (GPU: greedy replies of the model under head perturbation; needs 04 rankings.csv)
 #   -> 11 local synergy (CPU: local PhiID of notebook 01's activations plus a teacher-forced pass; it needs 01 only,
 #   and runs in the chain's order)
 #   -> report (index.html; `afterany`, so it also shows a failed or cancelled pipeline)
@@ -28,7 +29,7 @@
 #   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
 #   --sbatch-args "ARGS"   sbatch arguments for every job, e.g. "--account=abc --partition=short --time=04:00:00"
 # GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: 01_extract_activations 05_ablation 06_neuron_effects
-# 07_qkov_interference); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
+# 07_qkov_interference 09_task_behaviour); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
 # Output: one line per job ("submitted <notebook> <jobid> ..."), then "JOBS <id> <id> ...", and where the logs go
@@ -144,7 +145,7 @@ done
 
 RUN=$(basename "$PARAMS" .yaml)
 LOG_DIR=$OUT_DIR/logs
-GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference}
+GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference 09_task_behaviour}
 RUNNER_ARGS=("${SETS[@]}")
 [ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
 # Each job is its own runner invocation, so "rerun what follows a notebook that ran" (the runner's rule within

@@ -31,12 +31,14 @@ from lib import REPO_ROOT
 PARAMS = Path(os.environ.get("HEADINFO_SLURM_TEST_PARAMS", REPO_ROOT / "params" / "tiny.yaml")).resolve()
 PIPELINE = REPO_ROOT / "slurm" / "pipeline.sh"
 SHARDS = 2
-GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference"}
+GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference",
+                 "09_task_behaviour"}
 # artifacts each notebook must leave in the run folder (conventions: "Artifacts of a run")
 ARTIFACTS = {"01_extract_activations": ["activations.npz"], "02_phiid": ["phiid_per_prompt.npz"],
              "04_ranking_variants": ["rankings.csv"], "05_ablation": ["ablation.csv"],
              "06_neuron_effects": ["neuron_effects.csv"], "07_qkov_interference": ["interference.npz"],
-             "08_topology": ["topology.json", "modules.csv"]}
+             "08_topology": ["topology.json", "modules.csv"],
+             "09_task_behaviour": ["behaviour.csv", "behaviour_generations.jsonl", "behaviour_summary.json"]}
 
 
 def sections(params: Path = PARAMS) -> list[str]:
