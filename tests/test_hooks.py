@@ -188,3 +188,13 @@ def test_head_weight_slices_index_the_kv_head_of_the_group(every_arch):
     assert sub.shape == ((arch.head_dim, arch.hidden_size) if arch.weights_transposed else (arch.hidden_size, arch.head_dim))
     with pytest.raises(ValueError, match="head 4 out of range"):
         arch.head_weight_slices(0, arch.n_heads)
+
+
+def test_innermost_sees_the_output_before_another_context_rewrites_it(every_arch):
+    _, model, _, arch = every_arch
+    seen = {}
+    with torch.no_grad(), hooks(arch, {("mlp_out", 0): lambda l, x: torch.zeros_like(x)}):
+        with hooks(arch, {("mlp_out", 0): lambda l, x: seen.__setitem__("after", x.abs().max())}):
+            with hooks(arch, {("mlp_out", 0): lambda l, x: seen.__setitem__("before", x.abs().max())}, innermost=True):
+                model(input_ids=IDS)
+    assert seen["after"] == 0 and seen["before"] > 0
