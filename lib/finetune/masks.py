@@ -1,0 +1,115 @@
+"""Which weights a head-restricted fine-tuning may move, and an optimiser that moves nothing else.
+
+A head's trainable slice is its query-projection rows, its output-projection columns and, by the GQA policy `kv`,
+the key/value rows of its KV head:
+    kv="any"   a KV head is trainable when ANY of the query heads that share it is selected (default)
+    kv="all"   only when ALL of them are selected
+    kv="none"  K and V stay frozen
+Head slices come from ArchInfo.block_param_slices (Q/K/V/O per head), never from module names here.
+Biases, norms, MLPs and embeddings stay frozen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lib.models import ArchInfo
+
+KV_POLICIES = ("any", "all", "none")
+BLOCKS = ("Q", "K", "V", "O")
+
+
+@dataclass
+class HeadMask:
+    """One weight tensor and the boolean mask [same shape] of its entries that may change."""
+    param: torch.nn.Parameter
+    mask: torch.Tensor
+    layer: int
+
+
+def kv_heads_selected(arch: ArchInfo, query_heads: list[int], kv: str) -> list[int]:
+    """KV heads (within one layer) that are trainable for the selected query heads of that layer."""
+    if kv not in KV_POLICIES:
+        raise ValueError(f"kv policy must be one of {list(KV_POLICIES)} (how K/V heads shared by several query heads "
+                         f"under grouped-query attention are treated); got {kv!r}")
+    group = arch.n_heads // arch.n_kv_heads
+    chosen = set(query_heads)
+    members = {g: set(range(g * group, (g + 1) * group)) for g in range(arch.n_kv_heads)}
+    if kv == "none":
+        return []
+    test = (lambda m: bool(m & chosen)) if kv == "any" else (lambda m: m <= chosen)
+    return [g for g, m in members.items() if test(m)]
+
+
+def head_masks(arch: ArchInfo, heads: list[int], kv: str = "any") -> list[HeadMask]:
+    """Masks over the attention weight tensors of every layer for the selected heads (layer-major indices).
+    Tensors shared by Q, K and V (fused layouts) get one combined mask."""
+    bad = [h for h in heads if not 0 <= int(h) < arch.total_heads]
+    if bad:
+        raise ValueError(f"head indices {bad[:5]} out of range [0, {arch.total_heads}) for this model")
+    by_param: dict[int, HeadMask] = {}
+    for layer in range(arch.n_layers):
+        local = sorted(int(h) - layer * arch.n_heads for h in heads if int(h) // arch.n_heads == layer)
+        slices = arch.block_param_slices(layer)
+        units = {"Q": local, "O": local, "K": kv_heads_selected(arch, local, kv)}
+        units["V"] = units["K"]
+        for block in BLOCKS:
+            weight, index = slices[block]
+            entry = by_param.setdefault(id(weight), HeadMask(weight, torch.zeros_like(weight, dtype=torch.bool), layer))
+            for h in units[block]:
+                entry.mask[index(h)] = True
+    return list(by_param.values())
+
+
+class MaskedAdamW(torch.optim.AdamW):
+    """AdamW over the masked tensors only: gradients are zeroed outside the masks before every step, and the
+    entries outside the masks are put back to their values at construction after every step (so weight decay or
+    any numerical path cannot move them: they stay bit-identical)."""
+
+    def __init__(self, masks: list[HeadMask], lr: float, weight_decay: float = 0.0, **kwargs):
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number (learning rate of AdamW, e.g. 1.0e-4); got {lr!r}")
+        self.masks = [m for m in masks if bool(m.mask.any())]
+        self.frozen = [m.param.detach().clone() for m in self.masks]
+        for m in self.masks:
+            m.param.requires_grad_(True)
+        params = [m.param for m in self.masks] or [torch.nn.Parameter(torch.zeros(1))]
+        super().__init__(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for m in self.masks:
+            if m.param.grad is not None:
+                m.param.grad.mul_(m.mask)
+        loss = super().step(closure)
+        for m, frozen in zip(self.masks, self.frozen):
+            m.param.copy_(torch.where(m.mask, m.param, frozen))
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimiser state (exp_avg, exp_avg_sq, step)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if torch.is_tensor(t))
+
+    def release(self) -> None:
+        """Freeze the tensors again (requires_grad False), as load_model leaves every weight."""
+        for m in self.masks:
+            m.param.requires_grad_(False)
+            m.param.grad = None
+
+
+def weight_deltas(arch: ArchInfo, before: dict[int, torch.Tensor]) -> list[dict]:
+    """Frobenius norm of the change of every head's Q, K, V, O slice against `before` (id(param) -> original).
+    Rows: layer, head (query head for Q/O, KV head for K/V), block, delta_norm."""
+    rows = []
+    for layer in range(arch.n_layers):
+        for block, (weight, index) in arch.block_param_slices(layer).items():
+            if id(weight) not in before:
+                continue
+            n_units = arch.n_kv_heads if block in ("K", "V") else arch.n_heads
+            for h in range(n_units):
+                diff = (weight.detach()[index(h)].float() - before[id(weight)][index(h)].float())
+                rows.append({"layer": layer, "head": h, "block": block,
+                             "delta_norm": float(torch.linalg.vector_norm(diff))})
+    return rows
