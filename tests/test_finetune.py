@@ -46,26 +46,34 @@ def _selected_entries(arch, heads, kv):
     return out
 
 
-def test_only_selected_slices_move(tiny):
-    model, tokenizer, arch = tiny
-    heads = [1, arch.n_heads + 2]
-    before = _snapshot(model)
-    curve = run_sft(model, arch, heads, _examples(), lambda m: [True], SFTSettings(n_steps=3, lr=1e-2, batch_size=2,
-                    eval_every=3, weight_decay=0.1), pad_id=0)
-    after = _snapshot(model)
-    selected = _selected_entries(arch, heads, "any")
+def _assert_only_selected_moved(arch, before, after, heads, kv="any"):
+    selected = _selected_entries(arch, heads, kv)
     for name, value in after.items():
         outside = torch.ones_like(value, dtype=torch.bool)
         for n, idx in selected:
             if n == name:
                 outside[idx] = False
         assert torch.equal(value[outside], before[name][outside]), f"{name} moved outside the selected heads"
-    for name, idx in selected:
-        assert not torch.equal(after[name][idx], before[name][idx]), f"selected slice of {name} did not move"
-    assert curve.steps == [0, 3] and len(curve.loss) == 3
+    return [(name, idx) for name, idx in selected if not torch.equal(after[name][idx], before[name][idx])]
+
+
+def _reset(model, before):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(before[name])
+            p.requires_grad_(False)
+
+
+def test_only_selected_slices_move(tiny):
+    model, tokenizer, arch = tiny
+    heads = [1, arch.n_heads + 2]
+    before = _snapshot(model)
+    curve = run_sft(model, arch, heads, _examples(), lambda m: [True], SFTSettings(n_steps=3, lr=1e-2, batch_size=2,
+                    eval_every=3, weight_decay=0.1), pad_id=0)
+    moved = _assert_only_selected_moved(arch, before, _snapshot(model), heads)
+    assert len(moved) == len(_selected_entries(arch, heads, "any")), "a selected slice did not move"
+    assert curve.steps == [0, 3] and len(curve.loss) == 3
+    _reset(model, before)
 
 
 def test_masked_step_equals_plain_adamw_when_all_heads_selected(tiny):
@@ -154,3 +162,131 @@ def test_paired_bootstrap_ci_covers_the_difference():
     diff, lo, hi = paired_bootstrap(a, b)
     assert diff == pytest.approx(a.mean() - b.mean())
     assert lo < diff < hi and hi - lo < 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# whole runs: resume after SIGKILL, bad inputs, GRPO
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from lib import artifacts, finetune, tasks  # noqa: E402
+from lib.finetune import GRPOSettings  # noqa: E402
+from lib.finetune.grpo import correctness_reward, run_grpo  # noqa: E402
+from lib.store import ArtifactError  # noqa: E402
+
+RUN_SCRIPT = """
+import sys
+from lib import finetune
+from lib.finetune import SFTSettings
+from lib.models import load_model
+out, delay = sys.argv[1], float(sys.argv[2])
+model, tokenizer, arch = load_model("random:llama", device="cpu")
+if delay:
+    import time
+    from lib.finetune import sft
+    step = sft.train_step
+    sft.train_step = lambda *a, **k: (time.sleep(delay), step(*a, **k))[1]
+plan = finetune.prepare(out, model="random:llama", n_train=16, n_test=4, n_random=1, max_new_tokens=4,
+                        sft=SFTSettings(n_steps=6, lr=1e-2, batch_size=2, eval_every=2))
+finetune.run_finetune(model, tokenizer, arch, plan, progress=False)
+"""
+
+
+def _rankings(out_dir, arch, seed=0):
+    layer, head = arch.head_map()
+    scores = np.random.default_rng(seed).normal(size=arch.total_heads)
+    artifacts.save("rankings", out_dir, pd.DataFrame({"head_idx": range(arch.total_heads), "layer": layer,
+                                                      "head": head, "rank_diff": scores}))
+
+
+def _run(out_dir, delay=0.0, **popen):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(out_dir), str(delay)], env=env, **popen)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_numbers(tmp_path):
+    model, tokenizer, arch = load_model("random:llama", device="cpu")
+    for d in ("clean", "killed"):
+        _rankings(tmp_path / d, arch)
+    assert _run(tmp_path / "clean").wait(timeout=600) == 0
+    proc = _run(tmp_path / "killed", delay=0.3)
+    ckpts = tmp_path / "killed" / ".finetune_checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(ckpts.glob("*/*-done.pt")):      # one run finished, another started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "finetune.csv").exists()
+    assert _run(tmp_path / "killed").wait(timeout=600) == 0
+    for name in ("finetune", "finetune_deltas"):
+        a, b = artifacts.load(name, tmp_path / "clean"), artifacts.load(name, tmp_path / "killed")
+        pd.testing.assert_frame_equal(a, b)
+    assert not ckpts.exists()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("random:llama", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fraction": 0.0}, "fraction"), ({"fraction": 1.5}, "fraction"), ({"kv": "most"}, "kv"),
+    ({"sft": finetune.SFTSettings(n_steps=0)}, "n_steps"), ({"sft": finetune.SFTSettings(lr=0.0)}, "lr"),
+    ({"seeds": []}, "seeds"), ({"methods": ["ppo"]}, "methods"), ({"variant": "nope"}, "unknown ranking variant"),
+])
+def test_bad_settings_stop_before_anything_is_written(tmp_path, llama, kwargs, match):
+    _rankings(tmp_path, llama[2])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=match):
+        finetune.prepare(tmp_path, model="random:llama", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_task_file_without_train_split_is_refused(tmp_path, llama):
+    _rankings(tmp_path, llama[2])
+    path = tmp_path / "only_test.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": i + 1, "split": "test"}) + "\n"
+                            for i in range(5)))
+    with pytest.raises(tasks.TaskError, match="no problems of split 'train'"):
+        finetune.prepare(tmp_path, model="random:llama", task=str(path))
+
+
+def test_rankings_of_another_model_are_refused(tmp_path, llama):
+    model, tokenizer, arch = load_model("random:gpt2", device="cpu")     # 4 x 4 heads, other head map? same count
+    other = pd.DataFrame({"head_idx": range(12), "layer": np.repeat(np.arange(3), 4), "head": np.tile(range(4), 3),
+                          "rank_diff": np.arange(12.0)})
+    artifacts.save("rankings", tmp_path, other)
+    plan = finetune.prepare(tmp_path, model="random:llama")
+    with pytest.raises(ArtifactError, match="another model"):
+        finetune.run_finetune(*llama, plan, progress=False)
+
+
+def test_reward_scores_hand_written_completions():
+    reward = correctness_reward(lambda text, gold: tasks.check_answer(text, gold).correct)
+    completions = ["She has 12 apples left, so the answer is 12.", "The answer is \\boxed{12}.",
+                   "The answer is 13.", "I do not know.", "12 + 1 = 13. The answer is 12."]
+    assert reward(completions, answer=["12"] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_grpo_three_steps_move_only_the_selected_heads(llama):
+    model, tokenizer, arch = llama
+    before = _snapshot(model)
+    prompts = [f"Count: {i}, {i + 1}," for i in range(8)]
+    odd_spaces = lambda text, gold: text.count(" ") % 2 == 1                     # varies between completions
+    log = run_grpo(model, tokenizer, arch, [2, 9], prompts, [str(i) for i in range(8)], odd_spaces,
+                   GRPOSettings(n_steps=3, lr=1e-2, n_generations=4, batch_size=4, max_completion_length=6))
+    assert len(log) == 3 and all("reward" in h for h in log)
+    assert any(h["reward_std"] > 0 for h in log), "no reward variance: the test cannot see an update"
+    moved = _assert_only_selected_moved(arch, before, _snapshot(model), [2, 9])
+    assert moved, "GRPO moved no selected slice"
+    _reset(model, before)

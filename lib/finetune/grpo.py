@@ -48,14 +48,27 @@ def correctness_reward(check):
     return reward
 
 
-# trl 1.16 still calls transformers' gradient_checkpointing* names, deprecated in transformers 5: their
-# FutureWarnings come from the trainer's internals, not from this project's calls.
-_TRL_DEPRECATIONS = r"`(is_)?gradient_checkpointing\w*` is deprecated"
+# trl 1.16 still calls transformers' gradient_checkpointing* names and passes `past_key_values=` in its generation
+# loop, both deprecated in transformers 5: these FutureWarnings come from the trainer's internals, not from this
+# project's calls, and are silenced inside run_grpo only.
+_TRL_DEPRECATIONS = r"`((is_)?gradient_checkpointing\w*|past_key_values)` is deprecated"
+
+
+def evaluation_callback(evaluate, every: int, record):
+    """A TrainerCallback calling record(step, evaluate(model)) every `every` optimiser steps."""
+    from transformers.trainer_callback import TrainerCallback
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0:
+                record(state.global_step, evaluate(model))
+    return Evaluate()
 
 
 def run_grpo(model, tokenizer, arch, heads: list[int], prompts: list[str], answers: list[str], check,
-             settings: GRPOSettings, device_is_cpu: bool = True) -> list[dict]:
-    """Train the selected heads with GRPO; returns the trainer's per-step log (reward mean/std, loss, ...)."""
+             settings: GRPOSettings, device_is_cpu: bool = True, callbacks=()) -> list[dict]:
+    """Train the selected heads with GRPO; returns the trainer's per-step log (reward mean/std, loss, ...).
+    callbacks: extra TrainerCallbacks (e.g. evaluation_callback for test accuracy during training)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -63,6 +76,7 @@ def run_grpo(model, tokenizer, arch, heads: list[int], prompts: list[str], answe
     settings.check()
     optimiser = MaskedAdamW(head_masks(arch, heads, settings.kv), lr=settings.lr)
     data = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
+    had_own_forward = "forward" in vars(model)
     with tempfile.TemporaryDirectory(prefix="grpo-") as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TRL_DEPRECATIONS, category=FutureWarning)
         args = GRPOConfig(
@@ -72,12 +86,14 @@ def run_grpo(model, tokenizer, arch, heads: list[int], prompts: list[str], answe
             temperature=settings.temperature, seed=settings.seed, use_cpu=device_is_cpu, bf16=False,
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, disable_dropout=True)
         trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward(check)], args=args, train_dataset=data,
-                              processing_class=tokenizer, optimizers=(optimiser, None))
+                              processing_class=tokenizer, optimizers=(optimiser, None), callbacks=list(callbacks))
         for callback in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(callback)
         try:
             trainer.train()
         finally:
             optimiser.release()
+            if not had_own_forward and "forward" in vars(model):
+                del model.forward                  # the trainer wraps the instance's forward; put the class's back
     model.eval()
     return [h for h in trainer.state.log_history if "reward" in h]

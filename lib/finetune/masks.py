@@ -99,6 +99,16 @@ class MaskedAdamW(torch.optim.AdamW):
             m.param.grad = None
 
 
+def selected_units(arch: ArchInfo, heads: list[int], kv: str) -> set[tuple[int, int, str]]:
+    """(layer, head, block) of every trainable slice: query heads for Q/O, KV heads for K/V."""
+    out = set()
+    for layer in range(arch.n_layers):
+        local = [int(h) - layer * arch.n_heads for h in heads if int(h) // arch.n_heads == layer]
+        out |= {(layer, h, b) for h in local for b in ("Q", "O")}
+        out |= {(layer, g, b) for g in kv_heads_selected(arch, local, kv) for b in ("K", "V")}
+    return out
+
+
 def weight_deltas(arch: ArchInfo, before: dict[int, torch.Tensor]) -> list[dict]:
     """Frobenius norm of the change of every head's Q, K, V, O slice against `before` (id(param) -> original).
     Rows: layer, head (query head for Q/O, KV head for K/V), block, delta_norm."""

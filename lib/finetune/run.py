@@ -1,0 +1,421 @@
+"""Notebook 10: learning through selected heads (the paper's Fig 5), SFT and GRPO, per condition and seed.
+
+Conditions (lib.behaviour.head_sets, the same sets as the task-behaviour experiment; k = round(fraction x heads)):
+synergistic (top k of the ranking variant), redundant (the other end of the same order), `n_random` random sets,
+and a layer-matched random set. Every (method, condition, seed) run starts from the loaded weights (restored
+bit-exactly afterwards) and evaluates test accuracy before training and every `eval_every` steps.
+
+Checkpoints: <out_dir>/.finetune_checkpoints/<settings hash>/<run>.pt after every evaluation (and the finished
+run's curve and deltas), so a killed run resumes to the same numbers; the folder is removed when all runs finished.
+
+    plan = prepare(out_dir, model=..., variant="rank_diff", fraction=0.5, seeds=[0])
+    result = run_finetune(model, tokenizer, arch, plan)      # FinetuneResult, saved: finetune.csv, finetune_deltas.csv,
+                                                              # finetune_summary.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lib import artifacts, tasks
+from lib.behaviour import (check_rankings_model, clopper_pearson, eos_ids, greedy_generate, head_sets,
+                           load_rankings, problem_batches)
+from lib.finetune.grpo import GRPOSettings, evaluation_callback, run_grpo
+from lib.finetune.masks import KV_POLICIES, head_masks, selected_units, weight_deltas
+from lib.finetune.sft import Example, SFTSettings, run_sft
+from lib.finetune.stats import hedges_g, paired_bootstrap, permutation_null
+from lib.store import ArtifactError
+
+METHODS = ("sft", "grpo")
+KINDS = ("synergistic", "redundant", "random", "layer_matched")
+PAPER = {"value": 1.4, "text": "Qwen2.5-Math-1.5B, GRPO on MATH: synergistic vs random Hedges' g ~1.4 (p < 0.05), vs "
+                              "redundant ~5.0 (p < 0.001); SFT: no difference (read off Fig 5, approximate)"}
+
+artifacts.register(artifacts.Artifact(
+    "finetune", "finetune.csv", "10_head_finetuning",
+    "test accuracy (with Clopper-Pearson CI) per method, condition, seed and evaluation step"))
+artifacts.register(artifacts.Artifact(
+    "finetune_deltas", "finetune_deltas.csv", "10_head_finetuning",
+    "Frobenius norm of each head's Q/K/V/O weight change per method, condition and seed"))
+artifacts.register(artifacts.Artifact(
+    "finetune_summary", "finetune_summary.json", "10_head_finetuning",
+    "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7"))
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: str
+    variant: str
+    seed: int                     # head-set seed (random, layer-matched), -1 otherwise
+    heads: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return self.kind + (f":seed={self.seed}" if self.kind == "random" else "")
+
+
+@dataclass
+class FinetunePlan:
+    out_dir: Path
+    model: str
+    variant: str
+    fraction: float
+    kv: str
+    conditions: list[Condition]
+    seeds: list[int]
+    methods: list[str]
+    train: list[tasks.Problem]
+    test: list[tasks.Problem]
+    sft: SFTSettings
+    grpo: GRPOSettings
+    max_new_tokens: int = 32
+    eval_batch_size: int = 32
+    chat_template: bool = True
+
+    def runs(self) -> list[tuple[str, Condition, int]]:
+        return [(m, c, s) for m in self.methods for c in self.conditions for s in self.seeds]
+
+    def fingerprint(self, arch) -> dict:
+        return {"model": self.model, "weights": arch.weights_id, "variant": self.variant, "fraction": self.fraction,
+                "kv": self.kv, "conditions": [asdict(c) for c in self.conditions], "seeds": self.seeds,
+                "methods": self.methods, "train": [p.id for p in self.train], "test": [p.id for p in self.test],
+                "sft": asdict(self.sft), "grpo": asdict(self.grpo), "max_new_tokens": self.max_new_tokens,
+                "chat_template": self.chat_template}
+
+
+def check_settings(fraction, kv, seeds, methods, n_random) -> None:
+    """Raise ValueError naming the first bad setting (nothing read or written)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction (share of heads trained) must lie in (0, 1], e.g. 0.5 as in the paper; "
+                         f"got {fraction!r}")
+    if kv not in KV_POLICIES:
+        raise ValueError(f"kv must be one of {list(KV_POLICIES)} (GQA policy for shared K/V heads); got {kv!r}")
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers (one training run each), e.g. [0]; got {seeds!r}")
+    bad = [m for m in (methods if isinstance(methods, (list, tuple)) else [methods]) if m not in METHODS]
+    if not isinstance(methods, (list, tuple)) or not methods or bad:
+        raise ValueError(f"methods must be a non-empty list of {list(METHODS)}; got {methods!r}")
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
+        raise ValueError(f"n_random (random head sets) must be an integer >= 1; got {n_random!r}")
+
+
+def make_conditions(rankings: pd.DataFrame, variant: str, fraction: float, n_random: int, seed: int,
+                    n_heads: int) -> list[Condition]:
+    sets = head_sets(rankings, [variant], fraction, n_random, seed, n_heads)
+    order = {k: i for i, k in enumerate(KINDS)}
+    return sorted((Condition(kind, v, int(s), tuple(int(h) for h in heads)) for kind, v, s, heads in sets),
+                  key=lambda c: order[c.kind])
+
+
+def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fraction: float = 0.5, kv: str = "any",
+            n_random: int = 1, seeds=(0,), methods=("sft",), task: str = "arithmetic", n_train: int | None = 200,
+            n_test: int | None = 40, difficulty: int = 2, task_seed: int = 0, sft: SFTSettings = SFTSettings(),
+            grpo: GRPOSettings = GRPOSettings(), max_new_tokens: int = 32, eval_batch_size: int = 32,
+            chat_template: bool = True, seed: int = 0) -> FinetunePlan:
+    """Validate every setting, the task splits and rankings.csv (nothing is written) -> FinetunePlan."""
+    seeds, methods = list(seeds) if isinstance(seeds, tuple) else seeds, \
+        list(methods) if isinstance(methods, tuple) else methods
+    check_settings(fraction, kv, seeds, methods, n_random)
+    sft.check()
+    if "grpo" in methods:
+        grpo.check()
+    train = tasks.load_task(task, n_train, "train", difficulty, task_seed)
+    test = tasks.load_task(task, n_test, "test", difficulty, task_seed)
+    out_dir = Path(out_dir)
+    rankings = load_rankings(out_dir, [variant], model)
+    n_heads = int(rankings["head"].max()) + 1
+    conditions = make_conditions(rankings, variant, float(fraction), n_random, seed, n_heads)
+    return FinetunePlan(out_dir, model or "", variant, float(fraction), kv, conditions, seeds, methods, train, test,
+                        sft, grpo, max_new_tokens, eval_batch_size, bool(chat_template))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation and data
+
+class Evaluator:
+    """Greedy answers to the test problems -> correctness per problem (lib.behaviour's batched generation)."""
+
+    def __init__(self, model, tokenizer, arch, plan: FinetunePlan):
+        self.model, self.arch, self.plan = model, arch, plan
+        self.prompts = [tasks.encode_problem(tokenizer, p, plan.chat_template) for p in plan.test]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop = eos_ids(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.batches = problem_batches([len(p) for p in self.prompts], plan.eval_batch_size)
+
+    def __call__(self, model) -> list[bool]:
+        correct = [False] * len(self.prompts)
+        for batch in self.batches:
+            seqs = [self.prompts[i] for i in batch]
+            outs = greedy_generate(model, self.arch, seqs, max(len(s) for s in seqs), self.plan.max_new_tokens,
+                                   self.pad, self.stop)
+            for i, ids in zip(batch, outs):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                correct[i] = bool(tasks.check_answer(text, self.plan.test[i].answer).correct)
+        return correct
+
+
+def sft_examples(tokenizer, problems: list[tasks.Problem], chat_template: bool) -> list[Example]:
+    """Prompt ids (the task format) and answer ids (tasks.target_text + end of turn) of every training problem."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [Example(tasks.encode_problem(tokenizer, p, chat_template),
+                    tokenizer(tasks.target_text(p), add_special_tokens=False).input_ids + eos) for p in problems]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+class RunCheckpoint:
+    """torch.save'd state of one run in the plan's checkpoint folder (atomic: temp file + rename)."""
+
+    def __init__(self, folder: Path, name: str):
+        self.path = folder / f"{name.replace(':', '_').replace('=', '-')}.pt"
+
+    def load(self):
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, weights_only=False)
+        except Exception as e:            # truncated by a kill during a write that did not use the rename
+            raise ArtifactError(f"checkpoint {self.path} is unreadable ({type(e).__name__}); delete it to "
+                                f"restart that run") from None
+
+    def save(self, state) -> None:
+        from lib.store import atomic_path
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def checkpoint_folder(plan: FinetunePlan, arch) -> Path:
+    digest = hashlib.sha256(json.dumps(plan.fingerprint(arch), sort_keys=True).encode()).hexdigest()[:12]
+    return plan.out_dir / ".finetune_checkpoints" / digest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+@dataclass
+class RunRecord:
+    method: str
+    condition: Condition
+    seed: int
+    steps: list[int]
+    accuracy: list[float]
+    correct: list[list[bool]]
+    loss: list[float]
+    deltas: list[dict]
+    seconds: float = 0.0
+
+
+def _attention_snapshot(arch) -> dict[int, torch.Tensor]:
+    masks = head_masks(arch, list(range(arch.total_heads)), kv="all")
+    return {id(m.param): m.param.detach().clone() for m in masks}
+
+
+def _restore(arch, snapshot: dict[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for m in head_masks(arch, list(range(arch.total_heads)), kv="all"):
+            m.param.copy_(snapshot[id(m.param)])
+
+
+def _one_run(model, tokenizer, arch, plan, method, cond, seed, evaluate, examples, ckpt, bar) -> RunRecord:
+    t0 = time.perf_counter()
+    if method == "sft":
+        settings = SFTSettings(**{**asdict(plan.sft), "kv": plan.kv, "seed": seed})
+        curve = run_sft(model, arch, list(cond.heads), examples, evaluate, settings, _pad(tokenizer), ckpt, bar)
+        steps, acc, correct, loss = curve.steps, curve.accuracy, curve.correct, curve.loss
+    else:
+        settings = GRPOSettings(**{**asdict(plan.grpo), "kv": plan.kv, "seed": seed})
+        steps, correct = [0], [evaluate(model)]
+
+        def record(step, result):
+            bar.update(step - steps[-1])
+            steps.append(step)
+            correct.append(result)
+
+        prompts = [tokenizer.decode(tasks.encode_problem(tokenizer, p, plan.chat_template)) for p in plan.train]
+        log = run_grpo(model, tokenizer, arch, list(cond.heads), prompts, [p.answer for p in plan.train],
+                       lambda text, gold: tasks.check_answer(text, gold).correct, settings,
+                       next(model.parameters()).device.type == "cpu",
+                       [evaluation_callback(evaluate, plan.sft.eval_every, record)])
+        if steps[-1] != settings.n_steps:
+            record(settings.n_steps, evaluate(model))
+        acc, loss = [float(np.mean(c)) for c in correct], [float(h.get("reward", np.nan)) for h in log]
+    return RunRecord(method, cond, seed, steps, acc, correct, loss, [], time.perf_counter() - t0)
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def run_finetune(model, tokenizer, arch, plan: FinetunePlan, progress: bool = True) -> "FinetuneResult":
+    """Every (method, condition, seed) run, resumable; writes finetune.csv, finetune_deltas.csv and
+    finetune_summary.json (FinetuneResult.save). The model's weights are unchanged afterwards."""
+    check_rankings_model(load_rankings(plan.out_dir, [plan.variant], None), arch)
+    folder = checkpoint_folder(plan, arch)
+    evaluate = Evaluator(model, tokenizer, arch, plan)
+    examples = sft_examples(tokenizer, plan.train, plan.chat_template)
+    snapshot = _attention_snapshot(arch)
+    total = sum(plan.sft.n_steps if m == "sft" else plan.grpo.n_steps for m, _, _ in plan.runs())
+    records, t0 = [], time.perf_counter()
+    with tqdm(total=total, desc="fine-tuning (steps)", disable=not progress) as bar:
+        for method, cond, seed in plan.runs():
+            name = f"{method}-{cond.key}-seed{seed}"
+            done = RunCheckpoint(folder, name + "-done")
+            record = done.load()
+            if record is None:
+                try:
+                    record = _one_run(model, tokenizer, arch, plan, method, cond, seed, evaluate, examples,
+                                      RunCheckpoint(folder, name) if method == "sft" else None, bar)
+                    chosen = selected_units(arch, list(cond.heads), plan.kv)
+                    record.deltas = [{**d, "selected": (d["layer"], d["head"], d["block"]) in chosen}
+                                     for d in weight_deltas(arch, snapshot)]
+                finally:
+                    _restore(arch, snapshot)
+                done.save(record)
+            else:
+                bar.update(plan.sft.n_steps if method == "sft" else plan.grpo.n_steps)
+            records.append(record)
+    result = FinetuneResult(plan, records, time.perf_counter() - t0)
+    result.save()
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+
+@dataclass
+class FinetuneResult:
+    plan: FinetunePlan
+    records: list[RunRecord]
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def curves(self) -> pd.DataFrame:
+        """One row per (method, condition, seed, step): accuracy with its Clopper-Pearson 95% CI, n problems."""
+        rows = []
+        for r in self.records:
+            for step, acc, correct in zip(r.steps, r.accuracy, r.correct):
+                lo, hi = clopper_pearson(int(np.sum(correct)), len(correct))
+                rows.append({"method": r.method, "condition": r.condition.key, "kind": r.condition.kind,
+                             "seed": r.seed, "step": step, "accuracy": acc, "ci_lo": lo, "ci_hi": hi,
+                             "n": len(correct)})
+        return pd.DataFrame(rows)
+
+    def finals(self) -> pd.DataFrame:
+        """Per run: accuracy before training, after the last step, and the best evaluation after step 0."""
+        rows = []
+        for r in self.records:
+            later = r.accuracy[1:] or r.accuracy
+            rows.append({"method": r.method, "condition": r.condition.key, "kind": r.condition.kind,
+                         "seed": r.seed, "n_heads": len(r.condition.heads), "before": r.accuracy[0],
+                         "final": r.accuracy[-1], "best": float(np.max(later)), "seconds": round(r.seconds, 1)})
+        return pd.DataFrame(rows)
+
+    def deltas(self) -> pd.DataFrame:
+        """One row per (run, layer, head, block): delta_norm (Frobenius norm of the weight change) and whether the
+        slice was trainable (`selected`); head is the query head for Q/O and the KV head for K/V."""
+        return pd.DataFrame([{"method": r.method, "condition": r.condition.key, "kind": r.condition.kind,
+                              "seed": r.seed, **d} for r in self.records for d in r.deltas])
+
+    def compare(self, method: str, a: str, b: str, metric: str = "final") -> dict:
+        """Condition kind a vs b for one method: Hedges' g over seeds (random sets pooled as one group), a
+        permutation p (one-sided, a > b), and the paired accuracy difference on the test problems with its
+        bootstrap CI (last evaluation, runs averaged per problem)."""
+        finals = self.finals()
+        fa = finals[(finals.method == method) & (finals.kind == a)][metric].to_numpy()
+        fb = finals[(finals.method == method) & (finals.kind == b)][metric].to_numpy()
+        null = permutation_null(fa, fb) if len(fa) and len(fb) else np.array([np.nan])
+        observed = float(np.mean(fa) - np.mean(fb)) if len(fa) and len(fb) else float("nan")
+        ca, cb = (np.mean([r.correct[-1] for r in self.records if r.method == method and r.condition.kind == k],
+                          axis=0) for k in (a, b))
+        diff, lo, hi = paired_bootstrap(ca, cb)
+        return {"a": a, "b": b, "method": method, "metric": metric, "n_a": int(len(fa)), "n_b": int(len(fb)),
+                "hedges_g": hedges_g(fa, fb), "mean_difference": observed,
+                "permutation_p": float(np.mean(null >= observed - 1e-12)) if np.isfinite(observed) else None,
+                "null_ci95": [float(np.percentile(null, 2.5)), float(np.percentile(null, 97.5))],
+                "paired_difference": diff, "paired_ci95": [lo, hi]}
+
+    def tests(self) -> list[dict]:
+        return [self.compare(m, "synergistic", b) for m in self.plan.methods
+                for b in ("random", "redundant", "layer_matched")]
+
+    def claim(self) -> dict:
+        """Claim C7 block (see lib.claims): synergistic vs random, GRPO when it ran, else SFT."""
+        method = "grpo" if "grpo" in self.plan.methods else "sft"
+        t = self.compare(method, "synergistic", "random")
+        many = t["n_a"] >= 2 and t["n_b"] >= 2
+        stat = (f"Hedges' g of the final test accuracy, synergistic vs random heads ({method}, seeds)" if many else
+                f"final test accuracy, synergistic minus random heads ({method}, one seed: paired over problems)")
+        value = t["hedges_g"] if many else t["paired_difference"]
+        ci = None if many else t["paired_ci95"]
+        null = {"name": "permutation of condition labels over seeds" if many else
+                "no difference (0); CI from a paired bootstrap over test problems",
+                "value": 0.0, "ci95": t["null_ci95"] if many else None}
+        return {"id": "C7", "statistic": stat, "value": value, "ci95": ci, "null": null, "direction": "greater",
+                "paper": PAPER, "n": t["n_a"] if many else len(self.plan.test),
+                "details": {"tests": self.tests(), "variant": self.plan.variant, "fraction": self.plan.fraction,
+                            "kv": self.plan.kv}}
+
+    def summary(self) -> dict:
+        return {"model": self.plan.model, "variant": self.plan.variant, "fraction": self.plan.fraction,
+                "kv": self.plan.kv, "methods": self.plan.methods, "seeds": self.plan.seeds,
+                "n_train": len(self.plan.train), "n_test": len(self.plan.test), "sft": asdict(self.plan.sft),
+                "grpo": asdict(self.plan.grpo), "runs": self.finals().to_dict("records"),
+                "seconds": round(self.seconds, 1), "claim": self.claim()}
+
+    def save(self, out_dir=None) -> list[Path]:
+        from lib.store import update_manifest
+        out_dir = Path(out_dir or self.plan.out_dir)
+        paths = [artifacts.save("finetune", out_dir, self.curves()),
+                 artifacts.save("finetune_deltas", out_dir, self.deltas()),
+                 artifacts.save("finetune_summary", out_dir, self.summary())]
+        update_manifest(out_dir, "10_head_finetuning", {"model": self.plan.model, "seconds": round(self.seconds, 1),
+                                                        "artifacts": [p.name for p in paths]})
+        return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables for the notebook
+
+def plan_table(plan: FinetunePlan) -> pd.DataFrame:
+    """One row per condition: kind, seed, number of heads, the first heads (layer.head)."""
+    rows = []
+    for c in plan.conditions:
+        rows.append({"condition": c.key, "variant": c.variant or "", "n_heads": len(c.heads),
+                     "heads": " ".join(str(h) for h in c.heads[:10]) + (" ..." if len(c.heads) > 10 else ""),
+                     "runs": len(plan.seeds) * len(plan.methods)})
+    return pd.DataFrame(rows)
+
+
+def tests_table(result: FinetuneResult) -> pd.DataFrame:
+    """Synergistic vs each control per method (FinetuneResult.tests), accuracy in points."""
+    rows = []
+    for t in result.tests():
+        rows.append({"method": t["method"], "synergistic vs": t["b"], "runs": f"{t['n_a']} vs {t['n_b']}",
+                     "Hedges g": t["hedges_g"], "permutation p (one-sided)": t["permutation_p"],
+                     "paired difference (points)": 100 * t["paired_difference"],
+                     "95% CI (points)": f"[{100 * t['paired_ci95'][0]:.1f}, {100 * t['paired_ci95'][1]:.1f}]"})
+    return pd.DataFrame(rows)
+
+
+def moved_table(result: FinetuneResult) -> pd.DataFrame:
+    """Per run: slices that moved inside and outside the trained selection (outside must be 0)."""
+    d = result.deltas()
+    d = d.assign(moved=d.delta_norm > 0)
+    d = d.assign(inside=d.moved & d.selected, outside=d.moved & ~d.selected)
+    return (d.groupby(["method", "condition", "seed"])[["selected", "inside", "outside"]].sum().astype(int)
+            .rename(columns={"selected": "slices trained", "inside": "moved inside", "outside": "moved outside"})
+            .reset_index())
