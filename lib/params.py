@@ -155,6 +155,15 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                              "top_k": at_least(1)},
     "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
                     "n_null": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
+    "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
+                           "kv": one_of("any", "all", "none"), "n_random": at_least(1),
+                           "seeds": list_of(int, optional=False), "methods": subset_of("sft", "grpo"),
+                           "difficulty": one_of(0, 1, 2, 3, 4, 5), "n_train": at_least(1, optional=True),
+                           "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
+                           "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
+                           "grad_accum": at_least(1), "eval_every": at_least(1), "grpo_steps": at_least(1),
+                           "grpo_lr": above(0), "n_generations": at_least(2), "grpo_batch_size": at_least(1),
+                           "max_completion_length": at_least(1)},
 }
 
 
