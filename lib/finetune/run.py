@@ -80,6 +80,7 @@ class FinetunePlan:
     max_new_tokens: int = 32
     eval_batch_size: int = 32
     chat_template: bool = True
+    answer_prefix: str = tasks.ANSWER_PREFIX
 
     def runs(self) -> list[tuple[str, Condition, int]]:
         return [(m, c, s) for m in self.methods for c in self.conditions for s in self.seeds]
@@ -89,7 +90,7 @@ class FinetunePlan:
                 "kv": self.kv, "conditions": [asdict(c) for c in self.conditions], "seeds": self.seeds,
                 "methods": self.methods, "train": [p.id for p in self.train], "test": [p.id for p in self.test],
                 "sft": asdict(self.sft), "grpo": asdict(self.grpo), "max_new_tokens": self.max_new_tokens,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, "answer_prefix": self.answer_prefix}
 
 
 def check_settings(fraction, kv, seeds, methods, n_random) -> None:
@@ -120,7 +121,7 @@ def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fract
             n_random: int = 1, seeds=(0,), methods=("sft",), task: str = "arithmetic", n_train: int | None = 200,
             n_test: int | None = 40, difficulty: int = 2, task_seed: int = 0, sft: SFTSettings = SFTSettings(),
             grpo: GRPOSettings = GRPOSettings(), max_new_tokens: int = 32, eval_batch_size: int = 32,
-            chat_template: bool = True, seed: int = 0) -> FinetunePlan:
+            chat_template: bool = True, answer_prefix: str = tasks.ANSWER_PREFIX, seed: int = 0) -> FinetunePlan:
     """Validate every setting, the task splits and rankings.csv (nothing is written) -> FinetunePlan."""
     seeds, methods = list(seeds) if isinstance(seeds, tuple) else seeds, \
         list(methods) if isinstance(methods, tuple) else methods
@@ -135,7 +136,7 @@ def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fract
     n_heads = int(rankings["head"].max()) + 1
     conditions = make_conditions(rankings, variant, float(fraction), n_random, seed, n_heads)
     return FinetunePlan(out_dir, model or "", variant, float(fraction), kv, conditions, seeds, methods, train, test,
-                        sft, grpo, max_new_tokens, eval_batch_size, bool(chat_template))
+                        sft, grpo, max_new_tokens, eval_batch_size, bool(chat_template), str(answer_prefix))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, arch, plan: FinetunePlan):
         self.model, self.arch, self.plan = model, arch, plan
-        self.prompts = [tasks.encode_problem(tokenizer, p, plan.chat_template) for p in plan.test]
+        self.prompts = [tasks.encode_problem(tokenizer, p, plan.chat_template, plan.answer_prefix) for p in plan.test]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop = eos_ids(model, tokenizer)
         self.tokenizer = tokenizer
@@ -159,16 +160,19 @@ class Evaluator:
             outs = greedy_generate(model, self.arch, seqs, max(len(s) for s in seqs), self.plan.max_new_tokens,
                                    self.pad, self.stop)
             for i, ids in zip(batch, outs):
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = tasks.reply_text(self.tokenizer.decode(ids, skip_special_tokens=True), self.plan.answer_prefix)
                 correct[i] = bool(tasks.check_answer(text, self.plan.test[i].answer).correct)
         return correct
 
 
-def sft_examples(tokenizer, problems: list[tasks.Problem], chat_template: bool) -> list[Example]:
-    """Prompt ids (the task format) and answer ids (tasks.target_text + end of turn) of every training problem."""
+def sft_examples(tokenizer, problems: list[tasks.Problem], chat_template: bool,
+                 answer_prefix: str = tasks.ANSWER_PREFIX) -> list[Example]:
+    """Prompt ids (the task format, ending with the answer prefix) and target ids (the rest of tasks.target_text,
+    then end of turn) of every training problem: the loss is on the answer tokens only."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [Example(tasks.encode_problem(tokenizer, p, chat_template),
-                    tokenizer(tasks.target_text(p), add_special_tokens=False).input_ids + eos) for p in problems]
+    rest = lambda p: tasks.target_text(p, answer_prefix)[len(answer_prefix):] if answer_prefix else tasks.target_text(p)
+    return [Example(tasks.encode_problem(tokenizer, p, chat_template, answer_prefix),
+                    tokenizer(rest(p), add_special_tokens=False).input_ids + eos) for p in problems]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,9 +246,10 @@ def _one_run(model, tokenizer, arch, plan, method, cond, seed, evaluate, example
             steps.append(step)
             correct.append(result)
 
-        prompts = [tokenizer.decode(tasks.encode_problem(tokenizer, p, plan.chat_template)) for p in plan.train]
-        log = run_grpo(model, tokenizer, arch, list(cond.heads), prompts, [p.answer for p in plan.train],
-                       lambda text, gold: tasks.check_answer(text, gold).correct, settings,
+        prompts = [tokenizer.decode(tasks.encode_problem(tokenizer, p, plan.chat_template, plan.answer_prefix))
+                   for p in plan.train]
+        check = lambda text, gold: tasks.check_answer(tasks.reply_text(text, plan.answer_prefix), gold).correct
+        log = run_grpo(model, tokenizer, arch, list(cond.heads), prompts, [p.answer for p in plan.train], check, settings,
                        next(model.parameters()).device.type == "cpu",
                        [evaluation_callback(evaluate, plan.sft.eval_every, record)])
         if steps[-1] != settings.n_steps:
@@ -263,7 +268,7 @@ def run_finetune(model, tokenizer, arch, plan: FinetunePlan, progress: bool = Tr
     check_rankings_model(load_rankings(plan.out_dir, [plan.variant], None), arch)
     folder = checkpoint_folder(plan, arch)
     evaluate = Evaluator(model, tokenizer, arch, plan)
-    examples = sft_examples(tokenizer, plan.train, plan.chat_template)
+    examples = sft_examples(tokenizer, plan.train, plan.chat_template, plan.answer_prefix)
     snapshot = _attention_snapshot(arch)
     total = sum(plan.sft.n_steps if m == "sft" else plan.grpo.n_steps for m, _, _ in plan.runs())
     records, t0 = [], time.perf_counter()
