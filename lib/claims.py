@@ -34,8 +34,10 @@ C3  the pattern emerges with training. The same beyond-null test on the trained 
 C4, C6, C7 (from the experiment's JSON "claim" block, see CLAIM_INPUTS): value with CI against a null band,
     direction "greater" (value > null) or "less". With lo/hi the value's CI (the value itself when the CI is
     missing and n >= 3) and the null band [n_lo, n_hi] (the null value when it has no band):
-      supported      greater: lo > n_hi;   less: hi < n_lo
-      not supported  greater: hi <= n_hi;  less: lo >= n_lo   (the CI does not leave the null band)
+      supported      greater: lo > n_hi and lo > 0;   less: hi < n_lo and hi < 0
+      not supported  greater: hi <= n_hi or hi <= 0;  less: lo >= n_lo or lo >= 0   (the CI does not leave the
+                     null band, or the effect has the opposite sign of the claim: a difference beyond what the
+                     weight distributions give, but syn LESS efficient than red, does not support C4)
       inconclusive   otherwise, or no CI with n < 3
 C5  removing synergistic heads first diverges behaviour faster than random. Statistic: AUC(ranking) / mean AUC(random
     orders) over 0-40% of heads (the paper's x-range), CI resampling prompts and random orders together; the
@@ -72,11 +74,14 @@ VERDICT_RULES = {
           "raw 'inverted U' without a beyond-null test",
     "C3": "supported: trained beyond-null 'inverted U' and random-init beyond-null not; not supported: trained not "
           "'inverted U' beyond the null, or random-init also; not tested: no random-init copy",
-    "C4": "greater: supported if CI low > null band high, not supported if CI high <= null band high, else inconclusive",
+    "C4": "greater: supported if CI low > null band high and > 0, not supported if CI high <= null band high or <= 0, "
+          "else inconclusive",
     "C5": "supported: AUC ratio (0-40%) CI low > 1, percentile among random orders >= 95 and layer-matched ratio CI "
           "low > 1; not supported: ratio CI high < 1 or percentile <= 5; else inconclusive",
-    "C6": "less: supported if CI high < null band low, not supported if CI low >= null band low, else inconclusive",
-    "C7": "greater: supported if CI low > null band high, not supported if CI high <= null band high, else inconclusive",
+    "C6": "less: supported if CI high < null band low and < 0, not supported if CI low >= null band low or >= 0, else "
+          "inconclusive",
+    "C7": "greater: supported if CI low > null band high and > 0, not supported if CI high <= null band high or <= 0, "
+          "else inconclusive",
 }
 
 CLAIMS = {   # id -> (claim sentence, notebook that tests it, test)
@@ -204,8 +209,8 @@ def verdict_vs_null(value, ci, null_value, null_ci, direction: str, n: int | Non
     lo, hi = ci if ci is not None else (value, value)
     n_lo, n_hi = null_ci if null_ci is not None else (null_value, null_value)
     if direction == "greater":
-        return "supported" if lo > n_hi else "not supported" if hi <= n_hi else "inconclusive"
-    return "supported" if hi < n_lo else "not supported" if lo >= n_lo else "inconclusive"
+        return "supported" if lo > max(n_hi, 0) else "not supported" if hi <= n_hi or hi <= 0 else "inconclusive"
+    return "supported" if hi < min(n_lo, 0) else "not supported" if lo >= n_lo or lo >= 0 else "inconclusive"
 
 
 def verdict_ablation(ratio_ci, percentile: float, matched_ratio_ci=None) -> str:

@@ -47,6 +47,9 @@ def test_verdict_rules_follow_their_documented_thresholds():
     assert C.verdict_vs_null(0.02, (-0.02, 0.06), 0.0, (-0.05, 0.05), "less") == "not supported"
     assert C.verdict_vs_null(1.2, None, 0.0, (-0.5, 0.5), "greater", n=2) == "inconclusive"
     assert C.verdict_vs_null(1.2, None, 0.0, (-0.5, 0.5), "greater", n=5) == "supported"
+    # beyond the null band but on the wrong side of zero (syn less efficient than red): not the claim
+    assert C.verdict_vs_null(-0.063, None, -0.066, (-0.068, -0.064), "greater", n=16) == "not supported"
+    assert C.verdict_vs_null(0.04, (0.02, 0.06), 0.05, (0.06, 0.08), "less") == "not supported"
     with pytest.raises(ValueError, match="direction"):
         C.verdict_vs_null(1, None, 0, None, "bigger", n=5)
     assert C.verdict_ablation((1.2, 1.5), 100.0, (1.1, 1.3)) == "supported"
