@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,23 +53,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lib import artifacts
 from lib.extract import left_pad
 from lib.heads import HeadHooks
 from lib.hooks import patched_weights
 from lib.checkpoints import parse_shard
 from lib.models import ArchInfo
-from lib.store import ArtifactError, check_same_heads, load_npz, save_csv, save_npz
+from lib.store import ArtifactError, check_same_heads, update_manifest
 
 PERTURBATIONS = ("zero", "noise")
 TABLE_FRACTIONS = tuple(k / 8 for k in range(1, 9))      # 12.5 %, 25 %, ..., 100 %
-ACTIVATIONS_FILE = "activations.npz"
-RANKINGS_FILE = "rankings.csv"
-CSV_FILE = "ablation.csv"
-KL_FILE = "ablation_kl.npz"
-CHECKPOINT_PREFIX = "ablation_checkpoint"          # + _<settings hash>.npz: one file per set of settings
-SHARD_DIR = "ablation_shards"
 RANDOM_VARIANT = "none"                                  # `variant` of random orderings in ablation.csv
-_SHARD_FILE_RE = re.compile(r"^shard-(\d+)-of-(\d+)\.npz$")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -199,33 +192,26 @@ def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 
 
 def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None = None,
                 model: str | None = None) -> AblationInputs:
-    """Read and validate activations.npz (tokens, prompts) and rankings.csv from out_dir."""
+    """Read and validate the activations (tokens, prompts) and rankings of out_dir (lib.artifacts)."""
     out_dir = Path(out_dir)
-    act = load_npz(out_dir / ACTIVATIONS_FILE, expect={"tokens": 2, "prompt_input_ids": 2, "prompt_lengths": 1,
-                                                       "head_layer": 1, "head_index": 1},
-                   produced_by="01_extract_activations")
+    act_path = artifacts.path("activations", out_dir)
+    act = artifacts.load_file("activations", act_path, require=["tokens", "prompt_input_ids", "prompt_lengths",
+                                                                "head_layer", "head_index"])
     total = len(act["head_layer"])
     if model is not None and "model" in act and str(act["model"]) != model:
-        raise ValueError(f"{out_dir / ACTIVATIONS_FILE} holds the greedy tokens of model {str(act['model'])!r} "
+        raise ValueError(f"{act_path} holds the greedy tokens of model {str(act['model'])!r} "
                          f"but this notebook runs model={model!r}: the divergence must be measured on the same "
                          f"model; set model to {str(act['model'])!r} or rerun 01_extract_activations with {model!r}")
-    path = out_dir / RANKINGS_FILE
-    if not path.exists():
-        raise ArtifactError(f"missing artifact {str(path)!r}; run 04_ranking_variants first "
-                            f"(python -m lib.run --params <run>.yaml --only 04_ranking_variants)")
-    rankings = pd.read_csv(path)
-    missing_cols = [c for c in ("head_idx", "layer", "head") if c not in rankings.columns]
-    if missing_cols:
-        raise ArtifactError(f"{path} lacks the columns {missing_cols} (expected head_idx, layer, head, then one "
-                            f"score column per ranking variant); regenerate it with 04_ranking_variants")
-    check_same_heads(str(path), len(rankings), str(out_dir / ACTIVATIONS_FILE), total)
+    path = artifacts.path("rankings", out_dir)
+    rankings = artifacts.load_file("rankings", path, require=["head_idx", "layer", "head"])
+    check_same_heads(str(path), len(rankings), str(act_path), total)
     if sorted(rankings["head_idx"].tolist()) != list(range(total)):
         raise ArtifactError(f"{path}: head_idx must list every head 0..{total - 1} once; regenerate it with "
                             f"04_ranking_variants")
     by_head = rankings.set_index("head_idx").loc[np.arange(total)]
     if not (np.array_equal(by_head["layer"].to_numpy(), act["head_layer"])
             and np.array_equal(by_head["head"].to_numpy(), act["head_index"])):
-        raise ArtifactError(f"{path}: (layer, head) of the heads differ from activations.npz's head map: the files "
+        raise ArtifactError(f"{path}: (layer, head) of the heads differ from {act_path.name}'s head map: the files "
                             f"come from different models; rerun the notebooks of this run in order")
     if isinstance(variants, str) or not isinstance(variants, (list, tuple)) or not variants:
         raise ValueError(f"variants must be a non-empty list of ranking variant names (columns of rankings.csv), "
@@ -264,7 +250,7 @@ def select_prompt_rows(category: np.ndarray, n_prompts: int | None) -> list[int]
     if n_prompts is None:
         return rows
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or not 1 <= n_prompts <= len(rows):
-        raise ValueError(f"n_prompts must be None (all {len(rows)} prompts of activations.npz) or an integer in "
+        raise ValueError(f"n_prompts must be None (all {len(rows)} prompts of the activations) or an integer in "
                          f"[1, {len(rows)}]; got {n_prompts!r}")
     cats = list(dict.fromkeys(category.tolist()))
     by_cat = {c: [r for r in rows if category[r] == c] for c in cats}
@@ -504,13 +490,14 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path) -> "Checkpoint":
-        d = load_npz(path)
+        d = artifacts.load_file("ablation_checkpoint", path)
         return cls(Path(path), json.loads(str(d["fingerprint"])), (int(d["shard_i"]), int(d["shard_n"])),
                    d["assigned"].astype(bool), d["done"].astype(bool), d["kl"].astype(np.float64))
 
     def save(self) -> None:
-        save_npz(self.path, fingerprint=json.dumps(self.fingerprint, sort_keys=True), shard_i=self.shard[0],
-                 shard_n=self.shard[1], assigned=self.assigned, done=self.done, kl=self.kl)
+        artifacts.save_file("ablation_checkpoint", self.path, dict(
+            fingerprint=json.dumps(self.fingerprint, sort_keys=True), shard_i=self.shard[0], shard_n=self.shard[1],
+            assigned=self.assigned, done=self.done, kl=self.kl))
 
     @property
     def complete(self) -> bool:
@@ -540,28 +527,22 @@ def checkpoint_path(out_dir: str | Path, fp: dict) -> Path:
     """Checkpoint of an unsharded run, named by a hash of its settings: changing a parameter starts a new file
     (and changing it back resumes the old one) instead of clashing with it."""
     digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(out_dir) / f"{CHECKPOINT_PREFIX}_{digest}.npz"
+    return artifacts.path("ablation_checkpoint", out_dir, digest=digest)
 
 
 def shard_path(out_dir: str | Path, i: int, n: int) -> Path:
-    return Path(out_dir) / SHARD_DIR / f"shard-{i}-of-{n}.npz"
+    return artifacts.path("ablation_checkpoint", out_dir, shard=(i, n))
 
 
 def existing_shards(out_dir: str | Path) -> dict[tuple[int, int], Path]:
-    folder = Path(out_dir) / SHARD_DIR
-    found = {}
-    for p in sorted(folder.glob("shard-*-of-*.npz")) if folder.is_dir() else []:
-        m = _SHARD_FILE_RE.match(p.name)
-        if m:
-            found[(int(m.group(1)), int(m.group(2)))] = p
-    return found
+    return artifacts.shards("ablation_checkpoint", out_dir)
 
 
 def merge_shards(out_dir: str | Path, fp: dict, plan: AblationPlan, n_prompts: int) -> np.ndarray:
     """Combine complete shard files into kl [orderings, points, prompts]; refuse incomplete or mismatched sets."""
     found = existing_shards(out_dir)
     counts = sorted({n for _, n in found})
-    folder = Path(out_dir) / SHARD_DIR
+    folder = shard_path(out_dir, 1, 1).parent
     if len(counts) != 1:
         raise ArtifactError(f"{folder} holds shard files of different shard counts {counts}: delete the stale ones "
                             f"(keep one complete set shard-*-of-N.npz) and rerun with shard=''")
@@ -731,29 +712,59 @@ class AblationResult:
                              "matched_ci_high": m["ci_high"], "matched_percentile": m["percentile"]})
         return pd.DataFrame(rows)
 
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """Write ablation.csv and ablation_kl.npz (per-prompt KL for bootstraps) atomically."""
+    def save(self, out_dir: str | Path, tables: dict | None = None, figures: dict | None = None,
+             manifest: dict | None = None) -> list[Path]:
+        """Write ablation.csv and ablation_kl.npz (per-prompt KL for bootstraps) atomically; with `tables` /
+        `figures` ({artifact name: DataFrame / Figure}, e.g. ablation_auc, ablation_curves) those too, and with
+        `manifest` (see manifest_entry) notebook 05's manifest section, listing the files written."""
         if not self.complete:
             raise ValueError(f"this is a partial (shard) result: {self.message}")
-        out_dir = Path(out_dir)
-        csv = save_csv(out_dir / CSV_FILE, self.to_frame())
-        npz = save_npz(out_dir / KL_FILE, kl=self.kl, n_removed=self.n_removed, fraction=self.fractions,
-                       ordering=np.array([o.kind for o in self.orderings]),
-                       variant=np.array([o.variant for o in self.orderings]),
-                       seed=np.array([o.seed for o in self.orderings]),
-                       order=np.array([o.order for o in self.orderings], dtype=np.int64),
-                       prompt_ids=self.prompt_ids, prompt_category=self.prompt_category,
-                       total_heads=self.total_heads, perturbation=self.perturbation,
-                       noise_sigma=self.noise_sigma, model=self.model)
-        return [csv, npz]
+        for name in [*(tables or {}), *(figures or {})]:
+            if artifacts.artifact(name).producer != "05_ablation":
+                raise ArtifactError(f"{name!r} is not an artifact of 05_ablation; use one of "
+                                    f"{[a.name for a in artifacts.producer_outputs('05_ablation')]}")
+        paths = [artifacts.save("ablation", out_dir, self.to_frame()),
+                 artifacts.save("ablation_kl", out_dir, self._kl_arrays())]
+        paths += [artifacts.save(name, out_dir, data) for name, data in {**(tables or {}), **(figures or {})}.items()]
+        if manifest is not None:
+            update_manifest(out_dir, "05_ablation", {**manifest, "files": [p.name for p in paths]})
+        return paths
+
+    def _kl_arrays(self) -> dict:
+        return dict(kl=self.kl, n_removed=self.n_removed, fraction=self.fractions,
+                    ordering=np.array([o.kind for o in self.orderings]),
+                    variant=np.array([o.variant for o in self.orderings]),
+                    seed=np.array([o.seed for o in self.orderings]),
+                    order=np.array([o.order for o in self.orderings], dtype=np.int64),
+                    prompt_ids=self.prompt_ids, prompt_category=self.prompt_category,
+                    total_heads=self.total_heads, perturbation=self.perturbation,
+                    noise_sigma=self.noise_sigma, model=self.model)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "AblationResult":
-        d = load_npz(Path(out_dir) / KL_FILE, expect={"kl": 3}, produced_by="05_ablation")
+        d = artifacts.load("ablation_kl", out_dir)
         orderings = [Ordering(str(k), str(v), int(s), tuple(int(h) for h in o))
                      for k, v, s, o in zip(d["ordering"], d["variant"], d["seed"], d["order"])]
         return cls(orderings, d["n_removed"], int(d["total_heads"]), d["kl"], d["prompt_ids"], d["prompt_category"],
                    str(d["perturbation"]), float(d["noise_sigma"]), str(d["model"]))
+
+
+def manifest_entry(plan: AblationPlan, inputs: AblationInputs, result: AblationResult, auc: pd.DataFrame,
+                   check: pd.DataFrame, model: str, dtype: str, step_size, fractions, seconds: float) -> dict:
+    """Notebook 05's manifest section (AblationResult.save adds the files): its settings, the AUC ratios (auc: one
+    or more auc_table frames, keyed by ordering, variant and range), the largest relative difference of the live
+    check and the timings."""
+    kinds = [o.kind for o in plan.orderings]
+    return {"model": model, "dtype": dtype, "variants": list(plan.variants), "n_random": kinds.count("random"),
+            "n_matched": kinds.count("matched"), "include_reverse": "reverse" in kinds, "step_size": step_size,
+            "fractions": fractions,
+            "n_prompts": len(inputs.prompts), "n_tokens": inputs.n_tokens, "n_points": len(plan.n_removed),
+            "perturbation": plan.perturbation,
+            "noise_sigma": plan.noise_sigma if plan.perturbation == "noise" else None, "seed": plan.seed,
+            "how": result.message,
+            "auc_ratio": {f"{r.ordering}:{r.variant}:0-{r.max_fraction:.0%}": r.auc_ratio for r in auc.itertuples()},
+            "check_max_rel_diff": float(check.rel_diff.max()), "ablation_seconds": result.seconds,
+            "seconds": seconds}
 
 
 def run_ablation(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPlan, batch_size: int = 32,
@@ -766,11 +777,11 @@ def run_ablation(model, arch: ArchInfo, inputs: AblationInputs, plan: AblationPl
     interrupt a run).
     """
     t0 = time.perf_counter()
-    check_same_heads("activations.npz / rankings.csv", inputs.total_heads, f"model {arch.source!r}", arch.total_heads)
+    check_same_heads("the run's activations / rankings", inputs.total_heads, f"model {arch.source!r}", arch.total_heads)
     max_token = max(int(inputs.tokens.max()), max(int(p.max()) for p in inputs.prompts))
     if max_token >= arch.vocab_size:
         raise ArtifactError(f"token id {max_token} exceeds the vocabulary of {arch.source!r} ({arch.vocab_size}): "
-                            f"activations.npz comes from another model")
+                            f"the run's activations come from another model")
     fp = fingerprint(plan, inputs, arch, next(model.parameters()).dtype)
     n_p = len(inputs.prompts)
     common = dict(orderings=plan.orderings, n_removed=plan.n_removed, total_heads=plan.total_heads,

@@ -5,19 +5,25 @@ produces it, its format, and its keys (npz arrays, CSV columns or JSON top-level
 Modules and notebooks never build a file name or call np.load themselves; they call
 
     path("activations", out_dir, tag="random_init")        # -> out_dir / "activations__random_init.npz"
-    load("activations", out_dir, keys=["activations"])      # checked: present, dtype kind, ndim
+    load("activations", out_dir, keys=["activations"])      # checked: present, dtype kind, ndim, dims agree
     save("activations", out_dir, arrays, tag="")            # atomic (lib.store), keys checked before writing
     tags("activations", out_dir)                            # ["", "random_init", "rev-step1000", ...]
 
-Tags: "" is the run's own model; "random_init" the re-initialised copy; "rev-<revision>" a training checkpoint.
-Shards: (i, n) -> "<stem>__shard-<i>-of-<n>.<ext>" in the artifact's shard folder.
-Dims name what an axis holds ("prompts", "heads", "steps", "pairs", ...); a dim "*" is any size.
+Tags: "" is the run's own model; "random_init" the re-initialised copy; "rev-<revision>" a training checkpoint
+(`revision_tag`). `tags` lists them in that order, checkpoints by the last number in their revision.
+Shards: (i, n) -> "<shard_dir>/<stem>__shard-<i>-of-<n>.<ext>", or the artifact's own `shard_pattern` (e.g.
+"ablation_shards/shard-<i>-of-<n>.npz"); `shards` finds them, `parts_dir` is a run's or a shard's checkpoint folder.
+Dims name what an axis holds ("prompts", "heads", "steps", "pairs", ...); a dim "*" is any size. Axes with the same
+name must have the same length in one file.
+Load checks the dtype kind ("float32" accepts any float); save checks the exact dtype, so a writer cannot change
+what a file holds without changing its declaration here.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from lib.store import ArtifactError
+from lib.store import ArtifactError, check_same_heads
 
-FORMATS = ("npz", "csv", "json", "jsonl", "png")
+FORMATS = ("npz", "csv", "json", "jsonl", "png", "ipynb", "html", "lock")
+RANDOM_INIT = "random_init"
+_FIELD = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 
 @dataclass(frozen=True)
 class Key:
-    """One array / column / JSON key of an artifact. dtype: a numpy kind name ("float", "int", "bool", "str") or
-    an exact dtype ("float32"); dims: axis names, () for a scalar. Optional keys may be absent."""
+    """One array / column / JSON key of an artifact. dtype: a numpy kind name ("float", "int", "bool", "str"), an
+    exact dtype ("float32"), or for JSON a type name ("dict", "list"); dims: axis names, () for a scalar.
+    Optional keys may be absent."""
     dtype: str
     dims: tuple[str, ...] = ()
     doc: str = ""
@@ -48,12 +57,15 @@ class Artifact:
     doc: str
     keys: dict[str, Key] = field(default_factory=dict)
     shard_dir: str | None = None      # folder (relative to the run) for shard files, if the artifact shards
+    shard_pattern: str | None = None  # shard file name with {i} and {n}; default "<stem>__shard-{i}-of-{n}.<ext>"
 
     @property
     def format(self) -> str:
         return self.pattern.rsplit(".", 1)[-1]
 
     def filename(self, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> str:
+        if shard is not None and self.shard_pattern:
+            return self.shard_pattern.format(i=int(shard[0]), n=int(shard[1]))
         if tag and ("/" in tag or tag.startswith(".")):
             raise ArtifactError(f"artifact tag {tag!r} must be a plain name (e.g. 'random_init', 'rev-step1000')")
         try:
@@ -62,16 +74,24 @@ class Artifact:
             raise ArtifactError(f"artifact {self.name!r} needs the field {e.args[0]!r} (pattern {self.pattern!r})") from None
         if shard is not None:
             stem, ext = name.rsplit(".", 1)
-            name = f"{stem}__shard-{shard[0]}-of-{shard[1]}.{ext}"
+            name = f"{stem}__shard-{int(shard[0])}-of-{int(shard[1])}.{ext}"
         return name
 
     def path(self, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
-        folder = Path(out_dir) / self.shard_dir if (shard is not None and self.shard_dir) else Path(out_dir)
-        return folder / self.filename(tag, shard, **fields)
+        if shard is None:
+            return Path(out_dir) / self.filename(tag, **fields)
+        if not self.shard_dir:
+            raise ArtifactError(f"artifact {self.name!r} has no shard files (only {sharded()} do)")
+        return Path(out_dir) / self.shard_dir / self.filename(tag, shard, **fields)
 
 
 def _k(dtype, *dims, doc="", optional=False) -> Key:
     return Key(dtype, tuple(dims), doc, optional)
+
+
+def _columns(*names, optional=()) -> dict[str, Key]:
+    """CSV columns (presence is checked; pandas decides their dtypes)."""
+    return {n: _k("any", "rows", optional=n in optional) for n in (*names, *optional)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,6 +115,13 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "model": _k("str"), "chat_template": _k("bool"), "seconds": _k("float"),
                  "extraction_key": _k("str", optional=True),
              }),
+    Artifact("extract_checkpoint", ".extract_checkpoints/{key}/batch-{start:05d}-{batch_size}.npz",
+             "01_extract_activations",
+             "one finished generation batch of an interrupted extraction (key: hash of its settings); removed when "
+             "the extraction completes", {
+                 "tokens": _k("int", "batch", "steps"),
+                 "norms": _k("float32", "batch", "heads", "steps"),
+             }),
     Artifact("phiid", "phiid_{mode}{tag}.npz", "02_phiid",
              "all 16 PhiID atoms (nats) for every ordered head pair, one mode (per_prompt, concat, pooled)", {
                  **{a: _k("float", "heads", "heads") for a in _ATOMS},
@@ -107,24 +134,56 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "activations_file": _k("str", optional=True), "model": _k("str", optional=True),
              }),
     Artifact("diagnostics", "diagnostics{tag}.json", "03_phiid_diagnostics",
-             "synergy-redundancy correlation, lag-1 autocorrelation, TDMI, drift, layer profiles"),
-    Artifact("rankings", "rankings.csv", "04_ranking_variants",
-             "one row per head: layer, head and one score column per ranking variant", {
-                 "layer": _k("int", "heads"), "head": _k("int", "heads"),
+             "synergy-redundancy correlation, lag-1 autocorrelation, TDMI, drift, layer profiles", {
+                 "n_prompts": _k("int"), "n_heads": _k("int"), "n_steps": _k("int"), "syn_red": _k("dict"),
+                 "layer_profiles": _k("dict"), "per_head": _k("dict"), "all_files": _k("list"),
+                 "mode": _k("str"), "tag": _k("str"),
              }),
+    Artifact("rankings", "rankings.csv", "04_ranking_variants",
+             "one row per head: head_idx, layer, head, one score column per ranking variant, syn / red",
+             _columns("head_idx", "layer", "head", optional=("syn", "red"))),
     Artifact("ranking_summary", "ranking_summary.json", "04_ranking_variants",
-             "split-half reliability, surrogate null, inverted-U test, trained vs random"),
+             "split-half reliability, surrogate null, inverted-U test, trained vs random", {
+                 "variants": _k("list"), "n_prompts": _k("int"), "n_heads": _k("int"), "tau": _k("int"),
+                 "redundancy": _k("str"), "layer_profiles": _k("dict"),
+             }),
     Artifact("ranking_surrogates", "ranking_surrogates.npz", "04_ranking_variants",
-             "circular-shift surrogate scores per variant [surrogates, heads]"),
+             "circular-shift surrogate scores, one [surrogates, heads] array per variant (also the resume "
+             "checkpoint)", {
+                 "signature": _k("str", doc="hash of the activations, variants, tau, redundancy and seed"),
+             }),
     Artifact("ablation", "ablation.csv", "05_ablation",
-             "KL(clean || ablated) per order and number of heads removed (mean and CI over prompts)"),
+             "KL(clean ‖ ablated) per order and number of heads removed (mean and SEM over prompts)",
+             _columns("ordering", "variant", "seed", "n_removed", "fraction", "kl_mean", "kl_sem", "perturbation",
+                      "n_prompts")),
     Artifact("ablation_kl", "ablation_kl.npz", "05_ablation",
-             "KL per order, point and prompt", {
+             "KL per order, point and prompt (nats/token), with the orders", {
                  "kl": _k("float", "orders", "points", "prompts"),
-             }, shard_dir=".ablation_shards"),
-    Artifact("ablation_auc", "ablation_auc.csv", "05_ablation", "area under each KL curve and its ratio to random"),
+                 "n_removed": _k("int", "points"), "fraction": _k("float", "points"),
+                 "ordering": _k("str", "orders"), "variant": _k("str", "orders"), "seed": _k("int", "orders"),
+                 "order": _k("int64", "orders", "heads"),
+                 "prompt_ids": _k("int", "prompts"), "prompt_category": _k("str", "prompts"),
+                 "total_heads": _k("int"), "perturbation": _k("str"), "noise_sigma": _k("float"), "model": _k("str"),
+             }),
+    Artifact("ablation_checkpoint", "ablation_checkpoint_{digest}.npz", "05_ablation",
+             "progress of an ablation run (digest: hash of its settings), or of shard i of n", {
+                 "fingerprint": _k("str", doc="JSON of everything the numbers depend on"),
+                 "shard_i": _k("int"), "shard_n": _k("int"),
+                 "assigned": _k("bool", "groups", "points"), "done": _k("bool", "groups", "points", "prompts"),
+                 "kl": _k("float64", "orders", "points", "prompts"),
+             }, shard_dir="ablation_shards", shard_pattern="shard-{i}-of-{n}.npz"),
     Artifact("ablation_fractions", "ablation_fractions.csv", "05_ablation",
-             "KL at fixed fractions of heads removed, per order"),
+             "KL at 12.5 %, 25 %, ..., 100 % of heads removed: ranking, random mean and sd, ratio, reverse",
+             _columns("variant", "fraction", "n_removed", "on_grid", "ranking_kl", "random_mean", "random_sd",
+                      "ratio", "reverse_kl")),
+    Artifact("ablation_auc", "ablation_auc.csv", "05_ablation",
+             "area under each KL curve and its ratio to the random orders, with a bootstrap CI over prompts",
+             _columns("variant", "ordering", "auc", "random_auc_mean", "random_auc_sd", "auc_ratio", "ci_low",
+                      "ci_high")),
+    Artifact("ablation_curves", "ablation_curves.png", "05_ablation",
+             "figure: KL vs fraction of heads removed, ranking vs random and reverse orders"),
+    Artifact("ablation_prompt_ratios", "ablation_prompt_ratios.png", "05_ablation",
+             "figure: per-prompt AUC ratios by task category"),
     Artifact("neuron_effects", "neuron_effects.csv", "06_neuron_effects",
              "direct, indirect and total effect of each selected MLP neuron on each prompt", {
                  "neuron_id": _k("str", "rows"), "layer": _k("int", "rows"), "neuron": _k("int", "rows"),
@@ -153,7 +212,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "loss_a": _k("float32", "samples_a"), "loss_b": _k("float32", "samples_b"),
                  "texts_a": _k("str", "samples_a"), "texts_b": _k("str", "samples_b"),
                  "variants": _k("str", "variants"), "blocks": _k("str", "blocks"),
-                 **{f"fisher_mass__{b}": _k("float32", "layers", "heads") for b in "QKVO"},
+                 **{f"fisher_mass__{b}": _k("float32", "layers", "heads") for b in "QO"},
+                 **{f"fisher_mass__{b}": _k("float32", "layers", "kv_heads") for b in "KV"},
                  "n_layers": _k("int"), "n_heads": _k("int"), "n_kv_heads": _k("int"), "eps": _k("float"),
                  "ridge": _k("float"), "task_a": _k("str"), "task_b": _k("str"), "model": _k("str"),
                  "method": _k("str"), "source_a": _k("str"), "source_b": _k("str"),
@@ -213,12 +273,22 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"),
                  "tags": _k("object", doc="per tag (trained, random_init): correlations, kind table, agreement"),
              }),
-    Artifact("manifest", "manifest.json", "lib.run", "parameters, versions, git commit, weights checksum, timings"),
+    Artifact("manifest", "manifest.json", "lib.run",
+             "parameters, versions, git commit, weights checksum, timings; one section per notebook"),
     Artifact("claims", "claims.json", "lib.run",
              "the claims scorecard: one entry per claim of the paper (C1-C7) with statistic, 95% CI, null, the "
              "paper's figure and a verdict by the rules of lib/claims.py", {
                  "paper": _k("str"), "claims": _k("str", "claims", doc="list of claim entries"),
              }),
+    Artifact("manifest_lock", "manifest.json.lock", "lib.run",
+             "advisory lock of manifest.json (SLURM array tasks update it concurrently)"),
+    Artifact("run_index", "html/index.html", "lib.report",
+             "the run's report: status, parameters, versions, timings, links, key figures"),
+    Artifact("report_figure", "html/figures/{figure}.png", "lib.report", "key figures of the report"),
+    Artifact("report_lock", ".report.lock", "lib.report", "lock of the report while it is rebuilt"),
+    Artifact("notebook_html", "html/{notebook}.html", "lib.run", "an executed notebook as a report page, no code"),
+    Artifact("executed_notebook", "{notebook}.ipynb", "lib.run",
+             "an executed notebook, with outputs (and the traceback when it failed)"),
 ]}
 
 
@@ -231,14 +301,75 @@ def artifact(name: str) -> Artifact:
 
 def register(a: Artifact) -> Artifact:
     """Add an artifact kind (modules that own a new notebook declare theirs at import)."""
+    if a.format not in FORMATS:
+        raise ArtifactError(f"artifact {a.name!r}: format {a.format!r} is not one of {FORMATS}")
     if a.name in ARTIFACTS and ARTIFACTS[a.name] != a:
         raise ArtifactError(f"artifact {a.name!r} is already declared differently")
     ARTIFACTS[a.name] = a
     return a
 
 
+def sharded() -> list[str]:
+    return [a.name for a in ARTIFACTS.values() if a.shard_dir]
+
+
 def path(name: str, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
     return artifact(name).path(out_dir, tag, shard, **fields)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tags and shards present in a run folder
+
+def revision_tag(revision: str) -> str:
+    """The tag of a training checkpoint: "rev-<revision>" (e.g. rev-step1000)."""
+    return f"rev-{revision}"
+
+
+def tag_sort_key(tag: str):
+    """"" (the run's model) first, then random_init, then checkpoints in training order (the last number in the
+    revision, e.g. rev-step20 before rev-step1000), then anything else by name."""
+    if tag == "":
+        return (-1, 0, tag)
+    if tag == RANDOM_INIT:
+        return (0, 0, tag)
+    if tag.startswith(revision_tag("")):
+        nums = re.findall(r"\d+", tag)
+        return (1, int(nums[-1]) if nums else 0, tag)
+    return (2, 0, tag)
+
+
+def tags(name: str, out_dir, **fields: Any) -> list[str]:
+    """Tags present in out_dir for this artifact, in tag_sort_key order ("" = the run's model, when present)."""
+    a = artifact(name)
+    main = a.path(out_dir, "", **fields)
+    prefix, suffix = main.name.rsplit(".", 1)[0] + "__", "." + a.format
+    found = [p.name[len(prefix):-len(suffix)] for p in main.parent.glob(f"{prefix}*{suffix}")]
+    return sorted(([""] if main.exists() else []) + found, key=tag_sort_key)
+
+
+def _pattern_regex(a: Artifact) -> re.Pattern:
+    parts, last = [], 0
+    for m in _FIELD.finditer(a.pattern):
+        parts.append(re.escape(a.pattern[last:m.start()]))
+        parts.append(r"(?:__(?P<tag>[^/]+))?" if m.group(1) == "tag" else rf"(?P<{m.group(1)}>[^/]+?)")
+        last = m.end()
+    parts.append(re.escape(a.pattern[last:]))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def identify(relative_path) -> tuple[Artifact, dict] | None:
+    """Which registered artifact a file of a run folder is (path relative to the folder) -> (artifact, its fields:
+    tag, mode, shard, ...), or None for a file no artifact declares."""
+    rel = Path(relative_path).as_posix()
+    for a in ARTIFACTS.values():
+        m = _pattern_regex(a).match(rel)
+        if m:
+            return a, {k: v or "" for k, v in m.groupdict().items()}
+        if a.shard_dir:
+            m = re.fullmatch(rf"{re.escape(a.shard_dir)}/shard-(\d+)-of-(\d+)\.{a.format}", rel)
+            if m:
+                return a, {"shard": (int(m.group(1)), int(m.group(2)))}
+    return None
 
 
 def parts_dir(name: str, out_dir, shard: tuple[int, int] | None = None) -> Path:
@@ -251,61 +382,108 @@ def parts_dir(name: str, out_dir, shard: tuple[int, int] | None = None) -> Path:
     return Path(out_dir) / a.shard_dir / f"{stem}.parts"
 
 
+def _shard_regex(a: Artifact, **fields: Any) -> re.Pattern:
+    if a.shard_pattern:
+        name = re.escape(a.shard_pattern).replace(r"\{i\}", r"(\d+)").replace(r"\{n\}", r"(\d+)")
+        return re.compile(name + r"\Z")
+    stem, ext = a.filename(**fields).rsplit(".", 1)
+    return re.compile(re.escape(stem) + r"__shard-(\d+)-of-(\d+)\." + re.escape(ext) + r"\Z")
+
+
 def shards(name: str, out_dir, **fields: Any) -> dict[tuple[int, int], Path]:
     """The shard files of an artifact present in out_dir: {(i, n): path}."""
     a = artifact(name)
-    stem, ext = a.filename(**fields).rsplit(".", 1)
-    folder = Path(out_dir) / (a.shard_dir or "")
+    if not a.shard_dir:
+        raise ArtifactError(f"artifact {name!r} has no shard files (only {sharded()} do)")
+    folder, pattern = Path(out_dir) / a.shard_dir, _shard_regex(a, **fields)
     found = {}
-    for p in sorted(folder.glob(f"{stem}__shard-*-of-*.{ext}")) if folder.is_dir() else []:
-        m = re.fullmatch(re.escape(stem) + r"__shard-(\d+)-of-(\d+)\." + re.escape(ext), p.name)
-        if m:
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = pattern.match(p.name)
+        if m and p.is_file():
             found[(int(m.group(1)), int(m.group(2)))] = p
     return found
 
 
-def tags(name: str, out_dir, **fields: Any) -> list[str]:
-    """Tags present in out_dir for this artifact: "" (the run's model) first, then the others sorted."""
-    a = artifact(name)
-    main = a.path(out_dir, "", **fields)
-    prefix, suffix = main.name.rsplit(".", 1)[0] + "__", "." + a.format
-    found = [p.name[len(prefix):-len(suffix)] for p in Path(out_dir).glob(f"{prefix}*{suffix}")
-             if "__shard-" not in p.name]
-    return ([""] if main.exists() else []) + sorted(found)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# load / save with key checks
+# key checks
 
-def _kind_ok(value: np.ndarray, dtype: str) -> bool:
-    kinds = {"float": "f", "int": "iu", "bool": "b", "str": "UST"}
-    if dtype in kinds:
-        return value.dtype.kind in kinds[dtype] or (dtype == "float" and value.dtype.kind in "iu" and value.ndim == 0)
+_KINDS = {"float": "f", "int": "iu", "bool": "b", "str": "UST"}
+_JSON_TYPES = {"dict": dict, "list": list, "str": str, "bool": bool, "int": (int, float), "float": (int, float)}
+
+
+def _kind_ok(value: np.ndarray, dtype: str, exact: bool = False) -> bool:
+    if dtype in _KINDS:
+        return value.dtype.kind in _KINDS[dtype] or (dtype == "float" and value.dtype.kind in "iu" and value.ndim == 0)
+    if not exact:
+        return value.dtype.kind == np.dtype(dtype).kind
     return value.dtype == np.dtype(dtype)
 
 
-def check_keys(a: Artifact, data: dict, where: str, keys=None) -> None:
-    """Raise ArtifactError naming the file when a declared key is missing or has the wrong dtype / ndim."""
-    wanted = a.keys if keys is None else {k: a.keys[k] for k in keys if k in a.keys}
-    for key, spec in wanted.items():
-        if key not in data:
-            if spec.optional:
+def _check_array(where: str, key: str, spec: Key, value, exact: bool) -> None:
+    value = np.asarray(value)
+    if not _kind_ok(value, spec.dtype, exact):
+        raise ArtifactError(f"{where}: {key!r} has dtype {value.dtype}, expected {spec.dtype}")
+    if value.ndim != len(spec.dims):
+        raise ArtifactError(f"{where}: {key!r} has shape {value.shape}, expected "
+                            f"[{', '.join(spec.dims)}] ({len(spec.dims)} dimensions)")
+
+
+def _check_dims(a: Artifact, data: dict, where: str) -> None:
+    """Axes with the same name must have the same length across the file's arrays."""
+    seen: dict[str, tuple[int, str]] = {}
+    for key, value in data.items():
+        spec = a.keys.get(key)
+        if spec is None:
+            continue
+        for dim, size in zip(spec.dims, np.shape(value)):
+            if dim == "*":
                 continue
+            if dim in seen and seen[dim][0] != size:
+                raise ArtifactError(f"{where}: axis {dim!r} has length {size} in {key!r} but {seen[dim][0]} in "
+                                    f"{seen[dim][1]!r}: the arrays do not describe the same {dim}")
+            seen.setdefault(dim, (size, key))
+
+
+def _check_json(where: str, key: str, spec: Key, value) -> None:
+    want = list if spec.dims else _JSON_TYPES.get(spec.dtype)
+    if want is not None and value is not None and not isinstance(value, want):
+        raise ArtifactError(f"{where}: {key!r} is a {type(value).__name__}, expected "
+                            f"{'a list of ' if spec.dims else ''}{spec.dtype}")
+
+
+def check_keys(a: Artifact, data: dict, where: str, keys=None, exact: bool = False) -> None:
+    """Raise ArtifactError naming the file when a required key is missing or a declared one is malformed.
+
+    keys: the declared keys that must be present (None: all of them; optional ones may be absent anyway). Every present declared key is checked: dtype (its kind, or exactly with exact=True) and ndim for
+    npz, JSON type for json; same-named axes must agree. CSV columns are checked for presence only."""
+    required = [k for k in (a.keys if keys is None else keys) if k in a.keys and not a.keys[k].optional]
+    for key in required:
+        if key not in data:
             raise ArtifactError(f"{where}: key {key!r} is missing (has {sorted(data)}); the file is from an older or "
                                 f"different writer: regenerate it with {a.producer}")
-        value = data[key]
-        if a.format == "npz":
-            if not _kind_ok(np.asarray(value), spec.dtype):
-                raise ArtifactError(f"{where}: {key!r} has dtype {np.asarray(value).dtype}, expected {spec.dtype}")
-            if np.ndim(value) != len(spec.dims):
-                raise ArtifactError(f"{where}: {key!r} has shape {np.shape(value)}, expected "
-                                    f"[{', '.join(spec.dims)}] ({len(spec.dims)} dimensions)")
+    if a.format == "npz":
+        for key, value in data.items():
+            if key in a.keys:
+                _check_array(where, key, a.keys[key], value, exact)
+        _check_dims(a, data, where)
+    elif a.format == "json":
+        for key, value in data.items():
+            if key in a.keys:
+                _check_json(where, key, a.keys[key], value)
 
 
 def _missing(a: Artifact, p: Path) -> ArtifactError:
     return ArtifactError(f"missing artifact {str(p)!r}; run {a.producer} first "
                          f"(python -m lib.run --params <run>.yaml --only {a.producer})")
 
+
+def _unreadable(a: Artifact, p: Path, e: Exception) -> ArtifactError:
+    return ArtifactError(f"{p} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: delete it "
+                         f"and rerun {a.producer}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load / save
 
 def _jsonl_rows(text: str, torn_tail_ok: bool) -> list:
     lines = [line for line in text.splitlines() if line.strip()]
@@ -314,66 +492,90 @@ def _jsonl_rows(text: str, torn_tail_ok: bool) -> list:
     return [json.loads(line) for line in lines]
 
 
-def load_file(name: str, p, keys=None, torn_tail_ok: bool = False):
-    """Load the file `p` of artifact kind `name`: npz -> dict of arrays (0-d arrays of str/scalars kept as arrays),
-    csv -> pandas DataFrame, json -> object, jsonl -> list of objects. Unreadable files raise ArtifactError.
-    torn_tail_ok (jsonl): drop a last line without its newline (an append interrupted by a kill)."""
+def _read_csv(a: Artifact, p: Path):
+    import pandas as pd
+    text_columns = [k for k, spec in a.keys.items() if spec.dtype == "str"]
+    data = pd.read_csv(p, dtype={k: str for k in text_columns})
+    for k in text_columns:                     # declared text: an empty field is "", not NaN
+        if k in data.columns:
+            data[k] = data[k].fillna("")
+    return data
+
+
+def _read(a: Artifact, p: Path, keys, torn_tail_ok: bool):
+    if a.format == "npz":
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in (z.files if keys is None else [k for k in keys if k in z.files])}
+    if a.format == "csv":
+        return _read_csv(a, p)
+    if a.format == "json":
+        return json.loads(p.read_text())
+    if a.format == "jsonl":
+        return _jsonl_rows(p.read_text(), torn_tail_ok)
+    raise ArtifactError(f"artifact {a.name!r} ({a.format}) is not read back through lib.artifacts")
+
+
+def load_file(name: str, p, keys=None, torn_tail_ok: bool = False, require=None):
+    """Load the file `p` of artifact kind `name`: npz -> dict of arrays (0-d arrays kept as arrays), csv -> pandas
+    DataFrame (declared text columns as str, empty = ""), json -> object, jsonl -> list of objects.
+
+    keys: the npz arrays to return (None: every array in the file). require: the declared keys that must be
+    present (None: `keys` when given, else every non-optional declared key). torn_tail_ok (jsonl): drop a last
+    line without its newline (an append interrupted by a kill). Missing, unreadable (truncated, corrupt) or
+    malformed files raise ArtifactError naming the file and the notebook that writes it."""
     a, p = artifact(name), Path(p)
     if not p.exists():
         raise _missing(a, p)
     note_read(p)
     try:
-        if a.format == "npz":
-            with np.load(p, allow_pickle=False) as z:
-                want = z.files if keys is None else [k for k in keys if k in z.files]
-                data = {k: z[k] for k in want}
-        elif a.format == "csv":
-            import pandas as pd
-            text_columns = [k for k, spec in a.keys.items() if spec.dtype == "str"]
-            data = pd.read_csv(p, dtype={k: str for k in text_columns})
-            for k in text_columns:                     # declared text: an empty field is "", not NaN
-                if k in data.columns:
-                    data[k] = data[k].fillna("")
-        elif a.format == "json":
-            data = json.loads(p.read_text())
-        else:
-            data = _jsonl_rows(p.read_text(), torn_tail_ok)
+        data = _read(a, p, keys, torn_tail_ok)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{p} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt: delete it "
-                            f"and rerun {a.producer}") from None
-    if a.format in ("npz", "csv") and a.keys:
-        cols = data if a.format == "npz" else {c: data[c].to_numpy() for c in data.columns}
-        check_keys(a, cols, str(p), keys)
-    elif a.format == "json" and isinstance(data, dict) and a.keys:
-        check_keys(a, data, str(p), keys)
+        raise _unreadable(a, p, e) from None
+    required = keys if require is None else require
+    if a.format == "npz":
+        check_keys(a, data, str(p), required)
+    elif a.format == "csv":
+        check_keys(a, {c: None for c in data.columns}, str(p), required)
+    elif a.format == "json" and isinstance(data, dict):
+        check_keys(a, data, str(p), required)
     return data
 
 
 def load(name: str, out_dir, tag: str = "", keys=None, shard: tuple[int, int] | None = None,
-         torn_tail_ok: bool = False, **fields: Any):
-    """Load an artifact of a run folder (see load_file for the returned types)."""
-    return load_file(name, path(name, out_dir, tag, shard, **fields), keys, torn_tail_ok)
+         torn_tail_ok: bool = False, require=None, **fields: Any):
+    """Load an artifact of a run folder (see load_file for keys, require and the returned types)."""
+    return load_file(name, path(name, out_dir, tag, shard, **fields), keys, torn_tail_ok, require)
 
 
-def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
-    """Write an artifact atomically after checking its declared keys; returns its path.
-    data: dict of arrays (npz), a DataFrame (csv), a JSON-able object (json) or a list of them (jsonl)."""
+def save_file(name: str, p, data) -> Path:
+    """Write `data` to the file `p` as artifact kind `name`, atomically, after checking every declared key (exact
+    dtypes): nothing is written when a check fails. data: dict of arrays (npz), a DataFrame (csv), a JSON-able
+    object (json), a list of them (jsonl) or a matplotlib Figure (png)."""
     from lib import store
-    a = artifact(name)
-    p = a.path(out_dir, tag, shard, **fields)
+    a, p = artifact(name), Path(p)
+    where = f"{name} (about to write {p.name})"
     if a.format == "npz":
-        check_keys(a, {k: np.asarray(v) for k, v in data.items()}, f"{name} (about to write {p.name})")
+        check_keys(a, {k: np.asarray(v) for k, v in data.items()}, where, exact=True)
         return store.save_npz(p, **data)
     if a.format == "csv":
-        check_keys(a, {c: data[c].to_numpy() for c in data.columns}, f"{name} (about to write {p.name})")
+        check_keys(a, {c: None for c in data.columns}, where)
         return store.save_csv(p, data)
     if a.format == "json":
+        if isinstance(data, dict):
+            check_keys(a, data, where, keys=[])                      # types of the keys present
         return store.save_json(p, data)
     if a.format == "png":
         return store.save_figure(p, data)
+    if a.format != "jsonl":
+        raise ArtifactError(f"artifact {a.name!r} ({a.format}) is written by {a.producer}, not through lib.artifacts")
     with store.atomic_path(p) as tmp:
         tmp.write_text("".join(json.dumps(store._jsonable(row)) + "\n" for row in data))
     return p
+
+
+def save(name: str, out_dir, data, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
+    """Write an artifact of a run folder atomically after checking its declared keys; returns its path."""
+    return save_file(name, path(name, out_dir, tag, shard, **fields), data)
 
 
 def append(name: str, out_dir, rows: list, tag: str = "", **fields: Any) -> Path:
@@ -392,18 +594,36 @@ def append(name: str, out_dir, rows: list, tag: str = "", **fields: Any) -> Path
     return p
 
 
-def outputs_table() -> str:
-    """The README's outputs table (markdown), generated from the registry."""
-    rows = ["| file | written by | what |", "|---|---|---|"]
-    for a in ARTIFACTS.values():
-        shown = a.pattern.replace("{tag}", "").replace("{mode}", "<mode>")
-        rows.append(f"| `{shown}` | {a.producer} | {a.doc} |")
-    return "\n".join(rows)
+# ----------------------------------------------------------------------------------------------------------------
+# provenance between artifacts
+
+def scalar(d, key):
+    """d[key] as a Python scalar when it is a 0-d value, else None (absent or not a scalar)."""
+    if key not in d:
+        return None
+    v = np.asarray(d[key])
+    return v.item() if v.ndim == 0 else None
 
 
-def producer_outputs(notebook: str) -> list[Artifact]:
-    """The artifact kinds a notebook writes."""
-    return [a for a in ARTIFACTS.values() if a.producer == notebook]
+def check_same_run(acts: dict, ph: dict) -> None:
+    """Raise ArtifactError when a loaded activations file and a loaded PhiID file cannot come from the same run
+    (head count, head map, model, prompt count)."""
+    producer = artifact("phiid").producer
+    a_name = Path(acts.get("path", "activations")).name
+    p_name = Path(ph.get("path", "phiid")).name
+    fix = (f"they come from different runs or models: rerun {producer} on this run's {a_name} "
+           f"(python -m lib.run --params <run>.yaml --only {producer} --force)")
+    check_same_heads(a_name, acts["activations"].shape[1], p_name, ph["degenerate"].shape[0])
+    for key in ("head_layer", "head_index"):
+        if key in ph and not np.array_equal(np.asarray(ph[key]), np.asarray(acts[key])):
+            raise ArtifactError(f"{p_name} and {a_name} have different {key} arrays: {fix}")
+    a, p = scalar(acts, "model"), scalar(ph, "model")
+    if a is not None and p is not None and str(a) != str(p):
+        raise ArtifactError(f"{p_name} was computed for model {p!r} but {a_name} holds model {a!r}: {fix}")
+    p = scalar(ph, "n_prompts")
+    if p is not None and int(p) != acts["activations"].shape[0]:
+        raise ArtifactError(f"{p_name} was computed on {p} prompts but {a_name} has "
+                            f"{acts['activations'].shape[0]}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,7 +665,6 @@ def fingerprint(p, known: dict | None = None) -> dict:
 
 
 def _glob(pattern: str) -> str:
-    import re
     return re.sub(r"(\{[^}]*\})+", "*", pattern)        # "phiid_{mode}{tag}.npz" -> "phiid_*.npz"
 
 
@@ -456,8 +675,9 @@ def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -
     for a in producer_outputs(notebook):
         if shard is not None:
             if a.shard_dir:
-                stem, ext = _glob(a.pattern).rsplit(".", 1)
-                found.update((out_dir / a.shard_dir).glob(f"{stem}__shard-{shard[0]}-of-{shard[1]}.{ext}"))
+                found.update((out_dir / a.shard_dir).glob(_glob(a.filename(shard=shard)) if a.shard_pattern else
+                                                          _glob(a.pattern).rsplit(".", 1)[0] +
+                                                          f"__shard-{shard[0]}-of-{shard[1]}.{a.format}"))
             continue
         found.update(p for p in out_dir.glob(_glob(a.pattern)) if "__shard-" not in p.name and p.is_file())
     return sorted(found)
@@ -510,6 +730,51 @@ def check_input(out_dir, p, notebook: str = "", model: str = "", records: dict |
                             f"{rec['producer']}, or rerun it with this one")
 
 
-if __name__ == "__main__":  # python -m lib.artifacts: print the outputs table
-    print(outputs_table())
-    os.sys.exit(0)
+# ----------------------------------------------------------------------------------------------------------------
+# the README's table
+
+README_BEGIN = "<!-- artifacts table: generated by `python -m lib.artifacts --readme` from lib/artifacts.py -->"
+README_END = "<!-- end of artifacts table -->"
+
+
+def shown_name(a: Artifact, with_tag: bool = True) -> str:
+    """The pattern as a reader sees it: activations[__<tag>].npz, phiid_<mode>[__<tag>].npz, ... (with_tag=False:
+    the run's own file, activations.npz, phiid_<mode>.npz)."""
+    shown = _FIELD.sub(lambda m: "" if m.group(1) == "tag" else f"<{m.group(1)}>", a.pattern)
+    if "{tag}" in a.pattern and with_tag:
+        stem, ext = shown.rsplit(".", 1)
+        shown = f"{stem}[__<tag>].{ext}"
+    return shown
+
+
+def outputs_table() -> str:
+    """The README's outputs table (markdown), generated from the registry."""
+    rows = ["| file | written by | what |", "|---|---|---|"]
+    for a in ARTIFACTS.values():
+        where = f"`{shown_name(a)}`" + (f", shards `{a.shard_dir}/shard-<i>-of-<n>.{a.format}`" if a.shard_dir else "")
+        rows.append(f"| {where} | {a.producer} | {a.doc.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
+def readme_with_table(text: str) -> str:
+    """README text with the part between README_BEGIN and README_END replaced by outputs_table()."""
+    if README_BEGIN not in text or README_END not in text:
+        raise ArtifactError(f"README has no artifacts table markers; add the two lines {README_BEGIN!r} and "
+                            f"{README_END!r} where the table belongs")
+    head, rest = text.split(README_BEGIN, 1)
+    return f"{head}{README_BEGIN}\n{outputs_table()}\n{README_END}{rest.split(README_END, 1)[1]}"
+
+
+def producer_outputs(notebook: str) -> list[Artifact]:
+    """The artifact kinds a notebook writes."""
+    return [a for a in ARTIFACTS.values() if a.producer == notebook]
+
+
+if __name__ == "__main__":  # python -m lib.artifacts [--readme]: print the table, or rewrite README.md's copy
+    if sys.argv[1:] == ["--readme"]:
+        from lib import REPO_ROOT
+        readme = REPO_ROOT / "README.md"
+        readme.write_text(readme_with_table(readme.read_text()))
+        print(f"updated the artifacts table in {readme}")
+    else:
+        print(outputs_table())

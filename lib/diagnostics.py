@@ -19,27 +19,26 @@ and redundancy carry different information. This module measures what they share
 It also holds the generic statistics used to decide whether a ranking is signal at all (used by
 lib.ranking): Spearman-Brown (`spearman_brown`), random prompt halves (`random_halves`), circular-shift
 surrogates (`circular_shift`), and the inverted-U test on a per-layer profile (`inverted_u_test`), and the
-loaders for the run's artifacts with their cross-checks (`load_activations`, `load_phiid`).
+loader of the activations (`load_activations`; PhiID files are read by lib.phiid's `load_phiid`, re-exported here).
 
 Units: atoms and TDMI in nats; autocorrelation and correlations dimensionless; drift a fraction.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lib.store import ArtifactError, check_same_heads, load_npz
+from lib import artifacts
+from lib.artifacts import check_same_run  # noqa: F401  (re-exported: activations vs PhiID of one run)
+from lib.phiid import load_phiid  # noqa: F401  (re-exported: the one PhiID reader)
+from lib.store import ArtifactError, check_same_heads
 
 SYNERGY_ATOM = "sts"
 REDUNDANCY_ATOM = "rtr"
 PHIID_MODES = ("per_prompt", "concat", "pooled")
-ACTIVATIONS_NOTEBOOK = "01_extract_activations"
-PHIID_NOTEBOOK = "02_phiid"
 
 # inverted-U rule: depth thirds [0, 1/3), [1/3, 2/3], (2/3, 1]
 THIRDS = (1.0 / 3.0, 2.0 / 3.0)
@@ -52,23 +51,11 @@ class DegenerateHeadError(ValueError):
 
 # ------------------------------------------------------------------------------------------- artifacts
 
-def _suffix(tag: str) -> str:
-    return f"__{tag}" if tag else ""
-
-
-def activations_path(out_dir, tag: str = "") -> Path:
-    return Path(out_dir) / f"activations{_suffix(tag)}.npz"
-
-
-def phiid_path(out_dir, mode: str = "per_prompt", tag: str = "") -> Path:
-    return Path(out_dir) / f"phiid_{mode}{_suffix(tag)}.npz"
-
-
 def load_activations(out_dir, tag: str = "") -> dict:
-    """activations(__tag).npz as a dict, checked: activations [prompts, heads, steps] and the head map."""
-    path = activations_path(out_dir, tag)
-    acts = load_npz(path, expect={"activations": 3, "head_layer": 1, "head_index": 1},
-                    produced_by=ACTIVATIONS_NOTEBOOK)
+    """The activations file of the run's model (tag "") or of a baseline tag, as a dict, checked: activations
+    [prompts, heads, steps] and the head map; n_layers / n_heads filled in from the head map when not recorded."""
+    acts = artifacts.load("activations", out_dir, tag, require=["activations", "head_layer", "head_index"])
+    path = artifacts.path("activations", out_dir, tag)
     check_same_heads(f"{path.name} activations", acts["activations"].shape[1], f"{path.name} head_layer",
                      len(acts["head_layer"]))
     acts["n_layers"] = int(acts["n_layers"]) if "n_layers" in acts else int(acts["head_layer"].max()) + 1
@@ -77,78 +64,10 @@ def load_activations(out_dir, tag: str = "") -> dict:
     return acts
 
 
-def load_phiid(out_dir, mode: str = "per_prompt", tag: str = "", activations: dict | None = None,
-               atoms=(SYNERGY_ATOM, REDUNDANCY_ATOM), needed_by: str = "") -> dict:
-    """phiid_<mode>(__tag).npz as a dict, checked against `activations` (the same run) when given.
-
-    Fails clearly when the file is missing (naming notebook 02 and its `modes` parameter), when an atom is
-    missing, or when head count, head map, model or prompt count differ from the activations."""
-    if mode not in PHIID_MODES:
-        raise ValueError(f"unknown PhiID mode {mode!r}; use one of {PHIID_MODES}")
-    path = phiid_path(out_dir, mode, tag)
-    if not path.exists():
-        who = f"{needed_by} needs" if needed_by else "this analysis needs"
-        raise ArtifactError(
-            f"{who} {path.name} in {str(Path(out_dir))!r}, which does not exist. Notebook {PHIID_NOTEBOOK} "
-            f"writes phiid_<mode>.npz for every mode in its `modes` parameter: add {mode!r} to `modes` (params "
-            f"YAML, section of {PHIID_NOTEBOOK}) and rerun it (python -m lib.run --params <run>.yaml --only "
-            f"{PHIID_NOTEBOOK}), or drop the variants that need it")
-    expect = {a: 2 for a in atoms}
-    expect["degenerate"] = 2
-    ph = load_npz(path, expect=expect, produced_by=PHIID_NOTEBOOK)
-    n = ph[atoms[0]].shape[0]
-    for a in atoms:
-        if ph[a].shape != (n, n):
-            raise ArtifactError(f"{path}: atom {a!r} has shape {ph[a].shape}, expected a square [heads, heads]")
-    ph["degenerate"] = ph["degenerate"].astype(bool)
-    ph["path"] = path
-    if activations is not None:
-        check_same_run(activations, ph)
-    return ph
-
-
-def _scalar(d, key):
-    if key not in d:
-        return None
-    v = np.asarray(d[key])
-    return v.item() if v.ndim == 0 else None
-
-
-def check_same_run(acts: dict, ph: dict) -> None:
-    """Raise ArtifactError when an activations file and a PhiID file cannot come from the same run."""
-    a_name = Path(acts.get("path", "activations")).name
-    p_name = Path(ph.get("path", "phiid")).name
-    fix = (f"they come from different runs or models: rerun {PHIID_NOTEBOOK} on this run's {a_name} "
-           f"(python -m lib.run --params <run>.yaml --only {PHIID_NOTEBOOK} --force)")
-    check_same_heads(a_name, acts["activations"].shape[1], p_name, ph["degenerate"].shape[0])
-    for key in ("head_layer", "head_index"):
-        if key in ph and not np.array_equal(np.asarray(ph[key]), np.asarray(acts[key])):
-            raise ArtifactError(f"{p_name} and {a_name} have different {key} arrays: {fix}")
-    for key in ("model",):
-        a, p = _scalar(acts, key), _scalar(ph, key)
-        if a is not None and p is not None and str(a) != str(p):
-            raise ArtifactError(f"{p_name} was computed for model {p!r} but {a_name} holds model {a!r}: {fix}")
-    for key in ("n_prompts",):
-        p = _scalar(ph, key)
-        if p is not None and int(p) != acts["activations"].shape[0]:
-            raise ArtifactError(f"{p_name} was computed on {p} prompts but {a_name} has "
-                                f"{acts['activations'].shape[0]}: {fix}")
-
-
 def available_tags(out_dir) -> list[str]:
-    """Baseline tags with an activations__<tag>.npz in out_dir: random_init first, then checkpoints in
-    training order (the number in the revision, e.g. rev-step1000), then anything else."""
-    tags = [p.name[len("activations__"):-len(".npz")] for p in Path(out_dir).glob("activations__*.npz")]
-    return sorted(tags, key=tag_sort_key)
-
-
-def tag_sort_key(tag: str):
-    if tag == "random_init":
-        return (0, 0, tag)
-    if tag.startswith("rev-"):
-        nums = re.findall(r"\d+", tag)
-        return (1, int(nums[-1]) if nums else 0, tag)
-    return (2, 0, tag)
+    """Baseline tags with an activations file in out_dir: random_init first, then checkpoints in training order
+    (the number in the revision, e.g. rev-step1000), then anything else (lib.artifacts.tag_sort_key)."""
+    return [tag for tag in artifacts.tags("activations", out_dir) if tag]
 
 
 # ------------------------------------------------------------------------------------------- per head / pair
@@ -213,7 +132,7 @@ def tdmi_matrix(atoms) -> np.ndarray:
     from lib.phiid import ATOM_NAMES
     missing = [a for a in ATOM_NAMES if a not in atoms]
     if missing:
-        raise ArtifactError(f"TDMI needs all 16 atoms; missing {missing}. Rerun {PHIID_NOTEBOOK} with all atoms")
+        raise ArtifactError(f"TDMI needs all 16 atoms; missing {missing}. Rerun 02_phiid with all atoms")
     return sum(np.asarray(atoms[a], dtype=np.float64) for a in ATOM_NAMES)
 
 
@@ -626,7 +545,7 @@ def diagnose(acts: dict, ph: dict, lag: int = 1) -> Diagnostics:
         pairs["tdmi"] = upper(tdmi)[ok]
     corr = syn_red_correlations(sts, rtr, deg, labels)
     summary = {
-        "model": str(_scalar(acts, "model")) if "model" in acts else None,
+        "model": str(artifacts.scalar(acts, "model")) if "model" in acts else None,
         "n_prompts": int(X.shape[0]), "n_heads": int(X.shape[1]), "n_steps": int(X.shape[2]),
         "n_layers": n_layers, "heads_per_layer": n_heads, "lag": lag,
         "n_degenerate_pairs": int(upper(deg).sum()), "n_pairs": int(len(i)),
@@ -654,16 +573,14 @@ def correlation_table(out_dir, lag: int = 1) -> pd.DataFrame:
     """Syn-red correlations (head and pair level) and autocorrelation-synergy correlation for every PhiID
     file in out_dir: every mode, the run's model and each baseline tag. One row per (tag, mode)."""
     rows = []
-    for tag in [""] + available_tags(out_dir):
-        if not activations_path(out_dir, tag).exists():
-            continue
+    for tag in artifacts.tags("activations", out_dir):
         acts = load_activations(out_dir, tag)
         ac = head_autocorrelation(acts["activations"], lag)
         labels = head_labels(acts["head_layer"], acts["head_index"])
         for mode in PHIID_MODES:
-            if not phiid_path(out_dir, mode, tag).exists():
+            if not artifacts.path("phiid", out_dir, tag, mode=mode).exists():
                 continue
-            ph = load_phiid(out_dir, mode, tag, activations=acts)
+            ph = load_phiid(out_dir, mode, tag, activations=acts, atoms=(SYNERGY_ATOM, REDUNDANCY_ATOM))
             try:
                 c = syn_red_correlations(ph[SYNERGY_ATOM], ph[REDUNDANCY_ATOM], ph["degenerate"], labels)
                 syn = per_head_mean(ph[SYNERGY_ATOM], ph["degenerate"], labels)
@@ -685,18 +602,17 @@ def run_diagnostics(out_dir, mode: str = "per_prompt", lag: int = 1, tag: str = 
     writes diagnostics.json (diagnostics__<tag>.json for a baseline) and a manifest entry."""
     import time
 
-    from lib.store import save_json, update_manifest
+    from lib.store import update_manifest
     t0 = time.perf_counter()
     acts = load_activations(out_dir, tag)
-    from lib.phiid import ATOM_NAMES
-    ph = load_phiid(out_dir, mode, tag, activations=acts, atoms=ATOM_NAMES, needed_by="03_phiid_diagnostics")
+    ph = load_phiid(out_dir, mode, tag, activations=acts, needed_by="03_phiid_diagnostics")
     d = diagnose(acts, ph, lag)
     table = correlation_table(out_dir, lag)
-    d.summary.update(mode=mode, tag=tag, phiid_tau=_scalar(ph, "tau"), phiid_redundancy=_scalar(ph, "redundancy"),
+    d.summary.update(mode=mode, tag=tag, phiid_tau=artifacts.scalar(ph, "tau"),
+                     phiid_redundancy=artifacts.scalar(ph, "redundancy"),
                      all_files=table.to_dict(orient="records"))
     d.summary["per_head"] = d.heads.to_dict(orient="list")
-    name = f"diagnostics{_suffix(tag)}.json"
-    save_json(Path(out_dir) / name, d.summary)
+    name = artifacts.save("diagnostics", out_dir, d.summary, tag=tag).name
     update_manifest(out_dir, "03_phiid_diagnostics", {"mode": mode, "lag": lag, "tag": tag, "file": name,
                                                       "seconds": round(time.perf_counter() - t0, 3)})
     return d, table

@@ -1,7 +1,8 @@
 """Explore a finished run (notebooks/00_explore.ipynb): one head at a time, one ranking variant at a time.
 
-`load_run(out_dir)` reads whatever the run folder has (activations.npz from 01, phiid_<mode>.npz from 02,
-rankings.csv from 04) and records what is missing instead of failing, so the explorer opens on a partial run.
+`load_run(out_dir)` reads whatever the run folder has (activations from 01, PhiID per mode from 02, rankings
+from 04; lib.artifacts names the files) and records what is missing instead of failing, so the explorer opens on
+a partial run.
 The tables below are plain pandas; the figures are in lib/plots/explore.py; `explorer(...)` wires both to
 ipywidgets (JupyterLab). Head index = layer * n_heads + head, as everywhere in the project.
 Synergy is PhiID atom `sts`, redundancy atom `rtr` (nats); a head's "row" is the atom with the head as source
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.store import load_npz
+from lib import artifacts
 
 SYNERGY_ATOM, REDUNDANCY_ATOM = "sts", "rtr"
 PHIID_MODES = ("per_prompt", "concat", "pooled")
@@ -49,42 +50,38 @@ class RunData:
         return [c for c in self.rankings.columns
                 if c not in NOT_VARIANTS and pd.api.types.is_numeric_dtype(self.rankings[c])]
 
+    # the tables of this module as methods, so that lib.plots.explore draws a RunData without importing lib.explore
+    def head_ranks(self, idx: int) -> pd.DataFrame:
+        return head_ranks(self, idx)
+
+    def phiid_row(self, idx: int, mode: str) -> pd.DataFrame:
+        return phiid_row(self, idx, mode)
+
+    def variant_grid(self, variant: str) -> np.ndarray:
+        return variant_grid(self, variant)
+
+    def variant_profile(self, variant: str) -> pd.DataFrame:
+        return variant_profile(self, variant)
+
 
 def load_run(out_dir: str | Path) -> RunData:
     """Everything the explorer shows, from a run folder; missing pieces are listed in `.missing`."""
     out_dir = Path(out_dir)
     run = RunData(out_dir=out_dir)
-    acts = out_dir / "activations.npz"
-    if acts.exists():
-        a = load_npz(acts, expect={"activations": 3, "head_layer": 1, "head_index": 1},
-                     produced_by="01_extract_activations")
-        run.activations = a["activations"]
-        run.n_layers = int(a["n_layers"]) if "n_layers" in a else int(a["head_layer"].max()) + 1
-        run.n_heads = int(a["n_heads"]) if "n_heads" in a else int(a["head_index"].max()) + 1
-        run.model = str(a["model"]) if "model" in a else ""
-        run.prompt_text = [str(t) for t in a["prompt_text"]] if "prompt_text" in a else []
-    else:
-        run.missing.append(f"activations.npz (notebook 01_extract_activations) is not in {str(out_dir)!r}")
+    _load_activations(run)
     for mode in PHIID_MODES:
-        path = out_dir / f"phiid_{mode}.npz"
-        if not path.exists():
-            continue
-        p = load_npz(path, expect={SYNERGY_ATOM: 2, REDUNDANCY_ATOM: 2}, produced_by="02_phiid")
-        deg = p["degenerate"].astype(bool) if "degenerate" in p else np.zeros_like(p[SYNERGY_ATOM], bool)
-        run.phiid[mode] = {"syn": p[SYNERGY_ATOM], "red": p[REDUNDANCY_ATOM], "degenerate": deg}
-        if not run.n_layers and "head_layer" in p:
-            run.n_layers, run.n_heads = int(p["head_layer"].max()) + 1, int(p["head_index"].max()) + 1
+        if artifacts.path("phiid", out_dir, mode=mode).exists():
+            _load_phiid(run, mode)
     if not run.phiid:
-        run.missing.append("phiid_<mode>.npz (notebook 02_phiid)")
-    ranks = out_dir / "rankings.csv"
-    if ranks.exists():
-        run.rankings = pd.read_csv(ranks).sort_values("head_idx").reset_index(drop=True)
+        run.missing.append(_absent("phiid"))
+    if artifacts.path("rankings", out_dir).exists():
+        run.rankings = artifacts.load("rankings", out_dir).sort_values("head_idx").reset_index(drop=True)
         if not run.n_layers:
             run.n_layers, run.n_heads = int(run.rankings["layer"].max()) + 1, int(run.rankings["head"].max()) + 1
     else:
-        run.missing.append("rankings.csv (notebook 04_ranking_variants)")
+        run.missing.append(_absent("rankings", out_dir))
     for what, n in [("phiid", next((len(v["syn"]) for v in run.phiid.values()), None)),
-                    ("rankings.csv", None if run.rankings is None else len(run.rankings)),
+                    ("rankings", None if run.rankings is None else len(run.rankings)),
                     ("activations", None if run.activations is None else run.activations.shape[1])]:
         if n is not None and n != run.n_total:
             raise ValueError(f"{what} in {str(out_dir)!r} has {n} heads but the run has {run.n_layers} layers x "
@@ -92,15 +89,41 @@ def load_run(out_dir: str | Path) -> RunData:
     return run
 
 
+def _absent(name: str, out_dir=None) -> str:
+    a = artifacts.artifact(name)
+    return f"{artifacts.shown_name(a, with_tag=False)} (notebook {a.producer})" + (f" is not in {str(out_dir)!r}" if out_dir else "")
+
+
+def _load_activations(run: RunData) -> None:
+    if not artifacts.path("activations", run.out_dir).exists():
+        run.missing.append(_absent("activations", run.out_dir))
+        return
+    a = artifacts.load("activations", run.out_dir, require=["activations", "head_layer", "head_index"])
+    run.activations = a["activations"]
+    run.n_layers = int(a["n_layers"]) if "n_layers" in a else int(a["head_layer"].max()) + 1
+    run.n_heads = int(a["n_heads"]) if "n_heads" in a else int(a["head_index"].max()) + 1
+    run.model = str(a["model"]) if "model" in a else ""
+    run.prompt_text = [str(t) for t in a["prompt_text"]] if "prompt_text" in a else []
+
+
+def _load_phiid(run: RunData, mode: str) -> None:
+    p = artifacts.load("phiid", run.out_dir, mode=mode, require=[SYNERGY_ATOM, REDUNDANCY_ATOM])
+    deg = p["degenerate"].astype(bool) if "degenerate" in p else np.zeros_like(p[SYNERGY_ATOM], bool)
+    run.phiid[mode] = {"syn": p[SYNERGY_ATOM], "red": p[REDUNDANCY_ATOM], "degenerate": deg}
+    if not run.n_layers and "head_layer" in p:
+        run.n_layers, run.n_heads = int(p["head_layer"].max()) + 1, int(p["head_index"].max()) + 1
+
+
 def summary(run: RunData) -> pd.DataFrame:
     """What the run folder holds (one row per artifact)."""
-    rows = [{"artifact": "activations.npz", "present": run.activations is not None,
-             "details": (f"{run.model}: {run.activations.shape[0]} prompts x {run.activations.shape[1]} heads x "
-                         f"{run.activations.shape[2]} steps") if run.activations is not None else ""}]
+    acts = run.activations
+    rows = [{"artifact": artifacts.path("activations", "").name, "present": acts is not None,
+             "details": (f"{run.model}: {acts.shape[0]} prompts x {acts.shape[1]} heads x "
+                         f"{acts.shape[2]} steps") if acts is not None else ""}]
     for mode in PHIID_MODES:
-        rows.append({"artifact": f"phiid_{mode}.npz", "present": mode in run.phiid,
+        rows.append({"artifact": artifacts.path("phiid", "", mode=mode).name, "present": mode in run.phiid,
                      "details": f"{run.n_total} x {run.n_total} sts and rtr (nats)" if mode in run.phiid else ""})
-    rows.append({"artifact": "rankings.csv", "present": run.rankings is not None,
+    rows.append({"artifact": artifacts.path("rankings", "").name, "present": run.rankings is not None,
                  "details": f"variants: {', '.join(run.variants)}" if run.rankings is not None else ""})
     return pd.DataFrame(rows)
 
@@ -208,7 +231,7 @@ def explorer(run: RunData, layer: int = 0, head: int = 0, variant: str = "", mod
         with variant_out:
             variant_out.clear_output(wait=True)
             if run.rankings is None:
-                print("rankings.csv is missing: run notebook 04_ranking_variants")
+                print(f"{_absent('rankings')} is missing: run it")
                 return
             show(plots.variant_panel(run, variant_w.value))
             display(top_heads(run, variant_w.value))

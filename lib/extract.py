@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lib import artifacts
 from lib.heads import HeadHooks
 from lib.models import ArchInfo
 from lib.prompts import Prompt
@@ -37,6 +38,18 @@ class ActivationRun:
     chat_template: bool
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def save(self, out_dir, tag: str = "", extraction_key: str | None = None, manifest: dict | None = None):
+        """Write the activations file (tag "" = the run's model) atomically and, when `manifest` is given, notebook
+        01's manifest section for it (the given entries plus the architecture, generation time and file name)."""
+        from lib.store import update_manifest
+        arrays = self.to_arrays() if extraction_key is None else {**self.to_arrays(), "extraction_key": extraction_key}
+        path = artifacts.save("activations", out_dir, arrays, tag=tag)
+        if manifest is not None:
+            update_manifest(out_dir, f"{artifacts.artifact('activations').producer}{'__' + tag if tag else ''}", {
+                **manifest, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                "seconds_generation": round(self.seconds, 2), "artifact": path.name})
+        return path
 
     def to_arrays(self) -> dict:
         return dict(
@@ -161,12 +174,6 @@ def top2_margins(model, arch: ArchInfo, run: ActivationRun) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- notebook 01 entry point
 
-def activations_path(out_dir, tag: str = ""):
-    """activations.npz for the run's model, activations__<tag>.npz for a baseline (random_init, rev-<revision>)."""
-    from pathlib import Path
-    return Path(out_dir) / (f"activations__{tag}.npz" if tag else "activations.npz")
-
-
 def extraction_key(model: str, weights_id: str, prompts: list[Prompt], n_tokens: int, chat_template: bool,
                    dtype: str, random_init: bool, seed: int, revision: str | None) -> str:
     """Hash of everything that defines an extraction's result (batch size does not, beyond float rounding)."""
@@ -179,16 +186,15 @@ def extraction_key(model: str, weights_id: str, prompts: list[Prompt], n_tokens:
 def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 100, batch_size: int = 60,
                     chat_template: bool = True, random_init: bool = False, seed: int = 0, dtype: str = "float32",
                     device: str = "auto", revision: str | None = None, tag: str = "", progress: bool = True):
-    """Load the model, generate, and write activations[__tag].npz atomically; resumes from finished batches.
+    """Load the model, generate, and write the activations file (lib.artifacts "activations", baseline `tag`)
+    atomically, with a manifest section; resumes from finished batches.
 
-    Batches are checkpointed in <out_dir>/.extract_checkpoints/<key>/ (key = hash of everything that defines the
-    result), so a killed extraction continues where it stopped. Returns (ActivationRun, ArchInfo, tokenizer, model).
-    """
-    import shutil
-
+    Batches are checkpointed (lib.artifacts "extract_checkpoint", key = hash of everything that defines the
+    result), so a killed extraction continues where it stopped; an activations file that already holds the same
+    extraction is reused. Returns (ActivationRun, ArchInfo, tokenizer, model)."""
     from lib.models import load_model
     from lib.prompts import select_prompts
-    from lib.store import ensure_writable_dir, load_npz, save_npz, update_manifest
+    from lib.store import ensure_writable_dir
 
     for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("n_prompts", n_prompts)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -198,29 +204,14 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
     model_obj, tokenizer, arch = load_model(model, dtype=dtype, device=device, revision=revision,
                                             random_init=random_init, seed=seed)
     key = extraction_key(model, arch.weights_id, prompts, n_tokens, chat_template, dtype, random_init, seed, revision)
-    ckpt_dir = out_dir / ".extract_checkpoints" / key
+    reused = _reuse_existing(out_dir, tag, key, prompts)
+    if reused is not None:
+        return reused, arch, tokenizer, model_obj
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_prompts(tokenizer, [p.text for p in prompts], chat_template)
-    existing = activations_path(out_dir, tag)
-    if existing.exists():
-        saved = load_npz(existing)
-        if str(saved.get("extraction_key", "")) == key:          # same model, weights, prompts and settings
-            print(f"[extract] {existing.name} already holds this extraction (key {key}); reusing it")
-            return _run_from_arrays(saved, prompts), arch, tokenizer, model_obj
     t0 = time.perf_counter()
-    tokens, norms = [], []
-    starts = list(range(0, len(prompts), batch_size))
-    for start in tqdm(starts, desc=f"generate {n_tokens} tokens ({tag or 'model'})", unit="batch", disable=not progress):
-        ckpt = ckpt_dir / f"batch-{start:05d}-{batch_size}.npz"
-        if ckpt.exists():
-            saved = load_npz(ckpt)
-            batch_tokens, batch_norms = saved["tokens"], saved["norms"]
-        else:
-            t_batch, n_batch = generate_batch(model_obj, arch, encoded[start:start + batch_size], n_tokens, pad_id)
-            batch_tokens, batch_norms = t_batch.cpu().numpy(), n_batch.cpu().float().numpy()
-            save_npz(ckpt, tokens=batch_tokens, norms=batch_norms)
-        tokens.append(batch_tokens)
-        norms.append(batch_norms)
+    tokens, norms = _generate_resumable(model_obj, arch, encoded, n_tokens, pad_id, batch_size, out_dir, key,
+                                        f"generate {n_tokens} tokens ({tag or 'model'})", progress)
     head_layer, head_index = arch.head_map()
     prompt_input_ids, _ = left_pad(encoded, pad_id)
     run = ActivationRun(
@@ -229,17 +220,65 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
         prompts=prompts, head_layer=np.array(head_layer), head_index=np.array(head_index), n_layers=arch.n_layers,
         n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id), model=model,
         chat_template=bool(chat_template), seconds=time.perf_counter() - t0)
-    path = save_npz(activations_path(out_dir, tag), **run.to_arrays(), extraction_key=key)
+    run.save(out_dir, tag, key, {
+        "model": model, "revision": revision, "random_init": random_init, "seed": seed, "dtype": dtype,
+        "device": str(next(model_obj.parameters()).device), "weights_id": arch.weights_id,
+        "n_prompts": len(prompts), "n_tokens": n_tokens, "batch_size": batch_size, "chat_template": chat_template})
+    _remove_checkpoints(out_dir, key)
+    return run, arch, tokenizer, model_obj
+
+
+def _reuse_existing(out_dir, tag: str, key: str, prompts: list[Prompt]) -> ActivationRun | None:
+    """The run stored in the activations file when it holds exactly this extraction (same key), else None."""
+    existing = artifacts.path("activations", out_dir, tag)
+    if not existing.exists():
+        return None
+    if str(artifacts.load_file("activations", existing, keys=["extraction_key"]).get("extraction_key", "")) != key:
+        return None
+    print(f"[extract] {existing.name} already holds this extraction (key {key}); reusing it")
+    return _run_from_arrays(artifacts.load_file("activations", existing), prompts)
+
+
+def _generate_resumable(model_obj, arch: ArchInfo, encoded: list[list[int]], n_tokens: int, pad_id: int,
+                        batch_size: int, out_dir, key: str, desc: str, progress: bool):
+    """Generate every batch, or read it from its checkpoint. -> (tokens, norms): lists of per-batch arrays
+    [batch, steps] and [batch, heads, steps]."""
+    tokens, norms = [], []
+    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, unit="batch", disable=not progress):
+        where = dict(key=key, start=start, batch_size=batch_size)
+        if artifacts.path("extract_checkpoint", out_dir, **where).exists():
+            saved = artifacts.load("extract_checkpoint", out_dir, **where)
+            batch_tokens, batch_norms = saved["tokens"], saved["norms"]
+        else:
+            t_batch, n_batch = generate_batch(model_obj, arch, encoded[start:start + batch_size], n_tokens, pad_id)
+            batch_tokens, batch_norms = t_batch.cpu().numpy(), n_batch.cpu().float().numpy()
+            artifacts.save("extract_checkpoint", out_dir, dict(tokens=batch_tokens, norms=batch_norms), **where)
+        tokens.append(batch_tokens)
+        norms.append(batch_norms)
+    return tokens, norms
+
+
+def _remove_checkpoints(out_dir, key: str) -> None:
+    """Delete the finished extraction's checkpoint folder (and the checkpoints folder when it is left empty)."""
+    import shutil
+    ckpt_dir = artifacts.path("extract_checkpoint", out_dir, key=key, start=0, batch_size=1).parent
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
         ckpt_dir.parent.rmdir()
-    update_manifest(out_dir, f"01_extract_activations{'__' + tag if tag else ''}", {
-        "model": model, "revision": revision, "random_init": random_init, "seed": seed, "dtype": dtype,
-        "device": str(next(model_obj.parameters()).device), "weights_id": arch.weights_id,
-        "n_prompts": len(prompts), "n_tokens": n_tokens, "batch_size": batch_size, "chat_template": chat_template,
-        "n_layers": arch.n_layers, "n_heads": arch.n_heads, "n_kv_heads": arch.n_kv_heads,
-        "seconds_generation": round(run.seconds, 2), "artifact": path.name})
-    return run, arch, tokenizer, model_obj
+
+
+def extract_baselines(out_dir, model: str, baseline_random_init: bool = True, revisions=(), random_init: bool = False,
+                      **settings) -> dict[str, ActivationRun]:
+    """Notebook 01's baselines, each extracted like the run's model (extract_to_file, same settings) into its own
+    activations file: the randomly re-initialised copy (tag random_init) when baseline_random_init, and every
+    training checkpoint in `revisions` (tag rev-<revision>). -> {tag: ActivationRun}, in that order."""
+    from lib.artifacts import RANDOM_INIT, revision_tag
+    plan = ([(RANDOM_INIT, True, None)] if baseline_random_init else []) + \
+        [(revision_tag(r), random_init, r) for r in revisions]
+    runs = {}
+    for tag, init, revision in plan:
+        runs[tag], *_ = extract_to_file(out_dir, model, random_init=init, revision=revision, tag=tag, **settings)
+    return runs
 
 
 def _run_from_arrays(saved: dict, prompts: list[Prompt]) -> ActivationRun:
@@ -249,6 +288,14 @@ def _run_from_arrays(saved: dict, prompts: list[Prompt]) -> ActivationRun:
         head_index=saved["head_index"], n_layers=int(saved["n_layers"]), n_heads=int(saved["n_heads"]),
         n_kv_heads=int(saved["n_kv_heads"]), pad_token_id=int(saved["pad_token_id"]), model=str(saved["model"]),
         chat_template=bool(saved["chat_template"]), seconds=float(saved["seconds"]))
+
+
+def load_run(out_dir, tag: str = "") -> ActivationRun:
+    """The ActivationRun stored in a run folder's activations file (tag "" or a baseline tag)."""
+    saved = artifacts.load("activations", out_dir, tag)
+    prompts = [Prompt(int(i), str(c), str(t))
+               for i, c, t in zip(saved["prompt_ids"], saved["prompt_category"], saved["prompt_text"])]
+    return _run_from_arrays(saved, prompts)
 
 
 def generated_texts(run: ActivationRun, tokenizer, max_chars: int = 160):

@@ -43,8 +43,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lib import artifacts
 from lib import diagnostics as dg
-from lib.store import ArtifactError, load_npz, save_npz
+from lib.phiid import load_phiid
+from lib.store import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -410,10 +412,10 @@ def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1,
         atoms = tuple(_atom_names()) if mode == "per_prompt" else ("sts", "rtr")
         if mode == "per_prompt" and not NEEDS_TDMI & set(users):
             atoms = ("sts", "rtr")
-        ph = dg.load_phiid(out_dir, mode, tag, activations=acts, atoms=atoms,
-                           needed_by=f"ranking variant(s) {', '.join(users)}")
+        ph = load_phiid(out_dir, mode, tag, activations=acts, atoms=atoms,
+                        needed_by=f"ranking variant(s) {', '.join(users)}")
         for key, want in (("tau", tau), ("redundancy", redundancy)):
-            got = dg._scalar(ph, key)
+            got = artifacts.scalar(ph, key)
             if got is not None and str(got) != str(want):
                 raise ArtifactError(f"{ph['path'].name} was computed with {key}={got!r} but this notebook has "
                                     f"{key}={want!r}: set {key}: {got!r} in its parameters (or rerun 02_phiid "
@@ -468,21 +470,23 @@ def _signature(inputs: RankingInputs, seed) -> str:
 
 
 def surrogate_scores(inputs: RankingInputs, n_surrogates: int = 100, seed=0, checkpoint=None,
-                     checkpoint_every: int = 10, n_jobs: int = 1) -> dict[str, np.ndarray]:
+                     checkpoint_every: int = 10, n_jobs: int = 1, out_dir=None) -> dict[str, np.ndarray]:
     """Circular-shift surrogates: -> variant -> [n_surrogates, heads] scores.
 
     Surrogate k shifts every (prompt, head) series by its own random offset (seeded by (seed, k), so a resumed
     or parallel run gives the same numbers), after the variant's preprocessing (offset = floor(u * length) with
     one u per prompt and head, shared by every preprocessing), and recomputes PhiID for every source the
-    variants need. checkpoint: an .npz path; finished surrogates are saved there every `checkpoint_every` and
-    reused by a rerun with the same data and settings. n_jobs > 1: surrogates run in that many forked
-    processes (Linux; falls back to 1 elsewhere)."""
+    variants need. checkpoint: an .npz path (default with out_dir: the run's lib.artifacts "ranking_surrogates"
+    file); finished surrogates are saved there every `checkpoint_every` and reused by a rerun with the same data
+    and settings. n_jobs > 1: surrogates run in that many forked processes (Linux; falls back to 1 elsewhere)."""
     names = inputs.variants
     H = len(inputs.head_layer)
     sig = _signature(inputs, seed)
     results = {n: [] for n in names}
+    if checkpoint is None and out_dir is not None:
+        checkpoint = artifacts.path("ranking_surrogates", out_dir)
     if checkpoint and Path(checkpoint).exists():
-        ck = load_npz(checkpoint)
+        ck = artifacts.load_file("ranking_surrogates", checkpoint, require=[])
         if str(ck.get("signature")) == sig and all(n in ck for n in names):
             results = {n: list(ck[n][:n_surrogates]) for n in names}
     start = len(results[names[0]])
@@ -492,7 +496,8 @@ def surrogate_scores(inputs: RankingInputs, n_surrogates: int = 100, seed=0, che
 
     def save(done):
         if checkpoint and (done % checkpoint_every == 0 or done == n_surrogates):
-            save_npz(checkpoint, signature=sig, **{n: np.array(results[n]).reshape(-1, H) for n in names})
+            artifacts.save_file("ranking_surrogates", checkpoint,
+                                {"signature": sig, **{n: np.array(results[n]).reshape(-1, H) for n in names}})
 
     for k, sc in _map_surrogates(inputs, prepared, [children[k] for k in todo], n_jobs, todo):
         for n in names:
@@ -622,9 +627,9 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
         usable = []
         for v in check_variants(variants):
             var = VARIANTS[v]
-            if var.preprocess is None and not dg.phiid_path(out_dir, var.mode, tag).exists():
-                skipped.append((tag, f"variant {v} skipped: no {dg.phiid_path(out_dir, var.mode, tag).name} "
-                                      f"(02_phiid modes)"))
+            needed = artifacts.path("phiid", out_dir, tag, mode=var.mode)
+            if var.preprocess is None and not needed.exists():
+                skipped.append((tag, f"variant {v} skipped: no {needed.name} (02_phiid modes)"))
             else:
                 usable.append(v)
         if not usable:
@@ -648,7 +653,7 @@ def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None
                   verdicts_beyond_null=None) -> pd.DataFrame:
     """Write rankings.csv (see rankings_frame) and ranking_summary.json (reliability, inverted-U verdicts,
     null z-scores, agreement), and a manifest entry for notebook 04. Returns the rankings frame."""
-    from lib.store import save_csv, save_json, update_manifest
+    from lib.store import update_manifest
     df = rankings_frame(inputs, scores)
     summary = {"variants": list(scores), "n_prompts": int(inputs.X.shape[0]), "n_heads": int(inputs.X.shape[1]),
                "tau": inputs.tau, "redundancy": inputs.redundancy, "descriptions":
@@ -662,8 +667,7 @@ def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None
         summary["null_z"] = {n: g["z"].tolist() for n, g in null_table.groupby("variant", sort=False)}
     if agreement_matrix is not None:
         summary["agreement"] = agreement_matrix.to_dict()
-    save_csv(Path(out_dir) / "rankings.csv", df)
-    save_json(Path(out_dir) / "ranking_summary.json", summary)
-    update_manifest(out_dir, "04_ranking_variants", {**(params or {}), "files": ["rankings.csv", "ranking_summary.json"],
+    files = [artifacts.save("rankings", out_dir, df).name, artifacts.save("ranking_summary", out_dir, summary).name]
+    update_manifest(out_dir, "04_ranking_variants", {**(params or {}), "files": files,
                                                      **({"seconds": round(seconds, 3)} if seconds is not None else {})})
     return df

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lib import ablation as A
+from lib import artifacts
 from lib.models import load_model
 from lib.store import ArtifactError, save_npz
 
@@ -217,7 +218,7 @@ def test_resume_after_interruption_is_identical(tmp_path, tiny, reference):
 
     with pytest.raises(Killed):
         A.run_ablation(model, arch, inputs, plan, batch_size=6, progress=False, on_unit=kill_after)
-    (path,) = run_dir.glob(A.CHECKPOINT_PREFIX + "_*.npz")
+    (path,) = run_dir.glob(artifacts.path("ablation_checkpoint", "", digest="*").name)
     ckpt = A.Checkpoint.load(path)
     assert ckpt.units_done() == (3, len(plan.units())) and not ckpt.complete
     calls = []
@@ -231,10 +232,10 @@ def test_shards_merge_to_the_single_run(tmp_path, tiny, reference):
     run_dir = write_run(tmp_path, arch)
     for i in (1, 3):
         part = run_plan(run_dir, arch, model, shard=f"{i}/3", batch_size=6)[2]
-        assert not part.complete and (run_dir / A.SHARD_DIR / f"shard-{i}-of-3.npz").exists()
+        assert not part.complete and artifacts.path("ablation_checkpoint", run_dir, shard=(i, 3)).exists()
     with pytest.raises(ArtifactError, match=r"missing shards \[2\] of 3.*shard='2/3'"):
         run_plan(run_dir, arch, model)
-    assert not (run_dir / A.CSV_FILE).exists()
+    assert not artifacts.path("ablation", run_dir).exists()
     run_plan(run_dir, arch, model, shard="2/3", batch_size=6)
     merged = run_plan(run_dir, arch, model)[2]
     assert merged.complete
@@ -388,7 +389,7 @@ def test_save_load_roundtrip_and_figures(tmp_path, tiny):
     loaded = A.AblationResult.load(tmp_path)
     np.testing.assert_array_equal(loaded.kl, result.kl)
     assert [o.label for o in loaded.orderings] == [o.label for o in result.orderings]
-    csv = pd.read_csv(tmp_path / A.CSV_FILE, keep_default_na=False)
+    csv = pd.read_csv(artifacts.path("ablation", tmp_path), keep_default_na=False)
     assert len(csv) == len(result.orderings) * len(result.n_removed)
     assert set(csv.variant) == {"rank_diff", "balance", A.RANDOM_VARIANT}
     from lib.plots.ablation import plot_ablation_curves, plot_prompt_auc_ratios
@@ -458,7 +459,7 @@ A.run_ablation(model, arch, inputs, plan, batch_size=6, progress=False, on_unit=
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    (path,) = tmp_path.glob(A.CHECKPOINT_PREFIX + "_*.npz")
+    (path,) = tmp_path.glob(artifacts.path("ablation_checkpoint", "", digest="*").name)
     assert A.Checkpoint.load(path).units_done()[0] == 2
     inputs, plan = A.prepare(tmp_path, model="random:llama", variants=["rank_diff"], n_random=2, step_size=4)
     calls = []

@@ -1,4 +1,6 @@
-"""Figures of the explorer (notebooks/00_explore.ipynb): one head, one ranking variant. Inputs: lib.explore.RunData."""
+"""Figures of the explorer (notebooks/00_explore.ipynb): one head, one ranking variant.
+
+Input: a lib.explore.RunData, whose methods give the tables drawn here (this module does not import lib.explore)."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,13 +34,12 @@ def _grid_heatmap(fig, ax, grid, mark, title, cbar_label, cmap="viridis", center
 def head_panel(run, idx: int, mode: str | None):
     """2 x 2: the head's activation over generation steps (every prompt and the mean), its synergy and redundancy
     with every other head (PhiID `mode`, head as source) on the layer x head grid, its score under each variant."""
-    from lib import explore
     layer, head = divmod(idx, run.n_heads)
     fig, axes = new_figure(11, 7.5, ncols=2, nrows=2)
     fig.suptitle(f"{run.model or run.out_dir.name}: head L{layer}H{head} (index {idx})")
     ax = axes[0, 0]
     if run.activations is None:
-        _message(ax, "activations.npz missing: run notebook 01_extract_activations")
+        _message(ax, "no activations in this run: run notebook 01_extract_activations")
     else:
         series = run.activations[:, idx, :]
         steps = np.arange(series.shape[1])
@@ -51,18 +52,18 @@ def head_panel(run, idx: int, mode: str | None):
         ax.legend(fontsize=8)
     if mode is None or mode not in run.phiid:
         for ax in axes[0, 1], axes[1, 0]:
-            _message(ax, "phiid_<mode>.npz missing: run notebook 02_phiid")
+            _message(ax, f"no PhiID ({mode or 'any mode'}) in this run: run notebook 02_phiid")
     else:
-        row = explore.phiid_row(run, idx, mode)
+        row = run.phiid_row(idx, mode)
         for ax, column, atom, cmap in ((axes[0, 1], "synergy", "sts", "viridis"),
                                        (axes[1, 0], "redundancy", "rtr", "magma")):
             grid = row[column].to_numpy().reshape(run.n_layers, run.n_heads)
             _grid_heatmap(fig, ax, grid, (layer, head), f"{column.capitalize()} with each target head ({mode})",
                           f"{column} {atom} (nats)", cmap=cmap)
     ax = axes[1, 1]
-    ranks = explore.head_ranks(run, idx)
+    ranks = run.head_ranks(idx)
     if ranks.empty:
-        _message(ax, "rankings.csv missing: run notebook 04_ranking_variants")
+        _message(ax, "no rankings in this run: run notebook 04_ranking_variants")
     else:
         y = np.arange(len(ranks))
         ax.barh(y, ranks["score"], color="tab:blue")
@@ -78,9 +79,8 @@ def head_panel(run, idx: int, mode: str | None):
 
 def variant_panel(run, variant: str):
     """1 x 2: a variant's per-layer profile (mean +- sd over heads, every head as a dot) and its layer x head map."""
-    from lib import explore
     fig, axes = new_figure(11, 3.8, ncols=2)
-    prof = explore.variant_profile(run, variant)
+    prof = run.variant_profile(variant)
     ax = axes[0]
     colors = layer_colors(run.n_layers)
     r = run.rankings
@@ -92,6 +92,6 @@ def variant_panel(run, variant: str):
            ylim=(-0.05, 1.05))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
-    _grid_heatmap(fig, axes[1], explore.variant_grid(run, variant), None, f"{variant}: score per head",
+    _grid_heatmap(fig, axes[1], run.variant_grid(variant), None, f"{variant}: score per head",
                   "score (0 to 1)", cmap="viridis")
     return fig
