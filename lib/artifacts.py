@@ -144,8 +144,11 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              _columns("head_idx", "layer", "head", optional=("syn", "red"))),
     Artifact("ranking_summary", "ranking_summary.json", "04_ranking_variants",
              "split-half reliability, surrogate null, inverted-U test, trained vs random", {
-                 "variants": _k("list"), "n_prompts": _k("int"), "n_heads": _k("int"), "tau": _k("int"),
-                 "redundancy": _k("str"), "layer_profiles": _k("dict"),
+                 "variants": _k("list"), "n_heads": _k("int"),
+                 **{k: _k(t, optional=True) for k, t in (("n_prompts", "int"), ("tau", "int"), ("redundancy", "str"),
+                                                         ("layer_profiles", "dict"), ("reliability", "list"),
+                                                         ("inverted_u", "list"), ("inverted_u_beyond_null", "list"),
+                                                         ("null_z", "dict"), ("agreement", "dict"))},
              }),
     Artifact("ranking_surrogates", "ranking_surrogates.npz", "04_ranking_variants",
              "circular-shift surrogate scores, one [surrogates, heads] array per variant (also the resume "
@@ -347,28 +350,38 @@ def tags(name: str, out_dir, **fields: Any) -> list[str]:
     return sorted(([""] if main.exists() else []) + found, key=tag_sort_key)
 
 
-def _pattern_regex(a: Artifact) -> re.Pattern:
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """A file name pattern as a regex: {tag} -> optional "__<tag>", {i} / {n} -> digits, other fields -> a name."""
     parts, last = [], 0
-    for m in _FIELD.finditer(a.pattern):
-        parts.append(re.escape(a.pattern[last:m.start()]))
-        parts.append(r"(?:__(?P<tag>[^/]+))?" if m.group(1) == "tag" else rf"(?P<{m.group(1)}>[^/]+?)")
+    for m in _FIELD.finditer(pattern):
+        parts.append(re.escape(pattern[last:m.start()]))
+        field_name = m.group(1)
+        parts.append(r"(?:__(?P<tag>[^/]+))?" if field_name == "tag" else
+                     rf"(?P<{field_name}>\d+)" if field_name in ("i", "n") else rf"(?P<{field_name}>[^/]+?)")
         last = m.end()
-    parts.append(re.escape(a.pattern[last:]))
+    parts.append(re.escape(pattern[last:]))
     return re.compile("".join(parts) + r"\Z")
+
+
+def _shard_file_pattern(a: Artifact) -> str:
+    if a.shard_pattern:
+        return f"{a.shard_dir}/{a.shard_pattern}"
+    stem, ext = a.pattern.rsplit(".", 1)
+    return f"{a.shard_dir}/{stem}__shard-{{i}}-of-{{n}}.{ext}"
 
 
 def identify(relative_path) -> tuple[Artifact, dict] | None:
     """Which registered artifact a file of a run folder is (path relative to the folder) -> (artifact, its fields:
-    tag, mode, shard, ...), or None for a file no artifact declares."""
+    tag, mode, shard (i, n), ...), or None for a file no artifact declares."""
     rel = Path(relative_path).as_posix()
     for a in ARTIFACTS.values():
-        m = _pattern_regex(a).match(rel)
-        if m:
-            return a, {k: v or "" for k, v in m.groupdict().items()}
-        if a.shard_dir:
-            m = re.fullmatch(rf"{re.escape(a.shard_dir)}/shard-(\d+)-of-(\d+)\.{a.format}", rel)
+        for pattern in [a.pattern] + ([_shard_file_pattern(a)] if a.shard_dir else []):
+            m = _pattern_regex(pattern).match(rel)
             if m:
-                return a, {"shard": (int(m.group(1)), int(m.group(2)))}
+                found = {k: v or "" for k, v in m.groupdict().items()}
+                if "i" in found:
+                    found["shard"] = (int(found.pop("i")), int(found.pop("n")))
+                return a, found
     return None
 
 

@@ -46,7 +46,7 @@ def test_path_patterns(tmp_path):
     assert artifacts.path("ablation_checkpoint", tmp_path, digest="0123abcd").name == "ablation_checkpoint_0123abcd.npz"
     assert artifacts.path("ablation_checkpoint", tmp_path, shard=(2, 3)) == tmp_path / "ablation_shards" / "shard-2-of-3.npz"
     assert artifacts.path("neuron_effects", tmp_path, shard=(1, 4)) == \
-        tmp_path / "neuron_effects_shards" / "shard-1-of-4.csv"
+        tmp_path / ".neuron_shards" / "neuron_effects__shard-1-of-4.csv"           # the default shard name
     assert artifacts.path("extract_checkpoint", tmp_path, key="k1", start=12, batch_size=6) == \
         tmp_path / ".extract_checkpoints" / "k1" / "batch-00012-6.npz"
 
@@ -101,6 +101,10 @@ def test_shards_discovery(tmp_path):
     found = artifacts.shards("ablation_checkpoint", tmp_path)
     assert found == {(1, 3): tmp_path / "ablation_shards" / "shard-1-of-3.npz",
                      (3, 3): tmp_path / "ablation_shards" / "shard-3-of-3.npz"}
+    for i in (2, 1):
+        artifacts.save("neuron_shard_info", tmp_path, {"settings": {}, "shard": f"{i}/2", "n_rows": 0}, shard=(i, 2))
+    assert list(artifacts.shards("neuron_shard_info", tmp_path)) == [(1, 2), (2, 2)]
+    assert artifacts.identify(".neuron_shards/neuron_effects__shard-2-of-2.json")[0].name == "neuron_shard_info"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,10 +197,11 @@ def test_readme_holds_the_generated_outputs_table():
 
 
 def test_every_artifact_has_a_known_format_and_producer():
-    notebooks = {p.stem for p in (REPO_ROOT / "notebooks").glob("*.ipynb")}
+    """Producers are notebooks (NN_name, possibly declared ahead of the notebook) or the runner and its report."""
+    import re
     for a in artifacts.ARTIFACTS.values():
         assert a.format in artifacts.FORMATS, a.name
-        assert a.producer in notebooks or a.producer in ("lib.run", "lib.report"), a.name
+        assert re.fullmatch(r"\d\d_[a-z0-9_]+", a.producer) or a.producer in ("lib.run", "lib.report"), a.name
 
 
 # ----------------------------------------------------------------------------------------------------------------
