@@ -21,8 +21,6 @@ Rule = Callable[[Any], "str | None"]      # value -> None when fine, else what i
 
 DTYPES = ("float32", "bfloat16", "float16")
 PHIID_MODES = ("per_prompt", "concat", "pooled")
-RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
-BUNDLED_MODELS = ("smollm2-135m",)
 
 
 class ParamsValueError(ValueError):
@@ -102,17 +100,28 @@ def device(v) -> str | None:
     return None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(v)) else "must be auto, cpu, cuda, cuda:<n> or mps"
 
 
+def _random_archs() -> tuple[str, ...]:
+    """The tiny test architectures lib.models can build (imported here so `import lib.params` needs no torch)."""
+    from lib.models import CLUSTER_ARCHS, RANDOM_ARCHS
+    return RANDOM_ARCHS + CLUSTER_ARCHS
+
+
+def _bundled_models() -> tuple[str, ...]:
+    from lib.models import BUNDLED
+    return tuple(BUNDLED)
+
+
 def model_spec(v) -> str | None:
     """random:<arch>, bundled:<name>, a local model folder (with config.json) or a Hugging Face id org/name."""
     v = str(v)
     if v.startswith("random:"):
-        arch = v.split(":", 1)[1]
-        return None if arch in RANDOM_ARCHS else f"random:{arch} is not a tiny test model; use one of " \
-                                                   f"{[f'random:{a}' for a in RANDOM_ARCHS]}"
+        arch, random_archs = v.split(":", 1)[1], _random_archs()
+        return None if arch in random_archs else f"random:{arch} is not a tiny test model; use one of " \
+                                                   f"{[f'random:{a}' for a in random_archs]}"
     if v.startswith("bundled:"):
-        name = v.split(":", 1)[1]
-        return None if name in BUNDLED_MODELS else f"bundled:{name} is unknown; use one of " \
-                                                    f"{[f'bundled:{n}' for n in BUNDLED_MODELS]}"
+        name, bundled = v.split(":", 1)[1], _bundled_models()
+        return None if name in bundled else f"bundled:{name} is unknown; use one of " \
+                                             f"{[f'bundled:{n}' for n in bundled]}"
     folder = Path(v).expanduser()
     folder = folder if folder.is_absolute() else REPO_ROOT / folder      # notebooks run in the repository root
     if folder.is_dir():

@@ -212,6 +212,24 @@ def test_check_refuses_values_that_would_fail_on_the_node(tmp_path, yaml_text, m
         steps_for(write_params(tmp_path, yaml_text))
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "mistral", "gemma3_multimodal", "llama"])
+def test_check_accepts_every_tiny_architecture_lib_models_builds(tmp_path, arch):
+    (step,) = steps_for(write_params(tmp_path, f"model: random:{arch}\n01_extract_activations: {{}}\n"))
+    assert step.params["model"] == f"random:{arch}"
+
+
+def test_model_rule_lists_the_architectures_of_lib_models():
+    from lib import models, params
+    message = params.model_spec("random:foo")
+    assert all(f"random:{a}'" in message for a in models.RANDOM_ARCHS + models.CLUSTER_ARCHS)
+    assert params.model_spec("bundled:smollm2-135m") is None and "bundled:nope is unknown" in params.model_spec("bundled:nope")
+
+
+def test_importing_params_does_not_import_torch():
+    code = "import sys, lib.params; assert 'torch' not in sys.modules, 'lib.params imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
 def test_check_cli_is_one_line_and_lists_every_problem(tmp_path):
     proc = runner("--params", str(write_params(tmp_path, "01_extract_activations:\n  n_prompts: 0\n  n_tokens: 0\n")),
                   "--check")
