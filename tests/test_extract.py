@@ -129,3 +129,64 @@ def test_generation_uses_the_cache_api_without_warnings(tiny_arch):
             for _ in range(4):
                 seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
         assert tokens[row].tolist() == seq[len(ids):]
+
+
+# ----------------------------------------------------------------------------- training checkpoints (revisions)
+
+FAKE_HUB_ID = "fake-org/tiny-checkpoints"
+
+
+@pytest.fixture
+def fake_checkpoint_hub(tmp_path, monkeypatch):
+    """FAKE_HUB_ID with two training checkpoints, step10 and step20: two tiny llama models with different weights
+    saved as ordinary HF folders; from_pretrained and snapshot_download resolve (FAKE_HUB_ID, revision) to them,
+    so lib.models.load_model takes its Hugging Face path (revision passed through, weights checksum of the folder)."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lib.models import load_model
+    folders = {}
+    for seed, revision in enumerate(("step10", "step20"), start=1):
+        model, tokenizer, _ = load_model("random:llama", seed=seed, device="cpu")
+        folders[revision] = tmp_path / "hub" / revision
+        model.save_pretrained(folders[revision])
+        tokenizer.save_pretrained(folders[revision])
+
+    def redirect(original):
+        def from_pretrained(spec, *args, revision=None, **kwargs):
+            if spec != FAKE_HUB_ID:
+                return original(spec, *args, revision=revision, **kwargs)
+            return original(folders[revision], *args, **kwargs)
+        return from_pretrained
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", redirect(AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", redirect(AutoTokenizer.from_pretrained))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, local_files_only=False: str(folders[revision]))
+    return folders
+
+
+def test_revisions_end_to_end_extraction_phiid_and_tags(tmp_path, fake_checkpoint_hub):
+    from lib import artifacts, phiid
+    from lib.extract import extract_baselines, load_run
+    from lib.store import read_manifest
+    out = tmp_path / "run"
+    runs = extract_baselines(out, FAKE_HUB_ID, baseline_random_init=False, revisions=["step20", "step10"],
+                             n_prompts=2, n_tokens=12, batch_size=2, chat_template=False, device="cpu",
+                             progress=False)
+    assert list(runs) == ["rev-step20", "rev-step10"]
+    assert artifacts.tags("activations", out) == ["rev-step10", "rev-step20"]       # training order
+    assert (out / "activations__rev-step10.npz").is_file() and (out / "activations__rev-step20.npz").is_file()
+    early, late = load_run(out, "rev-step10").activations, load_run(out, "rev-step20").activations
+    assert early.shape == late.shape and not np.allclose(early, late), "two checkpoints gave the same activations"
+    sections = read_manifest(out)["sections"]
+    ids = {tag: sections[f"01_extract_activations__{tag}"] for tag in ("rev-step10", "rev-step20")}
+    assert [s["revision"] for s in ids.values()] == ["step10", "step20"]
+    assert all(s["weights_id"].startswith("sha256:") for s in ids.values())
+    assert ids["rev-step10"]["weights_id"] != ids["rev-step20"]["weights_id"]
+
+    table = phiid.run_phiid_for_run(out, modes=["pooled"])
+    assert set(table["file"]) == {"phiid_pooled__rev-step10.npz", "phiid_pooled__rev-step20.npz"}
+    assert artifacts.tags("phiid", out, mode="pooled") == ["rev-step10", "rev-step20"]
+    sts = [phiid.load_phiid(out / f"phiid_pooled__rev-{r}.npz")["sts"] for r in ("step10", "step20")]
+    assert not np.allclose(np.nan_to_num(sts[0]), np.nan_to_num(sts[1]))
+    np.testing.assert_array_equal(sts[0], phiid.phiid_all_pairs(early, mode="pooled")["sts"])
