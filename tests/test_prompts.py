@@ -1,4 +1,4 @@
-"""The 60 paper prompts, exactly as in the reference file (shared/reference/paper_prompts.json)."""
+"""The 60 paper prompts, exactly as in the reference file (tests/data/paper_prompts.json, see tests/data/README.md)."""
 import json
 from pathlib import Path
 
@@ -6,10 +6,9 @@ import pytest
 
 from lib.prompts import CATEGORIES, all_prompts, select_prompts
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_prompts.json"
+REFERENCE = Path(__file__).resolve().parent / "data" / "paper_prompts.json"
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason=f"reference prompts not found at {REFERENCE}")
 def test_prompts_equal_the_reference_file():
     reference = json.loads(REFERENCE.read_text())["categories"]
     assert [c["name"] for c in reference] == list(CATEGORIES)
