@@ -133,6 +133,22 @@ def model_spec(v) -> str | None:
     return "must be a Hugging Face id (org/name), a local model folder, bundled:<name> or random:<arch>"
 
 
+GRPO_KEYS = ("n_steps", "lr", "n_generations", "batch_size", "grad_accum", "max_completion_length", "temperature")
+
+
+def grpo_settings(v) -> str | None:
+    """Notebook 10's `grpo` mapping: known keys (lib.finetune.GRPOSettings fields) with positive values."""
+    if not isinstance(v, dict):
+        return f"must be a mapping of {list(GRPO_KEYS)}"
+    unknown = sorted(set(v) - set(GRPO_KEYS))
+    if unknown:
+        return f"has unknown keys {unknown}; allowed: {list(GRPO_KEYS)}"
+    bad = [k for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0]
+    if bad:
+        return f"needs positive numbers for {bad}"
+    return "needs n_generations >= 2" if v.get("n_generations", 2) < 2 else None
+
+
 # ----------------------------------------------------------------------------- declarations
 
 SHARED: dict[str, Rule] = {
@@ -170,9 +186,7 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                            "difficulty": one_of(0, 1, 2, 3, 4, 5), "n_train": at_least(1, optional=True),
                            "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
-                           "grad_accum": at_least(1), "eval_every": at_least(1), "grpo_steps": at_least(1),
-                           "grpo_lr": above(0), "n_generations": at_least(2), "grpo_batch_size": at_least(1),
-                           "max_completion_length": at_least(1)},
+                           "grad_accum": at_least(1), "eval_every": at_least(1), "grpo": grpo_settings},
 }
 
 
