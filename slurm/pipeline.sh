@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# pipeline.sh -- submit a run's whole notebook pipeline to SLURM as a chain of jobs.
+# pipeline.sh -- submit a run's whole notebook pipeline to SLURM as a dependency graph of jobs.
 #
 #   slurm/pipeline.sh params/<run>.yaml [options]
 #
-# One job per notebook that has a section in the params file, in notebook order, each `afterok` the previous:
-#   01 extract (GPU) -> 02 PhiID (CPU) -> 03 diagnostics (CPU) -> 04 ranking (CPU)
-#   -> 05 ablation array (GPU, shard i/N) -> 05 merge -> 06 neuron array (GPU) -> 06 merge -> 07 QK-OV (GPU)
-#   -> 08 topology (CPU; needs only 02's files, placed in the chain like every other notebook)
-#   -> 09 task behaviour (GPU: greedy replies of the model under head perturbation; needs 04 rankings.csv)
-#   -> 11 local synergy (CPU: local PhiID of notebook 01's activations plus a teacher-forced pass; it needs 01 only,
-#   and runs in the chain's order)
-#   -> report (index.html; `afterany`, so it also shows a failed or cancelled pipeline)
+# One job per notebook that has a section in the params file, each `afterok` the notebooks whose files it reads
+# (PARENTS below; a sharded notebook counts as done when its merge job is):
+#   01 extract (GPU)
+#   ├─ 02 PhiID (CPU) ─┬─ 03 diagnostics (CPU) ── 04 ranking (CPU; after 02 and 03)
+#   │                  │                            ├─ 05 ablation array (GPU, shard i/N) -> 05 merge (CPU)
+#   │                  │                            ├─ 09 task behaviour (GPU; greedy replies under head perturbation)
+#   │                  │                            └─ 10 head fine-tuning
+#   │                  ├─ 08 topology (CPU)
+#   │                  └─ 11 local synergy (CPU)
+#   ├─ 06 neuron array (GPU) -> 06 merge (CPU)
+#   └─ 07 QK-OV (GPU)
+#   report (index.html; CPU, `afterany` every job, so it also shows a failed or cancelled pipeline)
+# A notebook without a PARENTS entry waits for every notebook submitted before it. A failed job cancels only the
+# jobs that depend on it: 06 and 07 still run when 05 fails.
 # A notebook is shardable when it declares a `shard` parameter. Every job has --kill-on-invalid-dep=yes: when a
-# job fails, the jobs after it are cancelled instead of pending forever. Array tasks are --requeue'able and the
+# job fails, the jobs that depend on it are cancelled instead of pending forever. Array tasks are --requeue'able and the
 # notebooks checkpoint, so a requeued or resubmitted shard continues where it stopped; notebooks already done
 # with the same parameters are skipped by the runner, except that every notebook after the first one with work to
 # do gets --force (the runner's own rule within one call; here each job is a separate call).
@@ -22,8 +28,8 @@
 #   --set KEY=VALUE        passed to every runner call (python -m lib.run --set ...), e.g. --set out_dir=/scratch/x
 #   --shards N             array size for every shardable notebook (default 4; 1 = one unsharded job)
 #   --shards NB=N          array size for one notebook, e.g. --shards 05_ablation=8
-#   --from NB              start the chain at notebook NB (earlier ones are assumed done), e.g. after a failure
-#   --after JOBID          make the first job wait for JOBID (afterok)
+#   --from NB              start at notebook NB (earlier ones are assumed done), e.g. after a failure
+#   --after JOBID          make the jobs whose parents are not submitted by this call wait for JOBID (afterok)
 #   --force                rerun notebooks even when the runner finds them up to date
 #   --gpu-args "ARGS"      sbatch arguments for GPU notebooks   (default: --gres=gpu:1 --cpus-per-task=4 --mem=32G)
 #   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
@@ -32,8 +38,8 @@
 # 07_qkov_interference 09_task_behaviour); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
-# Output: one line per job ("submitted <notebook> <jobid> ..."), then "JOBS <id> <id> ...", and where the logs go
-# (<out_dir>/logs/, created before submission).
+# Output: one line per job ("submitted <notebook> <jobid> ...", then "  after <parent notebooks>" when it waits for
+# some), then "JOBS <id> <id> ...", and where the logs go (<out_dir>/logs/, created before submission).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -143,15 +149,30 @@ for nb in "${!SHARDS[@]}"; do
     [ "${SHARDABLE[$nb]:-0}" = 1 ] || { echo "error: --shards $nb=...: not a shardable notebook of this run" >&2; exit 2; }
 done
 
+# The notebooks each notebook reads the files of (its afterok parents; absent from the run or before --from: done).
+declare -A PARENTS=(
+    [01_extract_activations]=""
+    [02_phiid]="01_extract_activations"
+    [03_phiid_diagnostics]="02_phiid"
+    [04_ranking_variants]="02_phiid 03_phiid_diagnostics"
+    [05_ablation]="04_ranking_variants"
+    [06_neuron_effects]="01_extract_activations"
+    [07_qkov_interference]="01_extract_activations"
+    [08_topology]="02_phiid"
+    [09_task_behaviour]="04_ranking_variants"
+    [10_head_finetuning]="04_ranking_variants"
+    [11_local_synergy]="02_phiid"
+)
+
 RUN=$(basename "$PARAMS" .yaml)
 LOG_DIR=$OUT_DIR/logs
 GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference 09_task_behaviour}
 RUNNER_ARGS=("${SETS[@]}")
 [ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
 # Each job is its own runner invocation, so "rerun what follows a notebook that ran" (the runner's rule within
-# one invocation) is applied here: every notebook after the first one with work to do gets --force; a merge
-# gets --force when its shards have work to do.
-FORCE_REST=$FORCE
+# one invocation) is applied here along the graph: a notebook gets --force when a parent (or its parent...) has
+# work to do; a merge gets --force when its shards have work to do.
+declare -A RERUNS=()               # notebook -> 1 when its job will (re)compute something
 COMMON=(--parsable --kill-on-invalid-dep=yes --chdir="$REPO" --export=ALL,HEADINFO_REPO="$REPO")
 # shellcheck disable=SC2206
 EXTRA_ALL=($ALL_ARGS)
@@ -190,25 +211,41 @@ if [ "$DRY" = 1 ]; then
 else
     mkdir -p "$LOG_DIR"           # --output in a missing directory makes the job fail at start
 fi
-prev=$AFTER
+declare -A DONE_JOB=()             # notebook -> the job after which its files are complete (its merge when sharded)
+parents_of() {  # $1 notebook -> its parents submitted by this call, one a line
+    local p parents
+    if [ "${PARENTS[$1]+listed}" = listed ]; then parents=${PARENTS[$1]}; else parents=${!DONE_JOB[*]}; fi
+    for p in $parents; do [ -n "${DONE_JOB[$p]:-}" ] && echo "$p"; done
+    return 0
+}
 started=$([ -z "$FROM" ] && echo 1 || echo 0)
 for nb in "${NOTEBOOKS[@]}"; do
     [ "$nb" = "$FROM" ] && started=1
     [ "$started" = 1 ] || continue
     mapfile -t res < <(resources "$nb")
+    read -ra cpu_res <<<"$CPU_ARGS"     # merge jobs run on CPU resources
+    mapfile -t parents < <(parents_of "$nb")
+    upstream_reruns=$FORCE
+    for p in "${parents[@]}"; do [ "${RERUNS[$p]}" = 1 ] && upstream_reruns=1; done
     nb_args=("${RUNNER_ARGS[@]}")
     merge_args=("${RUNNER_ARGS[@]}")
-    if [ "$FORCE_REST" = 1 ]; then
+    if [ "$upstream_reruns" = 1 ]; then
         [ "$FORCE" = 1 ] || { nb_args+=(--force); merge_args+=(--force); }
     elif [ "${SHARDS_STALE[$nb]}" = 1 ]; then
         merge_args+=(--force)
     fi
     note=""
-    if [[ " ${nb_args[*]} " == *" --force "* ]]; then note=" (--force: reruns after an earlier notebook)"
+    if [[ " ${nb_args[*]} " == *" --force "* ]]; then note=" (--force: reruns after a notebook it reads)"
     elif [ "${STALE[$nb]}" = 0 ]; then note=" (up to date: the job will skip it)"; fi
-    [ "${STALE[$nb]}" = 1 ] && FORCE_REST=1
+    RERUNS[$nb]=$([ "$upstream_reruns" = 1 ] || [ "${STALE[$nb]}" = 1 ] && echo 1 || echo 0)
+    waits=()
+    for p in "${parents[@]}"; do waits+=("${DONE_JOB[$p]}"); done
+    [ "${#waits[@]}" = 0 ] && [ -n "$AFTER" ] && waits=("$AFTER")
     dep=()
-    [ -n "$prev" ] && dep=(--dependency="afterok:$prev")
+    [ "${#waits[@]}" -gt 0 ] && dep=(--dependency="afterok:$(IFS=:; echo "${waits[*]}")")
+    after_line=""
+    [ "${#parents[@]}" -gt 0 ] && after_line="  after ${parents[*]}"
+    [ "${#parents[@]}" = 0 ] && [ -n "$AFTER" ] && after_line="  after job $AFTER"
     n=${SHARDS[$nb]:-$DEFAULT_SHARDS}
     if [ "${SHARDABLE[$nb]}" = 1 ] && [ "$n" -gt 1 ]; then
         arr=$(submit "$nb shards" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --array="1-$n" --requeue \
@@ -216,28 +253,33 @@ for nb in "${NOTEBOOKS[@]}"; do
               slurm/run_shards.sbatch "$PARAMS" "$nb" "$n" "${nb_args[@]}") || abort
         JOB_IDS+=("$arr")
         echo "submitted $nb shards $arr array 1-$n$note"
-        merge=$(submit "$nb merge" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" --dependency="afterok:$arr" \
+        [ -z "$after_line" ] || echo "$after_line"
+        merge=$(submit "$nb merge" "${COMMON[@]}" "${cpu_res[@]}" "${EXTRA_ALL[@]}" --dependency="afterok:$arr" \
                 --job-name="$RUN:$nb:merge" --output="$LOG_DIR/$nb.merge.%j.out" \
                 slurm/run_notebook.sbatch "$PARAMS" "$nb" --set "$nb.shard=\"\"" "${merge_args[@]}") || abort
         JOB_IDS+=("$merge")
         merge_note=$note
         [[ " ${merge_args[*]} " == *" --force "* ]] && merge_note=" (--force: merges freshly computed shards)"
         echo "submitted $nb merge $merge$merge_note"
+        echo "  after $nb shards"
         echo "  resubmit one failed shard K: sbatch --array=K ${res[*]} --chdir=$REPO --output=$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out slurm/run_shards.sbatch $PARAMS $nb $n ${RUNNER_ARGS[*]}"
-        prev=$merge
+        DONE_JOB[$nb]=$merge
     else
         job=$(submit "$nb" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --job-name="$RUN:$nb" \
               --output="$LOG_DIR/$nb.%j.out" slurm/run_notebook.sbatch "$PARAMS" "$nb" "${nb_args[@]}") || abort
         JOB_IDS+=("$job")
         echo "submitted $nb $job$note"
-        prev=$job
+        [ -z "$after_line" ] || echo "$after_line"
+        DONE_JOB[$nb]=$job
     fi
 done
 report_dep=()
-[ -n "$prev" ] && report_dep=(--dependency="afterany:$prev")
+[ "${#JOB_IDS[@]}" -gt 0 ] && report_dep=(--dependency="afterany:$(IFS=:; echo "${JOB_IDS[*]}")")
+[ "${#JOB_IDS[@]}" = 0 ] && [ -n "$AFTER" ] && report_dep=(--dependency="afterany:$AFTER")
 report=$(submit report "${COMMON[@]}" "${EXTRA_ALL[@]}" "${report_dep[@]}" --job-name="$RUN:report" \
          --output="$LOG_DIR/report.%j.out" slurm/report.sbatch "$OUT_DIR") || abort
 JOB_IDS+=("$report")
 echo "submitted report $report"
+[ "${#report_dep[@]}" = 0 ] || echo "  after every job"
 echo "JOBS ${JOB_IDS[*]}"
 [ "$DRY" = 1 ] || echo "logs: $LOG_DIR   watch: squeue -u ${USER:-$(id -un)}   report: $OUT_DIR/html/index.html"

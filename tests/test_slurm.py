@@ -5,8 +5,8 @@ munge when missing; 4 fake GPUs so that the GPU jobs' --gres=gpu:1 is accepted a
 no cluster-wide kill_invalid_depend, so each job's own --kill-on-invalid-dep=yes is what is tested), run
 `slurm/pipeline.sh params/tiny.yaml` into a temporary out_dir, and check every job, artifact, report and log.
 On the way, one ablation array task is cancelled while it runs (after its first checkpoint): the merge and the
-rest of the chain must be cancelled (not left pending), the report job still runs, and resubmitting with
-`--from 05_ablation` must resume that shard from its checkpoint. Every daemon is stopped by its recorded PID.
+notebooks that read the ablation must be cancelled (not left pending), the others still run, the report job
+runs, and resubmitting with `--from 05_ablation` must resume that shard from its checkpoint. Every daemon is stopped by its recorded PID.
 When SLURM cannot be installed or started here they fail with the reason, unless HEADINFO_ALLOW_SKIP=1 says to
 skip them.
 The dry-run test needs no SLURM.
@@ -71,37 +71,87 @@ def test_scripts_parse_with_bash():
         assert r.returncode == 0, (script, r.stderr)
 
 
-def test_dry_run_prints_the_chain_and_submits_nothing(tmp_path):
-    out = tmp_path / "run"
-    r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--shards", str(SHARDS), "--set", f"out_dir={out}"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+# the notebooks whose files each notebook reads: its afterok parents in the job graph
+PARENTS = {"01_extract_activations": [], "02_phiid": ["01_extract_activations"], "03_phiid_diagnostics": ["02_phiid"],
+           "04_ranking_variants": ["02_phiid", "03_phiid_diagnostics"], "05_ablation": ["04_ranking_variants"],
+           "06_neuron_effects": ["01_extract_activations"], "07_qkov_interference": ["01_extract_activations"],
+           "08_topology": ["02_phiid"], "09_task_behaviour": ["04_ranking_variants"],
+           "10_head_finetuning": ["04_ranking_variants"], "11_local_synergy": ["02_phiid"]}
+
+
+def blocked_by(nb: str) -> set[str]:
+    """nb and every notebook that reads its files, directly or through others (cancelled when nb fails)."""
+    blocked, added = {nb}, True
+    while added:
+        added = {n for n, parents in PARENTS.items() if set(parents) & blocked} - blocked
+        blocked |= added
+    return blocked
+
+
+def dry_run(tmp_path, out, *args) -> tuple[dict[str, str], str]:
+    """pipeline.sh --dry-run -> ({label: sbatch command}, stdout)."""
+    r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--shards", str(SHARDS), "--set", f"out_dir={out}",
+                        *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     commands = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
     jobs = parse_submission(r.stdout)
+    assert len(commands) == len(jobs)
+    return dict(zip(jobs, commands)), r.stdout
+
+
+def dependency(cmd: str) -> tuple[str | None, set[str]]:
+    """An sbatch command's --dependency -> (kind, {placeholder labels or job ids}); (None, set()) when it has none."""
+    m = re.search(r"--dependency=(after\w+):(\S+)", cmd)
+    if not m:
+        return None, set()
+    return m.group(1), {re.sub(r"[\\<>]", "", d) for d in m.group(2).split(":")}
+
+
+def done_label(nb: str) -> str:
+    """The dry-run placeholder of the job after which a notebook's files are complete (its merge when sharded)."""
+    return f"{nb}-merge" if shardable(nb) else nb
+
+
+def test_dry_run_prints_the_graph_and_submits_nothing(tmp_path):
+    out = tmp_path / "run"
+    cmds, text = dry_run(tmp_path, out)
     expected = []
     for nb in sections():
         expected += [f"{nb} shards", f"{nb} merge"] if shardable(nb) else [nb]
-    assert list(jobs) == expected + ["report"]
-    assert len(commands) == len(jobs)
+    assert list(cmds) == expected + ["report"]
     assert not out.exists()                                    # nothing created, nothing submitted
-    previous = None
-    for label, cmd in zip(jobs, commands):
+    assert set(sections()) <= set(PARENTS), "a notebook of the pipeline has no declared parents in this test"
+    for label, cmd in cmds.items():
         nb = label.split()[0]
+        kind, waits = dependency(cmd)
         assert "--kill-on-invalid-dep=yes" in cmd and "--parsable" in cmd
-        assert ("--gres=gpu:1" in cmd) == (nb in GPU_NOTEBOOKS), cmd
+        assert ("--gres=gpu:1" in cmd) == (nb in GPU_NOTEBOOKS and not label.endswith(("merge", "report"))), cmd
         assert f"--set out_dir={out}" in cmd or label == "report"
-        if previous is None:
-            assert "--dependency" not in cmd
-        else:   # each job waits for the one before it; the report also after a failure
-            kind = "afterany" if label == "report" else "afterok"
-            assert f"--dependency={kind}:\\<{previous.replace(' ', '-')}\\>" in cmd, cmd
+        if label == "report":        # after every job, also after a failure
+            assert kind == "afterany" and waits == {l.replace(" ", "-") for l in cmds if l != "report"}, cmd
+        elif label.endswith("merge"):
+            assert kind == "afterok" and waits == {f"{nb}-shards"}, cmd
+            assert f"run_notebook.sbatch {PARAMS} {nb} --set {nb}.shard=\\\"\\\"" in cmd, cmd
+        else:
+            parents = {done_label(p) for p in PARENTS[nb] if p in sections()}
+            assert waits == parents and kind == ("afterok" if parents else None), (label, cmd)
         if label.endswith("shards"):
             assert f"--array=1-{SHARDS}" in cmd and "--requeue" in cmd and f"run_shards.sbatch {PARAMS} {nb} {SHARDS}" in cmd
-        elif label.endswith("merge"):
-            assert f"run_notebook.sbatch {PARAMS} {nb} --set {nb}.shard=\\\"\\\"" in cmd, cmd
-        elif label != "report":
+        elif label != "report" and not label.endswith("merge"):
             assert f"run_notebook.sbatch {PARAMS} {nb}" in cmd
-        previous = label
+    assert "  after 02_phiid 03_phiid_diagnostics" in text        # the graph, as printed for the user
+
+
+def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tmp_path):
+    cmds, _ = dry_run(tmp_path, tmp_path / "run", "--from", "05_ablation", "--after", "4242")
+    assert "04_ranking_variants" not in cmds and "01_extract_activations" not in cmds
+    for label, cmd in cmds.items():
+        nb = label.split()[0]
+        if label == "report":
+            assert dependency(cmd) == ("afterany", {l.replace(" ", "-") for l in cmds if l != "report"})
+        elif not label.endswith("merge"):
+            submitted = {done_label(p) for p in PARENTS[nb] if p in {l.split()[0] for l in cmds}}
+            assert dependency(cmd) == ("afterok", submitted or {"4242"}), (label, cmd)
 
 
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
@@ -140,6 +190,11 @@ def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     submitted = [l for l in text.splitlines() if l.startswith("submitted ") and not l.startswith("submitted report")]
     assert submitted and all(l.endswith("(up to date: the job will skip it)") for l in submitted), text
     names = [s.name for s in steps]
+    (out / "02_phiid.ipynb").unlink()               # 02 has work again: what reads its files reruns, nothing else
+    cmds, text = plan()
+    for label, cmd in cmds.items():
+        nb = label.split()[0]
+        assert (" --force" in cmd) == (label != "report" and nb in blocked_by("02_phiid") - {"02_phiid"}), (label, cmd)
     (out / f"{names[0]}.ipynb").unlink()                                   # the first notebook has work again
     cmds, text = plan()
     assert len(cmds) > 2
@@ -235,9 +290,10 @@ def pipeline(cluster):
                          and j[0], 60, f"{task} to end")
         assert state["JobState"] == "CANCELLED", state
         before = ablation_checkpoint(out, SHARDS)
-        # the merge and everything after it are cancelled (never satisfiable), not left pending; the report runs
-        later = [jobs[k] for k in list(jobs)[list(jobs).index("05_ablation merge"):] if k != "report"]
-        final = cluster.wait(later + [jobs["report"]], timeout=300)
+        # the merge and what reads 05's files are cancelled (never satisfiable), not left pending; the notebooks
+        # that do not read them run to the end; the report runs after all of them
+        waited = [jobs[k] for k in jobs if k not in ("report", "05_ablation shards")]
+        final = cluster.wait(waited + [jobs["report"]], timeout=1200)
         record["cancel"] = {"task": task, "before": before, "after_cancel": final,
                             "index_after_cancel": (out / "html" / "index.html").read_text()}
         jobs2, text2 = submit(cluster, "--set", f"out_dir={out}", "--from", "05_ablation")
@@ -296,16 +352,23 @@ def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
 
 
 @pytest.mark.slow
-def test_cancelled_shard_stops_the_chain_and_resumes_when_resubmitted(pipeline):
+def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(pipeline):
     if pipeline["cancel"] is None:
         pytest.skip("params/tiny.yaml has no 05_ablation section yet: nothing to cancel")
     c = pipeline["cancel"]
     after = {(j["JobName"], j.get("ArrayTaskId", "")): j for j in c["after_cancel"]}
     report = [j for j in c["after_cancel"] if j["JobName"].endswith(":report")]
     assert report and report[0]["JobState"] == "COMPLETED"                 # afterany: the index shows the failure
+    blocked = blocked_by("05_ablation")
     for j in c["after_cancel"]:
-        if not j["JobName"].endswith(":report"):
+        if j["JobName"].endswith(":report"):
+            continue
+        if j["JobName"].split(":")[1] in blocked:        # the merge, and what reads the ablation
             assert j["JobState"] == "CANCELLED" and j["Reason"] == "DependencyNeverSatisfied", states([j])
+        else:                                            # a graph, not a chain: the other notebooks still ran
+            assert j["JobState"] == "COMPLETED", states([j])
+    assert any(j["JobName"].split(":")[1] == "06_neuron_effects" for j in c["after_cancel"]) or \
+        "06_neuron_effects" not in sections()
     assert "Problems" in c["index_after_cancel"] and f"05_ablation.shard-{SHARDS}-of-{SHARDS}" in c["index_after_cancel"]
     before = c["before"]
     done_before = before["done"][before["assigned"]].all(-1)                 # units finished before the cancel
