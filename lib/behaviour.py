@@ -53,6 +53,7 @@ from transformers import DynamicCache
 
 from lib import artifacts, tasks
 from lib.ablation import make_orderings, perturbed_heads
+from lib.extract import left_pad
 from lib.heads import HeadHooks
 from lib.models import ArchInfo
 from lib.store import ArtifactError
@@ -267,16 +268,6 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def pad_left(seqs: list[list[int]], pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [rows, width], left-padded to exactly `width`."""
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.as_tensor(seq)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def cache_kwarg(model) -> str:
     """Name of the forward's KV-cache argument: `cache` (newer transformers 5.x) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -288,7 +279,7 @@ def greedy_generate(model, arch: ArchInfo, prompts: list[list[int]], width: int,
     """Greedy continuation of each prompt (left-padded to `width`) until a token of `stop` (not kept) or
     max_new_tokens; mask: [rows, total_heads] head mask or None. Finished rows leave the batch. -> ids per row."""
     device = next(model.parameters()).device
-    ids, attn = (t.to(device) for t in pad_left(prompts, pad_id, width))
+    ids, attn = (t.to(device) for t in left_pad(prompts, pad_id, width))
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     active = torch.arange(len(prompts), device=device)
     out_ids: list[list[int]] = [[] for _ in prompts]

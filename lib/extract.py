@@ -72,9 +72,10 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool) -> list[lis
     return [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids [batch, max_len] left-padded, attention_mask [batch, max_len] (1 = real token)."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids [batch, width] left-padded, attention_mask [batch, width] (1 = real token); width defaults
+    to the longest sequence."""
+    width = max(len(s) for s in sequences) if width is None else width
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):

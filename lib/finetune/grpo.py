@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 from lib.finetune.masks import MaskedAdamW, head_masks
+from lib.finetune.sft import check_positive
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,13 @@ class GRPOSettings:
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("n_steps", "n_generations", "batch_size", "grad_accum", "max_completion_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GRPO {name} must be an integer >= 1; got {value!r}")
+        check_positive(self, ("n_steps", "n_generations", "batch_size", "grad_accum", "max_completion_length"), "lr",
+                       "GRPO")
         if self.n_generations < 2:
             raise ValueError("GRPO n_generations must be >= 2 (advantages are relative within a group)")
         if (self.batch_size * self.grad_accum) % self.n_generations:
             raise ValueError(f"GRPO batch_size x grad_accum ({self.batch_size} x {self.grad_accum}) must be a "
                              f"multiple of n_generations ({self.n_generations})")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"GRPO lr must be a positive number; got {self.lr!r}")
 
 
 def correctness_reward(check):

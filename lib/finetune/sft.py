@@ -28,12 +28,19 @@ class SFTSettings:
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("n_steps", "batch_size", "grad_accum", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number (AdamW learning rate, e.g. 1.0e-4); got {self.lr!r}")
+        check_positive(self, ("n_steps", "batch_size", "grad_accum", "eval_every"), "lr", "SFT")
+
+
+def check_positive(settings, integers: tuple[str, ...], rate: str, what: str) -> None:
+    """Raise ValueError naming the first field of `settings` that is not an integer >= 1 (integers) or not a
+    positive number (the learning rate `rate`)."""
+    for name in integers:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} {name} must be an integer >= 1; got {value!r}")
+    lr = getattr(settings, rate)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"{what} {rate} must be a positive number (AdamW learning rate, e.g. 1.0e-4); got {lr!r}")
 
 
 @dataclass
