@@ -35,7 +35,7 @@
 #   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
 #   --sbatch-args "ARGS"   sbatch arguments for every job, e.g. "--account=abc --partition=short --time=04:00:00"
 # GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: 01_extract_activations 05_ablation 06_neuron_effects
-# 07_qkov_interference 09_task_behaviour); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
+# 07_qkov_interference 09_task_behaviour 10_head_finetuning); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
 # Output: one line per job ("submitted <notebook> <jobid> ...", then "  after <parent notebooks>" when it waits for
@@ -166,7 +166,7 @@ declare -A PARENTS=(
 
 RUN=$(basename "$PARAMS" .yaml)
 LOG_DIR=$OUT_DIR/logs
-GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference 09_task_behaviour}
+GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference 09_task_behaviour 10_head_finetuning}
 RUNNER_ARGS=("${SETS[@]}")
 [ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
 # Each job is its own runner invocation, so "rerun what follows a notebook that ran" (the runner's rule within

@@ -33,13 +33,15 @@ PARAMS = Path(os.environ.get("HEADINFO_SLURM_TEST_PARAMS", REPO_ROOT / "params" 
 PIPELINE = REPO_ROOT / "slurm" / "pipeline.sh"
 SHARDS = 2
 GPU_NOTEBOOKS = {"01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference",
-                 "09_task_behaviour"}
+                 "09_task_behaviour", "10_head_finetuning"}
 # artifacts each notebook must leave in the run folder (conventions: "Artifacts of a run")
 ARTIFACTS = {"01_extract_activations": ["activations.npz"], "02_phiid": ["phiid_per_prompt.npz"],
              "04_ranking_variants": ["rankings.csv"], "05_ablation": ["ablation.csv"],
              "06_neuron_effects": ["neuron_effects.csv"], "07_qkov_interference": ["interference.npz"],
              "08_topology": ["topology.json", "modules.csv"],
-             "09_task_behaviour": ["behaviour.csv", "behaviour_generations.jsonl", "behaviour_summary.json"]}
+             "09_task_behaviour": ["behaviour.csv", "behaviour_generations.jsonl", "behaviour_summary.json"],
+             "10_head_finetuning": ["finetune.csv", "finetune_deltas.csv", "finetune_summary.json"],
+             "11_local_synergy": ["local_phiid.npz", "local_summary.json"]}
 
 
 def sections(params: Path = PARAMS) -> list[str]:
