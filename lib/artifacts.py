@@ -33,7 +33,7 @@ import numpy as np
 
 from lib.store import ArtifactError, check_same_heads
 
-FORMATS = ("npz", "csv", "json", "jsonl", "png", "ipynb", "html", "lock")
+FORMATS = ("npz", "csv", "json", "jsonl", "png", "ipynb", "html", "lock", "pt")   # pt: torch state, read by its owner
 RANDOM_INIT = "random_init"
 _FIELD = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
@@ -256,6 +256,23 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              }),
     Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
+    Artifact("finetune", "finetune.csv", "10_head_finetuning",
+             "test accuracy (with Clopper-Pearson CI) per method, condition, seed and evaluation step", {
+                 "method": _k("str", "rows"), "condition": _k("str", "rows"), "seed": _k("int", "rows"),
+                 "step": _k("int", "rows"), "accuracy": _k("float", "rows"), "n": _k("int", "rows"),
+             }),
+    Artifact("finetune_deltas", "finetune_deltas.csv", "10_head_finetuning",
+             "Frobenius norm of each head's Q/K/V/O weight change per method, condition and seed, and whether the "
+             "slice was trainable", {
+                 "layer": _k("int", "rows"), "head": _k("int", "rows"), "block": _k("str", "rows"),
+                 "delta_norm": _k("float", "rows"), "selected": _k("bool", "rows"),
+             }),
+    Artifact("finetune_summary", "finetune_summary.json", "10_head_finetuning",
+             "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", {
+                 "claim": _k("object", doc="the C7 claim block read by the claims scorecard"),
+             }),
+    Artifact("finetune_checkpoint", ".finetune_checkpoints/{key}/{run}.pt", "10_head_finetuning",
+             "state of one fine-tuning run after its last evaluation (removed when every run finished)"),
     Artifact("local_phiid", "local_phiid{tag}.npz", "11_local_synergy",
              "per-head local sts and rtr (mean over partners) at every transition t -> t + tau, with the token "
              "read, entropy and surprisal at the future step and the token kinds", {

@@ -40,16 +40,6 @@ KINDS = ("synergistic", "redundant", "random", "layer_matched")
 PAPER = {"value": 1.4, "text": "Qwen2.5-Math-1.5B, GRPO on MATH: synergistic vs random Hedges' g ~1.4 (p < 0.05), vs "
                               "redundant ~5.0 (p < 0.001); SFT: no difference (read off Fig 5, approximate)"}
 
-artifacts.register(artifacts.Artifact(
-    "finetune", "finetune.csv", "10_head_finetuning",
-    "test accuracy (with Clopper-Pearson CI) per method, condition, seed and evaluation step"))
-artifacts.register(artifacts.Artifact(
-    "finetune_deltas", "finetune_deltas.csv", "10_head_finetuning",
-    "Frobenius norm of each head's Q/K/V/O weight change per method, condition and seed"))
-artifacts.register(artifacts.Artifact(
-    "finetune_summary", "finetune_summary.json", "10_head_finetuning",
-    "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7"))
-
 
 @dataclass(frozen=True)
 class Condition:
@@ -182,7 +172,8 @@ class RunCheckpoint:
     """torch.save'd state of one run in the plan's checkpoint folder (atomic: temp file + rename)."""
 
     def __init__(self, folder: Path, name: str):
-        self.path = folder / f"{name.replace(':', '_').replace('=', '-')}.pt"
+        self.path = artifacts.path("finetune_checkpoint", folder.parent.parent, key=folder.name,
+                                   run=name.replace(":", "_").replace("=", "-"))
 
     def load(self):
         if not self.path.exists():
@@ -201,7 +192,7 @@ class RunCheckpoint:
 
 def checkpoint_folder(plan: FinetunePlan, arch) -> Path:
     digest = hashlib.sha256(json.dumps(plan.fingerprint(arch), sort_keys=True).encode()).hexdigest()[:12]
-    return plan.out_dir / ".finetune_checkpoints" / digest
+    return artifacts.path("finetune_checkpoint", plan.out_dir, key=digest, run="-").parent
 
 
 # ----------------------------------------------------------------------------------------------------------------
