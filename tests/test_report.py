@@ -245,9 +245,9 @@ def test_index_renders_in_chromium_with_every_image_loaded(clean_run, chromium, 
     if os.environ.get("REPORT_SCREENSHOT_DIR"):      # keep the screenshot to look at it
         shutil.copy(shot, Path(os.environ["REPORT_SCREENSHOT_DIR"]) / "test_report_index.png")
     # negative control: a missing figure file is seen as a broken image
-    (out / "html" / "figures" / "02_phiid-2.png").unlink()
+    (out / "html" / "figures" / "02_phiid-1.png").unlink()
     attrs = html_attributes(dump_dom(chromium, index.as_uri()))
-    assert attrs["data-images-total"] == "4" and attrs["data-images-ok"] == "3", attrs
+    assert attrs["data-images-total"] == "3" and attrs["data-images-ok"] == "2", attrs
 
 
 def test_notebook_formulas_read_offline_without_mathjax():
