@@ -14,7 +14,8 @@ outputs/<run>/html/NN_name.html (report view, no code).
 A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256)
 and every one of its outputs are unchanged since it last succeeded, and no earlier notebook of the pipeline ran
 since; otherwise it reruns (the log says why), and so does everything after it. --force reruns anyway. One runner
-at a time holds a run folder (shard runs of one notebook may run at once); see lib.store.run_lock.
+at a time holds a run folder (single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each
+other, never beside a whole run); see lib.store.run_lock.
 """
 from __future__ import annotations
 
@@ -469,8 +470,10 @@ def _settle_interrupted(out_dir: Path) -> None:
 
 
 def _lock_scope(steps: list[Step]) -> str | None:
-    """Shard runs of one notebook share the run folder (their own lock each); anything else holds it alone."""
-    if len(steps) == 1 and _shard_of(steps[0]):
+    """Single-notebook runs (`--only NB`, a shard of NB) share the run folder, each holding its own lock: the SLURM
+    graph runs notebooks that do not read each other's files at once (06 and 07 beside 02). A run of several
+    notebooks holds the folder alone."""
+    if len(steps) == 1:
         return steps[0].output.stem
     return None
 

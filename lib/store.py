@@ -269,9 +269,9 @@ def _write_owner(f, what: str) -> str | None:
 def run_lock(out_dir: str | os.PathLike, what: str, shard_stem: str | None = None) -> Iterator[str | None]:
     """Hold the run folder for one runner invocation.
 
-    A whole run takes `.run.lock` exclusively. Shard runs of one notebook (disjoint files, SLURM arrays) share
-    `.run.lock` and each takes `.run.lock.<shard stem>` exclusively, so shards run at once but never beside a
-    whole run or a second copy of the same shard. The locks are flock()s: when the owner dies the kernel releases
+    A whole run takes `.run.lock` exclusively. Single-notebook runs (a notebook or one shard of it: SLURM jobs of
+    the dependency graph, array tasks) share `.run.lock` and each takes `.run.lock.<stem>` exclusively, so they run
+    at once but never beside a whole run or a second copy of the same notebook or shard. The locks are flock()s: when the owner dies the kernel releases
     them, and the next runner reports the stale owner it replaces. Yields the stale owner's line (or None).
     """
     import fcntl
