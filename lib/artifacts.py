@@ -698,6 +698,11 @@ def _glob(pattern: str) -> str:
     return re.sub(r"(\{[^}]*\})+", "*", pattern)        # "phiid_{mode}{tag}.npz" -> "phiid_*.npz"
 
 
+def output_globs(notebook: str) -> list[str]:
+    """Glob patterns of the file names a notebook's artifacts take (shard files included)."""
+    return [_glob(a.pattern).rsplit(".", 1)[0] + "*" for a in producer_outputs(notebook)]
+
+
 def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -> list[Path]:
     """The files of the notebook's registered artifacts present in out_dir: the shard files of `shard` for a shard
     run, else the run folder's files (shard files excluded)."""

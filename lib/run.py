@@ -57,6 +57,37 @@ class Step:
 
 # ----------------------------------------------------------------------------- parameters
 
+# The notebooks whose files each notebook reads. The runner reruns a notebook when one of these (or their parents)
+# ran since it did; slurm/pipeline.sh makes each SLURM job wait for them. A notebook not listed depends on every
+# notebook before it.
+PARENTS = {
+    "01_extract_activations": [],
+    "02_phiid": ["01_extract_activations"],
+    "03_phiid_diagnostics": ["02_phiid"],
+    "04_ranking_variants": ["02_phiid", "03_phiid_diagnostics"],
+    "05_ablation": ["04_ranking_variants"],
+    "06_neuron_effects": ["01_extract_activations"],
+    "07_qkov_interference": ["01_extract_activations"],
+    "08_topology": ["02_phiid"],
+    "09_task_behaviour": ["04_ranking_variants"],
+    "10_head_finetuning": ["04_ranking_variants"],
+    "11_local_synergy": ["02_phiid"],
+}
+
+
+def upstream_of(name: str, pipeline) -> list[str]:
+    """The notebooks of `pipeline` that `name` reads from, directly or through others (PARENTS), sorted."""
+    if name not in PARENTS:
+        return sorted(n for n in pipeline if n < name)
+    found, todo = set(), list(PARENTS[name])
+    while todo:
+        parent = todo.pop()
+        if parent not in found:
+            found.add(parent)
+            todo += PARENTS.get(parent, [n for n in pipeline if n < parent])
+    return sorted(found & set(pipeline))
+
+
 def pipeline_notebooks() -> dict[str, Path]:
     """Notebook stem -> path, for every NN_*.ipynb in notebooks/ (00_explore is not part of the pipeline)."""
     return {p.stem: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) if not p.stem.startswith("00_")}
@@ -268,7 +299,7 @@ def _changed(old: dict, new: dict, ignore: str = "") -> list[str]:
 
 
 def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
-    """Why `step` must run again (empty: up to date). earlier: the notebooks before it in this run's pipeline."""
+    """Why `step` must run again (empty: up to date). earlier: the notebooks it reads from (upstream_of)."""
     entries, records = manifest.get("notebooks", {}), manifest.get("artifacts", {})
     entry, out_dir = entries.get(step.output.stem), step.output.parent
     if not entry:
@@ -295,9 +326,9 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
 
 
 def is_up_to_date(step: Step, earlier: list[str] | None = None) -> bool:
-    """True when `step` would be skipped (see stale_reasons); earlier defaults to the notebooks sorted before it."""
+    """True when `step` would be skipped (see stale_reasons); earlier defaults to the notebooks it reads from."""
     if earlier is None:
-        earlier = [n for n in pipeline_notebooks() if n < step.name]
+        earlier = upstream_of(step.name, pipeline_notebooks())
     return not stale_reasons(step, read_manifest(step.output.parent), earlier)
 
 
@@ -454,10 +485,12 @@ def _record_failure(step: Step, error: str, cell, seconds: float) -> None:
         step.html.unlink(missing_ok=True)
 
 
-def _settle_interrupted(out_dir: Path) -> None:
-    """Entries left "running" by a runner that died (we hold the run lock, so nothing runs): mark them failed."""
+def _settle_interrupted(out_dir: Path, stem: str | None = None) -> None:
+    """Entries left "running" by a runner that died: mark them failed. We hold the run lock (or, with `stem`, the
+    lock of that one notebook or shard, so only its entry can be settled)."""
     manifest = read_manifest(out_dir)
-    stuck = [k for k, v in manifest.get("notebooks", {}).items() if v.get("status") == "running"]
+    stuck = [k for k, v in manifest.get("notebooks", {}).items()
+             if v.get("status") == "running" and stem in (None, k)]
     if not stuck:
         return
     from lib.store import locked, save_json
@@ -467,6 +500,15 @@ def _settle_interrupted(out_dir: Path) -> None:
             manifest["notebooks"][name].update(status="failed", error="interrupted: the runner stopped while it ran")
         save_json(out_dir / "manifest.json", manifest)
     print(f"[run] {stuck}: marked failed (interrupted by an earlier runner that stopped)", flush=True)
+
+
+def _own_files(step: Step) -> list[str]:
+    """Globs of the file names one notebook writes: its executed copy, its read log and its artifacts. (A shard's
+    artifact globs also match its sibling shards' files; those are written only by their own array tasks, which
+    hold their own locks, so their temporary files are left to the whole run's clean-up.)"""
+    if _shard_of(step) is not None:
+        return [step.output.stem]
+    return [step.output.stem] + artifacts.output_globs(step.name)
 
 
 def _lock_scope(steps: list[Step]) -> str | None:
@@ -488,10 +530,9 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
     with run_lock(out_dir, f"python -m lib.run --params {params_path}", scope) as stale_owner:
         if stale_owner:
             print(f"[run] took over the lock of a runner that is gone: {stale_owner}", flush=True)
-        if scope is None:
-            for p in clean_temp_files(out_dir):
-                print(f"[run] removed {p.relative_to(out_dir)} (left by an interrupted write)", flush=True)
-            _settle_interrupted(out_dir)
+        for p in clean_temp_files(out_dir, None if scope is None else _own_files(steps[0])):
+            print(f"[run] removed {p.relative_to(out_dir)} (left by an interrupted write)", flush=True)
+        _settle_interrupted(out_dir, scope)
         update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
                                          "overrides": list(overrides)})
         _run_steps(steps, sorted(sections), force, log_output)
@@ -507,7 +548,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
 
 def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: bool) -> None:
     for step in steps:
-        earlier = [n for n in pipeline if n < step.name]
+        earlier = upstream_of(step.name, pipeline)
         reasons = ["--force"] if force else stale_reasons(step, read_manifest(step.output.parent), earlier)
         if not reasons:
             print(f"[run] {step.name}: up to date (same parameters, inputs and outputs), skipped; --force reruns it",

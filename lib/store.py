@@ -174,11 +174,15 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 TEMP_GLOBS = (".*.tmp*", ".write-test-*")      # atomic_path's and ensure_writable_dir's temporary files
 
 
-def clean_temp_files(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove temporary files that an interrupted write left in the run folder (and its sub-folders)."""
+def clean_temp_files(out_dir: str | os.PathLike, globs: list[str] | None = None) -> list[Path]:
+    """Remove temporary files that an interrupted write left in the run folder (and its sub-folders); with `globs`,
+    only those of files whose names match them (one notebook's outputs, while other notebooks write theirs)."""
+    import fnmatch
     removed = []
     for pattern in TEMP_GLOBS:
         for p in Path(out_dir).rglob(pattern):
+            if globs is not None and not any(fnmatch.fnmatch(p.name, f".{g}.*") for g in globs):
+                continue
             if p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
@@ -266,7 +270,7 @@ def _write_owner(f, what: str) -> str | None:
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: str | os.PathLike, what: str, shard_stem: str | None = None) -> Iterator[str | None]:
+def run_lock(out_dir: str | os.PathLike, what: str, stem: str | None = None) -> Iterator[str | None]:
     """Hold the run folder for one runner invocation.
 
     A whole run takes `.run.lock` exclusively. Single-notebook runs (a notebook or one shard of it: SLURM jobs of
@@ -282,20 +286,20 @@ def run_lock(out_dir: str | os.PathLike, what: str, shard_stem: str | None = Non
         main = open(main_path, "a+")
         held.append(main)
         try:
-            fcntl.flock(main, (fcntl.LOCK_SH if shard_stem else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(main, (fcntl.LOCK_SH if stem else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             owners = [_lock_owner(p) for p in sorted(out_dir.glob(".run.lock.*")) if _is_locked(p)]
             raise RunLockedError(f"run folder {out_dir} is in use by {'; '.join(owners or [_lock_owner(main_path)])} "
                                  f"(lock {main_path}); wait for it to finish or stop that process") from None
         target = main
-        if shard_stem:
-            shard_path = out_dir / f".run.lock.{shard_stem}"
+        if stem:
+            shard_path = out_dir / f".run.lock.{stem}"
             target = open(shard_path, "a+")
             held.append(target)
             try:
                 fcntl.flock(target, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunLockedError(f"{shard_stem} of {out_dir} is already running: {_lock_owner(shard_path)} "
+                raise RunLockedError(f"{stem} of {out_dir} is already running: {_lock_owner(shard_path)} "
                                      f"(lock {shard_path})") from None
         try:
             yield _write_owner(target, what)

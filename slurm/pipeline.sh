@@ -4,7 +4,7 @@
 #   slurm/pipeline.sh params/<run>.yaml [options]
 #
 # One job per notebook that has a section in the params file, each `afterok` the notebooks whose files it reads
-# (PARENTS below; a sharded notebook counts as done when its merge job is):
+# (lib.run.PARENTS; a sharded notebook counts as done when its merge job is):
 #   01 extract (GPU)
 #   ├─ 02 PhiID (CPU) ─┬─ 03 diagnostics (CPU) ── 04 ranking (CPU; after 02 and 03)
 #   │                  │                            ├─ 05 ablation array (GPU, shard i/N) -> 05 merge (CPU)
@@ -95,14 +95,16 @@ fi
 # Validate the params file exactly as `python -m lib.run --check` does (types, values, models in the offline HF
 # cache) before anything is submitted, and list the pipeline:
 # "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1>" per notebook, where stale means
-# that the runner would (re)compute something of it: a step not done with these parameters (shards included).
+# that the runner would (re)compute something of it: a step not done with these parameters (shards included),
+# and "PARENTS <name> <parent>..." for the notebooks each reads the files of (lib.run.PARENTS; its afterok
+# parents: absent from the run or before --from, they are done).
 SHARDS_JSON="{"
 for nb in "${!SHARDS[@]}"; do SHARDS_JSON+="\"$nb\": ${SHARDS[$nb]}, "; done
 SHARDS_JSON="${SHARDS_JSON%, }}"
 PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
-from lib.run import ParamsError, Step, _shard_suffix, check_run, declared_parameters, is_up_to_date
+from lib.run import PARENTS, ParamsError, Step, _shard_suffix, check_run, declared_parameters, is_up_to_date
 from lib.store import ArtifactError
 params, default_shards, shard_map = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 args = sys.argv[4:]
@@ -130,12 +132,17 @@ for s in steps:
     else:
         shards_stale, stale = False, not is_up_to_date(s)
     print("NB", s.name, int(shardable), int(stale), int(shards_stale))
+    if s.name in PARENTS:
+        print("PARENTS", s.name, *PARENTS[s.name])
 PYEOF
 ) || exit 2
 OUT_DIR=$(awk '$1 == "OUT_DIR" {print $2}' <<<"$PLAN")
 case "$OUT_DIR" in /*) ;; *) OUT_DIR=$REPO/$OUT_DIR ;; esac
 mapfile -t NOTEBOOKS < <(awk '$1 == "NB" {print $2}' <<<"$PLAN")
-declare -A SHARDABLE=() STALE=() SHARDS_STALE=()
+declare -A SHARDABLE=() STALE=() SHARDS_STALE=() PARENTS=()
+while read -r tag name parents; do
+    if [ "$tag" = PARENTS ]; then PARENTS[$name]=$parents; fi
+done <<<"$PLAN"
 while read -r tag name sh st ss; do
     [ "$tag" = NB ] || continue
     SHARDABLE[$name]=$sh STALE[$name]=$st SHARDS_STALE[$name]=$ss
@@ -149,20 +156,6 @@ for nb in "${!SHARDS[@]}"; do
     [ "${SHARDABLE[$nb]:-0}" = 1 ] || { echo "error: --shards $nb=...: not a shardable notebook of this run" >&2; exit 2; }
 done
 
-# The notebooks each notebook reads the files of (its afterok parents; absent from the run or before --from: done).
-declare -A PARENTS=(
-    [01_extract_activations]=""
-    [02_phiid]="01_extract_activations"
-    [03_phiid_diagnostics]="02_phiid"
-    [04_ranking_variants]="02_phiid 03_phiid_diagnostics"
-    [05_ablation]="04_ranking_variants"
-    [06_neuron_effects]="01_extract_activations"
-    [07_qkov_interference]="01_extract_activations"
-    [08_topology]="02_phiid"
-    [09_task_behaviour]="04_ranking_variants"
-    [10_head_finetuning]="04_ranking_variants"
-    [11_local_synergy]="02_phiid"
-)
 
 RUN=$(basename "$PARAMS" .yaml)
 LOG_DIR=$OUT_DIR/logs

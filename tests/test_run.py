@@ -399,6 +399,40 @@ def test_interrupted_entries_are_marked_failed(fake_pipeline):
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
 
 
+def test_a_single_notebook_run_settles_only_its_own_entry(fake_pipeline):
+    from lib.run import _settle_interrupted, record
+    out, step = fake_pipeline
+    record(step("97_make"), status="running")
+    record(step("98_use"), status="running")          # another notebook's job, running beside this one
+    _settle_interrupted(out, "97_make")
+    entries = json.loads((out / "manifest.json").read_text())["notebooks"]
+    assert entries["97_make"]["status"] == "failed" and entries["98_use"]["status"] == "running"
+
+
+def test_upstream_follows_the_parents_graph():
+    from lib.run import PARENTS, upstream_of
+    pipeline = sorted(PARENTS) + ["12_unlisted"]
+    assert upstream_of("06_neuron_effects", pipeline) == ["01_extract_activations"]
+    assert upstream_of("05_ablation", pipeline) == ["01_extract_activations", "02_phiid", "03_phiid_diagnostics",
+                                                    "04_ranking_variants"]
+    assert upstream_of("08_topology", ["02_phiid", "08_topology"]) == ["02_phiid"]   # only this run's notebooks
+    assert upstream_of("12_unlisted", pipeline) == sorted(PARENTS)                  # unlisted: all before it
+
+
+@pytest.mark.slow
+def test_parents_cover_every_file_a_notebook_read(tiny_reference):
+    from lib.run import PARENTS, upstream_of
+    manifest = json.loads((tiny_reference / "manifest.json").read_text())
+    records = manifest["artifacts"]
+    checked = 0
+    for name, entry in manifest["notebooks"].items():
+        producers = {records[r]["producer"].split(".")[0] for r in entry.get("inputs", {}) if r in records}
+        base = name.split(".")[0]                       # a shard reads what its notebook reads
+        assert producers - {base} <= set(upstream_of(base, PARENTS)), (name, producers)
+        checked += bool(producers)
+    assert checked >= 5
+
+
 def test_corrupt_manifest_cli_is_one_line(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -448,10 +482,10 @@ UNDER_TEST = ("01_extract_activations", "02_phiid", "03_phiid_diagnostics", "04_
 
 
 def reasons_of(out, *overrides):
-    from lib.run import stale_reasons
+    from lib.run import stale_reasons, upstream_of
     from lib.store import read_manifest
     steps, manifest = tiny_steps(out, *overrides), read_manifest(out)
-    return {name: stale_reasons(s, manifest, [n for n in steps if n < name]) for name, s in steps.items()
+    return {name: stale_reasons(s, manifest, upstream_of(name, steps)) for name, s in steps.items()
             if name in UNDER_TEST}
 
 

@@ -388,10 +388,9 @@ def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(p
         np.testing.assert_array_equal(final["done"][g, j], before["done"][g, j])
     kept = np.isfinite(before["kl"])
     np.testing.assert_array_equal(final["kl"][kept], before["kl"][kept])
-    # the finished shard is skipped, or (when a notebook earlier in pipeline order ran since: the runner's rule
-    # follows pipeline order, not the SLURM graph) rerun to the same numbers, checked above
+    # the finished shard is skipped: nothing it reads ran since (the up-to-date rule follows the graph, lib.run.PARENTS)
     log1 = (out / "logs" / f"05_ablation.shard-1-of-{SHARDS}.{array}_1.out").read_text()
-    assert "up to date (same parameters), skipped" in log1 or "runs because" in log1
+    assert "up to date (same parameters, inputs and outputs), skipped" in log1, log1[-3000:]
 
 
 @pytest.mark.slow

@@ -197,7 +197,7 @@ def test_run_lock_names_the_owner(tmp_path):
             with run_lock(tmp_path, "second"):
                 pass
         with pytest.raises(RunLockedError, match=f"pid {owner.pid}"):      # a shard run waits for a whole run too
-            with run_lock(tmp_path, "shard", shard_stem="05_ablation.shard-1-of-2"):
+            with run_lock(tmp_path, "shard", stem="05_ablation.shard-1-of-2"):
                 pass
     finally:
         owner.send_signal(signal.SIGKILL)
@@ -208,14 +208,24 @@ def test_run_lock_names_the_owner(tmp_path):
 
 def test_shard_runs_share_the_folder_but_not_a_shard(tmp_path):
     from lib.store import RunLockedError, run_lock
-    with run_lock(tmp_path, "a", shard_stem="05_ablation.shard-1-of-2") as stale_a:
-        with run_lock(tmp_path, "b", shard_stem="05_ablation.shard-2-of-2") as stale_b:
+    with run_lock(tmp_path, "a", stem="05_ablation.shard-1-of-2") as stale_a:
+        with run_lock(tmp_path, "b", stem="05_ablation.shard-2-of-2") as stale_b:
             assert stale_a is None and stale_b is None
             with pytest.raises(RunLockedError, match="05_ablation.shard-2-of-2 of .* is already running"):
-                with run_lock(tmp_path, "c", shard_stem="05_ablation.shard-2-of-2"):
+                with run_lock(tmp_path, "c", stem="05_ablation.shard-2-of-2"):
                     pass
             with pytest.raises(RunLockedError, match="in use by pid"):
                 with run_lock(tmp_path, "whole run"):
                     pass
     with run_lock(tmp_path, "whole run") as stale:
         assert stale is None                        # both shard runs finished normally
+
+
+def test_clean_temp_files_can_keep_to_one_notebooks_files(tmp_path):
+    from lib.store import clean_temp_files
+    mine, theirs = tmp_path / ".made.npz.k2j.tmp.npz", tmp_path / ".used.npz.p9q.tmp.npz"
+    mine.write_bytes(b"x")
+    theirs.write_bytes(b"x")                     # another notebook, running beside this one, is writing it
+    assert clean_temp_files(tmp_path, ["made*"]) == [mine]
+    assert theirs.exists() and not mine.exists()
+    assert clean_temp_files(tmp_path) == [theirs]
