@@ -9,11 +9,20 @@ for two head masks), PhiID (torch backend, float64, on the device the backend pi
 the numpy backend). Each line: engine, max relative difference to the CPU float32 reference, the tolerance it is
 held to, seconds on the device and on the CPU, peak memory on the device (CUDA: torch.cuda.max_memory_allocated;
 CPU: the process's peak resident set). Exit status 1 when an engine is outside its tolerance.
+
+--save-rate PATH also measures the forward throughput of --model on the device in --dtype (FLOP/s = 2 x parameters
+x tokens / seconds, the best of a few timed batched forwards after a warm-up) and writes it as JSON; the cost
+estimate of `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` reads slurm/rate.json (or $HEADINFO_RATE).
+Measure with the run's model on the cluster's GPU:
+
+    .venv/bin/python benchmarks/gpu_check.py --device cuda --dtype bfloat16 --model google/gemma-3-4b-it \
+        --save-rate slurm/rate.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import resource
 import sys
 import time
@@ -104,6 +113,33 @@ def check(args) -> list[dict]:
     return rows
 
 
+def forward_rate(model, device: torch.device, rows: int, seq_len: int, repeats: int = 3) -> dict:
+    """Measured forward throughput of `model` on [rows, seq_len] random token ids: FLOP/s = 2 x n_params x
+    rows x seq_len / seconds (fastest of `repeats` timed forwards after one warm-up)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (rows, seq_len), device=device)
+    with torch.inference_mode():
+        model(input_ids=ids)
+        seconds = min(timed(lambda: model(input_ids=ids), device)[1] for _ in range(repeats))
+    return {"flop_per_s": 2 * n_params * rows * seq_len / seconds, "n_params": n_params, "tokens": rows * seq_len,
+            "seconds": seconds}
+
+
+def save_rate(args, path: Path) -> dict:
+    """forward_rate of --model on --device in --dtype, written to `path` as JSON (device name, dtype, date)."""
+    device = resolve_device(args.device)
+    model, _, _ = load_model(args.model, dtype=args.dtype, device=str(device))
+    rate = forward_rate(model, device, args.rate_rows, args.rate_seq_len)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rate.update(device=name, dtype=args.dtype, model=args.model, date=time.strftime("%Y-%m-%d"),
+                torch=torch.__version__)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rate, indent=1) + "\n")
+    tmp.replace(path)
+    return rate
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cpu | cuda | cuda:N (default cuda)")
@@ -112,6 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--n-prompts", type=int, default=4)
     parser.add_argument("--n-tokens", type=int, default=20, help="generated tokens (>= 6 for PhiID)")
     parser.add_argument("--phiid-heads", type=int, default=16, help="heads in the PhiID check")
+    parser.add_argument("--save-rate", type=Path, default=None, metavar="PATH",
+                        help="also measure the forward FLOP/s of --model and write it as JSON (slurm/rate.json)")
+    parser.add_argument("--rate-rows", type=int, default=16, help="batch rows of the rate measurement")
+    parser.add_argument("--rate-seq-len", type=int, default=256, help="tokens per row of the rate measurement")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device} but torch.cuda.is_available() is False (torch {torch.__version__}); "
@@ -123,6 +163,10 @@ def main(argv=None) -> int:
     table["ok"] = table.max_rel_diff <= table.tolerance
     with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
         print(table.to_string(index=False))
+    if args.save_rate:
+        rate = save_rate(args, args.save_rate)
+        print(f"[gpu_check] forward rate {rate['flop_per_s']:.3g} FLOP/s on {rate['device']} ({args.dtype}, "
+              f"{rate['tokens']} tokens in {rate['seconds']:.3g} s) -> {args.save_rate}")
     return 0 if table.ok.all() else 1
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -532,6 +533,84 @@ def weights_checksum(folder: Path) -> str:
     if not files:
         raise ModelSpecError(f"no weights files (*.safetensors, *.bin) in {folder}")
     return "sha256:" + "+".join(_file_sha256(p)[:16] for p in files)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """A model's size, read without loading its weights (for cost estimates, lib.cost)."""
+    n_params: int                 # every stored weight once (tied weights once), vision tower included
+    n_layers: int                 # decoder layers of the text model
+    n_heads: int                  # query heads per layer
+    n_kv_heads: int               # key/value heads per layer (GQA)
+    head_dim: int
+    source: str                   # where n_params comes from: safetensors headers or the config on the meta device
+
+    @property
+    def total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+
+def model_dims(spec: str, revision: str | None = None) -> ModelDims:
+    """ModelDims of `spec` from its config and the safetensors headers of its local folder (HF cache snapshot,
+    model folder, bundled: conversion); without safetensors files, from the model built on the meta device
+    (random:<arch> always). Raises ModelSpecError naming the download command when the config is not cached."""
+    config, folder = _config_and_folder(spec, revision)
+    counted = safetensors_parameter_count(folder) if folder is not None else None
+    source = f"safetensors headers in {folder}" if counted is not None else "config built on the meta device"
+    text = config.get_text_config()
+    n_heads = int(text.num_attention_heads)
+    return ModelDims(n_params=counted if counted is not None else meta_parameter_count(config),
+                     n_layers=int(text.num_hidden_layers), n_heads=n_heads,
+                     n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
+                     head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // n_heads), source=source)
+
+
+def _config_and_folder(spec: str, revision: str | None):
+    """-> (transformers config, local folder holding the weights or None) of a model spec, nothing downloaded."""
+    from transformers import AutoConfig
+    if spec.startswith("random:"):
+        return tiny_config(spec.split(":", 1)[1], len(bundled_tokenizer())), None
+    if spec.startswith("bundled:"):
+        folder = prepare_bundled(spec.split(":", 1)[1], verbose=False)
+        return AutoConfig.from_pretrained(folder), folder
+    if Path(spec).is_dir():
+        return AutoConfig.from_pretrained(spec), Path(spec)
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(spec, "config.json", revision=revision)
+    if not isinstance(found, str):
+        raise ModelSpecError(f"{spec!r}{f' at {revision!r}' if revision else ''} is not in the local HF cache (no "
+                             f"config.json); on a login node run: huggingface-cli download {spec}"
+                             f"{f' --revision {revision}' if revision else ''}")
+    return AutoConfig.from_pretrained(Path(found).parent), Path(found).parent
+
+
+def safetensors_parameter_count(folder: Path) -> int | None:
+    """Sum of the element counts of every tensor in folder/*.safetensors, read from the file headers (no weights
+    loaded); None when the folder has no safetensors files or lacks a shard its index names."""
+    from safetensors import safe_open
+    files = sorted(Path(folder).glob("*.safetensors"))
+    index = Path(folder) / "model.safetensors.index.json"
+    if not files or (index.exists() and not _index_complete(index)):
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def _index_complete(index: Path) -> bool:
+    import json
+    shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    return all((index.parent / name).exists() for name in shards)
+
+
+def meta_parameter_count(config) -> int:
+    """sum(p.numel()) of the model `config` describes, built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _file_sha256(path: Path) -> str:

@@ -7,7 +7,9 @@ notebook (a top-level key named like the notebook, e.g. `02_phiid:`); the notebo
 pipeline, in file-name order. The run's name, and so its output folder outputs/<run>/, is the params file's stem.
 
 Before anything runs, every key is checked against the notebook's declared parameters (its `parameters` cell,
-read by papermill.inspect_notebook) and against the type of the declared default. Each notebook is executed with
+read by papermill.inspect_notebook) and against the type of the declared default. A section of a shardable notebook
+(one that declares `shard`) may also set `shards: N`, the SLURM array size of slurm/pipeline.sh; it is not passed to
+the notebook. --check also prints the run's cost estimate (lib/cost.py). Each notebook is executed with
 the repository root as working directory into outputs/<run>/NN_name.ipynb and rendered to
 outputs/<run>/html/NN_name.html (report view, no code).
 
@@ -40,6 +42,7 @@ from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with --set out_dir=...
+SECTION_KEYS = {"shards"}          # read by the runner and slurm/pipeline.sh, never passed to the notebook
 
 
 class ParamsError(ValueError):
@@ -53,6 +56,7 @@ class Step:
     params: dict              # everything injected into the notebook
     output: Path              # executed notebook
     html: Path
+    shards: int | None = None # the section's `shards:` (SLURM array size of a shardable notebook), None: not set
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -93,8 +97,19 @@ def pipeline_notebooks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) if not p.stem.startswith("00_")}
 
 
+_DECLARED: dict[tuple, dict] = {}     # (path, mtime_ns, size) -> declared_parameters (inspecting takes ~1 s)
+
+
 def declared_parameters(path: Path) -> dict[str, dict]:
     """name -> {"type": inferred type name, "default": default source text} from the `parameters` cell."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _DECLARED:
+        _DECLARED[key] = _inspect_parameters(Path(path))
+    return {name: dict(info) for name, info in _DECLARED[key].items()}
+
+
+def _inspect_parameters(path: Path) -> dict[str, dict]:
     import papermill
     import logging
     import warnings
@@ -226,6 +241,9 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
         raise ParamsError(f"run {run!r} has no notebook sections; add one or more of {list(notebooks)}")
     out_dir = Path(shared.pop("out_dir", OUTPUT_ROOT / run))
     declared = {name: declared_parameters(notebooks[name]) for name in sections}
+    sections = {name: dict(section) for name, section in sections.items()}
+    shards = {name: check_shards(name, section.pop("shards"), declared[name])
+              for name, section in sections.items() if "shards" in section}
     for key in shared:
         if not any(key in d for d in declared.values()):
             every = sorted({k for d in declared.values() for k in d} - RUNNER_KEYS)
@@ -233,7 +251,7 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
     for name, section in sections.items():
         for key, value in section.items():
             if key not in declared[name] or key in RUNNER_KEYS:
-                allowed = sorted(set(declared[name]) - RUNNER_KEYS)
+                allowed = sorted(set(declared[name]) - RUNNER_KEYS | ({"shards"} if "shard" in declared[name] else set()))
                 raise ParamsError(f"unknown key {key!r} in section {name!r} (notebooks/{name}.ipynb); allowed: {allowed}")
             check_type(name, key, value, declared[name][key])
         for key, value in shared.items():
@@ -254,8 +272,19 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
         params["out_dir"] = str(out_dir)
         suffix = _shard_suffix(params.get("shard"))
         steps.append(Step(name, notebooks[name], params, out_dir / f"{name}{suffix}.ipynb",
-                          out_dir / "html" / f"{name}{suffix}.html"))
+                          out_dir / "html" / f"{name}{suffix}.html", shards.get(name)))
     return steps
+
+
+def check_shards(notebook: str, value, declared: dict) -> int:
+    """A section's `shards:` key: the SLURM array size slurm/pipeline.sh submits (its --shards overrides it)."""
+    if "shard" not in declared:
+        raise ParamsError(f"section {notebook!r}: 'shards' is set but notebooks/{notebook}.ipynb declares no "
+                          f"'shard' parameter, so it cannot be split; remove the key")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParamsError(f"section {notebook!r}: 'shards' must be a positive integer (SLURM array size; 1 = one "
+                          f"unsharded job), got {value!r}")
+    return value
 
 
 def _merged(name: str, shared: dict, sections: dict, declared: dict) -> dict:
@@ -577,15 +606,24 @@ def uncached_models(steps: list[Step]) -> list[str]:
     return missing
 
 
-def check_run(params_path: str, only=None, overrides=()) -> list[Step]:
-    """--check: parameters (types and values) and, for Hugging Face ids, the offline cache of the compute nodes."""
+def check_run(params_path: str, only=None, overrides=(), require_cache: bool = True) -> list[Step]:
+    """--check: parameters (types and values) and, for Hugging Face ids, the offline cache of the compute nodes
+    (require_cache=False: a missing model is reported by cache_problem, not raised)."""
     run, shared, sections = load_params(params_path, overrides)
     steps = build_steps(run, shared, sections, only)
-    missing = uncached_models(steps)
-    if missing:
-        raise ParamsError(f"model weights not in the local Hugging Face cache (compute nodes run offline); on a login "
-                          f"node run: {' && '.join(missing)}")
+    problem = cache_problem(steps)
+    if problem and require_cache:
+        raise ParamsError(problem)
     return steps
+
+
+def cache_problem(steps: list[Step]) -> str:
+    """Why the compute nodes cannot load the run's models offline, with the command to fix it ("" when they can)."""
+    missing = uncached_models(steps)
+    if not missing:
+        return ""
+    return (f"model weights not in the local Hugging Face cache (compute nodes run offline); on a login "
+            f"node run: {' && '.join(missing)}")
 
 
 def main(argv=None) -> int:
@@ -604,6 +642,8 @@ def main(argv=None) -> int:
         if args.check:
             steps = check_run(args.params, args.only, args.overrides)
             print(f"[run] {args.params}: valid; pipeline {[s.name for s in steps]} -> {steps[0].params['out_dir']}")
+            from lib.cost import cost_table
+            print(cost_table(steps))
             return 0
         run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet)
     except (ParamsError, ArtifactError) as e:

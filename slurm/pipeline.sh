@@ -26,7 +26,8 @@
 # Options
 #   --dry-run              print the sbatch commands, submit nothing
 #   --set KEY=VALUE        passed to every runner call (python -m lib.run --set ...), e.g. --set out_dir=/scratch/x
-#   --shards N             array size for every shardable notebook (default 4; 1 = one unsharded job)
+#   --shards N             array size for every shardable notebook (default: the section's `shards:` key in the
+#                          params file, else 4; 1 = one unsharded job); overrides the params file
 #   --shards NB=N          array size for one notebook, e.g. --shards 05_ablation=8
 #   --from NB              start at notebook NB (earlier ones are assumed done), e.g. after a failure
 #   --after JOBID          make the jobs whose parents are not submitted by this call wait for JOBID (afterok)
@@ -39,12 +40,14 @@
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
 # Output: one line per job ("submitted <notebook> <jobid> ...", then "  after <parent notebooks>" when it waits for
-# some), then "JOBS <id> <id> ...", and where the logs go (<out_dir>/logs/, created before submission).
+# some), then "JOBS <id> <id> ...", and where the logs go (<out_dir>/logs/, created before submission). The cost
+# estimate of lib/cost.py (forwards, tokens, GPU-hours, memory per notebook) goes to stderr before submission;
+# --dry-run prints it, and the model cache check, on stdout as "# " lines.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-DRY=0 FORCE=0 FROM="" AFTER="" DEFAULT_SHARDS=4
+DRY=0 FORCE=0 FROM="" AFTER="" DEFAULT_SHARDS=4 SHARDS_GIVEN=0
 GPU_ARGS="--gres=gpu:1 --cpus-per-task=4 --mem=32G"
 CPU_ARGS="--cpus-per-task=8 --mem=32G"
 ALL_ARGS=""
@@ -60,7 +63,7 @@ while [ $# -gt 0 ]; do
         --shards)
             case "$2" in
                 *=*) SHARDS[${2%%=*}]=${2#*=} ;;
-                *) DEFAULT_SHARDS=$2 ;;
+                *) DEFAULT_SHARDS=$2 SHARDS_GIVEN=1 ;;
             esac
             shift ;;
         --from) FROM=$2; shift ;;
@@ -93,28 +96,31 @@ if [ "$DRY" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
 fi
 
 # Validate the params file exactly as `python -m lib.run --check` does (types, values, models in the offline HF
-# cache) before anything is submitted, and list the pipeline:
-# "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1>" per notebook, where stale means
-# that the runner would (re)compute something of it: a step not done with these parameters (shards included),
-# and "PARENTS <name> <parent>..." for the notebooks each reads the files of (lib.run.PARENTS; its afterok
-# parents: absent from the run or before --from, they are done).
+# cache; --dry-run reports a missing model instead of stopping) before anything is submitted, and list the pipeline:
+# "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1> <shards>" per notebook, where
+# stale means that the runner would (re)compute something of it: a step not done with these parameters (shards
+# included), and "PARENTS <name> <parent>..." for the notebooks each reads the files of (lib.run.PARENTS; its
+# afterok parents: absent from the run or before --from, they are done); "CACHE <ok | the problem>"; "COST <line>"
+# for each line of the cost table.
 SHARDS_JSON="{"
 for nb in "${!SHARDS[@]}"; do SHARDS_JSON+="\"$nb\": ${SHARDS[$nb]}, "; done
 SHARDS_JSON="${SHARDS_JSON%, }}"
-PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
+PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_GIVEN" "$DRY" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
-from lib.run import PARENTS, ParamsError, Step, _shard_suffix, check_run, declared_parameters, is_up_to_date
+from lib.run import PARENTS, ParamsError, Step, _shard_suffix, cache_problem, check_run, declared_parameters, is_up_to_date
 from lib.store import ArtifactError
-params, default_shards, shard_map = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-args = sys.argv[4:]
+params, default_shards, shards_given, dry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+shard_map = json.loads(sys.argv[5])
+args = sys.argv[6:]
 overrides = [args[i + 1] for i in range(0, len(args), 2)]
-try:
-    steps = check_run(params, None, overrides)        # types, values, and the offline model cache
+try:                                                  # types, values, and the offline model cache
+    steps = check_run(params, None, overrides, require_cache=not dry)
 except (ParamsError, ArtifactError) as e:
     sys.exit(f"error: {e}")
 out = steps[0].output.parent
 print("OUT_DIR", out)
+print("CACHE", cache_problem(steps) or "ok")
 
 
 def with_shard(step, shard):
@@ -125,28 +131,37 @@ def with_shard(step, shard):
 
 for s in steps:
     shardable = "shard" in declared_parameters(s.path)
-    n = shard_map.get(s.name, default_shards) if shardable else 1
+    n = shard_map.get(s.name, default_shards if shards_given else s.shards or default_shards) if shardable else 1
     if n > 1:
         shards_stale = any(not is_up_to_date(with_shard(s, f"{i}/{n}")) for i in range(1, n + 1))
         stale = shards_stale or not is_up_to_date(with_shard(s, ""))
     else:
         shards_stale, stale = False, not is_up_to_date(s)
-    print("NB", s.name, int(shardable), int(stale), int(shards_stale))
+    print("NB", s.name, int(shardable), int(stale), int(shards_stale), n)
     if s.name in PARENTS:
         print("PARENTS", s.name, *PARENTS[s.name])
+try:
+    from lib.cost import cost_table
+    table = cost_table(steps)
+except Exception as e:                                # an estimate never blocks a submission
+    table = f"cost estimate failed: {type(e).__name__}: {e}"
+for line in table.splitlines():
+    print("COST", line)
 PYEOF
 ) || exit 2
 OUT_DIR=$(awk '$1 == "OUT_DIR" {print $2}' <<<"$PLAN")
 case "$OUT_DIR" in /*) ;; *) OUT_DIR=$REPO/$OUT_DIR ;; esac
 mapfile -t NOTEBOOKS < <(awk '$1 == "NB" {print $2}' <<<"$PLAN")
-declare -A SHARDABLE=() STALE=() SHARDS_STALE=() PARENTS=()
+declare -A SHARDABLE=() STALE=() SHARDS_STALE=() NSHARDS=() PARENTS=()
 while read -r tag name parents; do
     if [ "$tag" = PARENTS ]; then PARENTS[$name]=$parents; fi
 done <<<"$PLAN"
-while read -r tag name sh st ss; do
+while read -r tag name sh st ss ns; do
     [ "$tag" = NB ] || continue
-    SHARDABLE[$name]=$sh STALE[$name]=$st SHARDS_STALE[$name]=$ss
+    SHARDABLE[$name]=$sh STALE[$name]=$st SHARDS_STALE[$name]=$ss NSHARDS[$name]=$ns
 done <<<"$PLAN"
+CACHE=$(sed -n 's/^CACHE //p' <<<"$PLAN")
+COST=$(sed -n 's/^COST /# /p' <<<"$PLAN")
 if [ -n "$FROM" ]; then
     found=0
     for nb in "${NOTEBOOKS[@]}"; do [ "$nb" = "$FROM" ] && found=1; done
@@ -201,7 +216,14 @@ abort() {  # a submission failed: cancel what this call already submitted, so no
 
 if [ "$DRY" = 1 ]; then
     echo "# dry run: run $RUN, out_dir $OUT_DIR, logs $LOG_DIR (created on submission)"
+    if [ "$CACHE" = ok ]; then
+        echo "# model cache check: ok (every model of the run loads offline on the compute nodes)"
+    else
+        echo "# model cache check FAILED (a real submission stops here): $CACHE"
+    fi
+    echo "$COST"
 else
+    echo "$COST" >&2
     mkdir -p "$LOG_DIR"           # --output in a missing directory makes the job fail at start
 fi
 declare -A DONE_JOB=()             # notebook -> the job after which its files are complete (its merge when sharded)
@@ -239,7 +261,7 @@ for nb in "${NOTEBOOKS[@]}"; do
     after_line=""
     [ "${#parents[@]}" -gt 0 ] && after_line="  after ${parents[*]}"
     [ "${#parents[@]}" = 0 ] && [ -n "$AFTER" ] && after_line="  after job $AFTER"
-    n=${SHARDS[$nb]:-$DEFAULT_SHARDS}
+    n=${NSHARDS[$nb]}
     if [ "${SHARDABLE[$nb]}" = 1 ] && [ "$n" -gt 1 ]; then
         arr=$(submit "$nb shards" "${COMMON[@]}" "${res[@]}" "${EXTRA_ALL[@]}" "${dep[@]}" --array="1-$n" --requeue \
               --open-mode=append --job-name="$RUN:$nb:shard" --output="$LOG_DIR/$nb.shard-%a-of-$n.%A_%a.out" \

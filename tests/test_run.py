@@ -667,3 +667,22 @@ def test_check_names_the_download_for_models_missing_from_the_cache(tmp_path, mo
         check_run(path)
     assert set(seen) == {("EleutherAI/pythia-1b", None), ("EleutherAI/pythia-1b", "step1000")}
     assert [s.name for s in check_run(write_params(tmp_path, "model: random:llama\n01_extract_activations: {}\n"))]
+
+
+def test_shards_key_is_read_by_the_runner_not_passed_to_the_notebook(tmp_path):
+    steps = steps_for(write_params(tmp_path, "model: random:llama\n05_ablation:\n  shards: 3\n06_neuron_effects: {}\n"))
+    by_name = {s.name: s for s in steps}
+    assert by_name["05_ablation"].shards == 3 and "shards" not in by_name["05_ablation"].params
+    assert by_name["06_neuron_effects"].shards is None
+    assert steps_for(write_params(tmp_path, "05_ablation: {}\n"), ["05_ablation.shards=5"])[0].shards == 5
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("05_ablation:\n  shards: 0\n", r"section '05_ablation': 'shards' must be a positive integer.*got 0"),
+    ("05_ablation:\n  shards: many\n", r"'shards' must be a positive integer.*got 'many'"),
+    ("05_ablation:\n  shards: true\n", r"'shards' must be a positive integer.*got True"),
+    ("02_phiid:\n  shards: 2\n", r"section '02_phiid': 'shards' is set but notebooks/02_phiid.ipynb declares no 'shard'"),
+])
+def test_bad_shards_key_is_refused(tmp_path, yaml_text, message):
+    with pytest.raises(ParamsError, match=message):
+        steps_for(write_params(tmp_path, yaml_text))

@@ -468,3 +468,21 @@ def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, priva
     state = wait_for(lambda: (j := cluster.jobs(first)) and j[0]["JobState"] in ("CANCELLED",) and j[0], 30,
                      f"job {first} to be cancelled")
     assert state["JobState"] == "CANCELLED"
+
+
+def test_dry_run_takes_the_shard_count_from_the_params_file(tmp_path):
+    params = tmp_path / "sharded.yaml"
+    params.write_text(PARAMS.read_text().replace("05_ablation:\n", "05_ablation:\n  shards: 3\n", 1))
+
+    def array_of(*args):
+        r = subprocess.run([str(PIPELINE), str(params), "--dry-run", "--set", f"out_dir={tmp_path / 'run'}", *args],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr
+        cmds = dict(zip(parse_submission(r.stdout), [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]))
+        return re.search(r"--array=(\S+)", cmds["05_ablation shards"]).group(1), r.stdout
+
+    array, text = array_of()
+    assert array == "1-3" and "05_ablation 3" in text and "# model cache check: ok" in text
+    assert re.search(r"^# 05_ablation +GPU", text, re.M) and "cost estimate" in text
+    assert array_of("--shards", "2")[0] == "1-2"                  # the command line overrides the file
+    assert array_of("--shards", "05_ablation=5")[0] == "1-5"

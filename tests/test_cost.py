@@ -1,0 +1,125 @@
+"""lib/cost.py: the cost estimate of --check against hand counts; model size from safetensors headers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib import cost
+from lib.models import load_model, meta_parameter_count, model_dims
+from lib.run import build_steps, load_params, main
+
+# 01: 12 prompts x 24 tokens in one batch, with a random-init copy and 2 prompts regenerated alone; 05: random:llama
+# (4 layers x 4 heads = 16 heads), step 2; 09: 2 variants, 3 random sets, noise at 2 sigmas and zero
+TINY = """model: random:llama
+dtype: float32
+01_extract_activations: {n_prompts: 12, n_tokens: 24, batch_size: 12, baseline_random_init: true, n_single_check: 2}
+02_phiid: {modes: [per_prompt, concat, pooled]}
+05_ablation: {variants: [rank_diff, balance], n_random: 3, n_matched: 2, include_reverse: true, step_size: 2,
+              batch_size: 32}
+09_task_behaviour: {variants: [rank_diff, balance], n_random: 3, perturbations: [noise, zero], sigmas: [0.5, 2.0],
+                    n_problems: 8, max_new_tokens: 6, batch_size: 16}
+"""
+P = cost.PROMPT_TOKENS
+
+
+@pytest.fixture
+def tiny_steps(tmp_path):
+    path = tmp_path / "costrun.yaml"
+    path.write_text(TINY)
+    return build_steps(*load_params(path))
+
+
+@pytest.fixture
+def tiny_params() -> int:
+    model, _, _ = load_model("random:llama", device="cpu")
+    return sum(p.numel() for p in model.parameters())
+
+
+def rows_of(steps) -> dict:
+    return {r["notebook"]: r for r in cost.estimates(steps)[0]}
+
+
+def test_counts_match_a_hand_computation(tiny_steps, monkeypatch, tmp_path):
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "none.json"))
+    rows = rows_of(tiny_steps)
+    # 01: 2 models x 1 batch x 24 steps + 2 single prompts x 24 steps; (2 x 12 + 2) sequences of P + 24 tokens
+    assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == (96, 26 * (P + 24))
+    # 02: 16 * 15 / 2 pairs x 3 modes x 2 activation files, on CPU
+    assert rows["02_phiid"]["pairs"] == 720 and rows["02_phiid"]["gpu_hours"] == "CPU"
+    # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched = 9; masks: 7 x 9 + 2
+    # (first and last point: one mask) + the clean pass = 66, x 12 prompts; sequences of P + 24 - 1 tokens
+    assert rows["05_ablation"]["forwards"] == -(-66 * 12 // 32) == 25
+    assert rows["05_ablation"]["tokens"] == 66 * 12 * (P + 23)
+    # 09: baseline + 9 head sets (3 per variant + 3 random) x (2 sigmas + zero) = 28 conditions x 8 problems
+    assert rows["09_task_behaviour"]["forwards"] == -(-28 * 8 // 16) * 6
+    assert rows["09_task_behaviour"]["tokens"] == 28 * 8 * (P + 6)
+
+
+def test_parameter_count_from_safetensors_headers_equals_the_loaded_model(tmp_path):
+    model, _, _ = load_model("random:llama", device="cpu")
+    model.save_pretrained(tmp_path / "tiny")
+    dims = model_dims(str(tmp_path / "tiny"))
+    assert dims.n_params == sum(p.numel() for p in model.parameters())
+    assert "safetensors" in dims.source and (dims.n_layers, dims.n_heads, dims.n_kv_heads) == (4, 4, 2)
+    assert meta_parameter_count(model.config) == dims.n_params
+
+
+def test_gpu_hours_follow_the_formula_with_a_rate_file(tiny_steps, tiny_params, monkeypatch, tmp_path):
+    rate = tmp_path / "rate.json"
+    rate.write_text(json.dumps({"flop_per_s": 2.5e12, "device": "Test GPU", "dtype": "float32", "date": "2026-01-01"}))
+    monkeypatch.setenv(cost.RATE_ENV, str(rate))
+    rows = rows_of(tiny_steps)
+    tokens = 66 * 12 * (P + 23)
+    assert rows["05_ablation"]["gpu_hours"] == pytest.approx(tokens * 2 * tiny_params / 2.5e12 / 3600, rel=1e-12)
+    # memory: float32 weights + K and V of 4 layers x 2 KV heads x 16 dims for 32 rows x (P + 23) tokens
+    kv = 2 * 4 * 2 * 16 * 32 * (P + 23) * 4
+    assert rows["05_ablation"]["memory_gib"] == pytest.approx((tiny_params * 4 + kv) / 2 ** 30)
+    assert "2.5e+12 FLOP/s measured on Test GPU" in cost.cost_table(tiny_steps)
+
+
+def test_missing_rate_file_says_how_to_measure(tiny_steps, monkeypatch, tmp_path):
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
+    table = cost.cost_table(tiny_steps)
+    assert ("GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node)"
+            in table)
+    assert all(r["gpu_hours"] is None for r in cost.estimates(tiny_steps)[0] if r["device"] == "GPU")
+
+
+def test_bad_rate_file_is_refused(monkeypatch, tmp_path):
+    (tmp_path / "rate.json").write_text('{"flop_per_s": "fast"}')
+    with pytest.raises(ValueError, match="flop_per_s.*positive number"):
+        cost.read_rate(tmp_path / "rate.json")
+
+
+def test_uncached_model_names_the_download(tmp_path, monkeypatch):
+    path = tmp_path / "hf.yaml"
+    path.write_text("model: nobody-here/no-such-model\n01_extract_activations: {n_prompts: 6}\n05_ablation: {}\n")
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
+    table = cost.cost_table(build_steps(*load_params(path)))
+    assert "huggingface-cli download nobody-here/no-such-model" in table
+    assert any(line.startswith("05_ablation") and " ? " in line for line in table.splitlines())
+
+
+def test_check_cli_prints_the_table(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
+    assert main(["--params", "params/tiny.yaml", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "valid; pipeline" in out and "cost estimate" in out and cost.NO_RATE in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line[:2].isdigit()}
+    assert set(lines) == {s.stem for s in (cost.REPO_ROOT / "notebooks").glob("[01][0-9]_*.ipynb")} - {"00_explore"}
+    assert lines["05_ablation"][1] == "GPU" and lines["02_phiid"][1:5] == ["CPU", "-", "-", "CPU"]
+
+
+def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", cost.REPO_ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    args = argparse.Namespace(device="cpu", dtype="float32", model="random:llama", rate_rows=2, rate_seq_len=8)
+    written = gpu_check.save_rate(args, tmp_path / "rate.json")
+    rate = cost.read_rate(tmp_path / "rate.json")
+    assert rate == written and rate["flop_per_s"] > 0 and rate["tokens"] == 16
+    assert rate["flop_per_s"] == pytest.approx(2 * rate["n_params"] * 16 / rate["seconds"])
+    assert {"device", "dtype", "date", "model"} <= set(rate)
