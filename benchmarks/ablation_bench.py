@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from lib.extract import extract_activations, left_pad
 from lib.models import load_model
 from lib.prompts import select_prompts
 from lib.store import save_npz
+from timing import Timer, best_of  # noqa: E402  (benchmarks/timing.py)
 
 
 def ensure_data(folder: Path, model, tokenizer, arch, n_prompts: int, chat_template: bool) -> None:
@@ -50,26 +50,6 @@ def ensure_data(folder: Path, model, tokenizer, arch, n_prompts: int, chat_templ
         rng = np.random.default_rng(0)
         pd.DataFrame({"head_idx": np.arange(arch.total_heads), "layer": layer, "head": head,
                       "rank_diff": rng.random(arch.total_heads)}).to_csv(folder / "rankings.csv", index=False)
-
-
-class Timer:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
-def best_of(fn, repeats: int) -> Timer:
-    """Fastest of `repeats` runs by CPU time (least disturbed by other processes)."""
-    best = None
-    for _ in range(repeats):
-        with Timer() as t:
-            fn()
-        if best is None or t.cpu < best.cpu:
-            best = t
-    return best
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,7 @@ import torch
 
 from lib import artifacts, behaviour
 from lib.models import load_model
-
-
-class Timer:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+from timing import Timer  # noqa: E402  (benchmarks/timing.py)
 
 
 def synthetic_rankings(folder: Path, arch, variants: list[str]) -> None:
