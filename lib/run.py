@@ -14,8 +14,8 @@ the repository root as working directory into outputs/<run>/NN_name.ipynb and re
 outputs/<run>/html/NN_name.html (report view, no code).
 
 A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256)
-and every one of its outputs are unchanged since it last succeeded, and no earlier notebook of the pipeline ran
-since; otherwise it reruns (the log says why), and so does everything after it. --force reruns anyway. One runner
+and every one of its outputs are unchanged since it last succeeded, and no notebook it reads from (PARENTS, and
+theirs) ran since; otherwise it reruns (the log says why), and so does everything that reads from it. --force reruns anyway. One runner
 at a time holds a run folder (single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each
 other, never beside a whole run); see lib.store.run_lock.
 """
@@ -79,16 +79,19 @@ PARENTS = {
 }
 
 
+def parents_of(name: str, pipeline) -> list[str]:
+    """PARENTS[name]; a notebook not listed reads every notebook of `pipeline` before it."""
+    return PARENTS[name] if name in PARENTS else [n for n in pipeline if n < name]
+
+
 def upstream_of(name: str, pipeline) -> list[str]:
     """The notebooks of `pipeline` that `name` reads from, directly or through others (PARENTS), sorted."""
-    if name not in PARENTS:
-        return sorted(n for n in pipeline if n < name)
-    found, todo = set(), list(PARENTS[name])
+    found, todo = set(), list(parents_of(name, pipeline))
     while todo:
         parent = todo.pop()
         if parent not in found:
             found.add(parent)
-            todo += PARENTS.get(parent, [n for n in pipeline if n < parent])
+            todo += parents_of(parent, pipeline)
     return sorted(found & set(pipeline))
 
 

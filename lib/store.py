@@ -275,8 +275,8 @@ def run_lock(out_dir: str | os.PathLike, what: str, stem: str | None = None) -> 
 
     A whole run takes `.run.lock` exclusively. Single-notebook runs (a notebook or one shard of it: SLURM jobs of
     the dependency graph, array tasks) share `.run.lock` and each takes `.run.lock.<stem>` exclusively, so they run
-    at once but never beside a whole run or a second copy of the same notebook or shard. The locks are flock()s: when the owner dies the kernel releases
-    them, and the next runner reports the stale owner it replaces. Yields the stale owner's line (or None).
+    at once but never beside a whole run or a second copy of the same notebook or shard. The locks are flock()s:
+    when the owner dies the kernel releases them, and the next runner reports the stale owner it replaces. Yields the stale owner's line (or None).
     """
     import fcntl
     out_dir = Path(out_dir)
@@ -293,14 +293,14 @@ def run_lock(out_dir: str | os.PathLike, what: str, stem: str | None = None) -> 
                                  f"(lock {main_path}); wait for it to finish or stop that process") from None
         target = main
         if stem:
-            shard_path = out_dir / f".run.lock.{stem}"
-            target = open(shard_path, "a+")
+            stem_path = out_dir / f".run.lock.{stem}"
+            target = open(stem_path, "a+")
             held.append(target)
             try:
                 fcntl.flock(target, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunLockedError(f"{stem} of {out_dir} is already running: {_lock_owner(shard_path)} "
-                                     f"(lock {shard_path})") from None
+                raise RunLockedError(f"{stem} of {out_dir} is already running: {_lock_owner(stem_path)} "
+                                     f"(lock {stem_path})") from None
         try:
             yield _write_owner(target, what)
         finally:
