@@ -206,6 +206,10 @@ def test_every_none_default_of_the_notebooks_declares_its_type():
     ("model: lib\n01_extract_activations: {}\n", r"folder 'lib' is not a model \(no config.json\)"),
     ("04_ranking_variants:\n  variants: [rank_diff, nope]\n", r"variants=.*unknown entries \['nope'\]"),
     ("01_extract_activations: {}\n09_nonexistent:\n  x: 1\n", r"section\(s\) \['09_nonexistent'\] name no notebook"),
+    ("05_ablation:\n  shards: 0\n", r"section '05_ablation': 'shards' must be a positive integer.*got 0"),
+    ("05_ablation:\n  shards: many\n", r"'shards' must be a positive integer.*got 'many'"),
+    ("05_ablation:\n  shards: true\n", r"'shards' must be a positive integer.*got True"),
+    ("02_phiid:\n  shards: 2\n", r"section '02_phiid': 'shards' is set but notebooks/02_phiid.ipynb declares no 'shard'"),
 ])
 def test_check_refuses_values_that_would_fail_on_the_node(tmp_path, yaml_text, message):
     with pytest.raises(ParamsError, match=message):
@@ -677,12 +681,3 @@ def test_shards_key_is_read_by_the_runner_not_passed_to_the_notebook(tmp_path):
     assert steps_for(write_params(tmp_path, "05_ablation: {}\n"), ["05_ablation.shards=5"])[0].shards == 5
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("05_ablation:\n  shards: 0\n", r"section '05_ablation': 'shards' must be a positive integer.*got 0"),
-    ("05_ablation:\n  shards: many\n", r"'shards' must be a positive integer.*got 'many'"),
-    ("05_ablation:\n  shards: true\n", r"'shards' must be a positive integer.*got True"),
-    ("02_phiid:\n  shards: 2\n", r"section '02_phiid': 'shards' is set but notebooks/02_phiid.ipynb declares no 'shard'"),
-])
-def test_bad_shards_key_is_refused(tmp_path, yaml_text, message):
-    with pytest.raises(ParamsError, match=message):
-        steps_for(write_params(tmp_path, yaml_text))
