@@ -10,9 +10,9 @@ Measures (each on the full network and on the strongest p of all pairs, p in `th
                path length (0 for unreachable pairs). Shortest paths with scipy.sparse.csgraph (Dijkstra, C code)
                on a pruned graph: an edge longer than a two-step path through a hub between its ends lies on no
                shortest path, so dropping it changes no distance (exact, and sparse for near-complete networks).
-  modularity   Louvain (gamma 1): the best Q over `n_louvain` random node orders, with its module assignment.
-               The local-moving phase runs many orders (and many networks) at once as one batch of numpy arrays;
-               the result is checked against bctpy's `community_louvain` and networkx's `louvain_communities`.
+  modularity   Louvain (gamma 1, lib/louvain.py): the best Q over `n_louvain` random node orders, with its
+               module assignment; checked against bctpy's `community_louvain` and networkx's
+               `louvain_communities`.
   threshold    `threshold_proportional` keeps the round(p * n (n - 1) / 2) strongest pairs, as bctpy's
                function of that name.
 
@@ -21,9 +21,11 @@ strength to within `STRENGTH_TOL` (max relative error reported). The equivalent 
 `null_model_und_sign` for these networks, vectorised: that function rewires edges keeping degrees (which moves
 nothing in a complete graph, the usual case here) and then reassigns the sorted weights to approximate the
 strengths, one Python step per edge. Here: the weights of the unordered pairs are shuffled (isolated nodes stay
-isolated), then alternately (a) scaled as W_ij x_i x_j so every strength is exact (symmetric Sinkhorn iteration)
-and (b) replaced rank for rank by the original weights (the exact distribution), until the strengths are within
-the tolerance after (b). Degrees are not kept when some pairs have zero weight.
+isolated), then alternately (a) scaled as W_ij x_i x_j (symmetric Sinkhorn iteration) to strengths a little past
+the observed ones, s (s / current strengths)^0.5, because (b) undoes part of each scaling, and (b) replaced rank for
+rank by the original weights (the exact distribution), until the strengths are within the tolerance after (b);
+greedy weight swaps between pairs finish the rare network that stalls. Degrees are not kept when some pairs have
+zero weight.
 From the null: z-scores (observed - null mean) / null sd, one-sided empirical p-values (1 + #{null as extreme}) /
 (1 + n_null), and the syn-minus-red difference of efficiency (and red-minus-syn of modularity) against the same
 difference between the null networks (its 2.5 / 97.5 percentiles).
@@ -32,9 +34,10 @@ Modules vs layers: normalised mutual information 2 I(M; B) / (H(M) + H(B)) betwe
 `n_bands` contiguous layer bands, against the same NMI for the null networks' modules. Node strength by layer.
 Every tag of the phiid files (trained "", "random_init", checkpoints "rev-...") gets the same measures.
 
-Cost: each null network costs one efficiency (a sparse Dijkstra) and n_louvain Louvain runs; Louvain dominates and
-grows with heads^2 per pass. `n_jobs` runs the (tag, network) units in forked processes. Results depend only on the
-seed, never on n_jobs. benchmarks/topology_bench.py measures the 270- and 1,152-head cases.
+Cost: each null network costs its construction (about 20 rounds of a sort of all pairs), one efficiency (a sparse
+Dijkstra) and n_louvain Louvain runs (numba, lib/louvain.py). `n_jobs` runs the observed measures and chunks of
+NULL_CHUNK null networks in forked processes, so both networks of every tag share the processes evenly. Results
+depend only on the seed, never on n_jobs. benchmarks/topology_bench.py measures the 270- and 1,152-head cases.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from lib.louvain import louvain, louvain_batch, modularity  # noqa: F401  (part of this module's API)
 from lib.store import ArtifactError
 
 NETWORKS = {"syn": "sts", "red": "rtr"}          # network name -> PhiID atom
@@ -125,7 +129,7 @@ def shortest_paths(L: np.ndarray) -> np.ndarray:
     Two-step paths through the strongest hubs bound the distances from above; an edge longer than that bound is
     on no shortest path (a shorter path joins its ends) and is dropped before Dijkstra."""
     useful = (L > 0) & (L <= _hub_bound(L, _PRUNE_HUBS) * (1 + 1e-12))
-    return csgraph.dijkstra(sparse.csr_matrix(np.where(useful, L, 0.0)), directed=False)
+    return csgraph.dijkstra(sparse.csr_matrix(np.where(useful, L, 0.0)), directed=True)   # both directions kept
 
 
 def global_efficiency(W: np.ndarray) -> float:
@@ -139,207 +143,31 @@ def global_efficiency(W: np.ndarray) -> float:
     return float((1.0 / D).sum() / (n * n - n))
 
 
-# ------------------------------------------------------------------------------------------------- modularity
-
-def modularity(W: np.ndarray, labels: np.ndarray, gamma: float = 1.0) -> float:
-    """Newman's weighted modularity Q = sum_c [W_in(c) / 2m - gamma (K_c / 2m)^2] of a partition.
-    W [n, n] symmetric, labels [n] module of each node."""
-    two_m = W.sum()
-    same = labels[:, None] == labels[None, :]
-    K = np.bincount(np.unique(labels, return_inverse=True)[1], weights=W.sum(1))
-    return float(W[same].sum() / two_m - gamma * (K ** 2).sum() / two_m ** 2)
-
-
-def _local_moving(W, k, two_m, graph_of, labels, orders, gamma):
-    """Louvain local moving for B instances at once, each visiting nodes in its own order until a full pass moves
-    no node. W [G, n, n] (self loops allowed), k [G, n] strengths, two_m [G]; graph_of [B] the graph of each
-    instance; labels [B, n] start modules (ints < n), orders [B, n] -> (labels [B, n] compact per row,
-    K [B, n, C]: each node's weight to each module, or None when no node moved).
-    The first pass reads each visited node's row (bincount); later passes, where few nodes move, read K."""
-    rows = np.arange(len(labels))
-    moved = _first_pass(W, k, two_m, graph_of, labels, orders, gamma)
-    if not moved.any():
-        return labels, None
-    labels[:] = _compact(labels)
-    K = _module_weights(W, graph_of, labels)
-    tot = _module_totals(k[graph_of], labels, K.shape[2])
-    active = rows[moved]
-    while active.size:
-        moved = _k_pass(W, K, tot, k, two_m, graph_of, labels, active, orders, gamma)
-        active = active[moved]
-    return _recompact(labels, K)
-
-
-def _gain_step(kic, tot, a, ki, scale, tol, rows):
-    """One node per instance: remove it from its module a [B], pick the module of largest modularity gain
-    (stay unless strictly better) -> new module [B]; tot [B, C] updated in place."""
-    tot[rows, a] -= ki
-    gain = kic - tot * (scale * ki)[:, None]
-    best = gain.argmax(1)
-    new = np.where(gain[rows, best] > gain[rows, a] + tol, best, a)
-    tot[rows, new] += ki
-    return new
-
-
-def _first_pass(W, k, two_m, graph_of, labels, orders, gamma):
-    """The first pass from singletons: kic from each visited node's row -> [B] bool, any node moved."""
-    B, n = labels.shape
-    rows = np.arange(B)
-    offset = (rows * n)[:, None]
-    kk, diag = k[graph_of], np.diagonal(W, axis1=1, axis2=2)[graph_of]
-    tot = _module_totals(kk, labels, n)
-    scale, tol = gamma / two_m[graph_of], 1e-12 * two_m[graph_of]
-    moved = np.zeros(B, bool)
-    for t in range(n):
-        i = orders[:, t]
-        a = labels[rows, i]
-        kic = np.bincount((offset + labels).ravel(), weights=W[graph_of, i].ravel(), minlength=B * n).reshape(B, n)
-        kic[rows, a] -= diag[rows, i]
-        new = _gain_step(kic, tot, a, kk[rows, i], scale, tol, rows)
-        labels[rows, i] = new
-        moved |= new != a
-    return moved
-
-
-def _k_pass(W, K, tot, k, two_m, graph_of, labels, which, orders, gamma):
-    """One pass for the instances `which`, reading module weights from K [B, n, C] and updating K, tot [B, C]
-    and labels only where a node moves -> [len(which)] bool, any node moved."""
-    n = labels.shape[1]
-    rows = np.arange(len(which))
-    g = graph_of[which]
-    kk, diag = k[g], np.diagonal(W, axis1=1, axis2=2)[g]
-    sub_tot = tot[which]
-    scale, tol = gamma / two_m[g], 1e-12 * two_m[g]
-    moved = np.zeros(len(which), bool)
-    for t in range(n):
-        i = orders[which, t]
-        a = labels[which, i]
-        kic = K[which, i, :]
-        kic[rows, a] -= diag[rows, i]
-        new = _gain_step(kic, sub_tot, a, kk[rows, i], scale, tol, rows)
-        mv = np.flatnonzero(new != a)
-        if mv.size:
-            b, col = which[mv], W[g[mv], i[mv]]
-            K[b, :, a[mv]] -= col
-            K[b, :, new[mv]] += col
-            labels[b, i[mv]] = new[mv]
-            moved[mv] = True
-    tot[which] = sub_tot
-    return moved
-
-
-def _module_totals(kk: np.ndarray, labels: np.ndarray, C: int) -> np.ndarray:
-    """[B, n] strengths and labels -> [B, C] total strength of each module."""
-    B = len(labels)
-    idx = (np.arange(B) * C)[:, None] + labels
-    return np.bincount(idx.ravel(), weights=kk.ravel(), minlength=B * C).reshape(B, C)
-
-
-def _module_weights(W, graph_of, labels) -> np.ndarray:
-    """K [B, n, C]: K[b, i, c] = sum of W[graph_of[b], i, j] over nodes j in module c (columns grouped by label)."""
-    B, n = labels.shape
-    K = np.zeros((B, n, int(labels.max()) + 1))
-    for b in range(B):
-        order = np.argsort(labels[b], kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(labels[b][order]) != 0])
-        K[b][:, labels[b][order][starts]] = np.add.reduceat(W[graph_of[b]][:, order], starts, axis=1)
-    return K
-
-
-def _recompact(labels, K):
-    """Relabel each row 0..C_b - 1 (first appearance) and permute K's module columns the same way."""
-    out = _compact(labels)
-    K2 = np.zeros((K.shape[0], K.shape[1], int(out.max()) + 1))
-    for b in range(len(labels)):
-        used = np.unique(out[b])
-        old = np.zeros(len(used), int)
-        old[out[b]] = labels[b]
-        K2[b][:, used] = K[b][:, old]
-    return out, K2
-
-
-def _compact(labels: np.ndarray) -> np.ndarray:
-    """[B, n] module ids -> the same partition with ids 0..C_b - 1 per row (in order of first appearance)."""
-    out = np.empty_like(labels)
-    for b, row in enumerate(labels):
-        _, first, inverse = np.unique(row, return_index=True, return_inverse=True)
-        out[b] = np.argsort(np.argsort(first))[inverse]
-    return out
-
-
-def _aggregate(K: np.ndarray | None, graphs, g_of, labels, size: int) -> np.ndarray:
-    """Module graphs [B, size, size] (zero-padded): rows of K [B, n, C] summed by module; without K (nothing
-    moved) each instance's graph itself."""
-    B = len(labels)
-    if K is None:
-        return graphs[g_of].copy()
-    out = np.zeros((B, size, size))
-    for b in range(B):
-        C = K.shape[2]
-        order = np.argsort(labels[b], kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(labels[b][order]) != 0])
-        out[b, :len(starts), :C] = np.add.reduceat(K[b][order], starts, axis=0)
-    return out
-
-
-def _levels(Ws, graph_of, rng, gamma):
-    """Multilevel Louvain for instances on graphs Ws [G, n, n] -> (membership [B, n], Q [B])."""
-    B, n = len(graph_of), Ws.shape[1]
-    two_m = Ws.sum((1, 2))
-    graphs, g_of, g_two_m = Ws, graph_of, two_m
-    membership = np.tile(np.arange(n), (B, 1))
-    while True:
-        size = graphs.shape[1]
-        labels = np.tile(np.arange(size), (B, 1))
-        orders = np.argsort(rng.random((B, size)), axis=1)
-        labels, K = _local_moving(graphs, graphs.sum(2), g_two_m, g_of, labels, orders, gamma)
-        membership = np.take_along_axis(labels, membership, axis=1)
-        top = int(labels.max()) + 1
-        graphs = _aggregate(K, graphs, g_of, labels, top)
-        g_of, g_two_m = np.arange(B), two_m[graph_of]
-        if top == size:
-            break
-    trace = np.trace(graphs, axis1=1, axis2=2)
-    q = trace / g_two_m - gamma * (graphs.sum(2) ** 2).sum(1) / g_two_m ** 2
-    return membership, q
-
-
-def louvain_batch(Ws: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0, budget_bytes: int = 1 << 28):
-    """Best-of-n_seeds Louvain for each of G networks. Ws [G, n, n] symmetric non-negative ->
-    (modules [G, n] of the best run, Q [G] its modularity, Q_all [G, n_seeds] every run's modularity).
-    Networks run in groups whose per-instance arrays [seeds, n, n] fit in budget_bytes."""
-    rng = np.random.default_rng(seed)
-    Ws = np.asarray(Ws, np.float64)
-    G, n = len(Ws), Ws.shape[1]
-    per_graph = max(1, budget_bytes // max(1, n_seeds * n * n * 8))
-    modules, q_all = np.zeros((G, n), int), np.zeros((G, n_seeds))
-    for start in range(0, G, per_graph):
-        group = Ws[start:start + per_graph]
-        graph_of = np.repeat(np.arange(len(group)), n_seeds)
-        membership, q = _levels(group, graph_of, rng, gamma)
-        q_all[start:start + len(group)] = q.reshape(len(group), n_seeds)
-        best = q_all[start:start + len(group)].argmax(1)
-        modules[start:start + len(group)] = membership.reshape(len(group), n_seeds, n)[np.arange(len(group)), best]
-    return _compact(modules), q_all.max(1), q_all
-
-
-def louvain(W: np.ndarray, n_seeds: int = 20, seed=0, gamma: float = 1.0):
-    """Best-of-n_seeds Louvain of one network W [n, n] -> (modules [n], Q)."""
-    modules, q, _ = louvain_batch(W[None], n_seeds, seed, gamma)
-    return modules[0], float(q[0])
-
-
 # ------------------------------------------------------------------------------------------------------- null
 
-def _sinkhorn(W: np.ndarray, s: np.ndarray, iters: int = 200, rtol: float = 1e-10) -> np.ndarray:
-    """Symmetric scaling W_ij x_i x_j whose row sums are s (nodes with s = 0 get x = 0)."""
-    x = np.where(s > 0, 1.0, 0.0)
+def _scaling(W: np.ndarray, s: np.ndarray, x: np.ndarray, iters: int = 200, rtol: float = 1e-8) -> np.ndarray:
+    """Symmetric Sinkhorn from start factors x [n]: factors x with row sums of W_ij x_i x_j equal to s
+    (nodes with s = 0 get x = 0)."""
+    x = np.where(s > 0, x, 0.0)
     for _ in range(iters):
         row = W @ x
-        x = np.sqrt(x * np.divide(s, row, out=np.zeros_like(s), where=row > 0))
-        if np.max(np.abs(x * (W @ x) - s)) <= rtol * s.max():
+        if np.max(np.abs(x * row - s)) <= rtol * s.max():
             break
-    return W * x[:, None] * x[None, :]
+        x = np.sqrt(x * np.divide(s, row, out=np.zeros_like(s), where=row > 0))
+    return x
+
+
+def _symmetric(n: int, flat: np.ndarray, flat_t: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[n, n] symmetric matrix with the edge weights w [E] at flat indices flat (upper) and flat_t (lower)."""
+    out = np.zeros(n * n)
+    out[flat] = w
+    out[flat_t] = w
+    return out.reshape(n, n)
+
+
+def _relative_error(strength: np.ndarray, s: np.ndarray) -> float:
+    pos = s > 0
+    return float(np.max(np.abs(strength[pos] - s[pos]) / s[pos])) if pos.any() else 0.0
 
 
 def strength_error(W0: np.ndarray, W1: np.ndarray) -> float:
@@ -390,20 +218,39 @@ def _refine_by_swaps(w, i, j, s, tol, rng, max_steps, candidates=16, partners=40
     return w
 
 
-def _alternate(null, s, values, i, j, W, tol, max_rounds):
-    """Alternate exact-strength scaling and exact-distribution rank replacement -> (null, error)."""
-    error = strength_error(W, null)
+def _ranking(y: np.ndarray) -> np.ndarray:
+    """Indices that sort y [E] (non-negative floats) ascending, as argsort up to ties at 2^-(52 - log2 E) relative
+    precision: the index is packed into the low bits of each value's bit pattern and one int64 sort (a SIMD sort,
+    about 3x faster than argsort) orders both."""
+    bits = max(int(y.size - 1).bit_length(), 1)
+    key = (y.view(np.int64) >> bits << bits) | np.arange(y.size)
+    key.sort()
+    return key & ((1 << bits) - 1)
+
+
+def _alternate(w, s, values, i, j, tol, max_rounds, overshoot: float = 0.5):
+    """Alternate strength scaling and exact-distribution rank replacement from edge weights w [E] (a permutation of
+    the sorted values [E]) on edges (i, j) -> (edge weights, max relative strength error), the best round's.
+    Each scaling aims past the target by (s / strength) ** overshoot (the rank replacement undoes part of every
+    scaling; 0.5 needs about a third fewer rounds than aiming at s, and the fixed point is the same)."""
+    n = len(s)
+    flat, flat_t = i * n + j, j * n + i
+    dense = _symmetric(n, flat, flat_t, w)
+    error, x, target = _relative_error(dense.sum(1), s), np.where(s > 0, 1.0, 0.0), s
     for _ in range(max_rounds):
         if error <= tol:
             break
-        ranks = np.argsort(_sinkhorn(null, s)[i, j])
-        null = np.zeros_like(W)
-        null[i[ranks], j[ranks]] = values
-        null = null + null.T
-        previous, error = error, strength_error(W, null)
-        if error >= previous * 0.999:
+        x = _scaling(dense, target, x)
+        ranked = np.empty_like(w)
+        ranked[_ranking(w * x[i] * x[j])] = values
+        dense = _symmetric(n, flat, flat_t, ranked)
+        strength = dense.sum(1)
+        new_error = _relative_error(strength, s)
+        if new_error >= error * 0.999:
             break
-    return null, error
+        w, error = ranked, new_error
+        target = s * np.divide(s, strength, out=np.ones_like(s), where=strength > 0) ** overshoot
+    return w, error
 
 
 def strength_null(W: np.ndarray, rng, tol: float = STRENGTH_TOL / 2, max_rounds: int = 30):
@@ -415,15 +262,11 @@ def strength_null(W: np.ndarray, rng, tol: float = STRENGTH_TOL / 2, max_rounds:
     i, j = np.triu_indices(len(live), 1)
     i, j = live[i], live[j]
     values = np.sort(W[i, j])
-    null = np.zeros_like(W)
-    null[i, j] = rng.permutation(values)
-    null, error = _alternate(null + null.T, s, values, i, j, W, tol, max_rounds)
+    w, error = _alternate(rng.permutation(values), s, values, i, j, tol, max_rounds)
     if error > tol:
-        w = _refine_by_swaps(null[i, j].copy(), i, j, s, tol, rng, max_steps=min(20 * len(live), 2000))
-        null = np.zeros_like(W)
-        null[i, j] = w
-        null, error = null + null.T, strength_error(W, null + null.T)
-    return null, error
+        w = _refine_by_swaps(w.copy(), i, j, s, tol, rng, max_steps=min(20 * len(live), 2000))
+    null = _symmetric(len(W), i * len(W) + j, j * len(W) + i, w)
+    return null, strength_error(W, null)
 
 
 # ---------------------------------------------------------------------------------------------- modules/layers
@@ -502,24 +345,25 @@ def observed_measures(W: np.ndarray, thresholds, n_louvain: int, seed) -> tuple[
     return rows, modules
 
 
-def null_measures(W: np.ndarray, n_null: int, n_louvain: int, seed, bands, chunk: int = 8, progress=None):
-    """Efficiency, modularity and module-band NMI of n_null strength-preserving nulls of W ->
-    dict of [n_null] arrays: efficiency, modularity, nmi_layers, strength_error."""
-    seeds = np.random.SeedSequence(seed).spawn(n_null)
-    out = {k: np.zeros(n_null) for k in ("efficiency", "modularity", "nmi_layers", "strength_error")}
-    for start in range(0, n_null, chunk):
-        ks = range(start, min(start + chunk, n_null))
-        nulls = []
-        for k in ks:
-            null, out["strength_error"][k] = strength_null(W, np.random.default_rng(seeds[k]))
-            out["efficiency"][k] = global_efficiency(null)
-            nulls.append(null)
-        modules, q, _ = louvain_batch(np.stack(nulls), n_louvain, seeds[start])
-        out["modularity"][list(ks)] = q
-        out["nmi_layers"][list(ks)] = [nmi(m, bands) for m in modules]
-        if progress is not None:
-            progress.update(len(ks))
-    return out
+def one_null(W: np.ndarray, seed, n_louvain: int, bands: np.ndarray) -> dict:
+    """One strength-preserving null of W [n, n] and its measures -> efficiency, modularity (best of n_louvain),
+    nmi_layers (its modules vs the layer bands [n]), strength_error."""
+    rng = np.random.default_rng(seed)
+    null, error = strength_null(W, rng)
+    modules, q, _ = louvain_batch(null[None], n_louvain, rng)
+    return {"efficiency": global_efficiency(null), "modularity": float(q[0]), "nmi_layers": nmi(modules[0], bands),
+            "strength_error": error}
+
+
+def null_seeds(seed, n_null: int) -> list:
+    """The seed of each null network of a network whose analysis seed is `seed`."""
+    return np.random.SeedSequence([*np.atleast_1d(seed), 1]).spawn(n_null)
+
+
+def stack_nulls(rows: list[dict]) -> dict:
+    """[n_null] dicts of one_null -> dict of [n_null] arrays: efficiency, modularity, nmi_layers, strength_error."""
+    keys = ("efficiency", "modularity", "nmi_layers", "strength_error")
+    return {k: np.array([r[k] for r in rows], np.float64) for k in keys}
 
 
 def band(values) -> dict:
@@ -618,21 +462,20 @@ def analysis_thresholds(thresholds) -> tuple[float, ...]:
     return tuple(sorted(set(thresholds) | {1.0, DRAW_FRACTION}))
 
 
-def analyse_network(W, head_layer, thresholds, n_louvain, n_null, n_bands, seed, progress=None) -> dict:
-    """Every measure of one network W [heads, heads]: the sweep, modules, null comparison of the full network."""
-    rows, modules = observed_measures(W, thresholds, n_louvain, seed)
+def analyse_network(W, head_layer, thresholds, n_bands, observed, null) -> dict:
+    """Every measure of one network W [heads, heads] from its observed_measures (rows, modules) and its nulls
+    (stack_nulls): the sweep, modules, the full network against the null."""
+    rows, modules = observed
     bands = layer_bands(head_layer, n_bands)
     full = thresholds.index(1.0)
-    null = null_measures(W, n_null, n_louvain, [*np.atleast_1d(seed), 1], bands, progress=progress)
-    nmi_obs = nmi(modules[full], bands)
     return {
         "sweep": rows, "modules": modules[full], "modules_top": modules[thresholds.index(DRAW_FRACTION)],
         "strength": W.sum(1),
         "efficiency": versus_null(rows[full]["efficiency"], null["efficiency"]),
         "modularity": versus_null(rows[full]["modularity"], null["modularity"]),
-        "nmi_layers": versus_null(nmi_obs, null["nmi_layers"]),
+        "nmi_layers": versus_null(nmi(modules[full], bands), null["nmi_layers"]),
         "null_values": null,
-        "null_strength_error_max": float(null["strength_error"].max()) if n_null else None,
+        "null_strength_error_max": float(null["strength_error"].max()) if len(null["strength_error"]) else None,
     }
 
 
@@ -643,30 +486,65 @@ def _difference(a: dict, b: dict, measure: str) -> dict:
     return versus_null(obs, null, "greater")
 
 
-def _analyse_one(args):
-    return analyse_network(*args)
+NULL_CHUNK = 4                                   # null networks per task of the process pool
+
+
+def _task(task):
+    """One unit of work: ("observed", W, thresholds, n_louvain, seed) -> observed_measures; ("null", W, seeds,
+    n_louvain, bands) -> [one_null per seed]."""
+    kind, W, *rest = task
+    if kind == "observed":
+        return observed_measures(W, *rest)
+    seeds, n_louvain, bands = rest
+    return [one_null(W, s, n_louvain, bands) for s in seeds]
+
+
+def _tasks(inputs, thresholds, n_louvain, n_null, n_bands, seed):
+    """Every (tag, network) unit's tasks: its observed measures, then its nulls in chunks of NULL_CHUNK ->
+    (units [(tag, net)], tasks [(unit index, task)]). Seeds depend only on (seed, tag index, network)."""
+    units = [(tag, net) for tag in inputs for net in NETWORKS]
+    tasks = []
+    for u, (tag, net) in enumerate(units):
+        W, unit_seed = inputs[tag][net], [seed, list(inputs).index(tag), list(NETWORKS).index(net)]
+        bands = layer_bands(inputs[tag]["head_layer"], n_bands)
+        tasks.append((u, ("observed", W, thresholds, n_louvain, unit_seed)))
+        seeds = null_seeds(unit_seed, n_null)
+        tasks += [(u, ("null", W, seeds[k:k + NULL_CHUNK], n_louvain, bands)) for k in range(0, n_null, NULL_CHUNK)]
+    return units, tasks
+
+
+def _run_tasks(tasks, n_jobs: int, bar=None) -> list:
+    """Results of the tasks in order; n_jobs > 1: in that many forked processes, one task at a time each."""
+    def done(result, task):
+        if bar is not None and task[0] == "null":
+            bar.update(len(task[2]))
+        return result
+    if n_jobs == 1 or len(tasks) == 1:
+        return [done(_task(t), t) for t in tasks]
+    import multiprocessing
+
+    from lib.louvain import compile_kernels
+    compile_kernels()
+    with multiprocessing.get_context("fork").Pool(min(n_jobs, len(tasks))) as pool:
+        return [done(r, t) for r, t in zip(pool.imap(_task, tasks), tasks)]
 
 
 def analyse_all(inputs: dict, thresholds, n_louvain, n_null, n_bands, seed, n_jobs: int = 1, bar=None) -> dict:
     """Both networks of every tag ({tag: networks}) and their differences (efficiency syn - red, modularity
-    red - syn) -> {tag: {"syn": ..., "red": ..., differences}}. n_jobs > 1: the (tag, network) units run in
-    forked processes; the seeds depend only on (seed, tag index, network), so the results do not depend on n_jobs."""
-    units = [(tag, net) for tag in inputs for net in NETWORKS]
-    args = [(inputs[tag][net], inputs[tag]["head_layer"], thresholds, n_louvain, n_null, n_bands,
-             [seed, list(inputs).index(tag), list(NETWORKS).index(net)]) for tag, net in units]
-    if n_jobs > 1 and len(args) > 1:
-        import multiprocessing
-        with multiprocessing.get_context("fork").Pool(min(n_jobs, len(args))) as pool:
-            done = []
-            for r in pool.imap(_analyse_one, args):
-                done.append(r)
-                if bar is not None:
-                    bar.update(n_null)
-    else:
-        done = [analyse_network(*a, progress=bar) for a in args]
+    red - syn) -> {tag: {"syn": ..., "red": ..., differences}}. n_jobs > 1: the observed measures and the chunks of
+    null networks run in forked processes; results do not depend on n_jobs (the seeds do not)."""
+    units, tasks = _tasks(inputs, thresholds, n_louvain, n_null, n_bands, seed)
+    results = _run_tasks([t for _, t in tasks], n_jobs, bar)
+    observed, nulls = {}, {u: [] for u in range(len(units))}
+    for (u, task), r in zip(tasks, results):
+        if task[0] == "observed":
+            observed[u] = r
+        else:
+            nulls[u] += r
     out = {tag: {} for tag in inputs}
-    for (tag, net), r in zip(units, done):
-        out[tag][net] = r
+    for u, (tag, net) in enumerate(units):
+        out[tag][net] = analyse_network(inputs[tag][net], inputs[tag]["head_layer"], thresholds, n_bands,
+                                        observed[u], stack_nulls(nulls[u]))
     for r in out.values():
         r["efficiency_syn_minus_red"] = _difference(r["syn"], r["red"], "efficiency")
         r["modularity_red_minus_syn"] = _difference(r["red"], r["syn"], "modularity")

@@ -99,6 +99,16 @@ def test_louvain_matches_bctpy_and_networkx_on_noisy_blocks():
     assert tp.nmi(modules, truth) > 0.9
 
 
+def test_louvain_q_is_the_networkx_modularity_of_its_partition_with_an_isolated_node():
+    W = _lognormal(50, seed=9)
+    W[3, :] = W[:, 3] = 0.0
+    modules, q = tp.louvain(W, n_seeds=3, seed=2)
+    G = nx.from_numpy_array(W)
+    comms = [set(np.flatnonzero(modules == c)) for c in np.unique(modules)]
+    assert q == pytest.approx(nx.community.modularity(G, comms, weight="weight"), abs=1e-12)
+    assert sorted(np.unique(modules)) == list(range(modules.max() + 1))
+
+
 def test_louvain_batch_is_best_of_seeds_per_network():
     Ws = np.stack([_blocks([10, 12], seed=s)[0] for s in range(3)])
     modules, q, q_all = tp.louvain_batch(Ws, n_seeds=4, seed=0)
@@ -127,6 +137,23 @@ def test_null_keeps_weight_distribution_and_strengths_within_one_percent():
     assert np.max(np.abs(s1 - s0) / s0) < 0.01 and err == pytest.approx(np.max(np.abs(s1 - s0) / s0))
     assert np.all(null[7] == 0) and np.allclose(null, null.T) and np.all(np.diag(null) == 0)
     assert np.corrcoef(null[iu], W[iu])[0, 1] < 0.9               # randomised, not a copy
+
+
+def test_null_of_a_heavy_tailed_network_reaches_one_percent():
+    rng = np.random.default_rng(3)
+    hub = rng.lognormal(sigma=0.9, size=300)                      # strengths spread over ~two decades
+    W = _sym(np.outer(hub, hub) * rng.lognormal(sigma=0.6, size=(300, 300)))
+    null, err = tp.strength_null(W, np.random.default_rng(1))
+    iu = np.triu_indices(300, 1)
+    np.testing.assert_array_equal(np.sort(null[iu]), np.sort(W[iu]))
+    assert err == pytest.approx(np.max(np.abs(null.sum(1) - W.sum(1)) / W.sum(1))) and err < 0.01
+
+
+def test_ranking_is_a_stable_argsort():
+    rng = np.random.default_rng(8)
+    y = np.concatenate([rng.random(3000), np.repeat(rng.random(50), 20), np.zeros(10)])  # ties and zeros
+    y = y[rng.permutation(y.size)]
+    np.testing.assert_array_equal(tp._ranking(y), np.argsort(y, kind="stable"))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # inside bctpy's null
