@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['stage']:<{width}}  {r['wall_s']:8.2f}  {r['cpu_s']:8.2f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"shape": list(X.shape), "cores": os.cpu_count(),
                                                "loadavg_before": load_before, "loadavg_after": load_after,
                                                "params": vars(args), "stages": rows}, indent=2))

@@ -204,6 +204,7 @@ def main():
     if args.json == "-":
         print(text)
     else:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
 

@@ -58,6 +58,7 @@ def main() -> int:
     except SlurmUnavailable as e:
         print(f"skipped: SLURM unavailable: {e}")
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"skipped": str(e)}, indent=2))
         return 0
     rows = [("install + start daemons" if results["installed_now"] else "start daemons (installed)", results["start_s"])]
@@ -111,6 +112,7 @@ def main() -> int:
     if alive:
         print(f"WARNING: daemons still alive: {alive}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0 if not alive and results.get("pipeline_ok", True) else 1
 
