@@ -179,7 +179,7 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                              "grad_method": one_of("hooks", "vmap", "loop"), "num_threads": at_least(0),
                              "top_k": at_least(1)},
     "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
-                    "n_null": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
+                    "n_null": at_least(0), "n_boot": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
     "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                            "kv": one_of("any", "all", "none"), "n_random": at_least(1),
                            "seeds": list_of(int, optional=False), "methods": subset_of("sft", "grpo"),

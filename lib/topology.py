@@ -314,13 +314,13 @@ def strength_by_layer(W: np.ndarray, head_layer: np.ndarray):
 
 # ------------------------------------------------------------------------------------------------ one network
 
-def check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs=1) -> tuple[float, ...]:
+def check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs=1, n_boot=0) -> tuple[float, ...]:
     """Validate the analysis settings -> thresholds as floats (TopologyError naming the bad one)."""
     thresholds = tuple(check_threshold(p) for p in thresholds)
     if not thresholds:
         raise TopologyError("thresholds is empty: give at least one fraction of pairs, e.g. [0.1, 1.0]")
     for name, value, low in (("n_null", n_null, 0), ("n_louvain", n_louvain, 1), ("n_bands", n_bands, 1),
-                             ("n_jobs", n_jobs, 1)):
+                             ("n_jobs", n_jobs, 1), ("n_boot", n_boot, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise TopologyError(f"{name} = {value!r}: it must be an integer >= {low}")
     return thresholds
@@ -551,6 +551,51 @@ def analyse_all(inputs: dict, thresholds, n_louvain, n_null, n_bands, seed, n_jo
     return out
 
 
+# ------------------------------------------------------------------------------------- bootstrap over prompts
+
+def _resampled_weights(values: np.ndarray, valid: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    """Per-prompt pair values [prompts, pairs] (NaN where undefined), valid [prompts, pairs] and prompt counts
+    [prompts] of a resample -> [n, n] weights: each pair's mean over the resampled prompts where it is defined,
+    clipped at 0 (no edge where it is defined in none)."""
+    total = counts @ np.where(valid, values, 0.0)
+    seen = counts @ valid
+    mean = np.divide(total, seen, out=np.zeros_like(total), where=seen > 0)
+    W = np.zeros((n, n))
+    W[np.triu_indices(n, 1)] = np.clip(mean, 0.0, None)
+    return W + W.T
+
+
+def prompt_bootstrap(out_dir, mode: str, tag: str, n_boot: int, seed) -> dict:
+    """Percentile bootstrap over prompts of efficiency(syn) - efficiency(red) of the full networks: every pair's
+    per-prompt sts and rtr (lib.phiid.phiid_fast_stats on the tag's activations, the same values as the phiid
+    file's up to rounding), averaged over prompts drawn with replacement -> dict ci95, sd, n_boot, n_prompts,
+    observed (the full-sample difference from the per-prompt values); {"skipped": reason} when there are no
+    per-prompt values (another mode, a redundancy other than MMI, no activations file) or n_boot is 0."""
+    from lib import artifacts
+    from lib.phiid import phiid_fast_stats
+    ph = artifacts.load("phiid", out_dir, tag=tag, mode=mode, keys=["tau", "redundancy"])
+    acts = artifacts.path("activations", out_dir, tag=tag)
+    reason = ("n_boot = 0" if n_boot == 0 else f"mode {mode!r} has no per-prompt values" if mode != "per_prompt"
+              else f"redundancy {_scalar(ph, 'redundancy')!r} is not MMI" if _scalar(ph, "redundancy") != "MMI"
+              else f"{acts.name} is absent" if not acts.exists() else None)
+    if reason:
+        return {"skipped": reason}
+    X = artifacts.load("activations", out_dir, tag=tag, keys=["activations"])["activations"]
+    stats = phiid_fast_stats(X, tau=int(_scalar(ph, "tau")), mode="per_prompt", per_segment=True)
+    P, n = X.shape[0], stats.n_heads
+    valid = stats.valid.astype(np.float64)
+
+    def difference(counts):
+        return (global_efficiency(_resampled_weights(stats.sts, valid, counts, n))
+                - global_efficiency(_resampled_weights(stats.rtr, valid, counts, n)))
+    rng = np.random.default_rng([*np.atleast_1d(seed), 2])
+    draws = np.array([difference(np.bincount(rng.integers(0, P, P), minlength=P).astype(np.float64))
+                      for _ in range(n_boot)])
+    return {"ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
+            "sd": float(draws.std(ddof=1)) if n_boot > 1 else None, "n_boot": n_boot, "n_prompts": P,
+            "observed": difference(np.ones(P))}
+
+
 # ----------------------------------------------------------------------------------------------------- outputs
 
 PAPER_TEXT = ("Gemma-3-4B efficiency syn 0.052 vs red 0.007, modularity syn 0.030 vs red 0.100; Qwen-3-8B "
@@ -582,17 +627,18 @@ def _claim_numbers(t: dict) -> dict:
 
 def claim_block(per_tag: dict, n_null: int) -> dict:
     """Claim C4 (the claims scorecard's shape): efficiency(syn) - efficiency(red) of the trained model's full
-    networks against the same difference between strength-preserving nulls; direction "greater"."""
+    networks, with its bootstrap CI over prompts, against the same difference between strength-preserving nulls;
+    direction "greater"."""
     trained = per_tag[""]
     diff = trained["efficiency_syn_minus_red"]
-    null = diff["null"]
-    details = {"trained": _claim_numbers(trained), "n_null": n_null,
-               "ci_note": "no CI of the observed difference: the PhiID file holds one value per pair (means over "
-                          "prompts); the uncertainty shown is the null band",
+    null, boot = diff["null"], diff.get("bootstrap") or {}
+    ci_note = (f"95% percentile bootstrap over the {boot['n_prompts']} prompts ({boot['n_boot']} resamples)"
+               if "ci95" in boot else f"no CI of the observed difference: {boot.get('skipped', 'not computed')}")
+    details = {"trained": _claim_numbers(trained), "n_null": n_null, "ci_note": ci_note,
                "baselines": {tag: _claim_numbers(t) for tag, t in per_tag.items() if tag}}
     return {"id": "C4", "statistic": "global efficiency (bctpy efficiency_wei on W / max W) of the synergistic "
                                      "minus the redundant network, full weighted networks (unitless)",
-            "value": diff["observed"], "ci95": None,
+            "value": diff["observed"], "ci95": boot.get("ci95"),
             "null": {"name": f"the same difference between {NULL_NAME}, n = {n_null}", "value": null["mean"],
                      "ci95": null["ci95"]},
             "direction": "greater", "paper": {"value": 0.052 - 0.007, "text": PAPER_TEXT},
@@ -636,21 +682,23 @@ def sweep_table(per_tag: dict):
 
 def run_topology(out_dir, mode: str = "per_prompt", thresholds=THRESHOLDS, n_louvain: int = 20,
                  n_null: int = 100, n_bands: int = 3, seed: int = 0, baselines: bool = True,
-                 progress: bool = False, n_jobs: int = 1) -> dict:
+                 progress: bool = False, n_jobs: int = 1, n_boot: int = 200) -> dict:
     """Notebook 08: every measure for the trained model's networks and (baselines) every other phiid tag.
     Checks every input first, then writes topology.json (with the C4 claim block) and modules.csv.
     -> dict: json (the written summary), summary, sweep, modules, strength (DataFrames), networks {tag: nets}."""
     import pandas as pd
     from lib import artifacts, store
-    measured = analysis_thresholds(check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs))
+    measured = analysis_thresholds(check_settings(thresholds, n_louvain, n_null, n_bands, n_jobs, n_boot))
     inputs = load_all(out_dir, mode, baselines)
     bar = _progress(progress, n_null * len(NETWORKS) * len(inputs))
     results = analyse_all(inputs, measured, n_louvain, n_null, n_bands, seed, n_jobs, bar)
     if bar is not None:
         bar.close()
     per_tag = {tag: _json_tag(inputs[tag], r) for tag, r in results.items()}
+    for k, (tag, t) in enumerate(per_tag.items()):
+        t["efficiency_syn_minus_red"]["bootstrap"] = prompt_bootstrap(out_dir, mode, tag, n_boot, [seed, k])
     summary = {"mode": mode, "thresholds": list(measured), "n_louvain": n_louvain, "n_null": n_null,
-               "n_bands": n_bands, "seed": seed, "null": NULL_NAME, "tags": per_tag,
+               "n_boot": n_boot, "n_bands": n_bands, "seed": seed, "null": NULL_NAME, "tags": per_tag,
                "claim": claim_block(per_tag, n_null)}
     modules = modules_table(inputs, results)
     strength = pd.concat([strength_by_layer(nets[net], nets["head_layer"]).assign(tag=tag or "trained", network=net)
@@ -658,7 +706,7 @@ def run_topology(out_dir, mode: str = "per_prompt", thresholds=THRESHOLDS, n_lou
     artifacts.save("modules", out_dir, modules)
     artifacts.save("topology", out_dir, summary)
     store.update_manifest(out_dir, "08_topology", {k: summary[k] for k in ("mode", "thresholds", "n_louvain",
-                                                                          "n_null", "n_bands", "seed")})
+                                                                          "n_null", "n_boot", "n_bands", "seed")})
     return {"json": summary, "summary": summary_table(per_tag), "sweep": sweep_table(per_tag), "modules": modules,
             "strength": strength, "networks": inputs}
 

@@ -235,6 +235,7 @@ def test_no_null_networks_is_allowed(tmp_path):
 
 @pytest.mark.parametrize("bad,match", [
     ({"thresholds": [0.0, 1.0]}, "outside"), ({"thresholds": [1.5]}, "outside"), ({"n_null": -1}, "n_null"),
+    ({"n_boot": -5}, "n_boot"),
 ])
 def test_bad_settings_fail_before_writing(tmp_path, bad, match):
     _phiid_file(tmp_path)
@@ -297,3 +298,43 @@ def test_a_threshold_that_keeps_no_pair_gives_no_modularity():
     assert rows[0]["edges"] == 0 and rows[0]["efficiency"] == 0.0 and np.isnan(rows[0]["modularity"])
     assert rows[1]["edges"] == 10 and np.isfinite(rows[1]["modularity"])
     np.testing.assert_array_equal(modules[0], np.arange(5))
+
+
+# ------------------------------------------------------------------------------- C4 CI: bootstrap over prompts
+
+def test_resampled_weights_by_hand():
+    values = np.array([[1.0, np.nan, -2.0], [3.0, 4.0, -1.0], [5.0, 6.0, 9.0]])    # [prompts, pairs of 3 heads]
+    valid = np.isfinite(values).astype(float)
+    W = tp._resampled_weights(values, valid, np.array([2.0, 0.0, 1.0]), 3)          # prompt 0 twice, 2 once
+    assert W[0, 1] == pytest.approx((2 * 1 + 5) / 3) and W[1, 0] == W[0, 1]
+    assert W[0, 2] == pytest.approx(6.0)                                              # NaN of prompt 0 skipped
+    assert W[1, 2] == pytest.approx(max((2 * -2 + 9) / 3, 0.0)) and np.all(np.diag(W) == 0)
+
+
+def test_c4_ci_is_a_bootstrap_over_prompts_of_the_phiid_files_values(tmp_path):
+    import warnings
+
+    from lib.phiid import DegeneratePairWarning, run_phiid_for_run
+    from tests.test_artifacts import activation_arrays
+    arrays = activation_arrays(0, n_heads=12)
+    rng = np.random.default_rng(1)
+    arrays["activations"] = rng.normal(5, 1, (8, 12, 40)).cumsum(2).astype(np.float32)   # 8 prompts, autocorrelated
+    arrays.update(tokens=np.zeros((8, 40), int), prompt_input_ids=np.zeros((8, 7), int), prompt_lengths=np.full(8, 7),
+                  prompt_ids=np.arange(8), prompt_category=np.array(["a"] * 8),
+                  prompt_text=np.array([f"p{i}" for i in range(8)]))
+    artifacts.save("activations", tmp_path, arrays)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegeneratePairWarning)
+        run_phiid_for_run(tmp_path, modes=["per_prompt"])
+    out = tp.run_topology(tmp_path, n_null=4, n_louvain=2, thresholds=[0.2, 1.0], n_bands=2, n_boot=40)
+    diff = out["json"]["tags"][""]["efficiency_syn_minus_red"]
+    boot, claim = diff["bootstrap"], out["json"]["claim"]
+    assert boot["observed"] == pytest.approx(diff["observed"], abs=1e-9)     # per-prompt values = the file's means
+    assert claim["ci95"] == boot["ci95"] and boot["ci95"][0] < boot["ci95"][1] and boot["n_prompts"] == 8
+    assert "bootstrap over the 8 prompts" in claim["details"]["ci_note"]
+
+
+def test_without_activations_the_c4_claim_says_why_it_has_no_ci(tmp_path):
+    _phiid_file(tmp_path)
+    claim = tp.run_topology(tmp_path, n_null=2, n_louvain=2, baselines=False, n_boot=10)["json"]["claim"]
+    assert claim["ci95"] is None and "activations.npz is absent" in claim["details"]["ci_note"]

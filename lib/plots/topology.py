@@ -139,13 +139,19 @@ def strength_by_layer(strength):
 
 
 def differences(topology_json: dict):
-    """Efficiency syn - red and modularity red - syn per tag, each with its null's 95% band (the C4 test)."""
+    """Efficiency syn - red and modularity red - syn per tag, each with its null's 95% band (the C4 test); the
+    efficiency difference with its bootstrap CI over prompts when the run has one."""
     fig, axes = new_figure(9, 3.4, ncols=2)
     tags = list(topology_json["tags"])
     for ax, key in zip(axes, ("efficiency_syn_minus_red", "modularity_red_minus_syn")):
         for x, tag in enumerate(tags):
             d = topology_json["tags"][tag][key]
             ax.bar(x, d["observed"], color="C2" if tag == "" else "0.6", width=0.6)
+            ci = (d.get("bootstrap") or {}).get("ci95")
+            if ci is not None:
+                err = [[max(d["observed"] - ci[0], 0)], [max(ci[1] - d["observed"], 0)]]
+                ax.errorbar(x, d["observed"], yerr=err, fmt="none", color="C3", capsize=4,
+                            label="observed, 95% bootstrap CI over prompts" if x == 0 else None)
             if d["null"]["ci95"] is not None:
                 lo, hi = d["null"]["ci95"]
                 ax.errorbar(x + 0.38, d["null"]["mean"], yerr=[[d["null"]["mean"] - lo], [hi - d["null"]["mean"]]],
