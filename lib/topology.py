@@ -166,15 +166,14 @@ def _symmetric(n: int, flat: np.ndarray, flat_t: np.ndarray, w: np.ndarray) -> n
 
 
 def _relative_error(strength: np.ndarray, s: np.ndarray) -> float:
+    """Max |strength - s| / s over nodes with s > 0 (0 when there is none)."""
     pos = s > 0
     return float(np.max(np.abs(strength[pos] - s[pos]) / s[pos])) if pos.any() else 0.0
 
 
 def strength_error(W0: np.ndarray, W1: np.ndarray) -> float:
     """Max relative difference of node strengths, over nodes with positive strength in W0."""
-    s0, s1 = W0.sum(1), W1.sum(1)
-    pos = s0 > 0
-    return float(np.max(np.abs(s1[pos] - s0[pos]) / s0[pos])) if pos.any() else 0.0
+    return _relative_error(W1.sum(1), W0.sum(1))
 
 
 def _swap_gains(r, inv_s, a, b, x, y, d):
@@ -560,9 +559,8 @@ def _resampled_weights(values: np.ndarray, valid: np.ndarray, counts: np.ndarray
     total = counts @ np.where(valid, values, 0.0)
     seen = counts @ valid
     mean = np.divide(total, seen, out=np.zeros_like(total), where=seen > 0)
-    W = np.zeros((n, n))
-    W[np.triu_indices(n, 1)] = np.clip(mean, 0.0, None)
-    return W + W.T
+    i, j = np.triu_indices(n, 1)
+    return _symmetric(n, i * n + j, j * n + i, np.clip(mean, 0.0, None))
 
 
 def prompt_bootstrap(out_dir, mode: str, tag: str, n_boot: int, seed) -> dict:
