@@ -280,8 +280,11 @@ def _rank_diff(X, lengths, head_layer, n_layers, labels):
     return rk.variant_score(PRIMARY_VARIANT, pairs, head_layer, n_layers, labels=labels)
 
 
+NULL_KINDS = ("circular", "trend")
+
+
 def head_evidence(out_dir, tag: str = "", truncate_at_eos: bool = False, n_surrogates: int = 20,
-                  seed: int = 0) -> HeadEvidence:
+                  seed: int = 0, null_kind: str = "circular") -> HeadEvidence:
     """Synergy, redundancy and rank_diff of every head from the per-prompt PhiID of the activations (the same
     numbers as phiid_per_prompt.npz, which 04 checks), plus circular-shift surrogates of both. With
     truncate_at_eos only the steps up to each prompt's first end-of-turn token are used (prompts with fewer
@@ -303,8 +306,7 @@ def head_evidence(out_dir, tag: str = "", truncate_at_eos: bool = False, n_surro
     null_r, null_score = [], []
     for k in range(n_surrogates):
         u = np.random.default_rng([seed, k]).random(X.shape[:2])
-        shifted = dg.shift_series(X, np.floor(u * lengths[:, None]).astype(np.int64) % X.shape[2]) \
-            if np.all(lengths == X.shape[2]) else _shift_within(X, lengths, u)
+        shifted = _surrogate(X, lengths, u, null_kind)
         s = _rank_diff(shifted, lengths, head_layer, n_layers, labels)
         null_r.append(stats.spearmanr(s.syn, s.red)[0])
         null_score.append(s.score)
@@ -321,6 +323,21 @@ def series_correlation(X) -> np.ndarray:
     sd = np.sqrt((Z ** 2).sum(-1, keepdims=True))
     Z = np.divide(Z, sd, out=np.zeros_like(Z), where=sd > 0)
     return np.median(np.einsum("pht,pgt->phg", Z, Z), axis=0)
+
+
+def _surrogate(X, lengths, u, null_kind: str):
+    """One surrogate of X [prompts, heads, steps]: every series shifted by offset floor(u x length); "trend" keeps
+    each series' least-squares line (lib.diagnostics.shift_keeping_trend; full-length series only)."""
+    from lib import diagnostics as dg
+    if null_kind not in NULL_KINDS:
+        raise ValueError(f"null_kind must be one of {NULL_KINDS}; got {null_kind!r}")
+    full = np.all(lengths == X.shape[2])
+    if null_kind == "trend" and not full:
+        raise ValueError("the trend-keeping null needs full-length series (truncate_at_eos=False)")
+    if not full:
+        return _shift_within(X, lengths, u)
+    offsets = np.floor(u * lengths[:, None]).astype(np.int64) % X.shape[2]
+    return dg.shift_keeping_trend(X, offsets) if null_kind == "trend" else dg.shift_series(X, offsets)
 
 
 def _shift_within(X, lengths, u):
@@ -697,9 +714,9 @@ def _guard(cid: str, fn, *args, **kwargs) -> Claim:
         return not_tested(cid, f"could not evaluate: {type(e).__name__}: {e}")
 
 
-def _evidence(out_dir, tag, truncate, n_surrogates, seed):
+def _evidence(out_dir, tag, truncate, n_surrogates, seed, null_kind="circular"):
     try:
-        return head_evidence(out_dir, tag, truncate, n_surrogates, seed), None
+        return head_evidence(out_dir, tag, truncate, n_surrogates, seed, null_kind), None
     except Exception as e:                                      # noqa: BLE001  (reported in claims.json)
         return None, f"{type(e).__name__}: {e}"
 
@@ -717,9 +734,19 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0)
     c1 = claim_c1(trained, rand, eos, n_boot, seed) if trained else not_tested("C1", why, ["activations", "phiid"])
     c3 = claim_c3(trained, rand, checkpoints, n_boot, seed) if trained else not_tested("C3", why)
     c2 = _guard("C2", claim_c2, trained, eos, n_boot, seed) if trained else not_tested("C2", why)
+    trend = _evidence(out_dir, "", False, n_surrogates, seed, "trend")[0] if trained is not None else None
+    if trend is not None:
+        add_trend_null(c1, c2, trend, n_boot, seed)
     return [c1, c2, c3,
             _guard("C4", claim_c4, out_dir), _guard("C5", claim_c5, out_dir, seed=seed),
             _guard("C6", claim_c6, out_dir), _guard("C7", claim_c7, out_dir)]
+
+
+def add_trend_null(c1: Claim, c2: Claim, trend: HeadEvidence, n_boot: int, seed: int) -> None:
+    """C1 and C2 again with the null that keeps each series' linear trend: how the verdicts move."""
+    c1.details["trend_kept_null"] = _c1_numbers(trend, n_boot, seed)
+    c2.details["trend_kept_null"] = {"verdict": claim_c2(trend, None, n_boot, seed).verdict,
+                                     "beyond_null": _profile_row(profile_verdicts(trend, n_boot, seed)["beyond_null"])}
 
 
 def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0) -> Path:

@@ -313,6 +313,15 @@ def shift_series(X, offsets) -> np.ndarray:
     return np.take_along_axis(X, idx, axis=-1)
 
 
+def shift_keeping_trend(X, offsets) -> np.ndarray:
+    """Surrogate that keeps each series' least-squares line: line + the residuals shifted circularly by offsets
+    [prompts, heads]. A drift shared by every head stays aligned (it counts as null, not as redundancy), the
+    residuals' circular autocorrelation is kept, their timing between heads is broken."""
+    X = np.asarray(X, np.float64)
+    resid = linear_detrend(X)
+    return X - resid + shift_series(resid, offsets)
+
+
 def circular_shift(X, rng, return_offsets: bool = False):
     """Surrogate: shift each head's series within each prompt circularly by an independent uniform random
     offset in [0, steps). Keeps every series' values and its circular autocorrelation exactly; breaks the

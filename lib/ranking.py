@@ -565,7 +565,8 @@ def inverted_u_table(scores: dict[str, VariantScore], head_layer, n_layers, n_bo
                      null: dict | None = None) -> pd.DataFrame:
     """lib.diagnostics.inverted_u_test of every variant's head scores. With `null` (surrogate_scores) the test
     runs on the excess over the null instead: score - the head's mean surrogate score, i.e. only what the
-    timing between heads adds to what each head's own series (autocorrelation, drift, level) already gives."""
+    timing between heads adds to what each head's own values and circular autocorrelation already give (a shift
+    does not keep a trend: see lib.diagnostics.shift_keeping_trend)."""
     rows = []
     for name, s in scores.items():
         values = s.score if null is None else s.score - np.asarray(null[name]).mean(0)

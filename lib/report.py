@@ -346,6 +346,14 @@ def _extra_lines(c: dict) -> list[str]:
                          f" -> {e.get('verdict')}")
         elif isinstance(e, dict) and "raw" in e:
             lines.append(f"{label}: raw {e.get('raw')}, beyond null {e.get('beyond_null')}")
+    t = d.get("trend_kept_null")
+    if isinstance(t, dict) and "r" in t:
+        lines.append(f"null keeping each series' trend: band {_with_ci(t['null_mean'], t['null_ci95'])} -> "
+                     f"{t['verdict']}")
+    elif isinstance(t, dict) and "verdict" in t:
+        b = t["beyond_null"]
+        lines.append(f"null keeping each series' trend: mid - early {_with_ci(b['value'], [b['lo'], b['hi']])} "
+                     f"({b['verdict']}) -> {t['verdict']}")
     dup = (d.get("random_init") or {}).get("near_duplicate_heads") or d.get("random_init_near_duplicate_heads")
     if dup:
         lines.append(f"random-init copy: {dup['heads']} of {dup['of_heads']} heads have a near copy (series r >= "

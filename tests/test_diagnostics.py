@@ -309,3 +309,19 @@ def test_pair_bootstrap_accounts_for_pairs_sharing_heads():
     table = dg.correlation_ci_table(pd.DataFrame({"synergy": u, "redundancy": u + rng.standard_normal(n)}),
                                     pd.DataFrame({"i": i, "j": j, "sts": x, "rtr": y}), n_boot=200)
     assert list(table["level"]) == ["head", "pair"] and (table["spearman_lo"] <= table["spearman"]).all()
+
+
+def test_shift_keeping_trend_keeps_the_line_and_shifts_the_residuals():
+    from lib.diagnostics import linear_detrend, shift_keeping_trend, shift_series
+    rng = np.random.default_rng(5)
+    T = 50
+    t = np.arange(T)
+    X = 10 - 5.0 * t[None, None, :] / T + rng.standard_normal((2, 3, T))     # a shared linear decline
+    offsets = rng.integers(0, T, (2, 3))
+    S = shift_keeping_trend(X, offsets)
+    line = X - linear_detrend(X)
+    assert np.allclose(S - line, shift_series(linear_detrend(X), offsets))      # residuals shifted by hand
+    slope = lambda Y: np.polyfit(t, Y.reshape(-1, T).T, 1)[0]                  # noqa: E731
+    assert np.allclose(slope(S - shift_series(linear_detrend(X), offsets)), slope(X), atol=1e-12)
+    assert abs(slope(S).mean() - slope(X).mean()) < 0.02                        # the shared trend survives...
+    assert abs(slope(shift_series(X, offsets)).mean()) < abs(slope(X).mean()) / 2  # ...a plain shift cuts it
