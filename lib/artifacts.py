@@ -599,7 +599,7 @@ def save_file(name: str, p, data) -> Path:
     if a.format != "jsonl":
         raise ArtifactError(f"artifact {a.name!r} ({a.format}) is written by {a.producer}, not through lib.artifacts")
     with store.atomic_path(p) as tmp:
-        tmp.write_text("".join(json.dumps(store._jsonable(row)) + "\n" for row in data))
+        tmp.write_text("".join(json.dumps(store.jsonable(row), allow_nan=False) + "\n" for row in data))
     return p
 
 
@@ -618,7 +618,7 @@ def append(name: str, out_dir, rows: list, tag: str = "", **fields: Any) -> Path
     from lib import store
     p = a.path(out_dir, tag, None, **fields)
     with open(p, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(store._jsonable(row)) + "\n" for row in rows))
+        f.write("".join(json.dumps(store.jsonable(row), allow_nan=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
     return p

@@ -49,7 +49,7 @@ import numpy as np
 from scipy import stats
 
 from lib import artifacts
-from lib.store import ArtifactError
+from lib.store import ArtifactError, jsonable
 from lib.verdicts import VERDICTS, Evidence, decide, power, settle_factor
 
 TABLE_TEXT = ("supported: CI beyond the null band in the claimed direction; opposite: beyond it the other way; "
@@ -157,23 +157,7 @@ class Claim:
     settle: dict = field(default_factory=dict)        # factor, params {key: value} when underpowered
 
     def as_dict(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    return x
+        return jsonable(asdict(self))
 
 
 def new_claim(cid: str) -> Claim:

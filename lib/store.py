@@ -71,7 +71,7 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
 
 def save_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
     return Path(path)
 
 
@@ -225,15 +225,17 @@ def update_manifest(out_dir: str | os.PathLike, section: str, entry: dict, merge
     return manifest
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """obj with numpy arrays and scalars as plain Python, NaN and inf as None (strict JSON: every parser reads it),
+    paths as strings."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return jsonable(obj.item())
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     if isinstance(obj, Path):

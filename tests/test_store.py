@@ -229,3 +229,29 @@ def test_clean_temp_files_can_keep_to_one_notebooks_files(tmp_path):
     assert clean_temp_files(tmp_path, ["made*"]) == [mine]
     assert theirs.exists() and not mine.exists()
     assert clean_temp_files(tmp_path) == [theirs]
+
+
+def test_json_is_strict_nan_and_inf_become_null(tmp_path):
+    import json
+    from lib.store import save_json
+    path = save_json(tmp_path / "x.json", {"a": np.float64("nan"), "b": np.array([1.0, np.inf]), "c": float("-inf"),
+                                           "d": np.float32(2.5), "e": [np.int64(3)]})
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"a": None, "b": [1.0, None], "c": None,
+                                                                   "d": 2.5, "e": [3]}
+
+
+def test_the_wheel_holds_every_module_and_template(tmp_path):
+    """Packaging by discovery: a built wheel (not the editable install) has every module of lib and its templates."""
+    import subprocess
+    import sys
+    import zipfile
+    from lib import REPO_ROOT
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(REPO_ROOT)], check=True, capture_output=True, timeout=300)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("headinfo-*.whl"))).namelist())
+    lib_dir = REPO_ROOT / "lib"
+    wanted = {str(p.relative_to(REPO_ROOT)) for p in lib_dir.rglob("*.py")} | \
+             {str(p.relative_to(REPO_ROOT)) for p in (lib_dir / "templates").glob("*.j2")}
+    assert not wanted - names, f"missing from the wheel: {sorted(wanted - names)}"
