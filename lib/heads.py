@@ -21,8 +21,6 @@ import torch
 from lib.hooks import hooks
 from lib.models import ArchInfo
 
-HOOK_POINT = "attn_out.input"
-
 
 class HeadHooks:
     """Context manager installing the per-head hook (site "head_out" of lib.hooks) on every layer; always removes

@@ -42,7 +42,6 @@ from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with --set out_dir=...
-SECTION_KEYS = {"shards"}          # read by the runner and slurm/pipeline.sh, never passed to the notebook
 
 
 class ParamsError(ValueError):

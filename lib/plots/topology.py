@@ -162,7 +162,3 @@ def differences(topology_json: dict):
     axes[0].legend(fontsize=7)
     fig.suptitle("Trained vs baselines: network differences against the null")
     return fig
-
-
-def close_all():
-    plt.close("all")
