@@ -197,6 +197,25 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one mapping of a params file (YAML keeps the last one silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (a top-level key, a notebook section or a key
+    inside a section), naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(params_path: str | os.PathLike, overrides: list[str] = ()) -> tuple[str, dict, dict]:
     """-> (run name, shared keys, {notebook: section}) with --set overrides applied."""
     path = Path(params_path)
@@ -204,9 +223,11 @@ def load_params(params_path: str | os.PathLike, overrides: list[str] = ()) -> tu
         available = sorted(p.name for p in (REPO_ROOT / "params").glob("*.yaml"))
         raise ParamsError(f"params file {str(path)!r} not found; available in params/: {available}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
     notebooks = pipeline_notebooks()
@@ -262,6 +283,11 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
     problems = [p for name in sorted(sections) for p in constraints.problems(name, _merged(name, shared, sections, declared))]
     if problems:
         raise ParamsError("invalid value(s): " + "; ".join(problems))
+    needs_model = [n for n in sorted(sections) if "model" in declared[n] and "model" not in sections[n]]
+    if needs_model and "model" not in shared:
+        raise ParamsError(f"run {run!r} names no model: add a top-level `model:` (e.g. model: bundled:smollm2-135m, "
+                          f"a Hugging Face id or random:llama); {needs_model[0]} would otherwise use its notebook "
+                          f"default, a tiny random test model")
     if only:
         unknown = [o for o in only if o not in sections]
         if unknown:

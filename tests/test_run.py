@@ -1,4 +1,5 @@
 """The runner: params validation against the notebooks' declared parameters, overrides, end to end on tiny.yaml."""
+import re
 import json
 import subprocess
 import sys
@@ -13,9 +14,15 @@ from lib.store import ArtifactError
 from lib.run import ParamsError, build_steps, declared_parameters, load_params, parse_value, pipeline_notebooks
 
 
-def write_params(tmp_path, text, name="myrun"):
+def write_params(tmp_path, text, name="myrun", model=True):
+    """A params file; a run whose notebooks take a model and that names none gets `model: random:llama`
+    (model=False: as given)."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
+    nbs = pipeline_notebooks()
+    takes = any(line.rstrip(":{} ") in nbs and "model" in declared_parameters(nbs[line.rstrip(":{} ")])
+                for line in text.splitlines() if not line.startswith(" "))
+    has_model = any(line.startswith("model:") for line in text.splitlines())
+    path.write_text("model: random:llama\n" + text if takes and model and not has_model else text)
     return path
 
 
@@ -681,3 +688,23 @@ def test_shards_key_is_read_by_the_runner_not_passed_to_the_notebook(tmp_path):
     assert steps_for(write_params(tmp_path, "05_ablation: {}\n"), ["05_ablation.shards=5"])[0].shards == 5
 
 
+
+
+@pytest.mark.parametrize("text, where", [
+    ("model: random:llama\nseed: 0\nseed: 1\n02_phiid: {}\n", "'seed' is given twice (lines 2 and 3)"),
+    ("model: random:llama\n02_phiid:\n  tau: 1\n  tau: 2\n", "'tau' is given twice (lines 3 and 4)"),
+    ("model: random:llama\n02_phiid:\n  tau: 1\n02_phiid:\n  tau: 2\n", "'02_phiid' is given twice (lines 2 and 4)"),
+])
+def test_duplicate_keys_are_refused_naming_the_key_and_lines(tmp_path, text, where):
+    from lib.run import ParamsError, load_params
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=re.escape(where)) as e:
+        load_params(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_run_without_a_model_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"names no model: add a top-level `model:`"):
+        steps_for(write_params(tmp_path, "01_extract_activations:\n  n_tokens: 30\n", model=False))
+    assert steps_for(write_params(tmp_path, "model: random:llama\n01_extract_activations:\n  n_tokens: 30\n"))

@@ -207,7 +207,7 @@ def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
 
 def test_pipeline_refuses_bad_params_before_submitting(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(PARAMS.read_text() + "\n01_extract_activations:\n  n_tokens: many\n")
+    bad.write_text(PARAMS.read_text().replace("  n_tokens: 24\n", "  n_tokens: many\n", 1))
     r = subprocess.run([str(PIPELINE), str(bad), "--dry-run"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "n_tokens" in r.stderr and "sbatch" not in r.stdout
     r = subprocess.run([str(PIPELINE), str(PARAMS), "--dry-run", "--from", "99_nope"], capture_output=True, text=True,
