@@ -276,7 +276,7 @@ def prepare(out_dir, model: str | None = None, variants=("rank_diff",), fraction
     calibrate=True the plan must go through calibrate(...).apply(plan) before run_behaviour."""
     variants, perturbations = _as_list(variants), _as_list(perturbations)
     calibration_sigmas = _as_list(calibration_sigmas)
-    sigmas = _as_list(sigmas) if "noise" in perturbations and not calibrate else []
+    sigmas = _as_list(sigmas) if "noise" in perturbations and calibrate is not True else []
     check_settings(variants, fraction, n_random, perturbations, None if calibrate is True else sigmas,
                    max_new_tokens, batch_size, seed)
     check_calibration(calibrate, calibration_sigmas, calibration_problems, calibration_sets,
