@@ -598,7 +598,8 @@ class Calibration:
     def from_result(cls, settings: CalibrationSettings, result: "BehaviourResult") -> "Calibration":
         """Pick the sigma from the sweep's generations (result of calibration_plan)."""
         base, sigmas = result.correct[0], list(settings.sigmas)
-        rnd = np.stack([result.correct[result.index("random", "noise", s)] for s in sigmas])   # [sigmas, sets, problems]
+        # [sigmas, sets, problems]
+        rnd = np.stack([result.correct[result.index("random", "noise", s)] for s in sigmas])
         seeds = [c.seed for c in result.plan.conditions if c.kind == "random" and c.sigma == sigmas[0]]
         relative = [relative_accuracy(r, base, seed=result.plan.seed)[0] for r in rnd]
         sigma, at, note = pick_sigma(sigmas, relative, settings.target)
@@ -708,7 +709,8 @@ def relative_difference(cond: np.ndarray, random: np.ndarray, base: np.ndarray, 
             "n_boot": int(len(rel))}
 
 
-def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
     """Mean accuracy of the random sets / baseline accuracy, with the paired bootstrap CI of relative_difference
     (random [sets, problems] bool, base [problems] bool) -> (value, ci low, ci high); NaN without baseline."""
     zero = np.zeros(random.shape[1], dtype=bool)
@@ -830,7 +832,8 @@ class BehaviourResult:
         cal = self.plan.calibration
         return {"problems": len(self.plan.problems), "random_sets": self.plan.n_random, "heads_per_set": self.plan.k,
                 "heads_total": self.plan.n_heads_total, "variants": len(self.plan.variants),
-                "calibration_problems": cal.n_problems if cal else 0, "calibration_random_sets": cal.n_sets if cal else 0,
+                "calibration_problems": cal.n_problems if cal else 0,
+                "calibration_random_sets": cal.n_sets if cal else 0,
                 "calibration_sigmas": len(cal.sigmas) if cal else 0}
 
     def claim(self) -> dict:
@@ -842,7 +845,8 @@ class BehaviourResult:
         rel = tests["relative"]["synergistic"]
         rnd_acc = self.correct[self.index("random", perturbation, sigma)].mean(-1)
         base = self.table.iloc[self.index("baseline")[0]]
-        spread = (rnd_acc - rnd_acc.mean()) / base["accuracy"] if base["accuracy"] > 0 else np.full(len(rnd_acc), np.nan)
+        spread = (rnd_acc - rnd_acc.mean()) / base["accuracy"] if base["accuracy"] > 0 else \
+            np.full(len(rnd_acc), np.nan)
         unit = f", sigma {sigma:g} weight sd" if perturbation == "noise" else ""
         return {"id": "C6",
                 "statistic": f"(accuracy(top {self.plan.fraction:.0%} synergistic heads perturbed) - mean accuracy("

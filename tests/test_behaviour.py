@@ -387,7 +387,8 @@ def test_outputs_and_claim_block(run_dir, tiny):
                           "paper_effect", "paper_effect_note", "validity", "sample_sizes", "by_variant", "calibration"}
     assert claim["id"] == "C6" and claim["direction"] == "less" and claim["n"] == 6
     assert set(claim["null"]) == {"name", "value", "ci95"} and claim["null"]["value"] == 0
-    assert set(claim["paper"]) == {"value", "text"} and claim["paper"]["value"] == pytest.approx((28 - 44) / 58, abs=1e-3)
+    assert set(claim["paper"]) == {"value", "text"}
+    assert claim["paper"]["value"] == pytest.approx((28 - 44) / 58, abs=1e-3)
     assert claim["paper_effect"] == -0.276 and "(28 - 44) / 58" in claim["paper_effect_note"]
     c = result.correct
     syn = result.index("synergistic", "zero", 0.0, "rank_diff")[0]
