@@ -248,6 +248,16 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "accuracy": _k("float", "conditions"), "ci_low": _k("float", "conditions"),
                  "ci_high": _k("float", "conditions"), "n_problems": _k("int", "conditions"),
              }),
+    Artifact("behaviour_calibration", "behaviour_calibration.csv", "09_task_behaviour",
+             "dose sweep before the main measurement: accuracy of the baseline and of random head sets per noise sigma "
+             "(CIs), relative to the baseline, the target and the chosen sigma (no rows when calibrate is false)", {
+                 "kind": _k("str", "rows"), "seed": _k("int", "rows"), "sigma": _k("float", "rows"),
+                 "n_problems": _k("int", "rows"), "n_correct": _k("float", "rows"), "accuracy": _k("float", "rows"),
+                 "ci_low": _k("float", "rows"), "ci_high": _k("float", "rows"),
+                 "relative_accuracy": _k("float", "rows"), "relative_ci_low": _k("float", "rows"),
+                 "relative_ci_high": _k("float", "rows"), "target": _k("float", "rows"),
+                 "chosen_sigma": _k("float", "rows"),
+             }),
     Artifact("behaviour_generations", "behaviour_generations.jsonl", "09_task_behaviour",
              "per condition and problem: generated text, extracted answer, correctness"),
     Artifact("behaviour_summary", "behaviour_summary.json", "09_task_behaviour",

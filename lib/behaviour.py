@@ -25,14 +25,35 @@ differ per condition, so each (noise condition, problem batch) is its own forwar
 entry and restored bit-exactly on exit, around every batch. Rows that finished are dropped from the batch (and
 from the KV cache) while the others continue.
 
+Dose calibration (`calibrate=True`, before the main measurement). A fixed sigma can put every condition at the
+floor (SmolLM2-135M at sigma 1: 0-3 of 60 problems for every head set), where "synergistic hurts more than random"
+cannot be seen. The calibration sweeps `calibration_sigmas` (a log grid) on `calibration_sets` random head sets of k
+heads (seeds seed + 1000, seed + 1001, ...: not the main random sets) and the baseline, over the first
+`calibration_problems` problems, and picks the sigma at which the random sets keep `target_relative_accuracy` of
+the baseline's accuracy (default 0.76 = 44 / 58, the paper's random / baseline in Fig 4b): pick_sigma interpolates
+linearly in log sigma between the last grid point at or above the target and the first one below it. The main
+measurement then runs at that one sigma (`sigmas` is used only when calibrate is false).
+
+Validity (floor / ceiling). A comparison is invalid when the random sets' mean number of correct problems lies
+within max(2, 5 % of n) problems of 0 (floor: everything is broken) or of the baseline's (ceiling: the dose does
+nothing), for every perturbation setting (noise sigmas and zero).
+
+C6 statistic. value = (acc(synergistic) - mean acc(random sets)) / acc(baseline), all on the same problems: the
+relative accuracy difference, comparable across models of different baseline skill (the paper: (28 - 44) / 58 =
+-0.276). Its 95 % CI is a paired bootstrap over problems: each replicate resamples the problems once (the same
+indices for the synergistic set, every random set and the baseline) and divides that replicate's difference by
+that replicate's baseline accuracy (replicates with baseline 0 dropped); se is the replicates' sd.
+
 Resumable: the work units are (condition group, problem batch), with group = all zero conditions of one
 perturbation, or one baseline / noise condition; after every unit its rows are appended to
 behaviour_checkpoint_<settings hash>.jsonl (lib.artifacts), so a rerun with the same settings continues where it
 stopped with identical results.
 
     plan = prepare("outputs/run", model="bundled:smollm2-135m", variants=["rank_diff"], sigmas=[1.0])
+    calibration = calibrate(model, tokenizer, arch, plan)    # the dose sweep (nothing runs when calibrate=False)
+    plan = calibration.apply(plan)                           # main conditions at the chosen sigma
     result = run_behaviour(model, tokenizer, arch, plan)     # BehaviourResult
-    result.save("outputs/run")                               # behaviour.csv, behaviour_generations.jsonl, summary
+    result.save("outputs/run")           # behaviour.csv, behaviour_calibration.csv, generations, summary
 """
 from __future__ import annotations
 
@@ -41,7 +62,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,9 +81,16 @@ from lib.store import ArtifactError
 
 PERTURBATIONS = ("zero", "noise")
 KINDS = ("baseline", "synergistic", "redundant", "random", "layer_matched")
-PAPER = {"value": -0.16,
+PAPER_EFFECT = round((28 - 44) / 58, 3)          # -0.276: (synergistic - random) / baseline, Fig 4b
+PAPER_EFFECT_NOTE = ("Gemma-3-4B MATH accuracy read off Fig 4b (approximate): baseline 58 %, random 44 %, synergistic "
+                     "28 %; the relative difference (synergistic - random) / baseline = (28 - 44) / 58 = -0.276 "
+                     "(-16 accuracy points out of the baseline's 58)")
+PAPER = {"value": PAPER_EFFECT,
          "text": "Gemma-3-4B MATH accuracy: baseline 58, redundant 52, random 44, synergistic 28 (%; read off "
-                 "Fig 4b, approximate; sigma not stated): synergistic - random = -16 points"}
+                 "Fig 4b, approximate; sigma not stated): (synergistic - random) / baseline = -16 / 58 = -0.276"}
+TARGET_RELATIVE_ACCURACY = 0.76                   # 44 / 58: the paper's random sets keep 76 % of the baseline
+CALIBRATION_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
+CALIBRATION_SEED_OFFSET = 1000                    # calibration random sets: seeds seed + 1000 + i
 
 # ----------------------------------------------------------------------------- conditions
 
@@ -131,10 +159,21 @@ class BehaviourPlan:
     answer_prefix: str = tasks.ANSWER_PREFIX
     task: str = "arithmetic"
     n_heads_total: int = 0
+    sets: list = field(default_factory=list)              # head_sets(...): (kind, variant, seed, heads)
+    calibration: "CalibrationSettings | None" = None      # None: calibrate=False
+    calibrated: "Calibration | None" = None               # set by Calibration.apply
 
     @property
     def k(self) -> int:
         return max(1, int(round(self.fraction * self.n_heads_total)))
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    sigmas: tuple[float, ...]      # ascending, > 0 (a log grid)
+    n_problems: int                # the first n_problems of the plan's problems
+    n_sets: int                    # random head sets
+    target: float                  # relative accuracy of the random sets to aim at, in (0, 1)
 
 
 def _positive_int(name: str, value, hint: str) -> None:
@@ -156,7 +195,7 @@ def check_settings(variants, fraction, n_random, perturbations, sigmas, max_new_
            if p not in PERTURBATIONS]
     if not isinstance(perturbations, (list, tuple)) or not perturbations or bad:
         raise ValueError(f"perturbations must be a non-empty list of {list(PERTURBATIONS)}; got {perturbations!r}")
-    if "noise" in perturbations:
+    if "noise" in perturbations and sigmas is not None:        # None: the sigma comes from the calibration
         if not isinstance(sigmas, (list, tuple)) or not sigmas:
             raise ValueError(f"sigmas must be a non-empty list of noise levels >= 0 (units of the weights' "
                              f"standard deviation), e.g. [1.0]; got {sigmas!r}")
@@ -168,6 +207,27 @@ def check_settings(variants, fraction, n_random, perturbations, sigmas, max_new_
     _positive_int("batch_size", batch_size, "rows per forward pass")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer; got {seed!r}")
+
+
+def check_calibration(calibrate, sigmas, n_problems, n_sets, target, perturbations) -> None:
+    """Raise ValueError naming the first bad calibration setting."""
+    if not isinstance(calibrate, bool):
+        raise ValueError(f"calibrate must be true or false; got {calibrate!r}")
+    if not calibrate:
+        return
+    if "noise" not in perturbations:
+        raise ValueError(f"calibrate: true tunes the noise sigma, but perturbations={list(perturbations)} has no "
+                         f"'noise': add 'noise' or set calibrate: false")
+    bad = [s for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])
+           if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0]
+    if not isinstance(sigmas, (list, tuple)) or not sigmas or bad:
+        raise ValueError(f"calibration_sigmas must be a non-empty list of noise levels > 0 (a log grid in units of "
+                         f"the weights' sd, e.g. [0.05, 0.1, 0.2, 0.5, 1.0]); got {sigmas!r}")
+    _positive_int("calibration_problems", n_problems, "problems of the dose sweep, e.g. 30")
+    _positive_int("calibration_sets", n_sets, "random head sets of the dose sweep, e.g. 3")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ValueError(f"target_relative_accuracy must lie in (0, 1) (random sets' accuracy / baseline accuracy "
+                         f"to aim at; the paper's 44 / 58 = 0.76); got {target!r}")
 
 
 def load_rankings(out_dir: Path, variants: list[str], model: str | None) -> pd.DataFrame:
@@ -209,19 +269,29 @@ def check_rankings_model(rankings: pd.DataFrame, arch: ArchInfo, where: str = "r
 def prepare(out_dir, model: str | None = None, variants=("rank_diff",), fraction: float = 0.25, n_random: int = 10,
             perturbations=("noise",), sigmas=(1.0,), task: str = "arithmetic", n_problems: int | None = 100,
             difficulty: int = 2, task_seed: int = 0, seed: int = 0, max_new_tokens: int = 48, batch_size: int = 32,
-            chat_template: bool = True, answer_prefix: str = tasks.ANSWER_PREFIX) -> BehaviourPlan:
-    """Validate every setting, the task set and rankings.csv (nothing is written) -> BehaviourPlan."""
+            chat_template: bool = True, answer_prefix: str = tasks.ANSWER_PREFIX, calibrate: bool = False,
+            calibration_sigmas=CALIBRATION_SIGMAS, calibration_problems: int = 30, calibration_sets: int = 3,
+            target_relative_accuracy: float = TARGET_RELATIVE_ACCURACY) -> BehaviourPlan:
+    """Validate every setting, the task set and rankings.csv (nothing is written) -> BehaviourPlan. With
+    calibrate=True the plan must go through calibrate(...).apply(plan) before run_behaviour."""
     variants, perturbations = _as_list(variants), _as_list(perturbations)
-    sigmas = _as_list(sigmas) if "noise" in perturbations else []
-    check_settings(variants, fraction, n_random, perturbations, sigmas, max_new_tokens, batch_size, seed)
+    calibration_sigmas = _as_list(calibration_sigmas)
+    sigmas = _as_list(sigmas) if "noise" in perturbations and calibrate is not True else []
+    check_settings(variants, fraction, n_random, perturbations, None if calibrate is True else sigmas,
+                   max_new_tokens, batch_size, seed)
+    check_calibration(calibrate, calibration_sigmas, calibration_problems, calibration_sets,
+                      target_relative_accuracy, perturbations)
     problems = tasks.load_task(task, n_problems, "test", difficulty, task_seed)
     out_dir = Path(out_dir)
     rankings = load_rankings(out_dir, variants, model)
     n_heads = int(rankings["head"].max()) + 1
     sets = head_sets(rankings, variants, float(fraction), n_random, seed, n_heads)
+    cal = CalibrationSettings(tuple(sorted(float(s) for s in calibration_sigmas)),
+                              min(int(calibration_problems), len(problems)), int(calibration_sets),
+                              float(target_relative_accuracy)) if calibrate else None
     return BehaviourPlan(out_dir, model or "", problems, make_conditions(sets, perturbations, sigmas), variants,
                          float(fraction), n_random, perturbations, [float(s) for s in sigmas], seed, max_new_tokens,
-                         batch_size, bool(chat_template), str(answer_prefix), task, len(rankings))
+                         batch_size, bool(chat_template), str(answer_prefix), task, len(rankings), sets, cal)
 
 
 def _as_list(value):
@@ -434,6 +504,9 @@ def run_behaviour(model, tokenizer, arch: ArchInfo, plan: BehaviourPlan, progres
     """Generate and check every (condition, problem), resuming from the checkpoint; see the module docstring.
     on_unit(unit) is called after each unit computed in this process (tests check the weights there)."""
     t0 = time.perf_counter()
+    if plan.calibration is not None and plan.calibrated is None:
+        raise ValueError("this plan has calibrate=True: run calibration = calibrate(model, tokenizer, arch, plan) and "
+                         "plan = calibration.apply(plan) before run_behaviour")
     check_model(plan, arch, tokenizer)
     prompts = [tasks.encode_problem(tokenizer, p, plan.chat_template, plan.answer_prefix) for p in plan.problems]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -453,6 +526,130 @@ def run_behaviour(model, tokenizer, arch: ArchInfo, plan: BehaviourPlan, progres
     bar.close()
     rows = [r for u in units for r in ckpt.rows[u.name]]
     return BehaviourResult.from_rows(plan, rows, runner.scale, time.perf_counter() - t0, len(todo), ckpt.path)
+
+
+# ----------------------------------------------------------------------------- dose calibration
+
+CALIBRATION_COLUMNS = ["kind", "seed", "sigma", "n_problems", "n_correct", "accuracy", "ci_low", "ci_high",
+                       "relative_accuracy", "relative_ci_low", "relative_ci_high", "target", "chosen_sigma"]
+
+
+def pick_sigma(sigmas, relative, target: float) -> tuple[float, float, str]:
+    """The sigma at which the random sets' relative accuracy (mean accuracy / baseline accuracy) first falls below
+    `target`: linear interpolation in log sigma between the last grid point at or above the target and the first one
+    below it, rounded to 3 significant digits. sigmas [grid] ascending > 0, relative [grid] ->
+    (sigma, relative accuracy there (interpolated: the target), how it was chosen). Off the grid's range: the
+    smallest sigma (already below the target) or the largest (never below), said in the note."""
+    s, r = np.asarray(sigmas, dtype=float), np.asarray(relative, dtype=float)
+    if not np.isfinite(r).all():
+        return float(s[0]), math.nan, (f"baseline accuracy 0 on the calibration problems: relative accuracy is "
+                                       f"undefined; smallest sigma {s[0]:g} used (use an easier task or more problems)")
+    below = np.nonzero(r < target)[0]
+    if len(below) == 0:
+        return float(s[-1]), float(r[-1]), (f"random sets keep {r[-1]:.2f} of the baseline even at the largest sigma "
+                                            f"{s[-1]:g} (target {target:g}): largest sigma used; extend "
+                                            f"calibration_sigmas upwards")
+    i = int(below[0])
+    if i == 0:
+        return float(s[0]), float(r[0]), (f"random sets keep only {r[0]:.2f} of the baseline at the smallest sigma "
+                                          f"{s[0]:g} (target {target:g}): smallest sigma used; extend "
+                                          f"calibration_sigmas downwards")
+    t = (r[i - 1] - target) / (r[i - 1] - r[i])
+    sigma = float(f"{math.exp(math.log(s[i - 1]) + t * (math.log(s[i]) - math.log(s[i - 1]))):.3g}")
+    return sigma, float(target), (f"interpolated in log sigma between {s[i - 1]:g} (random sets keep {r[i - 1]:.2f} "
+                                  f"of the baseline) and {s[i]:g} ({r[i]:.2f}) to the target {target:g}")
+
+
+def calibration_head_sets(plan: BehaviourPlan) -> list[tuple[int, tuple[int, ...]]]:
+    """(seed, heads) of the calibration's random sets: the first k heads of default_rng(seed + 1000 + i)'s
+    permutation of the heads (as lib.ablation's random orders), so they are not the main random sets."""
+    seeds = [plan.seed + CALIBRATION_SEED_OFFSET + i for i in range(plan.calibration.n_sets)]
+    return [(s, tuple(sorted(int(h) for h in np.random.default_rng(s).permutation(plan.n_heads_total)[:plan.k])))
+            for s in seeds]
+
+
+def calibration_plan(plan: BehaviourPlan) -> BehaviourPlan:
+    """The sweep as a plan of its own: baseline + every calibration set at every calibration sigma, on the first
+    calibration.n_problems problems (its own checkpoint, resumable like the main run)."""
+    cal = plan.calibration
+    conds = [Condition("baseline", "", -1, (), "none")] + [
+        Condition("random", "", seed, heads, "noise", sigma) for sigma in cal.sigmas
+        for seed, heads in calibration_head_sets(plan)]
+    return replace(plan, problems=plan.problems[:cal.n_problems], conditions=conds, perturbations=["noise"],
+                   sigmas=list(cal.sigmas), n_random=cal.n_sets, calibration=None, calibrated=None)
+
+
+@dataclass
+class Calibration:
+    """The dose sweep's outcome (settings None: calibrate=False, nothing was run)."""
+    settings: CalibrationSettings | None
+    sigma: float | None            # the chosen sigma
+    relative_at_sigma: float       # the sweep's relative accuracy of the random sets there (interpolated)
+    note: str                      # how the sigma was chosen
+    table: pd.DataFrame            # behaviour_calibration.csv: CALIBRATION_COLUMNS
+    seconds: float = 0.0
+
+    @classmethod
+    def off(cls) -> "Calibration":
+        return cls(None, None, math.nan, "calibrate: false: the given sigmas are used",
+                   pd.DataFrame(columns=CALIBRATION_COLUMNS))
+
+    @classmethod
+    def from_result(cls, settings: CalibrationSettings, result: "BehaviourResult") -> "Calibration":
+        """Pick the sigma from the sweep's generations (result of calibration_plan)."""
+        base, sigmas = result.correct[0], list(settings.sigmas)
+        # [sigmas, sets, problems]
+        rnd = np.stack([result.correct[result.index("random", "noise", s)] for s in sigmas])
+        seeds = [c.seed for c in result.plan.conditions if c.kind == "random" and c.sigma == sigmas[0]]
+        relative = [relative_accuracy(r, base, seed=result.plan.seed)[0] for r in rnd]
+        sigma, at, note = pick_sigma(sigmas, relative, settings.target)
+        table = calibration_table(base, rnd, sigmas, seeds, settings.target, sigma, result.plan.seed)
+        return cls(settings, sigma, at, note, table, result.seconds)
+
+    def apply(self, plan: BehaviourPlan) -> BehaviourPlan:
+        """The plan's main conditions at the chosen sigma (the plan itself when calibration is off)."""
+        if self.settings is None:
+            return plan
+        if plan.calibration != self.settings:
+            raise ValueError("this calibration was made with other calibration settings than the plan's; rerun "
+                             "calibrate(model, tokenizer, arch, plan) on this plan")
+        return replace(plan, sigmas=[self.sigma], calibrated=self,
+                       conditions=make_conditions(plan.sets, plan.perturbations, [self.sigma]))
+
+
+def calibrate(model, tokenizer, arch: ArchInfo, plan: BehaviourPlan, progress: bool = True) -> Calibration:
+    """Run the dose sweep of a plan prepared with calibrate=True and pick the sigma (Calibration.off() otherwise)."""
+    if plan.calibration is None:
+        return Calibration.off()
+    return Calibration.from_result(plan.calibration, run_behaviour(model, tokenizer, arch, calibration_plan(plan),
+                                                                   progress))
+
+
+def calibration_table(base: np.ndarray, rnd: np.ndarray, sigmas: list[float], seeds: list[int], target: float,
+                      chosen: float, seed: int = 0) -> pd.DataFrame:
+    """behaviour_calibration.csv. base [problems] bool, rnd [sigmas, sets, problems] bool. Rows: the baseline
+    (sigma 0), every random set at every sigma (Clopper-Pearson CI), and per sigma the sets' mean ("random_mean":
+    accuracy and relative accuracy with paired bootstrap CIs over problems)."""
+    n = len(base)
+    rows = [_cal_row("baseline", -1, 0.0, base[None], base, seed)]
+    for sigma, block in zip(sigmas, rnd):
+        rows += [_cal_row("random", s, sigma, block[j:j + 1], base, seed) for j, s in enumerate(seeds)]
+        rows.append(_cal_row("random_mean", -1, sigma, block, base, seed))
+    frame = pd.DataFrame(rows)
+    frame.insert(3, "n_problems", n)
+    return frame.assign(target=target, chosen_sigma=chosen)[CALIBRATION_COLUMNS]
+
+
+def _cal_row(kind: str, seed: int, sigma: float, sets: np.ndarray, base: np.ndarray, boot_seed: int) -> dict:
+    """One calibration row: sets [sets, problems] bool (one set: Clopper-Pearson CI; several: bootstrap CI of the
+    mean over sets)."""
+    acc = float(sets.mean())
+    lo, hi = clopper_pearson(int(sets[0].sum()), sets.shape[1]) if len(sets) == 1 else \
+        _quantiles(_boot_indices(sets.shape[1], 2000, boot_seed), lambda idx: sets[:, idx].mean(-1).mean(0))
+    rel, rel_lo, rel_hi = relative_accuracy(sets, base, seed=boot_seed)
+    return {"kind": kind, "seed": seed, "sigma": float(sigma), "n_correct": float(sets.sum(-1).mean()),
+            "accuracy": acc, "ci_low": lo, "ci_high": hi, "relative_accuracy": rel, "relative_ci_low": rel_lo,
+            "relative_ci_high": rel_hi}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -479,12 +676,61 @@ def percentile_among(value: float, others: np.ndarray) -> float:
     return float(100 * (np.sum(others < value) + 0.5 * np.sum(others == value)) / len(others))
 
 
+def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] problem indices drawn with replacement (the same draw for every paired statistic)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _quantiles(idx: np.ndarray, stat) -> tuple[float, float]:
+    values = stat(idx)
+    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+
+
 def paired_difference_ci(cond: np.ndarray, random: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """95% bootstrap CI (problems resampled, paired) of accuracy(cond) - mean accuracy of the random sets.
     cond [problems] bool, random [sets, problems] bool."""
-    idx = np.random.default_rng(seed).integers(0, len(cond), size=(n_boot, len(cond)))
-    diff = cond[idx].mean(-1) - random[:, idx].mean(-1).mean(0)
-    return [float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975))]
+    idx = _boot_indices(len(cond), n_boot, seed)
+    return list(_quantiles(idx, lambda i: cond[i].mean(-1) - random[:, i].mean(-1).mean(0)))
+
+
+def relative_difference(cond: np.ndarray, random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
+                        seed: int = 0) -> dict:
+    """(accuracy(cond) - mean accuracy(random sets)) / accuracy(baseline) with its paired bootstrap: the problems
+    of each replicate are drawn once (paired_difference_ci's draw) for cond, every random set and the baseline,
+    and the replicate's difference is divided by the replicate's baseline accuracy (replicates with baseline 0
+    dropped). cond [problems] bool, random [sets, problems] bool, base [problems] bool ->
+    {value, ci95, se (sd of the replicates), n_boot (replicates kept)}; NaN when the baseline has no correct answer."""
+    idx = _boot_indices(len(cond), n_boot, seed)
+    diff, b = cond[idx].mean(-1) - random[:, idx].mean(-1).mean(0), base[idx].mean(-1)
+    rel = diff[b > 0] / b[b > 0]
+    value = (cond.mean() - random.mean(-1).mean()) / base.mean() if base.any() else math.nan
+    ci = [float(np.quantile(rel, 0.025)), float(np.quantile(rel, 0.975))] if len(rel) else [math.nan, math.nan]
+    return {"value": float(value), "ci95": ci, "se": float(rel.std(ddof=1)) if len(rel) > 1 else math.nan,
+            "n_boot": int(len(rel))}
+
+
+def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy of the random sets / baseline accuracy, with the paired bootstrap CI of relative_difference
+    (random [sets, problems] bool, base [problems] bool) -> (value, ci low, ci high); NaN without baseline."""
+    zero = np.zeros(random.shape[1], dtype=bool)
+    r = relative_difference(zero, random, base, n_boot, seed)         # (0 - mean random) / baseline
+    return -r["value"], -r["ci95"][1], -r["ci95"][0]
+
+
+def floor_ceiling(baseline_correct: int, random_correct, n: int) -> dict:
+    """Validity of a synergistic-vs-random comparison: invalid when the random sets' mean number of correct problems
+    lies within margin = max(2, 5 % of n) problems of 0 (floor) or of the baseline's number correct (ceiling).
+    random_correct [sets] -> {valid, reason, margin, random_mean_correct, baseline_correct, n}."""
+    mean, margin = float(np.mean(random_correct)), max(2.0, 0.05 * n)
+    where = f"random sets at {mean:.1f}/{n} problems, baseline {baseline_correct}/{n}"
+    floor, ceiling = mean <= margin, mean >= baseline_correct - margin
+    problems = [f"floor (within {margin:g} problems of 0)"] * floor + \
+               [f"ceiling (within {margin:g} problems of the baseline)"] * ceiling
+    reason = (" and ".join(problems) + ": " + where) if problems else \
+        f"{where}: more than {margin:g} problems from 0 and from the baseline"
+    return {"valid": not problems, "reason": reason, "margin": margin, "random_mean_correct": mean,
+            "baseline_correct": int(baseline_correct), "n": int(n)}
 
 
 @dataclass
@@ -553,38 +799,94 @@ class BehaviourResult:
                 "syn_minus_random_ci95": paired_difference_ci(self.correct[syn], self.correct[rnd], seed=self.plan.seed),
                 "mcnemar_p_median": float(t.iloc[syn]["mcnemar_p"]),
                 "mcnemar_p_each": [mcnemar(self.correct[syn], self.correct[j]) for j in rnd],
-                "percentile_among_random": float(t.iloc[syn]["percentile_among_random"])}
+                "percentile_among_random": float(t.iloc[syn]["percentile_among_random"]),
+                "relative": {kind: self.relative(perturbation, sigma, kind, variant)
+                             for kind in ("synergistic", "redundant", "layer_matched")}}
+
+    def relative(self, perturbation: str, sigma: float, kind: str, variant: str) -> dict:
+        """relative_difference of one head set (kind, variant) against the random sets of the same setting."""
+        cond = self.correct[self.index(kind, perturbation, sigma, variant)[0]]
+        return relative_difference(cond, self.correct[self.index("random", perturbation, sigma)],
+                                   self.correct[self.index("baseline")[0]], seed=self.plan.seed)
+
+    def validity(self, perturbation: str, sigma: float) -> dict:
+        """floor_ceiling of one setting's random sets against the baseline."""
+        counts = self.correct[self.index("random", perturbation, sigma)].sum(-1)
+        return floor_ceiling(int(self.correct[self.index("baseline")[0]].sum()), counts, len(self.plan.problems))
+
+    def relative_random(self, perturbation: str, sigma: float) -> float:
+        """Mean accuracy of the setting's random sets / baseline accuracy (the dose actually reached)."""
+        base = self.correct[self.index("baseline")[0]].mean()
+        rnd = self.correct[self.index("random", perturbation, sigma)].mean()
+        return float(rnd / base) if base > 0 else math.nan
+
+    def calibration_block(self, perturbation: str, sigma: float) -> dict:
+        cal = self.plan.calibrated or Calibration.off()
+        return {"calibrated": cal.settings is not None, "sigma": sigma if perturbation == "noise" else None,
+                "relative_accuracy_random": self.relative_random(perturbation, sigma),
+                "target": cal.settings.target if cal.settings else TARGET_RELATIVE_ACCURACY,
+                "relative_accuracy_random_sweep": cal.relative_at_sigma,
+                "sigmas": list(cal.settings.sigmas) if cal.settings else [], "note": cal.note}
+
+    def sample_sizes(self) -> dict:
+        cal = self.plan.calibration
+        return {"problems": len(self.plan.problems), "random_sets": self.plan.n_random, "heads_per_set": self.plan.k,
+                "heads_total": self.plan.n_heads_total, "variants": len(self.plan.variants),
+                "calibration_problems": cal.n_problems if cal else 0,
+                "calibration_random_sets": cal.n_sets if cal else 0,
+                "calibration_sigmas": len(cal.sigmas) if cal else 0}
 
     def claim(self) -> dict:
-        """The C6 block: first variant, first perturbation setting (see CLAIM_INPUTS / lib.claims)."""
+        """The C6 block: first variant, first perturbation setting (see CLAIM_INPUTS / lib.claims). value: the
+        relative accuracy difference (relative_difference); the absolute difference is in details["absolute"]."""
         perturbation, sigma = self.settings()[0]
         variant = self.plan.variants[0]
         tests = self.variant_tests(perturbation, sigma, variant)
+        rel = tests["relative"]["synergistic"]
         rnd_acc = self.correct[self.index("random", perturbation, sigma)].mean(-1)
-        spread = rnd_acc - rnd_acc.mean()
         base = self.table.iloc[self.index("baseline")[0]]
+        spread = (rnd_acc - rnd_acc.mean()) / base["accuracy"] if base["accuracy"] > 0 else \
+            np.full(len(rnd_acc), np.nan)
         unit = f", sigma {sigma:g} weight sd" if perturbation == "noise" else ""
         return {"id": "C6",
-                "statistic": f"accuracy(top {self.plan.fraction:.0%} synergistic heads perturbed) - mean accuracy("
-                             f"random sets), {perturbation}{unit}, variant {variant} (accuracy points, 0-1 scale)",
-                "value": tests["syn_minus_random"], "ci95": tests["syn_minus_random_ci95"],
-                "null": {"name": f"spread of {len(rnd_acc)} random head sets (accuracy minus their mean)", "value": 0.0,
+                "statistic": f"(accuracy(top {self.plan.fraction:.0%} synergistic heads perturbed) - mean accuracy("
+                             f"random sets)) / accuracy(baseline), {perturbation}{unit}, variant {variant} (relative "
+                             f"accuracy difference; paired bootstrap CI over problems, each replicate divided by its "
+                             f"own baseline accuracy)",
+                "value": rel["value"], "ci95": rel["ci95"], "se": rel["se"],
+                "null": {"name": f"spread of {len(rnd_acc)} random head sets ((accuracy - their mean) / baseline "
+                                 f"accuracy)", "value": 0.0,
                          "ci95": [float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975))]},
-                "direction": "less", "paper": PAPER, "n": len(self.plan.problems),
+                "direction": "less", "paper": PAPER, "paper_effect": PAPER_EFFECT,
+                "paper_effect_note": PAPER_EFFECT_NOTE, "n": len(self.plan.problems),
+                "validity": {k: v for k, v in self.validity(perturbation, sigma).items() if k in ("valid", "reason")},
+                "sample_sizes": self.sample_sizes(),
+                "by_variant": {v: {k: {"value": r["value"], "ci95": r["ci95"], "se": r["se"]}
+                                   for k, r in self.variant_tests(perturbation, sigma, v)["relative"].items()}
+                               for v in self.plan.variants},
+                "calibration": self.calibration_block(perturbation, sigma),
                 "details": {"perturbation": perturbation, "sigma": sigma, "variant": variant,
                             "baseline": {"accuracy": float(base["accuracy"]),
                                          "ci95": [float(base["ci_low"]), float(base["ci_high"])]},
+                            "absolute": {"value": tests["syn_minus_random"], "ci95": tests["syn_minus_random_ci95"],
+                                         "null_ci95": [float(np.quantile(rnd_acc - rnd_acc.mean(), q))
+                                                       for q in (0.025, 0.975)],
+                                         "paper": -0.16, "unit": "accuracy points, 0-1 scale"},
+                            "validity": self.validity(perturbation, sigma),
+                            "validity_per_setting": {f"{p}/{s:g}": self.validity(p, s) for p, s in self.settings()},
                             "per_variant": {v: self.variant_tests(perturbation, sigma, v) for v in self.plan.variants},
                             "per_setting": {f"{p}/{s:g}": {v: self.variant_tests(p, s, v) for v in self.plan.variants}
                                             for p, s in self.settings()}}}
 
     def summary(self) -> dict:
         p = self.plan
-        return {"claim": self.claim(), "model": p.model, "task": p.task, "n_problems": len(p.problems),
+        claim = self.claim()
+        return {"claim": claim, "model": p.model, "task": p.task, "n_problems": len(p.problems),
                 "variants": p.variants, "fraction": p.fraction, "k_heads": p.k, "n_random": p.n_random,
                 "perturbations": p.perturbations, "sigmas": p.sigmas, "weight_sd": self.scale,
                 "max_new_tokens": p.max_new_tokens, "chat_template": p.chat_template,
-                "answer_prefix": p.answer_prefix, "seed": p.seed,
+                "answer_prefix": p.answer_prefix, "seed": p.seed, "calibration": claim["calibration"]
+                | {"seconds": (p.calibrated.seconds if p.calibrated else 0.0)}, "validity": claim["validity"],
                 "seconds": self.seconds}
 
     def sigma_curve(self) -> pd.DataFrame:
@@ -605,12 +907,13 @@ class BehaviourResult:
                                                                "correct"]]
 
     def save(self, out_dir=None) -> list[Path]:
-        """behaviour.csv, behaviour_generations.jsonl, behaviour_summary.json (atomic, lib.artifacts) and the
-        manifest entry of notebook 09."""
+        """behaviour.csv, behaviour_calibration.csv (header only when calibrate is false),
+        behaviour_generations.jsonl, behaviour_summary.json (atomic, lib.artifacts) and the manifest entry of 09."""
         from lib.store import update_manifest
         out_dir = Path(out_dir or self.plan.out_dir)
         summary = self.summary()
         paths = [artifacts.save("behaviour", out_dir, self.table),
+                 artifacts.save("behaviour_calibration", out_dir, (self.plan.calibrated or Calibration.off()).table),
                  artifacts.save("behaviour_generations", out_dir, self.rows),
                  artifacts.save("behaviour_summary", out_dir, summary)]
         update_manifest(out_dir, "09_task_behaviour", {k: v for k, v in summary.items() if k != "claim"}

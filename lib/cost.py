@@ -154,15 +154,24 @@ def interference(p: dict, run: dict, dims) -> Work:
 
 def _behaviour_conditions(p: dict) -> int:
     """lib.behaviour.make_conditions: baseline + (synergistic, redundant, layer-matched per variant + random sets)
-    under each perturbation (noise: each sigma)."""
+    under each perturbation (noise: each sigma, or the one calibrated sigma)."""
     sets = 3 * len(p["variants"]) + p["n_random"]
-    per_set = sum(len(p["sigmas"]) if kind == "noise" else 1 for kind in p["perturbations"])
+    n_sigmas = 1 if p.get("calibrate") else len(p["sigmas"])
+    per_set = sum(n_sigmas if kind == "noise" else 1 for kind in p["perturbations"])
     return 1 + sets * per_set
 
 
+def _calibration_rows(p: dict) -> int:
+    """lib.behaviour.calibration_plan: baseline + calibration sets x sigmas, on the first calibration problems."""
+    if not p.get("calibrate"):
+        return 0
+    return min(p["calibration_problems"], p["n_problems"]) * (1 + len(p["calibration_sigmas"]) * p["calibration_sets"])
+
+
 def behaviour(p: dict, run: dict, dims) -> Work:
-    """09: greedy replies of max_new_tokens (KV cache) for every problem under every condition."""
-    rows = p["n_problems"] * _behaviour_conditions(p)
+    """09: greedy replies of max_new_tokens (KV cache) for every problem under every condition (and the dose
+    calibration's, when calibrate is true)."""
+    rows = p["n_problems"] * _behaviour_conditions(p) + _calibration_rows(p)
     seq = PROMPT_TOKENS + p["max_new_tokens"]
     return Work(_batches(rows, p["batch_size"]) * p["max_new_tokens"], rows * seq, 0, p["batch_size"], seq)
 

@@ -78,6 +78,17 @@ def fractions(v) -> str | None:
     return f"has entries outside (0, 1]: {bad}" if bad else None
 
 
+def numbers(at_least_zero: bool) -> Rule:
+    """A non-empty list of numbers >= 0 (or > 0: a log grid)."""
+    def rule(v):
+        if not isinstance(v, (list, tuple)) or not v:
+            return f"must be a non-empty list of numbers {'>= 0' if at_least_zero else '> 0'}, e.g. [0.1, 0.5, 1.0]"
+        bad = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))
+               or not (x >= 0 if at_least_zero else x > 0)]
+        return f"has entries that are not numbers {'>= 0' if at_least_zero else '> 0'}: {bad}" if bad else None
+    return rule
+
+
 def thresholds(v) -> str | None:
     ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
     return None if ok and 0 <= v[0] <= v[1] <= 1 else "must be two numbers [low, high] with 0 <= low <= high <= 1"
@@ -180,6 +191,13 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                              "top_k": at_least(1)},
     "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
                     "n_null": at_least(0), "n_boot": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
+    "09_task_behaviour": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
+                          "n_random": at_least(1), "perturbations": subset_of("noise", "zero"),
+                          "sigmas": numbers(at_least_zero=True), "n_problems": at_least(1, optional=True),
+                          "difficulty": one_of(0, 1, 2, 3, 4, 5), "max_new_tokens": at_least(1),
+                          "calibrate": one_of(True, False), "calibration_sigmas": numbers(at_least_zero=False),
+                          "calibration_problems": at_least(1), "calibration_sets": at_least(1),
+                          "target_relative_accuracy": lambda v: None if 0 < v < 1 else "must lie in (0, 1)"},
     "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                            "kv": one_of("any", "all", "none"), "n_random": at_least(1),
                            "seeds": list_of(int, optional=False), "methods": subset_of("sft", "grpo"),
@@ -221,6 +239,10 @@ def problems(notebook: str, params: dict) -> list[str]:
             found.append(f"{notebook}: {key}={value!r} {why}")
     if notebook == "05_ablation" and params.get("step_size") is not None and params.get("fractions") is not None:
         found.append(f"{notebook}: give either step_size or fractions, not both (set the other to None)")
+    if notebook == "09_task_behaviour" and params.get("calibrate") is True \
+            and "noise" not in (params.get("perturbations") or ["noise"]):
+        found.append(f"{notebook}: calibrate=True tunes the noise sigma but perturbations="
+                     f"{params.get('perturbations')!r} has no 'noise': add 'noise' or set calibrate: false")
     return found
 
 

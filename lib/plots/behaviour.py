@@ -73,3 +73,43 @@ def plot_accuracy_vs_sigma(result):
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_calibration(calibration, result=None):
+    """The dose sweep (behaviour_calibration.csv): accuracy vs noise sigma (log axis) of each calibration random set
+    (small markers) and of their mean (line, 95% bootstrap CI over problems), the baseline (dashed, with its 95%
+    Clopper-Pearson band), the target (target x baseline accuracy), the chosen sigma (vertical line) and, given the
+    main result, the main random sets' mean accuracy at the chosen sigma (diamond, +- 1 sd over sets)."""
+    t = calibration.table
+    fig, ax = new_figure(6.4, 4.0)
+    if t.empty:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "calibrate: false: no dose sweep (the given sigmas are used)", ha="center")
+        return fig
+    base = t[t.kind == "baseline"].iloc[0]
+    mean = t[t.kind == "random_mean"].sort_values("sigma")
+    sets = t[t.kind == "random"]
+    ax.axhspan(base.ci_low, base.ci_high, color=COLORS["baseline"], alpha=0.15, lw=0)
+    ax.axhline(base.accuracy, color=COLORS["baseline"], ls="--", label=f"baseline ({base.accuracy:.2f}, 95% CI band)")
+    target = calibration.settings.target
+    ax.axhline(target * base.accuracy, color="C0", ls=":",
+               label=f"target: {target:g} x baseline = {target * base.accuracy:.2f}")
+    ax.plot(sets.sigma, sets.accuracy, "o", ms=3, color=COLORS["random"], alpha=0.4,
+            label=f"each of {sets.seed.nunique()} random sets")
+    ax.errorbar(mean.sigma, mean.accuracy, yerr=[mean.accuracy - mean.ci_low, mean.ci_high - mean.accuracy], fmt="o-",
+                color=COLORS["random"], capsize=3, label="random sets' mean (95% CI over problems)")
+    ax.axvline(calibration.sigma, color="C3", lw=1, label=f"chosen sigma {calibration.sigma:g}")
+    if result is not None:
+        acc = result.table[(result.table.kind == "random") & (result.table.perturbation == "noise")
+                           & (result.table.sigma == calibration.sigma)].accuracy.to_numpy()
+        if len(acc):
+            ax.errorbar([calibration.sigma], [acc.mean()], yerr=[[acc.std(ddof=1) if len(acc) > 1 else 0.0]] * 2,
+                        fmt="D", color="C3", capsize=3,
+                        label=f"main run: {len(acc)} random sets, {len(result.plan.problems)} problems (+- 1 sd)")
+    ax.set_xscale("log")
+    ax.set_xlabel("noise sigma (units of the weights' standard deviation, log scale)")
+    ax.set_ylabel("accuracy (fraction correct)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Dose calibration on {int(base.n_problems)} problems (random head sets only)")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
