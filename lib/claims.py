@@ -553,7 +553,7 @@ def _c5_also(orderings: dict, primary: str) -> list[str]:
 def _oracle_check(c: Claim, oracle: dict | None) -> Claim:
     """Without a detected oracle the budget cannot show the claim: `ruled out` becomes `underpowered`."""
     if oracle is None:
-        c.details["oracle"] = "no oracle ordering in this run (01_extract_activations oracle, 04 variant 'oracle')"
+        c.details["oracle"] = "no oracle ordering in this run (01_extract_activations oracle, variant 'oracle')"
         return c
     c.details["oracle"] = oracle
     if oracle.get("verdict") != "supported" and c.verdict == "ruled out":
@@ -670,6 +670,12 @@ def _combine_halves(eff: str, mod: str, reason: str) -> tuple[str, str]:
 
 def claim_c6(out_dir) -> Claim:
     c = claim_from_block("C6", out_dir)
+    oracle = (c.details.get("by_variant") or {}).get(ORACLE_VARIANT, {}).get("synergistic")
+    if c.verdict not in ("not tested", "invalid"):
+        _, block = read_block("C6", out_dir)
+        _oracle_check(c, None if oracle is None else {
+            **oracle, "verdict": decide(block_evidence({**block, "value": oracle["value"], "ci95": oracle["ci95"],
+                                                        "se": oracle.get("se")}, PAPER_EFFECTS["C6"][0]))[0]})
     c.details["also"] = [f"{v}: {k} set {x['value']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}] of baseline"
                          for v, d in (c.details.get("by_variant") or {}).items() for k, x in d.items()
                          if isinstance(x, dict) and x.get("ci95") and None not in x["ci95"]

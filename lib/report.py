@@ -374,10 +374,11 @@ def _extra_lines(c: dict) -> list[str]:
         m = d.get("layer_matched") or {}
         lines.append(f"percentile among {d.get('n_random')} random orders: {_num(d['percentile_among_random'])}; "
                      f"vs {m.get('n', 0)} layer-matched orders: ratio {_with_ci(m.get('ratio'), m.get('ci95'))}")
-        if isinstance(d.get("oracle"), dict):
-            o = d["oracle"]
-            lines.append(f"oracle ordering (positive control): ratio {_with_ci(o['auc_ratio'], o['ci95'])} -> "
-                         f"{o.get('verdict')}")
+    if isinstance(d.get("oracle"), dict):
+        o = d["oracle"]
+        value = o.get("auc_ratio", o.get("value"))
+        lines.append(f"oracle ordering (positive control, heads by measured importance): "
+                     f"{_with_ci(value, o.get('ci95'))} -> {o.get('verdict')}")
     lines += [f"also: {x}" for x in d.get("also") or []]
     sft = d.get("sft_control")
     if isinstance(sft, dict) and sft.get("line"):
