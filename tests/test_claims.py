@@ -361,3 +361,15 @@ def test_executed_tiny_run_notebooks_have_no_stderr_output(tiny_run):
     assert executed
     noisy = {p.name: report.stderr_cells(p) for p in executed if report.stderr_cells(p)}
     assert not noisy, f"executed notebooks with stderr output (cells): {noisy}"
+
+
+def test_a_ruled_out_claim_whose_oracle_is_not_detected_is_underpowered(tmp_path, declared):
+    oracle = lambda value, ci: {"oracle": {"synergistic": {"value": value, "ci95": ci, "se": 0.05}}}   # noqa: E731
+    artifacts.save("behaviour_summary", tmp_path, block("C6", 0.0, [-0.05, 0.05], [-0.02, 0.02], "less",
+                                                        by_variant=oracle(-0.01, [-0.06, 0.04])))
+    c6 = C.claim_c6(tmp_path)
+    assert c6.verdict == "underpowered" and "oracle is not detected" in c6.reason
+    artifacts.save("behaviour_summary", tmp_path, block("C6", 0.0, [-0.05, 0.05], [-0.02, 0.02], "less",
+                                                        by_variant=oracle(-0.4, [-0.5, -0.3])))
+    c6 = C.claim_c6(tmp_path)
+    assert c6.verdict == "ruled out" and c6.details["oracle"]["verdict"] == "supported"
