@@ -715,7 +715,7 @@ def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
     (random [sets, problems] bool, base [problems] bool) -> (value, ci low, ci high); NaN without baseline."""
     zero = np.zeros(random.shape[1], dtype=bool)
     r = relative_difference(zero, random, base, n_boot, seed)         # (0 - mean random) / baseline
-    return -r["value"], -r["ci95"][1], -r["ci95"][0]
+    return 0.0 - r["value"], 0.0 - r["ci95"][1], 0.0 - r["ci95"][0]          # 0.0 - x: no "-0.0"
 
 
 def floor_ceiling(baseline_correct: int, random_correct, n: int) -> dict:
