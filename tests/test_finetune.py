@@ -278,6 +278,7 @@ def test_reward_scores_hand_written_completions():
     assert reward(completions, answer=["12"] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
+@pytest.mark.slow
 def test_grpo_three_steps_move_only_the_selected_heads(llama):
     model, tokenizer, arch = llama
     before = _snapshot(model)
@@ -439,3 +440,28 @@ def test_claim_without_grpo_says_it_tests_the_sft_arm(tmp_path):
     assert c["details"]["arm"] == "sft"
     assert c["value"] == pytest.approx(0.2)                    # paired difference over problems, one seed
     assert c["sft_control"]["difference_points"] == pytest.approx(20.0)
+
+
+@pytest.mark.slow
+def test_grpo_arm_end_to_end_writes_the_claim_block(tmp_path, llama):
+    model, tokenizer, arch = llama
+    _rankings(tmp_path, arch)
+    plan = finetune.prepare(tmp_path, model="random:llama", n_train=16, n_test=4, n_random=1, max_new_tokens=4,
+                            seeds=[0, 1], sft_seeds=[0], methods=["sft", "grpo"], kv="majority",
+                            sft=finetune.SFTSettings(n_steps=2, lr=1e-2, batch_size=2, eval_every=2),
+                            grpo=GRPOSettings(n_steps=2, lr=1e-2, n_generations=2, batch_size=4,
+                                              max_completion_length=4))
+    before = _snapshot(model)
+    finetune.run_finetune(model, tokenizer, arch, plan, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    summary = artifacts.load("finetune_summary", tmp_path)
+    runs = pd.DataFrame(summary["runs"])
+    assert runs.groupby("method").size().to_dict() == {"grpo": 8, "sft": 4}          # 4 conditions x 2 / x 1 seeds
+    assert runs.groupby("method").before.nunique().to_dict() == {"grpo": 1, "sft": 1}  # one shared baseline
+    c = summary["claim"]
+    assert c["details"]["arm"] == "grpo" and c["sample_sizes"]["seeds"] == 2 and c["sample_sizes"]["steps"] == 2
+    for key in ("value", "ci95", "se", "null", "direction", "n", "statistic", "paper", "paper_effect",
+                "paper_effect_note", "validity", "vs_redundant", "sft_control", "overlap"):
+        assert key in c, key
+    deltas = artifacts.load("finetune_deltas", tmp_path)
+    assert not (deltas.delta_norm[~deltas.selected.astype(bool)] > 0).any(), "a slice outside the selection moved"
