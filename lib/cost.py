@@ -197,8 +197,8 @@ def finetune(p: dict, run: dict, dims) -> Work:
         seeds = (p.get("sft_seeds") or p["seeds"]) if method == "sft" else p["seeds"]      # sft_seeds: SFT's own
         runs_per_method = (3 + p["n_random"]) * len(seeds)
         if method == "sft":
-            steps = p["n_steps"]
-            one = Work(steps * p["grad_accum"], 3 * steps * p["grad_accum"] * p["batch_size"] * seq)
+            steps, accum = p["n_steps"], p.get("grad_accum", 1)      # grad_accum: lib.finetune.SFTSettings only
+            one = Work(steps * accum, 3 * steps * accum * p["batch_size"] * seq)
         else:
             one, steps = _grpo(p["grpo"])
             total.batch_rows, total.seq_len = max(total.batch_rows, one.batch_rows), max(total.seq_len, one.seq_len)

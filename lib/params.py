@@ -187,7 +187,7 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                            "difficulty": one_of(0, 1, 2, 3, 4, 5), "n_train": at_least(1, optional=True),
                            "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
-                           "grad_accum": at_least(1), "eval_every": at_least(1), "grpo": grpo_settings},
+                           "eval_every": at_least(1), "grpo": grpo_settings},
 }
 
 

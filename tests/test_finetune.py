@@ -469,7 +469,7 @@ def test_grpo_arm_end_to_end_writes_the_claim_block(tmp_path, llama):
 
 def test_cost_estimate_counts_sft_seeds_and_one_shared_baseline():
     from lib import cost
-    p = {"n_random": 1, "seeds": [0, 1], "methods": ["sft"], "max_new_tokens": 4, "batch_size": 8, "grad_accum": 1,
+    p = {"n_random": 1, "seeds": [0, 1], "methods": ["sft"], "max_new_tokens": 4, "batch_size": 8,
          "n_steps": 4, "eval_every": 8, "n_test": 40, "eval_batch_size": 40, "grpo": {}}
     seq = cost.PROMPT_TOKENS + 4
     # by hand: 4 conditions x 2 seeds runs; each 4 steps (1 forward each) + 1 final evaluation (1 batch x 4 tokens);
