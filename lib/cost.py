@@ -177,8 +177,10 @@ def behaviour(p: dict, run: dict, dims) -> Work:
 
 
 def _evaluation(p: dict, n_steps: int) -> Work:
-    """Test-set generations of one training run: before training and every eval_every steps."""
-    evals = 1 + n_steps // max(1, p["eval_every"])
+    """Test-set generations of one training run: every eval_every steps and after the last step (the evaluation
+    before training is shared by every run: finetune counts it once, as _evaluation(p, 0))."""
+    every = max(1, p["eval_every"])
+    evals = n_steps // every + (1 if n_steps % every else 0) if n_steps else 1
     seq = PROMPT_TOKENS + p["max_new_tokens"]
     return Work(evals * _batches(p["n_test"], p["eval_batch_size"]) * p["max_new_tokens"], evals * p["n_test"] * seq)
 
@@ -197,20 +199,23 @@ def _grpo(g: dict | None) -> tuple[Work, int]:
 def finetune(p: dict, run: dict, dims) -> Work:
     """10: for every method x condition (synergistic, redundant, layer-matched, random sets) x seed: SFT steps of
     batch_size x grad_accum examples (prompt + answer of max_new_tokens, forward + backward: 3x), or a GRPO run
-    (_grpo), plus the test evaluations of each run."""
-    runs_per_method = (3 + p["n_random"]) * len(p["seeds"])
+    (_grpo), plus the test evaluations of each run. SFT runs over sft_seeds when given, else seeds."""
     seq = PROMPT_TOKENS + p["max_new_tokens"]
     total = Work(batch_rows=p["batch_size"], seq_len=seq)
     for method in p["methods"]:
+        seeds = (p.get("sft_seeds") or p["seeds"]) if method == "sft" else p["seeds"]      # sft_seeds: SFT's own
+        runs_per_method = (3 + p["n_random"]) * len(seeds)
         if method == "sft":
-            steps = p["n_steps"]
-            one = Work(steps * p["grad_accum"], 3 * steps * p["grad_accum"] * p["batch_size"] * seq)
+            steps, accum = p["n_steps"], p.get("grad_accum", 1)      # grad_accum: lib.finetune.SFTSettings only
+            one = Work(steps * accum, 3 * steps * accum * p["batch_size"] * seq)
         else:
             one, steps = _grpo(p["grpo"])
             total.batch_rows, total.seq_len = max(total.batch_rows, one.batch_rows), max(total.seq_len, one.seq_len)
         ev = _evaluation(p, steps)
         total.forwards += runs_per_method * (one.forwards + ev.forwards)
         total.tokens += runs_per_method * (one.tokens + ev.tokens)
+    baseline = _evaluation(p, 0)
+    total.forwards, total.tokens = total.forwards + baseline.forwards, total.tokens + baseline.tokens
     return total
 
 

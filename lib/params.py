@@ -199,12 +199,13 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                           "calibration_problems": at_least(1), "calibration_sets": at_least(1),
                           "target_relative_accuracy": lambda v: None if 0 < v < 1 else "must lie in (0, 1)"},
     "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
-                           "kv": one_of("any", "all", "none"), "n_random": at_least(1),
-                           "seeds": list_of(int, optional=False), "methods": subset_of("sft", "grpo"),
+                           "kv": one_of("any", "all", "majority", "none"), "n_random": at_least(1),
+                           "seeds": list_of(int, optional=False), "sft_seeds": list_of(int),
+                           "methods": subset_of("sft", "grpo"),
                            "difficulty": one_of(0, 1, 2, 3, 4, 5), "n_train": at_least(1, optional=True),
                            "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
-                           "grad_accum": at_least(1), "eval_every": at_least(1), "grpo": grpo_settings},
+                           "eval_every": at_least(1), "grpo": grpo_settings},
 }
 
 

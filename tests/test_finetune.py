@@ -278,6 +278,7 @@ def test_reward_scores_hand_written_completions():
     assert reward(completions, answer=["12"] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
+@pytest.mark.slow
 def test_grpo_three_steps_move_only_the_selected_heads(llama):
     model, tokenizer, arch = llama
     before = _snapshot(model)
@@ -290,3 +291,189 @@ def test_grpo_three_steps_move_only_the_selected_heads(llama):
     moved = _assert_only_selected_moved(arch, before, _snapshot(model), [2, 9])
     assert moved, "GRPO moved no selected slice"
     _reset(model, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# claim C7: g with its analytic CI, the SFT equivalence test, KV overlap, validity, the claim block
+
+from types import SimpleNamespace  # noqa: E402
+
+from lib.finetune import claim as fc  # noqa: E402
+from lib.finetune.masks import overlap  # noqa: E402
+from lib.finetune.run import Condition, FinetuneResult, RunRecord  # noqa: E402
+from lib.finetune.stats import equivalence_verdict, hedges_g_ci, tost_paired  # noqa: E402
+
+
+def test_hedges_g_ci_hand_computation():
+    # g = -2.4 (above); Hedges & Olkin: var = (3 + 3) / (3 * 3) + 2.4^2 / (2 * 6) = 0.6667 + 0.48 = 1.14667
+    r = hedges_g_ci([1, 2, 3], [4, 5, 6])
+    assert r["se"] == pytest.approx(np.sqrt(2 / 3 + 0.48))
+    assert r["ci95"] == pytest.approx([-2.4 - 1.959964 * 1.0708252, -2.4 + 1.959964 * 1.0708252], abs=1e-5)
+    # 2 runs per group (the main job): means 0.55 / 0.35, sd 0.0707 each: d = 2.8284, J = 1 - 3 / 7, g = 1.6162;
+    # var = 4 / 4 + g^2 / 8 = 1.3265
+    r = hedges_g_ci([0.5, 0.6], [0.3, 0.4])
+    assert r["g"] == pytest.approx(2 * np.sqrt(2) * 4 / 7)
+    assert r["se"] == pytest.approx(np.sqrt(1 + (2 * np.sqrt(2) * 4 / 7) ** 2 / 8))
+    assert (r["n_a"], r["n_b"]) == (2, 2)
+
+
+def test_hedges_g_agrees_with_scipy_t_statistic():
+    a, b = [0.61, 0.64, 0.58, 0.66, 0.7], [0.55, 0.57, 0.60, 0.54]
+    t = scipy.stats.ttest_ind(a, b, equal_var=True).statistic          # d = t sqrt(1/na + 1/nb)
+    g = t * np.sqrt(1 / 5 + 1 / 4) * (1 - 3 / (4 * 9 - 9))
+    assert hedges_g_ci(a, b)["g"] == pytest.approx(g)
+
+
+def test_tost_matches_scipys_two_one_sided_t_tests():
+    diff = np.array([0, 0, 100, 0, -100, 0, 0, 100, 0, 0, 100, 0, 0, 0, -100, 0, 0, 0, 0, 100], float)
+    t = tost_paired(diff, 10.0)
+    lower = scipy.stats.ttest_1samp(diff, -10.0, alternative="greater").pvalue
+    upper = scipy.stats.ttest_1samp(diff, 10.0, alternative="less").pvalue
+    assert t["p_lower"] == pytest.approx(lower) and t["p_upper"] == pytest.approx(upper)
+    assert t["p"] == pytest.approx(max(lower, upper))
+    ci = scipy.stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
+    assert t["ci95"] == pytest.approx([ci.low, ci.high])
+    assert t["mean"] == pytest.approx(10.0)
+
+
+def test_equivalence_verdicts_on_planted_differences():
+    near_zero = tost_paired(np.r_[np.zeros(196), [100, -100, 100, -100]], 10.0)      # mean 0, small se
+    assert equivalence_verdict(near_zero) == "consistent with no difference"
+    shifted = tost_paired(np.r_[np.full(30, 100.0), np.zeros(10)], 10.0)            # +75 points
+    assert equivalence_verdict(shifted) == "inconsistent with no difference"
+    noisy = tost_paired(np.array([100, -100, 0, 100, -100, 0, 0, 100.0]), 10.0)     # 8 problems: wide CI around 0
+    assert equivalence_verdict(noisy) == "inconclusive"
+    flat = tost_paired(np.zeros(5), 10.0)                                           # se 0, inside the margin
+    assert flat["p"] == 0.0 and equivalence_verdict(flat) == "consistent with no difference"
+    with pytest.raises(ValueError, match="at least 2"):
+        tost_paired([1.0], 10.0)
+
+
+# Planted layout: 2 layers x 6 query heads, 2 KV heads of 3 query heads each (KV 0: heads 0-2, KV 1: heads 3-5).
+LAYOUT = SimpleNamespace(n_layers=2, n_heads=6, n_kv_heads=2)
+A = [0, 1, 3, 6, 7, 8]         # layer 0: 0 1 3, layer 1: 0 1 2
+B = [2, 4, 5, 9, 10, 11]       # the complement of A
+C = [0, 4, 6, 7, 8, 9]         # layer 0: 0 4, layer 1: 0 1 2 3
+
+
+@pytest.mark.parametrize("kv, heads, expect", [
+    # (query shared, query jaccard, kv_a, kv_b, kv shared, kv jaccard, weight jaccard), counted by hand
+    ("any", B, (0, 0.0, 3, 3, 2, 0.5, 2 / 16)),            # A: (0,0) (0,1) (1,0); B: (0,0) (0,1) (1,1)
+    ("majority", B, (0, 0.0, 2, 2, 0, 0.0, 0.0)),          # A: (0,0) (1,0); B: (0,1) (1,1)
+    ("all", B, (0, 0.0, 1, 1, 0, 0.0, 0.0)),               # A: (1,0); B: (1,1)
+    ("none", B, (0, 0.0, 0, 0, 0, float("nan"), 0.0)),
+    ("any", C, (4, 0.5, 3, 4, 3, 0.75, 7 / 12)),           # C: every KV head
+    ("majority", C, (4, 0.5, 2, 1, 1, 0.5, 5 / 10)),       # C: (1,0)
+    ("none", C, (4, 0.5, 0, 0, 0, float("nan"), 4 / 8)),
+])
+def test_overlap_on_a_planted_head_layout(kv, heads, expect):
+    o = overlap(LAYOUT, A, heads, kv)
+    got = (o["query_shared"], o["query_jaccard"], o["kv_a"], o["kv_b"], o["kv_shared"], o["kv_jaccard"],
+           o["param_jaccard"])
+    assert got[:5] == expect[:5]
+    np.testing.assert_allclose(got[5:], expect[5:])
+    assert (o["query_a"], o["query_b"]) == (6, 6)
+
+
+def test_majority_policy_never_shares_a_kv_head_between_complements():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        half = sorted(rng.permutation(12)[:6].tolist())
+        rest = sorted(set(range(12)) - set(half))
+        assert overlap(LAYOUT, half, rest, "majority")["kv_shared"] == 0
+
+
+@pytest.mark.parametrize("final, jaccard, valid, reason", [
+    ({"synergistic": [1.0, 0.975], "random": [0.95, 1.0], "redundant": [1.0, 1.0]}, {}, False, "ceiling"),
+    ({"synergistic": [0.0, 0.025], "random": [0.05, 0.0], "redundant": [0.0, 0.0]}, {}, False, "floor"),
+    ({"synergistic": [0.5, 0.55], "random": [1.0, 1.0], "redundant": [1.0, 1.0]}, {"random": 0.3}, True, "off the"),
+    ({"synergistic": [0.4, 0.45], "random": [0.3, 0.35]}, {"random": 0.85, "redundant": 0.1}, False,
+     "synergistic and random train nearly the same weights"),
+    ({"synergistic": [0.4, 0.45], "random": [0.3, 0.35]}, {"random": 0.33, "redundant": 0.0}, True, "0.33 < 0.8"),
+    ({}, {}, False, "no runs"),
+])
+def test_validity_rule_on_planted_accuracies(final, jaccard, valid, reason):
+    v = fc.validity(final, jaccard)
+    assert v["valid"] is valid and reason in v["reason"]
+
+
+def _planted_result(tmp_path, methods, finals, seeds=(0, 1), sft_seeds=None, n_test=10):
+    """A FinetuneResult with planted final accuracies {(method, kind): [per seed]} (no model, no training)."""
+    model, tokenizer, arch = load_model("random:llama", device="cpu")
+    _rankings(tmp_path, arch)
+    plan = finetune.prepare(tmp_path, model="random:llama", n_train=16, n_test=n_test, seeds=list(seeds),
+                            sft_seeds=sft_seeds, methods=methods, kv="none")
+    records = []
+    for method, cond, seed in plan.runs():
+        acc = finals[(method, cond.kind)][plan.seeds_for(method).index(seed)]
+        correct = [i < round(acc * n_test) for i in range(n_test)]
+        records.append(RunRecord(method, cond, seed, [0, 4], [0.3, acc], [[False] * n_test, correct], [], []))
+    layout = {"n_layers": arch.n_layers, "n_heads": arch.n_heads, "n_kv_heads": arch.n_kv_heads}
+    return FinetuneResult(plan, records, 0.0, {"layout": layout})
+
+
+def test_claim_block_is_grpos_g_with_the_sft_control(tmp_path):
+    finals = {("grpo", "synergistic"): [0.6, 0.7], ("grpo", "random"): [0.4, 0.5], ("grpo", "redundant"): [0.2, 0.2],
+              ("grpo", "layer_matched"): [0.5, 0.5], ("sft", "synergistic"): [0.5], ("sft", "random"): [0.5],
+              ("sft", "redundant"): [0.5], ("sft", "layer_matched"): [0.5]}
+    c = _planted_result(tmp_path, ["sft", "grpo"], finals, sft_seeds=[0]).claim()
+    g = 2 * np.sqrt(2) * 4 / 7                               # means 0.65 / 0.45, sd 0.0707: d = 2.828, J = 4/7
+    assert c["value"] == pytest.approx(g) and c["details"]["arm"] == "grpo"
+    assert c["se"] == pytest.approx(np.sqrt(1 + g ** 2 / 8))
+    assert c["ci95"] == pytest.approx([g - 1.959964 * c["se"], g + 1.959964 * c["se"]], abs=1e-5)
+    assert c["null"] == {"name": "no difference between head sets (g = 0)", "value": 0.0, "ci95": None}
+    assert c["paper_effect"] == 1.4 and "vs redundant ~5.0" in c["paper_effect_note"]
+    assert c["sample_sizes"] == {"seeds": 2, "test_problems": 10, "steps": finetune.GRPOSettings().n_steps,
+                                 "runs": {"synergistic": 2, "redundant": 2, "random": 2, "layer_matched": 2}}
+    assert c["vs_redundant"]["value"] == pytest.approx(9 * 4 / 7)   # pooled sd sqrt(0.005 / 2) = 0.05: d = 0.45 / 0.05
+    sft = c["sft_control"]                                     # identical SFT finals: difference 0 on every problem
+    assert sft["difference_points"] == 0.0 and sft["line"].startswith("SFT: consistent with no difference")
+    assert c["validity"]["valid"] and c["overlap"]["policy"] == "none"
+    mine = [r for r in c["overlap"]["rows"] if r["kv"] == "none" and r["b"] == "redundant"]
+    assert mine and mine[0]["param_jaccard"] == 0.0
+
+
+def test_claim_without_grpo_says_it_tests_the_sft_arm(tmp_path):
+    finals = {("sft", "synergistic"): [0.6], ("sft", "random"): [0.4], ("sft", "redundant"): [0.3],
+              ("sft", "layer_matched"): [0.4]}
+    c = _planted_result(tmp_path, ["sft"], finals, seeds=[0]).claim()
+    assert c["details"]["arm"] == "sft"
+    assert c["value"] == pytest.approx(0.2)                    # paired difference over problems, one seed
+    assert c["sft_control"]["difference_points"] == pytest.approx(20.0)
+
+
+@pytest.mark.slow
+def test_grpo_arm_end_to_end_writes_the_claim_block(tmp_path, llama):
+    model, tokenizer, arch = llama
+    _rankings(tmp_path, arch)
+    plan = finetune.prepare(tmp_path, model="random:llama", n_train=16, n_test=4, n_random=1, max_new_tokens=4,
+                            seeds=[0, 1], sft_seeds=[0], methods=["sft", "grpo"], kv="majority",
+                            sft=finetune.SFTSettings(n_steps=2, lr=1e-2, batch_size=2, eval_every=2),
+                            grpo=GRPOSettings(n_steps=2, lr=1e-2, n_generations=2, batch_size=4,
+                                              max_completion_length=4))
+    before = _snapshot(model)
+    finetune.run_finetune(model, tokenizer, arch, plan, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    summary = artifacts.load("finetune_summary", tmp_path)
+    runs = pd.DataFrame(summary["runs"])
+    assert runs.groupby("method").size().to_dict() == {"grpo": 8, "sft": 4}          # 4 conditions x 2 / x 1 seeds
+    assert runs.groupby("method").before.nunique().to_dict() == {"grpo": 1, "sft": 1}  # one shared baseline
+    c = summary["claim"]
+    assert c["details"]["arm"] == "grpo" and c["sample_sizes"]["seeds"] == 2 and c["sample_sizes"]["steps"] == 2
+    for key in ("value", "ci95", "se", "null", "direction", "n", "statistic", "paper", "paper_effect",
+                "paper_effect_note", "validity", "vs_redundant", "sft_control", "overlap"):
+        assert key in c, key
+    deltas = artifacts.load("finetune_deltas", tmp_path)
+    assert not (deltas.delta_norm[~deltas.selected.astype(bool)] > 0).any(), "a slice outside the selection moved"
+
+
+def test_cost_estimate_counts_sft_seeds_and_one_shared_baseline():
+    from lib import cost
+    p = {"n_random": 1, "seeds": [0, 1], "methods": ["sft"], "max_new_tokens": 4, "batch_size": 8,
+         "n_steps": 4, "eval_every": 8, "n_test": 40, "eval_batch_size": 40, "grpo": {}}
+    seq = cost.PROMPT_TOKENS + 4
+    # by hand: 4 conditions x 2 seeds runs; each 4 steps (1 forward each) + 1 final evaluation (1 batch x 4 tokens);
+    # plus one shared evaluation before training
+    assert cost.finetune(p, {}, None).forwards == 8 * (4 + 4) + 4
+    assert cost.finetune(p, {}, None).tokens == 8 * (3 * 4 * 8 * seq + 40 * seq) + 40 * seq
+    assert cost.finetune({**p, "sft_seeds": [0]}, {}, None).forwards == 4 * (4 + 4) + 4

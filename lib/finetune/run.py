@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from lib import artifacts, tasks
 from lib.behaviour import (check_rankings_model, clopper_pearson, eos_ids, greedy_generate, head_sets,
                            load_rankings, problem_batches)
+from lib.finetune import claim as fc
 from lib.finetune.grpo import GRPOSettings, evaluation_callback, run_grpo
 from lib.finetune.masks import KV_POLICIES, head_masks, selected_units, weight_deltas
 from lib.finetune.sft import Example, SFTSettings, run_sft
@@ -71,19 +73,28 @@ class FinetunePlan:
     eval_batch_size: int = 32
     chat_template: bool = True
     answer_prefix: str = tasks.ANSWER_PREFIX
+    sft_seeds: list[int] | None = None    # SFT's training seeds when they differ from `seeds` (the control may be
+                                          # cheaper than the GRPO arm); None: `seeds`
+
+    def seeds_for(self, method: str) -> list[int]:
+        return list(self.sft_seeds) if method == "sft" and self.sft_seeds else list(self.seeds)
+
+    def n_steps(self, method: str) -> int:
+        return self.sft.n_steps if method == "sft" else self.grpo.n_steps
 
     def runs(self) -> list[tuple[str, Condition, int]]:
-        return [(m, c, s) for m in self.methods for c in self.conditions for s in self.seeds]
+        return [(m, c, s) for m in self.methods for c in self.conditions for s in self.seeds_for(m)]
 
     def fingerprint(self, arch) -> dict:
         return {"model": self.model, "weights": arch.weights_id, "variant": self.variant, "fraction": self.fraction,
                 "kv": self.kv, "conditions": [asdict(c) for c in self.conditions], "seeds": self.seeds,
+                "sft_seeds": self.sft_seeds,
                 "methods": self.methods, "train": [p.id for p in self.train], "test": [p.id for p in self.test],
                 "sft": asdict(self.sft), "grpo": asdict(self.grpo), "max_new_tokens": self.max_new_tokens,
                 "chat_template": self.chat_template, "answer_prefix": self.answer_prefix}
 
 
-def check_settings(fraction, kv, seeds, methods, n_random) -> None:
+def check_settings(fraction, kv, seeds, methods, n_random, sft_seeds=None) -> None:
     """Raise ValueError naming the first bad setting (nothing read or written)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction (share of heads trained) must lie in (0, 1], e.g. 0.5 as in the paper; "
@@ -92,6 +103,10 @@ def check_settings(fraction, kv, seeds, methods, n_random) -> None:
         raise ValueError(f"kv must be one of {list(KV_POLICIES)} (GQA policy for shared K/V heads); got {kv!r}")
     if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers (one training run each), e.g. [0]; got {seeds!r}")
+    if sft_seeds is not None and (not isinstance(sft_seeds, (list, tuple)) or
+                                  not all(isinstance(s, int) and not isinstance(s, bool) for s in sft_seeds)):
+        raise ValueError(f"sft_seeds must be a list of integers (SFT's training seeds; [] or None: the same as "
+                         f"seeds); got {sft_seeds!r}")
     bad = [m for m in (methods if isinstance(methods, (list, tuple)) else [methods]) if m not in METHODS]
     if not isinstance(methods, (list, tuple)) or not methods or bad:
         raise ValueError(f"methods must be a non-empty list of {list(METHODS)}; got {methods!r}")
@@ -111,11 +126,13 @@ def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fract
             n_random: int = 1, seeds=(0,), methods=("sft",), task: str = "arithmetic", n_train: int | None = 200,
             n_test: int | None = 40, difficulty: int = 2, task_seed: int = 0, sft: SFTSettings = SFTSettings(),
             grpo: GRPOSettings = GRPOSettings(), max_new_tokens: int = 32, eval_batch_size: int = 32,
-            chat_template: bool = True, answer_prefix: str = tasks.ANSWER_PREFIX, seed: int = 0) -> FinetunePlan:
-    """Validate every setting, the task splits and rankings.csv (nothing is written) -> FinetunePlan."""
+            chat_template: bool = True, answer_prefix: str = tasks.ANSWER_PREFIX, seed: int = 0,
+            sft_seeds=None) -> FinetunePlan:
+    """Validate every setting, the task splits and rankings.csv (nothing is written) -> FinetunePlan.
+    sft_seeds: SFT's training seeds when they differ from `seeds` ([] or None: the same)."""
     seeds, methods = list(seeds) if isinstance(seeds, tuple) else seeds, \
         list(methods) if isinstance(methods, tuple) else methods
-    check_settings(fraction, kv, seeds, methods, n_random)
+    check_settings(fraction, kv, seeds, methods, n_random, sft_seeds)
     sft.check()
     if "grpo" in methods:
         grpo.check()
@@ -126,7 +143,8 @@ def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fract
     n_heads = int(rankings["head"].max()) + 1
     conditions = make_conditions(rankings, variant, float(fraction), n_random, seed, n_heads)
     return FinetunePlan(out_dir, model or "", variant, float(fraction), kv, conditions, seeds, methods, train, test,
-                        sft, grpo, max_new_tokens, eval_batch_size, bool(chat_template), str(answer_prefix))
+                        sft, grpo, max_new_tokens, eval_batch_size, bool(chat_template), str(answer_prefix),
+                        list(sft_seeds) if sft_seeds else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,6 +160,21 @@ class Evaluator:
         self.stop = eos_ids(model, tokenizer)
         self.tokenizer = tokenizer
         self.batches = problem_batches([len(p) for p in self.prompts], plan.eval_batch_size)
+
+    def baseline(self, model) -> list[bool]:
+        """Correctness of the loaded weights (every run starts from them), computed once."""
+        if getattr(self, "_baseline", None) is None:
+            self._baseline = self(model)
+        return list(self._baseline)
+
+    def for_run(self, model):
+        """evaluate(model) for one run: its first call (before training) returns the shared baseline."""
+        calls = []
+
+        def evaluate(m):
+            calls.append(1)
+            return self.baseline(m) if len(calls) == 1 else self(m)
+        return evaluate
 
     def __call__(self, model) -> list[bool]:
         correct = [False] * len(self.prompts)
@@ -222,8 +255,10 @@ def _restore(arch, snapshot: dict[int, torch.Tensor]) -> None:
             m.param.copy_(snapshot[id(m.param)])
 
 
-def _one_run(model, tokenizer, arch, plan, method, cond, seed, evaluate, examples, ckpt, bar) -> RunRecord:
+def _one_run(model, tokenizer, arch, plan, method, cond, seed, evaluator, examples, ckpt, bar) -> RunRecord:
     t0 = time.perf_counter()
+    resuming = ckpt is not None and ckpt.path.exists()         # its step-0 evaluation is in the checkpoint
+    evaluate = evaluator if resuming else evaluator.for_run(model)
     if method == "sft":
         settings = SFTSettings(**{**asdict(plan.sft), "kv": plan.kv, "seed": seed})
         curve = run_sft(model, arch, list(cond.heads), examples, evaluate, settings, _pad(tokenizer), ckpt, bar)
@@ -261,7 +296,7 @@ def run_finetune(model, tokenizer, arch, plan: FinetunePlan, progress: bool = Tr
     evaluate = Evaluator(model, tokenizer, arch, plan)
     examples = sft_examples(tokenizer, plan.train, plan.chat_template, plan.answer_prefix)
     snapshot = _attention_snapshot(arch)
-    total = sum(plan.sft.n_steps if m == "sft" else plan.grpo.n_steps for m, _, _ in plan.runs())
+    total = sum(plan.n_steps(m) for m, _, _ in plan.runs())
     records, t0 = [], time.perf_counter()
     with tqdm(total=total, desc="fine-tuning (steps)", disable=not progress) as bar:
         for method, cond, seed in plan.runs():
@@ -279,9 +314,10 @@ def run_finetune(model, tokenizer, arch, plan: FinetunePlan, progress: bool = Tr
                     _restore(arch, snapshot)
                 done.save(record)
             else:
-                bar.update(plan.sft.n_steps if method == "sft" else plan.grpo.n_steps)
+                bar.update(plan.n_steps(method))
             records.append(record)
-    result = FinetuneResult(plan, records, time.perf_counter() - t0)
+    layout = {"n_layers": arch.n_layers, "n_heads": arch.n_heads, "n_kv_heads": arch.n_kv_heads}
+    result = FinetuneResult(plan, records, time.perf_counter() - t0, {"layout": layout})
     result.save()
     shutil.rmtree(folder, ignore_errors=True)
     if folder.parent.is_dir() and not any(folder.parent.iterdir()):
@@ -349,27 +385,79 @@ class FinetuneResult:
                 for b in ("random", "redundant", "layer_matched")]
 
     def claim(self) -> dict:
-        """Claim C7 block (see lib.claims): synergistic vs random, GRPO when it ran, else SFT."""
-        method = "grpo" if "grpo" in self.plan.methods else "sft"
-        t = self.compare(method, "synergistic", "random")
+        """Claim C7 block (lib.finetune.claim's docstring): GRPO's g when GRPO ran (details.arm "grpo"), else
+        today's SFT statistic (details.arm "sft": the wrong arm for the paper's claim)."""
+        arm = "grpo" if "grpo" in self.plan.methods else "sft"
+        block = self._grpo_claim() if arm == "grpo" else self._sft_claim()
+        finals = self.finals()
+        finals = finals[finals.method == arm]
+        by_kind = {k: finals[finals.kind == k]["final"].tolist() for k in KINDS if (finals.kind == k).any()}
+        rows = self.overlap_rows()
+        block.update({
+            "paper": PAPER, "paper_effect": fc.PAPER_EFFECT, "paper_effect_note": fc.PAPER_EFFECT_NOTE,
+            "validity": fc.validity(by_kind, fc.claim_jaccard(rows, self.plan.kv)),
+            "sample_sizes": {"seeds": len(self.plan.seeds_for(arm)), "test_problems": len(self.plan.test),
+                             "steps": self.plan.n_steps(arm), "runs": {k: len(v) for k, v in by_kind.items()}},
+            "vs_redundant": fc.g_block(by_kind.get("synergistic", []), by_kind.get("redundant", [])),
+            "sft_control": self.sft_control(),
+            "overlap": {"policy": self.plan.kv, "max_param_jaccard": fc.MAX_PARAM_JACCARD, "rows": rows}})
+        block["details"].update({"arm": arm, "tests": self.tests(), "variant": self.plan.variant,
+                                 "fraction": self.plan.fraction, "kv": self.plan.kv})
+        return block
+
+    def _grpo_claim(self) -> dict:
+        finals = self.finals()
+        finals = finals[finals.method == "grpo"]
+        g = fc.g_block(finals[finals.kind == "synergistic"]["final"].to_numpy(),
+                       finals[finals.kind == "random"]["final"].to_numpy())
+        return {"id": "C7", "statistic": "Hedges' g of the final test accuracy (after the last GRPO step), "
+                                         "synergistic vs random heads, over runs (training seeds x random sets); "
+                                         "95% CI g +- 1.96 se (Hedges & Olkin variance)",
+                "value": g["value"], "ci95": g["ci95"], "se": g["se"],
+                "null": {"name": "no difference between head sets (g = 0)", "value": 0.0, "ci95": None},
+                "direction": "greater", "n": g["n_a"] + g["n_b"], "details": {"n_a": g["n_a"], "n_b": g["n_b"]}}
+
+    def _sft_claim(self) -> dict:
+        t = self.compare("sft", "synergistic", "random")
         many = t["n_a"] >= 2 and t["n_b"] >= 2
-        stat = (f"Hedges' g of the final test accuracy, synergistic vs random heads ({method}, seeds)" if many else
-                f"final test accuracy, synergistic minus random heads ({method}, one seed: paired over problems)")
-        value = t["hedges_g"] if many else t["paired_difference"]
-        ci = None if many else t["paired_ci95"]
+        stat = ("Hedges' g of the final test accuracy, synergistic vs random heads (sft, seeds)" if many else
+                "final test accuracy, synergistic minus random heads (sft, one seed: paired over problems)")
+        finals = self.finals()
+        groups = [finals[(finals.method == "sft") & (finals.kind == k)]["final"] for k in ("synergistic", "random")]
+        se = fc.g_block(*groups)["se"] if many else None
         null = {"name": "permutation of condition labels over seeds" if many else
                 "no difference (0); CI from a paired bootstrap over test problems",
                 "value": 0.0, "ci95": t["null_ci95"] if many else None}
-        return {"id": "C7", "statistic": stat, "value": value, "ci95": ci, "null": null, "direction": "greater",
-                "paper": PAPER, "n": t["n_a"] if many else len(self.plan.test),
-                "details": {"tests": self.tests(), "variant": self.plan.variant, "fraction": self.plan.fraction,
-                            "kv": self.plan.kv}}
+        return {"id": "C7", "statistic": stat, "value": t["hedges_g"] if many else t["paired_difference"],
+                "ci95": None if many else t["paired_ci95"], "se": se, "null": null, "direction": "greater",
+                "n": t["n_a"] if many else len(self.plan.test), "details": {}}
+
+    def sft_control(self) -> dict:
+        """SFT synergistic - random, paired over test problems, with the TOST (lib.finetune.claim.sft_control)."""
+        runs = [r for r in self.records if r.method == "sft"]
+        by = {k: [r for r in runs if r.condition.kind == k] for k in ("synergistic", "random")}
+        if not all(by.values()) or len(self.plan.test) < 2:
+            return {"ran": False, "line": "SFT: not run (methods without sft)" if not runs else
+                    "SFT: inconclusive (too few runs or test problems)"}
+        correct = {k: np.mean([r.correct[-1] for r in v], axis=0) for k, v in by.items()}
+        before = {k: float(np.mean([r.accuracy[0] for r in v])) for k, v in by.items()}
+        after = {k: float(np.mean([r.accuracy[-1] for r in v])) for k, v in by.items()}
+        return {"ran": True, **fc.sft_control(correct["synergistic"], correct["random"], before, after)}
+
+    def overlap_rows(self) -> list[dict]:
+        """Trained query heads, KV heads and weights shared by synergistic and each other condition, under every
+        KV policy (lib.finetune.claim.overlap_rows); [] without the model's layout."""
+        layout = self.extra.get("layout")
+        if not layout:
+            return []
+        return fc.overlap_rows(SimpleNamespace(**layout), self.plan.conditions)
 
     def summary(self) -> dict:
         return {"model": self.plan.model, "variant": self.plan.variant, "fraction": self.plan.fraction,
                 "kv": self.plan.kv, "methods": self.plan.methods, "seeds": self.plan.seeds,
-                "n_train": len(self.plan.train), "n_test": len(self.plan.test), "sft": asdict(self.plan.sft),
-                "grpo": asdict(self.plan.grpo), "runs": self.finals().to_dict("records"),
+                "sft_seeds": self.plan.seeds_for("sft"), "n_train": len(self.plan.train),
+                "n_test": len(self.plan.test), "sft": asdict(self.plan.sft), "grpo": asdict(self.plan.grpo),
+                "layout": self.extra.get("layout"), "runs": self.finals().to_dict("records"),
                 "seconds": round(self.seconds, 1), "claim": self.claim()}
 
     def save(self, out_dir=None) -> list[Path]:
@@ -415,3 +503,29 @@ def moved_table(result: FinetuneResult) -> pd.DataFrame:
     return (d.groupby(["method", "condition", "seed"])[["selected", "inside", "outside"]].sum().astype(int)
             .rename(columns={"selected": "slices trained", "inside": "moved inside", "outside": "moved outside"})
             .reset_index())
+
+
+def overlap_table(result: FinetuneResult) -> pd.DataFrame:
+    """Synergistic vs each other condition under every KV policy: query heads, KV heads and weights trained by
+    both (counts and Jaccard); the run's own policy is marked."""
+    rows = pd.DataFrame(result.overlap_rows())
+    if rows.empty:
+        return rows
+    rows.insert(1, "this run", np.where(rows.kv == result.plan.kv, "*", ""))
+    return rows.drop(columns="a").rename(columns={"b": "synergistic vs"})
+
+
+def claim_table(result: FinetuneResult) -> pd.DataFrame:
+    """The C7 numbers in one table: GRPO (or SFT) g vs random and vs redundant with CIs, the SFT control, validity."""
+    c = result.claim()
+    rows = [{"statistic": f"g synergistic vs random ({c['details']['arm']})", "value": c["value"],
+             "95% CI": c["ci95"], "se": c.get("se")},
+            {"statistic": f"g synergistic vs redundant ({c['details']['arm']})", "value": c["vs_redundant"]["value"],
+             "95% CI": c["vs_redundant"]["ci95"], "se": c["vs_redundant"]["se"]}]
+    sft = c["sft_control"]
+    if sft.get("ran"):
+        rows.append({"statistic": "SFT synergistic - random (points, paired)", "value": sft["difference_points"],
+                     "95% CI": sft["ci95_points"], "se": sft["se_points"]})
+    table = pd.DataFrame(rows)
+    table["95% CI"] = [None if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]" for ci in table["95% CI"]]
+    return table

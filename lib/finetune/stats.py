@@ -1,5 +1,6 @@
 """Effect sizes and tests between fine-tuning conditions, as the paper reports them (Hedges' g, permutation test),
-plus a paired bootstrap over test problems for runs with one seed per condition."""
+the analytic CI of g (Hedges & Olkin variance), a paired bootstrap over test problems for runs with one seed per
+condition, and an equivalence test (TOST) for the SFT control's "no difference"."""
 from __future__ import annotations
 
 from itertools import combinations
@@ -59,3 +60,52 @@ def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) ->
     boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return float(diff.mean()), float(lo), float(hi)
+
+
+Z95 = 1.959963984540054                 # the 97.5th percentile of the standard normal
+
+
+def hedges_g_se(g: float, na: int, nb: int) -> float:
+    """Large-sample standard error of Hedges' g (Hedges & Olkin 1985, eq. 5.15):
+    sqrt((na + nb) / (na nb) + g^2 / (2 (na + nb))). NaN when g is NaN."""
+    return float(np.sqrt((na + nb) / (na * nb) + g ** 2 / (2 * (na + nb))))
+
+
+def hedges_g_ci(a, b) -> dict:
+    """Hedges' g of a vs b with its analytic 95% CI g +- 1.96 se (Hedges & Olkin variance; no bootstrap, which is
+    meaningless with 2-3 values per group). -> {"g", "se", "ci95": [lo, hi], "n_a", "n_b"}; NaN when g is NaN."""
+    na, nb = len(a), len(b)
+    g = hedges_g(a, b)
+    se = hedges_g_se(g, na, nb) if na and nb else float("nan")
+    return {"g": g, "se": se, "ci95": [g - Z95 * se, g + Z95 * se], "n_a": na, "n_b": nb}
+
+
+def tost_paired(diff, margin: float) -> dict:
+    """Equivalence of a paired mean difference with 0 within +-margin: two one-sided one-sample t-tests
+    (H0 mean <= -margin, H0 mean >= +margin) on diff [units]; p = the larger of the two. Also the mean, its 90% CI
+    (the TOST's own interval: equivalence at 5% <=> it lies inside +-margin) and its 95% t CI.
+    All differences equal (se 0): p is 0 when that value lies strictly inside the margin, else 1."""
+    from scipy import stats
+    d = np.asarray(diff, float)
+    n, mean = len(d), float(np.mean(d))
+    if n < 2:
+        raise ValueError(f"the equivalence test needs at least 2 paired differences; got {n}")
+    se = float(np.std(d, ddof=1) / np.sqrt(n))
+    if se == 0:
+        p_low = p_high = 0.0 if abs(mean) < margin else 1.0
+    else:
+        p_low = float(stats.t.sf((mean + margin) / se, n - 1))
+        p_high = float(stats.t.cdf((mean - margin) / se, n - 1))
+    t90, t95 = stats.t.ppf(0.95, n - 1), stats.t.ppf(0.975, n - 1)
+    return {"mean": mean, "se": se, "n": n, "margin": float(margin), "p_lower": p_low, "p_upper": p_high,
+            "p": max(p_low, p_high), "ci90": [mean - t90 * se, mean + t90 * se],
+            "ci95": [mean - t95 * se, mean + t95 * se]}
+
+
+def equivalence_verdict(test: dict, alpha: float = 0.05) -> str:
+    """'consistent with no difference' (TOST p < alpha: the difference lies within the margin), else
+    'inconsistent with no difference' (the 95% CI excludes 0), else 'inconclusive'."""
+    if test["p"] < alpha:
+        return "consistent with no difference"
+    lo, hi = test["ci95"]
+    return "inconsistent with no difference" if lo > 0 or hi < 0 else "inconclusive"

@@ -28,7 +28,7 @@ def accuracy_by_condition(result, metric: str = "final"):
         kinds = [k for k in KIND_ORDER if k in set(rows.kind)]
         ax.set_xticks(range(len(kinds)), [k.replace("_", "-") for k in kinds], rotation=20)
         ax.set_ylabel("test accuracy after training (%)")
-        ax.set_title(f"{method.upper()}: {len(result.plan.seeds)} seed(s), {len(rows)} runs", fontsize=10)
+        ax.set_title(f"{method.upper()}: {len(result.plan.seeds_for(method))} seed(s), {len(rows)} runs", fontsize=10)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"Learning through {100 * result.plan.fraction:.0f}% of heads selected by {result.plan.variant} "
                  f"({result.plan.model})", fontsize=10)
