@@ -568,6 +568,8 @@ def model_dims(spec: str, revision: str | None = None) -> ModelDims:
 def _config_and_folder(spec: str, revision: str | None):
     """-> (transformers config, local folder holding the weights or None) of a model spec, nothing downloaded."""
     from transformers import AutoConfig
+    if spec.startswith(("synthetic:", "file:")):
+        raise ModelSpecError(f"{spec!r} has no network (lib.synthetic): no weights, no forward passes")
     if spec.startswith("random:"):
         return tiny_config(spec.split(":", 1)[1], len(bundled_tokenizer())), None
     if spec.startswith("bundled:"):

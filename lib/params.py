@@ -112,8 +112,12 @@ def _bundled_models() -> tuple[str, ...]:
 
 
 def model_spec(v) -> str | None:
-    """random:<arch>, bundled:<name>, a local model folder (with config.json) or a Hugging Face id org/name."""
+    """random:<arch>, bundled:<name>, a local model folder (with config.json), a Hugging Face id org/name, or a
+    network-free spec (synthetic:<kind>[:<L>x<H>], file:<path.npz>; lib.synthetic, which checks the file)."""
     v = str(v)
+    if v.startswith(("synthetic:", "file:")):
+        from lib.synthetic import spec_problem
+        return spec_problem(v)
     if v.startswith("random:"):
         arch, random_archs = v.split(":", 1)[1], _random_archs()
         return None if arch in random_archs else f"random:{arch} is not a tiny test model; use one of " \
@@ -130,7 +134,8 @@ def model_spec(v) -> str | None:
             f"bundled:... or random:<arch>"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", v):
         return None
-    return "must be a Hugging Face id (org/name), a local model folder, bundled:<name> or random:<arch>"
+    return ("must be a Hugging Face id (org/name), a local model folder, bundled:<name>, random:<arch>, "
+            "synthetic:<kind> or file:<path.npz>")
 
 
 GRPO_KEYS = ("n_steps", "lr", "n_generations", "batch_size", "grad_accum", "max_completion_length", "temperature")
