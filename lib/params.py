@@ -195,6 +195,22 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
 }
 
 
+NEEDS_NETWORK = ("05_ablation", "06_neuron_effects", "07_qkov_interference", "09_task_behaviour",
+                 "10_head_finetuning", "11_local_synergy")      # run the model itself (01 can do without one)
+
+
+def network_model_spec(v) -> str | None:
+    """model_spec for the notebooks that run the model: a network-free spec (synthetic:, file:) is refused."""
+    if str(v).startswith(("synthetic:", "file:")):
+        return ("has no network (activations without weights) and this notebook runs the model; leave the notebook "
+                "out of the params file (as params/synthetic.yaml does)")
+    return model_spec(v)
+
+
+for _notebook in NEEDS_NETWORK:
+    CONSTRAINTS.setdefault(_notebook, {})["model"] = network_model_spec
+
+
 def declare(notebook: str, rules: dict[str, Rule]) -> None:
     """Add (or extend) a notebook's value rules; called by the module that owns the notebook."""
     CONSTRAINTS.setdefault(notebook, {}).update(rules)

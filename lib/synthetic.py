@@ -100,6 +100,15 @@ def spec_problem(spec) -> str | None:
     return None
 
 
+def network_free_shape(spec: str) -> tuple[int, int]:
+    """(n_layers, n_heads) of a synthetic: or file: spec (a file is read and checked)."""
+    if str(spec).startswith(FILE):
+        f = read_file(file_path(spec))
+        return f.n_layers, f.n_heads
+    s = parse_spec(spec)
+    return s.n_layers, s.n_heads
+
+
 def file_path(spec: str) -> Path:
     """'file:<path>' -> the path (relative paths from the repository root, where notebooks run)."""
     from lib import REPO_ROOT

@@ -152,6 +152,17 @@ def test_spec_parsing_and_params_rule():
         assert "synthetic:" in msg and "\n" not in msg
 
 
+def test_notebooks_that_run_the_model_refuse_a_network_free_spec_before_running(tmp_path):
+    from lib.params import NEEDS_NETWORK
+    for notebook in NEEDS_NETWORK:
+        (msg,) = problems(notebook, {"model": "synthetic:planted-core"})
+        assert "no network" in msg and notebook in msg
+    assert not problems("05_ablation", {"model": "random:llama"})
+    from lib.models import ModelSpecError, load_model
+    with pytest.raises(ModelSpecError, match="no network"):
+        load_model("synthetic:no-core")
+
+
 def test_seeds_and_the_random_init_copy_give_other_series():
     spec = sy.parse_spec(SMALL.format("planted-core"))
     a = sy.synthetic_activations(spec, 2, 30, seed=0)
