@@ -64,6 +64,9 @@ def _extract_models(p01: dict) -> int:
 def extraction(p: dict, run: dict, dims) -> Work:
     """01: greedy generation with a KV cache, n_tokens steps per batch (prefill + one token per step), for every
     extracted model, plus n_single_check prompts regenerated one at a time (the run's model only)."""
+    from lib.synthetic import is_network_free
+    if is_network_free(p.get("model", "")):
+        return Work()                                   # series generated or read, no forward pass
     n, steps, models = p["n_prompts"], p["n_tokens"], _extract_models(p)
     seq = PROMPT_TOKENS + steps
     forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps

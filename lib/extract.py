@@ -192,14 +192,20 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
 
     Batches are checkpointed (lib.artifacts "extract_checkpoint", key = hash of everything that defines the
     result), so a killed extraction continues where it stopped; an activations file that already holds the same
-    extraction is reused. Returns (ActivationRun, ArchInfo, tokenizer, model)."""
+    extraction is reused. Returns (ActivationRun, ArchInfo, tokenizer, model).
+
+    Network-free specs (synthetic:..., file:...; lib.synthetic) write their activations without a model and
+    return (ActivationRun, lib.synthetic.NoNetwork, None, None)."""
     from lib.models import load_model
     from lib.prompts import select_prompts
     from lib.store import ensure_writable_dir
+    from lib.synthetic import is_network_free, write_run
 
     for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("n_prompts", n_prompts)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer (got {value!r})")
+    if is_network_free(model):
+        return write_run(out_dir, model, n_prompts, n_tokens, seed=seed, random_init=random_init, tag=tag)
     prompts = select_prompts(n_prompts)
     out_dir = ensure_writable_dir(out_dir)
     model_obj, tokenizer, arch = load_model(model, dtype=dtype, device=device, revision=revision,
@@ -272,10 +278,18 @@ def extract_baselines(out_dir, model: str, baseline_random_init: bool = True, re
                       **settings) -> dict[str, ActivationRun]:
     """Notebook 01's baselines, each extracted like the run's model (extract_to_file, same settings) into its own
     activations file: the randomly re-initialised copy (tag random_init) when baseline_random_init, and every
-    training checkpoint in `revisions` (tag rev-<revision>). -> {tag: ActivationRun}, in that order."""
+    training checkpoint in `revisions` (tag rev-<revision>). -> {tag: ActivationRun}, in that order.
+    Network-free specs: lib.synthetic.baseline_plan (planted-core: its no-core twin as random_init)."""
     from lib.artifacts import RANDOM_INIT, revision_tag
-    plan = ([(RANDOM_INIT, True, None)] if baseline_random_init else []) + \
-        [(revision_tag(r), random_init, r) for r in revisions]
+    from lib.synthetic import baseline_plan, is_network_free
+    if is_network_free(model):
+        pairs, note = baseline_plan(model, baseline_random_init, revisions)
+        if note:
+            print(f"[extract] {note}")
+        plan = [(tag, init, None) for tag, init in pairs]
+    else:
+        plan = ([(RANDOM_INIT, True, None)] if baseline_random_init else []) + \
+            [(revision_tag(r), random_init, r) for r in revisions]
     runs = {}
     for tag, init, revision in plan:
         runs[tag], *_ = extract_to_file(out_dir, model, random_init=init, revision=revision, tag=tag, **settings)
@@ -300,10 +314,13 @@ def load_run(out_dir, tag: str = "") -> ActivationRun:
 
 
 def generated_texts(run: ActivationRun, tokenizer, max_chars: int = 160):
-    """A table of prompts and their generated continuations (pandas DataFrame)."""
+    """A table of prompts and their generated continuations (pandas DataFrame); without a tokenizer (network-free
+    specs) the token ids."""
     import pandas as pd
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else \
+        (lambda ids: "token ids " + " ".join(map(str, ids)))
     rows = [{"prompt_id": p.prompt_id, "category": p.category, "prompt": p.text,
-             "generated": tokenizer.decode(run.tokens[i], skip_special_tokens=False)[:max_chars]}
+             "generated": decode(run.tokens[i])[:max_chars]}
             for i, p in enumerate(run.prompts)]
     return pd.DataFrame(rows)
 
@@ -326,8 +343,12 @@ def batched_vs_single(run: ActivationRun, model, tokenizer, arch: ArchInfo, n_pr
     Where the tokens differ, the table gives the first differing step and the top-1 vs top-2 logit gap there
     (teacher-forced on the batched tokens): padding changes float rounding (different matmul shapes and masked
     positions), which flips a greedy choice only where two candidates are nearly tied.
+    Without a model (network-free specs) there is nothing to regenerate: an empty table.
     """
     import pandas as pd
+    if model is None:
+        print(f"{run.model}: no network, nothing to regenerate one prompt at a time (check skipped)")
+        return pd.DataFrame()
     subset = ActivationRun(**{**run.__dict__, "activations": run.activations[:n_prompts],
                               "tokens": run.tokens[:n_prompts], "prompts": run.prompts[:n_prompts],
                               "prompt_input_ids": run.prompt_input_ids[:n_prompts],

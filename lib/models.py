@@ -459,6 +459,9 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "a
 
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec must be a non-empty string (got {spec!r})")
+    if spec.startswith(("synthetic:", "file:")):
+        raise ModelSpecError(f"{spec!r} has no network (activations without weights, lib.synthetic): this step needs "
+                             f"a model; run only the notebooks that read activations (see params/synthetic.yaml)")
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if spec.startswith("random:"):
@@ -554,6 +557,10 @@ def model_dims(spec: str, revision: str | None = None) -> ModelDims:
     """ModelDims of `spec` from its config and the safetensors headers of its local folder (HF cache snapshot,
     model folder, bundled: conversion); without safetensors files, from the model built on the meta device
     (random:<arch> always). Raises ModelSpecError naming the download command when the config is not cached."""
+    if spec.startswith(("synthetic:", "file:")):
+        from lib.synthetic import network_free_shape
+        n_layers, n_heads = network_free_shape(spec)
+        return ModelDims(0, n_layers, n_heads, n_heads, 0, "no network (lib.synthetic)")
     config, folder = _config_and_folder(spec, revision)
     counted = safetensors_parameter_count(folder) if folder is not None else None
     source = f"safetensors headers in {folder}" if counted is not None else "config built on the meta device"
@@ -568,6 +575,8 @@ def model_dims(spec: str, revision: str | None = None) -> ModelDims:
 def _config_and_folder(spec: str, revision: str | None):
     """-> (transformers config, local folder holding the weights or None) of a model spec, nothing downloaded."""
     from transformers import AutoConfig
+    if spec.startswith(("synthetic:", "file:")):
+        raise ModelSpecError(f"{spec!r} has no network (lib.synthetic): no weights, no forward passes")
     if spec.startswith("random:"):
         return tiny_config(spec.split(":", 1)[1], len(bundled_tokenizer())), None
     if spec.startswith("bundled:"):

@@ -123,8 +123,12 @@ def _bundled_models() -> tuple[str, ...]:
 
 
 def model_spec(v) -> str | None:
-    """random:<arch>, bundled:<name>, a local model folder (with config.json) or a Hugging Face id org/name."""
+    """random:<arch>, bundled:<name>, a local model folder (with config.json), a Hugging Face id org/name, or a
+    network-free spec (synthetic:<kind>[:<L>x<H>], file:<path.npz>; lib.synthetic, which checks the file)."""
     v = str(v)
+    if v.startswith(("synthetic:", "file:")):
+        from lib.synthetic import spec_problem
+        return spec_problem(v)
     if v.startswith("random:"):
         arch, random_archs = v.split(":", 1)[1], _random_archs()
         return None if arch in random_archs else f"random:{arch} is not a tiny test model; use one of " \
@@ -141,7 +145,8 @@ def model_spec(v) -> str | None:
             f"bundled:... or random:<arch>"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", v):
         return None
-    return "must be a Hugging Face id (org/name), a local model folder, bundled:<name> or random:<arch>"
+    return ("must be a Hugging Face id (org/name), a local model folder, bundled:<name>, random:<arch>, "
+            "synthetic:<kind> or file:<path.npz>")
 
 
 GRPO_KEYS = ("n_steps", "lr", "n_generations", "batch_size", "grad_accum", "max_completion_length", "temperature")
@@ -207,6 +212,22 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
                            "eval_every": at_least(1), "grpo": grpo_settings},
 }
+
+
+NEEDS_NETWORK = ("05_ablation", "06_neuron_effects", "07_qkov_interference", "09_task_behaviour",
+                 "10_head_finetuning", "11_local_synergy")      # run the model itself (01 can do without one)
+
+
+def network_model_spec(v) -> str | None:
+    """model_spec for the notebooks that run the model: a network-free spec (synthetic:, file:) is refused."""
+    if str(v).startswith(("synthetic:", "file:")):
+        return ("has no network (activations without weights) and this notebook runs the model; leave the notebook "
+                "out of the params file (as params/synthetic.yaml does)")
+    return model_spec(v)
+
+
+for _notebook in NEEDS_NETWORK:
+    CONSTRAINTS.setdefault(_notebook, {})["model"] = network_model_spec
 
 
 def declare(notebook: str, rules: dict[str, Rule]) -> None:

@@ -310,6 +310,18 @@ def _mean_mi_closed_form(C):
     return {name: 0.5 * (_logdet(C, A) + _logdet(C, B) - _logdet(C, A + B)) for name, (A, B) in _MI_SETS.items()}
 
 
+def mmi_atoms_from_correlation(C):
+    """The 16 MMI atom means (tau as in C) of a pair from its 4x4 covariance or correlation matrix of
+    (x past, y past, x future, y future): the closed form phiid_pair uses on a fitted matrix, here applied to any
+    matrix (e.g. a process's population covariance, lib.synthetic). -> dict atom name -> float (nats)."""
+    C = np.asarray(C, dtype=np.float64)
+    if C.shape != (4, 4) or not np.allclose(C, C.T) or np.any(np.diag(C) <= 0):
+        raise ValueError(f"C must be a symmetric 4x4 covariance matrix with a positive diagonal; got shape {C.shape}")
+    d = np.sqrt(np.diag(C))
+    atoms = atoms_from_parts(mmi_parts(_mean_mi_closed_form(C / np.outer(d, d))))
+    return {name: float(atoms[name]) for name in ATOM_NAMES}
+
+
 def _warn_pair_degenerate(tau):
     warnings.warn(f"PhiID is undefined for this pair at tau={tau} (a constant, non-finite or collinear series: "
                   f"singular 4x4 correlation matrix); returning NaN atoms", DegeneratePairWarning, stacklevel=3)

@@ -341,7 +341,7 @@ def model_key(params: dict) -> str:
     spec = params.get("model")
     if not spec:
         return ""
-    seeded = str(spec).startswith("random:") or params.get("random_init")
+    seeded = str(spec).startswith(("random:", "synthetic:")) or params.get("random_init")
     seed = f" seed {params.get('seed', 0)}" if seeded else ""
     return f"{spec}{seed}{' re-initialised' if params.get('random_init') else ''}"
 

@@ -63,6 +63,12 @@ def network_drawings(networks: dict, modules_table, tag: str = "trained", fracti
     return fig
 
 
+def _band_err(mean, lo, hi) -> list:
+    """errorbar's yerr of a band around its mean; a band that collapses onto the mean (a null whose networks are
+    all equal) can put the mean a rounding error outside it: those arms are 0."""
+    return [[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]]
+
+
 def measure_bars(summary, tag: str = "trained"):
     """Fig 3c: efficiency and modularity of syn and red (full networks) with each null's mean and 95% band."""
     fig, axes = new_figure(8.5, 3.6, ncols=2)
@@ -72,8 +78,8 @@ def measure_bars(summary, tag: str = "trained"):
             row = t[(t["network"] == net) & (t["measure"] == measure)].iloc[0]
             ax.bar(x, row["observed"], color=NET_COLORS[net], width=0.6, label=f"{NET_LABELS[net]} observed")
             if np.isfinite(row["null_mean"] if row["null_mean"] is not None else np.nan):
-                ax.errorbar(x + 0.38, row["null_mean"], yerr=[[row["null_mean"] - row["null_lo"]],
-                            [row["null_hi"] - row["null_mean"]]], fmt="o", color="k", ms=4, capsize=4,
+                ax.errorbar(x + 0.38, row["null_mean"], yerr=_band_err(row["null_mean"], row["null_lo"], row["null_hi"]),
+                            fmt="o", color="k", ms=4, capsize=4,
                             label="null mean and 95% band" if x == 0 else None)
         ax.set_xticks([0, 1], ["syn", "red"])
         ax.set_ylabel(MEASURE_LABELS[measure])
@@ -154,7 +160,7 @@ def differences(topology_json: dict):
                             label="observed, 95% bootstrap CI over prompts" if x == 0 else None)
             if d["null"]["ci95"] is not None:
                 lo, hi = d["null"]["ci95"]
-                ax.errorbar(x + 0.38, d["null"]["mean"], yerr=[[d["null"]["mean"] - lo], [hi - d["null"]["mean"]]],
+                ax.errorbar(x + 0.38, d["null"]["mean"], yerr=_band_err(d["null"]["mean"], lo, hi),
                             fmt="o", color="k", ms=4, capsize=4, label="null mean and 95% band" if x == 0 else None)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(range(len(tags)), [t or "trained" for t in tags], rotation=20)
