@@ -12,7 +12,13 @@ Orderings (each a permutation of all heads; heads are removed cumulatively along
 - "ranking" for each chosen variant of rankings.csv: descending score (most synergistic first), ties broken by
   the lower head index;
 - "random" with seeds seed, seed+1, ..., seed+n_random-1: numpy default_rng(seed_k).permutation(total_heads);
-- "reverse" for each chosen variant: the exact reverse of that variant's ranking order (most redundant first).
+- "reverse" for each chosen variant: the exact reverse of that variant's ranking order (most redundant first);
+- "matched" / "matched_reverse" for each chosen variant: n_matched layer-matched random orders of its ranking /
+  of its reverse, each matched to ITS OWN layer sequence (position i removes a random not yet removed head of the
+  layer the matched ordering removes at position i), so every ordering has its own layer-matched control.
+The variant "oracle" (lib.oracle, a column of rankings.csv when notebook 01 computed it) is a variant like the
+others; when it is among the variants, the prompts the oracle was computed from (oracle.npz prompt_ids) are left
+out of this notebook's prompt selection, so the oracle is never scored on its own data.
 Points: n_removed = 0, s, 2s, ... (+ all heads) for step_size s, or round(f * total_heads) for a list of
 fractions f (0 is always included).
 
@@ -64,13 +70,16 @@ from lib.store import ArtifactError, check_same_heads, update_manifest
 PERTURBATIONS = ("zero", "noise")
 TABLE_FRACTIONS = tuple(k / 8 for k in range(1, 9))      # 12.5 %, 25 %, ..., 100 %
 RANDOM_VARIANT = "none"                                  # `variant` of random orderings in ablation.csv
+MATCHED = {"ranking": "matched", "reverse": "matched_reverse"}   # kind of the layer-matched controls of each kind
+ORACLE = "oracle"                                        # the oracle variant (lib.oracle), see load_inputs
 
 
 # ----------------------------------------------------------------------------- plan
 
 @dataclass(frozen=True)
 class Ordering:
-    kind: str                  # "ranking", "random", "matched" (layer-matched random) or "reverse"
+    kind: str                  # "ranking", "random", "reverse", "matched" / "matched_reverse" (layer-matched
+                               # random orders of the variant's ranking / reverse)
     variant: str               # ranking variant the order comes from (RANDOM_VARIANT for random orders)
     seed: int                  # the random seed (-1 unless kind is "random" or "matched")
     order: tuple[int, ...]     # head indices in removal order (a permutation of all heads)
@@ -79,7 +88,9 @@ class Ordering:
     def label(self) -> str:
         if self.kind == "random":
             return f"random:seed={self.seed}"
-        return f"matched:{self.variant}:seed={self.seed}" if self.kind == "matched" else f"{self.kind}:{self.variant}"
+        if self.kind in MATCHED.values():
+            return f"{self.kind}:{self.variant}:seed={self.seed}"
+        return f"{self.kind}:{self.variant}"
 
 
 @dataclass
@@ -96,6 +107,7 @@ class AblationInputs:
     n_heads: int
     pad_token_id: int
     tokens_checksum: str
+    held_out_prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the oracle's
 
     @property
     def n_tokens(self) -> int:
@@ -166,10 +178,11 @@ def layer_matched_order(order, head_layer, rng) -> tuple[int, ...]:
 
 def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 5, include_reverse: bool = True,
                    seed: int = 0, n_matched: int = 0, matched_variants: list[str] | None = None) -> list[Ordering]:
-    """Ranking order per variant, n_random seeded random orders, (optionally) the reverse of each ranking, and
-    n_matched layer-matched random orders for each of matched_variants (default: every variant; seeds seed,
-    seed+1, ...: numpy default_rng([seed_k, variant position]); same layer histogram as the ranking's first k
-    heads for every k, see layer_matched_order)."""
+    """Ranking order per variant, n_random seeded random orders, (optionally) the reverse of each ranking, then
+    n_matched layer-matched random orders of each ranking ("matched") and, with include_reverse, of each reverse
+    ("matched_reverse"), for every variant of matched_variants (default: every variant). Seeds seed, seed+1, ...:
+    numpy default_rng([seed_k, variant position]) for a ranking, default_rng([seed_k, variant position, 1]) for
+    a reverse; each has the layer histogram of ITS OWN ordering's first k heads for every k (layer_matched_order)."""
     heads = rankings["head_idx"].to_numpy()
     total = len(heads)
     by_head = rankings.set_index("head_idx").loc[np.arange(total)]
@@ -184,9 +197,14 @@ def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 
     if include_reverse:
         out += [Ordering("reverse", v, -1, order[::-1]) for v, order in rankings_orders]
     layers = by_head["layer"].to_numpy()
+    picked = [(i, v, order) for i, (v, order) in enumerate(rankings_orders)
+              if matched_variants is None or v in matched_variants]
     out += [Ordering("matched", v, seed + k, layer_matched_order(order, layers, np.random.default_rng([seed + k, i])))
-            for i, (v, order) in enumerate(rankings_orders) if matched_variants is None or v in matched_variants
-            for k in range(n_matched)]
+            for i, v, order in picked for k in range(n_matched)]
+    if include_reverse:
+        out += [Ordering("matched_reverse", v, seed + k,
+                         layer_matched_order(order[::-1], layers, np.random.default_rng([seed + k, i, 1])))
+                for i, v, order in picked for k in range(n_matched)]
     return out
 
 
@@ -231,7 +249,8 @@ def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None 
     prompts = [ids[i, ids.shape[1] - lengths[i]:] for i in range(len(lengths))]
     category = act["prompt_category"] if "prompt_category" in act else np.array(["all"] * len(prompts))
     prompt_ids = act["prompt_ids"] if "prompt_ids" in act else np.arange(len(prompts))
-    keep = select_prompt_rows(category, n_prompts)
+    held_out = oracle_prompt_rows(out_dir, prompt_ids) if ORACLE in variants else []
+    keep = select_prompt_rows(category, n_prompts, exclude=held_out)
     digest = hashlib.sha256()
     for a in (tokens[keep], lengths[keep], ids[keep]):
         digest.update(np.ascontiguousarray(a).tobytes())
@@ -240,19 +259,36 @@ def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None 
         out_dir=out_dir, model=str(act["model"]) if "model" in act else "", prompts=[prompts[i] for i in keep],
         tokens=tokens[keep], prompt_ids=np.asarray(prompt_ids)[keep], prompt_category=np.asarray(category)[keep],
         rankings=rankings, total_heads=total, n_heads=n_heads,
-        pad_token_id=int(act["pad_token_id"]) if "pad_token_id" in act else 0, tokens_checksum=digest.hexdigest())
+        pad_token_id=int(act["pad_token_id"]) if "pad_token_id" in act else 0, tokens_checksum=digest.hexdigest(),
+        held_out_prompt_ids=np.asarray(prompt_ids)[held_out])
 
 
-def select_prompt_rows(category: np.ndarray, n_prompts: int | None) -> list[int]:
+def oracle_prompt_rows(out_dir: Path, prompt_ids) -> list[int]:
+    """Rows of activations.npz the oracle (oracle.npz, notebook 01) was computed from: left out of 05's prompts."""
+    path = artifacts.path("oracle", out_dir)
+    if not path.exists():
+        raise ArtifactError(f"variant {ORACLE!r} is requested but {path} is missing: notebook 01 computes it "
+                            f"(oracle: true), notebook 04 adds the column; rerun both, or drop {ORACLE!r}")
+    used = set(artifacts.load_file("oracle", path, keys=["prompt_ids"])["prompt_ids"].tolist())
+    return [r for r, p in enumerate(np.asarray(prompt_ids).tolist()) if p in used]
+
+
+def select_prompt_rows(category: np.ndarray, n_prompts: int | None, exclude=()) -> list[int]:
     """None -> all rows; n -> n rows spread evenly over the categories (in file order), the first ones of each
-    category, earlier categories taking the remainder (12 prompts of 6 categories = the first 2 of each)."""
-    rows = list(range(len(category)))
+    category, earlier categories taking the remainder (12 prompts of 6 categories = the first 2 of each).
+    Rows in `exclude` (the oracle's prompts) are never selected."""
+    category = np.asarray(category)
+    rows = [r for r in range(len(category)) if r not in set(exclude)]
+    if not rows:
+        raise ValueError("no prompts left for the ablation: the oracle (01, oracle_prompts) uses all of them; "
+                         "lower oracle_prompts in 01_extract_activations or raise its n_prompts")
     if n_prompts is None:
         return rows
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or not 1 <= n_prompts <= len(rows):
-        raise ValueError(f"n_prompts must be None (all {len(rows)} prompts of the activations) or an integer in "
-                         f"[1, {len(rows)}]; got {n_prompts!r}")
-    cats = list(dict.fromkeys(category.tolist()))
+        left = f" not used by the oracle" if len(exclude) else ""
+        raise ValueError(f"n_prompts must be None (all {len(rows)} prompts of the activations{left}) or an integer "
+                         f"in [1, {len(rows)}]; got {n_prompts!r}")
+    cats = list(dict.fromkeys(category[rows].tolist()))
     by_cat = {c: [r for r in rows if category[r] == c] for c in cats}
     base, extra = divmod(int(n_prompts), len(cats))
     want = {c: base + (1 if k < extra else 0) for k, c in enumerate(cats)}
@@ -276,8 +312,9 @@ def prepare(out_dir: str | Path, model: str | None = None, variants: list[str] =
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an integer >= 0 (number of random orders; the paper uses 5); got {n_random!r}")
     if isinstance(n_matched, bool) or not isinstance(n_matched, int) or n_matched < 0:
-        raise ValueError(f"n_matched must be an integer >= 0 (layer-matched random orders for the first variant: "
-                         f"random heads with the layer histogram of its first k); got {n_matched!r}")
+        raise ValueError(f"n_matched must be an integer >= 0 (layer-matched random orders per ranking and per "
+                         f"reverse: random heads with the layer histogram of that ordering's first k); "
+                         f"got {n_matched!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size (rows per forward pass) must be a positive integer; got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -286,7 +323,7 @@ def prepare(out_dir: str | Path, model: str | None = None, variants: list[str] =
                          n_prompts, model)
     points = make_points(inputs.total_heads, step_size, fractions)
     orderings = make_orderings(inputs.rankings, list(variants), n_random, include_reverse, seed, n_matched,
-                               matched_variants=list(variants)[:1])
+)
     plan = AblationPlan(orderings=orderings, n_removed=points, total_heads=inputs.total_heads,
                         perturbation=perturbation, noise_sigma=float(noise_sigma) if perturbation == "noise" else 0.0,
                         seed=seed, shard=shard_spec, variants=list(variants))
@@ -662,54 +699,74 @@ class AblationResult:
 
     def _vs_controls(self, auc, boot_auc, k: int, controls: list[int], rng, n_boot: int, resample_orders: bool,
                      ci: float) -> dict:
-        """Ratio of ordering k's mean AUC to the controls' mean AUC, its percentile bootstrap CI (prompts, and
-        with resample_orders also the control orders, resampled with replacement), and k's percentile among
-        the controls (% of control orders with a smaller mean AUC; ties count half)."""
+        """Ratio of ordering k's mean AUC to the controls' mean AUC, its percentile bootstrap CI and its bootstrap
+        sd "se" (prompts, and with resample_orders also the control orders, resampled with replacement), and k's
+        percentile among the controls (% of control orders with a smaller mean AUC; ties count half)."""
         if not controls:
-            return dict(auc_mean=np.nan, auc_sd=np.nan, ratio=np.nan, ci_low=np.nan, ci_high=np.nan,
+            return dict(auc_mean=np.nan, auc_sd=np.nan, ratio=np.nan, ci_low=np.nan, ci_high=np.nan, se=np.nan,
                         percentile=np.nan, n=0)
         per_order = auc[controls].mean(-1)                                         # [controls]
         pick = rng.integers(0, len(controls), size=(n_boot, len(controls))) if resample_orders \
             else np.tile(np.arange(len(controls)), (n_boot, 1))
         ctrl_b = np.take_along_axis(boot_auc[controls].T, pick, axis=1).mean(1)    # [n_boot]
-        ratio_b = boot_auc[k] / ctrl_b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio_b = boot_auc[k] / ctrl_b
         a = (1 - ci) / 2
         mine = auc[k].mean()
         return dict(auc_mean=per_order.mean(), auc_sd=per_order.std(ddof=1) if len(controls) > 1 else np.nan,
                     ratio=mine / per_order.mean() if per_order.mean() > 0 else np.nan,
                     ci_low=np.quantile(ratio_b, a), ci_high=np.quantile(ratio_b, 1 - a),
+                    se=ratio_b.std(ddof=1) if n_boot > 1 else np.nan,
                     percentile=100 * (np.mean(per_order < mine) + 0.5 * np.mean(per_order == mine)), n=len(controls))
+
+    def random_band(self, auc: np.ndarray, ci: float = 0.95) -> tuple[float, float]:
+        """The random orders' own ratios AUC_k / mean AUC of all random orders (mean over prompts): their central
+        `ci` quantile band, i.e. where a ratio falls when the ordering is just one more random order."""
+        rnd = self.index("random")
+        if len(rnd) < 2:
+            return np.nan, np.nan
+        per_order = auc[rnd].mean(-1)
+        ratio = per_order / per_order.mean()
+        return float(np.quantile(ratio, (1 - ci) / 2)), float(np.quantile(ratio, 1 - (1 - ci) / 2))
 
     def auc_table(self, n_boot: int = 2000, seed: int = 0, ci: float = 0.95, max_fraction: float = 1.0,
                   resample_orders: bool = True) -> pd.DataFrame:
-        """Per variant and ordering (ranking, reverse): AUC over [0, max_fraction], the ratio to the mean AUC of
-        the random orders with a percentile bootstrap CI that resamples prompts (the same resample for all
-        orderings) and, with resample_orders, the random orders too (so the CI also carries the spread between
-        random orders), the ordering's percentile among the random orders, and the same three against the
-        layer-matched random orders of that variant (columns matched_*)."""
+        """One row per variant and ordering (ranking, reverse; the oracle is a variant like the others): AUC over
+        [0, max_fraction] and
+          auc_ratio, ci_low, ci_high, se   ratio to the mean AUC of the random orders, its percentile bootstrap CI
+                                           and bootstrap sd (prompts resampled, the same resample for every
+                                           ordering, and with resample_orders the random orders too, so the CI
+                                           carries the spread between random orders); se lets a reader compute
+                                           a minimum detectable effect (e.g. 2.8 se for 80 % power at 5 %);
+          percentile                       the ordering's percentile among the random orders;
+          random_band_low/high             the central `ci` band of the random orders' own ratios (the null);
+          matched_*                        the same against this ordering's OWN layer-matched random orders
+                                           ("matched" for a ranking, "matched_reverse" for a reverse)."""
         auc = self.prompt_auc(max_fraction)
         n_p = auc.shape[1]
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, n_p, size=(n_boot, n_p))
         boot = auc[:, idx].mean(-1)                                          # [orderings, n_boot]
         rnd = self.index("random")
+        band = self.random_band(auc, ci)
         rows = []
         for v in self.variants:
-            matched = self.index("matched", v)
             for kind in ("ranking", "reverse"):
                 ks = self.index(kind, v)
                 if not ks:
                     continue
                 r = self._vs_controls(auc, boot, ks[0], rnd, np.random.default_rng([seed, 1]), n_boot,
                                       resample_orders, ci)
-                m = self._vs_controls(auc, boot, ks[0], matched, np.random.default_rng([seed, 2]), n_boot,
-                                      resample_orders, ci)
+                m = self._vs_controls(auc, boot, ks[0], self.index(MATCHED[kind], v), np.random.default_rng([seed, 2]),
+                                      n_boot, resample_orders, ci)
                 rows.append({"variant": v, "ordering": kind, "max_fraction": max_fraction, "auc": auc[ks[0]].mean(),
                              "random_auc_mean": r["auc_mean"], "random_auc_sd": r["auc_sd"], "n_random": r["n"],
-                             "auc_ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                             "percentile": r["percentile"], "matched_auc_mean": m["auc_mean"], "n_matched": m["n"],
+                             "auc_ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "se": r["se"],
+                             "percentile": r["percentile"], "random_band_low": band[0], "random_band_high": band[1],
+                             "matched_auc_mean": m["auc_mean"], "n_matched": m["n"],
                              "matched_ratio": m["ratio"], "matched_ci_low": m["ci_low"],
-                             "matched_ci_high": m["ci_high"], "matched_percentile": m["percentile"]})
+                             "matched_ci_high": m["ci_high"], "matched_se": m["se"],
+                             "matched_percentile": m["percentile"], "n_prompts": n_p})
         return pd.DataFrame(rows)
 
     def save(self, out_dir: str | Path, tables: dict | None = None, figures: dict | None = None,
@@ -756,9 +813,10 @@ def manifest_entry(plan: AblationPlan, inputs: AblationInputs, result: AblationR
     check and the timings."""
     kinds = [o.kind for o in plan.orderings]
     return {"model": model, "dtype": dtype, "variants": list(plan.variants), "n_random": kinds.count("random"),
-            "n_matched": kinds.count("matched"), "include_reverse": "reverse" in kinds, "step_size": step_size,
+            "n_matched": kinds.count("matched") + kinds.count("matched_reverse"), "include_reverse": "reverse" in kinds, "step_size": step_size,
             "fractions": fractions,
-            "n_prompts": len(inputs.prompts), "n_tokens": inputs.n_tokens, "n_points": len(plan.n_removed),
+            "n_prompts": len(inputs.prompts), "prompt_ids": [int(p) for p in inputs.prompt_ids],
+            "oracle_prompt_ids": [int(p) for p in inputs.held_out_prompt_ids], "n_tokens": inputs.n_tokens, "n_points": len(plan.n_removed),
             "perturbation": plan.perturbation,
             "noise_sigma": plan.noise_sigma if plan.perturbation == "noise" else None, "seed": plan.seed,
             "how": result.message,

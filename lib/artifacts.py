@@ -122,6 +122,16 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "tokens": _k("int", "batch", "steps"),
                  "norms": _k("float32", "batch", "heads", "steps"),
              }),
+    Artifact("oracle", "oracle.npz", "01_extract_activations",
+             "measured head importance (attribution patching: sum over positions of |grad x activation| of the "
+             "greedy tokens' NLL at each head's output, mean over the oracle's prompts); lib.oracle", {
+                 "score": _k("float", "heads", doc="mean_q sum_i |g . z|, the oracle's ordering key"),
+                 "signed": _k("float", "heads", doc="mean_q sum_i -g . z: first-order NLL change of zeroing the head"),
+                 "per_prompt": _k("float", "prompts", "heads"), "nll": _k("float", "prompts"),
+                 "prompt_ids": _k("int", "prompts"), "rows": _k("int", "prompts"),
+                 "head_layer": _k("int", "heads"), "head_index": _k("int", "heads"),
+                 "model": _k("str"), "extraction_key": _k("str"), "seconds": _k("float"),
+             }),
     Artifact("phiid", "phiid_{mode}{tag}.npz", "02_phiid",
              "all 16 PhiID atoms (nats) for every ordered head pair, one mode (per_prompt, concat, pooled)", {
                  **{a: _k("float", "heads", "heads") for a in _ATOMS},

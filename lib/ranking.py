@@ -18,6 +18,11 @@ atom `rtr`, TDMI = the sum of the 16 atoms; a head's value is the mean over all 
     autocorr_residualized  per-head syn and red each regressed (least squares with intercept) on the head's
                            lag-1 autocorrelation; rank(residual syn) - rank(residual red)
 
+Oracle (not a PhiID variant): when notebook 01 wrote oracle.npz (lib.oracle: attribution patching, each head's
+measured first-order effect on the greedy tokens' NLL), rankings.csv gets a column `oracle` = minmax of that
+score (higher = more important, removed first by 05), a positive control that 05 and 09 take like any variant.
+Only the run's own model has one (never a random-init or checkpoint tag).
+
 Is it signal?
   split-half reliability  random halves of the prompts; PhiID recomputed on each half (per-prompt modes: mean
                           of the per-prompt values over the half; concat / pooled: the mode on the half's prompts);
@@ -649,17 +654,43 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
     return cat(profiles), cat(verdicts), skipped
 
 
+ORACLE = "oracle"             # rankings.csv column of the oracle (lib.oracle), when oracle.npz exists
+
+
+def oracle_score(out_dir, inputs: RankingInputs) -> np.ndarray | None:
+    """[heads] the oracle's score min-maxed to [0, 1] (higher = more important), or None when the run has no
+    oracle.npz (notebook 01 ran with oracle: false). Checked against the run's head map and extraction."""
+    from lib.oracle import load_oracle
+    key = artifacts.load("activations", out_dir, keys=["extraction_key"]).get("extraction_key")
+    d = load_oracle(out_dir, inputs.head_layer, inputs.head_index, None if key is None else str(key))
+    return None if d is None else minmax(d["score"])
+
+
+def oracle_agreement(scores: dict[str, VariantScore], oracle: np.ndarray | None) -> pd.DataFrame:
+    """Spearman and Pearson correlation of each variant's head scores with the oracle's (empty without oracle)."""
+    if oracle is None:
+        return pd.DataFrame(columns=["variant", "spearman", "pearson"])
+    return pd.DataFrame([{"variant": n, **{k: dg.correlation(s.score, oracle)[k] for k in ("spearman", "pearson")}}
+                         for n, s in scores.items()])
+
+
 def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None, verdicts=None, null_table=None,
                   agreement_matrix=None, params: dict | None = None, seconds: float | None = None,
-                  verdicts_beyond_null=None) -> pd.DataFrame:
-    """Write rankings.csv (see rankings_frame) and ranking_summary.json (reliability, inverted-U verdicts,
-    null z-scores, agreement), and a manifest entry for notebook 04. Returns the rankings frame."""
+                  verdicts_beyond_null=None, oracle: np.ndarray | None = None) -> pd.DataFrame:
+    """Write rankings.csv (see rankings_frame; plus the `oracle` column when `oracle` [heads] is given, see
+    oracle_score) and ranking_summary.json (reliability, inverted-U verdicts, null z-scores, agreement), and a
+    manifest entry for notebook 04. Returns the rankings frame."""
     from lib.store import update_manifest
     df = rankings_frame(inputs, scores)
+    if oracle is not None:
+        if len(oracle) != len(df):
+            raise ValueError(f"oracle has {len(oracle)} scores but the run has {len(df)} heads")
+        df.insert(3 + len(scores), ORACLE, np.asarray(oracle, dtype=np.float64))
     summary = {"variants": list(scores), "n_prompts": int(inputs.X.shape[0]), "n_heads": int(inputs.X.shape[1]),
                "tau": inputs.tau, "redundancy": inputs.redundancy, "descriptions":
                {n: VARIANTS[n].description for n in scores},
-               "layer_profiles": {n: s.layer_mean.tolist() for n, s in scores.items()}}
+               "layer_profiles": {n: s.layer_mean.tolist() for n, s in scores.items()},
+               "oracle": oracle is not None}
     for key, frame in (("reliability", reliability), ("inverted_u", verdicts),
                        ("inverted_u_beyond_null", verdicts_beyond_null)):
         if frame is not None:

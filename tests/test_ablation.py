@@ -362,14 +362,78 @@ def test_layer_matched_orders_keep_every_prefix_histogram():
     rankings = pd.DataFrame({"head_idx": np.arange(20), "layer": layers, "head": np.tile(np.arange(4), 5),
                              "v": np.random.default_rng(0).random(20)})
     orders = A.make_orderings(rankings, ["v"], n_random=2, include_reverse=True, seed=7, n_matched=3)
-    assert [o.kind for o in orders] == ["ranking", "random", "random", "reverse", "matched", "matched", "matched"]
-    ranking = np.array(orders[0].order)
-    for o in orders[4:]:
-        m = np.array(o.order)
-        assert sorted(m) == list(range(20)) and o.label == f"matched:v:seed={o.seed}"
-        assert all(np.array_equal(np.bincount(layers[ranking[:k]], minlength=5), np.bincount(layers[m[:k]], minlength=5))
-                   for k in range(21))
-    assert len({o.order for o in orders[4:]} | {orders[0].order}) == 4          # differ from the ranking and each other
+    assert [o.kind for o in orders] == ["ranking", "random", "random", "reverse"] + ["matched"] * 3 + \
+        ["matched_reverse"] * 3
+    for target, matched in ((orders[0], orders[4:7]), (orders[3], orders[7:10])):
+        own = np.array(target.order)
+        for o in matched:
+            m = np.array(o.order)
+            assert sorted(m) == list(range(20)) and o.label == f"{o.kind}:v:seed={o.seed}"
+            assert all(np.array_equal(np.bincount(layers[own[:k]], minlength=5), np.bincount(layers[m[:k]], minlength=5))
+                       for k in range(21))
+        assert len({o.order for o in matched} | {target.order}) == 4          # differ from their target and each other
+
+
+def test_each_ordering_is_layer_matched_to_its_own_layer_sequence_planted():
+    """Planted: 3 layers x 2 heads (head h in layer h // 2); scores put the ranking at heads 4 5 0 2 1 3, i.e.
+    layers 2 2 0 1 0 1, so its reverse 3 1 2 0 5 4 runs through layers 1 0 1 0 2 2 (written out by hand)."""
+    score = np.zeros(6)
+    score[[4, 5, 0, 2, 1, 3]] = [6, 5, 4, 3, 2, 1]
+    rankings = pd.DataFrame({"head_idx": np.arange(6), "layer": np.arange(6) // 2, "head": np.arange(6) % 2,
+                             "v": score / 6, "w": score[::-1] / 6})
+    orders = A.make_orderings(rankings, ["v", "w"], n_random=0, include_reverse=True, seed=0, n_matched=4)
+    layer_of = lambda o: [h // 2 for h in o.order]                          # noqa: E731
+    assert orders[0].order == (4, 5, 0, 2, 1, 3) and orders[2].order == (3, 1, 2, 0, 5, 4)
+    for o in orders:
+        if o.variant == "v" and o.kind == "matched":
+            assert layer_of(o) == [2, 2, 0, 1, 0, 1]
+        if o.variant == "v" and o.kind == "matched_reverse":
+            assert layer_of(o) == [1, 0, 1, 0, 2, 2]
+    by = {(o.kind, o.variant): o for o in orders if o.kind in ("ranking", "reverse")}
+    for o in orders:                                                          # variant w: its own sequences too
+        if o.variant == "w" and o.kind.startswith("matched"):
+            target = by[("ranking" if o.kind == "matched" else "reverse", "w")]
+            assert layer_of(o) == layer_of(target)
+    assert sum(o.kind.startswith("matched") for o in orders) == 2 * 2 * 4
+
+
+def test_auc_table_rows_for_every_ordering_against_its_own_matched_controls():
+    """Planted curves: random orders' AUC x 1, 1.5, 2 (per prompt); ranking x 3; reverse x 0.5; the ranking's
+    matched orders x 2 and the reverse's x 1 -> ratios by hand."""
+    base = np.array([[0.0] * 6, np.linspace(1, 2, 6), np.linspace(2, 4, 6)])              # [points, prompts]
+    o = lambda kind, variant, seed=-1: A.Ordering(kind, variant, seed, tuple(range(4)))    # noqa: E731
+    orderings = ([o("ranking", "v"), o("reverse", "v")] + [o("random", A.RANDOM_VARIANT, s) for s in range(3)]
+                 + [o("matched", "v", s) for s in range(2)] + [o("matched_reverse", "v", s) for s in range(2)])
+    factors = [3, 0.5, 1, 1.5, 2, 2, 2, 1, 1]
+    kl = np.stack([f * base for f in factors])
+    result = A.AblationResult(orderings, np.array([0, 2, 4]), 4, kl, np.arange(6), np.array(["c"] * 6))
+    auc = result.auc_table(n_boot=400).set_index("ordering")
+    assert auc.loc["ranking", "auc_ratio"] == pytest.approx(3 / 1.5)
+    assert auc.loc["reverse", "auc_ratio"] == pytest.approx(0.5 / 1.5)
+    assert auc.loc["ranking", "matched_ratio"] == pytest.approx(3 / 2)            # vs its own matched orders
+    assert auc.loc["reverse", "matched_ratio"] == pytest.approx(0.5 / 1)          # vs the reverse's own
+    assert (auc.n_matched == 2).all() and (auc.n_random == 3).all()
+    assert auc.loc["ranking", "matched_se"] == pytest.approx(0, abs=1e-12)        # identical matched orders, fixed ratio
+    ratios = np.array([1, 1.5, 2]) / 1.5                                          # the random orders' own ratios
+    assert auc.loc["ranking", "random_band_low"] == pytest.approx(np.quantile(ratios, 0.025))
+    assert auc.loc["ranking", "random_band_high"] == pytest.approx(np.quantile(ratios, 0.975))
+    # se: the bootstrap sd, which resampling the random orders makes positive here; with them fixed the ratio is
+    # the same for every prompt resample, so se = 0
+    assert auc.loc["ranking", "se"] > 0.05
+    fixed = result.auc_table(n_boot=400, resample_orders=False).set_index("ordering")
+    assert fixed.loc["ranking", "se"] == pytest.approx(0, abs=1e-12)
+
+
+def test_se_is_the_sd_of_the_bootstrap_ratio():
+    rng = np.random.default_rng(5)
+    base = np.array([[0.0] * 30, rng.random(30), 1 + rng.random(30)])
+    result = synthetic_result(base * (1 + rng.random(30)), [base, base * 1.1], base)
+    row = result.auc_table(n_boot=4000, resample_orders=False).query("ordering == 'ranking'").iloc[0]
+    auc = result.prompt_auc()
+    idx = np.random.default_rng(0).integers(0, 30, size=(4000, 30))                   # the table's resample
+    boot = auc[0, idx].mean(-1) / auc[1:3][:, idx].mean(-1).mean(0)
+    assert row.se == pytest.approx(boot.std(ddof=1), rel=1e-9)
+    assert row.ci_high - row.ci_low == pytest.approx(2 * 1.96 * row.se, rel=0.15)     # near normal here
 
 
 def test_bootstrap_ci_widens_with_prompt_heterogeneity():

@@ -273,6 +273,31 @@ def test_agreement_and_rankings_frame(run_dir):
     np.testing.assert_allclose(df["syn"], sc["rank_diff"].syn)
 
 
+def test_oracle_column_in_rankings_and_its_agreement(tmp_path):
+    """oracle.npz present: rankings.csv gets `oracle` = minmax(score) after the variants; absent: no column."""
+    from lib import artifacts
+    X = _ar_heads(P=4, T=20, seed=3)
+    _write_run(tmp_path, X, 4, 3, modes=("per_prompt",))
+    inp = rk.load_inputs(tmp_path, ("rank_diff", "balance"))
+    sc = inp.scores()
+    assert rk.oracle_score(tmp_path, inp) is None
+    assert rk.oracle_agreement(sc, None).empty
+    raw = np.arange(12.0)[::-1] * 2 + 3                                        # head 0 most important
+    artifacts.save("oracle", tmp_path, dict(score=raw, signed=-raw, per_prompt=raw[None], nll=np.ones(1),
+                                            prompt_ids=np.array([3]), rows=np.array([3]),
+                                            head_layer=np.repeat(np.arange(4), 3), head_index=np.tile(np.arange(3), 4),
+                                            model="m", extraction_key="", seconds=0.0))
+    oracle = rk.oracle_score(tmp_path, inp)
+    np.testing.assert_allclose(oracle, (raw - 3) / 22)
+    df = rk.save_rankings(tmp_path, inp, sc, oracle=oracle)
+    assert list(df.columns) == ["head_idx", "layer", "head", "rank_diff", "balance", "oracle", "syn", "red"]
+    back = artifacts.load("rankings", tmp_path)
+    np.testing.assert_allclose(back["oracle"], oracle)
+    agree = rk.oracle_agreement(sc, oracle).set_index("variant")
+    from scipy import stats
+    assert agree.loc["balance", "spearman"] == pytest.approx(stats.spearmanr(sc["balance"].score, oracle)[0])
+
+
 def test_baseline_profiles_for_tags(tmp_path):
     X = _ar_heads(P=6, T=30, seed=8)
     _write_run(tmp_path, X, 4, 3, modes=("per_prompt",))
