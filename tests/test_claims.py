@@ -3,7 +3,7 @@
 Planted inputs: head series with an autocorrelation artefact (independent AR(1) heads whose coefficient follows an
 inverted U over depth: synergy and redundancy both track it, the circular-shift null keeps it), ablation curves
 whose ranking IS one of the random orders, or clearly beats random and layer-matched orders, and the JSON claim
-blocks of the experiment notebooks (CLAIM_INPUTS shape). The slow tests run the tiny pipeline once per session and
+blocks of the experiment notebooks (CLAIM_INPUTS shape). The slow tests read the session's tiny run (tests/conftest.py) and
 check its claims.json against the rules and its executed notebooks for stderr output (warnings, log lines).
 """
 from __future__ import annotations
@@ -253,16 +253,7 @@ def test_undeclared_experiment_is_not_tested(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- claims.json of a tiny run
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The tiny pipeline (params/tiny.yaml), run once per session through the runner."""
-    out = tmp_path_factory.mktemp("tiny_claims") / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", "params/tiny.yaml", "--set", f"out_dir={out}",
-                           "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
+# tiny_run: the session's tiny run (tests/conftest.py), read-only
 
 @pytest.mark.slow
 def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):

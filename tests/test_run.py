@@ -104,10 +104,9 @@ def test_cli_reports_bad_params_without_running(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_tiny(tmp_path):
-    out = tmp_path / "tiny"
-    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_end_to_end_on_tiny(tiny_run, tiny_run_copy):
+    """The session's tiny run (conftest: the runner exited 0 on params/tiny.yaml), then reruns on a copy of it."""
+    out = tiny_run
     names = [s.name for s in steps_for(REPO_ROOT / "params/tiny.yaml")]
     manifest = json.loads((out / "manifest.json").read_text())
     for name in names:
@@ -116,6 +115,7 @@ def test_end_to_end_on_tiny(tmp_path):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert (out / "activations.npz").exists()
+    out = tiny_run_copy                                                   # the runner writes: a copy of the run
     again = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0])
     assert again.returncode == 0 and "up to date" in again.stdout
     refused = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0],
@@ -382,11 +382,11 @@ def test_full_disk_in_nbconvert_leaves_no_html(fake_pipeline, monkeypatch):
     s = step("97_make")
     monkeypatch.setattr(run, "_papermill", lambda step, target, log_output: target.write_text("{}"))
 
-    def nbconvert_full(cmd, **kwargs):
-        html_dir = Path(cmd[cmd.index("--output-dir") + 1])
-        (html_dir / (cmd[cmd.index("--output") + 1] + ".html")).write_text("<html")
-        raise subprocess.CalledProcessError(1, cmd, stderr="OSError: [Errno 28] No space left on device\n")
-    monkeypatch.setattr(run.subprocess, "run", nbconvert_full)
+    def nbconvert_full(executed, target):
+        import errno
+        Path(target).write_text("<html")                         # a partial page, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run, "export_html", nbconvert_full)
     with pytest.raises(RuntimeError, match=r"^notebook 97_make: nbconvert could not write .*97_make.html: OSError: "
                                            r"\[Errno 28\] No space left on device$"):
         run.execute(s)
@@ -448,32 +448,17 @@ def test_corrupt_manifest_cli_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the tiny run: stale, missing, mixed, kill -9
 
-@pytest.fixture(scope="module")
-def tiny_reference():
-    """One uninterrupted tiny run (outside pytest's basetemp, which a concurrent session may prune).
-    HEADINFO_RUN_TEST_REFERENCE=<folder> reuses a finished tiny run instead (checked: every notebook up to date)."""
-    import os
-    import shutil
-    import tempfile
-    given = os.environ.get("HEADINFO_RUN_TEST_REFERENCE")
-    out = Path(given) if given else Path(tempfile.mkdtemp(prefix="hi-run-ref-"))
-    if not given:
-        proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(r == [] for r in reasons_of(out).values()), reasons_of(out)
-    yield out
-    if not given:
-        shutil.rmtree(out, ignore_errors=True)
+@pytest.fixture
+def tiny_reference(tiny_run):
+    """The session's tiny run (tests/conftest.py: one uninterrupted run, read-only), every notebook up to date."""
+    assert all(r == [] for r in reasons_of(tiny_run).values()), reasons_of(tiny_run)
+    return tiny_run
 
 
 @pytest.fixture
-def tiny_copy(tiny_reference):
-    import shutil
-    import tempfile
-    out = Path(tempfile.mkdtemp(prefix="hi-run-copy-")) / "tiny"
-    shutil.copytree(tiny_reference, out)            # copy2 keeps mtimes: the checksums recorded stay valid
-    yield out
-    shutil.rmtree(out.parent, ignore_errors=True)
+def tiny_copy(tiny_run_copy):
+    """A writable copy of the session's tiny run (mtimes kept: the recorded checksums stay valid)."""
+    return tiny_run_copy
 
 
 def tiny_steps(out, *overrides):
@@ -681,3 +666,26 @@ def test_shards_key_is_read_by_the_runner_not_passed_to_the_notebook(tmp_path):
     assert steps_for(write_params(tmp_path, "05_ablation: {}\n"), ["05_ablation.shards=5"])[0].shards == 5
 
 
+
+
+def test_in_process_html_export_is_the_nbconvert_command_line_output(tmp_path):
+    """The runner's one in-process exporter writes byte for byte what `jupyter nbconvert --to html --no-input
+    --CoalesceStreamsPreprocessor.enabled=True` writes (code hidden, split stream outputs merged)."""
+    from lib.run import render_html
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_markdown_cell("# Report"),
+                nbformat.v4.new_code_cell("print('secret code')", execution_count=1, outputs=[
+                    nbformat.v4.new_output("stream", name="stdout", text="first line\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="second line\n"),
+                    nbformat.v4.new_output("display_data", data={"text/plain": "<table>", "text/html": "<b>bold</b>"})])]
+    executed = tmp_path / "01_made.ipynb"
+    nbformat.write(nb, executed)
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
+                    "--CoalesceStreamsPreprocessor.enabled=True", "--output-dir", str(tmp_path / "cli"), str(executed)],
+                   check=True, capture_output=True)
+    render_html(executed, tmp_path / "html" / "01_made.html")
+    ours = (tmp_path / "html" / "01_made.html").read_bytes()
+    assert ours == (tmp_path / "cli" / "01_made.html").read_bytes()
+    assert b"secret code" not in ours and b"first line\nsecond line" in ours and b"<b>bold</b>" in ours
+    assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["01_made.html"]      # no temporary file left
