@@ -38,6 +38,11 @@ from lib import REPO_ROOT
 from lib import artifacts, params as constraints
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
+# papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
+# rfc3987_syntax (installed with jupyter's jsonschema[format-nongpl]); that module compiles a grammar on import:
+# ~1.6 s of CPU in every runner process. No notebook schema uses the IRI format: the runner does without it.
+sys.modules.setdefault("rfc3987_syntax", None)
+
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with --set out_dir=...

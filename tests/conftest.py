@@ -163,3 +163,22 @@ def cluster_arch(request):
     """The cluster examples' layouts as tiny random models: (name, model, tokenizer, arch)."""
     model, tokenizer, arch = cached_model(f"random:{request.param}", "eager")
     return request.param, model, tokenizer, arch
+
+
+# ----------------------------------------------------------------------------- tiers
+
+SLOW_FIXTURES = {
+    "smollm2": "loads SmolLM2-135M, a model bigger than tiny",
+    "tiny_run": "reads the session's tiny pipeline run",
+    "tiny_run_copy": "copies the session's tiny pipeline run",
+    "tiny_run_log": "reads the session's tiny pipeline run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a slow fixture (SLOW_FIXTURES: SmolLM2, the shared tiny run) is marked slow with the reason,
+    so `make test-fast` (-m "not slow") leaves it out even when its author did not mark it."""
+    for item in items:
+        reasons = [why for name, why in SLOW_FIXTURES.items() if name in getattr(item, "fixturenames", ())]
+        if reasons and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow(reason=reasons[0]))

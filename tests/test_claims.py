@@ -255,7 +255,7 @@ def test_undeclared_experiment_is_not_tested(tmp_path, monkeypatch):
 
 # tiny_run: the session's tiny run (tests/conftest.py), read-only
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
     data = json.loads((tiny_run / "claims.json").read_text())
     assert "arXiv 2601.06851" in data["paper"]
@@ -308,7 +308,7 @@ def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry
     assert {c["id"]: c["verdict"] for c in again["claims"]}["C5"] in ("inconclusive", "not supported")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_executed_tiny_run_notebooks_have_no_stderr_output(tiny_run):
     executed = sorted(tiny_run.glob("[0-9][0-9]_*.ipynb"))
     assert executed

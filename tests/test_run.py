@@ -103,7 +103,7 @@ def test_cli_reports_bad_params_without_running(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline, then runner calls on a copy")
 def test_end_to_end_on_tiny(tiny_run, tiny_run_copy):
     """The session's tiny run (conftest: the runner exited 0 on params/tiny.yaml), then reruns on a copy of it."""
     out = tiny_run
@@ -423,7 +423,7 @@ def test_upstream_follows_the_parents_graph():
     assert upstream_of("12_unlisted", pipeline) == sorted(PARENTS)                  # unlisted: all before it
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_parents_cover_every_file_a_notebook_read(tiny_reference):
     from lib.run import PARENTS, upstream_of
     manifest = json.loads((tiny_reference / "manifest.json").read_text())
@@ -505,7 +505,7 @@ def assert_same_artifacts(ref, out, notebook):
             assert strip(json.loads(a.read_text())) == strip(json.loads(b.read_text())), rel
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns notebooks of a tiny run")
 def test_changed_upstream_reruns_everything_after_it(tiny_copy):
     out = tiny_copy
     assert all(r == [] for r in reasons_of(out).values())        # a moved run folder stays up to date
@@ -526,7 +526,7 @@ def test_changed_upstream_reruns_everything_after_it(tiny_copy):
     assert "01_extract_activations: up to date" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_deleted_and_replaced_artifacts_are_noticed(tiny_reference, tiny_copy):
     import shutil
     out = tiny_copy
@@ -544,7 +544,7 @@ def test_deleted_and_replaced_artifacts_are_noticed(tiny_reference, tiny_copy):
     assert json.loads((out / "manifest.json").read_text())["notebooks"]["05_ablation"]["status"] == "failed"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_missing_main_activations_leave_no_stale_phiid(tiny_copy):
     out = tiny_copy
     (out / "activations.npz").unlink()
@@ -555,7 +555,7 @@ def test_missing_main_activations_leave_no_stale_phiid(tiny_copy):
     assert "output activations.npz is missing" in reasons_of(out)["01_extract_activations"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
     out = tiny_copy
     proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "05_ablation",
@@ -565,7 +565,7 @@ def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
         in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_a_second_runner_is_refused_while_one_runs(tiny_copy):
     import socket
     out = tiny_copy
@@ -604,7 +604,7 @@ def _executed_cells(path: Path) -> int:
     return sum(1 for c in nb["cells"] if c.get("cell_type") == "code" and c.get("execution_count"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="kills a runner mid-notebook and reruns it")
 @pytest.mark.parametrize("notebook", ["01_extract_activations", "02_phiid", "05_ablation"])
 def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_copy, notebook):
     import os

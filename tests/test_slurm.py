@@ -325,7 +325,7 @@ def states(jobs: list[dict]) -> list[tuple]:
     return [(j["JobName"], j.get("ArrayTaskId", ""), j["JobState"], j["ExitCode"], j.get("Reason")) for j in jobs]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
     jobs = pipeline["final"] + pipeline["earlier"]
     assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), states(jobs)
@@ -353,7 +353,7 @@ def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
             assert "CUDA_VISIBLE_DEVICES=(none)" in log.read_text(), log.name
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(pipeline):
     if pipeline["cancel"] is None:
         pytest.skip("params/tiny.yaml has no 05_ablation section yet: nothing to cancel")
@@ -393,7 +393,7 @@ def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(p
     assert "up to date (same parameters, inputs and outputs), skipped" in log1, log1[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_job_logs_are_readable(pipeline):
     logs = sorted((pipeline["out"] / "logs").glob("*.out"))
     assert logs
@@ -419,7 +419,7 @@ def private_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster and a headless browser")
 def test_run_index_renders_in_chromium(pipeline, private_tmp):
     from tests.tools.browser import dump_dom, ensure_chromium, html_attributes, image_stats, screenshot
     chromium, why = ensure_chromium()
@@ -438,7 +438,7 @@ def test_run_index_renders_in_chromium(pipeline, private_tmp):
                        Path(os.environ["REPORT_SCREENSHOT_DIR"]) / f"tiny_{nb}.png")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster and the explorer notebook")
 def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     """notebooks/00_explore.ipynb with papermill on the run the cluster produced: no error, its figures drawn."""
     import papermill
@@ -456,7 +456,7 @@ def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     assert "missing: activations.npz" not in printed and "missing: phiid" not in printed
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="starts a local SLURM cluster")
 def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, private_tmp):
     """No half chain is left queued: 01 (GPU) is accepted, 02 (CPU, impossible request) is refused."""
     r = cluster.run(str(PIPELINE), str(PARAMS), "--set", f"out_dir={private_tmp / 'run'}", "--cpu-args",
