@@ -9,9 +9,6 @@ check its claims.json against the rules and its executed notebooks for stderr ou
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
