@@ -689,3 +689,35 @@ def test_in_process_html_export_is_the_nbconvert_command_line_output(tmp_path):
     assert ours == (tmp_path / "cli" / "01_made.html").read_bytes()
     assert b"secret code" not in ours and b"first line\nsecond line" in ours and b"<b>bold</b>" in ours
     assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["01_made.html"]      # no temporary file left
+
+
+def test_the_shared_tiny_runs_guard_notices_every_kind_of_change(tmp_path):
+    """tests/conftest.py's check that a test left the read-only tiny run alone: a rewrite (same size), a new file
+    and a removed file all change the snapshot; reading does not; a copy made like tiny_run_copy is writable."""
+    import os
+    import shutil
+    from tests.conftest import _set_writable, _snapshot
+    run = tmp_path / "run"
+    (run / "html").mkdir(parents=True)
+    (run / "a.npz").write_bytes(b"1234")
+    (run / "html" / "b.html").write_text("<p>")
+    before = _snapshot(run)
+    assert sorted(before) == ["a.npz", "html/b.html"]
+    (run / "a.npz").read_bytes()
+    assert _snapshot(run) == before
+    st = (run / "a.npz").stat()
+    (run / "a.npz").write_bytes(b"5678")
+    os.utime(run / "a.npz", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert _snapshot(run) != before
+    (run / "a.npz").unlink()
+    assert "a.npz" not in _snapshot(run)
+    (run / ".run.lock").write_text("")
+    assert ".run.lock" in _snapshot(run)
+    _set_writable(run, False)
+    assert not (run / "html").stat().st_mode & 0o222
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    _set_writable(copy, True)
+    _set_writable(run, True)
+    (copy / "html" / "c.html").write_text("ok")                     # as root the write bits matter little; as a user they do
+    assert (copy / "html").stat().st_mode & 0o200
