@@ -14,9 +14,9 @@ every test that reads a finished run. Use it instead of running the pipeline you
   unchanged (names, sizes, mtimes) and fails that test otherwise; on non-root machines the files are also chmod'ed
   read-only. A test that changes a run uses `tiny_run_copy`.
 - `tiny_run_log` holds the first run's runner output: {"stdout": ..., "stderr": ...} (it ran with --quiet).
-- The run is made on first use (about a minute idle) in a temporary folder outside pytest's basetemp (which a
-  concurrent pytest session may prune) and removed at the end of the session. Tests using it are slow: mark them
-  `@pytest.mark.slow`.
+- The run is made on first use (minutes: 11 notebooks, each its own kernel) in a temporary folder outside pytest's
+  basetemp (which a concurrent pytest session may prune) and removed at the end of the session. A test using
+  these fixtures (or `smollm2`) is marked slow automatically (SLOW_FIXTURES below), so `make test-fast` skips it.
 - HEADINFO_TINY_RUN=<folder> reuses a finished tiny run instead (e.g. while iterating on one test); it is checked
   up to date and never deleted.
 
