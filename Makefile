@@ -34,11 +34,13 @@ model: install
 run: model
 	$(PY) -m lib.run --params $(PARAMS)
 
+# make test: everything (what CI runs, .ci/run), then the 15 slowest tests. make test-fast: no pipeline run, no
+# SLURM, no browser, no model bigger than tiny (tests marked slow, see pyproject's markers), a few minutes.
 test: model
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 report: install
 	$(PY) -m lib.report outputs/$(RUN)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -38,6 +37,11 @@ import yaml
 from lib import REPO_ROOT
 from lib import artifacts, params as constraints
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
+
+# papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
+# rfc3987_syntax (installed with jupyter's jsonschema[format-nongpl]); that module compiles a grammar on import:
+# ~1.6 s of CPU in every runner process. No notebook schema uses the IRI format: the runner does without it.
+sys.modules.setdefault("rfc3987_syntax", None)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 OUTPUT_ROOT = REPO_ROOT / "outputs"
@@ -442,21 +446,42 @@ def _lost_inputs(out_dir: Path, record: dict, records: dict) -> list[str]:
     return lost
 
 
+_HTML_EXPORTER = []        # one nbconvert exporter per runner process (importing nbconvert takes seconds)
+
+
+def html_exporter():
+    """nbconvert's HTML exporter configured as `jupyter nbconvert --to html --no-input
+    --CoalesceStreamsPreprocessor.enabled=True` (report view: no code, no prompts, stream outputs merged), made once
+    per process: the same HTML without a Python start and an nbconvert import per notebook."""
+    if not _HTML_EXPORTER:
+        from nbconvert import HTMLExporter
+        from traitlets.config import Config
+        config = Config({"TemplateExporter": {"exclude_input": True, "exclude_input_prompt": True,
+                                              "exclude_output_prompt": True},
+                         "CoalesceStreamsPreprocessor": {"enabled": True}})
+        _HTML_EXPORTER.append(HTMLExporter(config=config))
+    return _HTML_EXPORTER[0]
+
+
+def export_html(executed: Path, target: Path) -> None:
+    """Write the report view of the executed notebook to `target` (as nbconvert's command line writes it)."""
+    body, _ = html_exporter().from_filename(str(executed), resources={"unique_key": Path(executed).stem,
+                                                                      "output_files_dir": f"{Path(executed).stem}_files"})
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(body)
+
+
 def render_html(executed: Path, html: Path) -> None:
     """nbconvert's report view, written to a temporary name and renamed (no partial HTML on a full disk)."""
     html.parent.mkdir(parents=True, exist_ok=True)
-    tmp_stem = f".{html.stem}.tmp"
+    tmp = html.parent / f".{html.stem}.tmp.html"
     try:
-        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
-                        "--CoalesceStreamsPreprocessor.enabled=True",
-                        "--output-dir", str(html.parent), "--output", tmp_stem, str(executed)],
-                       check=True, cwd=REPO_ROOT, capture_output=True, text=True)
-        os.replace(html.parent / f"{tmp_stem}.html", html)
-    except subprocess.CalledProcessError as e:
-        last = (e.stderr or "").strip().splitlines()[-1:] or ["no message"]
-        raise OSError(f"nbconvert could not write {html}: {last[0]}") from None
+        export_html(executed, tmp)
+        os.replace(tmp, html)
+    except Exception as e:                        # a full disk, an unreadable notebook, a template error
+        raise OSError(f"nbconvert could not write {html}: {type(e).__name__}: {e}") from None
     finally:
-        (html.parent / f"{tmp_stem}.html").unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 class _KernelEnv:

@@ -1,16 +1,137 @@
-"""Shared fixtures. Models are cached per session: loading a tiny random model takes ~0.3 s, SmolLM2 ~0.4 s."""
+"""Shared fixtures.
+
+The tiny run: ONE run of the tiny pipeline (params/tiny.yaml, through the runner) per pytest session, shared by
+every test that reads a finished run. Use it instead of running the pipeline yourself:
+
+    def test_something(tiny_run):          # pathlib.Path of a finished tiny run folder: READ-ONLY
+        data = json.loads((tiny_run / "claims.json").read_text())
+
+    def test_something_else(tiny_run_copy):   # a writable copy (mtimes kept: every notebook still up to date),
+        (tiny_run_copy / "rankings.csv").unlink()      # yours to change, deleted after the test
+
+- `tiny_run` is read-only: do not write, delete or rerun anything in it (no `python -m lib.run` on it: the runner
+  takes a lock file and rewrites the manifest). The fixture checks after each test that every file of the run is
+  unchanged (names, sizes, mtimes) and fails that test otherwise; on non-root machines the files are also chmod'ed
+  read-only. A test that changes a run uses `tiny_run_copy`.
+- `tiny_run_log` holds the first run's runner output: {"stdout": ..., "stderr": ...} (it ran with --quiet).
+- The run is made on first use (minutes: 11 notebooks, each its own kernel) in a temporary folder outside pytest's
+  basetemp (which a concurrent pytest session may prune) and removed at the end of the session. A test using
+  these fixtures (or `smollm2`) is marked slow automatically (SLOW_FIXTURES below), so `make test-fast` skips it.
+- HEADINFO_TINY_RUN=<folder> reuses a finished tiny run instead (e.g. while iterating on one test); it is checked
+  up to date and never deleted.
+
+Models are cached per session: loading a tiny random model takes ~0.3 s, SmolLM2 ~0.4 s.
+"""
 from __future__ import annotations
 
 import functools
 import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from lib import REPO_ROOT  # noqa: E402
 from lib.models import CLUSTER_ARCHS, RANDOM_ARCHS, load_model  # noqa: E402
 
+TINY_PARAMS = REPO_ROOT / "params" / "tiny.yaml"
+
+
+# ----------------------------------------------------------------------------- the shared tiny run
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file under `folder`."""
+    found = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() or p.is_symlink():
+            st = p.lstat()
+            found[str(p.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _set_writable(folder: Path, writable: bool) -> None:
+    """Add or remove the write bits of every file and folder under `folder` (folder included)."""
+    bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    for p in [*folder.rglob("*"), folder]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        os.chmod(p, (mode | stat.S_IWUSR) if writable else (mode & ~bits))
+
+
+def _up_to_date_problems(out: Path) -> dict[str, list[str]]:
+    """notebook -> why the runner would rerun it (empty lists: the run is finished and up to date)."""
+    from lib.run import build_steps, load_params, stale_reasons, upstream_of
+    from lib.store import read_manifest
+    run, shared, sections = load_params(TINY_PARAMS, [f"out_dir={out}"])
+    steps = {s.name: s for s in build_steps(run, shared, sections)}
+    manifest = read_manifest(out)
+    reasons = {name: stale_reasons(s, manifest, upstream_of(name, steps)) for name, s in steps.items()}
+    return {name: r for name, r in reasons.items() if r}
+
+
+@pytest.fixture(scope="session")
+def _tiny_run_session():
+    """(folder, runner output): the tiny pipeline run once per session, or HEADINFO_TINY_RUN reused."""
+    given = os.environ.get("HEADINFO_TINY_RUN") or os.environ.get("HEADINFO_RUN_TEST_REFERENCE")
+    if given:
+        out = Path(given).resolve()
+        assert (out / "manifest.json").exists(), f"HEADINFO_TINY_RUN={given} is not a finished run folder"
+        log = {"stdout": "", "stderr": ""}
+    else:
+        out = Path(tempfile.mkdtemp(prefix="hi-tiny-run-")) / "tiny"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", str(TINY_PARAMS), "--set", f"out_dir={out}",
+                               "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = {"stdout": proc.stdout, "stderr": proc.stderr}
+    problems = _up_to_date_problems(out)
+    assert not problems, f"the shared tiny run {out} is not up to date: {problems}"
+    if not given:
+        _set_writable(out, False)
+    yield out, log
+    if not given:
+        _set_writable(out, True)
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_run(_tiny_run_session):
+    """Path of the session's finished tiny run (params/tiny.yaml). READ-ONLY: checked unchanged after the test."""
+    out = _tiny_run_session[0]
+    before = _snapshot(out)
+    yield out
+    after = _snapshot(out)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, (f"this test changed the shared read-only tiny run {out}: {changed[:10]}; "
+                         f"use the tiny_run_copy fixture to change a run")
+
+
+@pytest.fixture
+def tiny_run_copy(_tiny_run_session):
+    """A writable copy of the session's tiny run (mtimes kept, so the runner finds it up to date), removed after."""
+    parent = Path(tempfile.mkdtemp(prefix="hi-tiny-copy-"))
+    out = parent / "tiny"
+    shutil.copytree(_tiny_run_session[0], out, symlinks=True)   # copy2 keeps mtimes: recorded checksums stay valid
+    _set_writable(out, True)
+    yield out
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_run_log(_tiny_run_session):
+    """{"stdout", "stderr"} of the runner call that made the shared tiny run (empty when HEADINFO_TINY_RUN is set)."""
+    return dict(_tiny_run_session[1])
+
+
+# ----------------------------------------------------------------------------- models
 
 @functools.lru_cache(maxsize=None)
 def cached_model(spec: str, attn_implementation: str | None = None, dtype: str = "float32"):
@@ -42,3 +163,22 @@ def cluster_arch(request):
     """The cluster examples' layouts as tiny random models: (name, model, tokenizer, arch)."""
     model, tokenizer, arch = cached_model(f"random:{request.param}", "eager")
     return request.param, model, tokenizer, arch
+
+
+# ----------------------------------------------------------------------------- tiers
+
+SLOW_FIXTURES = {
+    "smollm2": "loads SmolLM2-135M, a model bigger than tiny",
+    "tiny_run": "reads the session's tiny pipeline run",
+    "tiny_run_copy": "copies the session's tiny pipeline run",
+    "tiny_run_log": "reads the session's tiny pipeline run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a slow fixture (SLOW_FIXTURES: SmolLM2, the shared tiny run) is marked slow with the reason,
+    so `make test-fast` (-m "not slow") leaves it out even when its author did not mark it."""
+    for item in items:
+        reasons = [why for name, why in SLOW_FIXTURES.items() if name in getattr(item, "fixturenames", ())]
+        if reasons and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow(reason=reasons[0]))

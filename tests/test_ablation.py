@@ -502,7 +502,7 @@ def test_bad_artifacts_fail_clearly_and_write_nothing(tmp_path, tiny):
     assert listing(tmp_path) == [p for p in before if p != "activations.npz"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="kills a process with SIGKILL and reruns it")
 def test_resume_after_sigkill_is_identical(tmp_path, tiny, reference):
     """A separate process killed with SIGKILL after 2 points; the rerun resumes and matches the reference."""
     import subprocess

@@ -3,15 +3,12 @@
 Planted inputs: head series with an autocorrelation artefact (independent AR(1) heads whose coefficient follows an
 inverted U over depth: synergy and redundancy both track it, the circular-shift null keeps it), ablation curves
 whose ranking IS one of the random orders, or clearly beats random and layer-matched orders, and the JSON claim
-blocks of the experiment notebooks (CLAIM_INPUTS shape). The slow tests run the tiny pipeline once per session and
+blocks of the experiment notebooks (CLAIM_INPUTS shape). The slow tests read the session's tiny run (tests/conftest.py) and
 check its claims.json against the rules and its executed notebooks for stderr output (warnings, log lines).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,18 +288,9 @@ def test_undeclared_experiment_is_not_tested(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- claims.json of a tiny run
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The tiny pipeline (params/tiny.yaml), run once per session through the runner."""
-    out = tmp_path_factory.mktemp("tiny_claims") / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", "params/tiny.yaml", "--set", f"out_dir={out}",
-                           "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+# tiny_run: the session's tiny run (tests/conftest.py), read-only
 
-
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
     data = json.loads((tiny_run / "claims.json").read_text())
     assert "arXiv 2601.06851" in data["paper"]
@@ -355,7 +343,7 @@ def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry
     assert {c["id"]: c["verdict"] for c in again["claims"]}["C5"] in ("ruled out", "underpowered")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_executed_tiny_run_notebooks_have_no_stderr_output(tiny_run):
     executed = sorted(tiny_run.glob("[0-9][0-9]_*.ipynb"))
     assert executed

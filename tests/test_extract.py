@@ -73,6 +73,7 @@ def test_bad_input_leaves_no_artifact(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow(reason="kills an extraction process with SIGKILL and reruns it")
 def test_killed_extraction_resumes(tmp_path):
     """Kill an extraction after its first batch; the rerun reuses that batch and ends identical to a clean run."""
     code = ("import sys, lib.extract as e\n"

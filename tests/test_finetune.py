@@ -212,7 +212,7 @@ def _run(out_dir, delay=0.0, **popen):
     return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(out_dir), str(delay)], env=env, **popen)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="kills a fine-tuning process with SIGKILL and reruns it")
 def test_resume_after_sigkill_gives_the_uninterrupted_numbers(tmp_path):
     model, tokenizer, arch = load_model("random:llama", device="cpu")
     for d in ("clean", "killed"):

@@ -29,7 +29,7 @@ import pytest
 
 from lib import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="starts JupyterLab and drives it with a browser")
 TOKEN = "headinfo-test-" + uuid.uuid4().hex[:12]
 N_LAYERS, N_HEADS = 3, 4
 

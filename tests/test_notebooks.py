@@ -9,7 +9,7 @@ import pytest
 from lib import REPO_ROOT
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="runs every notebook under nbval")
 def test_notebooks_run_with_defaults_under_nbval():
     notebooks = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     ordered = [n for n in notebooks if not n.startswith("notebooks/00_")] + [n for n in notebooks if n.startswith("notebooks/00_")]

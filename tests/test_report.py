@@ -237,7 +237,7 @@ def chromium():
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="drives a headless browser")
 def test_index_renders_in_chromium_with_every_image_loaded(clean_run, chromium, tmp_path):
     from tests.tools.browser import dump_dom, html_attributes, image_stats, screenshot
     out, _ = clean_run

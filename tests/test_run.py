@@ -110,11 +110,10 @@ def test_cli_reports_bad_params_without_running(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_end_to_end_on_tiny(tmp_path):
-    out = tmp_path / "tiny"
-    proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.slow(reason="the tiny pipeline, then runner calls on a copy")
+def test_end_to_end_on_tiny(tiny_run, tiny_run_copy):
+    """The session's tiny run (conftest: the runner exited 0 on params/tiny.yaml), then reruns on a copy of it."""
+    out = tiny_run
     names = [s.name for s in steps_for(REPO_ROOT / "params/tiny.yaml")]
     manifest = json.loads((out / "manifest.json").read_text())
     for name in names:
@@ -123,6 +122,7 @@ def test_end_to_end_on_tiny(tmp_path):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert (out / "activations.npz").exists()
+    out = tiny_run_copy                                                   # the runner writes: a copy of the run
     again = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0])
     assert again.returncode == 0 and "up to date" in again.stdout
     refused = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", names[0],
@@ -389,11 +389,11 @@ def test_full_disk_in_nbconvert_leaves_no_html(fake_pipeline, monkeypatch):
     s = step("97_make")
     monkeypatch.setattr(run, "_papermill", lambda step, target, log_output: target.write_text("{}"))
 
-    def nbconvert_full(cmd, **kwargs):
-        html_dir = Path(cmd[cmd.index("--output-dir") + 1])
-        (html_dir / (cmd[cmd.index("--output") + 1] + ".html")).write_text("<html")
-        raise subprocess.CalledProcessError(1, cmd, stderr="OSError: [Errno 28] No space left on device\n")
-    monkeypatch.setattr(run.subprocess, "run", nbconvert_full)
+    def nbconvert_full(executed, target):
+        import errno
+        Path(target).write_text("<html")                         # a partial page, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run, "export_html", nbconvert_full)
     with pytest.raises(RuntimeError, match=r"^notebook 97_make: nbconvert could not write .*97_make.html: OSError: "
                                            r"\[Errno 28\] No space left on device$"):
         run.execute(s)
@@ -430,7 +430,7 @@ def test_upstream_follows_the_parents_graph():
     assert upstream_of("12_unlisted", pipeline) == sorted(PARENTS)                  # unlisted: all before it
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_parents_cover_every_file_a_notebook_read(tiny_reference):
     from lib.run import PARENTS, upstream_of
     manifest = json.loads((tiny_reference / "manifest.json").read_text())
@@ -455,32 +455,17 @@ def test_corrupt_manifest_cli_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the tiny run: stale, missing, mixed, kill -9
 
-@pytest.fixture(scope="module")
-def tiny_reference():
-    """One uninterrupted tiny run (outside pytest's basetemp, which a concurrent session may prune).
-    HEADINFO_RUN_TEST_REFERENCE=<folder> reuses a finished tiny run instead (checked: every notebook up to date)."""
-    import os
-    import shutil
-    import tempfile
-    given = os.environ.get("HEADINFO_RUN_TEST_REFERENCE")
-    out = Path(given) if given else Path(tempfile.mkdtemp(prefix="hi-run-ref-"))
-    if not given:
-        proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(r == [] for r in reasons_of(out).values()), reasons_of(out)
-    yield out
-    if not given:
-        shutil.rmtree(out, ignore_errors=True)
+@pytest.fixture
+def tiny_reference(tiny_run):
+    """The session's tiny run (tests/conftest.py: one uninterrupted run, read-only), every notebook up to date."""
+    assert all(r == [] for r in reasons_of(tiny_run).values()), reasons_of(tiny_run)
+    return tiny_run
 
 
 @pytest.fixture
-def tiny_copy(tiny_reference):
-    import shutil
-    import tempfile
-    out = Path(tempfile.mkdtemp(prefix="hi-run-copy-")) / "tiny"
-    shutil.copytree(tiny_reference, out)            # copy2 keeps mtimes: the checksums recorded stay valid
-    yield out
-    shutil.rmtree(out.parent, ignore_errors=True)
+def tiny_copy(tiny_run_copy):
+    """A writable copy of the session's tiny run (mtimes kept: the recorded checksums stay valid)."""
+    return tiny_run_copy
 
 
 def tiny_steps(out, *overrides):
@@ -527,7 +512,7 @@ def assert_same_artifacts(ref, out, notebook):
             assert strip(json.loads(a.read_text())) == strip(json.loads(b.read_text())), rel
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns notebooks of a tiny run")
 def test_changed_upstream_reruns_everything_after_it(tiny_copy):
     out = tiny_copy
     assert all(r == [] for r in reasons_of(out).values())        # a moved run folder stays up to date
@@ -548,7 +533,7 @@ def test_changed_upstream_reruns_everything_after_it(tiny_copy):
     assert "01_extract_activations: up to date" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_deleted_and_replaced_artifacts_are_noticed(tiny_reference, tiny_copy):
     import shutil
     out = tiny_copy
@@ -566,7 +551,7 @@ def test_deleted_and_replaced_artifacts_are_noticed(tiny_reference, tiny_copy):
     assert json.loads((out / "manifest.json").read_text())["notebooks"]["05_ablation"]["status"] == "failed"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_missing_main_activations_leave_no_stale_phiid(tiny_copy):
     out = tiny_copy
     (out / "activations.npz").unlink()
@@ -577,7 +562,7 @@ def test_missing_main_activations_leave_no_stale_phiid(tiny_copy):
     assert "output activations.npz is missing" in reasons_of(out)["01_extract_activations"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
     out = tiny_copy
     proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "05_ablation",
@@ -587,7 +572,7 @@ def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
         in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reruns a notebook of a tiny run")
 def test_a_second_runner_is_refused_while_one_runs(tiny_copy):
     import socket
     out = tiny_copy
@@ -626,7 +611,7 @@ def _executed_cells(path: Path) -> int:
     return sum(1 for c in nb["cells"] if c.get("cell_type") == "code" and c.get("execution_count"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="kills a runner mid-notebook and reruns it")
 @pytest.mark.parametrize("notebook", ["01_extract_activations", "02_phiid", "05_ablation"])
 def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_copy, notebook):
     import os
@@ -708,3 +693,58 @@ def test_a_run_without_a_model_is_refused(tmp_path):
     with pytest.raises(ParamsError, match=r"names no model: add a top-level `model:`"):
         steps_for(write_params(tmp_path, "01_extract_activations:\n  n_tokens: 30\n", model=False))
     assert steps_for(write_params(tmp_path, "model: random:llama\n01_extract_activations:\n  n_tokens: 30\n"))
+
+
+def test_in_process_html_export_is_the_nbconvert_command_line_output(tmp_path):
+    """The runner's one in-process exporter writes byte for byte what `jupyter nbconvert --to html --no-input
+    --CoalesceStreamsPreprocessor.enabled=True` writes (code hidden, split stream outputs merged)."""
+    from lib.run import render_html
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_markdown_cell("# Report"),
+                nbformat.v4.new_code_cell("print('secret code')", execution_count=1, outputs=[
+                    nbformat.v4.new_output("stream", name="stdout", text="first line\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="second line\n"),
+                    nbformat.v4.new_output("display_data", data={"text/plain": "<table>", "text/html": "<b>bold</b>"})])]
+    executed = tmp_path / "01_made.ipynb"
+    nbformat.write(nb, executed)
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--no-input", "--log-level=ERROR",
+                    "--CoalesceStreamsPreprocessor.enabled=True", "--output-dir", str(tmp_path / "cli"), str(executed)],
+                   check=True, capture_output=True)
+    render_html(executed, tmp_path / "html" / "01_made.html")
+    ours = (tmp_path / "html" / "01_made.html").read_bytes()
+    assert ours == (tmp_path / "cli" / "01_made.html").read_bytes()
+    assert b"secret code" not in ours and b"first line\nsecond line" in ours and b"<b>bold</b>" in ours
+    assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["01_made.html"]      # no temporary file left
+
+
+def test_the_shared_tiny_runs_guard_notices_every_kind_of_change(tmp_path):
+    """tests/conftest.py's check that a test left the read-only tiny run alone: a rewrite (same size), a new file
+    and a removed file all change the snapshot; reading does not; a copy made like tiny_run_copy is writable."""
+    import os
+    import shutil
+    from tests.conftest import _set_writable, _snapshot
+    run = tmp_path / "run"
+    (run / "html").mkdir(parents=True)
+    (run / "a.npz").write_bytes(b"1234")
+    (run / "html" / "b.html").write_text("<p>")
+    before = _snapshot(run)
+    assert sorted(before) == ["a.npz", "html/b.html"]
+    (run / "a.npz").read_bytes()
+    assert _snapshot(run) == before
+    st = (run / "a.npz").stat()
+    (run / "a.npz").write_bytes(b"5678")
+    os.utime(run / "a.npz", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert _snapshot(run) != before
+    (run / "a.npz").unlink()
+    assert "a.npz" not in _snapshot(run)
+    (run / ".run.lock").write_text("")
+    assert ".run.lock" in _snapshot(run)
+    _set_writable(run, False)
+    assert not (run / "html").stat().st_mode & 0o222
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    _set_writable(copy, True)
+    _set_writable(run, True)
+    (copy / "html" / "c.html").write_text("ok")                     # as root the write bits matter little; as a user they do
+    assert (copy / "html").stat().st_mode & 0o200

@@ -114,6 +114,7 @@ def done_label(nb: str) -> str:
     return f"{nb}-merge" if shardable(nb) else nb
 
 
+@pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_prints_the_graph_and_submits_nothing(tmp_path):
     out = tmp_path / "run"
     cmds, text = dry_run(tmp_path, out)
@@ -144,6 +145,7 @@ def test_dry_run_prints_the_graph_and_submits_nothing(tmp_path):
     assert "  after 02_phiid 03_phiid_diagnostics" in text        # the graph, as printed for the user
 
 
+@pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tmp_path):
     cmds, _ = dry_run(tmp_path, tmp_path / "run", "--from", "05_ablation", "--after", "4242")
     assert "04_ranking_variants" not in cmds and "01_extract_activations" not in cmds
@@ -156,6 +158,7 @@ def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tm
             assert dependency(cmd) == ("afterok", submitted or {"4242"}), (label, cmd)
 
 
+@pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
     from lib.run import Step, _shard_suffix, build_steps, load_params, params_hash, record_success
@@ -205,6 +208,7 @@ def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
         assert (" --force" in cmd) == (label != "report" and names.index(nb) > 0), (label, cmd)
 
 
+@pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_pipeline_refuses_bad_params_before_submitting(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(PARAMS.read_text().replace("  n_tokens: 24\n", "  n_tokens: many\n", 1))
@@ -325,7 +329,7 @@ def states(jobs: list[dict]) -> list[tuple]:
     return [(j["JobName"], j.get("ArrayTaskId", ""), j["JobState"], j["ExitCode"], j.get("Reason")) for j in jobs]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
     jobs = pipeline["final"] + pipeline["earlier"]
     assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), states(jobs)
@@ -353,7 +357,7 @@ def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
             assert "CUDA_VISIBLE_DEVICES=(none)" in log.read_text(), log.name
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(pipeline):
     if pipeline["cancel"] is None:
         pytest.skip("params/tiny.yaml has no 05_ablation section yet: nothing to cancel")
@@ -393,7 +397,7 @@ def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(p
     assert "up to date (same parameters, inputs and outputs), skipped" in log1, log1[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster")
 def test_job_logs_are_readable(pipeline):
     logs = sorted((pipeline["out"] / "logs").glob("*.out"))
     assert logs
@@ -411,6 +415,33 @@ def test_job_logs_are_readable(pipeline):
     assert progress and any("100%|" in l for l in progress)               # text progress bars, one line each
 
 
+def assert_same_results(reference: Path, out: Path) -> None:
+    """The numbers a run computes (activations, PhiID, rankings, ablation KL) equal in two runs of the same params
+    (to float32 rounding: another process, shards and a resumed shard may sum in another order)."""
+    import pandas as pd
+    with np.load(reference / "activations.npz") as a, np.load(out / "activations.npz") as b:
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_allclose(a["activations"], b["activations"], rtol=1e-4, atol=1e-6)
+    with np.load(reference / "phiid_per_prompt.npz") as a, np.load(out / "phiid_per_prompt.npz") as b:
+        for atom in ("sts", "rtr", "xtx"):
+            np.testing.assert_allclose(a[atom], b[atom], rtol=1e-3, atol=1e-6, err_msg=atom)
+    ra, rb = pd.read_csv(reference / "rankings.csv"), pd.read_csv(out / "rankings.csv")
+    pd.testing.assert_frame_equal(ra, rb, check_exact=False, rtol=1e-3, atol=1e-6)
+    keys = ["ordering", "variant", "seed", "n_removed", "perturbation"]
+    aa, ab = (pd.read_csv(p / "ablation.csv").sort_values(keys).reset_index(drop=True) for p in (reference, out))
+    pd.testing.assert_frame_equal(aa[keys], ab[keys])
+    np.testing.assert_allclose(aa["kl_mean"], ab["kl_mean"], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster, compared with the session's tiny run")
+def test_cluster_results_equal_the_local_tiny_run(pipeline, tiny_run):
+    """The job graph (shards, merges, a cancelled and resumed shard) computes what one local runner call computes:
+    checked against the session's shared tiny run (tests/conftest.py) instead of recomputing a reference."""
+    if PARAMS != (REPO_ROOT / "params" / "tiny.yaml").resolve():
+        pytest.skip(f"HEADINFO_SLURM_TEST_PARAMS={PARAMS}: the shared run is of params/tiny.yaml")
+    assert_same_results(tiny_run, pipeline["out"])
+
+
 @pytest.fixture
 def private_tmp():
     """A temporary directory outside pytest's basetemp (which a concurrent pytest session may prune)."""
@@ -419,7 +450,7 @@ def private_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster and a headless browser")
 def test_run_index_renders_in_chromium(pipeline, private_tmp):
     from tests.tools.browser import dump_dom, ensure_chromium, html_attributes, image_stats, screenshot
     chromium, why = ensure_chromium()
@@ -438,7 +469,7 @@ def test_run_index_renders_in_chromium(pipeline, private_tmp):
                        Path(os.environ["REPORT_SCREENSHOT_DIR"]) / f"tiny_{nb}.png")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the tiny pipeline on a local SLURM cluster and the explorer notebook")
 def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     """notebooks/00_explore.ipynb with papermill on the run the cluster produced: no error, its figures drawn."""
     import papermill
@@ -456,7 +487,7 @@ def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     assert "missing: activations.npz" not in printed and "missing: phiid" not in printed
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="starts a local SLURM cluster")
 def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, private_tmp):
     """No half chain is left queued: 01 (GPU) is accepted, 02 (CPU, impossible request) is refused."""
     r = cluster.run(str(PIPELINE), str(PARAMS), "--set", f"out_dir={private_tmp / 'run'}", "--cpu-args",
@@ -470,6 +501,7 @@ def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, priva
     assert state["JobState"] == "CANCELLED"
 
 
+@pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_takes_the_shard_count_from_the_params_file(tmp_path):
     params = tmp_path / "sharded.yaml"
     params.write_text(PARAMS.read_text().replace("05_ablation:\n", "05_ablation:\n  shards: 3\n", 1))
