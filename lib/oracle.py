@@ -155,10 +155,11 @@ def compute_oracle(model, arch: ArchInfo, run, n_prompts: int = 24, batch_size: 
 
 def run_oracle(out_dir, model, arch: ArchInfo, run, enabled: bool = True, n_prompts: int = 24,
                batch_size: int = 8) -> OracleResult | None:
-    """Notebook 01: compute and save oracle.npz for the run's model, or (enabled False) remove a stale one so
-    that notebook 04 does not pick up an oracle of an earlier run. -> the result, or None."""
+    """Notebook 01: compute and save oracle.npz for the run's model, or (enabled False, or a network-free spec
+    whose model is None) remove a stale one so that notebook 04 does not pick up an oracle of an earlier run.
+    -> the result, or None."""
     path = artifacts.path("oracle", out_dir)
-    if not enabled:
+    if not enabled or model is None:
         path.unlink(missing_ok=True)
         return None
     key = artifacts.load("activations", out_dir, keys=["extraction_key"]).get("extraction_key", "")
