@@ -608,11 +608,13 @@ def block_evidence(block: dict, paper_effect: float | None) -> Evidence:
                     valid=validity.get("valid", True), invalid_reason=validity.get("reason", ""))
 
 
-def claim_from_block(cid: str, out_dir) -> Claim:
-    """C4 / C6 / C7 from the "claim" block of the experiment's JSON summary (see the module docstring)."""
+def claim_from_block(cid: str, out_dir, transform=None) -> Claim:
+    """C4 / C6 / C7 from the "claim" block of the experiment's JSON summary (see the module docstring);
+    transform: block -> block applied first."""
     missing, block = read_block(cid, out_dir)
     if missing is not None:
         return missing
+    block = transform(block) if transform else block
     c = new_claim(cid)
     c.statistic, c.value, c.ci95 = block.get("statistic", ""), block["value"], block.get("ci95")
     c.null, c.n, c.details, c.source = block["null"] or {}, block.get("n"), block.get("details", {}), \
@@ -637,9 +639,23 @@ SCALE = {   # claim -> sample sizes -> {params key: current value}: what the set
 }
 
 
+def recentred(block: dict) -> dict:
+    """The block with its CI re-centred on the observed value (value +- half the percentile interval's width).
+    The prompt bootstrap of a network measure is biased: a resample repeats prompts, and a network averaged over
+    fewer distinct prompts is less noisy, so its efficiency shifts (seen on the no-core positive control: observed
+    0.308, percentile CI [0.340, 0.470], which does not contain it)."""
+    ci = block.get("ci95")
+    if not ci or None in ci:
+        return block
+    half = (ci[1] - ci[0]) / 2
+    return {**block, "ci95": [block["value"] - half, block["value"] + half], "se": half / 1.959964,
+            "details": {**(block.get("details") or {}), "percentile_ci95": list(ci),
+                        "ci_recentred": "value +- half the percentile bootstrap interval (the bootstrap is biased)"}}
+
+
 def claim_c4(out_dir) -> Claim:
-    """C4: both halves, efficiency (the block) and modularity (details), each against its own null."""
-    c = claim_from_block("C4", out_dir)
+    """C4: both halves, efficiency (the block, CI re-centred) and modularity (details), each against its own null."""
+    c = claim_from_block("C4", out_dir, transform=recentred)
     if c.verdict == "not tested":
         return c
     mod = (c.details.get("trained") or {}).get("modularity_red_minus_syn")

@@ -361,3 +361,10 @@ def test_a_ruled_out_claim_whose_oracle_is_not_detected_is_underpowered(tmp_path
                                                         by_variant=oracle(-0.4, [-0.5, -0.3])))
     c6 = C.claim_c6(tmp_path)
     assert c6.verdict == "ruled out" and c6.details["oracle"]["verdict"] == "supported"
+
+
+def test_c4_ci_is_recentred_on_the_observed_value():
+    b = C.recentred({"value": 0.308, "ci95": [0.34, 0.47], "details": {}})
+    assert b["ci95"] == pytest.approx([0.308 - 0.065, 0.308 + 0.065]) and b["se"] == pytest.approx(0.065 / 1.959964)
+    assert b["details"]["percentile_ci95"] == [0.34, 0.47]
+    assert C.recentred({"value": 1.0, "ci95": None}) == {"value": 1.0, "ci95": None}
