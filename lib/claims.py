@@ -627,6 +627,12 @@ def claim_from_block(cid: str, out_dir, transform=None) -> Claim:
         if key in block:
             c.details[key] = block[key]
     sizes = block.get("sample_sizes") or {"n": block.get("n")}
+    if block["value"] is None or not np.isfinite(block["value"]):
+        c.verdict = "invalid"
+        c.reason = (block.get("validity") or {}).get("reason") or \
+            "the statistic is undefined in this run (e.g. a baseline of 0 correct or no variance between seeds)"
+        c.sample_sizes = dict(sizes)
+        return c
     if block.get("ci95") is None:
         c.reason = f"no CI of the observed value (n = {block.get('n')}): the point against the null band"
     return judge(c, block_evidence(block, c.paper_effect["value"]), sizes, SCALE.get(cid, lambda s: None)(sizes))

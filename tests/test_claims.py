@@ -368,3 +368,12 @@ def test_c4_ci_is_recentred_on_the_observed_value():
     assert b["ci95"] == pytest.approx([0.308 - 0.065, 0.308 + 0.065]) and b["se"] == pytest.approx(0.065 / 1.959964)
     assert b["details"]["percentile_ci95"] == [0.34, 0.47]
     assert C.recentred({"value": 1.0, "ci95": None}) == {"value": 1.0, "ci95": None}
+
+
+def test_an_undefined_statistic_is_invalid_not_an_error(tmp_path, declared):
+    artifacts.save("behaviour_summary", tmp_path, block("C6", None, None, [-0.05, 0.05], "less",
+                                                        validity={"valid": False, "reason": "floor: baseline 0/8"}))
+    c6 = C.claim_c6(tmp_path)
+    assert c6.verdict == "invalid" and c6.reason == "floor: baseline 0/8"
+    artifacts.save("finetune_summary", tmp_path, block("C7", None, None, None, "greater"))
+    assert C.claim_c7(tmp_path).verdict == "invalid"
