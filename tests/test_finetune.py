@@ -428,9 +428,17 @@ def test_claim_block_is_grpos_g_with_the_sft_control(tmp_path):
     assert c["vs_redundant"]["value"] == pytest.approx(9 * 4 / 7)   # pooled sd sqrt(0.005 / 2) = 0.05: d = 0.45 / 0.05
     sft = c["sft_control"]                                     # identical SFT finals: difference 0 on every problem
     assert sft["difference_points"] == 0.0 and sft["line"].startswith("SFT: consistent with no difference")
+    assert sft["changed_answers"]                              # planted: 0.3 before, 0.5 after
     assert c["validity"]["valid"] and c["overlap"]["policy"] == "none"
     mine = [r for r in c["overlap"]["rows"] if r["kv"] == "none" and r["b"] == "redundant"]
     assert mine and mine[0]["param_jaccard"] == 0.0
+
+
+def test_sft_control_that_changed_no_answer_is_inconclusive():
+    same = np.array([1, 0, 1, 1, 0], float)
+    out = fc.sft_control(same, same, {"synergistic": 0.6}, {"synergistic": 0.6}, changed=False)
+    assert out["verdict"].startswith("inconclusive") and out["line"].startswith("SFT: inconclusive")
+    assert fc.sft_control(same, same, {}, {}, changed=True)["verdict"] == "consistent with no difference"
 
 
 def test_claim_without_grpo_says_it_tests_the_sft_arm(tmp_path):

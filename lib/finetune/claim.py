@@ -10,7 +10,8 @@ The claim block (finetune_summary.json "claim", read by lib.claims) is GRPO's wh
     vs_redundant the same g, synergistic vs redundant
     sft_control SFT's final accuracy, synergistic - random, paired over test problems (each problem's correctness
                 averaged over the seeds and random sets), in accuracy points with its 95% t CI, and an equivalence
-                test (TOST, two one-sided t-tests) against +-SFT_MARGIN_POINTS: the paper reports NO difference for SFT
+                test (TOST, two one-sided t-tests) against +-SFT_MARGIN_POINTS: the paper reports NO difference for
+                SFT. When SFT changed no test answer the equivalence is vacuous: "inconclusive"
     validity    invalid when every condition sits at the ceiling (mean final accuracy >= CEILING) or at the floor
                 (<= FLOOR), or when synergistic and a compared condition (random, redundant) train nearly the same
                 weights (weight Jaccard >= MAX_PARAM_JACCARD under the run's KV policy; lib.finetune.masks.overlap)
@@ -87,17 +88,20 @@ def g_block(a, b) -> dict:
     return {"value": r["g"], "ci95": r["ci95"], "se": r["se"], "n_a": r["n_a"], "n_b": r["n_b"]}
 
 
-def sft_control(correct_syn, correct_random, before: dict[str, float], after: dict[str, float]) -> dict:
+def sft_control(correct_syn, correct_random, before: dict[str, float], after: dict[str, float],
+                changed: bool = True) -> dict:
     """SFT synergistic - random: correct_* [problems] final correctness averaged over runs; before / after: mean
-    accuracy per kind (did SFT learn at all?). Paired over problems, accuracy points, TOST at +-SFT_MARGIN_POINTS."""
+    accuracy per kind; changed: whether training changed any test answer of any compared run (when none did, the
+    equivalence is vacuous and the verdict is 'inconclusive'). Paired over problems, accuracy points, TOST at
+    +-SFT_MARGIN_POINTS."""
     diff = 100 * (np.asarray(correct_syn, float) - np.asarray(correct_random, float))
     t = tost_paired(diff, SFT_MARGIN_POINTS)
-    verdict = equivalence_verdict(t)
+    verdict = equivalence_verdict(t) if changed else "inconclusive (training changed no test answer)"
     return {"difference_points": t["mean"], "ci95_points": t["ci95"], "ci90_points": t["ci90"], "se_points": t["se"],
             "unit": "test problem (paired): final correctness averaged over seeds and random sets",
             "n_problems": t["n"], "tost": {"margin_points": SFT_MARGIN_POINTS, "p_lower": t["p_lower"],
                                            "p_upper": t["p_upper"], "p": t["p"], "test": "two one-sided one-sample "
                                            "t-tests on the per-problem differences"},
-            "before": before, "after": after, "verdict": verdict,
+            "before": before, "after": after, "changed_answers": bool(changed), "verdict": verdict,
             "line": f"SFT: {verdict} (synergistic - random {t['mean']:+.1f} points, 95% CI [{t['ci95'][0]:.1f}, "
                     f"{t['ci95'][1]:.1f}], TOST p = {t['p']:.3f} at +-{SFT_MARGIN_POINTS:.0f} points)"}

@@ -442,7 +442,8 @@ class FinetuneResult:
         correct = {k: np.mean([r.correct[-1] for r in v], axis=0) for k, v in by.items()}
         before = {k: float(np.mean([r.accuracy[0] for r in v])) for k, v in by.items()}
         after = {k: float(np.mean([r.accuracy[-1] for r in v])) for k, v in by.items()}
-        return {"ran": True, **fc.sft_control(correct["synergistic"], correct["random"], before, after)}
+        changed = any(r.correct[-1] != r.correct[0] for v in by.values() for r in v)
+        return {"ran": True, **fc.sft_control(correct["synergistic"], correct["random"], before, after, changed)}
 
     def overlap_rows(self) -> list[dict]:
         """Trained query heads, KV heads and weights shared by synergistic and each other condition, under every
