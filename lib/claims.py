@@ -558,6 +558,8 @@ def _oracle_check(c: Claim, oracle: dict | None) -> Claim:
     c.details["oracle"] = oracle
     if oracle.get("verdict") != "supported" and c.verdict == "ruled out":
         c.verdict, c.reason = "underpowered", f"the oracle is not detected ({oracle.get('verdict')}); {c.reason}"
+        c.settle = {"factor": None, "why": "the budget does not detect the oracle ordering: more prompts and random "
+                                           "orders first, until the oracle is supported"}
     return c
 
 
@@ -677,6 +679,9 @@ def claim_c4(out_dir) -> Claim:
                                           "z": mod.get("z"), "paper_effect": C4_MODULARITY_EFFECT,
                                           "note": "observed vs its null band (no CI over prompts)"}}
     c.verdict, c.reason = _combine_halves(c.verdict, mverdict, c.reason)
+    if c.verdict == "underpowered" and not c.settle:
+        c.settle = {"factor": None, "why": f"{c.reason}: the halves disagree; more prompts narrow the efficiency CI "
+                                           f"(see the efficiency half's minimum detectable effect)"}
     return c
 
 
