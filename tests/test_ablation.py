@@ -27,14 +27,20 @@ def tiny():
     return load_model("random:llama")
 
 
-def write_run(folder: Path, arch, spec: str = "random:llama", seed: int = 0, prompt_lengths=PROMPT_LENGTHS,
-              n_tokens: int = T, n_heads_rankings: int | None = None) -> Path:
-    """A synthetic run folder: activations.npz (random prompts/tokens, left-padded) and rankings.csv."""
-    rng = np.random.default_rng(seed)
+def left_padded_prompts(rng, prompt_lengths) -> np.ndarray:
+    """[prompts, max length] random token ids (3-1999) left-padded with id 2."""
     width = max(prompt_lengths)
     ids = np.full((len(prompt_lengths), width), 2, dtype=np.int64)
     for i, n in enumerate(prompt_lengths):
         ids[i, width - n:] = rng.integers(3, 2000, n)
+    return ids
+
+
+def write_run(folder: Path, arch, spec: str = "random:llama", seed: int = 0, prompt_lengths=PROMPT_LENGTHS,
+              n_tokens: int = T, n_heads_rankings: int | None = None) -> Path:
+    """A synthetic run folder: activations.npz (random prompts/tokens, left-padded) and rankings.csv."""
+    rng = np.random.default_rng(seed)
+    ids = left_padded_prompts(rng, prompt_lengths)
     layer, head = arch.head_map()
     save_npz(folder / "activations.npz", tokens=rng.integers(3, 2000, (len(prompt_lengths), n_tokens)),
              prompt_input_ids=ids, prompt_lengths=np.array(prompt_lengths), prompt_ids=np.arange(len(prompt_lengths)),

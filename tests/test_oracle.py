@@ -21,6 +21,7 @@ from lib.hooks import hooks
 from lib.models import load_model
 from lib.prompts import Prompt
 from lib.store import ArtifactError
+from tests.test_ablation import left_padded_prompts
 
 PROMPT_LENGTHS = (3, 5, 4)
 T = 3
@@ -38,10 +39,7 @@ def tiny64():
 def fake_run(arch, prompt_lengths=PROMPT_LENGTHS, n_tokens=T, seed=0, categories=None):
     """An ActivationRun-like object: random left-padded prompts and 'generated' tokens."""
     rng = np.random.default_rng(seed)
-    width = max(prompt_lengths)
-    ids = np.full((len(prompt_lengths), width), 2, dtype=np.int64)
-    for i, n in enumerate(prompt_lengths):
-        ids[i, width - n:] = rng.integers(3, 2000, n)
+    ids = left_padded_prompts(rng, prompt_lengths)
     layer, head = arch.head_map()
     categories = categories or ["a"] * len(prompt_lengths)
     return SimpleNamespace(prompt_input_ids=ids, prompt_lengths=np.array(prompt_lengths),
