@@ -36,12 +36,25 @@ def settle_values(claims: list[dict]) -> dict:
 
 
 def settle_params(raw: dict, values: dict) -> dict:
-    """The run's params (raw YAML mapping) with the settle values set; `seeds` become [0, ..., n-1]."""
+    """The run's params (raw YAML mapping) with the settle values set; `seeds` become [0, ..., n-1]; 01's prompts
+    raised when a later notebook is to use more of them than 01 extracts (see `_enough_prompts`)."""
     out = json.loads(json.dumps(raw))
     for key, value in values.items():
         section, name = key.split(".", 1)
         out.setdefault(section, {})[name] = list(range(value)) if name == "seeds" else value
-    return out
+    return _enough_prompts(out)
+
+
+def _enough_prompts(params: dict) -> dict:
+    """05 ablates prompts of 01's activations that the oracle did not use: 01.n_prompts must cover 05.n_prompts plus
+    01.oracle_prompts (when the oracle runs), else 05 fails on the node. Raises 01.n_prompts in place."""
+    extract, ablation = params.get("01_extract_activations") or {}, params.get("05_ablation") or {}
+    wanted = ablation.get("n_prompts")
+    if not isinstance(wanted, int) or "n_prompts" not in extract:
+        return params
+    need = wanted + (int(extract.get("oracle_prompts") or 0) if extract.get("oracle") else 0)
+    extract["n_prompts"] = max(int(extract["n_prompts"]), need)
+    return params
 
 
 def _run_params_file(out_dir: Path) -> Path:

@@ -25,6 +25,18 @@ def test_settle_values_take_the_largest_request_per_key():
     assert raw["10_head_finetuning"]["seeds"] == [0]                       # the run's own params are untouched
 
 
+def test_settle_raises_01s_prompts_when_05_asks_for_more_than_the_oracle_leaves():
+    # tiny: 01 extracts 12 prompts, the oracle takes 6, so 05 can use at most 6; a plan asking 10 needs 16 in 01
+    raw = {"01_extract_activations": {"n_prompts": 12, "oracle": True, "oracle_prompts": 6},
+           "05_ablation": {"n_prompts": 4}}
+    out = plan.settle_params(raw, {"05_ablation.n_prompts": 10})
+    assert out["01_extract_activations"]["n_prompts"] == 16 and out["05_ablation"]["n_prompts"] == 10
+    raw["01_extract_activations"]["oracle"] = False                        # no oracle: 12 prompts already cover 10
+    assert plan.settle_params(raw, {"05_ablation.n_prompts": 10})["01_extract_activations"]["n_prompts"] == 12
+    raw["01_extract_activations"]["n_prompts"] = 30                        # never lowered
+    assert plan.settle_params(raw, {"05_ablation.n_prompts": 10})["01_extract_activations"]["n_prompts"] == 30
+
+
 def test_write_settle_gives_a_params_file_that_passes_check(tmp_path):
     params = tmp_path / "unit.yaml"
     shutil.copy(REPO_ROOT / "params" / "tiny.yaml", params)
