@@ -36,11 +36,16 @@ run: model
 
 # make test: everything (what CI runs, .ci/run), then the 15 slowest tests. make test-fast: no pipeline run, no
 # SLURM, no browser, no model bigger than tiny (tests marked slow, see pyproject's markers), a few minutes.
+# Both run TEST_WORKERS pytest-xdist workers, each with one thread per process (its notebooks' kernels and SLURM
+# jobs inherit it), so two workers keep two cores busy without oversubscribing them; the local SLURM tests are one
+# group on one worker (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: model
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 report: install
 	$(PY) -m lib.report outputs/$(RUN)

@@ -25,6 +25,8 @@ Models are cached per session: loading a tiny random model takes ~0.3 s, SmolLM2
 from __future__ import annotations
 
 import functools
+import json
+import uuid
 import os
 import shutil
 import stat
@@ -42,6 +44,7 @@ from lib import REPO_ROOT  # noqa: E402
 from lib.models import CLUSTER_ARCHS, RANDOM_ARCHS, load_model  # noqa: E402
 
 TINY_PARAMS = REPO_ROOT / "params" / "tiny.yaml"
+SESSION_VAR = "HEADINFO_TEST_SESSION"     # names the folder the session's processes share (see _session_dir)
 
 
 # ----------------------------------------------------------------------------- the shared tiny run
@@ -77,29 +80,47 @@ def _up_to_date_problems(out: Path) -> dict[str, list[str]]:
     return {name: r for name, r in reasons.items() if r}
 
 
+def _session_dir() -> Path:
+    """A folder shared by every process of this pytest session (the controller and its xdist workers), outside
+    pytest's basetemp (which a concurrent pytest session may prune); removed by the controller at the end."""
+    return Path(tempfile.gettempdir()) / f"hi-tests-{os.environ[SESSION_VAR]}"
+
+
+def _make_tiny_run(out: Path) -> dict:
+    """Run params/tiny.yaml into `out` -> the runner's {"stdout", "stderr"}; a failure is recorded next to it so
+    that the other workers fail with the same message instead of running the pipeline again."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", str(TINY_PARAMS), "--set", f"out_dir={out}",
+                           "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
+    log = {"stdout": proc.stdout, "stderr": proc.stderr, "returncode": proc.returncode}
+    (out.parent / "tiny-log.json").write_text(json.dumps(log))
+    return log
+
+
 @pytest.fixture(scope="session")
 def _tiny_run_session():
-    """(folder, runner output): the tiny pipeline run once per session, or HEADINFO_TINY_RUN reused."""
+    """(folder, runner output): the tiny pipeline run once per pytest session, or HEADINFO_TINY_RUN reused.
+    With xdist (make test runs two workers) the first worker that needs it runs it under a file lock; the other
+    waits for it, and every worker reads the same folder."""
     given = os.environ.get("HEADINFO_TINY_RUN") or os.environ.get("HEADINFO_RUN_TEST_REFERENCE")
     if given:
         out = Path(given).resolve()
         assert (out / "manifest.json").exists(), f"HEADINFO_TINY_RUN={given} is not a finished run folder"
-        log = {"stdout": "", "stderr": ""}
-    else:
-        out = Path(tempfile.mkdtemp(prefix="hi-tiny-run-")) / "tiny"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", str(TINY_PARAMS), "--set", f"out_dir={out}",
-                               "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        log = {"stdout": proc.stdout, "stderr": proc.stderr}
-    problems = _up_to_date_problems(out)
-    assert not problems, f"the shared tiny run {out} is not up to date: {problems}"
-    if not given:
-        _set_writable(out, False)
-    yield out, log
-    if not given:
-        _set_writable(out, True)
-        shutil.rmtree(out.parent, ignore_errors=True)
+        yield out, {"stdout": "", "stderr": ""}
+        return
+    from filelock import FileLock
+    out = _session_dir() / "tiny"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / "tiny.lock")):
+        done = out.parent / "tiny-log.json"
+        log = json.loads(done.read_text()) if done.exists() else _make_tiny_run(out)
+        assert log["returncode"] == 0, log["stderr"][-3000:]
+        if not (out.parent / "tiny-checked").exists():
+            problems = _up_to_date_problems(out)
+            assert not problems, f"the shared tiny run {out} is not up to date: {problems}"
+            _set_writable(out, False)
+            (out.parent / "tiny-checked").touch()
+    yield out, {"stdout": log["stdout"], "stderr": log["stderr"]}
 
 
 @pytest.fixture
@@ -175,10 +196,44 @@ SLOW_FIXTURES = {
 }
 
 
+SLURM_FIXTURES = {"cluster", "pipeline"}    # tests/test_slurm.py: ONE local SLURM cluster and run per session
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that uses a slow fixture (SLOW_FIXTURES: SmolLM2, the shared tiny run) is marked slow with the reason,
-    so `make test-fast` (-m "not slow") leaves it out even when its author did not mark it."""
+    so `make test-fast` (-m "not slow") leaves it out even when its author did not mark it.
+    For xdist (`make test`: -n 2 --dist loadgroup): the tests on the local SLURM cluster form one group (one worker,
+    one cluster), and their modules go first, so the longest group starts at once while the other worker takes the
+    rest (the first of those that needs the tiny run makes it). Modules stay contiguous (module fixtures once)."""
+    first = set()
     for item in items:
-        reasons = [why for name, why in SLOW_FIXTURES.items() if name in getattr(item, "fixturenames", ())]
+        names = set(getattr(item, "fixturenames", ()))
+        reasons = [why for name, why in SLOW_FIXTURES.items() if name in names]
         if reasons and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow(reason=reasons[0]))
+        if names & SLURM_FIXTURES:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+            first.add(item.module.__name__ if item.module else "")
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (0 if it.module and it.module.__name__ in first else 1, order[id(it)]))
+
+
+# ----------------------------------------------------------------------------- one session, several processes
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    """The controller names the session's shared folder before xdist starts its workers (they inherit it)."""
+    if not _is_worker(config):
+        os.environ[SESSION_VAR] = uuid.uuid4().hex[:12]
+
+
+def pytest_unconfigure(config):
+    """The controller removes the shared folder (the tiny run) once every worker has finished."""
+    if not _is_worker(config) and os.environ.get(SESSION_VAR):
+        folder = _session_dir()
+        if folder.exists():
+            _set_writable(folder, True)
+            shutil.rmtree(folder, ignore_errors=True)
