@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from lib import artifacts
+from lib import artifacts, stages
 from lib.store import ArtifactError, jsonable
 from lib.verdicts import VERDICTS, Evidence, decide, power, settle_factor
 
@@ -82,24 +82,25 @@ VERDICT_RULES = {
           "a floor or ceiling; " + TABLE_TEXT,
 }
 
-CLAIMS = {   # id -> (claim sentence, notebook that tests it, test)
+_CLAIM_TEXT = {   # id -> (claim sentence, test); the notebook that tests it is declared in lib/stages.py
     "C1": ("Synergy and redundancy are distinct properties of attention heads (as in the brain, where they are "
-           "anti-correlated).", "03_phiid_diagnostics",
+           "anti-correlated).",
            "per-head Spearman r(synergy, redundancy) with a bootstrap CI over heads, against circular-shift surrogates"),
     "C2": ("The synergy-minus-redundancy profile over depth is an inverted U (a synergistic core in the middle "
-           "layers).", "04_ranking_variants",
+           "layers).",
            "middle third vs early and late thirds of the rank_diff layer profile, raw and beyond the circular-shift null"),
     "C3": ("The synergistic core emerges with training: it is absent in the randomly initialised model.",
-           "04_ranking_variants", "the beyond-null inverted-U test on the trained model vs the random-init copy"),
-    "C4": ("The synergistic network is more globally efficient, the redundant one more modular.", "08_topology",
+           "the beyond-null inverted-U test on the trained model vs the random-init copy"),
+    "C4": ("The synergistic network is more globally efficient, the redundant one more modular.",
            "efficiency(syn) - efficiency(red) against strength-preserving randomised networks"),
     "C5": ("Removing synergistic heads first diverges behaviour faster than removing random heads (Fig 4a).",
-           "05_ablation", "AUC of KL vs fraction removed, ranking / random orders, over 0-40% and 0-100% of heads"),
-    "C6": ("Perturbing the most synergistic heads hurts task accuracy most (Fig 4b).", "09_task_behaviour",
+           "AUC of KL vs fraction removed, ranking / random orders, over 0-40% and 0-100% of heads"),
+    "C6": ("Perturbing the most synergistic heads hurts task accuracy most (Fig 4b).",
            "accuracy(synergistic perturbed) - mean accuracy(random sets), paired problems"),
-    "C7": ("Updating only synergistic heads helps learning most (Fig 5).", "10_head_finetuning",
+    "C7": ("Updating only synergistic heads helps learning most (Fig 5).",
            "Hedges' g of final accuracy, synergistic vs random heads, over seeds"),
 }
+CLAIMS = {cid: (sentence, stages.stage_testing(cid), test) for cid, (sentence, test) in _CLAIM_TEXT.items()}
 
 PAPER_FIGURES = {   # read off the paper's plots: approximate
     "C1": (-0.4, "brain (Luppi et al., cited by the paper): r ~ -0.4 (approximate)"),

@@ -16,20 +16,20 @@ writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import REPO_ROOT
+from lib import REPO_ROOT, stages
 
 PROMPT_TOKENS = 64                    # approximate prompt length in tokens (chat template included)
 N_CATEGORIES = 6                      # prompt categories of lib.prompts (07 takes the prompts of two of them)
 RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
 RATE_ENV = "HEADINFO_RATE"
-GPU_NOTEBOOKS = ("01_extract_activations", "05_ablation", "06_neuron_effects", "07_qkov_interference",
-                 "09_task_behaviour", "10_head_finetuning")          # slurm/pipeline.sh's default GPU jobs
+GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NO_RATE = "GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node)"
 
@@ -241,10 +241,18 @@ def local(p: dict, run: dict, dims) -> Work:
                 min(n, p["batch_size"]), seq)
 
 
-ESTIMATORS = {"01_extract_activations": extraction, "02_phiid": phiid, "03_phiid_diagnostics": diagnostics,
-              "04_ranking_variants": ranking, "05_ablation": ablation, "06_neuron_effects": neurons,
-              "07_qkov_interference": interference, "08_topology": topology, "09_task_behaviour": behaviour,
-              "10_head_finetuning": finetune, "11_local_synergy": local}
+def estimator(name: str):
+    """The cost estimator of a stage (its declaration's `cost`: a function of this module, or "module:function"),
+    or None."""
+    stage = stages.stages().get(name)
+    if stage is None or not stage.cost:
+        return None
+    if callable(stage.cost):
+        return stage.cost
+    if ":" in stage.cost:
+        module, func = stage.cost.split(":", 1)
+        return getattr(importlib.import_module(module), func)
+    return globals()[stage.cost]
 
 
 # ----------------------------------------------------------------------------- rate, memory, table
@@ -337,7 +345,8 @@ def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
     rows = []
     for s in steps:
         d, p = dims.get(model_of(s.name)), run[s.name]
-        work = ESTIMATORS[s.name](p, run, d) if s.name in ESTIMATORS else None
+        estimate = estimator(s.name)
+        work = estimate(p, run, d) if estimate else None
         rows.append(_row(s, p, work, d, rate, s.name in gpu))
     notes += [f"{spec}: {d.n_params:,} parameters ({d.source})" for spec, d in dims.items()]
     return rows, notes, rate

@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from lib import REPO_ROOT
-from lib import artifacts, params as constraints
+from lib import artifacts, params as constraints, stages
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
 # papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
@@ -64,22 +64,10 @@ class Step:
 
 # ----------------------------------------------------------------------------- parameters
 
-# The notebooks whose files each notebook reads. The runner reruns a notebook when one of these (or their parents)
-# ran since it did; slurm/pipeline.sh makes each SLURM job wait for them. A notebook not listed depends on every
-# notebook before it.
-PARENTS = {
-    "01_extract_activations": [],
-    "02_phiid": ["01_extract_activations"],
-    "03_phiid_diagnostics": ["02_phiid"],
-    "04_ranking_variants": ["02_phiid", "03_phiid_diagnostics"],
-    "05_ablation": ["04_ranking_variants"],
-    "06_neuron_effects": ["01_extract_activations"],
-    "07_qkov_interference": ["01_extract_activations"],
-    "08_topology": ["02_phiid"],
-    "09_task_behaviour": ["04_ranking_variants"],
-    "10_head_finetuning": ["04_ranking_variants"],
-    "11_local_synergy": ["02_phiid"],
-}
+# The notebooks whose files each notebook reads (lib/stages.py declares them). The runner reruns a notebook when one
+# of these (or their parents) ran since it did; slurm/pipeline.sh makes each SLURM job wait for them. A notebook not
+# listed depends on every notebook before it.
+PARENTS = stages.parents()
 
 
 def parents_of(name: str, pipeline) -> list[str]:
@@ -99,8 +87,9 @@ def upstream_of(name: str, pipeline) -> list[str]:
 
 
 def pipeline_notebooks() -> dict[str, Path]:
-    """Notebook stem -> path, for every NN_*.ipynb in notebooks/ (00_explore is not part of the pipeline)."""
-    return {p.stem: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) if not p.stem.startswith("00_")}
+    """Stage name -> notebook path, for every declared stage (lib/stages.py) whose notebook exists; the explorer
+    (00) and the cross-run notebooks are not stages."""
+    return {name: s.path for name, s in stages.stages().items() if s.path.is_file()}
 
 
 _DECLARED: dict[tuple, dict] = {}     # (path, mtime_ns, size) -> declared_parameters (inspecting takes ~1 s)
@@ -302,7 +291,7 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
             continue
         params = _merged(name, shared, sections, declared)
         params["out_dir"] = str(out_dir)
-        suffix = _shard_suffix(params.get("shard"))
+        suffix = shard_suffix(params.get("shard"))
         steps.append(Step(name, notebooks[name], params, out_dir / f"{name}{suffix}.ipynb",
                           out_dir / "html" / f"{name}{suffix}.html", shards.get(name)))
     return steps
@@ -324,7 +313,7 @@ def _merged(name: str, shared: dict, sections: dict, declared: dict) -> dict:
     return {**{k: v for k, v in shared.items() if k in declared[name]}, **sections[name]}
 
 
-def _shard_suffix(shard) -> str:
+def shard_suffix(shard) -> str:
     if not shard:
         return ""
     i, n = str(shard).split("/")

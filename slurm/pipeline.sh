@@ -35,8 +35,8 @@
 #   --gpu-args "ARGS"      sbatch arguments for GPU notebooks   (default: --gres=gpu:1 --cpus-per-task=4 --mem=32G)
 #   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
 #   --sbatch-args "ARGS"   sbatch arguments for every job, e.g. "--account=abc --partition=short --time=04:00:00"
-# GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: 01_extract_activations 05_ablation 06_neuron_effects
-# 07_qkov_interference 09_task_behaviour 10_head_finetuning); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
+# GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: the stages declared with device "GPU" in lib/stages.py: 01, 05,
+# 06, 07, 09, 10); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
 # Output: one line per job ("submitted <notebook> <jobid> ...", then "  after <parent notebooks>" when it waits for
@@ -108,7 +108,8 @@ SHARDS_JSON="${SHARDS_JSON%, }}"
 PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_GIVEN" "$DRY" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
-from lib.run import PARENTS, ParamsError, Step, _shard_suffix, cache_problem, check_run, declared_parameters, is_up_to_date
+from lib.run import PARENTS, ParamsError, Step, shard_suffix, cache_problem, check_run, declared_parameters, is_up_to_date
+from lib.stages import gpu_stages
 from lib.store import ArtifactError
 params, default_shards, shards_given, dry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 shard_map = json.loads(sys.argv[5])
@@ -124,7 +125,7 @@ print("CACHE", cache_problem(steps) or "ok")
 
 
 def with_shard(step, shard):
-    suffix = _shard_suffix(shard)
+    suffix = shard_suffix(shard)
     return Step(step.name, step.path, {**step.params, "shard": shard}, out / f"{step.name}{suffix}.ipynb",
                 out / "html" / f"{step.name}{suffix}.html")
 
@@ -140,6 +141,7 @@ for s in steps:
     print("NB", s.name, int(shardable), int(stale), int(shards_stale), n)
     if s.name in PARENTS:
         print("PARENTS", s.name, *PARENTS[s.name])
+print("GPU", *gpu_stages())
 try:
     from lib.cost import cost_table
     table = cost_table(steps)
@@ -174,7 +176,7 @@ done
 
 RUN=$(basename "$PARAMS" .yaml)
 LOG_DIR=$OUT_DIR/logs
-GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-01_extract_activations 05_ablation 06_neuron_effects 07_qkov_interference 09_task_behaviour 10_head_finetuning}
+GPU_NOTEBOOKS=${HEADINFO_GPU_NOTEBOOKS:-$(sed -n 's/^GPU //p' <<<"$PLAN")}      # default: the stages declared "GPU"
 RUNNER_ARGS=("${SETS[@]}")
 [ "$FORCE" = 1 ] && RUNNER_ARGS+=(--force)
 # Each job is its own runner invocation, so "rerun what follows a notebook that ran" (the runner's rule within

@@ -161,14 +161,14 @@ def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tm
 @pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
-    from lib.run import Step, _shard_suffix, build_steps, load_params, params_hash, record_success
+    from lib.run import Step, shard_suffix, build_steps, load_params, params_hash, record_success
     out = tmp_path / "run"
     run, shared, secs = load_params(PARAMS, [f"out_dir={out}"])
     steps = build_steps(run, shared, secs)
 
     def mark_done(step, shard=None):
         if shard is not None:
-            suffix = _shard_suffix(shard)
+            suffix = shard_suffix(shard)
             step = Step(step.name, step.path, {**step.params, "shard": shard}, out / f"{step.name}{suffix}.ipynb",
                         out / "html" / f"{step.name}{suffix}.html")
         step.output.parent.mkdir(parents=True, exist_ok=True)
