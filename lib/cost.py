@@ -281,20 +281,18 @@ def memory_gib(dims, dtype: str, work: Work) -> float:
     return (dims.n_params * size + kv) / 2 ** 30
 
 
-def with_defaults(step) -> dict:
-    """A step's parameters with the declared defaults of its notebook filled in."""
-    from lib.run import _default_value, declared_parameters
-    declared = declared_parameters(step.path)
-    return {**{k: _default_value(v["default"]) for k, v in declared.items()}, **step.params}
+def with_defaults(path, params: dict) -> dict:
+    """A notebook's parameters with its declared defaults filled in."""
+    from lib.notebook_params import declared_parameters, default_value
+    declared = declared_parameters(path)
+    return {**{k: default_value(v["default"]) for k, v in declared.items()}, **params}
 
 
 def _run_params(steps) -> dict:
     """notebook -> parameters with defaults, 01 always present (its defaults when not in the run)."""
-    from lib.run import Step, pipeline_notebooks
-    run = {s.name: with_defaults(s) for s in steps}
+    run = {s.name: with_defaults(s.path, s.params) for s in steps}
     if "01_extract_activations" not in run:
-        path = pipeline_notebooks()["01_extract_activations"]
-        run["01_extract_activations"] = with_defaults(Step("01_extract_activations", path, {}, path, path))
+        run["01_extract_activations"] = with_defaults(stages.stages()["01_extract_activations"].path, {})
     return run
 
 

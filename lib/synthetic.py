@@ -355,7 +355,7 @@ def _synthetic_prompts(ids) -> list:
 
 
 def _activation_run(X, tokens, prompt_ids, n_layers, n_heads, spec):
-    from lib.extract import ActivationRun
+    from lib.activation_run import ActivationRun
     n_prompts, _, n_steps = X.shape
     prompt_ids = np.arange(n_prompts) if prompt_ids is None else np.asarray(prompt_ids)
     tokens = np.zeros((n_prompts, n_steps), np.int64) if tokens is None else np.asarray(tokens, np.int64)

@@ -1,0 +1,64 @@
+"""lib's imports only go down: no import cycle between lib's modules, counting every import (function-level ones
+included, since hiding a cycle inside a function is still a cycle), parsed with `ast` and checked with networkx."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+from lib import REPO_ROOT
+
+LIB = REPO_ROOT / "lib"
+
+
+def module_name(path: Path, root: Path = REPO_ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path, modules: set[str], root: Path = REPO_ROOT) -> set[str]:
+    """The lib modules `path` imports anywhere in its body: `from lib.x import y` counts lib.x.y when that is a
+    module, else lib.x; a package's own submodules imported by its __init__ count as edges too."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names} & modules
+            found |= subs or {base}
+    return {m for m in found if m in modules and m not in (name, "lib")}
+
+
+def import_graph() -> nx.DiGraph:
+    paths = sorted(LIB.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for p in paths:
+        graph.add_edges_from((module_name(p), m) for m in imported(p, modules))
+    return graph
+
+
+def test_the_parser_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "lib" / "sub"
+    pkg.mkdir(parents=True)
+    mods = {"lib.a", "lib.b", "lib.c", "lib.sub", "lib.sub.d"}
+    (tmp_path / "lib" / "a.py").write_text("import os\ndef f():\n    from lib.b import g\n    from . import c\n")
+    (pkg / "__init__.py").write_text("from .d import x\n")
+    (pkg / "d.py").write_text("from ..a import f\nfrom lib.sub import d\n")
+    assert imported(tmp_path / "lib" / "a.py", mods, tmp_path) == {"lib.b", "lib.c"}
+    assert imported(pkg / "__init__.py", mods, tmp_path) == {"lib.sub.d"}
+    assert imported(pkg / "d.py", mods, tmp_path) == {"lib.a"}                # itself through its package: no edge
+
+
+def test_lib_has_no_import_cycle():
+    cycles = sorted(nx.simple_cycles(import_graph()), key=len)
+    assert not cycles, "import cycles in lib (an arrow from a lower module back up): " + "; ".join(
+        " -> ".join(c + [c[0]]) for c in cycles[:10])
