@@ -11,6 +11,8 @@ kernel whose working directory is the repository's notebooks/ folder moves it to
 import os
 from pathlib import Path
 
+__all__ = ["REPO_ROOT"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 __version__ = "0.1.0"
 

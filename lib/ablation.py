@@ -67,6 +67,11 @@ from lib.checkpoints import parse_shard
 from lib.models import ArchInfo
 from lib.store import ArtifactError, check_same_heads, update_manifest
 
+__all__ = ["PERTURBATIONS", "RANDOM_VARIANT", "ORACLE", "Ordering", "AblationInputs", "make_points",
+           "make_orderings", "load_inputs", "select_prompt_rows", "prepare", "DivergenceEngine", "removal_masks",
+           "perturbed_heads", "fingerprint", "Checkpoint", "AblationResult", "manifest_entry", "run_ablation",
+           "plan_table", "verify", "shard_summary"]
+
 PERTURBATIONS = ("zero", "noise")
 TABLE_FRACTIONS = tuple(k / 8 for k in range(1, 9))      # 12.5 %, 25 %, ..., 100 %
 RANDOM_VARIANT = "none"                                  # `variant` of random orderings in ablation.csv

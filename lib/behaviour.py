@@ -79,6 +79,12 @@ from lib.heads import HeadHooks
 from lib.models import ArchInfo
 from lib.store import ArtifactError
 
+__all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER", "Condition", "head_sets",
+           "make_conditions", "check_settings", "load_rankings", "check_rankings_model", "prepare", "plan_table",
+           "eos_ids", "greedy_generate", "problem_batches", "fingerprint", "Checkpoint", "run_behaviour",
+           "pick_sigma", "calibration_plan", "Calibration", "calibrate", "clopper_pearson", "mcnemar",
+           "percentile_among", "paired_difference_ci", "relative_difference", "relative_accuracy", "floor_ceiling"]
+
 PERTURBATIONS = ("zero", "noise")
 KINDS = ("baseline", "synergistic", "redundant", "random", "layer_matched")
 PAPER_EFFECT = round((28 - 44) / 58, 3)          # -0.276: (synergistic - random) / baseline, Fig 4b

@@ -19,6 +19,8 @@ from typing import Any
 
 from lib.store import ArtifactError, save_json
 
+__all__ = ["CheckpointMismatch", "parse_shard", "differences", "describe_differences", "check_settings", "Parts"]
+
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 SETTINGS_FILE = "settings.json"
 

@@ -36,6 +36,14 @@ from lib.artifacts import check_same_run  # noqa: F401  (re-exported: activation
 from lib.phiid import load_phiid  # noqa: F401  (re-exported: the one PhiID reader)
 from lib.store import ArtifactError, check_same_heads
 
+__all__ = ["DegenerateHeadError", "load_activations", "available_tags", "head_labels", "per_head_mean", "pair_index",
+           "upper", "per_head_mean_pairs", "tdmi_matrix", "correlation", "bootstrap_correlation",
+           "pair_bootstrap_correlation", "correlation_ci_table", "syn_red_correlations", "lag_autocorrelation",
+           "circular_autocorrelation", "head_autocorrelation", "drift", "linear_detrend", "first_difference",
+           "shift_series", "shift_keeping_trend", "circular_shift", "normalized_depth", "layer_means",
+           "layer_profile", "heads_grid", "spearman_brown", "random_halves", "null_band", "inverted_u_test",
+           "diagnose", "run_diagnostics", "summary_table"]
+
 SYNERGY_ATOM = "sts"
 REDUNDANCY_ATOM = "rtr"
 PHIID_MODES = ("per_prompt", "concat", "pooled")

@@ -19,6 +19,10 @@ from lib.models import ArchInfo
 from lib.activation_run import ActivationRun  # noqa: F401  (re-exported: lib.extract.ActivationRun)
 from lib.prompts import Prompt
 
+__all__ = ["encode_prompts", "left_pad", "generate_batch", "extract_activations", "compare_batched",
+           "extraction_key", "extract_to_file", "extract_baselines", "load_run", "generated_texts",
+           "layer_statistics", "batched_vs_single"]
+
 
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool) -> list[list[int]]:
     """Token ids of each prompt, with the tokenizer's chat template (user turn + assistant header) when asked."""

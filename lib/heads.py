@@ -21,6 +21,8 @@ import torch
 from lib.hooks import hooks
 from lib.models import ArchInfo
 
+__all__ = ["HeadHooks", "head_mask"]
+
 
 class HeadHooks:
     """Context manager installing the per-head hook (site "head_out" of lib.hooks) on every layer; always removes

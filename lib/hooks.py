@@ -30,6 +30,8 @@ import torch
 
 from lib.models import SITES, ArchInfo
 
+__all__ = ["hooks", "skipped_blocks", "patched_weights"]
+
 HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 

@@ -37,6 +37,9 @@ from lib import artifacts
 from lib.phiid import phiid_local_head_means
 from lib.store import ArtifactError
 
+__all__ = ["KINDS", "teacher_forced_steps", "token_kinds", "step_correlations", "kind_means", "step_profile",
+           "correlation_summary", "run_local", "load_local"]
+
 NOTEBOOK = "11_local_synergy"
 KINDS = ("punctuation", "digit", "first_answer", "end_of_turn", "after_end_of_turn", "digit_numerical", "other")
 ATOMS = ("sts", "rtr")

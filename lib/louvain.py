@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+__all__ = ["louvain_batch", "compile_kernels", "louvain", "modularity"]
+
 
 @njit(cache=True)
 def _compact(labels):

@@ -39,6 +39,8 @@ from lib.hooks import hooks
 from lib.models import ArchInfo
 from lib.store import ArtifactError
 
+__all__ = ["select_oracle_rows", "sequences", "compute_oracle", "run_oracle", "load_oracle", "summary"]
+
 
 @dataclass
 class OracleResult:

@@ -83,6 +83,11 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["ATOM_NAMES", "MODES", "SWAPPED_ATOM", "DegeneratePairWarning", "mmi_atoms_from_correlation",
+           "phiid_pair", "phiid_pair_local", "phiid_all_pairs", "phiid_fast_stats", "LOCAL_MODES",
+           "phiid_local_pairs", "phiid_local_head_means", "phiid_path", "save_phiid", "load_phiid",
+           "run_phiid_for_run"]
+
 ATOM_NAMES = ("rtr", "rtx", "rty", "rts", "xtr", "xtx", "xty", "xts",
               "ytr", "ytx", "yty", "yts", "str", "stx", "sty", "sts")
 MI_NAMES = ("I_xta", "I_xtb", "I_yta", "I_ytb", "I_xyta", "I_xytb", "I_xtab", "I_ytab", "I_xytab")

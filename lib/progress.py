@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import sys
 
+__all__ = ["KERNEL_SETUP", "LineWriter"]
+
 # one line, run by the kernel before the first cell (IPKernelApp.exec_lines); binds no name in the notebook
 KERNEL_SETUP = "__import__('lib.progress').progress.use_text_progress()"
 

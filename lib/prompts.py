@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["CATEGORIES", "Prompt", "all_prompts", "select_prompts", "end_of_turn_ids", "end_of_turn_lengths"]
+
 CATEGORIES: dict[str, tuple[str, ...]] = {
     'Syntax and Grammar Correction': (
         'Correct the error: He go to school every day.',

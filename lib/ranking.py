@@ -53,6 +53,12 @@ from lib import diagnostics as dg
 from lib.phiid import load_phiid
 from lib.store import ArtifactError
 
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "check_variants", "PairStats", "mmi_segment_stats", "mmi_pair_means",
+           "phiid_pair_stats", "per_prompt_stats", "VariantScore", "minmax", "variant_score", "RankingInputs",
+           "load_inputs", "split_half_reliability", "surrogate_scores", "null_tables", "inverted_u_table",
+           "signal_summary", "agreement", "rankings_frame", "profiles_frame", "baseline_profiles", "ORACLE",
+           "oracle_score", "oracle_agreement", "save_rankings"]
+
 
 @dataclass(frozen=True)
 class Variant:

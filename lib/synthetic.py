@@ -38,6 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["ActivationsFileError", "is_network_free", "SyntheticSpec", "parse_spec", "spec_problem",
+           "network_free_shape", "VarProcess", "head_map", "depth_groups", "process_for", "population_atoms",
+           "population_matrices", "population_head_means", "simulate", "positive_offset", "synthetic_activations",
+           "read_file", "NoNetwork", "build_run", "write_run", "baseline_plan"]
+
 SYNTHETIC = "synthetic:"
 FILE = "file:"
 KINDS = ("planted-core", "no-core")

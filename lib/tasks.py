@@ -46,6 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["ANSWER_PREFIX", "DIFFICULTIES", "TaskError", "Problem", "generate_problems", "gold_text", "load_jsonl",
+           "load_task", "prompt_text", "target_text", "encode_problem", "reply_text", "Check", "to_number",
+           "numeric_check", "check_answer", "reward"]
+
 SPLITS = ("train", "test")
 TEST_SHARE = 5                      # 1 in TEST_SHARE problems (by content hash) belongs to the test split
 PROMPT_TEMPLATE = "{question}\nGive the final answer as a number."

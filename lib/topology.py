@@ -48,6 +48,10 @@ from scipy.sparse import csgraph
 from lib.louvain import louvain, louvain_batch, modularity  # noqa: F401  (part of this module's API)
 from lib.store import ArtifactError
 
+__all__ = ["NETWORKS", "DRAW_FRACTION", "TopologyError", "pair_weights", "threshold_proportional", "shortest_paths",
+           "global_efficiency", "strength_null", "nmi", "strength_by_layer", "observed_measures", "band",
+           "versus_null", "modules_table", "run_topology"]
+
 NETWORKS = {"syn": "sts", "red": "rtr"}          # network name -> PhiID atom
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 1.0)          # fractions of all pairs kept, strongest first
 DRAW_FRACTION = 0.1                              # the Fig 3b drawing: top 10% of pairs

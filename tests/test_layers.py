@@ -62,3 +62,49 @@ def test_lib_has_no_import_cycle():
     cycles = sorted(nx.simple_cycles(import_graph()), key=len)
     assert not cycles, "import cycles in lib (an arrow from a lower module back up): " + "; ".join(
         " -> ".join(c + [c[0]]) for c in cycles[:10])
+
+
+def notebook_lib_names(path: Path) -> set[tuple[str, str]]:
+    """(module, name) for every lib name a notebook's code uses: `from lib.m import n` and `alias.n` where alias
+    is a lib module (`from lib import m as alias`, `import lib.m as alias`)."""
+    import json
+    code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    tree = ast.parse("\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    aliases, used = {}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lib"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                if (LIB.parent / Path(*sub.split("."))).with_suffix(".py").exists() or \
+                        (LIB.parent / Path(*sub.split(".")) / "__init__.py").exists():
+                    aliases[a.asname or a.name] = sub
+                else:
+                    used.add((node.module, a.name))
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.name.startswith("lib.") and a.asname})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            used.add((aliases[node.value.id], node.attr))
+    return used
+
+
+def test_notebooks_use_only_the_public_names_of_lib():
+    import importlib
+    private = []
+    for nb in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        for module, name in sorted(notebook_lib_names(nb)):
+            public = getattr(importlib.import_module(module), "__all__", None)
+            if name.startswith("_") or (public is not None and name not in public):
+                private.append(f"{nb.name}: {module}.{name}")
+    assert not private, "notebooks use names outside their module's __all__: " + "; ".join(private)
+
+
+def test_every_name_in_an_all_exists():
+    import importlib
+    missing = []
+    for p in sorted(LIB.rglob("*.py")):
+        if p.name == "__main__.py":
+            continue
+        mod = importlib.import_module(module_name(p))
+        missing += [f"{mod.__name__}.{n}" for n in getattr(mod, "__all__", []) if not hasattr(mod, n)]
+    assert not missing, missing

@@ -11,3 +11,6 @@ from lib.finetune.grpo import GRPOSettings  # noqa: F401
 from lib.finetune.run import (FinetuneResult, claim_table, moved_table, overlap_table, plan_table,  # noqa: F401
                               prepare, run_finetune, tests_table)
 from lib.finetune.sft import SFTSettings  # noqa: F401
+
+__all__ = ["GRPOSettings", "FinetuneResult", "claim_table", "moved_table", "overlap_table", "plan_table", "prepare",
+           "run_finetune", "tests_table", "SFTSettings"]

@@ -26,6 +26,9 @@ import numpy as np
 from lib.finetune.masks import KV_POLICIES, overlap
 from lib.finetune.stats import equivalence_verdict, hedges_g_ci, tost_paired
 
+__all__ = ["MAX_PARAM_JACCARD", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "validity", "overlap_rows", "claim_jaccard",
+           "g_block", "sft_control"]
+
 CEILING, FLOOR = 0.95, 0.05           # mean final test accuracy of every condition at or beyond: no room to differ
 MAX_PARAM_JACCARD = 0.8               # weight Jaccard at or above which two conditions train "the same" weights
 SFT_MARGIN_POINTS = 10.0              # equivalence margin of the SFT control, accuracy points

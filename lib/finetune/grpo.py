@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from lib.finetune.masks import MaskedAdamW, head_masks
 from lib.finetune.sft import check_positive
 
+__all__ = ["GRPOSettings", "correctness_reward", "evaluation_callback", "run_grpo"]
+
 
 @dataclass(frozen=True)
 class GRPOSettings:

@@ -25,6 +25,9 @@ import torch
 
 from lib.models import ArchInfo
 
+__all__ = ["KV_POLICIES", "kv_heads_selected", "head_masks", "MaskedAdamW", "selected_units", "weight_deltas",
+           "overlap"]
+
 KV_POLICIES = ("any", "all", "majority", "none")
 BLOCKS = ("Q", "K", "V", "O")
 

@@ -37,6 +37,10 @@ from lib.finetune.sft import Example, SFTSettings, run_sft
 from lib.finetune.stats import hedges_g, paired_bootstrap, permutation_null
 from lib.store import ArtifactError
 
+__all__ = ["METHODS", "KINDS", "PAPER", "Condition", "check_settings", "make_conditions", "prepare", "sft_examples",
+           "RunRecord", "run_finetune", "FinetuneResult", "plan_table", "tests_table", "moved_table",
+           "overlap_table", "claim_table"]
+
 METHODS = ("sft", "grpo")
 KINDS = ("synergistic", "redundant", "random", "layer_matched")
 PAPER = {"value": 1.4, "text": "Qwen2.5-Math-1.5B, GRPO on MATH: synergistic vs random Hedges' g ~1.4 (p < 0.05), vs "

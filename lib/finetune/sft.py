@@ -13,6 +13,8 @@ import torch
 
 from lib.finetune.masks import MaskedAdamW, head_masks
 
+__all__ = ["SFTSettings", "check_positive", "Example", "collate", "train_step", "run_sft"]
+
 IGNORE = -100
 
 

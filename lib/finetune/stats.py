@@ -8,6 +8,9 @@ from math import comb
 
 import numpy as np
 
+__all__ = ["hedges_g", "permutation_null", "permutation_p", "paired_bootstrap", "hedges_g_ci", "tost_paired",
+           "equivalence_verdict"]
+
 
 def hedges_g(a, b) -> float:
     """Hedges' g of a vs b: (mean a - mean b) / pooled sd, times the small-sample correction 1 - 3 / (4(na+nb) - 9).

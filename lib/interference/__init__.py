@@ -40,3 +40,10 @@ from lib.interference.samples import (MIN_SAMPLES_FOR_FISHER, SOURCES, TEXT_SEPA
 from lib.interference.scores import (check_block_slices, compute_interference, fisher_denominator,
                                      interference_from_gradients, normalised_contributions, pair_scores)
 from lib.models import ArchInfo
+
+__all__ = ["METHODS", "SampleGradients", "continuation_nll", "per_sample_gradients", "projection_sites",
+           "projection_weights", "torch_threads", "BLOCKS", "DEFAULT_EPS", "KV_BLOCKS", "VARIANT_UNITS", "VARIANTS",
+           "InterferenceResult", "MIN_SAMPLES_FOR_FISHER", "SOURCES", "TEXT_SEPARATOR", "Sample", "TaskSamples",
+           "load_task_samples", "sample_from_text", "samples_from_activations", "samples_from_file",
+           "samples_from_generation", "samples_from_texts", "check_block_slices", "compute_interference",
+           "fisher_denominator", "interference_from_gradients", "normalised_contributions", "pair_scores"]

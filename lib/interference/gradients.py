@@ -15,6 +15,9 @@ from lib.hooks import hooks
 from lib.interference.samples import Sample, TaskSamples
 from lib.models import ArchInfo
 
+__all__ = ["METHODS", "projection_sites", "projection_weights", "torch_threads", "continuation_nll",
+           "SampleGradients", "per_sample_gradients"]
+
 METHODS = ("hooks", "vmap", "loop")
 
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from lib import artifacts
 
+__all__ = ["BLOCKS", "KV_BLOCKS", "VARIANTS", "DEFAULT_EPS", "VARIANT_UNITS", "InterferenceResult"]
+
 BLOCKS = ("Q", "K", "V", "O")
 KV_BLOCKS = ("K", "V")
 VARIANTS = ("magnitude", "signed", "symmetric", "pooled")

@@ -15,6 +15,10 @@ from lib.models import ArchInfo
 from lib.prompts import CATEGORIES, all_prompts
 from lib.store import ArtifactError
 
+__all__ = ["SOURCES", "MIN_SAMPLES_FOR_FISHER", "TEXT_SEPARATOR", "Sample", "TaskSamples",
+           "samples_from_activations", "samples_from_generation", "sample_from_text", "samples_from_texts",
+           "samples_from_file", "load_task_samples"]
+
 SOURCES = ("auto", "activations", "generate", "texts")
 MIN_SAMPLES_FOR_FISHER = 10
 TEXT_SEPARATOR = "|||"

@@ -15,6 +15,9 @@ from lib.interference.result import BLOCKS, DEFAULT_EPS, KV_BLOCKS, VARIANTS, In
 from lib.interference.samples import MIN_SAMPLES_FOR_FISHER, TaskSamples
 from lib.models import ArchInfo
 
+__all__ = ["fisher_denominator", "normalised_contributions", "pair_scores", "check_block_slices",
+           "interference_from_gradients", "compute_interference"]
+
 
 # ----------------------------------------------------------------------------- scores
 

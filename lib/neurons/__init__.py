@@ -46,3 +46,10 @@ from lib.neurons.selection import (MODES, SCALES, SELECTORS, Neuron, PromptSet, 
                                    read_neuron_file, select_neurons, validate_neurons)
 from lib.neurons.summaries import layer_summary, layer_trend, summaries_frame, summarize_neurons, top_neurons
 from lib.checkpoints import parse_shard
+
+__all__ = ["CLASSES", "TOTAL_EPS", "CleanPass", "classify", "clean_pass", "direct_logits", "direct_ratio",
+           "frozen_logits", "neuron_directions", "neuron_scales", "total_logits_full", "total_logits_incremental",
+           "NeuronResult", "NeuronSetup", "compute_batch", "compute_effects", "prepare", "read_effects_csv", "run",
+           "verify", "MODES", "SCALES", "SELECTORS", "Neuron", "PromptSet", "check_mlp_site", "load_prompts",
+           "read_neuron_file", "select_neurons", "validate_neurons", "layer_summary", "layer_trend",
+           "summaries_frame", "summarize_neurons", "top_neurons"]

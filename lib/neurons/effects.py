@@ -13,6 +13,10 @@ from lib.hooks import hooks, skipped_blocks
 from lib.models import ArchInfo
 from lib.neurons.selection import SCALES, Neuron, PromptSet
 
+__all__ = ["CLASSES", "TOTAL_EPS", "CleanPass", "clean_pass", "Treatment", "treated_logits_incremental",
+           "total_logits_incremental", "total_logits_full", "frozen_logits", "direct_logits", "neuron_directions",
+           "neuron_scales", "direct_ratio", "classify"]
+
 CLASSES = ("routing-dominant", "mixed", "logit-dominant")
 TOTAL_EPS = 1e-6                 # |total| below this: direct_ratio = 0.5 (no effect to split)
 

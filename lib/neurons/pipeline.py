@@ -26,6 +26,9 @@ from lib.neurons.selection import (MODES, SCALES, SELECTORS, Neuron, PromptSet, 
 from lib.neurons.summaries import layer_summary, summaries_frame, summarize_neurons
 from lib.store import ArtifactError
 
+__all__ = ["NeuronSetup", "prepare", "compute_batch", "read_effects_csv", "compute_effects", "NeuronResult", "run",
+           "verify"]
+
 # ----------------------------------------------------------------------------- setup (all validation here)
 
 def _token_id(tokenizer, arch: ArchInfo, value, what: str, prompt: int) -> int:

@@ -15,6 +15,9 @@ from lib import artifacts
 from lib.models import ArchInfo
 from lib.store import ArtifactError
 
+__all__ = ["MODES", "SCALES", "SELECTORS", "Neuron", "check_mlp_site", "validate_neurons", "read_neuron_file",
+           "select_neurons", "PromptSet", "load_prompts"]
+
 MODES = ("add", "ablate")
 SCALES = ("actual", "mean", "unit")
 SELECTORS = ("top_activation", "random")

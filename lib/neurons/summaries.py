@@ -6,6 +6,8 @@ import pandas as pd
 
 from lib.neurons.effects import CLASSES, classify
 
+__all__ = ["summarize_neurons", "summaries_frame", "layer_summary", "layer_trend", "top_neurons"]
+
 
 # ----------------------------------------------------------------------------- summaries
 
