@@ -1,0 +1,141 @@
+"""One table formatter for every notebook report: `show(df)` -> an HTML table a reviewer can read.
+
+- numbers at `digits` significant figures (default 3; integers stay integers, booleans read yes / no);
+- missing values (None, NaN, +-inf, empty) as an en dash, with the reason in a note under the table (`missing=`);
+- pairs such as CIs ([lo, hi]) as "[lo, hi]"; dicts and long lists are never dumped: they become "k = v" lines or
+  are cut with "..." (and strings longer than `max_chars` too; file paths keep their last part);
+- wide tables fit the 1,300 px report: a table with more than `max_cols` columns is transposed when it has at most
+  `max_cols` rows, otherwise split into column blocks that each repeat the index.
+
+    from lib import tables
+    display(tables.show(frame, missing="not defined: the random sets are at the floor", note="accuracy in %"))
+"""
+from __future__ import annotations
+
+import html
+import math
+import numbers
+from pathlib import PurePath
+
+import numpy as np
+import pandas as pd
+
+DASH = "\u2013"
+MAX_COLS = 8
+MAX_CHARS = 60
+DEFAULT_MISSING = "not defined or not computed in this run"
+
+
+def is_missing(x) -> bool:
+    """True for None, NaN, +-inf, pd.NA and empty strings."""
+    if x is None or x is pd.NA or (isinstance(x, str) and not x.strip()):
+        return True
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return not math.isfinite(float(x))
+    return False
+
+
+def number(x, digits: int = 3) -> str:
+    """A number at `digits` significant figures ("0.0123", "1.23e+04" only beyond 1e6), integers as integers."""
+    if is_missing(x):
+        return DASH
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, numbers.Integral) or (float(x).is_integer() and abs(float(x)) < 1e6
+                                           and not isinstance(x, (float, np.floating))):
+        return f"{int(x):d}"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if 1e-4 <= abs(x) < 1e6:
+        text = f"{x:.{digits}g}"
+        return text if "e" not in text else f"{round(x, digits - 1 - math.floor(math.log10(abs(x)))):.0f}"
+    return f"{x:.{max(digits - 1, 0)}e}"
+
+
+def cell(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
+    """Display text of one value (see the module docstring)."""
+    if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, str):
+        items = list(np.asarray(x, dtype=object).ravel()) if isinstance(x, np.ndarray) else list(x)
+        if items and all(is_missing(i) for i in items):
+            return DASH
+        text = "[" + ", ".join(cell(i, digits, max_chars) for i in items[:6]) + (", ...]" if len(items) > 6 else "]")
+        return _cut(text, max_chars)
+    if isinstance(x, dict):
+        return _cut("; ".join(f"{k} = {cell(v, digits, max_chars)}" for k, v in x.items()), max_chars)
+    if isinstance(x, PurePath):
+        return _cut(x.name, max_chars)
+    if isinstance(x, str):
+        if "/" in x and " " not in x and len(x) > 24:
+            x = x.rstrip("/").rsplit("/", 1)[-1]
+        return DASH if is_missing(x) else _cut(x, max_chars)
+    if isinstance(x, (numbers.Number, np.bool_)) or x is None or x is pd.NA:
+        return number(x, digits)
+    return _cut(str(x), max_chars)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars - 3].rstrip() + "..."
+
+
+def text_frame(df: pd.DataFrame, digits: int = 3, max_chars: int = MAX_CHARS) -> tuple[pd.DataFrame, bool]:
+    """-> (every cell of `df` as display text, whether any value was missing)."""
+    out = df.astype(object).map(lambda v: cell(v, digits, max_chars)) if len(df.columns) else df.astype(object)
+    out.index = [cell(i, digits, max_chars) for i in df.index] if not isinstance(df.index, pd.MultiIndex) else \
+        pd.MultiIndex.from_tuples([tuple(cell(i, digits, max_chars) for i in t) for t in df.index], names=df.index.names)
+    out.columns = [cell(c, digits, max_chars) if not isinstance(c, tuple) else " / ".join(cell(i, digits, max_chars)
+                                                                                           for i in c) for c in df.columns]
+    return out, bool((out == DASH).to_numpy().any())
+
+
+def blocks(df: pd.DataFrame, max_cols: int = MAX_COLS) -> list[pd.DataFrame]:
+    """`df` as tables of at most `max_cols` columns: itself, its transpose (few rows), or column blocks."""
+    if len(df.columns) <= max_cols:
+        return [df]
+    if len(df) <= max_cols:
+        return [df.T]
+    return [df.iloc[:, i:i + max_cols] for i in range(0, len(df.columns), max_cols)]
+
+
+def to_html(df: pd.DataFrame | pd.Series, digits: int = 3, missing: str = DEFAULT_MISSING, note: str = "",
+            index: bool | None = None, max_cols: int = MAX_COLS, max_chars: int = MAX_CHARS,
+            max_rows: int = 40) -> str:
+    """The HTML of `df` formatted for a report (module docstring); `index` None shows a non-default index only."""
+    frame = df.to_frame() if isinstance(df, pd.Series) else df
+    shown_rows = len(frame)
+    if len(frame) > max_rows:
+        frame = frame.head(max_rows)
+    if index is None:
+        index = not isinstance(frame.index, pd.RangeIndex)
+    if len(frame.columns) > max_cols and not index:        # the first column names the rows of every block
+        frame, index = frame.set_index(frame.columns[0]), True
+    text, has_missing = text_frame(frame, digits, max_chars)
+    parts = [b.to_html(index=index, border=0, escape=True, classes="hi-table") for b in blocks(text, max_cols)]
+    notes = []
+    if shown_rows > max_rows:
+        notes.append(f"first {max_rows} of {shown_rows} rows")
+    if has_missing:
+        notes.append(f"{DASH} : {missing}")
+    if note:
+        notes.append(note)
+    foot = f"<p class='hi-note'>{html.escape('; '.join(notes))}</p>" if notes else ""
+    return "<div class='hi-tables'>" + "".join(parts) + foot + "</div>"
+
+
+def show(df, **kwargs):
+    """`to_html` wrapped for IPython.display.display (same keywords)."""
+    from IPython.display import HTML
+    return HTML(to_html(df, **kwargs))
+
+
+def records(rows: list[dict], **kwargs):
+    """A list of dicts (e.g. a claim's fields) as a formatted table: never a raw dict or JSON dump."""
+    return show(pd.DataFrame(rows), **kwargs)
+
+
+def thin(values, k: int = 10) -> np.ndarray:
+    """At most `k` of `values` (measured points), evenly spread, first and last kept: [<= k]."""
+    values = np.asarray(values)
+    if len(values) <= k:
+        return values
+    return values[np.unique(np.linspace(0, len(values) - 1, k).round().astype(int))]
