@@ -371,6 +371,10 @@ def behaviour_sentences(s: dict) -> tuple[list[str], list[str]]:
                          f"redundant {_n(100 * acc.get('redundant', np.nan), 3)}%, random "
                          f"{_n(100 * r.get('random_mean', np.nan), 3)}% (syn - random "
                          f"{ci(r['syn_minus_random'], *r['syn_minus_random_ci95'])}).")
+    sigmas = [x for x in s.get("sigmas") or [] if x]
+    if len(sigmas) < 4:
+        found.append(f"Accuracy against the noise dose is measured at {len(sigmas)} non-zero sigma value(s) "
+                     f"({', '.join(_n(x) for x in sigmas) or 'none'}): too few points to read a dose-response curve.")
     if cl.get("value") is None or not (cl.get("validity") or {}).get("valid", True):
         against.append(f"Not testable at this dose: {(cl.get('validity') or {}).get('reason', 'no relative effect')}; "
                        f"with every perturbed set at the floor, no ordering of head sets can show.")

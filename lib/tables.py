@@ -15,15 +15,17 @@ from __future__ import annotations
 import html
 import math
 import numbers
+import re
 from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
 
 DASH = "\u2013"
-MAX_COLS = 8
+MAX_COLS = 12
 MAX_CHARS = 60
 DEFAULT_MISSING = "not defined or not computed in this run"
+MISSING_TEXT = re.compile(r"(?i)(nan|none|null|[+-]?inf)|\[\s*(nan|none|null)\s*(,\s*(nan|none|null)\s*)*\]")
 
 
 def is_missing(x) -> bool:
@@ -66,6 +68,8 @@ def cell(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
     if isinstance(x, PurePath):
         return _cut(x.name, max_chars)
     if isinstance(x, str):
+        if MISSING_TEXT.fullmatch(x.strip()):                # pre-formatted "nan", "None", "[nan, nan]"
+            return DASH
         if "/" in x and " " not in x and len(x) > 24:
             x = x.rstrip("/").rsplit("/", 1)[-1]
         return DASH if is_missing(x) else _cut(x, max_chars)
@@ -94,7 +98,8 @@ def blocks(df: pd.DataFrame, max_cols: int = MAX_COLS) -> list[pd.DataFrame]:
         return [df]
     if len(df) <= max_cols:
         return [df.T]
-    return [df.iloc[:, i:i + max_cols] for i in range(0, len(df.columns), max_cols)]
+    size = -(-len(df.columns) // -(-len(df.columns) // max_cols))     # blocks of (nearly) equal width
+    return [df.iloc[:, i:i + size] for i in range(0, len(df.columns), size)]
 
 
 def to_html(df: pd.DataFrame | pd.Series, digits: int = 3, missing: str = DEFAULT_MISSING, note: str = "",

@@ -27,6 +27,8 @@ def test_number_has_three_significant_figures_and_a_dash_for_missing(value, text
 def test_cells_never_dump_dicts_long_paths_or_nan_lists():
     assert tables.cell([0.123456, 0.98765]) == "[0.123, 0.988]"
     assert tables.cell([None, float("nan")]) == "\u2013"
+    assert tables.cell("[nan, nan]") == tables.cell("None") == tables.cell("NaN") == "\u2013"
+    assert tables.cell("Nancy") == "Nancy"
     assert tables.cell({"a": 1, "b": 0.333333}) == "a = 1; b = 0.333"
     assert tables.cell("/work/x/outputs/smollm2-135m/activations__random_init.npz") == "activations__random_init.npz"
     assert tables.cell("x" * 100, max_chars=20) == "x" * 17 + "..."
@@ -47,13 +49,14 @@ def test_missing_values_become_a_dash_with_the_reason_in_a_note():
 
 
 def test_wide_tables_are_transposed_or_split_to_at_most_max_cols_columns():
+    assert tables.MAX_COLS == 12
     few_rows = pd.DataFrame(np.arange(3 * 17, dtype=float).reshape(3, 17), columns=[f"c{i}" for i in range(17)])
     html = tables.to_html(few_rows)
     assert _header_widths(html) == [1 + 3]          # transposed: c0's values head the 3 columns, c1..c16 the rows
     assert html.count("<tr") == 1 + 16 and "<th>c16</th>" in html and "<th>34</th>" in html
-    many_rows = pd.DataFrame(np.ones((20, 17)), columns=[f"c{i}" for i in range(17)])
-    widths = _header_widths(tables.to_html(many_rows))
-    assert len(widths) == 2 and all(w <= tables.MAX_COLS + 1 for w in widths)  # c0 names the rows, 16 columns split
+    many_rows = pd.DataFrame(np.ones((20, 30)), columns=[f"c{i}" for i in range(30)])
+    assert _header_widths(tables.to_html(many_rows)) == [1 + 10, 1 + 10, 1 + 9]    # c0 names the rows: 29 = 10+10+9
+
 
 
 def test_thin_keeps_the_ends_and_at_most_k_measured_values():
@@ -135,6 +138,15 @@ def test_box_html_is_escaped_and_findable():
         cc.conclude("99_x", ".")
 
 
+def test_pages_without_a_claim_get_their_own_box_on_top():
+    from lib import report
+    box = cc.to_html(cc.Conclusion("06_neuron_effects", findings=["direct share 0.9"])).replace("'", '"')  # as nbconvert
+    top = report.own_findings(f"<html><body><p>text</p>{box}</body></html>")
+    assert 'id="own-findings-06_neuron_effects"' in top and ">Findings of this page</h2>" in top
+    assert "direct share 0.9" in top and "what-this-shows" not in top
+    assert report.own_findings("<html><body>no box</body></html>") == ""
+
+
 def test_every_pipeline_notebook_ends_with_its_box():
     import json
     from lib.run import pipeline_notebooks
@@ -185,6 +197,9 @@ def test_every_page_of_the_tiny_run_passes_the_report_check(tiny_run, chromium):
     found = {}
     for page in pages:
         problems = page_problems(page_facts(chromium, page), need_box=page.stem != "index")
+        if page.stem in ("06_neuron_effects", "07_qkov_interference", "11_local_synergy") and \
+                "id=\"own-findings-" not in page.read_text():
+            problems.append("no Findings box of its own at the top")
         if problems:
             found[page.name] = problems[:5]
     assert not found, found

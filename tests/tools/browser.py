@@ -111,7 +111,7 @@ window.addEventListener('load', function () {
   Array.prototype.forEach.call(document.images, function (im, i) {
     if (!(im.complete && im.naturalWidth > 0)) { res.images_broken.push(i + ': ' + (im.alt || im.src.slice(0, 60))); }
   });
-  res.boxes = document.querySelectorAll('[id^="what-this-shows"]').length;
+  res.boxes = document.querySelectorAll('section[id^="what-this-shows"]').length;
   var parts = [];
   Array.prototype.forEach.call(document.querySelectorAll('.jp-OutputArea-output, section.findings'), function (o) {
     parts.push(o.innerText);
