@@ -203,3 +203,42 @@ def test_every_page_of_the_tiny_run_passes_the_report_check(tiny_run, chromium):
         if problems:
             found[page.name] = problems[:5]
     assert not found, found
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_ablation_lines_break_where_nothing_was_measured():
+    from lib.plots.ablation import break_gaps, unmeasured_gaps
+    x = np.array([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 1.0])
+    xs, ys = break_gaps(x, x ** 2)
+    assert np.isnan(xs[6]) and np.isnan(ys[6]) and xs[7] == 1.0 and ys[7] == 1.0 and len(xs) == 8
+    assert unmeasured_gaps(x) == [(0.25, 1.0)]
+    even = np.linspace(0, 1, 9)
+    assert len(break_gaps(even, even)[0]) == 9 and unmeasured_gaps(even) == []
+
+
+def test_heatmap_colour_scale_is_robust_and_logarithmic_over_decades():
+    import matplotlib
+    from lib.plots.phiid import colour_norm
+    rng = np.random.default_rng(0)
+    decades = 10 ** rng.uniform(-4, 1, size=(30, 30))              # positive, five decades
+    norm, how = colour_norm(decades)
+    assert isinstance(norm, matplotlib.colors.LogNorm) and "log" in how
+    assert norm.vmin == pytest.approx(np.percentile(decades, 2)) and norm.vmax == pytest.approx(np.percentile(decades, 98))
+    linear = rng.normal(size=(30, 30))
+    linear[0, 0] = 1e6                                              # one outlier must not set the scale
+    norm, how = colour_norm(linear)
+    assert not isinstance(norm, matplotlib.colors.LogNorm) and norm.vmax < 5
+
+
+def test_two_tags_get_two_panels_with_their_own_scale():
+    from lib.plots.local import step_profiles
+    from lib.plots.topology import strength_by_layer
+    prof = {tag: pd.DataFrame({"atom": "sts", "step": np.arange(5), "mean": m, "ci_lo": m - 0.1, "ci_hi": m + 0.1})
+            for tag, m in (("trained", np.full(5, 0.01)), ("random_init", np.full(5, 1.0)))}
+    fig = step_profiles(prof)
+    assert len(fig.axes) == 2 and fig.axes[0].get_ylim()[1] < 0.5 < fig.axes[1].get_ylim()[0]
+    rows = [{"tag": tag, "network": net, "layer": l, "strength": s, "ci_lo": s, "ci_hi": s}
+            for tag, s in (("trained", 0.01), ("random_init", 1.0)) for net in ("syn", "red") for l in range(3)]
+    fig = strength_by_layer(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in fig.axes] == ["trained", "random_init"]
