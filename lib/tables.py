@@ -29,8 +29,8 @@ MISSING_TEXT = re.compile(r"(?i)(nan|none|null|[+-]?inf)|\[\s*(nan|none|null)\s*
 
 
 def is_missing(x) -> bool:
-    """True for None, NaN, +-inf, pd.NA and empty strings."""
-    if x is None or x is pd.NA or (isinstance(x, str) and not x.strip()):
+    """True for None, NaN, +-inf and pd.NA (an empty string is a blank, not a missing value)."""
+    if x is None or x is pd.NA:
         return True
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
         return not math.isfinite(float(x))
@@ -72,7 +72,7 @@ def cell(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
             return DASH
         if "/" in x and " " not in x and len(x) > 24:
             x = x.rstrip("/").rsplit("/", 1)[-1]
-        return DASH if is_missing(x) else _cut(x, max_chars)
+        return _cut(x, max_chars)
     if isinstance(x, (numbers.Number, np.bool_)) or x is None or x is pd.NA:
         return number(x, digits)
     return _cut(str(x), max_chars)
@@ -92,14 +92,34 @@ def text_frame(df: pd.DataFrame, digits: int = 3, max_chars: int = MAX_CHARS) ->
     return out, bool((out == DASH).to_numpy().any())
 
 
+PX_PER_CHAR, PX_PAD, WIDTH_PX = 6.6, 16, 1100          # 11 px report font; cell padding; room in a 1,300 px page
+
+
+def width_px(text: pd.DataFrame) -> float:
+    """Estimated rendered width of a table of display strings (index included), in px."""
+    cols = [[str(c), *map(str, text[c])] for c in text.columns] + [list(map(str, text.index))]
+    return sum(PX_PAD + PX_PER_CHAR * max(len(w) for v in col for w in v.split() or [""]) ** 0.5
+               * max(len(v) for v in col) ** 0.5 for col in cols)
+
+
+def _split(df: pd.DataFrame, max_cols: int) -> list[pd.DataFrame]:
+    """Column blocks of (nearly) equal size, as few as keep each within max_cols columns and WIDTH_PX."""
+    for n in range(-(-len(df.columns) // max_cols), len(df.columns) + 1):
+        size = -(-len(df.columns) // n)
+        parts = [df.iloc[:, i:i + size] for i in range(0, len(df.columns), size)]
+        if all(width_px(p) <= WIDTH_PX for p in parts):
+            return parts
+    return [df.iloc[:, [i]] for i in range(len(df.columns))]
+
+
 def blocks(df: pd.DataFrame, max_cols: int = MAX_COLS) -> list[pd.DataFrame]:
-    """`df` as tables of at most `max_cols` columns: itself, its transpose (few rows), or column blocks."""
-    if len(df.columns) <= max_cols:
+    """`df` as tables that fit the page: itself, its transpose (few rows), or column blocks (at most `max_cols`
+    columns and about WIDTH_PX px each)."""
+    if len(df.columns) <= max_cols and width_px(df) <= WIDTH_PX:
         return [df]
-    if len(df) <= max_cols:
+    if len(df) <= max_cols and width_px(df.T) <= WIDTH_PX:
         return [df.T]
-    size = -(-len(df.columns) // -(-len(df.columns) // max_cols))     # blocks of (nearly) equal width
-    return [df.iloc[:, i:i + size] for i in range(0, len(df.columns), size)]
+    return _split(df, max_cols)
 
 
 def to_html(df: pd.DataFrame | pd.Series, digits: int = 3, missing: str = DEFAULT_MISSING, note: str = "",
