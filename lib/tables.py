@@ -97,8 +97,8 @@ PX_PER_CHAR, PX_PAD, WIDTH_PX = 6.6, 16, 1100          # 11 px report font; cell
 
 def width_px(text: pd.DataFrame) -> float:
     """Estimated rendered width of a table of display strings (index included), in px."""
-    cols = [[str(c), *map(str, text[c])] for c in text.columns] + [list(map(str, text.index))]
-    return sum(PX_PAD + PX_PER_CHAR * max(len(w) for v in col for w in v.split() or [""]) ** 0.5
+    cols = [[str(c), *map(str, text[c])] for c in text.columns] + [["", *map(str, text.index)]]
+    return sum(PX_PAD + PX_PER_CHAR * max((len(w) for v in col for w in v.split()), default=0) ** 0.5
                * max(len(v) for v in col) ** 0.5 for col in cols)
 
 

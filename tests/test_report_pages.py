@@ -59,6 +59,11 @@ def test_wide_tables_are_transposed_or_split_to_at_most_max_cols_columns():
 
 
 
+def test_empty_tables_render():
+    for empty in (pd.DataFrame(), pd.DataFrame(columns=["sigma", "accuracy"]), pd.DataFrame({"a": [""]})):
+        assert "<table" in tables.to_html(empty)
+
+
 def test_thin_keeps_the_ends_and_at_most_k_measured_values():
     x = np.linspace(0, 1, 101)
     t = tables.thin(x, 10)
