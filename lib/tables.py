@@ -59,7 +59,7 @@ def cell(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
     """Display text of one value (see the module docstring)."""
     if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, str):
         items = list(np.asarray(x, dtype=object).ravel()) if isinstance(x, np.ndarray) else list(x)
-        if items and all(is_missing(i) for i in items):
+        if all(is_missing(i) for i in items):                     # empty, or nothing but missing values
             return DASH
         text = "[" + ", ".join(cell(i, digits, max_chars) for i in items[:6]) + (", ...]" if len(items) > 6 else "]")
         return _cut(text, max_chars)

@@ -26,7 +26,7 @@ def test_number_has_three_significant_figures_and_a_dash_for_missing(value, text
 
 def test_cells_never_dump_dicts_long_paths_or_nan_lists():
     assert tables.cell([0.123456, 0.98765]) == "[0.123, 0.988]"
-    assert tables.cell([None, float("nan")]) == "\u2013"
+    assert tables.cell([None, float("nan")]) == tables.cell([]) == "\u2013"
     assert tables.cell("[nan, nan]") == tables.cell("None") == tables.cell("NaN") == "\u2013"
     assert tables.cell("Nancy") == "Nancy"
     assert tables.cell({"a": 1, "b": 0.333333}) == "a = 1; b = 0.333"
