@@ -244,6 +244,7 @@ section.findings th, section.findings td { text-align: left; padding: .3rem .6re
 section.findings .sub { color: #59636e; }
 .jp-RenderedHTMLCommon table, .rendered_html table { display: block; max-width: 1150px; overflow-x: auto;
                                                      font-size: 11px; }
+.hi-tables { margin: .3rem 0 .8rem; } .hi-note { color: #59636e; font-size: .8rem; margin: .2rem 0 0; }
 """
 
 # marks the page once every image has loaded (or failed): data-images-ok / data-images-total on <html>, and a red
@@ -448,13 +449,28 @@ def add_findings_to_reports(out_dir: Path, reports: list["NotebookReport"]) -> N
         if FINDINGS_MARK[0] in text:
             head, rest = text.split(FINDINGS_MARK[0], 1)
             text = head + rest.split(FINDINGS_MARK[1], 1)[-1]
-        box = render_findings(out_dir, r.name, standalone=True) if r.name in tested else f"<style>{REPORT_CSS}</style>"
+        box = render_findings(out_dir, r.name, standalone=True) if r.name in tested else \
+            f"<style>{REPORT_CSS}</style>" + own_findings(text)
         m = re.search(r"<body[^>]*>", text)
         if m is None:
             continue
         text = text[:m.end()] + FINDINGS_MARK[0] + f"<div class='findings-wrap'>{box}</div>" + FINDINGS_MARK[1] + text[m.end():]
         with atomic_path(r.html) as tmp:
             tmp.write_text(text)
+
+
+OWN_BOX_RE = re.compile(r"<section class=[\"']findings conclusions[\"'] id=[\"']what-this-shows-.*?</section>", re.S)
+
+
+def own_findings(page_html: str) -> str:
+    """For a page that tests no claim of the paper (06, 07, 11): a copy of its closing "What this shows" box
+    (lib/conclusions.py) as its Findings box at the top; "" when the page has none."""
+    m = OWN_BOX_RE.search(page_html)
+    if m is None:
+        return ""
+    box = re.sub(r"id=([\"'])what-this-shows-", r"id=\1own-findings-", m.group(0), count=1)
+    return box.replace(">What this shows</h2>", ">Findings of this page</h2><p class='sub'>No claim of the paper is "
+                       "tested here; these are the page's own results (the same box closes the page).</p>", 1)
 
 
 def _index_figures(reports: list[NotebookReport]) -> list[Figure]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.plots.common import layer_colors, new_figure
+from lib.plots.common import new_figure
 
 
 def mean_norm_heatmap(activations: np.ndarray, n_layers: int, n_heads: int, title: str = ""):
@@ -34,10 +34,9 @@ def layer_norm_profile(activations: np.ndarray, head_layer: np.ndarray):
 def head_time_series(activations: np.ndarray, head_layer: np.ndarray, head_index: np.ndarray,
                      heads: list[int], prompt: int = 0, prompt_label: str = ""):
     """Norm of a few heads over the generated steps of one prompt."""
-    colors = layer_colors(int(head_layer.max()) + 1)
     fig, ax = new_figure(7, 3.5)
-    for h in heads:
-        ax.plot(activations[prompt, h], color=colors[head_layer[h]], lw=1.2,
+    for k, h in enumerate(dict.fromkeys(heads)):             # one distinct colour per head (not per layer)
+        ax.plot(activations[prompt, h], color=f"C{k % 10}", lw=1.2, marker="o", ms=2,
                 label=f"L{head_layer[h]} H{head_index[h]}")
     ax.set(xlabel="generation step (token)", ylabel="head output L2 norm",
            title=f"Head norms during generation{': ' + prompt_label if prompt_label else ''}")

@@ -13,23 +13,23 @@ def token_strip(texts, rows: dict, per_line: int = 24, title: str = ""):
     e.g. layer-mean local sts and rtr, nats), the token text under each cell. texts: [steps] strings."""
     n = len(texts)
     lines = int(np.ceil(n / per_line))
-    fig, axes = new_figure(min(14, 0.55 * per_line + 1.5), 1.0 + lines * (0.45 * len(rows) + 0.9),
+    fig, axes = new_figure(min(14, 0.55 * per_line + 1.5), 1.0 + lines * len(rows) * 1.35,
                            nrows=lines * len(rows), squeeze=False)
-    for r, (name, values) in enumerate(rows.items()):
+    for r, (name, values) in enumerate(rows.items()):     # series by series: each colourbar spans its own strips
         lo, hi = np.nanmin(values), np.nanmax(values)
         for line in range(lines):
-            ax = axes[line * len(rows) + r, 0]
+            ax = axes[r * lines + line, 0]
             seg = slice(line * per_line, min(n, (line + 1) * per_line))
             v = np.full(per_line, np.nan)
             v[:seg.stop - seg.start] = values[seg]
             im = ax.imshow(v[None], aspect="auto", cmap="magma", vmin=lo, vmax=hi)
             ax.set_yticks([0], [name])
             ax.set_xticks(range(seg.stop - seg.start),
-                          [repr(t)[1:-1][:10] for t in texts[seg]] if r == len(rows) - 1 else [],
+                          [repr(t)[1:-1][:10] for t in texts[seg]],
                           rotation=60, fontsize=7, ha="right")
             ax.set_xlim(-0.5, per_line - 0.5)
-        fig.colorbar(im, ax=[axes[k * len(rows) + r, 0] for k in range(lines)], label=f"{name} (nats)",
-                     shrink=0.8)
+        fig.colorbar(im, ax=[axes[r * lines + k, 0] for k in range(lines)], label=f"{name} (nats)",
+                     shrink=0.9)
     axes[0, 0].set_title(title or "layer-mean local PhiID at each generated token (token read at the step)")
     return fig
 
@@ -100,12 +100,13 @@ def kind_bars(kinds_table, atom="sts"):
 def step_profiles(profiles: dict, atom="sts"):
     """profiles: label (e.g. trained, random_init) -> step_profile table; mean over prompts and heads per
     transition with bootstrap 95% CI."""
-    fig, ax = new_figure(7, 3.2)
-    for k, (label, table) in enumerate(profiles.items()):
+    fig, axes = new_figure(4.6 * len(profiles), 3.2, ncols=len(profiles), squeeze=False)
+    for k, (ax, (label, table)) in enumerate(zip(axes[0], profiles.items())):  # own y axis: scales can differ 100x
         t = table[table["atom"] == atom]
-        ax.plot(t["step"], t["mean"], color=f"C{k}", label=label)
-        ax.fill_between(t["step"], t["ci_lo"], t["ci_hi"], color=f"C{k}", alpha=0.25)
-    ax.set_xlabel("transition t -> t + tau (generation step t)")
-    ax.set_ylabel(f"head-mean local {atom} (nats)")
-    ax.legend(title="mean, bootstrap 95% CI", loc="best")
+        ax.plot(t["step"], t["mean"], color=f"C{k}", marker="o", ms=2.5, label="mean over prompts and heads")
+        ax.fill_between(t["step"], t["ci_lo"], t["ci_hi"], color=f"C{k}", alpha=0.25, label="bootstrap 95% CI")
+        ax.set_xlabel("transition t -> t + tau (generation step t)")
+        ax.set_ylabel(f"head-mean local {atom} (nats)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(loc="best", fontsize=8)
     return fig

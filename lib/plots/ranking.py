@@ -48,14 +48,41 @@ def variant_profiles(null_table, verdicts=None, ncols: int = 4):
             ax.fill_between(t["depth"], t["null_lo"], t["null_hi"], color="0.8", label="surrogate null, 95%")
             ax.plot(t["depth"], t["null_mean"], color="0.45", ls="--", lw=1, label="surrogate null, mean")
         ax.plot(t["depth"], t["observed"], color="C3", marker="o", ms=3, lw=1.5, label="observed")
-        ax.set_title(f"{name}\n{verdict.get(name, '')}", fontsize=10)
+        ax.set_title(f"{name}\nraw shape: {verdict.get(name, '')}", fontsize=9)
         ax.set_xlabel(DEPTH_LABEL, fontsize=8)
         ax.set_ylabel("layer mean score (0-1)", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     axes.flat[0].legend(loc="lower center", fontsize=7)
-    fig.suptitle("Layer profiles per ranking variant, with the circular-shift null (verdict of the inverted-U test)")
+    fig.suptitle("Layer profiles per ranking variant, with the circular-shift null (raw shape; the claim is decided "
+                 "on the excess over the null, next figure)", fontsize=10)
+    return fig
+
+
+def excess_profiles(null_table, verdicts_beyond_null=None, ncols: int = 4):
+    """Per variant: the layer mean's excess over the surrogate null (observed - null mean, score units) with the
+    null's 95% band around 0; titled with the inverted-U verdict on that excess (the one the claims use)."""
+    names = list(dict.fromkeys(null_table["variant"]))
+    verdict = {} if verdicts_beyond_null is None else dict(zip(verdicts_beyond_null["variant"],
+                                                               verdicts_beyond_null["verdict"]))
+    nrows, ncols = _grid(len(names), ncols)
+    fig, axes = new_figure(3.6 * ncols, 3.1 * nrows, ncols=ncols, nrows=nrows, squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        t = null_table[null_table["variant"] == name]
+        if np.isfinite(t["null_mean"]).any():
+            ax.fill_between(t["depth"], t["null_lo"] - t["null_mean"], t["null_hi"] - t["null_mean"], color="0.85",
+                            label="null 95% band")
+        ax.axhline(0, color="0.45", ls="--", lw=1)
+        ax.plot(t["depth"], t["observed"] - t["null_mean"], color="C0", marker="o", ms=3, lw=1.5,
+                label="observed - null mean")
+        ax.set_title(f"{name}\nbeyond null: {verdict.get(name, '')}", fontsize=9)
+        ax.set_xlabel(DEPTH_LABEL, fontsize=8)
+        ax.set_ylabel("excess over null (score)", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="best", fontsize=7)
+    fig.suptitle("Excess of each layer mean over the circular-shift null (verdict beyond the null)", fontsize=10)
     return fig
 
 

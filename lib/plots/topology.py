@@ -131,16 +131,17 @@ def modules_vs_layers(modules_table, summary, tag: str = "trained"):
 
 def strength_by_layer(strength):
     """Mean node strength per layer (nats summed over a head's pairs) with 95% CI, syn vs red, per tag."""
-    fig, ax = new_figure(6.4, 3.6)
-    styles = dict(zip(dict.fromkeys(strength["tag"]), ["-", "--", ":", "-."] * 10))
-    for (tag, net), t in strength.groupby(["tag", "network"], sort=False):
-        ax.fill_between(t["layer"], t["ci_lo"], t["ci_hi"], color=NET_COLORS[net], alpha=0.15)
-        ax.plot(t["layer"], t["strength"], styles[tag], color=NET_COLORS[net], marker="o", ms=3,
-                label=f"{net}, {tag}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("node strength (nats, sum over pairs)")
-    ax.legend(fontsize=7)
-    ax.set_title("Node strength by layer (mean and 95% CI over the layer's heads)")
+    tags = list(dict.fromkeys(strength["tag"]))
+    fig, axes = new_figure(4.6 * len(tags), 3.6, ncols=len(tags), squeeze=False)
+    for ax, tag in zip(axes[0], tags):              # one panel (own y axis) per tag: their scales can differ 100x
+        for net, t in strength[strength["tag"] == tag].groupby("network", sort=False):
+            ax.fill_between(t["layer"], t["ci_lo"], t["ci_hi"], color=NET_COLORS[net], alpha=0.15)
+            ax.plot(t["layer"], t["strength"], "-", color=NET_COLORS[net], marker="o", ms=3, label=net)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("node strength (nats, sum over pairs)")
+        ax.set_title(tag or "trained", fontsize=10)
+        ax.legend(fontsize=7, title="mean, 95% CI band")
+    fig.suptitle("Node strength by layer (mean and 95% CI over the layer's heads)", fontsize=10)
     return fig
 
 

@@ -92,3 +92,81 @@ def image_stats(png: str | Path) -> dict:
     non_white = (a.min(axis=2) < 240).mean()
     return {"width": a.shape[1], "height": a.shape[0], "non_white_fraction": float(non_white),
             "colours": int(len(np.unique(a.reshape(-1, 3)[::97], axis=0)))}
+
+
+# ----------------------------------------------------------------------------- the report check
+
+CHECK_SCRIPT = """
+<script>
+window.addEventListener('load', function () {
+  var W = window.innerWidth, res = {width: W, doc_width: document.documentElement.scrollWidth, wide: [],
+                                    images_total: document.images.length, images_broken: [], boxes: 0, text: ''};
+  Array.prototype.forEach.call(document.querySelectorAll('table'), function (t, i) {
+    var r = t.getBoundingClientRect();
+    if (r.width > 0 && (t.scrollWidth > t.clientWidth + 1 || r.right > W + 1)) {
+      res.wide.push({table: i, width: Math.max(t.scrollWidth, r.width), right: r.right,
+                     head: (t.innerText || '').slice(0, 80)});
+    }
+  });
+  Array.prototype.forEach.call(document.images, function (im, i) {
+    if (!(im.complete && im.naturalWidth > 0)) { res.images_broken.push(i + ': ' + (im.alt || im.src.slice(0, 60))); }
+  });
+  res.boxes = document.querySelectorAll('section[id^="what-this-shows"]').length;
+  var parts = [];
+  Array.prototype.forEach.call(document.querySelectorAll('.jp-OutputArea-output, section.findings'), function (o) {
+    parts.push(o.innerText);
+  });
+  res.text = parts.join('\\n');
+  var pre = document.createElement('pre'); pre.id = 'report-check-result'; pre.textContent = JSON.stringify(res);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+BAD_TEXT = re.compile(r"\bNaN\b|\bnan\b|\bNone\b|(?<![\w.])-?inf\b|\bInfinity\b")
+ARXIV = re.compile(r"arXiv[:\s]*\d{4}\.\d{4,5}")         # a paper id, not a measured number
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+")
+
+
+def long_numbers(text: str, max_digits: int = 6) -> list[str]:
+    """Decimal numbers in `text` with more than `max_digits` significant digits ("0.1234567", not "0.000123")."""
+    return [m for m in NUMBER.findall(text) if len(m.replace(".", "").lstrip("0")) > max_digits]
+
+
+def page_facts(chromium: str, html: str | Path, width: int = 1300, timeout: int = 180) -> dict:
+    """Load a copy of the report `html` (read-only original untouched) at `width` px in headless Chromium and
+    measure it: {"width", "doc_width", "wide": tables wider than the page or scrolling inside it,
+    "images_total", "images_broken", "boxes": "What this shows" boxes, "text": the text of every output}."""
+    import json
+    html = Path(html)
+    text = html.read_text(errors="replace")
+    text = text.replace("</body>", CHECK_SCRIPT + "</body>", 1) if "</body>" in text else text + CHECK_SCRIPT
+    with tempfile.TemporaryDirectory(prefix="report-check-") as tmp:
+        page = Path(tmp) / html.name
+        page.write_text(text)
+        if (html.parent / "figures").is_dir():           # the index's figure folder, referenced relatively
+            shutil.copytree(html.parent / "figures", Path(tmp) / "figures")
+        r = _run(chromium, [f"--window-size={width},1600", "--virtual-time-budget=8000", "--dump-dom", page.as_uri()],
+                 timeout)
+    m = re.search(r'<pre id="report-check-result">(.*?)</pre>', r.stdout, re.S)
+    if not m:
+        raise RuntimeError(f"chromium gave no report-check result for {html} (exit {r.returncode}): {r.stderr[-800:]}")
+    import html as html_lib
+    return json.loads(html_lib.unescape(m.group(1)))
+
+
+def page_problems(facts: dict, need_box: bool) -> list[str]:
+    """What a reviewer would stumble on, from page_facts: wide tables, NaN / None / inf, long floats, broken images,
+    a missing 'What this shows' box."""
+    problems = [f"table {w['table']} is {w['width']:.0f} px wide (page {facts['width']} px): {w['head']!r}"
+                for w in facts["wide"]]
+    if facts["doc_width"] > facts["width"] + 1:
+        problems.append(f"the page scrolls sideways ({facts['doc_width']} px > {facts['width']} px)")
+    text = ARXIV.sub("arXiv", facts["text"])
+    for m in BAD_TEXT.finditer(text):
+        problems.append(f"text shows {m.group(0)!r}: ...{text[max(0, m.start() - 60):m.end() + 30]!r}")
+    problems += [f"number with more than 6 digits: {n}" for n in long_numbers(text)]
+    problems += [f"broken image {b}" for b in facts["images_broken"]]
+    if need_box and facts["boxes"] != 1:
+        problems.append(f"{facts['boxes']} 'What this shows' boxes (expected 1)")
+    return problems
