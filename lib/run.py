@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from lib import REPO_ROOT
-from lib import artifacts, params as constraints
+from lib import artifacts, params as constraints, provenance
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
 # papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
@@ -60,6 +60,7 @@ class Step:
     output: Path              # executed notebook
     html: Path
     shards: int | None = None # the section's `shards:` (SLURM array size of a shardable notebook), None: not set
+    code: dict | None = None  # lib.provenance.notebook_fingerprint, filled by current_code on first use
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -374,7 +375,7 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
         return [f"its executed copy {step.output.name} is missing"]
     if "outputs" not in entry:
         return ["no provenance recorded for its last run"]
-    reasons = []
+    reasons = code_reasons(entry.get("code"), current_code(step))
     for kind, files in (("output", entry["outputs"]), ("input", entry.get("inputs", {}))):
         for rel, sha in files.items():
             if not (out_dir / rel).is_file():
@@ -384,6 +385,22 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
     upstream = entry.get("upstream", {})
     reasons += [f"{nb} ran since" for nb in earlier if nb in entries and entries[nb].get("run_id") != upstream.get(nb)]
     return reasons
+
+
+def current_code(step: Step) -> dict | None:
+    """The fingerprint of the code and environment `step` would run with (lib.provenance; None for a notebook file
+    that does not exist, e.g. a test's registered-only notebook). Computed once per step."""
+    if step.code is None and Path(step.path).is_file():
+        declared = declared_parameters(step.path)
+        unset = {k: v["default"] for k, v in declared.items() if k not in step.params}
+        weights = provenance.weights_id(model_key(step.params), step.params.get("model"))
+        step.code = provenance.notebook_fingerprint(step.path, unset, weights)
+    return step.code
+
+
+def code_reasons(recorded: dict | None, current: dict | None) -> list[str]:
+    """What changed in the code, packages or weights since the notebook ran (a record without a fingerprint: stale)."""
+    return [] if current is None else provenance.code_reasons(recorded, current)
 
 
 def is_up_to_date(step: Step, earlier: list[str] | None = None) -> bool:
@@ -423,6 +440,11 @@ def record_success(step: Step, reads: set[Path], earlier: list[str], **entry) ->
             old = records.get(rel) or {}
             now = artifacts.fingerprint(p, old)
             if not (old.get("mtime_ns") == now["mtime_ns"] and old.get("sha256") == now["sha256"]):
+                records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
+            elif Path(p).resolve() in {Path(r).resolve() for r in reads}:   # read back, not rewritten: reused as valid
+                if old.get("inputs") != inputs:
+                    print(f"[run] kept {rel}: {step.name} read it back as a valid checkpoint; it now derives from "
+                          f"the current inputs", flush=True)
                 records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
             elif _lost_inputs(out_dir, old, records):   # not rewritten, and what it was computed from is gone
                 print(f"[run] removed {rel}: {step.name} did not rewrite it and it was computed from "
@@ -521,6 +543,7 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
     the file that could not be written. The manifest says "failed" for any failure, never "running"."""
     from papermill.exceptions import PapermillExecutionError
     t0 = time.perf_counter()
+    code, git = current_code(step), provenance.git_state()        # what runs: taken before the kernel starts
     record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
     tmp = step.output.with_name(f".{step.output.name}.tmp.ipynb")
     log = step.output.with_name(f".{step.output.stem}.reads.tmp.log")    # removed by the next run if we are killed
@@ -533,7 +556,8 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
         render_html(step.output, step.html)
         reads = {Path(line) for line in Path(log).read_text().splitlines() if line}
         record_success(step, reads, list(earlier), status="ok", seconds=round(time.perf_counter() - t0, 2),
-                       params_hash=params_hash(step.params), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                       params_hash=params_hash(step.params), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       **({"code": code} if code is not None else {}), git=git)
     except PapermillExecutionError as e:
         if tmp.exists():
             os.replace(tmp, step.output)          # the executed copy shows the traceback
@@ -616,7 +640,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
             print(f"[run] removed {p.relative_to(out_dir)} (left by an interrupted write)", flush=True)
         _settle_interrupted(out_dir, scope)
         update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
-                                         "overrides": list(overrides)})
+                                         "overrides": list(overrides), "git": provenance.git_state()})
         _run_steps(steps, sorted(sections), force, log_output)
         try:
             from lib.claims import write_claims
@@ -640,6 +664,35 @@ def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: 
         print(f"[run] {step.name} -> {shown} (runs because {'; '.join(reasons)})", flush=True)
         seconds = execute(step, log_output=log_output, earlier=earlier)
         print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
+
+
+def explain(params_path: str, only=None, overrides=()) -> list[str]:
+    """--explain: one line per notebook of the run saying whether it would run and why; nothing runs or is written.
+    A notebook after one that would run would run too ("NN would run first")."""
+    run, shared, sections = load_params(params_path, overrides)
+    steps = build_steps(run, shared, sections, only)
+    manifest = read_manifest(steps[0].output.parent) if steps else {}
+    would, lines = set(), []
+    for step in steps:
+        earlier = upstream_of(step.name, sorted(sections))
+        reasons = stale_reasons(step, manifest, earlier)
+        reasons = reasons or [f"{nb} would run first" for nb in earlier if nb in would]
+        if reasons:
+            would.add(step.output.stem)
+        lines.append(f"{step.output.stem}: " + (f"would run ({_kind(reasons[0])}): {'; '.join(reasons)}" if reasons
+                                                 else "up to date"))
+    return lines
+
+
+_KINDS = (("has not run", "never ran"), ("its last run", "failed last time"), ("parameters", "params changed"),
+          ("code", "code changed"), (" -> ", "code changed"), ("weights", "code changed"), ("input", "input changed"),
+          ("ran since", "input changed"), ("would run first", "input changed"), ("output", "output changed"),
+          ("executed copy", "output changed"), ("provenance", "never ran"))
+
+
+def _kind(reason: str) -> str:
+    """The --explain category of a stale reason."""
+    return next((kind for word, kind in _KINDS if word in reason), "changed")
 
 
 def uncached_models(steps: list[Step]) -> list[str]:
@@ -688,10 +741,16 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when their outputs are up to date")
     parser.add_argument("--check", action="store_true", help="validate the params file and exit")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs to the log")
+    parser.add_argument("--explain", action="store_true",
+                        help="print what would run and why, per notebook, and exit (runs nothing)")
     args = parser.parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # scancel / requeue: record "failed", then stop
+    signal.signal(signal.SIGINT, _interrupted)
     try:
+        if args.explain:
+            print("\n".join(explain(args.params, args.only, args.overrides)))
+            return 0
         if args.check:
             steps = check_run(args.params, args.only, args.overrides)
             print(f"[run] {args.params}: valid; pipeline {[s.name for s in steps]} -> {steps[0].params['out_dir']}")
@@ -704,8 +763,27 @@ def main(argv=None) -> int:
         return 2
     except (RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 130 if _INTERRUPTS else 1
+    except KeyboardInterrupt:
+        return 130
+    return 130 if _INTERRUPTS else 0
+
+
+INTERRUPTED = "interrupted by the user; rerun to resume"
+_INTERRUPTS: list[int] = []        # set by the SIGINT handler: main returns 130 whatever the interrupt turned into
+
+
+def _interrupted(*_):
+    """Ctrl-C: one line, then stderr goes quiet (the kernel client's shutdown noise: ZMQError tracebacks) while the
+    interrupted notebook is recorded "failed" and the kernel is shut down; main returns 130."""
+    signal = __import__("signal")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                # a second Ctrl-C does not cut the bookkeeping short
+    _INTERRUPTS.append(1)
+    sys.stdout.flush()
+    os.write(2, f"{INTERRUPTED}\n".encode())
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
