@@ -391,8 +391,7 @@ def current_code(step: Step) -> dict | None:
     """The fingerprint of the code and environment `step` would run with (lib.provenance; None for a notebook file
     that does not exist, e.g. a test's registered-only notebook). Computed once per step."""
     if step.code is None and Path(step.path).is_file():
-        declared = declared_parameters(step.path)
-        unset = {k: v["default"] for k, v in declared.items() if k not in step.params}
+        unset = {k: v for k, v in provenance.parameter_defaults(step.path).items() if k not in step.params}
         weights = provenance.weights_id(model_key(step.params), step.params.get("model"))
         step.code = provenance.notebook_fingerprint(step.path, unset, weights)
     return step.code
