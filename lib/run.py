@@ -286,6 +286,7 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
             if key in declared[name]:
                 check_type(name, key, value, declared[name][key])
     problems = [p for name in sorted(sections) for p in constraints.problems(name, _merged(name, shared, sections, declared))]
+    problems += constraints.run_problems({name: _with_defaults(name, shared, sections, declared) for name in sections})
     if problems:
         raise ParamsError("invalid value(s): " + "; ".join(problems))
     needs_model = [n for n in sorted(sections) if "model" in declared[n] and "model" not in sections[n]]
@@ -323,6 +324,12 @@ def check_shards(notebook: str, value, declared: dict) -> int:
 def _merged(name: str, shared: dict, sections: dict, declared: dict) -> dict:
     """The parameters a notebook receives (besides out_dir): its declared shared keys, then its section."""
     return {**{k: v for k, v in shared.items() if k in declared[name]}, **sections[name]}
+
+
+def _with_defaults(name: str, shared: dict, sections: dict, declared: dict) -> dict:
+    """Every parameter a notebook computes with: its declared defaults, then what the run sets."""
+    return {**{k: _default_value(d.get("default", "None")) for k, d in declared[name].items()},
+            **_merged(name, shared, sections, declared)}
 
 
 def _shard_suffix(shard) -> str:
