@@ -43,7 +43,7 @@ from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_
 # ~1.6 s of CPU in every runner process. No notebook schema uses the IRI format: the runner does without it.
 sys.modules.setdefault("rfc3987_syntax", None)
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOK_DIR = Path(os.environ.get("HEADINFO_NOTEBOOKS") or REPO_ROOT / "notebooks")   # tests: an edited copy
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with --set out_dir=...
 
