@@ -115,7 +115,7 @@ def imported_modules(source: str, package: str = "") -> set[str]:
     files = set()
     for name in imported_names(source, package):
         parts = name.split(".")
-        for i in range(1, len(parts) + 1):                       # importing lib.a.b runs lib/__init__ and lib/a/__init__
+        for i in range(1, len(parts) + 1):           # importing lib.a.b runs lib/__init__ and lib/a/__init__ too
             p = _lib_file(".".join(parts[:i]))
             if p is not None:
                 files.add(str(p.relative_to(REPO_ROOT)))
@@ -191,7 +191,8 @@ def code_reasons(recorded: dict | None, current: dict) -> list[str]:
     if changed:
         reasons.append(f"code changed: {', '.join(changed)}")
     oldp, newp = recorded.get("packages", {}), current["packages"]
-    reasons += [f"{k} {oldp.get(k)} -> {newp.get(k)}" for k in sorted(set(oldp) | set(newp)) if oldp.get(k) != newp.get(k)]
+    reasons += [f"{k} {oldp.get(k)} -> {newp.get(k)}" for k in sorted(set(oldp) | set(newp))
+                if oldp.get(k) != newp.get(k)]
     if recorded.get("weights", "") != current.get("weights", ""):
         reasons.append(f"weights changed: {recorded.get('weights') or '?'} -> {current.get('weights') or '?'}")
     return reasons
@@ -253,7 +254,8 @@ def parameter_defaults(nb_path: Path) -> dict[str, str]:
     source = parameters_source(nb_path)
     defaults = {}
     for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
         for t in targets:
             if isinstance(t, ast.Name) and node.value is not None:
                 defaults[t.id] = ast.dump(node.value)

@@ -18,9 +18,10 @@ outputs/<run>/html/NN_name.html (report view, no code).
 A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256),
 every one of its outputs, and its code and environment (lib.provenance: its code cells, the lib modules it imports,
 as syntax trees, so comments and formatting do not count; the numeric packages' versions; the weights) are unchanged
-since it last succeeded, and no notebook it reads from (PARENTS, and theirs) ran since; otherwise it reruns (the log says why), and so does everything that reads from it. --force reruns anyway. One runner
-at a time holds a run folder (single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each
-other, never beside a whole run); see lib.store.run_lock.
+since it last succeeded, and no notebook it reads from (PARENTS, and theirs) ran since; otherwise it reruns (the log
+says why), and so does everything that reads from it. --force reruns anyway. One runner at a time holds a run folder
+(single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each other, never beside a whole run); see
+lib.store.run_lock.
 """
 from __future__ import annotations
 
