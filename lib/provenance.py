@@ -136,8 +136,17 @@ def lib_closure(source: str) -> dict[str, str]:
 
 def external_imports(source: str, lib_files) -> set[str]:
     """Top-level names of the non-lib packages that `source` and the given lib files import."""
-    sources = [source] + [(REPO_ROOT / rel).read_text() for rel in lib_files]
-    return {n.split(".")[0] for s in sources for n in imported_names(s, "lib._")} - {"lib"}
+    names = {n.split(".")[0] for n in imported_names(source)}
+    for rel in lib_files:
+        st = (REPO_ROOT / rel).stat()
+        names |= _module_externals(str(REPO_ROOT / rel), st.st_mtime_ns, st.st_size)
+    return names - {"lib"}
+
+
+@lru_cache(maxsize=None)
+def _module_externals(path: str, mtime_ns: int, size: int) -> frozenset:
+    """Top-level names a lib file imports; cached by (path, mtime, size)."""
+    return frozenset(n.split(".")[0] for n in imported_names(Path(path).read_text(), "lib._"))
 
 
 # ----------------------------------------------------------------------------- a notebook's fingerprint
@@ -152,16 +161,19 @@ def code_cells(nb_path: Path) -> list[str]:
 
 def package_versions(import_names) -> dict[str, str | None]:
     """distribution -> installed version (None: not installed) of the numeric packages among `import_names`."""
-    from importlib import metadata
     wanted = {NUMERIC_PACKAGES[n] for n in import_names if n in NUMERIC_PACKAGES}
     wanted |= {NUMERIC_PACKAGES[i] for n in import_names for i in IMPLIES.get(n, [])}
-    versions = {}
-    for dist in sorted(wanted):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
+    return {dist: _installed(dist) for dist in sorted(wanted)}
+
+
+@lru_cache(maxsize=None)
+def _installed(dist: str) -> str | None:
+    """The installed version of a distribution (None: not installed); looked up once per process (~0.1 s each)."""
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def notebook_fingerprint(nb_path: Path, unset_defaults: dict | None = None, weights: str = "") -> dict:
