@@ -32,7 +32,7 @@ model: install
 	$(PY) -m lib.models prepare bundled:smollm2-135m
 
 run: model
-	$(PY) -m lib.run --params $(PARAMS)
+	$(PY) -m lib.run --params "$(PARAMS)"
 
 # make test: everything (what CI runs, .ci/run), then the 15 slowest tests. make test-fast: no pipeline run, no
 # SLURM, no browser, no model bigger than tiny (tests marked slow, see pyproject's markers), a few minutes.
@@ -48,7 +48,7 @@ test-fast: install
 	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 report: install
-	$(PY) -m lib.report outputs/$(RUN)
+	$(PY) -m lib.report "outputs/$(RUN)"
 
 lab: install
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/

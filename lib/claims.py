@@ -755,9 +755,21 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0)
     trend = _evidence(out_dir, "", False, n_surrogates, seed, "trend")[0] if trained is not None else None
     if trend is not None:
         add_trend_null(c1, c2, trend, n_boot, seed)
-    return [c1, c2, c3,
-            _guard("C4", claim_c4, out_dir), _guard("C5", claim_c5, out_dir, seed=seed),
-            _guard("C6", claim_c6, out_dir), _guard("C7", claim_c7, out_dir)]
+    return current_only(out_dir, [c1, c2, c3,
+                                  _guard("C4", claim_c4, out_dir), _guard("C5", claim_c5, out_dir, seed=seed),
+                                  _guard("C6", claim_c6, out_dir), _guard("C7", claim_c7, out_dir)])
+
+
+def current_only(out_dir, claims: list[Claim]) -> list[Claim]:
+    """A claim resting on a notebook whose last run failed, or whose results are stale (lib.provenance: code,
+    packages, inputs changed), is `not tested` with the reason: no verdict from a previous run's files."""
+    from lib.provenance import claim_notebooks, stale_notebooks
+    stale = stale_notebooks(out_dir)
+    for i, c in enumerate(claims):
+        why = [f"{nb}: {stale[nb]}" for nb in claim_notebooks(c.source, c.notebook) if nb in stale]
+        if why:
+            claims[i] = not_tested(c.id, "not from current results: " + "; ".join(why), c.source)
+    return claims
 
 
 def add_trend_null(c1: Claim, c2: Claim, trend: HeadEvidence, n_boot: int, seed: int) -> None:
@@ -791,13 +803,15 @@ def inputs_signature(out_dir, *settings) -> dict:
     """What claims.json was computed from: size and modification time of every input file, the settings and a
     hash of this module (a rerun of any notebook, or changed rules, recomputes the scorecard)."""
     import hashlib
+    from lib.provenance import stale_notebooks
     tags = artifacts.tags("activations", out_dir)
     files = [artifacts.path("activations", out_dir, tag=t) for t in tags]
     files += [artifacts.path("phiid", out_dir, tag=t, mode="per_prompt") for t in tags]
     files += [artifacts.path(n, out_dir) for n in ("ablation_kl", *EXPERIMENT_ARTIFACTS.values())
               if n in artifacts.ARTIFACTS]
     return {"files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()},
-            "settings": list(settings), "rules": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+            "settings": list(settings), "rules": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+            "not_current": stale_notebooks(out_dir)}
 
 
 def _saved_signature(out_dir):

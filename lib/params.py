@@ -165,7 +165,38 @@ def grpo_settings(v) -> str | None:
     return "needs n_generations >= 2" if v.get("n_generations", 2) < 2 else None
 
 
+def resamples(v) -> str | None:
+    """Surrogates, null networks, bootstrap draws: 0 (skip that null or CI) or at least MIN_RESAMPLES; one draw
+    gives a band or CI of width 0 (a verdict from nothing)."""
+    if v is None or v == 0 or (isinstance(v, int) and not isinstance(v, bool) and v >= MIN_RESAMPLES):
+        return None
+    return f"must be 0 (no null / CI) or >= {MIN_RESAMPLES} (one draw gives a band of width 0)"
+
+
+def task_source(v) -> str | None:
+    """'arithmetic' (generated problems) or a jsonl file (relative to the repository root) that lib.tasks parses."""
+    if v == "arithmetic":
+        return None
+    from lib.tasks import TaskError, load_jsonl
+    path = Path(str(v)).expanduser()
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_file():
+        return (f"names no file ({path} does not exist; relative paths start at the repository root): give "
+                f"'arithmetic' or an existing jsonl file with question and answer")
+    try:
+        load_jsonl(path, split=None)
+    except TaskError as e:
+        return f"does not parse: {e}"
+    return None
+
+
 # ----------------------------------------------------------------------------- declarations
+
+# Minimum sizes, checked across the run's notebooks (run_problems) beside the per-notebook rules below.
+MIN_PROMPTS = 2          # 01's prompts: split halves (04, 11's halves) and prompt bootstraps (08, 11) need two
+MIN_RESAMPLES = 2        # surrogates / null draws / bootstrap draws when not 0 (resamples)
+PHIID_MIN_SAMPLES = 5    # lib.phiid.MIN_SAMPLES: PhiID needs n_tokens >= tau + 5 past/future samples
+PROMPT_USERS = ("04_ranking_variants", "03_phiid_diagnostics", "08_topology", "11_local_synergy")
 
 SHARED: dict[str, Rule] = {
     "model": model_spec, "dtype": one_of(*DTYPES), "device": device, "seed": at_least(0), "shard": shard,
@@ -178,12 +209,12 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
     "02_phiid": {"modes": subset_of(*PHIID_MODES), "tau": at_least(1), "redundancy": one_of("MMI", "CCS"),
                  "backend": one_of("numpy", "torch"), "tags": list_of(str)},
     "03_phiid_diagnostics": {"mode": one_of(*PHIID_MODES), "lag": at_least(1), "hexbin_gridsize": at_least(1)},
-    "04_ranking_variants": {"n_splits": at_least(1), "n_surrogates": at_least(0), "n_bootstrap": at_least(0),
+    "04_ranking_variants": {"n_splits": at_least(1), "n_surrogates": resamples, "n_bootstrap": resamples,
                             "tau": at_least(1), "redundancy": one_of("MMI", "CCS"), "n_jobs": at_least(1)},
     "05_ablation": {"n_random": at_least(0), "n_matched": at_least(0), "step_size": at_least(1, optional=True),
                     "fractions": fractions,
                     "n_prompts": at_least(1, optional=True), "perturbation": one_of("zero", "noise"),
-                    "noise_sigma": above(0), "n_bootstrap": at_least(0)},
+                    "noise_sigma": above(0), "n_bootstrap": resamples},
     "06_neuron_effects": {"n_prompts": at_least(1), "selector": one_of("top_activation", "random"),
                           "n_neurons": at_least(1), "layers": list_of(int, low=0), "mode": one_of("add", "ablate"),
                           "activation_scale": one_of("actual", "mean", "unit"), "thresholds": thresholds,
@@ -195,14 +226,15 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                              "grad_method": one_of("hooks", "vmap", "loop"), "num_threads": at_least(0),
                              "top_k": at_least(1)},
     "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
-                    "n_null": at_least(0), "n_boot": at_least(0), "n_bands": at_least(1), "n_jobs": at_least(1)},
+                    "n_null": resamples, "n_boot": resamples, "n_bands": at_least(1), "n_jobs": at_least(1)},
     "09_task_behaviour": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                           "n_random": at_least(1), "perturbations": subset_of("noise", "zero"),
                           "sigmas": numbers(at_least_zero=True), "n_problems": at_least(1, optional=True),
                           "difficulty": one_of(0, 1, 2, 3, 4, 5), "max_new_tokens": at_least(1),
                           "calibrate": one_of(True, False), "calibration_sigmas": numbers(at_least_zero=False),
                           "calibration_problems": at_least(1), "calibration_sets": at_least(1),
-                          "target_relative_accuracy": lambda v: None if 0 < v < 1 else "must lie in (0, 1)"},
+                          "target_relative_accuracy": lambda v: None if 0 < v < 1 else "must lie in (0, 1)",
+                          "task": task_source},
     "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                            "kv": one_of("any", "all", "majority", "none"), "n_random": at_least(1),
                            "seeds": list_of(int, optional=False), "sft_seeds": list_of(int),
@@ -210,7 +242,8 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                            "difficulty": one_of(0, 1, 2, 3, 4, 5), "n_train": at_least(1, optional=True),
                            "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
-                           "eval_every": at_least(1), "grpo": grpo_settings},
+                           "eval_every": at_least(1), "grpo": grpo_settings, "task": task_source},
+    "11_local_synergy": {"n_null": resamples, "n_boot": resamples, "tau": at_least(1)},
 }
 
 
@@ -265,6 +298,58 @@ def problems(notebook: str, params: dict) -> list[str]:
             and "noise" not in (params.get("perturbations") or ["noise"]):
         found.append(f"{notebook}: calibrate=True tunes the noise sigma but perturbations="
                      f"{params.get('perturbations')!r} has no 'noise': add 'noise' or set calibrate: false")
+    return found
+
+
+def run_problems(runs: dict[str, dict]) -> list[str]:
+    """Problems across the notebooks of one run: {notebook: every parameter it receives, defaults included} ->
+    one message each naming the key, the value and the fix (the minimum sizes above; one model and seed)."""
+    return _size_problems(runs) + _weights_problems(runs)
+
+
+def _size_problems(runs: dict[str, dict]) -> list[str]:
+    first = runs.get("01_extract_activations")
+    if not first:
+        return []
+    found, users = [], [nb for nb in PROMPT_USERS if nb in runs]
+    n, steps = first.get("n_prompts"), first.get("n_tokens")
+    if users and isinstance(n, int) and n < MIN_PROMPTS:
+        found.append(f"01_extract_activations.n_prompts={n} is below {MIN_PROMPTS}, the fewest that {users[0]} needs "
+                     f"(split halves and prompt bootstraps of {', '.join(users)}); set 01_extract_activations."
+                     f"n_prompts: {MIN_PROMPTS} or more")
+    taus = {nb: p["tau"] for nb, p in runs.items() if isinstance(p.get("tau"), int) and p["tau"] >= 1}
+    if taus and isinstance(steps, int):
+        nb = max(taus, key=taus.get)
+        need = taus[nb] + PHIID_MIN_SAMPLES
+        if steps < need:
+            found.append(f"01_extract_activations.n_tokens={steps} is below {need}, the fewest steps PhiID needs with "
+                         f"{nb}.tau={taus[nb]} (tau + {PHIID_MIN_SAMPLES} past/future samples); set "
+                         f"01_extract_activations.n_tokens: {need} or more, or a smaller tau")
+    return found
+
+
+def _weights_key(p: dict) -> tuple:
+    """(model, seed where the seed builds the weights): what lib.run.model_key compares between notebooks."""
+    spec = str(p.get("model"))
+    return (spec, p.get("seed", 0) if spec.startswith(("random:", "synthetic:")) else None)
+
+
+def _weights_problems(runs: dict[str, dict]) -> list[str]:
+    models = {nb: p for nb, p in runs.items() if p.get("model") is not None}
+    if not models:
+        return []
+    ref = "01_extract_activations" if "01_extract_activations" in models else min(models)
+    found = []
+    for nb, p in sorted(models.items()):
+        if nb == ref or _weights_key(p) == _weights_key(models[ref]):
+            continue
+        if p["model"] != models[ref]["model"]:
+            found.append(f"{nb}.model={p['model']!r} differs from {ref}.model={models[ref]['model']!r}: its inputs "
+                         f"derive from {ref}'s weights; set one top-level model: (and no model in the sections)")
+        else:
+            found.append(f"{nb}.seed={p.get('seed', 0)!r} differs from {ref}.seed={models[ref].get('seed', 0)!r}: "
+                         f"with model {p['model']} the seed builds the weights, so {nb} would run other weights "
+                         f"than {ref}; set {nb}.seed: {models[ref].get('seed', 0)} (or set seed once at the top level)")
     return found
 
 

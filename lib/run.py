@@ -13,11 +13,15 @@ the notebook. --check also prints the run's cost estimate (lib/cost.py). Each no
 the repository root as working directory into outputs/<run>/NN_name.ipynb and rendered to
 outputs/<run>/html/NN_name.html (report view, no code).
 
-A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256)
-and every one of its outputs are unchanged since it last succeeded, and no notebook it reads from (PARENTS, and
-theirs) ran since; otherwise it reruns (the log says why), and so does everything that reads from it. --force reruns anyway. One runner
-at a time holds a run folder (single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each
-other, never beside a whole run); see lib.store.run_lock.
+    python -m lib.run --params params/<run>.yaml --explain     # what would run and why, per notebook; runs nothing
+
+A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256),
+every one of its outputs, and its code and environment (lib.provenance: its code cells, the lib modules it imports,
+as syntax trees, so comments and formatting do not count; the numeric packages' versions; the weights) are unchanged
+since it last succeeded, and no notebook it reads from (PARENTS, and theirs) ran since; otherwise it reruns (the log
+says why), and so does everything that reads from it. --force reruns anyway. One runner at a time holds a run folder
+(single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each other, never beside a whole run); see
+lib.store.run_lock.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from lib import REPO_ROOT
-from lib import artifacts, params as constraints, stages
+from lib import artifacts, params as constraints, provenance, stages
 from lib.notebook_params import (ParamsError, _base_type, declared_parameters,  # noqa: F401
                                  default_value as _default_value)
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
@@ -45,7 +49,7 @@ from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_
 # ~1.6 s of CPU in every runner process. No notebook schema uses the IRI format: the runner does without it.
 sys.modules.setdefault("rfc3987_syntax", None)
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOK_DIR = Path(os.environ.get(stages.NOTEBOOKS_VAR) or REPO_ROOT / "notebooks")   # tests: an edited copy
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with --set out_dir=...
 
@@ -58,6 +62,7 @@ class Step:
     output: Path              # executed notebook
     html: Path
     shards: int | None = None # the section's `shards:` (SLURM array size of a shardable notebook), None: not set
+    code: dict | None = None  # lib.provenance.notebook_fingerprint, filled by current_code on first use
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -205,6 +210,7 @@ def build_steps(run: str, shared: dict, sections: dict, only: list[str] | None =
             if key in declared[name]:
                 check_type(name, key, value, declared[name][key])
     problems = [p for name in sorted(sections) for p in constraints.problems(name, _merged(name, shared, sections, declared))]
+    problems += constraints.run_problems({name: _with_defaults(name, shared, sections, declared) for name in sections})
     if problems:
         raise ParamsError("invalid value(s): " + "; ".join(problems))
     needs_model = [n for n in sorted(sections) if "model" in declared[n] and "model" not in sections[n]]
@@ -242,6 +248,12 @@ def check_shards(notebook: str, value, declared: dict) -> int:
 def _merged(name: str, shared: dict, sections: dict, declared: dict) -> dict:
     """The parameters a notebook receives (besides out_dir): its declared shared keys, then its section."""
     return {**{k: v for k, v in shared.items() if k in declared[name]}, **sections[name]}
+
+
+def _with_defaults(name: str, shared: dict, sections: dict, declared: dict) -> dict:
+    """Every parameter a notebook computes with: its declared defaults, then what the run sets."""
+    return {**{k: _default_value(d.get("default", "None")) for k, d in declared[name].items()},
+            **_merged(name, shared, sections, declared)}
 
 
 def shard_suffix(shard) -> str:
@@ -294,7 +306,7 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
         return [f"its executed copy {step.output.name} is missing"]
     if "outputs" not in entry:
         return ["no provenance recorded for its last run"]
-    reasons = []
+    reasons = code_reasons(entry.get("code"), current_code(step))
     for kind, files in (("output", entry["outputs"]), ("input", entry.get("inputs", {}))):
         for rel, sha in files.items():
             if not (out_dir / rel).is_file():
@@ -304,6 +316,21 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
     upstream = entry.get("upstream", {})
     reasons += [f"{nb} ran since" for nb in earlier if nb in entries and entries[nb].get("run_id") != upstream.get(nb)]
     return reasons
+
+
+def current_code(step: Step) -> dict | None:
+    """The fingerprint of the code and environment `step` would run with (lib.provenance; None for a notebook file
+    that does not exist, e.g. a test's registered-only notebook). Computed once per step."""
+    if step.code is None and Path(step.path).is_file():
+        unset = {k: v for k, v in provenance.parameter_defaults(step.path).items() if k not in step.params}
+        weights = provenance.weights_id(model_key(step.params), step.params.get("model"))
+        step.code = provenance.notebook_fingerprint(step.path, unset, weights)
+    return step.code
+
+
+def code_reasons(recorded: dict | None, current: dict | None) -> list[str]:
+    """What changed in the code, packages or weights since the notebook ran (a record without a fingerprint: stale)."""
+    return [] if current is None else provenance.code_reasons(recorded, current)
 
 
 def is_up_to_date(step: Step, earlier: list[str] | None = None) -> bool:
@@ -343,6 +370,11 @@ def record_success(step: Step, reads: set[Path], earlier: list[str], **entry) ->
             old = records.get(rel) or {}
             now = artifacts.fingerprint(p, old)
             if not (old.get("mtime_ns") == now["mtime_ns"] and old.get("sha256") == now["sha256"]):
+                records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
+            elif Path(p).resolve() in {Path(r).resolve() for r in reads}:   # read back, not rewritten: reused as valid
+                if old.get("inputs") != inputs:
+                    print(f"[run] kept {rel}: {step.name} read it back as a valid checkpoint; it now derives from "
+                          f"the current inputs", flush=True)
                 records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
             elif _lost_inputs(out_dir, old, records):   # not rewritten, and what it was computed from is gone
                 print(f"[run] removed {rel}: {step.name} did not rewrite it and it was computed from "
@@ -441,6 +473,7 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
     the file that could not be written. The manifest says "failed" for any failure, never "running"."""
     from papermill.exceptions import PapermillExecutionError
     t0 = time.perf_counter()
+    code, git = current_code(step), provenance.git_state()        # what runs: taken before the kernel starts
     record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
     tmp = step.output.with_name(f".{step.output.name}.tmp.ipynb")
     log = step.output.with_name(f".{step.output.stem}.reads.tmp.log")    # removed by the next run if we are killed
@@ -453,7 +486,8 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
         render_html(step.output, step.html)
         reads = {Path(line) for line in Path(log).read_text().splitlines() if line}
         record_success(step, reads, list(earlier), status="ok", seconds=round(time.perf_counter() - t0, 2),
-                       params_hash=params_hash(step.params), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                       params_hash=params_hash(step.params), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       **({"code": code} if code is not None else {}), git=git)
     except PapermillExecutionError as e:
         if tmp.exists():
             os.replace(tmp, step.output)          # the executed copy shows the traceback
@@ -536,7 +570,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
             print(f"[run] removed {p.relative_to(out_dir)} (left by an interrupted write)", flush=True)
         _settle_interrupted(out_dir, scope)
         update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
-                                         "overrides": list(overrides)})
+                                         "overrides": list(overrides), "git": provenance.git_state()})
         _run_steps(steps, sorted(sections), force, log_output)
         try:
             from lib.claims import write_claims
@@ -560,6 +594,35 @@ def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: 
         print(f"[run] {step.name} -> {shown} (runs because {'; '.join(reasons)})", flush=True)
         seconds = execute(step, log_output=log_output, earlier=earlier)
         print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
+
+
+def explain(params_path: str, only=None, overrides=()) -> list[str]:
+    """--explain: one line per notebook of the run saying whether it would run and why; nothing runs or is written.
+    A notebook after one that would run would run too ("NN would run first")."""
+    run, shared, sections = load_params(params_path, overrides)
+    steps = build_steps(run, shared, sections, only)
+    manifest = read_manifest(steps[0].output.parent) if steps else {}
+    would, lines = set(), []
+    for step in steps:
+        earlier = upstream_of(step.name, sorted(sections))
+        reasons = stale_reasons(step, manifest, earlier)
+        reasons = reasons or [f"{nb} would run first" for nb in earlier if nb in would]
+        if reasons:
+            would.add(step.output.stem)
+        lines.append(f"{step.output.stem}: " + (f"would run ({_kind(reasons[0])}): {'; '.join(reasons)}" if reasons
+                                                 else "up to date"))
+    return lines
+
+
+_KINDS = (("has not run", "never ran"), ("its last run", "failed last time"), ("parameters", "params changed"),
+          ("code", "code changed"), (" -> ", "code changed"), ("weights", "code changed"), ("input", "input changed"),
+          ("ran since", "input changed"), ("would run first", "input changed"), ("output", "output changed"),
+          ("executed copy", "output changed"), ("provenance", "never ran"))
+
+
+def _kind(reason: str) -> str:
+    """The --explain category of a stale reason."""
+    return next((kind for word, kind in _KINDS if word in reason), "changed")
 
 
 def uncached_models(steps: list[Step]) -> list[str]:
@@ -608,24 +671,81 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when their outputs are up to date")
     parser.add_argument("--check", action="store_true", help="validate the params file and exit")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs to the log")
+    parser.add_argument("--explain", action="store_true",
+                        help="print what would run and why, per notebook, and exit (runs nothing)")
     args = parser.parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # scancel / requeue: record "failed", then stop
+    signal.signal(signal.SIGINT, _interrupted)
     try:
+        if args.explain:
+            print("\n".join(explain(args.params, args.only, args.overrides)))
+            return 0
         if args.check:
             steps = check_run(args.params, args.only, args.overrides)
             print(f"[run] {args.params}: valid; pipeline {[s.name for s in steps]} -> {steps[0].params['out_dir']}")
             from lib.cost import cost_table
             print(cost_table(steps))
             return 0
-        run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet)
+        with _StderrGate():
+            run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet)
     except (ParamsError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 130 if _INTERRUPTS else 1
+    except KeyboardInterrupt:
+        return 130
+    return 130 if _INTERRUPTS else 0
+
+
+INTERRUPTED = "interrupted by the user; rerun to resume"
+_INTERRUPTS: list[int] = []        # set by the SIGINT handler: main returns 130 whatever the interrupt turned into
+
+
+_REAL_STDERR: list[int] = []       # the terminal's stderr while a _StderrGate holds fd 2
+
+
+def _interrupted(*_):
+    """Ctrl-C: one line, then stderr goes quiet (the kernel's and its client's shutdown noise: ZMQError
+    tracebacks) while the interrupted notebook is recorded "failed" and the kernel is shut down; main returns 130."""
+    signal = __import__("signal")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                # a second Ctrl-C does not cut the bookkeeping short
+    _INTERRUPTS.append(1)
+    sys.stdout.flush()
+    os.write(_REAL_STDERR[-1] if _REAL_STDERR else 2, f"{INTERRUPTED}\n".encode())
+    if not _REAL_STDERR:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    raise KeyboardInterrupt
+
+
+class _StderrGate:
+    """fd 2 of the runner, and so of the kernels it starts (they inherit it), becomes a pipe forwarded to the real
+    stderr by a thread until the user interrupts; then the rest (kernel shutdown tracebacks) is dropped."""
+
+    def __enter__(self):
+        import threading
+        sys.stderr.flush()
+        _REAL_STDERR.append(os.dup(2))
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.thread = threading.Thread(target=self._forward, args=(read, _REAL_STDERR[-1]), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _forward(read: int, real: int) -> None:
+        while chunk := os.read(read, 65536):
+            if not _INTERRUPTS:
+                os.write(real, chunk)
+        os.close(read)
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(_REAL_STDERR[-1], 2)           # the pipe stays open only in kernels still shutting down
+        self.thread.join(timeout=1.0)          # what we wrote is forwarded before we return
+        os.close(_REAL_STDERR.pop())
 
 
 if __name__ == "__main__":

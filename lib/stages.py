@@ -23,6 +23,7 @@ from lib import REPO_ROOT
 __all__ = ["Stage", "declare", "stages", "parents", "gpu_stages", "stage_testing", "EXTRA_VAR"]
 
 EXTRA_VAR = "HEADINFO_STAGES"
+NOTEBOOKS_VAR = "HEADINFO_NOTEBOOKS"     # another folder holding the stages' notebooks (tests: an edited copy)
 DEVICES = ("GPU", "CPU")
 
 
@@ -32,7 +33,8 @@ class Stage:
     its SLURM job waits for them). device: "GPU" when it runs the model (a GPU job on a cluster; it still runs on
     CPU anywhere). cost: its estimator (p, run, dims) -> lib.cost.Work: a function name of lib.cost, "module:function"
 or the function itself (None: no forward-pass estimate). claims: the ids
-    of the paper's claims it tests (lib.claims). path: the notebook (default notebooks/<name>.ipynb)."""
+    of the paper's claims it tests (lib.claims). path: the notebook (default notebooks/<name>.ipynb, or
+    $HEADINFO_NOTEBOOKS/<name>.ipynb)."""
     name: str
     reads: tuple[str, ...] = ()
     device: str = "CPU"
@@ -45,7 +47,8 @@ or the function itself (None: no forward-pass estimate). claims: the ids
             raise ValueError(f"stage {self.name}: device must be one of {DEVICES}, got {self.device!r}")
         object.__setattr__(self, "reads", tuple(self.reads))
         object.__setattr__(self, "claims", tuple(self.claims))
-        object.__setattr__(self, "path", Path(self.path) if self.path else REPO_ROOT / "notebooks" / f"{self.name}.ipynb")
+        folder = Path(os.environ.get(NOTEBOOKS_VAR) or REPO_ROOT / "notebooks")
+        object.__setattr__(self, "path", Path(self.path) if self.path else folder / f"{self.name}.ipynb")
 
 
 _DECLARED: dict[str, Stage] = {s.name: s for s in (

@@ -298,23 +298,57 @@ def run_lock(out_dir: str | os.PathLike, what: str, stem: str | None = None) -> 
             owners = [_lock_owner(p) for p in sorted(out_dir.glob(".run.lock.*")) if _is_locked(p)]
             raise RunLockedError(f"run folder {out_dir} is in use by {'; '.join(owners or [_lock_owner(main_path)])} "
                                  f"(lock {main_path}); wait for it to finish or stop that process") from None
-        target = main
+        target, left = main, None
         if stem:
             stem_path = out_dir / f".run.lock.{stem}"
-            target = open(stem_path, "a+")
+            target = _lock_stem_file(stem_path, stem, out_dir)
             held.append(target)
-            try:
-                fcntl.flock(target, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLockedError(f"{stem} of {out_dir} is already running: {_lock_owner(stem_path)} "
-                                     f"(lock {stem_path})") from None
+        else:
+            left = _remove_stem_locks(out_dir)     # we hold the folder alone: every notebook lock is a dead one's
         try:
-            yield _write_owner(target, what)
+            previous = _write_owner(target, what)
+            yield previous or left
         finally:
             target.truncate(0)             # an empty lock file: its last owner did not die while holding it
+            if stem:
+                stem_path.unlink(missing_ok=True)   # removed while held; _lock_stem_file checks the inode it locks
     finally:
         for f in reversed(held):
             f.close()                      # closing releases the flock
+
+
+def _lock_stem_file(path: Path, stem: str, out_dir: Path):
+    """Open and flock `path` exclusively; the file may be removed by its previous holder as it finishes, so the lock
+    counts only when the locked file is still the one at `path` (same inode), else it is opened again."""
+    import fcntl
+    for _ in range(5):
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise RunLockedError(f"{stem} of {out_dir} is already running: {_lock_owner(path)} (lock {path})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise RunLockedError(f"could not lock {path}: it keeps being removed by another runner; retry")
+
+
+def _remove_stem_locks(out_dir: Path) -> str | None:
+    """Remove the `.run.lock.<stem>` files of single-notebook runs (called with the folder held exclusively: none
+    can be live); -> the owner line of one left by a process that died while holding it (None: all were clean)."""
+    left = None
+    for p in sorted(out_dir.glob(".run.lock.*")):
+        try:
+            owner = p.read_text().strip()
+        except OSError:
+            owner = ""
+        left = left or owner or None
+        p.unlink(missing_ok=True)
+    return left
 
 
 def _is_locked(path: Path) -> bool:

@@ -567,9 +567,9 @@ def test_other_weights_are_refused_by_a_model_notebook(tiny_copy):
     out = tiny_copy
     proc = runner("--params", "params/tiny.yaml", "--set", f"out_dir={out}", "--quiet", "--only", "05_ablation",
                   "--set", "05_ablation.seed=1")
-    assert proc.returncode == 1
-    assert "activations.npz derives from model 'random:llama seed 0' but 05_ablation runs model 'random:llama seed 1'" \
-        in proc.stderr
+    assert proc.returncode == 2            # refused before anything runs (the kernel-side check: test_reads_under_...)
+    assert "05_ablation.seed=1 differs from 01_extract_activations.seed=0: with model random:llama the seed builds " \
+           "the weights" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.slow(reason="reruns a notebook of a tiny run")
