@@ -371,8 +371,8 @@ def show(items) -> None:
 def head_view(run: RunData, idx: int, mode: str | None, clim: str = "shared", prompt: int | None = None) -> list:
     """[caption, figure, ranks table] of one head."""
     from lib.plots import explore as plots
-    items = [f"<b class='hi-head'>Head {label(run, idx)}</b> (index {idx}, {html.escape(mode or 'no PhiID')}, "
-             f"colour limits: {clim})", plots.head_panel(run, idx, mode, clim=clim, prompt=prompt)]
+    items = [f"<span class='hi-head'><b>Head {label(run, idx)}</b> (index {idx}, "
+             f"{html.escape(mode or 'no PhiID')}, colour limits: {clim})</span>", plots.head_panel(run, idx, mode, clim=clim, prompt=prompt)]
     if run.rankings is not None:
         items.append(head_ranks(run, idx).round(4))
     return items
@@ -387,7 +387,7 @@ def variant_view(run: RunData, variant: str | None, idx: int | None = None) -> l
     if idx is not None:
         r = head_ranks(run, idx).set_index("variant").loc[variant]
         where = f"; selected head {label(run, idx)}: #{r['rank']} of {r['of']}"
-    return [f"<b class='hi-variant'>Variant {html.escape(variant)}</b>{where}", plots.variant_panel(run, variant, idx),
+    return [f"<span class='hi-variant'><b>Variant {html.escape(variant)}</b>{where}</span>", plots.variant_panel(run, variant, idx),
             top_heads(run, variant).assign(label=lambda d: [label(run, i) for i in d["head_idx"]])]
 
 
@@ -400,7 +400,7 @@ def prompt_view(run: RunData, prompt: int, idx: int) -> list:
     text = run.prompt_text[prompt] if prompt < len(run.prompt_text) else "(prompt text not recorded)"
     local = ("local synergy from notebook 11" if run.local.get("sts") is not None
              else "no local synergy: notebook 11_local_synergy has not run")
-    return [f"<b class='hi-prompt'>Prompt {prompt}, head {label(run, idx)}</b> ({html.escape(local)})<br>"
+    return [f"<span class='hi-prompt'><b>Prompt {prompt}, head {label(run, idx)}</b> ({html.escape(local)})</span><br>"
             f"<i>prompt:</i> {html.escape(text)}<br><i>generated:</i> <code>{html.escape(''.join(table['token']))}</code>",
             plots.prompt_panel(run, idx, prompt, table)]
 
@@ -414,10 +414,11 @@ def explorer(run: RunData | str | Path = "", layer: int = 0, head: int = 0, vari
     import ipywidgets as W
     run = run if isinstance(run, RunData) else load_run(run)
     runs = list_runs()
-    options = [(run_label(r), str(r["path"])) for _, r in runs.iterrows()]
-    if str(run.out_dir) not in [o[1] for o in options]:
-        options.insert(0, (f"{run.out_dir.name}: given out_dir", str(run.out_dir)))
-    picker = W.Dropdown(options=options, value=str(run.out_dir), description="run",
+    options = [(run_label(r), str(Path(r["path"]).resolve())) for _, r in runs.iterrows()]
+    shown = str(run.out_dir.resolve())
+    if shown not in [o[1] for o in options]:
+        options.insert(0, (f"{run.out_dir.name}: given out_dir ({shown})", shown))
+    picker = W.Dropdown(options=options, value=shown, description="run",
                         layout=W.Layout(width="560px"), style={"description_width": "40px"})
     box = W.VBox([picker])
 
