@@ -341,6 +341,11 @@ def token_text(run: RunData, ids) -> list[str]:
     return [tok.decode([int(t)]) if tok is not None else f"#{int(t)}" for t in np.asarray(ids).ravel()]
 
 
+def visible_text(tokens) -> str:
+    """Generated tokens joined, line breaks shown as ⏎ (a reply of newlines would otherwise look empty)."""
+    return "".join(tokens).replace("\n", "⏎")
+
+
 def prompt_tokens(run: RunData, prompt: int, idx: int) -> pd.DataFrame:
     """The generated tokens of one prompt with the head's activation at each step and, when notebook 11 ran, its
     local synergy at the step that reads the token (sts, nats; NaN where undefined). Rows: steps."""
@@ -362,10 +367,11 @@ def show(items) -> None:
     """Display figures (then close them) and tables in order: the live panel and the static cells share it."""
     import matplotlib.pyplot as plt
     from IPython.display import HTML, display
-    for item in items:
-        display(HTML(item) if isinstance(item, str) else item)
-        if hasattr(item, "savefig"):
-            plt.close(item)
+    with pd.option_context("display.max_colwidth", None, "display.width", 250):
+        for item in items:
+            display(HTML(item) if isinstance(item, str) else item)
+            if hasattr(item, "savefig"):
+                plt.close(item)
 
 
 def head_view(run: RunData, idx: int, mode: str | None, clim: str = "shared", prompt: int | None = None) -> list:
@@ -386,7 +392,8 @@ def variant_view(run: RunData, variant: str | None, idx: int | None = None) -> l
     where = ""
     if idx is not None:
         r = head_ranks(run, idx).set_index("variant").loc[variant]
-        where = f"; selected head {label(run, idx)}: #{r['rank']} of {r['of']}"
+        rank = f"#{int(r['rank'])} of {int(r['of'])}" if pd.notna(r["rank"]) else "undefined score"
+        where = f"; selected head {label(run, idx)}: {rank}"
     return [f"<span class='hi-variant'><b>Variant {html.escape(variant)}</b>{where}</span>", plots.variant_panel(run, variant, idx),
             top_heads(run, variant).assign(label=lambda d: [label(run, i) for i in d["head_idx"]])]
 
@@ -401,7 +408,7 @@ def prompt_view(run: RunData, prompt: int, idx: int) -> list:
     local = ("local synergy from notebook 11" if run.local.get("sts") is not None
              else "no local synergy: notebook 11_local_synergy has not run")
     return [f"<span class='hi-prompt'><b>Prompt {prompt}, head {label(run, idx)}</b> ({html.escape(local)})</span><br>"
-            f"<i>prompt:</i> {html.escape(text)}<br><i>generated:</i> <code>{html.escape(''.join(table['token']))}</code>",
+            f"<i>prompt:</i> {html.escape(text)}<br><i>generated:</i> <code>{html.escape(visible_text(table['token']))}</code>",
             plots.prompt_panel(run, idx, prompt, table)]
 
 

@@ -125,11 +125,14 @@ def _live_text(page, css: str) -> str:
 
 
 def _wait_live(page, css: str, text: str) -> float:
-    """Seconds until the live panel's `css` element contains `text`."""
+    """Seconds until the live panel's `css` element contains `text`, its output shows a figure and the kernel is
+    idle (the callbacks are done)."""
     t0 = time.perf_counter()
     page.wait_for_function("""([live, css, text]) => { const p = document.querySelector(live);
-        const e = p && p.querySelector(css); return !!e && e.textContent.includes(text)
-        && p.querySelectorAll('img').length >= 3; }""", arg=[LIVE, css, text], timeout=WAIT_MS, polling=100)
+        const e = p && p.querySelector(css), out = e && e.closest('.widget-output');
+        return !!out && e.textContent.includes(text) && !!out.querySelector('img')
+            && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'; }""",
+                           arg=[LIVE, css, text], timeout=WAIT_MS, polling=100)
     return time.perf_counter() - t0
 
 
