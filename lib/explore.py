@@ -249,10 +249,10 @@ def run_status(folder: Path) -> dict:
             "notebooks": f"{states.count('ok')}/{len(states)} ok"}
 
 
-def list_runs(root: str | Path = OUTPUT_ROOT) -> pd.DataFrame:
+def list_runs(root: str | Path | None = None) -> pd.DataFrame:
     """Run folders under `root` (those with a manifest.json, and folders of notebooks run by hand that hold
     activations or rankings), finished runs first, newest first. Columns: run, path, status, last, notebooks, model."""
-    rows = []
+    rows, root = [], OUTPUT_ROOT if root is None else root
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
         explorable = any(artifacts.path(n, folder).exists() for n in ("activations", "rankings"))
         if (folder / "manifest.json").exists() or explorable:
@@ -263,7 +263,7 @@ def list_runs(root: str | Path = OUTPUT_ROOT) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
-def default_run(root: str | Path = OUTPUT_ROOT) -> Path | None:
+def default_run(root: str | Path | None = None) -> Path | None:
     """The newest finished run of `root`, else the first listed; None when there is none."""
     runs = list_runs(root)
     return None if runs.empty else Path(runs["path"].iloc[0])
