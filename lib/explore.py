@@ -11,8 +11,10 @@ and every other head as target.
 from __future__ import annotations
 
 import html
+import io
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pandas as pd
 from lib import REPO_ROOT, artifacts
 
 OUTPUT_ROOT = REPO_ROOT / "outputs"
+_DRAW_LOCK = threading.RLock()
 CLIM_CHOICES = ("shared", "head")       # colour limits: shared by all heads (1-99th pct) or this head's row (2-98th)
 
 SYNERGY_ATOM, REDUNDANCY_ATOM = "sts", "rtr"
@@ -366,12 +369,17 @@ def prompt_tokens(run: RunData, prompt: int, idx: int) -> pd.DataFrame:
 def show(items) -> None:
     """Display figures (then close them) and tables in order: the live panel and the static cells share it."""
     import matplotlib.pyplot as plt
-    from IPython.display import HTML, display
+    from IPython.display import HTML, Image, display
     with pd.option_context("display.max_colwidth", None, "display.width", 250):
         for item in items:
-            display(HTML(item) if isinstance(item, str) else item)
-            if hasattr(item, "savefig"):
-                plt.close(item)
+            if hasattr(item, "savefig"):       # rendered here, whole, under a lock: widget callbacks that overlap
+                with _DRAW_LOCK:               # must not draw into each other's figures
+                    buf = io.BytesIO()
+                    item.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+                    plt.close(item)
+                display(Image(data=buf.getvalue(), format="png"))
+            else:
+                display(HTML(item) if isinstance(item, str) else item)
 
 
 def head_view(run: RunData, idx: int, mode: str | None, clim: str = "shared", prompt: int | None = None) -> list:
@@ -469,7 +477,8 @@ def head_explorer(run: RunData, layer: int = 0, head: int = 0, variant: str = ""
     def guarded(draw):
         def call(*_):
             try:
-                draw()
+                with _DRAW_LOCK:                    # one redraw at a time, whichever thread the kernel calls from
+                    draw()
             except Exception as e:              # shown in the panel: a callback's traceback is otherwise lost
                 state["errors"].append(f"{type(e).__name__}: {e}")
                 note_w.value = f"<span style='color:#b00'>{message_html(f'{type(e).__name__}: {e}')}</span>"
@@ -504,6 +513,10 @@ def head_explorer(run: RunData, layer: int = 0, head: int = 0, variant: str = ""
             on_text()
 
     def on_text(*_):
+        with _DRAW_LOCK:
+            select_text()
+
+    def select_text():
         try:
             state["idx"] = parse_head(run, head_w.value)
         except ValueError as e:

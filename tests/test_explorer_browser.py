@@ -5,10 +5,12 @@ redraws with the right head and that neither the page nor the kernel shows an er
 
 The notebook is a copy of the stored one in a temporary Lab root with only `out_dir` (the tiny run), `layer` and
 `head` changed in its parameters cell. Redraw times go to stdout (pytest -s) and, with EXPLORER_SHOTS=<folder>,
-screenshots and times.json are written there.
+screenshots and times.json are written there; EXPLORER_RUN=<run folder> measures on another run (e.g. the SmolLM2
+one) instead of the tiny run.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lib import REPO_ROOT
@@ -54,7 +57,7 @@ def _notebook_copy(root: Path, out_dir: Path, layer: int, head: int) -> Path:
 @pytest.fixture
 def lab_root(tiny_run):
     root = Path(tempfile.mkdtemp(prefix="hi-explorer-lab-"))
-    _notebook_copy(root, tiny_run, layer=1, head=2)
+    _notebook_copy(root, Path(os.environ.get("EXPLORER_RUN") or tiny_run).resolve(), layer=1, head=2)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -130,7 +133,8 @@ def _wait_live(page, css: str, text: str) -> float:
     t0 = time.perf_counter()
     page.wait_for_function("""([live, css, text]) => { const p = document.querySelector(live);
         const e = p && p.querySelector(css), out = e && e.closest('.widget-output');
-        return !!out && e.textContent.includes(text) && !!out.querySelector('img')
+        const imgs = out ? [...out.querySelectorAll('img')] : [];
+        return !!out && e.textContent.includes(text) && imgs.length > 0 && imgs.every(i => i.complete && i.naturalHeight > 0)
             && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'; }""",
                            arg=[LIVE, css, text], timeout=WAIT_MS, polling=100)
     return time.perf_counter() - t0
@@ -187,7 +191,16 @@ def test_explorer_in_jupyterlab_redraws_the_selected_head(lab, chromium, tiny_ru
     _wait_live(page, ".hi-variant", "selected head L3H1")
     _wait_live(page, ".hi-prompt", "head L3H1")
     times["head_typed_all_s"] = time.perf_counter() - t0
+    page.wait_for_timeout(1000)                               # (not timed) let the last frame paint
     page.screenshot(path=str(shots / "2_head_L3H1.png"), full_page=True)
+    src = page.evaluate("""([live]) => document.querySelector(live).querySelector('.hi-head')
+        .closest('.widget-output').querySelector('img').src""", [LIVE])
+    (shots / "2_head_L3H1_figure.png").write_bytes(base64.b64decode(src.split(",", 1)[1]))    # as the kernel sent it
+    from PIL import Image
+    with Image.open(shots / "2_head_L3H1_figure.png") as im:
+        pixels = np.asarray(im.convert("RGBA"))
+    drawn = ((pixels[..., 3] > 0) & (pixels[..., :3].min(axis=2) < 200)).mean()
+    assert drawn > 0.05, f"the redrawn head figure is nearly empty ({drawn:.1%} of its pixels drawn)"
 
     t0 = time.perf_counter()
     page.locator(f"{LIVE} button", has_text="next").first.click()
@@ -213,6 +226,7 @@ def test_explorer_in_jupyterlab_redraws_the_selected_head(lab, chromium, tiny_ru
     t0 = time.perf_counter()
     prompt.select_option(value=prompt.locator("option").nth(3).get_attribute("value"))
     times["prompt_s"] = _wait_live(page, ".hi-prompt", f"Prompt 3, head {clicked}")
+    page.wait_for_timeout(1000)
     page.screenshot(path=str(shots / "3_variant_prompt.png"), full_page=True)
 
     head_box.fill("L9H9")                                     # outside the tiny model: refused, nothing redrawn

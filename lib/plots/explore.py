@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from lib.plots.common import layer_colors, new_figure
+from lib.plots.common import layer_colors
+
+
+def new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    """A figure outside pyplot (the explorer renders it itself, lib.explore.show): widget callbacks then draw into
+    figures that no pyplot hook of the kernel (matplotlib-inline's, run between cells) can touch."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=True) if (nrows, ncols) != (1, 1) else fig.subplots()
 
 
 def _message(ax, text: str) -> None:
@@ -21,7 +29,8 @@ def _grid_heatmap(fig, ax, grid, mark, title, cbar_label, cmap="viridis", limits
     kwargs = {"vmin": limits[0], "vmax": limits[1]} if limits else {}
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest", **kwargs)
     if mark is not None:
-        ax.scatter([mark[1]], [mark[0]], marker="s", s=90, facecolors="none", edgecolors="red", linewidths=2)
+        from matplotlib.patches import Rectangle
+        ax.add_patch(Rectangle((mark[1] - 0.5, mark[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         title = f"{title}\nred square: {mark_label or f'L{mark[0]}H{mark[1]}'}"
     ax.set(xlabel="head", ylabel="layer", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
