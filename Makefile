@@ -50,8 +50,11 @@ test-fast: install
 report: install
 	$(PY) -m lib.report "outputs/$(RUN)"
 
+# JupyterLab at the repository root (notebooks/, outputs/<run>/ reports and html/ all reachable), the explorer open.
+# Executed reports in outputs/<run>/ are read-only there: a Run All refuses to write into the run folder (rerun a
+# notebook with python -m lib.run --only NN_name; HEADINFO_WRITE_RUN_FOLDER=1 make lab lets kernels write anyway).
 lab: install
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --ServerApp.root_dir=$(CURDIR) notebooks/00_explore.ipynb
 
 slurm: install
 	slurm/pipeline.sh $(PARAMS) $(SLURM_ARGS)

@@ -638,6 +638,7 @@ def append(name: str, out_dir, rows: list, tag: str = "", **fields: Any) -> Path
         raise ArtifactError(f"append works on jsonl artifacts only; {name!r} is {a.format}")
     from lib import store
     p = a.path(out_dir, tag, None, **fields)
+    store.check_write_allowed(p)
     with open(p, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(store.jsonable(row), allow_nan=False) + "\n" for row in rows))
         f.flush()

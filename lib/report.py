@@ -473,6 +473,41 @@ def own_findings(page_html: str) -> str:
                        "tested here; these are the page's own results (the same box closes the page).</p>", 1)
 
 
+FINDINGS_TAG = "findings"          # the cell that add_findings_to_notebooks puts first in an executed notebook
+
+
+def _md_cell(text) -> str:
+    """Text for one cell of a markdown table: pipes escaped, no line breaks, no HTML."""
+    return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+
+def findings_markdown(rows: list[dict], paper: str) -> str:
+    """The Findings box of one notebook as a markdown cell (renders in JupyterLab and nbconvert alike)."""
+    lines = [f"## Findings: the claims this notebook tests", "", f"Paper: {paper}; verdicts from the whole run's "
+             f"claims.json (written by the runner after the last notebook).", "",
+             "| claim | verdict | statistic | ours [95% CI] | null | paper | reason |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['id']}: {_md_cell(r['claim'])} | **{_md_cell(r['verdict'])}** | {_md_cell(r['statistic'])} | {_md_cell(r['ours'])} "
+              f"| {_md_cell(r['null'])} | {_md_cell(r['paper'])} | {_md_cell(r['reason'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+def add_findings_to_notebooks(out_dir: Path, reports: list["NotebookReport"]) -> None:
+    """Put that notebook's claims first in every executed notebook (a markdown cell tagged `findings`), so a
+    report opened in JupyterLab shows its verdicts as its HTML page does; replaces an earlier cell."""
+    import nbformat
+    paper, claims = _claims(out_dir)
+    for r in reports:
+        rows = findings_rows(claims, r.name)
+        if r.executed is None or r.shard or not rows or not r.executed.exists():
+            continue
+        nb = nbformat.read(r.executed, as_version=4)
+        nb.cells = [c for c in nb.cells if FINDINGS_TAG not in c.get("metadata", {}).get("tags", [])]
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(findings_markdown(rows, paper),
+                                                         metadata={"tags": [FINDINGS_TAG]}))
+        with atomic_path(r.executed) as tmp:
+            nbformat.write(nb, str(tmp))
+
+
 def _index_figures(reports: list[NotebookReport]) -> list[Figure]:
     return [f for r in reports for f in r.figures[:INDEX_FIGURE_LIMIT.get(r.name, len(r.figures))]]
 
@@ -569,6 +604,7 @@ def write_index(out_dir: str | Path) -> Path:
             if old.is_file() and old.name not in keep and not old.name.startswith("."):
                 old.unlink()
         add_findings_to_reports(out_dir, reports)
+        add_findings_to_notebooks(out_dir, reports)
         with atomic_path(index) as tmp:
             tmp.write_text(render_index(out_dir, manifest, reports, problems))
     return index

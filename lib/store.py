@@ -29,9 +29,60 @@ class ArtifactError(ValueError):
     """An artifact is missing, malformed, or belongs to a different run or model."""
 
 
+class RunFolderWriteError(ArtifactError):
+    """A notebook opened in Jupyter (not started by the runner) tried to write into a run folder the runner owns."""
+
+
+WRITE_OVERRIDE_ENV = "HEADINFO_WRITE_RUN_FOLDER"     # "1": let a kernel outside the runner write into a run folder
+
+
+def runner_folder(path: str | os.PathLike, depth: int = 3) -> Path | None:
+    """The run folder holding `path` (it or one of its `depth` nearest parents) when the runner owns it: its
+    manifest.json has notebook entries (lib.run.record); else None."""
+    for folder in list(Path(path).resolve().parents)[:depth]:
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            try:
+                return folder if json.loads(manifest.read_text()).get("notebooks") else None
+            except (OSError, ValueError, AttributeError):
+                return folder
+    return None
+
+
+def in_jupyter_kernel() -> bool:
+    """True inside a running Jupyter kernel (ipykernel's app started), not in a process that merely imported it
+    (the runner imports ipykernel's kernelspec to find the kernel)."""
+    import sys
+    app = sys.modules.get("ipykernel.kernelapp")
+    return bool(app is not None and app.IPKernelApp.initialized())
+
+
+def check_write_allowed(path: str | os.PathLike) -> None:
+    """Refuse (RunFolderWriteError, one line) a write into a runner-owned run folder from a Jupyter kernel that the
+    runner did not start: Run All on an executed report (outputs/<run>/NN_name.ipynb, its injected out_dir) would
+    rewrite the run's artifacts behind the runner's back. The runner's kernels carry HEADINFO_NOTEBOOK; scripts
+    and tests (no ipykernel) write as before; HEADINFO_WRITE_RUN_FOLDER=1 lets a kernel write anyway."""
+    from lib.artifacts import NOTEBOOK_ENV, identify
+    if os.environ.get(NOTEBOOK_ENV) or os.environ.get(WRITE_OVERRIDE_ENV) == "1" or not in_jupyter_kernel():
+        return
+    folder = runner_folder(path)
+    if folder is None:
+        return
+    session = Path(os.environ.get("JPY_SESSION_NAME", "")).stem        # the notebook Lab opened, when it says
+    found = identify(Path(path).resolve().relative_to(folder))
+    notebook = session if session[:2].isdigit() else (found[0].producer if found else "<notebook>")
+    params = json.loads((folder / "manifest.json").read_text()).get("sections", {}).get("run", {}).get(
+        "params_file", f"params/{folder.name}.yaml")
+    raise RunFolderWriteError(
+        f"{folder} is a run folder of the runner and this kernel was not started by it: {Path(path).name} is not "
+        f"written there; rerun with `python -m lib.run --params {params} --only {notebook}`, or set "
+        f"{WRITE_OVERRIDE_ENV}=1 before starting Jupyter to write anyway")
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` (and parents) and check that files can be written there."""
     path = Path(path)
+    check_write_allowed(path / ".write-test")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -48,6 +99,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
+    check_write_allowed(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)

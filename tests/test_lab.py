@@ -215,7 +215,7 @@ def test_lab_lists_notebooks_and_runs_the_explorer_through_a_kernel(lab, run_dir
         assert "text/html" in kinds(summary) and "missing:" not in stdout(summary)
         # the widget panel is displayed, and its Output widgets drew both figures (published on iopub)
         assert "application/vnd.jupyter.widget-view+json" in kinds(panel)
-        assert sum("image/png" in m["content"].get("data", {}) for m in panel) == 2
+        assert sum("image/png" in m["content"].get("data", {}) for m in panel) == 3     # head, variant, prompt
         assert {"image/png", "text/html"} <= kinds(head_cell) and {"image/png", "text/html"} <= kinds(variant_cell)
 
         # values shown for the selected head, against an independent computation from the files
@@ -234,14 +234,15 @@ def test_lab_lists_notebooks_and_runs_the_explorer_through_a_kernel(lab, run_dir
         assert np.isnan(shown["syn"][idx])                                  # a head with itself is undefined
 
         # driving the widgets redraws through the callbacks, without errors
-        for code in ('panel.controls["layer"].value = 2', 'panel.controls["mode"].value = "per_prompt"',
-                     'panel.controls["variant"].value = "alpha"'):
+        for code in ('panel.controls["head"].value = "L2H0"', 'panel.controls["mode"].value = "per_prompt"',
+                     'panel.controls["variant"].value = "alpha"', 'panel.controls["prompt"].value = 3'):
             reply, messages = channel.execute(code)
             assert reply["status"] == "ok" and not errors(messages), (code, errors(messages))
-        reply, messages = channel.execute('panel.controls["head"].value = 3')
+        reply, messages = channel.execute('panel.controls["next"].click(); panel.controls["next"].click()')
         assert "image/png" in kinds(messages) and not errors(messages)
-        reply, messages = channel.execute("print(panel.controls['layer'].value, panel.controls['head'].value)")
-        assert stdout(messages).split() == ["2", "3"]
+        reply, messages = channel.execute("print(panel.controls['head'].value, panel.body.state['idx'], "
+                                          "panel.body.state['errors'])")
+        assert stdout(messages).split() == ["L2H2", str(2 * N_HEADS + 2), "[]"]
     finally:
         channel.close()
         assert api(url, "DELETE", f"/api/kernels/{kernel['id']}")[0] == 204

@@ -482,7 +482,7 @@ def test_explorer_runs_over_the_finished_run(pipeline, private_tmp):
     outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
     assert not [o for o in outputs if o["output_type"] == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == (2 if "04_ranking_variants" in sections() else 1)
+    assert len(images) == (3 if "04_ranking_variants" in sections() else 2)   # head, variant, prompt
     printed = "".join("".join(o.get("text", "")) for o in outputs if o["output_type"] == "stream")
     assert "missing: activations.npz" not in printed and "missing: phiid" not in printed
 
