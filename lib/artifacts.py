@@ -687,7 +687,7 @@ def check_same_run(acts: dict, ph: dict) -> None:
 # registering its artifacts with producer = its name; nothing else is needed.
 
 READS_ENV = "HEADINFO_READS"          # file the kernel appends every artifact it reads to (set by the runner)
-NOTEBOOK_ENV = "HEADINFO_NOTEBOOK"    # notebook being executed by the runner
+NOTEBOOK_ENV = store.NOTEBOOK_ENV    # notebook being executed by the runner
 MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.run.model_key)
 
 
@@ -704,6 +704,7 @@ def note_read(p) -> None:
 
 
 store.READ_HOOKS.append(note_read)
+store.PRODUCER_HOOKS.append(lambda rel: (identify(rel) or (None,))[0] and identify(rel)[0].producer)
 
 
 def _shard_dirs() -> set[str]:

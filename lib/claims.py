@@ -739,8 +739,11 @@ def _evidence(out_dir, tag, truncate, n_surrogates, seed, null_kind="circular"):
         return None, f"{type(e).__name__}: {e}"
 
 
-def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0) -> list[Claim]:
-    """Every claim C1-C7 from the artifacts of out_dir (absent inputs -> not tested)."""
+def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
+             stale: dict | None = None) -> list[Claim]:
+    """Every claim C1-C7 from the artifacts of out_dir (absent inputs -> not tested). stale: notebook -> why its
+    results are not current (lib.run.stale_notebooks; None: the notebooks whose last run failed, from the
+    manifest)."""
     tags = [t for t in artifacts.tags("activations", out_dir)]
     trained, why = _evidence(out_dir, "", False, n_surrogates, seed) if "" in tags else (None, "no activations.npz")
     rand = _evidence(out_dir, "random_init", False, n_surrogates, seed)[0] if "random_init" in tags else None
@@ -755,16 +758,24 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0)
     trend = _evidence(out_dir, "", False, n_surrogates, seed, "trend")[0] if trained is not None else None
     if trend is not None:
         add_trend_null(c1, c2, trend, n_boot, seed)
-    return current_only(out_dir, [c1, c2, c3,
+    return current_only(stale if stale is not None else failed_notebooks(out_dir), [c1, c2, c3,
                                   _guard("C4", claim_c4, out_dir), _guard("C5", claim_c5, out_dir, seed=seed),
                                   _guard("C6", claim_c6, out_dir), _guard("C7", claim_c7, out_dir)])
 
 
-def current_only(out_dir, claims: list[Claim]) -> list[Claim]:
-    """A claim resting on a notebook whose last run failed, or whose results are stale (lib.provenance: code,
-    packages, inputs changed), is `not tested` with the reason: no verdict from a previous run's files."""
-    from lib.provenance import claim_notebooks, stale_notebooks
-    stale = stale_notebooks(out_dir)
+def failed_notebooks(out_dir) -> dict[str, str]:
+    """notebook -> why its results are not current, from the manifest alone: its last run failed or did not
+    finish (lib.run.stale_notebooks adds code, package and input changes)."""
+    from lib.store import read_manifest
+    entries = read_manifest(out_dir).get("notebooks", {})
+    return {stem: f"its last run {e.get('status', 'did not finish')}" + (f" ({e['error']})" if e.get("error") else "")
+            for stem, e in sorted(entries.items()) if e.get("status") != "ok"}
+
+
+def current_only(stale: dict, claims: list[Claim]) -> list[Claim]:
+    """A claim resting on a notebook whose last run failed, or whose results are stale (lib.run.stale_notebooks:
+    code, packages, inputs changed), is `not tested` with the reason: no verdict from a previous run's files."""
+    from lib.provenance import claim_notebooks
     for i, c in enumerate(claims):
         why = [f"{nb}: {stale[nb]}" for nb in claim_notebooks(c.source, c.notebook) if nb in stale]
         if why:
@@ -779,14 +790,16 @@ def add_trend_null(c1: Claim, c2: Claim, trend: HeadEvidence, n_boot: int, seed:
                                      "beyond_null": _profile_row(profile_verdicts(trend, n_boot, seed)["beyond_null"])}
 
 
-def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0) -> Path:
-    """Evaluate every claim and write <out_dir>/claims.json atomically; -> its path."""
+def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
+                 stale: dict | None = None) -> Path:
+    """Evaluate every claim and write <out_dir>/claims.json atomically; -> its path. stale: see evaluate."""
     from lib.store import update_manifest
-    signature = inputs_signature(out_dir, n_surrogates, n_boot, seed)
+    stale = stale if stale is not None else failed_notebooks(out_dir)
+    signature = inputs_signature(out_dir, stale, n_surrogates, n_boot, seed)
     previous = artifacts.path("claims", out_dir)
     if previous.exists() and _saved_signature(out_dir) == signature:
         return previous                                   # same inputs, settings and rules: nothing to redo
-    claims = evaluate(out_dir, n_surrogates, n_boot, seed)
+    claims = evaluate(out_dir, n_surrogates, n_boot, seed, stale)
     data = {"paper": PAPER, "verdicts": list(VERDICTS), "rules_doc": "lib/claims.py (module docstring)",
             "model": _run_model(out_dir), "inputs": signature, "claims": [c.as_dict() for c in claims]}
     note = weights_note(data["model"])
@@ -799,11 +812,10 @@ def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int 
     return path
 
 
-def inputs_signature(out_dir, *settings) -> dict:
+def inputs_signature(out_dir, stale: dict, *settings) -> dict:
     """What claims.json was computed from: size and modification time of every input file, the settings and a
     hash of this module (a rerun of any notebook, or changed rules, recomputes the scorecard)."""
     import hashlib
-    from lib.provenance import stale_notebooks
     tags = artifacts.tags("activations", out_dir)
     files = [artifacts.path("activations", out_dir, tag=t) for t in tags]
     files += [artifacts.path("phiid", out_dir, tag=t, mode="per_prompt") for t in tags]
@@ -811,7 +823,7 @@ def inputs_signature(out_dir, *settings) -> dict:
               if n in artifacts.ARTIFACTS]
     return {"files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()},
             "settings": list(settings), "rules": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
-            "not_current": stale_notebooks(out_dir)}
+            "not_current": stale}
 
 
 def _saved_signature(out_dir):
@@ -850,7 +862,8 @@ def main(argv=None) -> int:
     if not Path(args.out_dir).is_dir():
         print(f"error: run folder {args.out_dir!r} does not exist", file=sys.stderr)
         return 2
-    path = write_claims(args.out_dir, args.surrogates)
+    from lib.run import stale_notebooks          # the command-line entry (top of the stack) may use the runner
+    path = write_claims(args.out_dir, args.surrogates, stale=stale_notebooks(args.out_dir))
     for c in load_claims(args.out_dir):
         print(f"{c['id']}  {c['verdict']:<14} {c['statistic'][:60]}  {c['value']}")
     print(f"[claims] {path}")

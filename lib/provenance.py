@@ -276,33 +276,6 @@ def parameter_defaults(nb_path: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- results that are current
 
-def stale_notebooks(out_dir) -> dict[str, str]:
-    """notebook (manifest stem) -> why its recorded results are not current: its last run failed (or did not
-    finish), or the runner would rerun it with its recorded parameters (code, packages, weights, inputs or outputs
-    changed, an upstream notebook ran since). Notebooks up to date are left out."""
-    from lib.run import Step, pipeline_notebooks, stale_reasons, upstream_of
-    from lib.store import read_manifest
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    entries, notebooks = manifest.get("notebooks", {}), pipeline_notebooks()
-    pipeline = sorted({stem.split(".shard-")[0] for stem in entries})
-    found = {}
-    for stem, entry in entries.items():
-        name = stem.split(".shard-")[0]
-        if name not in notebooks:
-            continue
-        if entry.get("status") != "ok":
-            found[stem] = f"its last run {entry.get('status', 'did not finish')}" + \
-                (f" ({entry['error']})" if entry.get("error") else "")
-            continue
-        step = Step(name, notebooks[name], {**entry.get("params", {}), "out_dir": str(out_dir)},
-                    out_dir / f"{stem}.ipynb", out_dir / "html" / f"{stem}.html")
-        reasons = stale_reasons(step, manifest, upstream_of(name, pipeline))
-        if reasons:
-            found[stem] = "stale: " + "; ".join(reasons)
-    return dict(sorted(found.items()))
-
-
 def claim_notebooks(sources, notebook: str) -> list[str]:
     """The notebooks whose results a claim rests on: the producers of its source artifacts (its testing notebook
     when it names none)."""

@@ -575,7 +575,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
         try:
             from lib.claims import write_claims
             from lib.report import write_index
-            print(f"[run] claims: {write_claims(out_dir)}", flush=True)
+            print(f"[run] claims: {write_claims(out_dir, stale=stale_notebooks(out_dir))}", flush=True)
             print(f"[run] report: {write_index(out_dir)}", flush=True)
         except ImportError:
             pass
@@ -746,6 +746,32 @@ class _StderrGate:
         os.dup2(_REAL_STDERR[-1], 2)           # the pipe stays open only in kernels still shutting down
         self.thread.join(timeout=1.0)          # what we wrote is forwarded before we return
         os.close(_REAL_STDERR.pop())
+
+
+
+def stale_notebooks(out_dir) -> dict[str, str]:
+    """notebook (manifest stem) -> why its recorded results are not current: its last run failed (or did not
+    finish), or the runner would rerun it with its recorded parameters (code, packages, weights, inputs or outputs
+    changed, an upstream notebook ran since). Notebooks up to date are left out."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    entries, notebooks = manifest.get("notebooks", {}), pipeline_notebooks()
+    pipeline = sorted({stem.split(".shard-")[0] for stem in entries})
+    found = {}
+    for stem, entry in entries.items():
+        name = stem.split(".shard-")[0]
+        if name not in notebooks:
+            continue
+        if entry.get("status") != "ok":
+            found[stem] = f"its last run {entry.get('status', 'did not finish')}" + \
+                (f" ({entry['error']})" if entry.get("error") else "")
+            continue
+        step = Step(name, notebooks[name], {**entry.get("params", {}), "out_dir": str(out_dir)},
+                    out_dir / f"{stem}.ipynb", out_dir / "html" / f"{stem}.html")
+        reasons = stale_reasons(step, manifest, upstream_of(name, pipeline))
+        if reasons:
+            found[stem] = "stale: " + "; ".join(reasons)
+    return dict(sorted(found.items()))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class RunFolderWriteError(ArtifactError):
     """A notebook opened in Jupyter (not started by the runner) tried to write into a run folder the runner owns."""
 
 
+NOTEBOOK_ENV = "HEADINFO_NOTEBOOK"    # notebook being executed by the runner (lib.artifacts re-exports it)
+PRODUCER_HOOKS: list = []             # relative path -> the notebook that writes it, or None (lib.artifacts adds one)
 WRITE_OVERRIDE_ENV = "HEADINFO_WRITE_RUN_FOLDER"     # "1": let a kernel outside the runner write into a run folder
 
 
@@ -62,15 +64,14 @@ def check_write_allowed(path: str | os.PathLike) -> None:
     runner did not start: Run All on an executed report (outputs/<run>/NN_name.ipynb, its injected out_dir) would
     rewrite the run's artifacts behind the runner's back. The runner's kernels carry HEADINFO_NOTEBOOK; scripts
     and tests (no ipykernel) write as before; HEADINFO_WRITE_RUN_FOLDER=1 lets a kernel write anyway."""
-    from lib.artifacts import NOTEBOOK_ENV, identify
     if os.environ.get(NOTEBOOK_ENV) or os.environ.get(WRITE_OVERRIDE_ENV) == "1" or not in_jupyter_kernel():
         return
     folder = runner_folder(path)
     if folder is None:
         return
     session = Path(os.environ.get("JPY_SESSION_NAME", "")).stem        # the notebook Lab opened, when it says
-    found = identify(Path(path).resolve().relative_to(folder))
-    notebook = session if session[:2].isdigit() else (found[0].producer if found else "<notebook>")
+    producers = [p for p in (f(Path(path).resolve().relative_to(folder)) for f in PRODUCER_HOOKS) if p]
+    notebook = session if session[:2].isdigit() else (producers[0] if producers else "<notebook>")
     params = json.loads((folder / "manifest.json").read_text()).get("sections", {}).get("run", {}).get(
         "params_file", f"params/{folder.name}.yaml")
     raise RunFolderWriteError(

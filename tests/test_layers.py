@@ -17,13 +17,31 @@ def module_name(path: Path, root: Path = REPO_ROOT) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _entry_points(tree: ast.Module) -> set[int]:
+    """ids of the nodes inside a command-line entry point: a top-level `def main` or `if __name__ == "__main__"`.
+    `python -m lib.x` runs the module as __main__, a module object of its own, so what its entry point imports
+    makes no cycle with lib.x (the entry point is the top of the stack, like the runner)."""
+    inside = set()
+    for node in tree.body:
+        is_main_def = isinstance(node, ast.FunctionDef) and node.name == "main"
+        is_main_if = isinstance(node, ast.If) and "__main__" in ast.dump(node.test)
+        if is_main_def or is_main_if:
+            inside |= {id(n) for n in ast.walk(node)}
+    return inside
+
+
 def imported(path: Path, modules: set[str], root: Path = REPO_ROOT) -> set[str]:
-    """The lib modules `path` imports anywhere in its body: `from lib.x import y` counts lib.x.y when that is a
-    module, else lib.x; a package's own submodules imported by its __init__ count as edges too."""
+    """The lib modules `path` imports anywhere in its body (command-line entry points aside, see _entry_points):
+    `from lib.x import y` counts lib.x.y when that is a module, else lib.x; a package's own submodules imported by
+    its __init__ count as edges too."""
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _entry_points(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -50,7 +68,8 @@ def test_the_parser_sees_function_level_and_relative_imports(tmp_path):
     pkg = tmp_path / "lib" / "sub"
     pkg.mkdir(parents=True)
     mods = {"lib.a", "lib.b", "lib.c", "lib.sub", "lib.sub.d"}
-    (tmp_path / "lib" / "a.py").write_text("import os\ndef f():\n    from lib.b import g\n    from . import c\n")
+    (tmp_path / "lib" / "a.py").write_text("import os\ndef f():\n    from lib.b import g\n    from . import c\n"
+                                           "def main():\n    from lib.sub import d\n")
     (pkg / "__init__.py").write_text("from .d import x\n")
     (pkg / "d.py").write_text("from ..a import f\nfrom lib.sub import d\n")
     assert imported(tmp_path / "lib" / "a.py", mods, tmp_path) == {"lib.b", "lib.c"}
