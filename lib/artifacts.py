@@ -34,6 +34,12 @@ import numpy as np
 from lib import store
 from lib.store import ArtifactError, check_same_heads
 
+__all__ = ["FORMATS", "RANDOM_INIT", "Artifact", "ARTIFACTS", "artifact", "sharded", "path", "revision_tag",
+           "tag_sort_key", "tags", "identify", "parts_dir", "shards", "load_file", "load", "save_file", "save",
+           "append", "scalar", "check_same_run", "READS_ENV", "NOTEBOOK_ENV", "MODEL_ENV", "note_read",
+           "fingerprint", "output_globs", "output_files", "relative", "is_tagged", "check_input", "shown_name",
+           "readme_with_table", "producer_outputs"]
+
 FORMATS = ("npz", "csv", "json", "jsonl", "png", "ipynb", "html", "lock", "pt")   # pt: torch state, read by its owner
 RANDOM_INIT = "random_init"
 _FIELD = re.compile(r"\{(\w+)(?::[^}]*)?\}")

@@ -52,6 +52,12 @@ from lib import artifacts, stages
 from lib.store import ArtifactError, jsonable
 from lib.verdicts import VERDICTS, Evidence, decide, power, settle_factor
 
+__all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS", "EXPERIMENT_ARTIFACTS", "Claim",
+           "new_claim", "not_tested", "evidence_c1", "evidence_profile", "bootstrap_spearman", "HeadEvidence",
+           "head_evidence", "series_correlation", "profile_verdicts", "claim_c1", "claim_c2", "claim_c3",
+           "near_duplicates", "claim_c5", "block_evidence", "claim_from_block", "recentred", "claim_c6", "claim_c7",
+           "write_claims", "weights_note", "main"]
+
 TABLE_TEXT = ("supported: CI beyond the null band in the claimed direction; opposite: beyond it the other way; "
               "ruled out: CI within +-(paper - null) of the null (TOST), paper's effect excluded; underpowered: CI "
               "spans null and paper; invalid: floor/ceiling or wrong design (lib/verdicts.py)")

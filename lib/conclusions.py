@@ -22,6 +22,11 @@ import pandas as pd
 
 from lib.tables import number as _n
 
+__all__ = ["Conclusion", "ci", "to_html", "show", "conclude", "extraction", "phiid", "diagnostics_sentences",
+           "diagnostics", "ranking_sentences", "rankings", "ablation_sentences", "ablation", "neurons",
+           "interference", "topology", "behaviour_sentences", "behaviour", "finetune_sentences", "finetune", "local",
+           "GENERATORS"]
+
 BOX_ID = "what-this-shows"
 BOX_STYLE = ("border:2px solid #0969da;border-radius:8px;padding:.3rem 1rem .8rem;margin:1rem 0 1.5rem;"
              "background:#f6faff;font-family:system-ui,sans-serif;line-height:1.45;max-width:1150px")

@@ -23,6 +23,11 @@ import pandas as pd
 
 from lib import REPO_ROOT, artifacts
 
+__all__ = ["OUTPUT_ROOT", "RunData", "load_run", "summary", "head_id", "label", "default_mode", "default_variant",
+           "head_ranks", "phiid_row", "variant_grid", "variant_profile", "list_runs", "default_run", "message_html",
+           "parse_head", "color_limits", "prompt_tokens", "show", "head_view", "variant_view", "prompt_view",
+           "explorer", "head_explorer"]
+
 OUTPUT_ROOT = REPO_ROOT / "outputs"
 _DRAW_LOCK = threading.RLock()
 CLIM_CHOICES = ("shared", "head")       # colour limits: shared by all heads (1-99th pct) or this head's row (2-98th)

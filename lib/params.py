@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 from lib import REPO_ROOT
 
+__all__ = ["DTYPES", "ParamsValueError", "at_least", "above", "fractions", "numbers", "thresholds", "shard",
+           "device", "model_spec", "resamples", "MIN_PROMPTS", "NEEDS_NETWORK", "declare", "problems",
+           "run_problems", "validate"]
+
 Rule = Callable[[Any], "str | None"]      # value -> None when fine, else what is wrong ("must be >= 1")
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -27,6 +27,10 @@ from pathlib import Path
 
 from lib import REPO_ROOT
 
+__all__ = ["source_fingerprint", "module_info", "imported_names", "imported_modules", "lib_closure",
+           "package_versions", "notebook_fingerprint", "code_reasons", "weights_id", "git_state",
+           "parameter_defaults", "claim_notebooks"]
+
 LIB_DIR = REPO_ROOT / "lib"
 
 # import name -> distribution: the packages whose version can change a number (others, e.g. tqdm, cannot)

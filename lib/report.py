@@ -31,6 +31,9 @@ from pathlib import Path
 
 from lib.store import atomic_path, locked, read_manifest
 
+__all__ = ["Figure", "NotebookReport", "stderr_cells", "check_run", "FINDINGS_CSS", "INDEX_FIGURE_LIMIT",
+           "own_findings", "FINDINGS_TAG", "add_findings_to_notebooks", "write_index", "main"]
+
 NOTEBOOK_RE = re.compile(r"^(\d\d_[A-Za-z0-9_]+?)(?:\.shard-(\d+)-of-(\d+))?$")
 KEY_FIGURE_TAG = "key-figure"
 IMAGE_TYPES = {"image/png": "png", "image/svg+xml": "svg", "image/jpeg": "jpg"}

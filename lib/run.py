@@ -44,6 +44,11 @@ from lib.notebook_params import (ParamsError, _base_type, declared_parameters,  
                                  default_value as _default_value)
 from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
+__all__ = ["OUTPUT_ROOT", "Step", "PARENTS", "parents_of", "upstream_of", "pipeline_notebooks", "check_type",
+           "parse_value", "load_params", "build_steps", "shard_suffix", "params_hash", "model_key", "stale_reasons",
+           "code_reasons", "is_up_to_date", "record", "record_success", "export_html", "render_html", "execute",
+           "run_pipeline", "explain", "check_run", "cache_problem", "main", "stale_notebooks"]
+
 # papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
 # rfc3987_syntax (installed with jupyter's jsonschema[format-nongpl]); that module compiles a grammar on import:
 # ~1.6 s of CPU in every runner process. No notebook schema uses the IRI format: the runner does without it.

@@ -20,6 +20,12 @@ import numpy as np
 
 from lib import REPO_ROOT
 
+__all__ = ["ArtifactError", "RunFolderWriteError", "NOTEBOOK_ENV", "PRODUCER_HOOKS", "WRITE_OVERRIDE_ENV",
+           "in_jupyter_kernel", "check_write_allowed", "ensure_writable_dir", "atomic_path", "save_npz", "save_json",
+           "save_csv", "save_figure", "READ_HOOKS", "load_npz", "check_same_heads", "git_commit", "package_versions",
+           "file_checksum", "read_manifest", "clean_temp_files", "disk_error", "locked", "update_manifest",
+           "jsonable", "RunLockedError", "run_lock"]
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

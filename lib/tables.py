@@ -21,6 +21,8 @@ from pathlib import PurePath
 import numpy as np
 import pandas as pd
 
+__all__ = ["MAX_COLS", "number", "cell", "blocks", "to_html", "show", "records", "thin"]
+
 DASH = "\u2013"
 MAX_COLS = 12
 MAX_CHARS = 60

@@ -3,3 +3,5 @@
 Figures are meant for papers: labelled axes with units, legends, layer colours consistent across notebooks.
 """
 from lib.plots.common import LAYER_CMAP, layer_colors, new_figure, style  # noqa: F401
+
+__all__ = ["LAYER_CMAP", "layer_colors", "new_figure", "style"]

@@ -6,6 +6,8 @@ import pandas as pd
 
 from lib.plots.common import new_figure
 
+__all__ = ["break_gaps", "unmeasured_gaps", "plot_ablation_curves", "plot_prompt_auc_ratios"]
+
 RANDOM_COLOR = "0.25"
 
 

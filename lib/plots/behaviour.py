@@ -5,6 +5,8 @@ import numpy as np
 
 from lib.plots.common import new_figure
 
+__all__ = ["plot_accuracy_bars", "plot_accuracy_vs_sigma", "plot_calibration"]
+
 COLORS = {"baseline": "0.55", "redundant": "C2", "random": "0.25", "layer_matched": "C1", "synergistic": "C3"}
 ORDER = ("baseline", "redundant", "random", "layer_matched", "synergistic")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import matplotlib
 
+__all__ = ["LAYER_CMAP", "style", "new_figure", "layer_colors"]
+
 matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend() != "agg" else "agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,6 +6,8 @@ import numpy as np
 
 from lib.plots.common import LAYER_CMAP, new_figure
 
+__all__ = ["syn_red_scatter", "pair_hexbin", "autocorr_vs_atoms", "layer_profiles", "head_heatmaps", "pair_matrix"]
+
 LABELS = {
     "synergy": "synergy, mean sts per pair (nats)",
     "redundancy": "redundancy, mean rtr per pair (nats)",

@@ -8,6 +8,8 @@ from matplotlib.ticker import MaxNLocator
 
 from lib.plots.common import layer_colors
 
+__all__ = ["head_panel", "variant_panel", "prompt_panel"]
+
 
 def new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     """A figure outside pyplot (the explorer renders it itself, lib.explore.show): widget callbacks then draw into

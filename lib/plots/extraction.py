@@ -5,6 +5,8 @@ import numpy as np
 
 from lib.plots.common import new_figure
 
+__all__ = ["mean_norm_heatmap", "layer_norm_profile", "head_time_series"]
+
 
 def mean_norm_heatmap(activations: np.ndarray, n_layers: int, n_heads: int, title: str = ""):
     """Layer x head heatmap of the mean L2 norm of each head's output. activations: [prompts, heads, steps]."""

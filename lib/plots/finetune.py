@@ -6,6 +6,8 @@ from matplotlib.patches import Rectangle
 
 from lib.plots.common import new_figure
 
+__all__ = ["accuracy_by_condition", "learning_curves", "delta_map"]
+
 KIND_COLORS = {"synergistic": "C3", "redundant": "C0", "random": "0.35", "layer_matched": "C2"}
 KIND_ORDER = ("synergistic", "redundant", "random", "layer_matched")
 

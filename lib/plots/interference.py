@@ -8,6 +8,8 @@ from matplotlib.colors import TwoSlopeNorm
 
 from lib.plots.common import new_figure
 
+__all__ = ["BLOCKS", "block_heatmaps", "layer_profiles", "pair_matrix", "fisher_profile"]
+
 BLOCKS = ("Q", "K", "V", "O")
 BLOCK_COLORS = {"Q": "#1f77b4", "K": "#ff7f0e", "V": "#2ca02c", "O": "#d62728"}
 VARIANT_LABELS = {

@@ -5,6 +5,8 @@ import numpy as np
 
 from lib.plots.common import new_figure
 
+__all__ = ["token_strip", "layer_step_heatmaps", "synergy_vs_targets", "kind_bars", "step_profiles"]
+
 KIND_ORDER = ("first_answer", "punctuation", "digit", "digit_numerical", "end_of_turn", "after_end_of_turn", "other")
 
 

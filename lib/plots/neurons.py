@@ -7,6 +7,8 @@ import pandas as pd
 
 from lib.plots.common import LAYER_CMAP, layer_colors, new_figure
 
+__all__ = ["direct_vs_total", "direct_ratio_by_layer", "class_counts_by_layer", "mean_direct_ratio_by_layer"]
+
 CLASS_COLORS = {"routing-dominant": "#4c72b0", "mixed": "#bbbbbb", "logit-dominant": "#dd8452"}
 
 

@@ -4,6 +4,8 @@ import numpy as np
 
 from lib.plots.common import new_figure
 
+__all__ = ["colour_norm", "atom_heatmaps"]
+
 ATOM_LABELS = {"sts": "synergy (sts)", "rtr": "redundancy (rtr)"}
 
 

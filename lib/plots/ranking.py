@@ -6,6 +6,9 @@ import numpy as np
 
 from lib.plots.common import new_figure
 
+__all__ = ["variant_heatmaps", "variant_profiles", "excess_profiles", "agreement_heatmap", "reliability_plot",
+           "tag_profiles"]
+
 SCORE_LABEL = "head score (0 = most redundant, 1 = most synergistic)"
 DEPTH_LABEL = "normalised depth (layer / (layers - 1))"
 

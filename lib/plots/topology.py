@@ -8,6 +8,9 @@ from matplotlib.ticker import MaxNLocator
 
 from lib.plots.common import LAYER_CMAP, new_figure
 
+__all__ = ["network_drawings", "measure_bars", "threshold_sweep", "modules_vs_layers", "strength_by_layer",
+           "differences"]
+
 NET_COLORS = {"syn": "C3", "red": "C0"}
 NET_LABELS = {"syn": "synergy (sts)", "red": "redundancy (rtr)"}
 MEASURE_LABELS = {"efficiency": "global efficiency (unitless)", "modularity": "modularity Q (Louvain, gamma 1)",
