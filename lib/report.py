@@ -468,8 +468,9 @@ def _summary_rows(manifest: dict, reports: list[NotebookReport], total: float) -
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     model = _model(manifest, reports)
     rows = [("model", model)]
-    if model.startswith("bundled:smollm2"):
-        rows.append(("weights", BUNDLED_WEIGHTS_NOTE))
+    from lib.claims import weights_note
+    if weights_note(model):
+        rows.append(("weights", weights_note(model)))
     return rows + [("params file", run.get("params_file", "?")),
                    ("overrides", " ".join(run.get("overrides", [])) or "none"),
                    ("shared parameters", json.dumps(run.get("shared", {}), sort_keys=True)),
