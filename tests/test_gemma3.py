@@ -12,7 +12,7 @@ from lib.extract import compare_batched, extract_activations
 from lib.heads import HeadHooks
 from lib.prompts import select_prompts
 from tests import manual_attention
-from tests.test_heads import batch, test_mask_equals_zeroing_output_projection_columns
+from tests import test_heads as heads_tests
 from tests.test_neurons import _zeroed_logits
 
 SPEC = "bundled:gemma3-270m"
@@ -38,7 +38,8 @@ def test_layout_norms_and_logits(gemma3):
     # final norm + unembedding (+ soft-capping when set) of the last hidden state reproduce the model's logits
     recomputed = arch.logits_from_normed(out.hidden_states[-1][0, -1])
     torch.testing.assert_close(recomputed, out.logits[0, -1], atol=1e-3, rtol=1e-4)
-    assert tokenizer.decode(out.logits[0, -1].argmax()).strip() == "Paris"     # trained weights, not random
+    top = [tokenizer.decode(t).strip() for t in out.logits[0, -1].topk(10).indices]
+    assert "Paris" in top, top                                          # trained weights (random: 1 in 26,000)
 
 
 def test_batched_equals_one_at_a_time_on_gemma3(gemma3):
@@ -64,7 +65,7 @@ def test_hook_matches_manual_attention_with_sliding_window(gemma3, window):
     from tests.conftest import cached_model
     model, tokenizer, arch = gemma3
     manual, _, manual_arch = cached_model(SPEC, manual_attention.NAME)
-    input_ids, attention_mask = batch(tokenizer)
+    input_ids, attention_mask = heads_tests.batch(tokenizer)
     saved = (model.config.sliding_window, manual.config.sliding_window)
     try:
         if window:
@@ -90,7 +91,7 @@ def test_hook_matches_manual_attention_with_sliding_window(gemma3, window):
 def test_head_mask_equals_zeroed_weights(gemma3):
     """Zeroing a head's slice of the o_proj input = zeroing its o_proj columns, before post_attention_layernorm."""
     model, tokenizer, arch = gemma3
-    test_mask_equals_zeroing_output_projection_columns(("gemma3", model, tokenizer, arch))
+    heads_tests.test_mask_equals_zeroing_output_projection_columns(("gemma3", model, tokenizer, arch))
 
 
 def test_neuron_ablation_through_post_feedforward_norm(gemma3, tmp_path):
