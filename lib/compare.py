@@ -272,7 +272,7 @@ def render(folders: list, out_dir=COMPARE_DIR) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     executed, html = out / f"{NOTEBOOK}.ipynb", out / f"{NOTEBOOK}.html"
     papermill.execute_notebook(str(REPO_ROOT / "notebooks" / f"{NOTEBOOK}.ipynb"), str(executed),
-                               parameters={"runs": [str(f) for f in folders]}, cwd=str(REPO_ROOT),
+                               parameters={"runs": [str(f) for f in folders], "out_dir": str(out)}, cwd=str(REPO_ROOT),
                                progress_bar=False, kernel_name="python3")
     render_html(executed, html)
     record_runs(folders, out)
