@@ -29,12 +29,12 @@ def test_tables_match_the_runs_files(tiny_run, tmp_path):
     claims = json.loads((tiny_run / "claims.json").read_text())["claims"]
     assert len(matrix) == 2 * len(claims)
     for c in claims:
-        row = matrix[(matrix["claim"] == c["id"]) & (matrix["run"] == "tiny")].iloc[0]
+        row = matrix[(matrix["claim"] == c["id"]) & (matrix["run"] == tiny_run.name)].iloc[0]
         assert row["verdict"] == c["verdict"]
         if c.get("value") is not None:
             assert row["effect [95% CI]"].startswith(f"{c['value']:.3g}")
     grid = compare.verdict_grid(matrix)
-    assert list(grid.columns) == ["tiny", "tiny-b"] and (grid["tiny"] == grid["tiny-b"]).all()
+    assert list(grid.columns) == sorted([tiny_run.name, "tiny-b"]) and (grid[tiny_run.name] == grid["tiny-b"]).all()
 
     profile = compare.depth_profile(views[0])
     rank = pd.read_csv(tiny_run / "rankings.csv")
@@ -50,7 +50,7 @@ def test_tables_match_the_runs_files(tiny_run, tmp_path):
 
     diag = json.loads((tiny_run / "diagnostics.json").read_text())
     table = compare.syn_red_table(views)
-    trained = table[(table["run"] == "tiny") & (table["weights"] == "trained")].iloc[0]
+    trained = table[(table["run"] == tiny_run.name) & (table["weights"] == "trained")].iloc[0]
     assert trained["syn-red Spearman"] == pytest.approx(diag["syn_red"]["head_spearman"])
 
     curves = compare.ablation_curves(views[0])
@@ -82,7 +82,7 @@ def test_only_the_template_differs_is_stated_not_refused(tiny_run, tmp_path):
     other = _copy(tiny_run, tmp_path / "tiny-b")
     _set_npz(other / "activations.npz", chat_template=False)
     sets = compare.prompt_sets(compare.load_runs([tiny_run, other])).set_index("run")
-    assert sets.loc["tiny", "chat template"] == "yes" and sets.loc["tiny-b", "chat template"].startswith("no")
+    assert sets.loc[tiny_run.name, "chat template"] == "yes" and sets.loc["tiny-b", "chat template"].startswith("no")
 
 
 def test_report_and_index_links(tiny_run_copy, tmp_path):
