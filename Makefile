@@ -47,7 +47,7 @@ test: model
 test-fast: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
-# make compare: every run of COMPARE_RUNS that is missing or out of date is run (params/<run>.yaml, bundled models
+# make compare: every run of COMPARE_RUNS without claims.json (missing or unfinished) is run (params/<run>.yaml, bundled models
 # installed on first use), then notebooks/12_compare_models.ipynb over them -> outputs/compare/
 compare: model
 	$(PY) -m lib.compare $(COMPARE_RUNS)
