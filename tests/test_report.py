@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -267,3 +268,16 @@ def test_notebook_formulas_read_offline_without_mathjax():
     found = {p.name: m.group(0)[:40] for p in notebooks for c in json.loads(p.read_text())["cells"]
              if c["cell_type"] == "markdown" for m in [tex.search("".join(c["source"]))] if m}
     assert not found, f"TeX math in markdown (unreadable offline): {found}"
+
+
+def test_index_names_gemma_weights_and_links_comparisons_including_it(clean_run, tmp_path):
+    out, _ = clean_run
+    update_manifest(out, "run", {"name": "unit", "params_file": "unit.yaml", "shared": {"model": "bundled:gemma3-270m"},
+                                 "overrides": []})
+    for name, runs in (("compare", [out, tmp_path / "other"]), ("compare-b", [tmp_path / "other"])):
+        (out.parent / name).mkdir()
+        (out.parent / name / "runs.json").write_text(json.dumps({"runs": [str(r) for r in runs]}))
+        (out.parent / name / "12_compare_models.html").write_text("<html></html>")
+    text = report.write_index(out).read_text()
+    assert "Q4_K_M" in text and "no chat template" in text
+    assert "../../compare/12_compare_models.html" in text and "compare-b/" not in text
