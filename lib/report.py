@@ -486,7 +486,7 @@ def _md_cell(text) -> str:
 
 def findings_markdown(rows: list[dict], paper: str) -> str:
     """The Findings box of one notebook as a markdown cell (renders in JupyterLab and nbconvert alike)."""
-    lines = [f"## Findings: the claims this notebook tests", "", f"Paper: {paper}; verdicts from the whole run's "
+    lines = ["## Findings: the claims this notebook tests", "", f"Paper: {paper}; verdicts from the whole run's "
              f"claims.json (written by the runner after the last notebook).", "",
              "| claim | verdict | statistic | ours [95% CI] | null | paper | reason |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['id']}: {_md_cell(r['claim'])} | **{_md_cell(r['verdict'])}** | {_md_cell(r['statistic'])} | {_md_cell(r['ours'])} "
@@ -560,10 +560,21 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
         logs=[(p.name, _size(p.stat().st_size)) for p in logs], comparisons=_comparison_links(out_dir))
 
 
+def comparisons_including(run_dir, compare_root=None) -> list[Path]:
+    """The comparison reports (outputs/compare*/12_compare_models.html) whose runs include `run_dir`."""
+    run_dir = Path(run_dir).resolve()
+    root = Path(compare_root) if compare_root else run_dir.parent
+    found = []
+    for runs_file in sorted(root.glob("compare*/runs.json")):
+        runs = [Path(r).resolve() for r in json.loads(runs_file.read_text()).get("runs", [])]
+        if run_dir in runs and (runs_file.parent / "12_compare_models.html").exists():
+            found.append(runs_file.parent / "12_compare_models.html")
+    return found
+
+
 def _comparison_links(out_dir: Path) -> list[tuple[str, str]]:
     """(relative link, label) of every cross-model comparison (lib/compare.py) that includes this run."""
     import os
-    from lib.compare import comparisons_including
     return [(os.path.relpath(p, out_dir / "html"), p.parent.name) for p in comparisons_including(out_dir)]
 
 
