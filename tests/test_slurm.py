@@ -161,7 +161,7 @@ def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tm
 @pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
-    from lib.run import Step, shard_suffix, build_steps, load_params, params_hash, record_success
+    from lib.run import Step, build_steps, current_code, load_params, params_hash, record_success, shard_suffix
     out = tmp_path / "run"
     run, shared, secs = load_params(PARAMS, [f"out_dir={out}"])
     steps = build_steps(run, shared, secs)
@@ -174,7 +174,8 @@ def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
         step.output.parent.mkdir(parents=True, exist_ok=True)
         step.output.write_text("{}")
         earlier = [s.name for s in steps if s.name < step.name]
-        record_success(step, set(), earlier, status="ok", params_hash=params_hash(step.params))
+        record_success(step, set(), earlier, status="ok", params_hash=params_hash(step.params),
+                       code=current_code(step))            # what the runner records: the code fingerprint
 
     for step in steps:
         if shardable(step.name):
