@@ -123,9 +123,10 @@ def claims_matrix(views: list[RunView]) -> pd.DataFrame:
                          "paper's effect": _fmt((c.get("paper_effect") or {}).get("value")),
                          "min. detectable": _fmt((c.get("power") or {}).get("mde")),
                          "statistic": c.get("statistic", "")})
-    if not rows:
-        return pd.DataFrame(columns=["claim", "run", "verdict"])
-    return pd.DataFrame(rows).sort_values(["claim", "run"]).reset_index(drop=True)
+    columns = ["claim", "run", "verdict", "effect [95% CI]", "null", "paper's effect", "min. detectable", "statistic"]
+    if not rows:                                  # runs without claims.json (e.g. notebooks run by hand): no rows
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame(rows, columns=columns).sort_values(["claim", "run"]).reset_index(drop=True)
 
 
 def verdict_grid(matrix: pd.DataFrame) -> pd.DataFrame:

@@ -376,7 +376,8 @@ def record_success(step: Step, reads: set[Path], earlier: list[str], **entry) ->
             now = artifacts.fingerprint(p, old)
             if not (old.get("mtime_ns") == now["mtime_ns"] and old.get("sha256") == now["sha256"]):
                 records[rel] = {**now, "producer": step.output.stem, "model": model, "inputs": inputs}
-            elif Path(p).resolve() in {Path(r).resolve() for r in reads}:   # read back, not rewritten: reused as valid
+            elif Path(p).resolve() in {Path(r).resolve() for r in reads} and not _missing_inputs(out_dir, old):
+                # read back, not rewritten, its inputs all still there: the notebook reused it as valid
                 if old.get("inputs") != inputs:
                     print(f"[run] kept {rel}: {step.name} read it back as a valid checkpoint; it now derives from "
                           f"the current inputs", flush=True)
@@ -401,6 +402,12 @@ def _lost_inputs(out_dir: Path, record: dict, records: dict) -> list[str]:
         if not p.is_file() or artifacts.fingerprint(p, records.get(rel))["sha256"] != sha:
             lost.append(rel)
     return lost
+
+
+def _missing_inputs(out_dir: Path, record: dict) -> list[str]:
+    """The recorded inputs of an artifact that no longer exist (a file computed from a deleted input is never
+    kept, even when the notebook read it back)."""
+    return [rel for rel in (record.get("inputs") or {}) if not (out_dir / rel).is_file()]
 
 
 _HTML_EXPORTER = []        # one nbconvert exporter per runner process (importing nbconvert takes seconds)
