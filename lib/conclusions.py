@@ -187,14 +187,6 @@ def diagnostics_sentences(d: dict) -> tuple[list[str], list[str]]:
     return found, against
 
 
-def diagnostics(out_dir: Path) -> Conclusion:
-    c = Conclusion("03_phiid_diagnostics", sources=["diagnostics.json"])
-    d = _read_json(out_dir, "diagnostics.json")
-    if d:
-        c.findings, c.against = diagnostics_sentences(d)
-    return c
-
-
 # ----------------------------------------------------------------------------- 04 rankings
 
 def ranking_sentences(s: dict) -> tuple[list[str], list[str]]:
@@ -203,7 +195,7 @@ def ranking_sentences(s: dict) -> tuple[list[str], list[str]]:
     beyond = {r["variant"]: r["verdict"] for r in s.get("inverted_u_beyond_null", [])}
     n_raw = sum(v == "inverted U" for v in raw.values())
     n_beyond = sum(v == "inverted U" for v in beyond.values())
-    found = [f"Split-half reliability (Spearman-Brown): " + ", ".join(f"{k} {_n(v, 2)}" for k, v in rel.items()) + ".",
+    found = ["Split-half reliability (Spearman-Brown): " + ", ".join(f"{k} {_n(v, 2)}" for k, v in rel.items()) + ".",
              f"{n_raw} of {len(raw)} variants show an inverted U across depth in the raw scores, {n_beyond} of "
              f"{len(beyond)} in the excess over the circular-shift null."]
     against = []
@@ -217,14 +209,6 @@ def ranking_sentences(s: dict) -> tuple[list[str], list[str]]:
     if low:
         against.append(f"Reliability below 0.5 for {', '.join(low)}: these rankings mostly reshuffle between prompt halves.")
     return found, against
-
-
-def rankings(out_dir: Path) -> Conclusion:
-    c = Conclusion("04_ranking_variants", sources=["ranking_summary.json"])
-    s = _read_json(out_dir, "ranking_summary.json")
-    if s:
-        c.findings, c.against = ranking_sentences(s)
-    return c
 
 
 # ----------------------------------------------------------------------------- 05 ablation
@@ -289,14 +273,6 @@ def neuron_sentences(layers: pd.DataFrame) -> tuple[list[str], list[str]]:
     return found, against
 
 
-def neurons(out_dir: Path) -> Conclusion:
-    c = Conclusion("06_neuron_effects", sources=["layer_summary.csv"])
-    layers = _read_csv(out_dir, "layer_summary.csv")
-    if layers is not None and len(layers):
-        c.findings, c.against = neuron_sentences(layers)
-    return c
-
-
 # ----------------------------------------------------------------------------- 07 interference
 
 def interference_sentences(s: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -320,14 +296,6 @@ def interference_sentences(s: pd.DataFrame) -> tuple[list[str], list[str]]:
     return found, against
 
 
-def interference(out_dir: Path) -> Conclusion:
-    c = Conclusion("07_qkov_interference", sources=["interference_summary.csv"])
-    s = _read_csv(out_dir, "interference_summary.csv")
-    if s is not None and len(s):
-        c.findings, c.against = interference_sentences(s)
-    return c
-
-
 # ----------------------------------------------------------------------------- 08 topology
 
 def topology_sentences(t: dict) -> tuple[list[str], list[str]]:
@@ -349,14 +317,6 @@ def topology_sentences(t: dict) -> tuple[list[str], list[str]]:
             against.append(f"The untrained copy already has a more efficient synergistic network "
                            f"({_n(e['observed'])}): the difference does not need training.")
     return found, against
-
-
-def topology(out_dir: Path) -> Conclusion:
-    c = Conclusion("08_topology", sources=["topology.json"])
-    t = _read_json(out_dir, "topology.json")
-    if t:
-        c.findings, c.against = topology_sentences(t)
-    return c
 
 
 # ----------------------------------------------------------------------------- 09 behaviour
@@ -389,14 +349,6 @@ def behaviour_sentences(s: dict) -> tuple[list[str], list[str]]:
     return found, against
 
 
-def behaviour(out_dir: Path) -> Conclusion:
-    c = Conclusion("09_task_behaviour", sources=["behaviour_summary.json"])
-    s = _read_json(out_dir, "behaviour_summary.json")
-    if s:
-        c.findings, c.against = behaviour_sentences(s)
-    return c
-
-
 # ----------------------------------------------------------------------------- 10 fine-tuning
 
 def finetune_sentences(s: dict) -> tuple[list[str], list[str]]:
@@ -416,14 +368,6 @@ def finetune_sentences(s: dict) -> tuple[list[str], list[str]]:
         against.append(f"Training only the synergistic heads does not learn more than random heads: g = "
                        f"{ci(cl['value'], *cl['ci95'])} (the paper: about 1.4).")
     return found, against
-
-
-def finetune(out_dir: Path) -> Conclusion:
-    c = Conclusion("10_head_finetuning", sources=["finetune_summary.json"])
-    s = _read_json(out_dir, "finetune_summary.json")
-    if s:
-        c.findings, c.against = finetune_sentences(s)
-    return c
 
 
 # ----------------------------------------------------------------------------- 11 local synergy
@@ -446,12 +390,27 @@ def local_sentences(s: dict) -> tuple[list[str], list[str]]:
     return found, against
 
 
-def local(out_dir: Path) -> Conclusion:
-    c = Conclusion("11_local_synergy", sources=["local_summary.json"])
-    s = _read_json(out_dir, "local_summary.json")
-    if s:
-        c.findings, c.against = local_sentences(s)
-    return c
+def _from_file(notebook: str, file: str, sentences):
+    """The generator of a page whose box is built from one file of the run (a .json, or a non-empty .csv) by
+    `sentences` -> (findings, against); an absent file gives an empty box."""
+    def generate(out_dir: Path) -> Conclusion:
+        c = Conclusion(notebook, sources=[file])
+        data = (_read_json if file.endswith(".json") else _read_csv)(out_dir, file)
+        if data is not None and len(data):
+            c.findings, c.against = sentences(data)
+        return c
+    generate.__name__ = generate.__qualname__ = notebook
+    return generate
+
+
+diagnostics = _from_file("03_phiid_diagnostics", "diagnostics.json", diagnostics_sentences)
+rankings = _from_file("04_ranking_variants", "ranking_summary.json", ranking_sentences)
+neurons = _from_file("06_neuron_effects", "layer_summary.csv", neuron_sentences)
+interference = _from_file("07_qkov_interference", "interference_summary.csv", interference_sentences)
+topology = _from_file("08_topology", "topology.json", topology_sentences)
+behaviour = _from_file("09_task_behaviour", "behaviour_summary.json", behaviour_sentences)
+finetune = _from_file("10_head_finetuning", "finetune_summary.json", finetune_sentences)
+local = _from_file("11_local_synergy", "local_summary.json", local_sentences)
 
 
 GENERATORS = {"01_extract_activations": extraction, "02_phiid": phiid, "03_phiid_diagnostics": diagnostics,
