@@ -245,8 +245,9 @@ def clean_temp_files(out_dir: str | os.PathLike, globs: list[str] | None = None)
     removed = []
     for pattern in TEMP_GLOBS:
         for p in Path(out_dir).rglob(pattern):
-            if globs is not None and not any(fnmatch.fnmatch(p.name, f".{g}.*") for g in globs):
-                continue
+            if globs is not None and (p.parent.name == "html" or not any(fnmatch.fnmatch(p.name, f".{g}.*")
+                                                                         for g in globs)):
+                continue          # pages are rewritten by every job's report step: left to the whole run's clean-up
             if p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
