@@ -83,7 +83,8 @@ __all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER
            "make_conditions", "check_settings", "load_rankings", "check_rankings_model", "prepare", "plan_table",
            "eos_ids", "greedy_generate", "problem_batches", "fingerprint", "Checkpoint", "run_behaviour",
            "pick_sigma", "calibration_plan", "Calibration", "calibrate", "clopper_pearson", "mcnemar",
-           "percentile_among", "paired_difference_ci", "relative_difference", "relative_accuracy", "floor_ceiling"]
+           "percentile_among", "paired_difference_ci", "relative_difference", "relative_accuracy", "floor_margin",
+           "floor_ceiling"]
 
 PERTURBATIONS = ("zero", "noise")
 KINDS = ("baseline", "synergistic", "redundant", "random", "layer_matched")
@@ -724,11 +725,16 @@ def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
     return 0.0 - r["value"], 0.0 - r["ci95"][1], 0.0 - r["ci95"][0]          # 0.0 - x: no "-0.0"
 
 
+def floor_margin(n: int) -> float:
+    """Problems within which of 0 (floor) or of the baseline (ceiling) a head set counts as stuck: max(2, 5 % of n)."""
+    return max(2.0, 0.05 * n)
+
+
 def floor_ceiling(baseline_correct: int, random_correct, n: int) -> dict:
     """Validity of a synergistic-vs-random comparison: invalid when the random sets' mean number of correct problems
     lies within margin = max(2, 5 % of n) problems of 0 (floor) or of the baseline's number correct (ceiling).
     random_correct [sets] -> {valid, reason, margin, random_mean_correct, baseline_correct, n}."""
-    mean, margin = float(np.mean(random_correct)), max(2.0, 0.05 * n)
+    mean, margin = float(np.mean(random_correct)), floor_margin(n)
     where = f"random sets at {mean:.1f}/{n} problems, baseline {baseline_correct}/{n}"
     floor, ceiling = mean <= margin, mean >= baseline_correct - margin
     problems = [f"floor (within {margin:g} problems of 0)"] * floor + \
