@@ -150,7 +150,7 @@ def c1_null(rows: list[dict], nulls: dict, brain: float = -0.4):
     ax.axvline(brain, color="C3", ls="--", lw=1, label=f"brain (Luppi et al.): r ~ {brain:g}")
     ax.axvline(0, color="0.6", lw=0.6)
     ax.set_yticks(range(len(rows)), [r["copy"].replace("_", "-") for r in rows])
-    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(len(rows) - 0.4, -0.6)                   # the first copy (the trained model) on top
     ax.set_xlim(-1, 1)
     ax.set_xlabel("Spearman r(synergy, redundancy) over heads, per-prompt PhiID")
     ax.set_title("Claim C1: observed syn-red correlation against its circular-shift null", fontsize=10)
