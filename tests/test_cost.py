@@ -1,12 +1,12 @@
-"""lib/cost.py: the cost estimate of --check against hand counts; model size from safetensors headers."""
+"""lib/pipeline/cost.py: the cost estimate of --check against hand counts; model size from safetensors headers."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from lib import cost
-from lib.models import load_model, meta_parameter_count, model_dims
+from lib.pipeline import cost
+from lib.model.loading import load_model, meta_parameter_count, model_dims
 from lib.run import build_steps, load_params, main
 
 # 01: 12 prompts x 24 tokens in one batch, with a random-init copy and 2 prompts regenerated alone; 05: random:llama
@@ -127,7 +127,7 @@ def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
 
 def test_diagnostics_counts_claim_c1s_surrogates_for_each_copy():
     from types import SimpleNamespace
-    from lib import cost
+    from lib.pipeline import cost
     dims = SimpleNamespace(total_heads=270)
     pairs = 270 * 269 // 2
     run = {"01_extract_activations": {"baseline_random_init": True}}

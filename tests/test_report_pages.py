@@ -1,5 +1,5 @@
-"""Reports a reviewer reads without squinting: the table formatter (lib.tables), the generated "What this shows"
-boxes (lib.conclusions) on planted numbers, and the report check of every page of the tiny run in headless
+"""Reports a reviewer reads without squinting: the table formatter (lib.pipeline.tables), the generated "What this shows"
+boxes (lib.pipeline.conclusions) on planted numbers, and the report check of every page of the tiny run in headless
 Chromium at 1,300 px (tables that fit, no NaN / None / inf or long floats, every image loaded, the box present)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import conclusions as cc
-from lib import tables
+from lib.pipeline import conclusions as cc
+from lib.pipeline import tables
 
-# ----------------------------------------------------------------------------- lib.tables
+# ----------------------------------------------------------------------------- lib.pipeline.tables
 
 
 @pytest.mark.parametrize("value, text", [
@@ -71,7 +71,7 @@ def test_thin_keeps_the_ends_and_at_most_k_measured_values():
     assert list(tables.thin([0.1, 0.2], 10)) == [0.1, 0.2]
 
 
-# ----------------------------------------------------------------------------- lib.conclusions on planted numbers
+# ----------------------------------------------------------------------------- lib.pipeline.conclusions on planted numbers
 
 def _auc_row(ordering, ratio, lo, hi, variant="rank_diff", band=(0.8, 1.2)):
     return {"variant": variant, "ordering": ordering, "auc_ratio": ratio, "ci_low": lo, "ci_high": hi,
@@ -142,12 +142,15 @@ def _c1_row(copy, r, lo, hi, null=(0.94, 0.93, 0.95), where="below the band"):
 
 def test_c1_sentences_put_r_beside_its_null_and_say_when_it_is_still_collinear():
     found, against = cc.c1_sentences([_c1_row("trained", 0.888, 0.85, 0.914),
-                                      _c1_row("random_init", 0.0, -0.13, 0.13, (0.1, -0.1, 0.3), "overlaps the band")])
+                                      _c1_row("random_init", 0.0, -0.13, 0.13, (0.0, -0.1, 0.3), "overlaps the band")])
     assert found[0] == ("C1, trained copy: Spearman r(synergy, redundancy) = 0.888 [0.85, 0.914] over 270 heads; its "
                         "circular-shift null (20 surrogates) has mean 0.94 and 95% band [0.93, 0.95]: r's CI below "
                         "the band (r - null mean = -0.052).")
     assert "overlaps the band" in found[1]
     assert len(against) == 1 and "less alike than in surrogates" in against[0] and "CI high 0.914 >= 0.5" in against[0]
+    untrained_further = _c1_row("random_init", 0.0, -0.13, 0.13, (0.724, 0.714, 0.736))
+    against = cc.c1_sentences([_c1_row("trained", 0.888, 0.85, 0.914), untrained_further])[1]
+    assert "more 'distinct' than the trained model (r - null mean = -0.724 vs -0.052)" in against[1]
     assert cc.c1_sentences([_c1_row("trained", -0.5, -0.6, -0.4)])[1] == []
 
 
@@ -206,6 +209,12 @@ def test_floor_and_dose_sentences():
                         "accuracy at sigma 0.1 and 0 at sigma 0.5; the main run used sigma 0.29.")
     assert "measured at 3 non-zero sigma value(s) (0.1, 0.29, 0.5)" in found[1]
     assert len(cc.dose_sentences([0.29], pd.concat([sweep, sweep.assign(sigma=[0.0, 0.2, 0.3])]))) == 1
+
+
+def test_floor_margin_is_two_problems_or_five_percent():
+    from lib.experiments.behaviour import floor_ceiling, floor_margin
+    assert [floor_margin(n) for n in (8, 40, 60, 100)] == [2.0, 2.0, 3.0, 5.0]
+    assert floor_ceiling(23, [3, 3], 60)["valid"] is False and floor_ceiling(23, [4, 4], 60)["valid"] is True
 
 
 def test_curve_sentences_count_the_measured_steps():
@@ -349,7 +358,8 @@ def test_accuracy_vs_sigma_shows_every_measured_dose_the_baseline_and_the_floor(
               "accuracy": a, "ci_low": 0.0, "ci_high": a + 0.06} for k, a in acc.items()]
     rows += [{"kind": "random", "variant": "", "perturbation": "noise", "sigma": 0.29, "n_problems": 60,
               "accuracy": a, "ci_low": 0.0, "ci_high": 0.1} for a in (0.0, 0.05)]
-    result = SimpleNamespace(table=pd.DataFrame(rows), plan=SimpleNamespace(variants=["rank_diff"], fraction=0.25))
+    result = SimpleNamespace(table=pd.DataFrame(rows), plan=SimpleNamespace(variants=["rank_diff"], fraction=0.25),
+                             floor_margin=lambda: 3.0)
     grid = [0.1, 0.2, 0.3, 0.4, 0.5]
     sweep = pd.DataFrame([{"kind": "random", "seed": s, "sigma": x, "n_problems": 60, "accuracy": 0.4 - 0.8 * x + 0.01 * s,
                            "ci_low": 0.0, "ci_high": 0.5} for s in (0, 1) for x in grid]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.behaviour import floor_margin
 from lib.plots.common import new_figure
 
 __all__ = ["plot_accuracy_bars", "plot_accuracy_vs_sigma", "plot_calibration"]
@@ -96,8 +95,8 @@ def plot_accuracy_vs_sigma(result, calibration=None):
     ax.axhspan(base.ci_low, base.ci_high, color=COLORS["baseline"], alpha=0.15, lw=0)
     ax.axhline(base.accuracy, color=COLORS["baseline"], ls="--",
                label=f"baseline, no noise: {base.accuracy:.0%} of {n} (95% CI band)")
-    ax.axhline(floor_margin(n) / n, color="C3", ls=":", lw=1.2,
-               label=f"floor: {floor_margin(n):g} of {n} problems ({floor_margin(n) / n:.0%})")
+    margin = result.floor_margin()
+    ax.axhline(margin / n, color="C3", ls=":", lw=1.2, label=f"floor: {margin:g} of {n} problems ({margin / n:.0%})")
     if len(sweep):
         _sweep(ax, sweep)
     _main_sets(ax, noise, result.plan.variants[0])
