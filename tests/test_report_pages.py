@@ -88,6 +88,13 @@ def test_ablation_reverse_above_the_band_produces_the_contradiction():
     assert any("AUC ratio 2 [1.6, 2.4]" in f and "above it" in f for f in found)
 
 
+def test_ablation_ranking_below_the_band_is_said_to_matter_less_than_random():
+    found, against = cc.ablation_sentences([_auc_row("ranking", 0.658, 0.451, 0.957), _auc_row("reverse", 0.9, 0.6, 1.28)])
+    assert "below the random band; CI [0.451, 0.957] lies below 1: it changes behaviour less than random removal" \
+        in against[0] and "includes 1" not in against[0]
+    assert "lies above 1" in cc.ablation_sentences([_auc_row("ranking", 1.1, 1.05, 1.15, band=(0.8, 1.3))])[1][0]
+
+
 def test_ablation_as_the_paper_expects_gives_no_contradiction():
     found, against = cc.ablation_sentences([_auc_row("ranking", 2.0, 1.5, 2.5), _auc_row("reverse", 0.5, 0.4, 0.6)])
     assert against == []

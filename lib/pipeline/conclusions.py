@@ -286,9 +286,11 @@ def ablation_sentences(rows: list[dict]) -> tuple[list[str], list[str]]:
                      f"[{_n(r['random_band_low'])}, {_n(r['random_band_high'])}]: {where} it; percentile "
                      f"{_n(r['percentile'], 2)} among {int(r['n_random'])} random orders.")
         if ordering == "ranking" and not (where == "above" and r["ci_low"] > 1):
+            vs_one = (" lies below 1: it changes behaviour less than random removal" if r["ci_high"] < 1 else
+                      " includes 1" if r["ci_low"] <= 1 else " lies above 1")
             against.append(f"Removing the '{variant}' ranking's most synergistic heads first is not shown to change "
                            f"behaviour more than random removal (ratio {where} the random band; CI "
-                           f"[{_n(r['ci_low'])}, {_n(r['ci_high'])}]{' includes 1' if r['ci_low'] <= 1 else ''}).")
+                           f"[{_n(r['ci_low'])}, {_n(r['ci_high'])}]{vs_one}).")
         if ordering == "reverse" and where == "above":
             against.append(f"The reverse order of '{variant}' lies above the random band: the most redundant heads "
                            f"matter most here, the opposite of the expectation that it lies below.")
