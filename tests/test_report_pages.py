@@ -59,6 +59,11 @@ def test_wide_tables_are_transposed_or_split_to_at_most_max_cols_columns():
 
 
 
+def test_a_column_called_null_keeps_its_name():
+    html = tables.to_html(pd.DataFrame({"null": ["circular shift"], "value": [None]}, index=["None"]))
+    assert "<th>null</th>" in html and "<th>None</th>" in html and html.count("\u2013") == 2   # the cell + the note
+
+
 def test_empty_tables_render():
     for empty in (pd.DataFrame(), pd.DataFrame(columns=["sigma", "accuracy"]), pd.DataFrame({"a": [""]})):
         assert "<table" in tables.to_html(empty)
