@@ -521,3 +521,10 @@ def test_claim_table_gives_the_reason_instead_of_an_undefined_g(tmp_path):
     row = claim.loc["g synergistic vs random (grpo)"]
     assert pd.isna(row["value"]) and pd.isna(row["95% CI"]) and pd.isna(row["se"])
     assert row["not defined because"].startswith("no spread")
+
+
+def test_overlap_table_names_the_none_policy_so_it_is_not_shown_as_missing(tmp_path):
+    finals = {("grpo", k): [0.5, 0.4] for k in ("synergistic", "random", "redundant", "layer_matched")}
+    table = finetune.overlap_table(_planted_result(tmp_path, ["grpo"], finals))
+    assert set(table.kv) == {"any", "all", "majority", "none (K/V frozen)"}
+    assert (table[table["this run"] == "*"].kv == "none (K/V frozen)").all()        # _planted_result uses kv none

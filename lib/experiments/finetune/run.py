@@ -536,6 +536,7 @@ def overlap_table(result: FinetuneResult) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows.insert(1, "this run", np.where(rows.kv == result.plan.kv, "*", ""))
+    rows["kv"] = rows.kv.replace({"none": "none (K/V frozen)"})        # a policy, not a missing value
     return rows.drop(columns="a").rename(columns={"b": "synergistic vs"})
 
 
