@@ -123,3 +123,14 @@ def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
     assert rate == written and rate["flop_per_s"] > 0 and rate["tokens"] == 16
     assert rate["flop_per_s"] == pytest.approx(2 * rate["n_params"] * 16 / rate["seconds"])
     assert {"device", "dtype", "date", "model"} <= set(rate)
+
+
+def test_diagnostics_counts_claim_c1s_surrogates_for_each_copy():
+    from types import SimpleNamespace
+    from lib.pipeline import cost
+    dims = SimpleNamespace(total_heads=270)
+    pairs = 270 * 269 // 2
+    run = {"01_extract_activations": {"baseline_random_init": True}}
+    # by hand: the pair table once, then (data + 20 surrogates) for the model and for its random-init copy
+    assert cost.diagnostics({"c1_surrogates": 20}, run, dims).pairs == pairs * (1 + 2 * 21)
+    assert cost.diagnostics({"c1_surrogates": 5}, {"01_extract_activations": {}}, dims).pairs == pairs * (1 + 6)
