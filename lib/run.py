@@ -468,6 +468,8 @@ class _KernelEnv:
 
         class KernelManager(AsyncKernelManager):
             async def start_kernel(self, **kw):
+                if _RUNNING.stopping:
+                    raise RuntimeError("the runner is stopping: no new kernel")
                 kw.update(env={**os.environ, **kw.get("env", {}), **values}, cwd=str(REPO_ROOT))
                 _RUNNING.kernels.add(self)
                 await super().start_kernel(**kw)
@@ -487,6 +489,7 @@ class _Running:
     def __init__(self):
         import threading
         self.kernels: set = set()
+        self.stopping = False
         self.threads: dict[str, str] = {}
         self.local = threading.local()
 
@@ -726,10 +729,15 @@ def run_concurrently(steps: list[Step], pipeline: list[str], jobs: int, run_one)
                     break
                 changed.wait(timeout=1.0)
     except BaseException:
-        _RUNNING.stop_kernels()
-        for thread in list(running.values()):
-            thread.join(timeout=60)
+        _RUNNING.stopping = True
+        deadline = time.time() + 60
+        while any(t.is_alive() for t in list(running.values())) and time.time() < deadline:
+            _RUNNING.stop_kernels()               # again: a kernel may have been starting the first time
+            for thread in list(running.values()):
+                thread.join(timeout=0.5)
         raise
+    finally:
+        _RUNNING.stopping = False
     if errors:
         raise errors[0]
 

@@ -4,6 +4,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,44 @@ def test_log_lines_of_notebooks_run_at_once_carry_the_notebook_name():
         w.write(text)
     assert sink.getvalue() == ("[05_ablation] first line\n[05_ablation] second\n[05_ablation] bar 10%\n"
                                "[05_ablation] bar 50%\n\n[05_ablation] third\n")     # blank lines stay blank
+
+
+def _alive(pid: int) -> bool:
+    """pid exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow(reason="runs two notebooks of a tiny run at once and stops the runner with SIGTERM")
+def test_sigterm_stops_every_running_kernel_and_records_their_notebooks_failed(tiny_run_copy):
+    import signal
+    import subprocess
+    import sys
+    from tests.test_run import _children
+    out = tiny_run_copy
+    before = json.loads((out / "manifest.json").read_text())["notebooks"]
+    only = ["02_phiid", "06_neuron_effects", "07_qkov_interference"]       # all three read only 01: ready at once
+    proc = subprocess.Popen([sys.executable, "-m", "lib.run", "--params", str(TINY), "--set", f"out_dir={out}",
+                             "--quiet", "--force", "--jobs", "2", "--only", *only], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def running():
+        entries = json.loads((out / "manifest.json").read_text())["notebooks"]
+        return sorted(n for n in only if entries[n].get("status") == "running")
+    deadline = time.time() + 300
+    while (len(running()) < 2 or len(_children(proc.pid)) < 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    started, kernels = running(), _children(proc.pid)
+    assert len(started) == 2 and proc.poll() is None, (started, proc.poll())
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 143, stderr[-2000:]
+    entries = json.loads((out / "manifest.json").read_text())["notebooks"]
+    for name in started:
+        assert entries[name]["status"] == "failed" and entries[name]["error"].startswith("interrupted"), entries[name]
+    (waiting,) = set(only) - set(started)
+    assert entries[waiting] == before[waiting]                       # never started, its record untouched
+    time.sleep(1)
+    assert not [pid for pid in kernels if _alive(pid)], "kernels left running"
