@@ -456,7 +456,7 @@ class _KernelEnv:
 
     def __init__(self, step: Step, reads_log: Path):
         self.values = {artifacts.READS_ENV: str(reads_log), artifacts.NOTEBOOK_ENV: step.name,
-                       artifacts.MODEL_ENV: model_key(step.params), **_RUNNING.threads}
+                       artifacts.MODEL_ENV: model_key(step.params), **getattr(_RUNNING.local, "threads", {})}
         if not sys.stderr.isatty():
             self.values["TQDM_MININTERVAL"] = "10"   # readable logs under papermill / SLURM: few progress updates
 
@@ -483,14 +483,13 @@ class _KernelEnv:
 
 
 class _Running:
-    """What the notebooks running now share: their kernel managers (stopped on an interrupt), the thread variables
-    of the kernels (set for --jobs N) and each runner thread's log prefix."""
+    """What the notebooks running now share: their kernel managers (stopped on an interrupt); per runner thread,
+    its log prefix and its kernel's thread variables (--jobs N)."""
 
     def __init__(self):
         import threading
         self.kernels: set = set()
         self.stopping = False
-        self.threads: dict[str, str] = {}
         self.local = threading.local()
 
     def stop_kernels(self) -> None:
@@ -647,8 +646,8 @@ def default_jobs() -> int:
 
 
 def kernel_threads(jobs: int) -> dict[str, str]:
-    """Thread variables for each kernel when `jobs` notebooks run at once: the CPUs split between them, unless
-    OMP_NUM_THREADS is set already (tests, SLURM jobs) or one notebook runs at a time."""
+    """Thread variables for a kernel started while `jobs` notebooks run (or are ready to) at once: the CPUs split
+    between them, unless OMP_NUM_THREADS is set already (tests, SLURM jobs) or it runs alone."""
     if jobs <= 1 or os.environ.get("OMP_NUM_THREADS"):
         return {}
     share = str(max(1, len(os.sched_getaffinity(0)) // jobs))
@@ -675,11 +674,7 @@ def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: 
         for step in steps:
             _run_one(step, pipeline, force, log_output)
         return
-    _RUNNING.threads = kernel_threads(jobs)
-    try:
-        run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
-    finally:
-        _RUNNING.threads = {}
+    run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
 
 
 def _waits_for(steps: list[Step], pipeline: list[str]) -> dict[str, set[str]]:
@@ -699,7 +694,8 @@ def _critical_first(steps: list[Step], waits: dict[str, set[str]]) -> list[Step]
 
 
 def run_concurrently(steps: list[Step], pipeline: list[str], jobs: int, run_one) -> None:
-    """Call run_one(step) in up to `jobs` threads at once, each step after every step it reads from has finished.
+    """Call run_one(step) in up to `jobs` threads at once, each step after every step it reads from has finished
+    (its kernel gets the CPUs' share of the notebooks running or ready when it starts: kernel_threads).
     A failure: no further step starts, those running finish, then the first error is raised. An interrupt
     (Ctrl-C, SIGTERM) in the main thread kills the running kernels (their notebooks are recorded failed) and
     is re-raised once their threads have finished."""
@@ -707,8 +703,8 @@ def run_concurrently(steps: list[Step], pipeline: list[str], jobs: int, run_one)
     waits, done, running, errors = _waits_for(steps, pipeline), set(), {}, []
     pending, changed = _critical_first(steps, waits), threading.Condition()
 
-    def work(step):
-        _RUNNING.local.prefix = f"[{step.output.stem}] "
+    def work(step, busy):
+        _RUNNING.local.prefix, _RUNNING.local.threads = f"[{step.output.stem}] ", kernel_threads(busy)
         try:
             run_one(step)
         except BaseException as e:               # noqa: B036 - handed to the main thread
@@ -721,9 +717,10 @@ def run_concurrently(steps: list[Step], pipeline: list[str], jobs: int, run_one)
         with changed:
             while pending or running:
                 ready = [] if errors else [s for s in pending if waits[s.output.stem] <= done]
+                busy = min(jobs, len(running) + len(ready))          # notebooks sharing the CPUs from now on
                 for step in ready[:jobs - len(running)]:
                     pending.remove(step)
-                    running[step.output.stem] = threading.Thread(target=work, args=(step,), daemon=True)
+                    running[step.output.stem] = threading.Thread(target=work, args=(step, busy), daemon=True)
                     running[step.output.stem].start()
                 if not running:
                     break

@@ -171,3 +171,19 @@ def test_sigterm_stops_every_running_kernel_and_records_their_notebooks_failed(t
     assert entries[waiting] == before[waiting]                       # never started, its record untouched
     time.sleep(1)
     assert not [pid for pid in kernels if _alive(pid)], "kernels left running"
+
+
+def test_a_kernel_gets_all_cpus_alone_and_its_share_beside_others(tmp_path, monkeypatch):
+    import os
+    from lib import run
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = {}
+    rec = Recorder()
+
+    def run_one(step):
+        seen[step.name] = dict(getattr(run._RUNNING.local, "threads", {}))
+        rec(step)
+    run_concurrently(tiny_steps(tmp_path / "run"), sorted(PARENTS), 2, run_one)
+    half = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert seen["01_extract_activations"] == {}                       # nothing else can run beside it
+    assert seen["02_phiid"] == {"OMP_NUM_THREADS": half, "MKL_NUM_THREADS": half}     # 06 and 07 ready too
