@@ -123,7 +123,7 @@ def test_the_shared_tiny_run_ran_notebooks_at_once_in_graph_order(tiny_run_log):
 
 def test_log_lines_of_notebooks_run_at_once_carry_the_notebook_name():
     import io
-    from lib.progress import LineWriter
+    from lib.pipeline.progress import LineWriter
     sink = io.StringIO()
     w = LineWriter(sink, "[05_ablation] ")
     for text in ("first ", "line\nsecond\n", "bar 10%\rbar 50%\r", "\nthird\n"):
