@@ -158,6 +158,9 @@ def _params(tmp_path, text):
     ("09_task_behaviour.task=no/such/file.jsonl", r"09_task_behaviour: task='no/such/file.jsonl' names no file"),
     ("09_task_behaviour.seed=1", r"09_task_behaviour.seed=1 differs from 01_extract_activations.seed=0: with model "
                                  r"random:llama the seed builds the weights.*set 09_task_behaviour.seed: 0"),
+    ("05_ablation.n_prompts=7", r"05_ablation.n_prompts=7 is more than the 6 prompts that 01 leaves to it "
+                                r"\(01_extract_activations.n_prompts=12 minus oracle_prompts=6.*set "
+                                r"01_extract_activations.n_prompts: 13"),
     ("05_ablation.model=random:qwen2", r"05_ablation.model='random:qwen2' differs from 01_extract_activations"),
 ])
 def test_check_catches_what_the_node_would(override, message):

@@ -308,7 +308,7 @@ def problems(notebook: str, params: dict) -> list[str]:
 def run_problems(runs: dict[str, dict]) -> list[str]:
     """Problems across the notebooks of one run: {notebook: every parameter it receives, defaults included} ->
     one message each naming the key, the value and the fix (the minimum sizes above; one model and seed)."""
-    return _size_problems(runs) + _weights_problems(runs)
+    return _size_problems(runs) + _held_out_problems(runs) + _weights_problems(runs)
 
 
 def _size_problems(runs: dict[str, dict]) -> list[str]:
@@ -330,6 +330,21 @@ def _size_problems(runs: dict[str, dict]) -> list[str]:
                          f"{nb}.tau={taus[nb]} (tau + {PHIID_MIN_SAMPLES} past/future samples); set "
                          f"01_extract_activations.n_tokens: {need} or more, or a smaller tau")
     return found
+
+
+def _held_out_problems(runs: dict[str, dict]) -> list[str]:
+    """05 ablates only prompts the oracle did not use (lib.ablation.select_prompt_rows): with the oracle ordering,
+    05.n_prompts must fit in 01.n_prompts - 01.oracle_prompts, else 05 fails on the node after 01-04 have run."""
+    first, ablation = runs.get("01_extract_activations") or {}, runs.get("05_ablation") or {}
+    n, held, wanted = first.get("n_prompts"), first.get("oracle_prompts"), ablation.get("n_prompts")
+    if not (first.get("oracle") is True and "oracle" in (ablation.get("variants") or ())):
+        return []
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, held, wanted)) or wanted <= n - held:
+        return []
+    return [f"05_ablation.n_prompts={wanted} is more than the {max(n - held, 0)} prompts that 01 leaves to it "
+            f"(01_extract_activations.n_prompts={n} minus oracle_prompts={held}, which the oracle ordering keeps "
+            f"out of the ablation); set 01_extract_activations.n_prompts: {wanted + held}, or lower "
+            f"05_ablation.n_prompts to {max(n - held, 1)} or oracle_prompts"]
 
 
 def _weights_key(p: dict) -> tuple:
