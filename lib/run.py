@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -627,6 +628,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
         _settle_interrupted(out_dir, scope)
         update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
                                          "overrides": list(overrides), "git": provenance.git_state()})
+        prepare_bundled_models(steps)
         _run_steps(steps, sorted(sections), force, log_output, jobs)
         try:
             from lib.claims import write_claims
@@ -636,6 +638,18 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
         except ImportError:
             pass
     return out_dir
+
+
+def prepare_bundled_models(steps: list[Step]) -> None:
+    """Convert every bundled: model the steps load that is not converted yet (python -m lib.models prepare), before
+    any notebook is fingerprinted: the fingerprint holds the converted weights' checksum, which a conversion inside
+    notebook 01 would change mid-run (and every claim would read "not tested: weights changed")."""
+    from lib.model.checksums import cache_dir
+    specs = sorted({str(s.params.get("model")) for s in steps if str(s.params.get("model")).startswith("bundled:")})
+    for spec in specs:
+        if not (cache_dir() / f"{spec.split(':', 1)[1]}-float32" / "config.json").exists():
+            print(f"[run] {spec} is not converted yet: python -m lib.models prepare {spec}", flush=True)
+            subprocess.run([sys.executable, "-m", "lib.models", "prepare", spec], check=True)
 
 
 def default_jobs() -> int:

