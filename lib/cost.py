@@ -102,15 +102,32 @@ def _n_prompts(run: dict) -> int:
 
 
 def _orderings(p: dict) -> int:
-    """Removal orders of 05: ranking (and reverse) per variant, random ones, layer-matched for the first variant."""
-    return len(p["variants"]) * (1 + bool(p["include_reverse"])) + p["n_random"] + p["n_matched"]
+    """Removal orders of 05 (lib.ablation.make_orderings): the ranking (and its reverse) per variant, the random
+    ones, and n_matched layer-matched orders of every ranking and of every reverse."""
+    rankings = len(p["variants"]) * (1 + bool(p["include_reverse"]))
+    return rankings + p["n_random"] + p["n_matched"] * rankings
+
+
+def _ablation_units(points: int, orders: int, n_prompts: int, p: dict) -> int:
+    """Forwards of the curves: lib.ablation.run_ablation batches each unit (point x group of orderings) on its own.
+    zero: one group; its distinct masks are 1 at the first point (nothing removed) and the last (all removed) and
+    every ordering at the others (an upper bound: coinciding masks are computed once). noise: one ordering a group."""
+    if p["perturbation"] == "zero":
+        per_point = [1, *[orders] * (points - 2), 1] if points > 1 else [1]
+        return sum(_batches(m * n_prompts, p["batch_size"]) for m in per_point)
+    return points * orders * _batches(n_prompts, p["batch_size"])
+
+
+def _ablation_checks(points: int, orders: int, n_prompts: int) -> int:
+    """lib.ablation.verify with its defaults (3 checks x 2 prompts): per check and prompt an ablated and a clean
+    forward of one prompt; points with nothing removed are not checked."""
+    return min(3, (points - 1) * orders) * min(2, n_prompts) * 2
 
 
 def ablation(p: dict, run: dict, dims) -> Work | None:
-    """05: teacher-forced forwards over prompt + generated tokens for every (head mask, prompt) row at every
-    ablation point (lib.ablation.make_points), plus one clean pass. zero: the orderings' masks of a point share
-    forwards; the first point (nothing removed) and the last (all removed) count one mask (intermediate points
-    count every ordering: an upper bound, coinciding masks are computed once). noise: each ordering alone."""
+    """05: teacher-forced forwards over prompt + generated tokens: one clean pass over the prompts, every unit's
+    (head mask, prompt) rows (_ablation_units), and the slow check's one-prompt forwards (_ablation_checks). The
+    clean cache is assumed to hold every prompt at once (one chunk)."""
     from lib.ablation import make_points
     if dims is None:
         return None
@@ -118,20 +135,26 @@ def ablation(p: dict, run: dict, dims) -> Work | None:
     points = len(make_points(dims.total_heads, p["step_size"], p["fractions"]))
     orders = _orderings(p)
     masks = (points - 2) * orders + 2 if p["perturbation"] == "zero" else points * orders
-    rows = (masks + 1) * n_prompts
+    checks = _ablation_checks(points, orders, n_prompts)
+    rows = (masks + 1) * n_prompts + checks
     seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
-    return Work(_batches(rows, p["batch_size"]), rows * seq, 0, p["batch_size"], seq)
+    forwards = _batches(n_prompts, p["batch_size"]) + _ablation_units(points, orders, n_prompts, p) + checks
+    return Work(forwards, rows * seq, 0, p["batch_size"], seq)
 
 
 def neurons(p: dict, run: dict, dims) -> Work:
-    """06: per prompt one clean pass over the prompt, then batches of batch_size - 1 neurons plus a clean row,
-    each an incremental forward of the last position on the cached prompt; n_check x 2 slow full forwards."""
+    """06 (lib.neurons): per prompt a clean pass (the prompt but its last token, then the last token on that cache:
+    2 forwards), then batches of batch_size - 1 neurons plus a clean row, each an incremental forward of the last
+    position on the cached prompt; the check (lib.neurons.verify) on min(n_prompts, 2) prompts: one incremental
+    forward of the n_check neurons, then per neuron a whole-prompt forward and the two of the frozen reference
+    (each of 2 rows: clean and treated)."""
     n_neurons = len(p["neurons"]) if p.get("neurons") else p["n_neurons"]
     n_batches = _batches(n_neurons, max(1, p["batch_size"] - 1))
-    per_prompt = PROMPT_TOKENS + n_neurons + n_batches
-    forwards = p["n_prompts"] * (1 + n_batches) + 2 * p["n_check"]
-    return Work(forwards, p["n_prompts"] * per_prompt + 2 * p["n_check"] * PROMPT_TOKENS, 0,
-                min(p["batch_size"], n_neurons + 1), PROMPT_TOKENS)
+    checked, check_prompts = min(p["n_check"], n_neurons), min(2, p["n_prompts"])
+    forwards = p["n_prompts"] * (2 + n_batches) + check_prompts * (1 + 3 * checked)
+    tokens = (p["n_prompts"] * (PROMPT_TOKENS + n_neurons + n_batches)
+              + check_prompts * (checked + 1 + 5 * checked * PROMPT_TOKENS))
+    return Work(forwards, tokens, 0, min(p["batch_size"], n_neurons + 1), PROMPT_TOKENS)
 
 
 def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
@@ -150,9 +173,15 @@ def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
 
 
 def interference(p: dict, run: dict, dims) -> Work:
-    """07: one forward and one backward (2 forwards) per sample batch of both tasks: 3 forward-token equivalents."""
+    """07: one forward and one backward (2 forwards) per sample batch, the two tasks batched apart (grad_method
+    "loop": one sample a batch): 3 forward-token equivalents."""
     n, seq = _interference_samples(p, run)
-    return Work(_batches(n, p["batch_size"]), 3 * n * seq, 0, min(n, p["batch_size"]), seq)
+    size = 1 if p.get("grad_method") == "loop" else p["batch_size"]
+    if p["sample_source"] == "texts":
+        per_task = [len(p["task_a_texts"]), len(p["task_b_texts"])]
+    else:
+        per_task = [n // 2, n - n // 2]
+    return Work(sum(_batches(k, size) for k in per_task), 3 * n * seq, 0, min(n, size), seq)
 
 
 def _behaviour_conditions(p: dict) -> int:

@@ -47,10 +47,12 @@ def test_counts_match_a_hand_computation(tiny_steps, monkeypatch, tmp_path):
     assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == (96, 26 * (P + 24))
     # 02: 16 * 15 / 2 pairs x 3 modes x 2 activation files, on CPU
     assert rows["02_phiid"]["pairs"] == 720 and rows["02_phiid"]["gpu_hours"] == "CPU"
-    # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched = 9; masks: 7 x 9 + 2
-    # (first and last point: one mask) + the clean pass = 66, x 12 prompts; sequences of P + 24 - 1 tokens
-    assert rows["05_ablation"]["forwards"] == -(-66 * 12 // 32) == 25
-    assert rows["05_ablation"]["tokens"] == 66 * 12 * (P + 23)
+    # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched of each of the 4 = 15;
+    # each point batched alone: the first and last one mask (12 rows, 1 forward), the 7 others 15 masks (180 rows,
+    # 6 forwards); the clean pass 1; the check 3 x 2 prompts x 2 one-prompt forwards = 12. Rows: masks 7 x 15 + 2
+    # + the clean pass = 108, x 12 prompts, + the check's 12; sequences of P + 24 - 1 tokens
+    assert rows["05_ablation"]["forwards"] == 1 + 7 * 6 + 1 + 1 + 12 == 57
+    assert rows["05_ablation"]["tokens"] == (108 * 12 + 12) * (P + 23)
     # 09: baseline + 9 head sets (3 per variant + 3 random) x (2 sigmas + zero) = 28 conditions x 8 problems
     assert rows["09_task_behaviour"]["forwards"] == -(-28 * 8 // 16) * 6
     assert rows["09_task_behaviour"]["tokens"] == 28 * 8 * (P + 6)
@@ -70,7 +72,7 @@ def test_gpu_hours_follow_the_formula_with_a_rate_file(tiny_steps, tiny_params, 
     rate.write_text(json.dumps({"flop_per_s": 2.5e12, "device": "Test GPU", "dtype": "float32", "date": "2026-01-01"}))
     monkeypatch.setenv(cost.RATE_ENV, str(rate))
     rows = rows_of(tiny_steps)
-    tokens = 66 * 12 * (P + 23)
+    tokens = (108 * 12 + 12) * (P + 23)          # 05 as in test_counts_match_a_hand_computation
     assert rows["05_ablation"]["gpu_hours"] == pytest.approx(tokens * 2 * tiny_params / 2.5e12 / 3600, rel=1e-12)
     # memory: float32 weights + K and V of 4 layers x 2 KV heads x 16 dims for 32 rows x (P + 23) tokens
     kv = 2 * 4 * 2 * 16 * 32 * (P + 23) * 4
