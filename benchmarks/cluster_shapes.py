@@ -1,0 +1,212 @@
+"""The cluster examples' head layouts rehearsed on CPU: every notebook on a tiny random model with the exact layers,
+query heads and KV heads of Pythia-1B, Gemma-3-4B and Qwen3-8B (heads 8 wide, lib.models' random:<arch>:<L>x<H>kv<K>),
+with small prompt and token counts; per notebook the measured model forwards, wall seconds and peak memory beside
+lib.cost's estimate for the same settings.
+
+    .venv/bin/python benchmarks/cluster_shapes.py [--layouts qwen3-8b ...] [--markdown] [--json PATH] [--keep DIR]
+
+Each layout: a params file written into a temporary folder (out_dir inside it), `python -m lib.run --params` on it.
+Measured, per notebook kernel:
+  - forwards: calls of the model's last transformer block (every forward pass, full or partial as in notebook 06's
+    incremental forwards, goes through it once; the random-init baseline and revisions included), counted by a
+    forward hook a probe module installs in the kernel (this folder's `_probe/sitecustomize.py`, activated by
+    $HEADINFO_PROBE; nothing in lib is changed);
+  - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit;
+  - seconds: the runner's own record in manifest.json (kernel start to report written).
+Estimated: lib.cost.estimates on the same steps: forwards, and peak GiB = weights + K/V only (lib.cost's model; a
+CPU kernel also holds Python, torch and the libraries: the "base" column is an empty kernel's resident set,
+measured once per invocation, so the memory ratio compares the estimate with the measured growth over it).
+PhiID pairs are estimated for the CPU notebooks and not measured (no forwards: "-").
+
+Timings are only comparable on an idle machine: the load average before and after each layout is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROBE_DIR = Path(__file__).resolve().parent / "_probe"
+# cluster example -> (params file, random model with its head layout)
+LAYOUTS = {
+    "pythia-1b": ("params/pythia-1b.yaml", "random:gpt_neox:16x8"),
+    "gemma-3-4b": ("params/gemma3-4b.yaml", "random:gemma3_multimodal:34x8kv4"),
+    "qwen3-8b": ("params/qwen3-8b.yaml", "random:qwen3:36x32kv8"),
+}
+N_PROMPTS, N_TOKENS = 6, 8            # one prompt per category, 8 generated tokens
+
+
+def sections(model: str) -> dict:
+    """The run's params: every notebook with the smallest counts its checks accept (cf. params/tiny.yaml)."""
+    return {
+        "model": model, "dtype": "float32", "device": "cpu", "seed": 0,
+        "01_extract_activations": dict(n_prompts=N_PROMPTS, n_tokens=N_TOKENS, batch_size=N_PROMPTS,
+                                       chat_template=True, baseline_random_init=True, revisions=[], n_single_check=1),
+        "02_phiid": dict(modes=["per_prompt", "concat", "pooled"], tau=1, redundancy="MMI", backend="numpy"),
+        "03_phiid_diagnostics": dict(mode="per_prompt"),
+        "04_ranking_variants": dict(variants=["rank_diff", "balance", "tdmi_normalized", "concat", "pooled",
+                                              "detrended", "first_difference", "autocorr_residualized"],
+                                    n_splits=2, n_surrogates=2),
+        "05_ablation": dict(variants=["rank_diff", "balance"], n_random=2, n_matched=1, fractions=[0.25, 1.0],
+                            step_size=None, batch_size=16, shard=""),
+        "06_neuron_effects": dict(n_prompts=2, n_neurons=16, shard=""),
+        "07_qkov_interference": dict(min_samples_for_fisher=1),
+        "08_topology": dict(mode="per_prompt", n_louvain=2, n_null=2, n_boot=5),
+        "11_local_synergy": dict(tags=["", "random_init"], tau=1, redundancy="MMI", mode="per_prompt", n_null=2,
+                                 n_boot=10),
+        "09_task_behaviour": dict(variants=["rank_diff"], n_random=1, perturbations=["zero"], calibrate=False,
+                                  n_problems=4, difficulty=0, max_new_tokens=4, batch_size=16),
+        "10_head_finetuning": dict(variant="rank_diff", fraction=0.5, methods=["sft"], n_random=1, seeds=[0],
+                                   n_train=4, n_test=4, max_new_tokens=4, n_steps=1, eval_every=1),
+    }
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_layout(name: str, model: str, root: Path) -> tuple[dict, float]:
+    """Run every notebook on `model`; -> (notebook -> probe record {forwards, maxrss_kb}, total wall seconds)."""
+    params = sections(model)
+    params["out_dir"] = str(root / name)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    probes = root / f"{name}-probe"
+    probes.mkdir()
+    env = {**os.environ, "HEADINFO_PROBE": str(probes), "PYTHONPATH": f"{PROBE_DIR}:{REPO}",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "lib.run", "--params", str(path), "--quiet", "--force"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"{name}: lib.run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    records = {}
+    for f in probes.glob("*.json"):
+        rec = json.loads(f.read_text())
+        if rec.get("notebook"):
+            records[rec["notebook"]] = rec
+    return records, wall
+
+
+def base_rss_kb() -> int:
+    """Resident set of a kernel-like process that imported lib, torch and transformers but holds no model."""
+    code = ("import resource, lib.models, lib.extract, transformers, numpy, pandas;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def estimates(name: str, root: Path) -> dict:
+    """notebook -> lib.cost's row (forwards, tokens, memory_gib, pairs) for the layout's params file."""
+    from lib.cost import estimates as cost_estimates
+    from lib.run import check_run
+    rows, _, _ = cost_estimates(check_run(root / f"{name}.yaml", None, []))
+    return {r["notebook"]: r for r in rows}
+
+
+def seconds_of(out_dir: Path) -> dict:
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return {k: v.get("seconds") for k, v in manifest.get("notebooks", {}).items()}
+
+
+def ratio(est, meas) -> str:
+    if not est or not meas:
+        return "–"
+    return f"{est / meas:.2f}"
+
+
+def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int) -> list[dict]:
+    rows = []
+    for nb in sorted(est):
+        e, m = est[nb], meas.get(nb, {})
+        rss_gib = m["maxrss_kb"] / 2 ** 20 if m else None
+        growth = None if rss_gib is None else max(rss_gib - base_kb / 2 ** 20, 1e-9)
+        rows.append(dict(layout=name, notebook=nb, est_forwards=e["forwards"] or 0, forwards=m.get("forwards"),
+                         seconds=secs.get(nb), est_gib=e["memory_gib"] or 0, rss_gib=rss_gib, growth_gib=growth,
+                         pairs=e["pairs"] or 0))
+    return rows
+
+
+def fmt(v, digits=4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return f"{v:,}"
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds meas. | peak GiB est. (weights + K/V) "
+            "| peak RSS GiB meas. | RSS growth over base GiB | ratio est./growth | PhiID pairs est. |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['notebook']} | {fmt(r['est_forwards'])} | {fmt(r['forwards'])} | "
+                     f"{ratio(r['est_forwards'], r['forwards'])} | {fmt(r['seconds'])} | {fmt(r['est_gib'], 3)} | "
+                     f"{fmt(r['rss_gib'], 3)} | {fmt(r['growth_gib'], 3)} | {ratio(r['est_gib'], r['growth_gib'])} | "
+                     f"{fmt(r['pairs'])} |")
+    return "\n".join(lines)
+
+
+def one_layout(name: str, root: Path, base: int) -> tuple[list[dict], str]:
+    """Run one layout -> (its table rows, its one-line summary)."""
+    _, model = LAYOUTS[name]
+    before = load()
+    meas, wall = run_layout(name, model, root)
+    rows = table(name, estimates(name, root), meas, seconds_of(root / name), base)
+    worst = max((max(r["est_forwards"], r["forwards"]) / max(1, min(r["est_forwards"], r["forwards"]))
+                 for r in rows if r["forwards"] is not None), default=1.0)
+    peak = max((r["rss_gib"] or 0) for r in rows)
+    line = (f"[cluster_shapes] {name} ({model}): {len(rows)} notebooks in {wall:.0f} s wall, forwards "
+            f"{sum(r['forwards'] or 0 for r in rows):,} measured / {sum(r['est_forwards'] for r in rows):,} estimated "
+            f"(worst notebook {worst:.2f}x), peak RSS {peak:.2f} GiB; load before {before}, after {load()}")
+    print(line, flush=True)
+    return rows, line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md table")
+    parser.add_argument("--json", type=Path, help="write every row as JSON")
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--jobs", type=int, default=2, help="layouts run at the same time (default 2: one per core, "
+                                                            "each kernel single-threaded)")
+    args = parser.parse_args(argv)
+    base = base_rss_kb()
+    print(f"[cluster_shapes] base kernel RSS {base / 2 ** 20:.3f} GiB; load {load()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cluster-shapes-") as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            done = list(pool.map(lambda name: one_layout(name, root, base), args.layouts))
+        total = time.perf_counter() - t0
+    all_rows = [r for rows, _ in done for r in rows]
+    for _, line in done:
+        print(line)
+    print(f"[cluster_shapes] all {len(args.layouts)} layouts in {total:.0f} s wall ({args.jobs} at a time); load "
+          f"at the end {load()}", flush=True)
+    if args.markdown:
+        print(markdown(all_rows))
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
