@@ -77,8 +77,8 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_layout(name: str, model: str, root: Path) -> tuple[dict, float]:
-    """Run every notebook on `model`; -> (notebook -> probe record {forwards, maxrss_kb}, total wall seconds)."""
+def run_layout(name: str, model: str, root: Path) -> float:
+    """Run every notebook on `model` into root/name (probe records in root/name-probe) -> wall seconds."""
     params = sections(model)
     params["out_dir"] = str(root / name)
     path = root / f"{name}.yaml"
@@ -94,12 +94,36 @@ def run_layout(name: str, model: str, root: Path) -> tuple[dict, float]:
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"{name}: lib.run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall
+
+
+def probe_records(name: str, root: Path) -> dict:
+    """notebook -> the probe's record {forwards, maxrss_kb} of its kernel."""
     records = {}
-    for f in probes.glob("*.json"):
+    for f in (root / f"{name}-probe").glob("*.json"):
         rec = json.loads(f.read_text())
         if rec.get("notebook"):
             records[rec["notebook"]] = rec
-    return records, wall
+    return records
+
+
+def cpu_rate(model: str, rows: int = N_PROMPTS, seq_len: int = 64 + N_TOKENS) -> dict:
+    """lib.cost's calibration on this machine: benchmarks/gpu_check.py's forward_rate of `model` on the CPU with
+    one thread (as the kernels run), [rows, seq_len] tokens: {"flop_per_s", "n_params", ...}."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    from lib.models import load_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m, _, _ = load_model(model, device="cpu")
+        return gpu_check.forward_rate(m, torch.device("cpu"), rows, seq_len)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def base_rss_kb() -> int:
@@ -130,15 +154,20 @@ def ratio(est, meas) -> str:
     return f"{est / meas:.2f}"
 
 
-def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int) -> list[dict]:
+def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int, rate: dict) -> list[dict]:
+    """One row per notebook: estimates (forwards, seconds at the CPU rate for the model-running notebooks, GiB,
+    pairs) beside the measured forwards, seconds and peak RSS."""
+    from lib.cost import gpu_hours
     rows = []
     for nb in sorted(est):
         e, m = est[nb], meas.get(nb, {})
         rss_gib = m["maxrss_kb"] / 2 ** 20 if m else None
         growth = None if rss_gib is None else max(rss_gib - base_kb / 2 ** 20, 1e-9)
+        est_s = gpu_hours(e["tokens"], rate["n_params"], rate["flop_per_s"]) * 3600 \
+            if e["device"] == "GPU" and e["tokens"] else None
         rows.append(dict(layout=name, notebook=nb, est_forwards=e["forwards"] or 0, forwards=m.get("forwards"),
-                         seconds=secs.get(nb), est_gib=e["memory_gib"] or 0, rss_gib=rss_gib, growth_gib=growth,
-                         pairs=e["pairs"] or 0))
+                         tokens=e["tokens"] or 0, est_seconds=est_s, seconds=secs.get(nb), est_gib=e["memory_gib"] or 0,
+                         rss_gib=rss_gib, growth_gib=growth, pairs=e["pairs"] or 0))
     return rows
 
 
@@ -151,31 +180,39 @@ def fmt(v, digits=4) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds meas. | peak GiB est. (weights + K/V) "
-            "| peak RSS GiB meas. | RSS growth over base GiB | ratio est./growth | PhiID pairs est. |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds est. (CPU rate) | seconds meas. | ratio "
+            "| GiB est. (weights + K/V) | peak RSS GiB | RSS over base GiB | ratio | PhiID pairs est. |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['notebook']} | {fmt(r['est_forwards'])} | {fmt(r['forwards'])} | "
-                     f"{ratio(r['est_forwards'], r['forwards'])} | {fmt(r['seconds'])} | {fmt(r['est_gib'], 3)} | "
-                     f"{fmt(r['rss_gib'], 3)} | {fmt(r['growth_gib'], 3)} | {ratio(r['est_gib'], r['growth_gib'])} | "
-                     f"{fmt(r['pairs'])} |")
+                     f"{ratio(r['est_forwards'], r['forwards'])} | {fmt(r['est_seconds'], 3)} | {fmt(r['seconds'])} | "
+                     f"{ratio(r['est_seconds'], r['seconds'])} | {fmt(r['est_gib'], 3)} | {fmt(r['rss_gib'], 3)} | "
+                     f"{fmt(r['growth_gib'], 3)} | {ratio(r['est_gib'], r['growth_gib'])} | {fmt(r['pairs'])} |")
     return "\n".join(lines)
 
 
-def one_layout(name: str, root: Path, base: int) -> tuple[list[dict], str]:
-    """Run one layout -> (its table rows, its one-line summary)."""
-    _, model = LAYOUTS[name]
-    before = load()
-    meas, wall = run_layout(name, model, root)
-    rows = table(name, estimates(name, root), meas, seconds_of(root / name), base)
+def report(name: str, root: Path, base: int) -> tuple[list[dict], str]:
+    """Table rows and the one-line summary of a layout already run in root/name."""
+    model = LAYOUTS[name][1]
+    rate = cpu_rate(model)
+    rows = table(name, estimates(name, root), probe_records(name, root), seconds_of(root / name), base, rate)
     worst = max((max(r["est_forwards"], r["forwards"]) / max(1, min(r["est_forwards"], r["forwards"]))
                  for r in rows if r["forwards"] is not None), default=1.0)
     peak = max((r["rss_gib"] or 0) for r in rows)
-    line = (f"[cluster_shapes] {name} ({model}): {len(rows)} notebooks in {wall:.0f} s wall, forwards "
-            f"{sum(r['forwards'] or 0 for r in rows):,} measured / {sum(r['est_forwards'] for r in rows):,} estimated "
-            f"(worst notebook {worst:.2f}x), peak RSS {peak:.2f} GiB; load before {before}, after {load()}")
-    print(line, flush=True)
+    line = (f"[cluster_shapes] {name} ({model}): {len(rows)} notebooks, {sum(r['seconds'] or 0 for r in rows):.0f} s "
+            f"of notebooks, forwards {sum(r['forwards'] or 0 for r in rows):,} measured / "
+            f"{sum(r['est_forwards'] for r in rows):,} estimated (worst notebook {worst:.2f}x), peak RSS {peak:.2f} GiB; "
+            f"CPU rate {rate['flop_per_s']:.3g} FLOP/s (1 thread)")
     return rows, line
+
+
+def one_layout(name: str, root: Path) -> str:
+    """Run one layout -> a line with its wall time and the load before and after."""
+    before = load()
+    wall = run_layout(name, LAYOUTS[name][1], root)
+    line = f"[cluster_shapes] {name}: lib.run {wall:.0f} s wall; load before {before}, after {load()}"
+    print(line, flush=True)
+    return line
 
 
 def main(argv=None) -> int:
@@ -184,6 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md table")
     parser.add_argument("--json", type=Path, help="write every row as JSON")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the table of a --keep folder")
     parser.add_argument("--jobs", type=int, default=2, help="layouts run at the same time (default 2: one per core, "
                                                             "each kernel single-threaded)")
     args = parser.parse_args(argv)
@@ -192,15 +230,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="cluster-shapes-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            done = list(pool.map(lambda name: one_layout(name, root, base), args.layouts))
-        total = time.perf_counter() - t0
-    all_rows = [r for rows, _ in done for r in rows]
-    for _, line in done:
+        if not args.report_only:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                list(pool.map(lambda name: one_layout(name, root), args.layouts))
+            print(f"[cluster_shapes] all {len(args.layouts)} layouts in {time.perf_counter() - t0:.0f} s wall "
+                  f"({args.jobs} at a time); load at the end {load()}", flush=True)
+        reports = [report(name, root, base) for name in args.layouts]
+    all_rows = [r for rows, _ in reports for r in rows]
+    for _, line in reports:
         print(line)
-    print(f"[cluster_shapes] all {len(args.layouts)} layouts in {total:.0f} s wall ({args.jobs} at a time); load "
-          f"at the end {load()}", flush=True)
     if args.markdown:
         print(markdown(all_rows))
     if args.json:

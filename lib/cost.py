@@ -63,14 +63,18 @@ def _extract_models(p01: dict) -> int:
 
 def extraction(p: dict, run: dict, dims) -> Work:
     """01: greedy generation with a KV cache, n_tokens steps per batch (prefill + one token per step), for every
-    extracted model, plus n_single_check prompts regenerated one at a time (the run's model only)."""
+    extracted model, plus n_single_check prompts regenerated one at a time (the run's model only), plus the oracle's
+    teacher-forced forward and backward over oracle_prompts prompts (batches of oracle_batch_size)."""
     from lib.synthetic import is_network_free
     if is_network_free(p.get("model", "")):
         return Work()                                   # series generated or read, no forward pass
     n, steps, models = p["n_prompts"], p["n_tokens"], _extract_models(p)
     seq = PROMPT_TOKENS + steps
-    forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps
-    return Work(forwards, (models * n + p["n_single_check"]) * seq, 0, min(n, p["batch_size"]), seq)
+    oracle = min(p["oracle_prompts"], n) if p.get("oracle") else 0        # lib.oracle: forward + backward, 3x
+    forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps \
+        + _batches(oracle, p.get("oracle_batch_size", 8))
+    tokens = (models * n + p["n_single_check"]) * seq + 3 * oracle * (seq - 1)
+    return Work(forwards, tokens, 0, min(n, p["batch_size"]), seq)
 
 
 def _tags(p: dict, run: dict) -> int:

@@ -43,8 +43,10 @@ def rows_of(steps) -> dict:
 def test_counts_match_a_hand_computation(tiny_steps, monkeypatch, tmp_path):
     monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "none.json"))
     rows = rows_of(tiny_steps)
-    # 01: 2 models x 1 batch x 24 steps + 2 single prompts x 24 steps; (2 x 12 + 2) sequences of P + 24 tokens
-    assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == (96, 26 * (P + 24))
+    # 01: 2 models x 1 batch x 24 steps + 2 single prompts x 24 steps + the oracle (default on: 6 prompts in one
+    # batch of 8); (2 x 12 + 2) sequences of P + 24 tokens, the oracle's forward + backward over 6 x (P + 23)
+    assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == \
+        (96 + 1, 26 * (P + 24) + 3 * 6 * (P + 23))
     # 02: 16 * 15 / 2 pairs x 3 modes x 2 activation files, on CPU
     assert rows["02_phiid"]["pairs"] == 720 and rows["02_phiid"]["gpu_hours"] == "CPU"
     # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched of each of the 4 = 15;

@@ -75,3 +75,19 @@ def test_interference_forwards_batch_each_task_apart(tmp_path, counted):
              grad_method="hooks")
     # by hand: task A 3 samples in batches of 2 (2 forwards), task B 2 samples (1)
     assert measured == cost.interference(p, {}, None).forwards == 3
+
+
+def test_extraction_and_oracle_forwards(counted):
+    from lib.extract import extract_activations
+    from lib.oracle import compute_oracle
+    from lib.prompts import select_prompts
+    model, tokenizer, arch, counter = counted
+    start = counter[0]
+    run = extract_activations(model, tokenizer, arch, select_prompts(6), n_tokens=5, batch_size=4, progress=False)
+    generated = counter[0] - start
+    compute_oracle(model, arch, run, n_prompts=5, batch_size=2, progress=False)
+    oracle = counter[0] - start - generated
+    p = dict(model="random:llama", n_prompts=6, n_tokens=5, batch_size=4, baseline_random_init=False, revisions=[],
+             n_single_check=0, oracle=True, oracle_prompts=5, oracle_batch_size=2)
+    # by hand: 2 batches x 5 greedy steps (prefill, then one token per step, KV cache); the oracle ceil(5 / 2)
+    assert (generated, oracle) == (10, 3) and cost.extraction(p, {}, None).forwards == 13
