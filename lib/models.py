@@ -471,7 +471,7 @@ LAYOUT_HEAD_DIM = 8           # head_dim of a random:<arch>:<L>x<H> model (RoPE 
                               # dimensions under GPT-NeoX's rotary_pct 0.25)
 
 
-def _layout_overrides(arch: str, layout: tuple[int, int, int] | None) -> dict:
+def layout_overrides(arch: str, layout: tuple[int, int, int] | None) -> dict:
     """Config keywords that give a tiny config the layout (layers, heads, KV heads) with LAYOUT_HEAD_DIM-wide heads:
     hidden size = heads x head_dim where the architecture ties them (GPT-NeoX, GPT-2, Llama, Mistral), else 64."""
     if layout is None:
@@ -498,7 +498,7 @@ def tiny_config(arch: str, vocab_size: int = 49152):
     'arch:<L>x<H>[kv<K>]': that many layers, query heads and KV heads, heads LAYOUT_HEAD_DIM wide (the head layout
     of a cluster model, e.g. 'qwen3:36x32kv8' for Qwen3-8B, at a CPU size)."""
     arch, layout = parse_random_spec(arch)
-    return _tiny_config(arch, vocab_size, _layout_overrides(arch, layout))
+    return _tiny_config(arch, vocab_size, layout_overrides(arch, layout))
 
 
 def _tiny_config(arch: str, vocab_size: int, over: dict):

@@ -134,9 +134,10 @@ def model_spec(v) -> str | None:
         from lib.synthetic import spec_problem
         return spec_problem(v)
     if v.startswith("random:"):
-        from lib.models import ModelSpecError, parse_random_spec
+        from lib.models import ModelSpecError, layout_overrides, parse_random_spec
         try:
-            arch, _ = parse_random_spec(v)
+            arch, layout = parse_random_spec(v)
+            layout_overrides(arch, layout)
         except ModelSpecError as e:
             return str(e)
         random_archs = _random_archs()
