@@ -163,7 +163,8 @@ def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int, rate: dict
         e, m = est[nb], meas.get(nb, {})
         rss_gib = m["maxrss_kb"] / 2 ** 20 if m else None
         growth = None if rss_gib is None else max(rss_gib - base_kb / 2 ** 20, 1e-9)
-        est_s = gpu_hours(e["tokens"], rate["n_params"], rate["flop_per_s"]) * 3600 \
+        est_s = gpu_hours(e["tokens"], rate["n_params"], rate["flop_per_s"], e["forwards"] or 0,
+                          rate["forward_latency_s"]) * 3600 \
             if e["device"] == "GPU" and e["tokens"] else None
         rows.append(dict(layout=name, notebook=nb, est_forwards=e["forwards"] or 0, forwards=m.get("forwards"),
                          tokens=e["tokens"] or 0, est_seconds=est_s, seconds=secs.get(nb), est_gib=e["memory_gib"] or 0,
@@ -202,7 +203,7 @@ def report(name: str, root: Path, base: int) -> tuple[list[dict], str]:
     line = (f"[cluster_shapes] {name} ({model}): {len(rows)} notebooks, {sum(r['seconds'] or 0 for r in rows):.0f} s "
             f"of notebooks, forwards {sum(r['forwards'] or 0 for r in rows):,} measured / "
             f"{sum(r['est_forwards'] for r in rows):,} estimated (worst notebook {worst:.2f}x), peak RSS {peak:.2f} GiB; "
-            f"CPU rate {rate['flop_per_s']:.3g} FLOP/s (1 thread)")
+            f"CPU rate {rate['flop_per_s']:.3g} FLOP/s, one-token forward {1e3 * rate['forward_latency_s']:.1f} ms (1 thread)")
     return rows, line
 
 

@@ -115,14 +115,18 @@ def check(args) -> list[dict]:
 
 def forward_rate(model, device: torch.device, rows: int, seq_len: int, repeats: int = 3) -> dict:
     """Measured forward throughput of `model` on [rows, seq_len] random token ids: FLOP/s = 2 x n_params x
-    rows x seq_len / seconds (fastest of `repeats` timed forwards after one warm-up)."""
+    rows x seq_len / seconds (fastest of `repeats` timed forwards after one warm-up), and forward_latency_s: the
+    fastest of 3 x `repeats` forwards of one token (the fixed cost of a forward call, lib.cost.gpu_hours)."""
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (rows, seq_len), device=device)
+    one = ids[:1, :1]
     with torch.inference_mode():
         model(input_ids=ids)
         seconds = min(timed(lambda: model(input_ids=ids), device)[1] for _ in range(repeats))
+        model(input_ids=one)
+        latency = min(timed(lambda: model(input_ids=one), device)[1] for _ in range(3 * repeats))
     return {"flop_per_s": 2 * n_params * rows * seq_len / seconds, "n_params": n_params, "tokens": rows * seq_len,
-            "seconds": seconds}
+            "seconds": seconds, "forward_latency_s": latency}
 
 
 def save_rate(args, path: Path) -> dict:

@@ -12,7 +12,9 @@ equivalents: a backward pass counts as two forwards. Approximations, stated wher
   - peak memory = weights (n_params x dtype bytes) + the K and V of every layer for the longest sequence of one
     batch; activations, gradients and optimiser states are not counted.
 GPU-hours need a measured forward throughput: benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node
-writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read.
+writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read. Time = tokens x 2 n_params / the
+measured FLOP/s + forwards x the measured latency of a one-token forward (forward_latency_s in the rate file, when
+present): greedy steps of one token per row are latency-bound, not FLOP-bound.
 """
 from __future__ import annotations
 
@@ -302,9 +304,10 @@ def read_rate(path: str | os.PathLike | None = None) -> dict | None:
     return rate
 
 
-def gpu_hours(tokens: int, n_params: int, flop_per_s: float) -> float:
-    """tokens x 2 n_params FLOP at flop_per_s, in hours."""
-    return tokens * 2 * n_params / flop_per_s / 3600
+def gpu_hours(tokens: int, n_params: int, flop_per_s: float, forwards: int = 0, latency_s: float = 0.0) -> float:
+    """tokens x 2 n_params FLOP at flop_per_s, plus forwards x latency_s (the fixed time of one forward call: a
+    greedy step of one token per row costs about this, far more than its FLOP), in hours."""
+    return (tokens * 2 * n_params / flop_per_s + forwards * latency_s) / 3600
 
 
 def memory_gib(dims, dtype: str, work: Work) -> float:
@@ -359,7 +362,8 @@ def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool
                     gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None)
     hours = "CPU"
     if on_gpu:
-        hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"])
+        hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"], work.forwards,
+                                                     rate.get("forward_latency_s", 0.0))
                                           if dims is not None and rate else None)
     memory = 0 if not work.tokens else memory_gib(dims, p.get("dtype", "float32"), work) if dims else None
     return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=work.forwards, tokens=work.tokens,

@@ -82,6 +82,19 @@ def test_gpu_hours_follow_the_formula_with_a_rate_file(tiny_steps, tiny_params, 
     assert "2.5e+12 FLOP/s measured on Test GPU" in cost.cost_table(tiny_steps)
 
 
+def test_gpu_hours_add_the_forward_latency_per_forward(tiny_steps, tiny_params, monkeypatch, tmp_path):
+    rate = tmp_path / "rate.json"
+    rate.write_text(json.dumps({"flop_per_s": 2.5e12, "forward_latency_s": 0.02, "device": "Test GPU"}))
+    monkeypatch.setenv(cost.RATE_ENV, str(rate))
+    rows = rows_of(tiny_steps)
+    # 05: the FLOP time of its tokens plus 57 forwards (test_counts_match_a_hand_computation) x 20 ms; 09: 84 greedy
+    # steps (224 rows in 14 batches of 16, x 6 tokens) x 20 ms beside 224 rows of P + 6 tokens
+    tokens = (108 * 12 + 12) * (P + 23)
+    assert rows["05_ablation"]["gpu_hours"] == pytest.approx((tokens * 2 * tiny_params / 2.5e12 + 57 * 0.02) / 3600)
+    assert rows["09_task_behaviour"]["gpu_hours"] == pytest.approx(
+        (28 * 8 * (P + 6) * 2 * tiny_params / 2.5e12 + 84 * 0.02) / 3600)
+
+
 def test_missing_rate_file_says_how_to_measure(tiny_steps, monkeypatch, tmp_path):
     monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
     table = cost.cost_table(tiny_steps)
