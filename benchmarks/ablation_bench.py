@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ablation_bench.py --data /tmp/abl/smol [--full] [--json out.json]
 
 --data: a folder with activations.npz (+ rankings.csv); when activations.npz is missing it is produced here with
-lib.extract (greedy, chat template, lib.prompts.select_prompts(n_prompts)) and a synthetic rankings.csv (seeded
+lib.experiments.extract (greedy, chat template, lib.model.prompts.select_prompts(n_prompts)) and a synthetic rankings.csv (seeded
 uniform scores, column `rank_diff`) is written when rankings.csv is missing.
 
 Figures (tokens = prompt + teacher-forced generated tokens, i.e. the real, unpadded input tokens):
@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib import ablation as A
-from lib.extract import extract_activations, left_pad
-from lib.models import load_model
-from lib.prompts import select_prompts
-from lib.store import save_npz
+from lib.experiments import ablation as A
+from lib.experiments.extract import extract_activations, left_pad
+from lib.model.loading import load_model
+from lib.model.prompts import select_prompts
+from lib.storage.store import save_npz
 from timing import Timer, best_of  # noqa: E402  (benchmarks/timing.py)
 
 

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib import artifacts, behaviour
-from lib.models import load_model
+from lib.storage import artifacts
+from lib.experiments import behaviour
+from lib.model.loading import load_model
 from timing import Timer  # noqa: E402  (benchmarks/timing.py)
 
 

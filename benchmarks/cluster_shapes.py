@@ -116,7 +116,7 @@ def cpu_rate(model: str, rows: int = N_PROMPTS, seq_len: int = 64 + N_TOKENS) ->
     spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    from lib.models import load_model
+    from lib.model.loading import load_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -128,7 +128,7 @@ def cpu_rate(model: str, rows: int = N_PROMPTS, seq_len: int = 64 + N_TOKENS) ->
 
 def base_rss_kb() -> int:
     """Resident set of a kernel-like process that imported lib, torch and transformers but holds no model."""
-    code = ("import resource, lib.models, lib.extract, transformers, numpy, pandas;"
+    code = ("import resource, lib.model.loading, lib.experiments.extract, transformers, numpy, pandas;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -137,7 +137,7 @@ def base_rss_kb() -> int:
 
 def estimates(name: str, root: Path) -> dict:
     """notebook -> lib.cost's row (forwards, tokens, memory_gib, pairs) for the layout's params file."""
-    from lib.cost import estimates as cost_estimates
+    from lib.pipeline.cost import estimates as cost_estimates
     from lib.run import check_run
     rows, _, _ = cost_estimates(check_run(root / f"{name}.yaml", None, []))
     return {r["notebook"]: r for r in rows}
@@ -157,7 +157,7 @@ def ratio(est, meas) -> str:
 def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int, rate: dict) -> list[dict]:
     """One row per notebook: estimates (forwards, seconds at the CPU rate for the model-running notebooks, GiB,
     pairs) beside the measured forwards, seconds and peak RSS."""
-    from lib.cost import gpu_hours
+    from lib.pipeline.cost import gpu_hours
     rows = []
     for nb in sorted(est):
         e, m = est[nb], meas.get(nb, {})

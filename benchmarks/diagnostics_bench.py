@@ -1,10 +1,10 @@
 """Benchmark of notebooks 03 (PhiID diagnostics) and 04 (ranking variants) on one run folder.
 
 Stages are timed in-process (wall and CPU seconds, CPU including finished child processes) on the run's
-activations.npz and phiid_<mode>.npz (computed first with lib.phiid when missing; that is notebook 02's cost and
+activations.npz and phiid_<mode>.npz (computed first with lib.estimators.phiid when missing; that is notebook 02's cost and
 is not counted). --notebooks also runs both notebooks end to end with papermill (kernel start, figures, files).
 
-Example (SmolLM2, 270 heads, 60 prompts; activations from notebook 01 or lib.extract):
+Example (SmolLM2, 270 heads, 60 prompts; activations from notebook 01 or lib.experiments.extract):
     .venv/bin/python benchmarks/diagnostics_bench.py --out-dir /tmp/smol_run --n-splits 20 --n-surrogates 100 \\
         --n-jobs 2 --notebooks --json /tmp/diagnostics_bench.json
 """
@@ -48,10 +48,10 @@ def link_inputs(out_dir: Path, scratch: Path):
 
 
 def ensure_phiid(out_dir: Path, modes=("per_prompt", "concat", "pooled")):
-    from lib import phiid
+    from lib.estimators import phiid
     missing = [m for m in modes if not phiid.phiid_path(out_dir, m).exists()]
     if missing:
-        print(f"computing {missing} with lib.phiid (notebook 02's work; not timed)")
+        print(f"computing {missing} with lib.estimators.phiid (notebook 02's work; not timed)")
         phiid.run_phiid_for_run(out_dir, modes=list(modes), tags=[""])
 
 
@@ -60,8 +60,8 @@ def run_stages(out_dir: Path, n_splits: int, n_surrogates: int, n_jobs: int, n_b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lib import diagnostics as dg
-    from lib import ranking as rk
+    from lib.experiments import diagnostics as dg
+    from lib.experiments import ranking as rk
     from lib.plots import diagnostics as pd_plots
     from lib.plots import ranking as rk_plots
 

@@ -18,9 +18,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lib.extract import encode_prompts, generate_batch  # noqa: E402
-from lib.models import load_model, prepare_bundled  # noqa: E402
-from lib.prompts import select_prompts  # noqa: E402
+from lib.experiments.extract import encode_prompts, generate_batch  # noqa: E402
+from lib.model.loading import load_model, prepare_bundled  # noqa: E402
+from lib.model.prompts import select_prompts  # noqa: E402
 
 
 def timed(fn, repeats=1):

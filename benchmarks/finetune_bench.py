@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lib import tasks  # noqa: E402
-from lib.finetune.grpo import GRPOSettings, run_grpo  # noqa: E402
-from lib.finetune.masks import MaskedAdamW, head_masks  # noqa: E402
-from lib.finetune.run import sft_examples  # noqa: E402
-from lib.finetune.sft import train_step  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.experiments import tasks  # noqa: E402
+from lib.experiments.finetune.grpo import GRPOSettings, run_grpo  # noqa: E402
+from lib.experiments.finetune.masks import MaskedAdamW, head_masks  # noqa: E402
+from lib.experiments.finetune.run import sft_examples  # noqa: E402
+from lib.experiments.finetune.sft import train_step  # noqa: E402
+from lib.model.loading import load_model  # noqa: E402
 
 
 def adam_state_bytes(optimiser) -> int:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
 
 def _batch(tokenizer, examples):
-    from lib.finetune.sft import collate
+    from lib.experiments.finetune.sft import collate
     return collate(examples, tokenizer.pad_token_id or 0, "cpu")
 
 

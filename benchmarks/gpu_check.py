@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib import ablation as A
-from lib.extract import extract_activations
-from lib.models import arch_info, load_model, resolve_device, resolve_dtype
-from lib.phiid import phiid_all_pairs
-from lib.prompts import select_prompts
+from lib.experiments import ablation as A
+from lib.experiments.extract import extract_activations
+from lib.model.loading import arch_info, load_model, resolve_device, resolve_dtype
+from lib.estimators.phiid import phiid_all_pairs
+from lib.model.prompts import select_prompts
 
 # float32 on another device: summation order only; bfloat16: ~3 significant digits (see tests/test_dtypes.py)
 TOLERANCE = {"float32": {"extract": 1e-3, "ablation": 1e-3}, "bfloat16": {"extract": 3e-2, "ablation": 1e-1},

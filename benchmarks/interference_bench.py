@@ -1,4 +1,4 @@
-"""Benchmark of lib.interference (QK-OV interference, notebook 07).
+"""Benchmark of lib.experiments.interference (QK-OV interference, notebook 07).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/interference_bench.py [--model bundled:smollm2-135m] [--n 32]
         [--methods hooks,vmap,loop] [--json results.json]
@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lib import interference as I  # noqa: E402
-from lib.models import load_model  # noqa: E402
-from lib.prompts import all_prompts  # noqa: E402
+from lib.experiments import interference as I  # noqa: E402
+from lib.model.loading import load_model  # noqa: E402
+from lib.model.prompts import all_prompts  # noqa: E402
 
 
 def rss_bytes() -> int:

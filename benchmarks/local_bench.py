@@ -1,5 +1,5 @@
 """Benchmark of the local (per step) PhiID engine: per-head local sts and rtr over all partners, streamed
-(lib.phiid.phiid_local_head_means), and local atoms of an explicit pair list (phiid_local_pairs).
+(lib.estimators.phiid.phiid_local_head_means), and local atoms of an explicit pair list (phiid_local_pairs).
 
     python benchmarks/local_bench.py                              # 270 heads x 60 prompts x 100 steps (SmolLM2)
     python benchmarks/local_bench.py --heads 24 --prompts 4 --steps 30 --pairs 50   # smoke test, seconds
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CASE_CODE = r"""
 import json, resource, sys, time
 import numpy as np
-from lib import phiid
+from lib.estimators import phiid
 case = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 P, H, T = case["prompts"], case["heads"], case["steps"]

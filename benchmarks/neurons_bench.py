@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib import neurons as N  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.experiments import neurons as N  # noqa: E402
+from lib.model.loading import load_model  # noqa: E402
 
 
 def _fast_totals(model, arch, clean, neurons, dirs, scale, batch_size, skip, keep: set[int]):

@@ -1,11 +1,11 @@
-"""Benchmark of lib.phiid.phiid_all_pairs: wall time, CPU time and peak memory per configuration.
+"""Benchmark of lib.estimators.phiid.phiid_all_pairs: wall time, CPU time and peak memory per configuration.
 
     python benchmarks/phiid_bench.py                 # full set, table on stderr, JSON on stdout
     python benchmarks/phiid_bench.py --json bench.json
     python benchmarks/phiid_bench.py --quick         # small shapes (smoke test, a few seconds)
 
 Every case runs in a fresh Python process, so its peak RSS (resource.getrusage ru_maxrss, which includes the
-float32 input and the float64 copy lib.phiid makes) is its own. Inputs are seeded synthetic coupled AR(1) heads
+float32 input and the float64 copy lib.estimators.phiid makes) is its own. Inputs are seeded synthetic coupled AR(1) heads
 [prompts, heads, steps] in float32, like notebook 01's activations.
 
 Comparison with the reference library phyid: it is not installable from PyPI, so it is NOT run here. The ratio
@@ -63,7 +63,7 @@ def run_case(case):
     import warnings
 
     import numpy as np
-    from lib.phiid import phiid_all_pairs
+    from lib.estimators.phiid import phiid_all_pairs
     X = synthetic_activations(case["prompts"], case["heads"], case["steps"])
     phiid_all_pairs(X[:2, :8], redundancy=case["redundancy"], mode=case["mode"], backend=case["backend"])  # warm-up
     load_before = os.getloadavg()[0]
@@ -152,7 +152,7 @@ def main():
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="OPENBLAS_NUM_THREADS for the cases (default: inherited). On a shared machine 1 avoids "
-                             "BLAS threads spin-waiting; lib.phiid parallelises the pair batches itself")
+                             "BLAS threads spin-waiting; lib.estimators.phiid parallelises the pair batches itself")
     parser.add_argument("--phyid-path", default=None,
                         help="folder containing the phyid package (a checkout of Imperial-MIND-lab/"
                              "integrated-info-decomp): also time phyid live on --phyid-calls pairs")

@@ -3,7 +3,7 @@
     python benchmarks/plan_bench.py [--run outputs/tiny] [--json PATH]
 
 Takes a finished run (default the tiny run), writes its settle params (lib.plan.write_settle) to a temporary file,
-and reads lib.plan.cpu_hours' estimate per notebook (the run's measured seconds x the ratio of lib/cost.py's token or
+and reads lib.plan.cpu_hours' estimate per notebook (the run's measured seconds x the ratio of lib/pipeline/cost.py's token or
 forward estimates). Then runs the settle params file (every notebook, --force: a settle plan that raises 01's
 prompts changes every input) and compares each notebook's measured seconds with the estimate. The original params
 are rerun the same way just before, so a second estimate (today's seconds x the same ratio) separates the

@@ -1,4 +1,4 @@
-"""Benchmark of notebook 08 (network topology): lib.topology.run_topology end to end (load, both networks, the
+"""Benchmark of notebook 08 (network topology): lib.experiments.topology.run_topology end to end (load, both networks, the
 threshold sweep, Louvain, the strength-preserving nulls, topology.json and modules.csv), one process per size.
 
 Targets (2 cores): 270 heads (SmolLM2) with 100 nulls <= 60 s; 1,152 heads (Qwen-3-8B shape) <= 5 min and peak RSS
@@ -28,8 +28,8 @@ def synthetic_run(folder: Path, n_heads: int, tags=("", "random_init"), seed: in
     """phiid_per_prompt(__tag).npz with [heads, heads] sts / rtr shaped like real runs."""
     import numpy as np
 
-    from lib import artifacts
-    from lib.phiid import ATOM_NAMES
+    from lib.storage import artifacts
+    from lib.estimators.phiid import ATOM_NAMES
     layers, per_layer = SHAPES.get(n_heads, (max(n_heads // 8, 1), min(n_heads, 8)))
     n = layers * per_layer
     layer = np.repeat(np.arange(layers), per_layer)
@@ -51,7 +51,7 @@ def synthetic_run(folder: Path, n_heads: int, tags=("", "random_init"), seed: in
 
 def one_size(args) -> dict:
     """Run in a child process: time run_topology on one size, report wall, CPU and peak RSS."""
-    from lib import topology as tp
+    from lib.experiments import topology as tp
     scratch = Path(tempfile.mkdtemp(prefix="topology-bench-"))
     if args.out_dir:
         for f in Path(args.out_dir).glob("phiid_per_prompt*.npz"):

@@ -1,8 +1,9 @@
 """headinfo: how attention heads and neurons of language models integrate information.
 
-One module per idea: models (architecture knowledge), heads (the per-head hook), extract (generation),
-phiid (Integrated Information Decomposition), diagnostics, ranking, ablation, neurons, interference,
-plots, store (artifacts), run (the notebook runner), report (HTML index of a run).
+Layers, bottom first (a module imports only its own layer and those below; tests/test_layers.py checks it):
+storage (files, manifest, artifacts), model (architectures, loading, hooks, prompts), estimators (PhiID, Louvain,
+network measures), plots, experiments (one module or package per stage), pipeline (stage declarations, value
+rules, cost, verdicts, report tables); at the top the commands run, claims, report, plan, compare and models.
 
 Relative paths (a notebook's default out_dir "outputs/dev") are relative to the repository root. papermill runs
 kernels there (the runner passes cwd); JupyterLab and nbval start kernels in notebooks/, so importing lib from a

@@ -11,7 +11,7 @@ null or baseline it is compared with, the paper's own figure (read off the paper
 verdict, the rule that gave it, and the artifacts it was computed from. A claim whose inputs are absent (its
 notebook did not run, or is not part of this version) is `not tested`, with the reason.
 
-Verdicts (lib/verdicts.py holds the table: supported, opposite, ruled out, underpowered, invalid, not tested). Each
+Verdicts (lib/pipeline/verdicts.py holds the table: supported, opposite, ruled out, underpowered, invalid, not tested). Each
 claim reduces to an estimate with its 95% CI, a null, the claimed direction and the paper's effect in the same units
 (PAPER_EFFECTS: the smallest effect of interest, with the conversion). Every entry also carries the minimum
 detectable effect at 80% power from the run's own variance (`power`), the sample sizes it rests on, and, when
@@ -48,9 +48,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from lib import artifacts, stages
-from lib.store import ArtifactError, jsonable
-from lib.verdicts import VERDICTS, Evidence, decide, power, settle_factor
+from lib.storage import artifacts
+from lib.pipeline import stages
+from lib.storage.store import ArtifactError, jsonable
+from lib.pipeline.verdicts import VERDICTS, Evidence, decide, power, settle_factor
 
 __all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS", "EXPERIMENT_ARTIFACTS", "Claim",
            "new_claim", "not_tested", "evidence_c1", "evidence_profile", "bootstrap_spearman", "HeadEvidence",
@@ -60,7 +61,7 @@ __all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS",
 
 TABLE_TEXT = ("supported: CI beyond the null band in the claimed direction; opposite: beyond it the other way; "
               "ruled out: CI within +-(paper - null) of the null (TOST), paper's effect excluded; underpowered: CI "
-              "spans null and paper; invalid: floor/ceiling or wrong design (lib/verdicts.py)")
+              "spans null and paper; invalid: floor/ceiling or wrong design (lib/pipeline/verdicts.py)")
 
 PAPER = ('"A Brain-like Synergistic Core in LLMs Drives Behaviour and Learning" (arXiv 2601.06851)')
 PRIMARY_VARIANT = "rank_diff"          # the paper's ranking
@@ -88,7 +89,7 @@ VERDICT_RULES = {
           "a floor or ceiling; " + TABLE_TEXT,
 }
 
-_CLAIM_TEXT = {   # id -> (claim sentence, test); the notebook that tests it is declared in lib/stages.py
+_CLAIM_TEXT = {   # id -> (claim sentence, test); the notebook that tests it is declared in lib/pipeline/stages.py
     "C1": ("Synergy and redundancy are distinct properties of attention heads (as in the brain, where they are "
            "anti-correlated).",
            "per-head Spearman r(synergy, redundancy) with a bootstrap CI over heads, against circular-shift surrogates"),
@@ -233,7 +234,7 @@ def evidence_profile(row: dict, paper: float, extra_ok: bool, note: str) -> Evid
 
 def bootstrap_spearman(a, b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of Spearman r(a, b), resampling items (heads) with replacement."""
-    from lib.diagnostics import bootstrap_correlation
+    from lib.experiments.diagnostics import bootstrap_correlation
     return tuple(bootstrap_correlation(a, b, n_boot, seed, level)["spearman_ci"])
 
 
@@ -263,8 +264,8 @@ class HeadEvidence:
 def _rank_diff(X, lengths, head_layer, n_layers, labels):
     """rank_diff VariantScore of series X [prompts, heads, steps], prompt p using its first lengths[p] steps
     (per-prompt MMI PhiID, the engine's fast option: sts, rtr and TDMI means over prompts)."""
-    from lib import ranking as rk
-    from lib.phiid import phiid_fast_stats
+    from lib.experiments import ranking as rk
+    from lib.estimators.phiid import phiid_fast_stats
     full = lengths is None or np.all(lengths == X.shape[2])
     s = phiid_fast_stats(X, mode="per_prompt", lengths=None if full else [int(n) for n in lengths])
     pairs = rk.PairStats(sts=s.sts, rtr=s.rtr, tdmi=s.tdmi, valid=s.valid, n_heads=s.n_heads)
@@ -280,14 +281,14 @@ def head_evidence(out_dir, tag: str = "", truncate_at_eos: bool = False, n_surro
     numbers as phiid_per_prompt.npz, which 04 checks), plus circular-shift surrogates of both. With
     truncate_at_eos only the steps up to each prompt's first end-of-turn token are used (prompts with fewer
     than MIN_STEPS such steps are left out)."""
-    from lib import diagnostics as dg
+    from lib.experiments import diagnostics as dg
     artifacts.load("phiid", out_dir, tag=tag, mode="per_prompt", keys=["sts"])     # 02 must have run
     acts = artifacts.load("activations", out_dir, tag=tag, keys=["activations", "tokens", "head_layer",
                                                                   "head_index", "n_layers", "model"])
     X = np.asarray(acts["activations"], np.float64)
     lengths = np.full(X.shape[0], X.shape[2])
     if truncate_at_eos:
-        from lib.prompts import end_of_turn_lengths
+        from lib.model.prompts import end_of_turn_lengths
         lengths = end_of_turn_lengths(acts["tokens"], _end_of_turn_ids(str(acts["model"])))
         keep = lengths >= MIN_STEPS
         X, lengths = X[keep], lengths[keep]
@@ -318,8 +319,8 @@ def series_correlation(X) -> np.ndarray:
 
 def _surrogate(X, lengths, u, null_kind: str):
     """One surrogate of X [prompts, heads, steps]: every series shifted by offset floor(u x length); "trend" keeps
-    each series' least-squares line (lib.diagnostics.shift_keeping_trend; full-length series only)."""
-    from lib import diagnostics as dg
+    each series' least-squares line (lib.experiments.diagnostics.shift_keeping_trend; full-length series only)."""
+    from lib.experiments import diagnostics as dg
     if null_kind not in NULL_KINDS:
         raise ValueError(f"null_kind must be one of {NULL_KINDS}; got {null_kind!r}")
     full = np.all(lengths == X.shape[2])
@@ -342,14 +343,14 @@ def _shift_within(X, lengths, u):
 
 
 def _end_of_turn_ids(model_spec: str) -> list[int]:
-    from lib.models import spec_tokenizer
-    from lib.prompts import end_of_turn_ids
+    from lib.model.loading import spec_tokenizer
+    from lib.model.prompts import end_of_turn_ids
     return end_of_turn_ids(spec_tokenizer(model_spec))
 
 
 def profile_verdicts(ev: HeadEvidence, n_boot: int = 1000, seed: int = 0) -> dict:
     """Inverted-U test of the rank_diff profile, raw and beyond the evidence's surrogates."""
-    from lib.diagnostics import inverted_u_test
+    from lib.experiments.diagnostics import inverted_u_test
     raw = inverted_u_test(ev.score, ev.head_layer, ev.n_layers, n_boot, seed).as_row()
     beyond = inverted_u_test(ev.score - ev.null_score.mean(0), ev.head_layer, ev.n_layers, n_boot, seed).as_row()
     return {"raw": raw, "beyond_null": beyond}
@@ -469,7 +470,7 @@ def near_duplicates(series_r: np.ndarray | None, threshold: float = 0.95) -> dic
 # ----------------------------------------------------------------------------- C5: ablation
 
 def claim_c5(out_dir, n_boot: int = 2000, seed: int = 0) -> Claim:
-    from lib.ablation import AblationResult
+    from lib.experiments.ablation import AblationResult
     if not artifacts.path("ablation_kl", out_dir).exists():
         return not_tested("C5", "no ablation_kl.npz (05_ablation did not run)", ["ablation_kl"])
     result = AblationResult.load(out_dir)
@@ -591,7 +592,7 @@ def read_block(cid: str, out_dir) -> tuple[Claim | None, dict]:
     """(a not-tested Claim, {}) when the experiment's JSON or its claim block is absent; else (None, block)."""
     name = EXPERIMENT_ARTIFACTS[cid]
     if name not in artifacts.ARTIFACTS:
-        return not_tested(cid, f"artifact kind {name!r} is not declared in lib/artifacts.py (notebook "
+        return not_tested(cid, f"artifact kind {name!r} is not declared in lib/storage/artifacts.py (notebook "
                                f"{CLAIMS[cid][1]} is not part of this version)", [name]), {}
     p = artifacts.path(name, out_dir)
     if not p.exists():
@@ -769,7 +770,7 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
 def failed_notebooks(out_dir) -> dict[str, str]:
     """notebook -> why its results are not current, from the manifest alone: its last run failed or did not
     finish (lib.run.stale_notebooks adds code, package and input changes)."""
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     entries = read_manifest(out_dir).get("notebooks", {})
     return {stem: f"its last run {e.get('status', 'did not finish')}" + (f" ({e['error']})" if e.get("error") else "")
             for stem, e in sorted(entries.items()) if e.get("status") != "ok"}
@@ -778,7 +779,7 @@ def failed_notebooks(out_dir) -> dict[str, str]:
 def current_only(stale: dict, claims: list[Claim]) -> list[Claim]:
     """A claim resting on a notebook whose last run failed, or whose results are stale (lib.run.stale_notebooks:
     code, packages, inputs changed), is `not tested` with the reason: no verdict from a previous run's files."""
-    from lib.provenance import claim_notebooks
+    from lib.pipeline.provenance import claim_notebooks
     for i, c in enumerate(claims):
         why = [f"{nb}: {stale[nb]}" for nb in claim_notebooks(c.source, c.notebook) if nb in stale]
         if why:
@@ -796,7 +797,7 @@ def add_trend_null(c1: Claim, c2: Claim, trend: HeadEvidence, n_boot: int, seed:
 def write_claims(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
                  stale: dict | None = None) -> Path:
     """Evaluate every claim and write <out_dir>/claims.json atomically; -> its path. stale: see evaluate."""
-    from lib.store import update_manifest
+    from lib.storage.store import update_manifest
     stale = stale if stale is not None else failed_notebooks(out_dir)
     signature = inputs_signature(out_dir, stale, n_surrogates, n_boot, seed)
     previous = artifacts.path("claims", out_dir)
@@ -844,7 +845,7 @@ def _run_model(out_dir) -> str:
 
 def weights_note(model_spec: str) -> str:
     """What the weights of a bundled model are (stated in claims.json, the manifest and the index)."""
-    from lib.models import bundled_note
+    from lib.model.loading import bundled_note
     return bundled_note(model_spec)
 
 

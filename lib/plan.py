@@ -6,7 +6,7 @@ For every claim of claims.json whose verdict is `underpowered`, lib/claims.py st
 the sample size that brings the minimum detectable effect (80% power) down to the paper's effect (se ~ 1/sqrt(n))
 and the params values it gives (e.g. 09_task_behaviour.n_problems). This module merges those values into the run's
 own params file (the largest value wins when two claims ask for the same key), validates the result with the
-runner's --check, and prints, per notebook, lib/cost.py's forwards and GPU-hours (with a rate file) and CPU hours
+runner's --check, and prints, per notebook, lib/pipeline/cost.py's forwards and GPU-hours (with a rate file) and CPU hours
 here: the run's measured seconds scaled by the ratio of estimated tokens (forwards for notebooks without tokens).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from lib import REPO_ROOT, artifacts
+from lib import REPO_ROOT
+from lib.storage import artifacts
 
 __all__ = ["settle_values", "settle_params", "write_settle", "cpu_hours", "main"]
 
@@ -98,8 +99,8 @@ def write_settle(out_dir, target: Path | None = None) -> tuple[Path | None, list
 
 def cpu_hours(out_dir: Path, original: Path, settle: Path) -> dict:
     """notebook -> (CPU hours here for the settle run, GPU-hours or None): measured seconds of the run times the
-    ratio of lib/cost.py's token (or forward) estimates."""
-    from lib.cost import estimates
+    ratio of lib/pipeline/cost.py's token (or forward) estimates."""
+    from lib.pipeline.cost import estimates
     from lib.run import check_run
     manifest = json.loads((out_dir / "manifest.json").read_text())
     seconds = {k: v.get("seconds") for k, v in (manifest.get("notebooks") or {}).items()}

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib.store import atomic_path, locked, read_manifest
+from lib.storage.store import atomic_path, locked, read_manifest
 
 __all__ = ["Figure", "NotebookReport", "stderr_cells", "check_run", "FINDINGS_CSS", "INDEX_FIGURE_LIMIT",
            "own_findings", "FINDINGS_TAG", "add_findings_to_notebooks", "write_index", "main"]
@@ -426,7 +426,7 @@ def findings_rows(claims: list[dict], notebook: str | None = None) -> list[dict]
 
 
 def _claims(out_dir: Path) -> tuple[str, list[dict]]:
-    from lib import artifacts
+    from lib.storage import artifacts
     if not artifacts.path("claims", out_dir).exists():
         from lib.claims import PAPER
         return PAPER, []
@@ -467,7 +467,7 @@ OWN_BOX_RE = re.compile(r"<section class=[\"']findings conclusions[\"'] id=[\"']
 
 def own_findings(page_html: str) -> str:
     """For a page that tests no claim of the paper (06, 07, 11): a copy of its closing "What this shows" box
-    (lib/conclusions.py) as its Findings box at the top; "" when the page has none."""
+    (lib/pipeline/conclusions.py) as its Findings box at the top; "" when the page has none."""
     m = OWN_BOX_RE.search(page_html)
     if m is None:
         return ""

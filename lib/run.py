@@ -9,19 +9,19 @@ pipeline, in file-name order. The run's name, and so its output folder outputs/<
 Before anything runs, every key is checked against the notebook's declared parameters (its `parameters` cell,
 read by papermill.inspect_notebook) and against the type of the declared default. A section of a shardable notebook
 (one that declares `shard`) may also set `shards: N`, the SLURM array size of slurm/pipeline.sh; it is not passed to
-the notebook. --check also prints the run's cost estimate (lib/cost.py). Each notebook is executed with
+the notebook. --check also prints the run's cost estimate (lib/pipeline/cost.py). Each notebook is executed with
 the repository root as working directory into outputs/<run>/NN_name.ipynb and rendered to
 outputs/<run>/html/NN_name.html (report view, no code).
 
     python -m lib.run --params params/<run>.yaml --explain     # what would run and why, per notebook; runs nothing
 
 A notebook is up to date, and skipped, when its parameters, its inputs (every run-folder file it read, by sha256),
-every one of its outputs, and its code and environment (lib.provenance: its code cells, the lib modules it imports,
+every one of its outputs, and its code and environment (lib.pipeline.provenance: its code cells, the lib modules it imports,
 as syntax trees, so comments and formatting do not count; the numeric packages' versions; the weights) are unchanged
 since it last succeeded, and no notebook it reads from (PARENTS, and theirs) ran since; otherwise it reruns (the log
 says why), and so does everything that reads from it. --force reruns anyway. One runner at a time holds a run folder
 (single-notebook runs, e.g. SLURM jobs and shards, may run at once beside each other, never beside a whole run); see
-lib.store.run_lock.
+lib.storage.store.run_lock.
 """
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ from pathlib import Path
 import yaml
 
 from lib import REPO_ROOT
-from lib import artifacts, params as constraints, provenance, stages
-from lib.notebook_params import (ParamsError, _base_type, declared_parameters,  # noqa: F401
+from lib.storage import artifacts
+from lib.pipeline import params as constraints, provenance, stages
+from lib.pipeline.notebook_params import (ParamsError, _base_type, declared_parameters,  # noqa: F401
                                  default_value as _default_value)
-from lib.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
+from lib.storage.store import ArtifactError, ensure_writable_dir, read_manifest, update_manifest
 
 __all__ = ["OUTPUT_ROOT", "Step", "PARENTS", "parents_of", "upstream_of", "pipeline_notebooks", "check_type",
            "parse_value", "load_params", "build_steps", "shard_suffix", "params_hash", "model_key", "stale_reasons",
@@ -67,12 +68,12 @@ class Step:
     output: Path              # executed notebook
     html: Path
     shards: int | None = None # the section's `shards:` (SLURM array size of a shardable notebook), None: not set
-    code: dict | None = None  # lib.provenance.notebook_fingerprint, filled by current_code on first use
+    code: dict | None = None  # lib.pipeline.provenance.notebook_fingerprint, filled by current_code on first use
 
 
 # ----------------------------------------------------------------------------- parameters
 
-# The notebooks whose files each notebook reads (lib/stages.py declares them). The runner reruns a notebook when one
+# The notebooks whose files each notebook reads (lib/pipeline/stages.py declares them). The runner reruns a notebook when one
 # of these (or their parents) ran since it did; slurm/pipeline.sh makes each SLURM job wait for them. A notebook not
 # listed depends on every notebook before it.
 PARENTS = stages.parents()
@@ -95,7 +96,7 @@ def upstream_of(name: str, pipeline) -> list[str]:
 
 
 def pipeline_notebooks() -> dict[str, Path]:
-    """Stage name -> notebook path, for every declared stage (lib/stages.py) whose notebook exists; the explorer
+    """Stage name -> notebook path, for every declared stage (lib/pipeline/stages.py) whose notebook exists; the explorer
     (00) and the cross-run notebooks are not stages."""
     return {name: s.path for name, s in stages.stages().items() if s.path.is_file()}
 
@@ -324,7 +325,7 @@ def stale_reasons(step: Step, manifest: dict, earlier: list[str]) -> list[str]:
 
 
 def current_code(step: Step) -> dict | None:
-    """The fingerprint of the code and environment `step` would run with (lib.provenance; None for a notebook file
+    """The fingerprint of the code and environment `step` would run with (lib.pipeline.provenance; None for a notebook file
     that does not exist, e.g. a test's registered-only notebook). Computed once per step."""
     if step.code is None and Path(step.path).is_file():
         unset = {k: v for k, v in provenance.parameter_defaults(step.path).items() if k not in step.params}
@@ -347,7 +348,7 @@ def is_up_to_date(step: Step, earlier: list[str] | None = None) -> bool:
 
 def record(step: Step, **entry) -> None:
     """Runner bookkeeping in manifest.json under notebooks/<output stem>."""
-    from lib.store import locked, save_json
+    from lib.storage.store import locked, save_json
     path = step.output.parent / "manifest.json"
     with locked(path):
         manifest = read_manifest(step.output.parent)
@@ -357,7 +358,7 @@ def record(step: Step, **entry) -> None:
 
 def record_success(step: Step, reads: set[Path], earlier: list[str], **entry) -> None:
     """Status ok plus provenance: the files the notebook read and wrote (sha256) and what each output derives from."""
-    from lib.store import locked, save_json
+    from lib.storage.store import locked, save_json
     out_dir = step.output.parent
     path = out_dir / "manifest.json"
     with locked(path):
@@ -471,9 +472,9 @@ class _KernelEnv:
 
 def _papermill(step: Step, target: Path, log_output: bool) -> None:
     import papermill
-    from lib.progress import KERNEL_SETUP, LineWriter
+    from lib.pipeline.progress import KERNEL_SETUP, LineWriter
     # cell stdout/stderr streamed to our stdout/stderr (one line per update off a terminal); tqdm.auto in the
-    # kernel becomes a text bar on the log (lib/progress.py), so reports hold no blank progress widgets
+    # kernel becomes a text bar on the log (lib/pipeline/progress.py), so reports hold no blank progress widgets
     streams = {"stdout_file": LineWriter(sys.stdout), "stderr_file": LineWriter(sys.stderr)} if log_output else {}
     papermill.execute_notebook(str(step.path), str(target), parameters=step.params, cwd=str(REPO_ROOT),
                                log_output=False, progress_bar=False, kernel_name="python3",
@@ -507,7 +508,7 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
                    f"notebook {step.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                    f"  executed copy with the traceback: {step.output}")
     except OSError as e:
-        from lib.store import disk_error
+        from lib.storage.store import disk_error
         message = disk_error(e, e.filename or tmp) if e.errno else str(e)
         failure = (message, None, f"notebook {step.name}: {message}")
     except BaseException as e:                    # Ctrl-C, SIGTERM from scancel, anything unexpected
@@ -541,7 +542,7 @@ def _settle_interrupted(out_dir: Path, stem: str | None = None) -> None:
              if v.get("status") == "running" and stem in (None, k)]
     if not stuck:
         return
-    from lib.store import locked, save_json
+    from lib.storage.store import locked, save_json
     with locked(out_dir / "manifest.json"):
         manifest = read_manifest(out_dir)
         for name in stuck:
@@ -570,7 +571,7 @@ def _lock_scope(steps: list[Step]) -> str | None:
 
 def run_pipeline(params_path: str, only: list[str] | None = None, overrides: list[str] = (), force: bool = False,
                  log_output: bool = True) -> Path:
-    from lib.store import clean_temp_files, run_lock
+    from lib.storage.store import clean_temp_files, run_lock
     run, shared, sections = load_params(params_path, overrides)
     steps = build_steps(run, shared, sections, only)
     out_dir = ensure_writable_dir(steps[0].params["out_dir"]) if steps else OUTPUT_ROOT / run
@@ -696,7 +697,7 @@ def main(argv=None) -> int:
         if args.check:
             steps = check_run(args.params, args.only, args.overrides)
             print(f"[run] {args.params}: valid; pipeline {[s.name for s in steps]} -> {steps[0].params['out_dir']}")
-            from lib.cost import cost_table
+            from lib.pipeline.cost import cost_table
             print(cost_table(steps))
             return 0
         with _StderrGate():

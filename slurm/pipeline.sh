@@ -35,13 +35,13 @@
 #   --gpu-args "ARGS"      sbatch arguments for GPU notebooks   (default: --gres=gpu:1 --cpus-per-task=4 --mem=32G)
 #   --cpu-args "ARGS"      sbatch arguments for CPU notebooks   (default: --cpus-per-task=8 --mem=32G)
 #   --sbatch-args "ARGS"   sbatch arguments for every job, e.g. "--account=abc --partition=short --time=04:00:00"
-# GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: the stages declared with device "GPU" in lib/stages.py: 01, 05,
+# GPU notebooks: $HEADINFO_GPU_NOTEBOOKS (default: the stages declared with device "GPU" in lib/pipeline/stages.py: 01, 05,
 # 06, 07, 09, 10); every other notebook gets CPU resources. sbatch also reads SBATCH_ACCOUNT,
 # SBATCH_PARTITION, SBATCH_TIMELIMIT, ... from the environment.
 #
 # Output: one line per job ("submitted <notebook> <jobid> ...", then "  after <parent notebooks>" when it waits for
 # some), then "JOBS <id> <id> ...", and where the logs go (<out_dir>/logs/, created before submission). The cost
-# estimate of lib/cost.py (forwards, tokens, GPU-hours, memory per notebook) goes to stderr before submission;
+# estimate of lib/pipeline/cost.py (forwards, tokens, GPU-hours, memory per notebook) goes to stderr before submission;
 # --dry-run prints it, and the model cache check, on stdout as "# " lines.
 set -euo pipefail
 
@@ -109,8 +109,8 @@ PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_GIVEN" "$DRY" "$SHARDS_JSON"
 import json
 import sys
 from lib.run import PARENTS, ParamsError, Step, shard_suffix, cache_problem, check_run, declared_parameters, is_up_to_date
-from lib.stages import gpu_stages
-from lib.store import ArtifactError
+from lib.pipeline.stages import gpu_stages
+from lib.storage.store import ArtifactError
 params, default_shards, shards_given, dry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 shard_map = json.loads(sys.argv[5])
 args = sys.argv[6:]
@@ -143,7 +143,7 @@ for s in steps:
         print("PARENTS", s.name, *PARENTS[s.name])
 print("GPU", *gpu_stages())
 try:
-    from lib.cost import cost_table
+    from lib.pipeline.cost import cost_table
     table = cost_table(steps)
 except Exception as e:                                # an estimate never blocks a submission
     table = f"cost estimate failed: {type(e).__name__}: {e}"

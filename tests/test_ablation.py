@@ -1,4 +1,4 @@
-"""lib.ablation: behaviour divergence under cumulative head ablation, checked against naive computations."""
+"""lib.experiments.ablation: behaviour divergence under cumulative head ablation, checked against naive computations."""
 from __future__ import annotations
 
 import os
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation as A
-from lib import artifacts
-from lib.models import load_model
-from lib.store import ArtifactError, save_npz
+from lib.experiments import ablation as A
+from lib.storage import artifacts
+from lib.model.loading import load_model
+from lib.storage.store import ArtifactError, save_npz
 
 T = 10
 PROMPT_LENGTHS = (5, 9, 7, 6)
@@ -517,8 +517,8 @@ def test_resume_after_sigkill_is_identical(tmp_path, tiny, reference):
     write_run(tmp_path, arch)
     script = f"""
 import os, signal
-from lib import ablation as A
-from lib.models import load_model
+from lib.experiments import ablation as A
+from lib.model.loading import load_model
 model, _, arch = load_model("random:llama")
 inputs, plan = A.prepare({str(tmp_path)!r}, model="random:llama", variants=["rank_diff"], n_random=2, step_size=4)
 def kill(n):

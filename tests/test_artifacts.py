@@ -1,4 +1,4 @@
-"""The artifact contract (lib.artifacts): file names, tags, shards, checked save/load, the README's table, and that
+"""The artifact contract (lib.storage.artifacts): file names, tags, shards, checked save/load, the README's table, and that
 every file the pipeline's library functions write is a registered artifact."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import REPO_ROOT, artifacts
-from lib.store import ArtifactError, save_npz
+from lib import REPO_ROOT
+from lib.storage import artifacts
+from lib.storage.store import ArtifactError, save_npz
 
 H, P, T = 6, 4, 20
 
@@ -208,8 +209,8 @@ def test_every_artifact_has_a_known_format_and_producer():
 # what the library writes is registered
 
 def test_files_written_by_notebooks_02_to_04_are_registered(tmp_path):
-    from lib import diagnostics, ranking
-    from lib.phiid import DegeneratePairWarning, run_phiid_for_run
+    from lib.experiments import diagnostics, ranking
+    from lib.estimators.phiid import DegeneratePairWarning, run_phiid_for_run
     for tag, seed in (("", 0), ("random_init", 1)):
         artifacts.save("activations", tmp_path, activation_arrays(seed), tag=tag)
     with warnings.catch_warnings():
@@ -234,7 +235,7 @@ def test_files_written_by_notebooks_02_to_04_are_registered(tmp_path):
 def test_ablation_result_saves_registered_files_and_its_manifest_section(tmp_path):
     import matplotlib.pyplot as plt
 
-    from lib import ablation as A
+    from lib.experiments import ablation as A
     rng = np.random.default_rng(0)
     orderings = [A.Ordering("ranking", "rank_diff", -1, tuple(range(4))),
                  *[A.Ordering("random", A.RANDOM_VARIANT, s, tuple(rng.permutation(4))) for s in range(2)]]

@@ -1,4 +1,4 @@
-"""lib.behaviour on tiny random Llamas: unperturbed conditions reproduce the baseline exactly, huge noise destroys a
+"""lib.experiments.behaviour on tiny random Llamas: unperturbed conditions reproduce the baseline exactly, huge noise destroys a
 model that was right, weights are restored after every batch, resume, statistics against hand values, bad input."""
 import json
 import math
@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import artifacts, behaviour, tasks
-from lib.models import arch_info, load_model
-from lib.store import ArtifactError
+from lib.storage import artifacts
+from lib.experiments import behaviour, tasks
+from lib.model.loading import arch_info, load_model
+from lib.storage.store import ArtifactError
 
 SPEC = "random:llama"
 
@@ -317,7 +318,7 @@ def test_calibration_picks_the_sigma_and_the_main_run_uses_it(run_dir):
 
 
 def test_params_rules_of_09():
-    from lib.params import problems
+    from lib.pipeline.params import problems
     ok = {"calibrate": True, "calibration_sigmas": [0.05, 1], "calibration_problems": 30, "calibration_sets": 2,
           "target_relative_accuracy": 0.76, "perturbations": ["noise", "zero"], "sigmas": [0.0, 1.0], "n_random": 6,
           "fraction": 0.25, "max_new_tokens": 4, "n_problems": None, "difficulty": 0}

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib import REPO_ROOT, artifacts, report
+from lib import REPO_ROOT, report
+from lib.storage import artifacts
 from lib import claims as C
-from lib.ablation import AblationResult, Ordering, RANDOM_VARIANT
-from lib.diagnostics import inverted_u_test
-from lib.store import save_npz
+from lib.experiments.ablation import AblationResult, Ordering, RANDOM_VARIANT
+from lib.experiments.diagnostics import inverted_u_test
+from lib.storage.store import save_npz
 
 
 # ----------------------------------------------------------------------------- rules as functions
@@ -140,15 +141,15 @@ def test_planted_autocorrelation_artefact_is_not_supported_beyond_the_null(artef
 def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path):
     X = np.asarray(artifacts.load("activations", artefact_run, keys=["activations"])["activations"], float)
     tokens = np.full(X.shape[::2], 7, np.int64)
-    from lib.models import bundled_tokenizer
-    from lib.prompts import end_of_turn_ids
+    from lib.model.loading import bundled_tokenizer
+    from lib.model.prompts import end_of_turn_ids
     eot = end_of_turn_ids(bundled_tokenizer())[0]
     tokens[0, 30], tokens[1, 5], tokens[2, 40] = eot, eot, eot          # prompt 1 ends too early: left out
     write_heads(tmp_path, X, tokens=tokens)
     ev = C.head_evidence(tmp_path, truncate_at_eos=True, n_surrogates=2)
     assert ev.n_prompts == X.shape[0] - 1 and ev.steps == "31-80 (median 80)"
     # = the mean over the kept prompts of each cut series' own PhiID, computed one prompt at a time
-    from lib import ranking as rk
+    from lib.experiments import ranking as rk
     cuts = {0: 31, 2: 41, **{p: 80 for p in range(3, X.shape[0])}}
     each = [rk.per_prompt_stats(X[[p]][:, :, :n]) for p, n in cuts.items()]
     with np.errstate(invalid="ignore"):
@@ -283,7 +284,7 @@ def test_experiment_blocks_give_their_rule_verdicts(tmp_path, declared):
 def test_undeclared_experiment_is_not_tested(tmp_path, monkeypatch):
     monkeypatch.delitem(artifacts.ARTIFACTS, "topology", raising=False)
     c = C.claim_from_block("C4", tmp_path)
-    assert c.verdict == "not tested" and "lib/artifacts.py" in c.reason
+    assert c.verdict == "not tested" and "lib/storage/artifacts.py" in c.reason
 
 
 # ----------------------------------------------------------------------------- claims.json of a tiny run
@@ -318,7 +319,7 @@ def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
 
 def test_write_claims_on_a_planted_run_writes_every_claim_and_the_manifest_entry(artefact_run, tmp_path):
     import shutil
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     for name in ("activations.npz", "phiid_per_prompt.npz"):
         shutil.copy(artefact_run / name, tmp_path / name)
     with np.load(tmp_path / "activations.npz") as z:

@@ -1,12 +1,12 @@
-"""lib/cost.py: the cost estimate of --check against hand counts; model size from safetensors headers."""
+"""lib/pipeline/cost.py: the cost estimate of --check against hand counts; model size from safetensors headers."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from lib import cost
-from lib.models import load_model, meta_parameter_count, model_dims
+from lib.pipeline import cost
+from lib.model.loading import load_model, meta_parameter_count, model_dims
 from lib.run import build_steps, load_params, main
 
 # 01: 12 prompts x 24 tokens in one batch, with a random-init copy and 2 prompts regenerated alone; 05: random:llama

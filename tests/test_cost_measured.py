@@ -8,11 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from lib import ablation as A
-from lib import cost
-from lib import interference
-from lib import neurons as N
-from lib.models import load_model, model_dims
+from lib.experiments import ablation as A
+from lib.pipeline import cost
+from lib.experiments import interference
+from lib.experiments import neurons as N
+from lib.model.loading import load_model, model_dims
 from tests.test_ablation import T, write_run
 
 
@@ -78,9 +78,9 @@ def test_interference_forwards_batch_each_task_apart(tmp_path, counted):
 
 
 def test_extraction_and_oracle_forwards(counted):
-    from lib.extract import extract_activations
-    from lib.oracle import compute_oracle
-    from lib.prompts import select_prompts
+    from lib.experiments.extract import extract_activations
+    from lib.experiments.oracle import compute_oracle
+    from lib.model.prompts import select_prompts
     model, tokenizer, arch, counter = counted
     start = counter[0]
     run = extract_activations(model, tokenizer, arch, select_prompts(6), n_tokens=5, batch_size=4, progress=False)

@@ -1,11 +1,11 @@
-"""lib.diagnostics against independent truth: explicit loops, closed forms, simulations."""
+"""lib.experiments.diagnostics against independent truth: explicit loops, closed forms, simulations."""
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from lib import diagnostics as dg
-from lib.store import ArtifactError, save_npz
+from lib.experiments import diagnostics as dg
+from lib.storage.store import ArtifactError, save_npz
 
 
 def _loop_head_mean(M, deg):
@@ -209,7 +209,7 @@ def test_inverted_u_quadratic_coefficient_is_exact_on_a_noise_free_parabola():
 
 
 def test_tdmi_is_the_joint_mutual_information_of_past_and_future():
-    from lib.phiid import ATOM_NAMES, phiid_all_pairs
+    from lib.estimators.phiid import ATOM_NAMES, phiid_all_pairs
     rng = np.random.default_rng(12)
     X = np.cumsum(rng.normal(size=(1, 3, 80)), -1) + rng.normal(size=(1, 3, 80))
     res = phiid_all_pairs(X, warn=False)
@@ -241,7 +241,7 @@ def test_missing_phiid_mode_names_the_notebook_and_parameter(tmp_path):
 
 
 def test_phiid_from_another_model_is_refused(tmp_path):
-    from lib.phiid import phiid_all_pairs, save_phiid
+    from lib.estimators.phiid import phiid_all_pairs, save_phiid
     _write_run(tmp_path, H=6)
     other = np.random.default_rng(1).normal(size=(4, 8, 20))
     res = phiid_all_pairs(other, warn=False)
@@ -252,7 +252,7 @@ def test_phiid_from_another_model_is_refused(tmp_path):
 
 
 def test_phiid_with_a_different_model_name_is_refused(tmp_path):
-    from lib.phiid import phiid_all_pairs, save_phiid
+    from lib.estimators.phiid import phiid_all_pairs, save_phiid
     X = _write_run(tmp_path, H=6)
     res = phiid_all_pairs(X, warn=False)
     save_phiid(tmp_path / "phiid_per_prompt.npz", res, np.repeat(np.arange(3), 2), np.tile([0, 1], 3), model="m2")
@@ -261,7 +261,7 @@ def test_phiid_with_a_different_model_name_is_refused(tmp_path):
 
 
 def test_diagnose_summary_on_a_small_run(tmp_path):
-    from lib.phiid import phiid_all_pairs, save_phiid
+    from lib.estimators.phiid import phiid_all_pairs, save_phiid
     X = _write_run(tmp_path, H=6)
     res = phiid_all_pairs(X, warn=False)
     save_phiid(tmp_path / "phiid_per_prompt.npz", res, np.repeat(np.arange(3), 2), np.tile([0, 1], 3))
@@ -343,7 +343,7 @@ def test_pair_bootstrap_memory_does_not_grow_with_resamples_times_pairs():
 
 
 def test_shift_keeping_trend_keeps_the_line_and_shifts_the_residuals():
-    from lib.diagnostics import linear_detrend, shift_keeping_trend, shift_series
+    from lib.experiments.diagnostics import linear_detrend, shift_keeping_trend, shift_series
     rng = np.random.default_rng(5)
     T = 50
     t = np.arange(T)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib import ablation as A
-from lib.extract import extract_activations
-from lib.models import arch_info, load_model
-from lib.prompts import select_prompts
+from lib.experiments import ablation as A
+from lib.experiments.extract import extract_activations
+from lib.model.loading import arch_info, load_model
+from lib.model.prompts import select_prompts
 from tests.test_ablation import write_run
 
 SPECS = ["random:llama", "random:gpt2", "random:gemma2", "random:gemma3_multimodal"]
@@ -81,7 +81,7 @@ def test_cuda_extraction_and_ablation_match_cpu(tmp_path, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_cuda_phiid_torch_backend_matches_numpy():
-    from lib.phiid import phiid_all_pairs
+    from lib.estimators.phiid import phiid_all_pairs
     X = np.random.default_rng(0).standard_normal((3, 6, 60)).cumsum(-1)
     cpu = phiid_all_pairs(X, backend="numpy", warn=False)
     gpu = phiid_all_pairs(X, backend="torch", warn=False)

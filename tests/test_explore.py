@@ -1,5 +1,5 @@
-"""The explorer's tables (lib/explore.py) and the guard that keeps kernels outside the runner from writing into a
-run folder (lib.store.check_write_allowed), on small folders built here; the truth is computed independently."""
+"""The explorer's tables (lib/pipeline/explore.py) and the guard that keeps kernels outside the runner from writing into a
+run folder (lib.storage.store.check_write_allowed), on small folders built here; the truth is computed independently."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import artifacts, explore, report, store
+from lib.storage import artifacts, store
+from lib.pipeline import explore
+from lib import report
 
 
 def _run_folder(folder: Path, statuses: dict[str, str], finished: str, params_file: str = "params/x.yaml") -> Path:
@@ -162,7 +164,7 @@ def test_a_real_kernel_refuses_and_names_the_runner_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (artifacts.NOTEBOOK_ENV, store.WRITE_OVERRIDE_ENV)}
     km, kc = start_new_kernel(kernel_name="python3", env=env)
     try:
-        code = ("import pandas as pd\nfrom lib import artifacts\n"
+        code = ("import pandas as pd\nfrom lib.storage import artifacts\n"
                 f"artifacts.save('rankings', {str(run)!r}, pd.DataFrame({_rankings().to_dict('list')!r}))")
         reply = kc.execute_interactive(code, timeout=120, output_hook=lambda msg: None)
         assert reply["content"]["status"] == "error"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.extract import compare_batched, extract_activations, extract_to_file, generate_batch, encode_prompts
-from lib.heads import HeadHooks
-from lib.prompts import select_prompts
-from lib.store import load_npz
+from lib.experiments.extract import compare_batched, extract_activations, extract_to_file, generate_batch, encode_prompts
+from lib.model.heads import HeadHooks
+from lib.model.prompts import select_prompts
+from lib.storage.store import load_npz
 from tests.conftest import cached_model
 
 
@@ -76,7 +76,7 @@ def test_bad_input_leaves_no_artifact(tmp_path):
 @pytest.mark.slow(reason="kills an extraction process with SIGKILL and reruns it")
 def test_killed_extraction_resumes(tmp_path):
     """Kill an extraction after its first batch; the rerun reuses that batch and ends identical to a clean run."""
-    code = ("import sys, lib.extract as e\n"
+    code = ("import sys, lib.experiments.extract as e\n"
             "orig = e.generate_batch\ncalls = []\n"
             "def once(*a, **k):\n"
             "    calls.append(1)\n"
@@ -89,7 +89,7 @@ def test_killed_extraction_resumes(tmp_path):
     assert not (tmp_path / "a" / "activations.npz").exists()
     assert len(list((tmp_path / "a" / ".extract_checkpoints").rglob("batch-*.npz"))) == 1
     calls = []
-    import lib.extract as e
+    import lib.experiments.extract as e
     original = e.generate_batch
     try:
         e.generate_batch = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
@@ -105,7 +105,7 @@ def test_killed_extraction_resumes(tmp_path):
 
 
 def test_identical_extraction_is_reused_and_changed_one_is_not(tmp_path, monkeypatch):
-    import lib.extract as e
+    import lib.experiments.extract as e
     first, *_ = extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=3, batch_size=2, progress=False)
     monkeypatch.setattr(e, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     again, *_ = extract_to_file(tmp_path, "random:llama", n_prompts=2, n_tokens=3, batch_size=2, progress=False)
@@ -141,10 +141,10 @@ FAKE_HUB_ID = "fake-org/tiny-checkpoints"
 def fake_checkpoint_hub(tmp_path, monkeypatch):
     """FAKE_HUB_ID with two training checkpoints, step10 and step20: two tiny llama models with different weights
     saved as ordinary HF folders; from_pretrained and snapshot_download resolve (FAKE_HUB_ID, revision) to them,
-    so lib.models.load_model takes its Hugging Face path (revision passed through, weights checksum of the folder)."""
+    so lib.model.loading.load_model takes its Hugging Face path (revision passed through, weights checksum of the folder)."""
     import huggingface_hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from lib.models import load_model
+    from lib.model.loading import load_model
     folders = {}
     for seed, revision in enumerate(("step10", "step20"), start=1):
         model, tokenizer, _ = load_model("random:llama", seed=seed, device="cpu")
@@ -167,9 +167,10 @@ def fake_checkpoint_hub(tmp_path, monkeypatch):
 
 
 def test_revisions_end_to_end_extraction_phiid_and_tags(tmp_path, fake_checkpoint_hub):
-    from lib import artifacts, phiid
-    from lib.extract import extract_baselines, load_run
-    from lib.store import read_manifest
+    from lib.storage import artifacts
+    from lib.estimators import phiid
+    from lib.experiments.extract import extract_baselines, load_run
+    from lib.storage.store import read_manifest
     out = tmp_path / "run"
     runs = extract_baselines(out, FAKE_HUB_ID, baseline_random_init=False, revisions=["step20", "step10"],
                              n_prompts=2, n_tokens=12, batch_size=2, chat_template=False, device="cpu",

@@ -7,10 +7,10 @@ import pytest
 import scipy.stats
 import torch
 
-from lib.finetune.masks import MaskedAdamW, head_masks, kv_heads_selected, weight_deltas
-from lib.finetune.sft import Example, SFTSettings, run_sft
-from lib.finetune.stats import hedges_g, paired_bootstrap, permutation_null, permutation_p
-from lib.models import load_model
+from lib.experiments.finetune.masks import MaskedAdamW, head_masks, kv_heads_selected, weight_deltas
+from lib.experiments.finetune.sft import Example, SFTSettings, run_sft
+from lib.experiments.finetune.stats import hedges_g, paired_bootstrap, permutation_null, permutation_p
+from lib.model.loading import load_model
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox"])
@@ -177,21 +177,22 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from lib import artifacts, finetune, tasks  # noqa: E402
-from lib.finetune import GRPOSettings  # noqa: E402
-from lib.finetune.grpo import correctness_reward, run_grpo  # noqa: E402
-from lib.store import ArtifactError  # noqa: E402
+from lib.storage import artifacts  # noqa: E402
+from lib.experiments import finetune, tasks
+from lib.experiments.finetune import GRPOSettings  # noqa: E402
+from lib.experiments.finetune.grpo import correctness_reward, run_grpo  # noqa: E402
+from lib.storage.store import ArtifactError  # noqa: E402
 
 RUN_SCRIPT = """
 import sys
-from lib import finetune
-from lib.finetune import SFTSettings
-from lib.models import load_model
+from lib.experiments import finetune
+from lib.experiments.finetune import SFTSettings
+from lib.model.loading import load_model
 out, delay = sys.argv[1], float(sys.argv[2])
 model, tokenizer, arch = load_model("random:llama", device="cpu")
 if delay:
     import time
-    from lib.finetune import sft
+    from lib.experiments.finetune import sft
     step = sft.train_step
     sft.train_step = lambda *a, **k: (time.sleep(delay), step(*a, **k))[1]
 plan = finetune.prepare(out, model="random:llama", n_train=16, n_test=4, n_random=1, max_new_tokens=4,
@@ -298,10 +299,10 @@ def test_grpo_three_steps_move_only_the_selected_heads(llama):
 
 from types import SimpleNamespace  # noqa: E402
 
-from lib.finetune import claim as fc  # noqa: E402
-from lib.finetune.masks import overlap  # noqa: E402
-from lib.finetune.run import Condition, FinetuneResult, RunRecord  # noqa: E402
-from lib.finetune.stats import equivalence_verdict, hedges_g_ci, tost_paired  # noqa: E402
+from lib.experiments.finetune import claim as fc  # noqa: E402
+from lib.experiments.finetune.masks import overlap  # noqa: E402
+from lib.experiments.finetune.run import Condition, FinetuneResult, RunRecord  # noqa: E402
+from lib.experiments.finetune.stats import equivalence_verdict, hedges_g_ci, tost_paired  # noqa: E402
 
 
 def test_hedges_g_ci_hand_computation():
@@ -476,7 +477,7 @@ def test_grpo_arm_end_to_end_writes_the_claim_block(tmp_path, llama):
 
 
 def test_cost_estimate_counts_sft_seeds_and_one_shared_baseline():
-    from lib import cost
+    from lib.pipeline import cost
     p = {"n_random": 1, "seeds": [0, 1], "methods": ["sft"], "max_new_tokens": 4, "batch_size": 8,
          "n_steps": 4, "eval_every": 8, "n_test": 40, "eval_batch_size": 40, "grpo": {}}
     seq = cost.PROMPT_TOKENS + 4

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib import neurons as N
-from lib.extract import compare_batched, extract_activations
-from lib.heads import HeadHooks
-from lib.prompts import select_prompts
+from lib.experiments import neurons as N
+from lib.experiments.extract import compare_batched, extract_activations
+from lib.model.heads import HeadHooks
+from lib.model.prompts import select_prompts
 from tests import manual_attention
 from tests import test_heads as heads_tests
 from tests.test_neurons import _zeroed_logits

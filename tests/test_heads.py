@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.heads import HeadHooks, head_mask
+from lib.model.heads import HeadHooks, head_mask
 from tests import manual_attention
 from tests.conftest import cached_model
 

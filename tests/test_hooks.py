@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.hooks import hooks, patched_weights
-from lib.models import SITES
+from lib.model.hooks import hooks, patched_weights
+from lib.model.loading import SITES
 from tests import manual_attention
 from tests.conftest import cached_model
 
@@ -37,7 +37,7 @@ def mlp_activations(arch, layer, x):
 
 
 def mlp_inputs(arch, model):
-    """The MLP module's input per layer, read with a plain torch hook (not lib.hooks)."""
+    """The MLP module's input per layer, read with a plain torch hook (not lib.model.hooks)."""
     seen = {}
     handles = [arch.mlp(l).register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0].clone()))
                for l in range(arch.n_layers)]

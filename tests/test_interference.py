@@ -1,4 +1,4 @@
-"""QK-OV interference (lib.interference): scores against explicit loops, per-sample gradients against single-sample
+"""QK-OV interference (lib.experiments.interference): scores against explicit loops, per-sample gradients against single-sample
 backward passes, head slices against what the attention modules actually compute, GQA, fused QKV, empty task B."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import interference as I
+from lib.experiments import interference as I
 from tests.conftest import cached_model
 
 TEXTS_A = ["What is 2 + 2? ||| It is 4.", "Add 3 and 5. ||| The sum is 8.", "Count to three ||| one two three",
@@ -363,7 +363,7 @@ def test_too_few_task_a_samples_is_a_clear_error_before_any_work(llama_run, tmp_
 # ----------------------------------------------------------------------------- sample sources
 
 def fake_activations(path, tokenizer, per_category: int, model_spec: str):
-    from lib.prompts import all_prompts
+    from lib.model.prompts import all_prompts
     prompts = [p for p in all_prompts() if p.prompt_id % 10 < per_category]
     encoded = [tokenizer(p.text)["input_ids"] for p in prompts]
     width = max(map(len, encoded))

@@ -43,8 +43,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def run_dir():
     """A run folder with activations.npz, phiid_per_prompt.npz and rankings.csv for 3 layers x 4 heads."""
-    from lib.phiid import phiid_all_pairs, save_phiid
-    from lib.store import save_npz
+    from lib.estimators.phiid import phiid_all_pairs, save_phiid
+    from lib.storage.store import save_npz
     out = Path(tempfile.mkdtemp(prefix="hi-explore-run-"))
     rng = np.random.default_rng(7)
     P, H, T = 5, N_LAYERS * N_HEADS, 40

@@ -1,5 +1,6 @@
 """lib's imports only go down: no import cycle between lib's modules, counting every import (function-level ones
-included, since hiding a cycle inside a function is still a cycle), parsed with `ast` and checked with networkx."""
+included, since hiding a cycle inside a function is still a cycle), parsed with `ast` and checked with networkx;
+and no module imports a module of a higher layer (LAYERS, bottom first)."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +11,10 @@ import networkx as nx
 from lib import REPO_ROOT
 
 LIB = REPO_ROOT / "lib"
+# lib's layers, bottom first: a module may import its own layer and the layers below it, never one above. Each layer
+# is a folder of lib; "commands" are the modules at lib's top (python -m lib.run, lib.claims, lib.report, lib.plan,
+# lib.compare, lib.models).
+LAYERS = ("storage", "model", "estimators", "plots", "experiments", "pipeline", "commands")
 
 
 def module_name(path: Path, root: Path = REPO_ROOT) -> str:
@@ -75,6 +80,47 @@ def test_the_parser_sees_function_level_and_relative_imports(tmp_path):
     assert imported(tmp_path / "lib" / "a.py", mods, tmp_path) == {"lib.b", "lib.c"}
     assert imported(pkg / "__init__.py", mods, tmp_path) == {"lib.sub.d"}
     assert imported(pkg / "d.py", mods, tmp_path) == {"lib.a"}                # itself through its package: no edge
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a lib module: its folder under lib, "commands" for a module at lib's top, None for lib itself."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None
+    if len(parts) == 2 and parts[1] not in LAYERS:
+        return "commands"
+    if parts[1] not in LAYERS:
+        raise AssertionError(f"{module} is in no layer: put it in one of the folders {LAYERS[:-1]} of lib "
+                             f"(or at lib's top if it is a command) and add new folders to LAYERS")
+    return parts[1]
+
+
+def upward_imports(graph: nx.DiGraph) -> list[str]:
+    """'a -> b (layer -> layer)' for every import from a lower layer to a higher one."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    found = []
+    for a, b in sorted(graph.edges):
+        la, lb = layer_of(a), layer_of(b)
+        if la and lb and rank[la] < rank[lb]:
+            found.append(f"{a} -> {b} ({la} -> {lb})")
+    return found
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = nx.DiGraph([("lib.experiments.x", "lib.storage.y"), ("lib.storage.y", "lib.pipeline.z"),
+                        ("lib.run", "lib.pipeline.z"), ("lib.plots.p", "lib.experiments.x")])
+    assert layer_of("lib.run") == "commands" and layer_of("lib.model") == "model" and layer_of("lib") is None
+    assert upward_imports(graph) == ["lib.plots.p -> lib.experiments.x (plots -> experiments)",
+                                     "lib.storage.y -> lib.pipeline.z (storage -> pipeline)"]
+
+
+def test_every_module_of_lib_is_in_a_layer():
+    assert all(layer_of(m) in LAYERS for m in import_graph() if m != "lib")
+
+
+def test_lib_imports_only_go_down_the_layers():
+    up = upward_imports(import_graph())
+    assert not up, "imports from a lower layer of lib to a higher one (LAYERS, bottom first): " + "; ".join(up)
 
 
 def test_lib_has_no_import_cycle():

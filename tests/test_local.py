@@ -1,11 +1,12 @@
-"""lib.local against independent truth: hand-made token kinds, numpy correlations, an unbatched full-logit forward
-pass, lib.phiid's own local engine, and bad inputs (tokens of another run)."""
+"""lib.experiments.local against independent truth: hand-made token kinds, numpy correlations, an unbatched full-logit forward
+pass, lib.estimators.phiid's own local engine, and bad inputs (tokens of another run)."""
 import numpy as np
 import pytest
 
-from lib import artifacts, local, store
-from lib.phiid import phiid_local_head_means
-from lib.store import ArtifactError
+from lib.storage import artifacts, store
+from lib.experiments import local
+from lib.estimators.phiid import phiid_local_head_means
+from lib.storage.store import ArtifactError
 
 
 def test_token_kinds_by_hand():
@@ -53,7 +54,7 @@ def test_kind_means_planted_effect():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from lib.extract import extract_to_file
+    from lib.experiments.extract import extract_to_file
     out = tmp_path_factory.mktemp("local_run")
     extract_to_file(out, "random:llama", n_prompts=4, n_tokens=16, batch_size=4, progress=False)
     return out
@@ -62,7 +63,7 @@ def tiny_run(tmp_path_factory):
 def test_teacher_forced_pass_equals_unbatched_full_logits(tiny_run):
     import torch
 
-    from lib.models import load_model
+    from lib.model.loading import load_model
     acts = artifacts.load("activations", tiny_run)
     model, _, _ = load_model("random:llama")
     entropy, surprisal, greedy = local.teacher_forced_steps(model, acts["prompt_input_ids"], acts["prompt_lengths"],

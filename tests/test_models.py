@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lib.models import ARCHITECTURES, ModelSpecError, bundled_gguf, load_model, tiny_config
+from lib.model.loading import ARCHITECTURES, ModelSpecError, bundled_gguf, load_model, tiny_config
 from tests.conftest import cached_model
 
 
@@ -84,10 +84,10 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 
 def test_unsupported_architecture_lists_supported_ones():
     from transformers import AutoConfig, AutoModelForCausalLM
-    from lib.models import arch_info
+    from lib.model.loading import arch_info
     cfg = AutoConfig.for_model("opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
                                vocab_size=100, word_embed_proj_dim=32)
-    with pytest.raises(ModelSpecError, match="supported: .*llama.*lib/models.py"):
+    with pytest.raises(ModelSpecError, match="supported: .*llama.*lib/model/loading.py"):
         arch_info(AutoModelForCausalLM.from_config(cfg))
     assert "opt" not in ARCHITECTURES
 
@@ -147,7 +147,7 @@ def test_weights_id_of_a_local_folder_is_the_safetensors_sha256(tmp_path):
     files = sorted(tmp_path.glob("*.safetensors"))
     assert arch.weights_id == "sha256:" + "+".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files)
     (tmp_path / files[0].name).write_bytes(files[0].read_bytes()[:-1] + b" ")     # other bytes, other id
-    from lib.models import weights_checksum
+    from lib.model.loading import weights_checksum
     assert weights_checksum(tmp_path) != arch.weights_id
 
 
@@ -155,7 +155,7 @@ def test_weights_id_of_a_hf_snapshot_uses_the_blob_hashes(tmp_path, monkeypatch)
     """An HF cache snapshot: each weights file links to blobs/<sha256 of its content>; resolved offline."""
     import hashlib
     import huggingface_hub
-    from lib.models import resolved_folder, weights_checksum
+    from lib.model.loading import resolved_folder, weights_checksum
     repo = tmp_path / "models--org--tiny"
     (repo / "blobs").mkdir(parents=True)
     snapshot = repo / "snapshots" / ("a" * 40)
@@ -179,9 +179,9 @@ def test_weights_id_of_a_hf_snapshot_uses_the_blob_hashes(tmp_path, monkeypatch)
 def test_cluster_layouts_phiid_on_their_activations(cluster_arch):
     """Extraction on the cluster layouts feeds PhiID: all 16 atoms finite for every ordered pair of heads."""
     import numpy as np
-    from lib.extract import extract_activations
-    from lib.phiid import ATOM_NAMES, phiid_all_pairs
-    from lib.prompts import select_prompts
+    from lib.experiments.extract import extract_activations
+    from lib.estimators.phiid import ATOM_NAMES, phiid_all_pairs
+    from lib.model.prompts import select_prompts
     _, model, tokenizer, arch = cluster_arch
     run = extract_activations(model, tokenizer, arch, select_prompts(3), n_tokens=16, batch_size=3, progress=False)
     X = run.activations[:, : 2 * arch.n_heads]                         # the heads of the first two layers
@@ -216,8 +216,8 @@ CLUSTER_LAYOUTS = {"random:gpt_neox:16x8": (16, 8, 8),               # EleutherA
 
 @pytest.mark.parametrize("spec", sorted(CLUSTER_LAYOUTS))
 def test_layout_specs_build_the_cluster_head_layouts(spec):
-    from lib.models import LAYOUT_HEAD_DIM, model_dims
-    from lib.params import model_spec
+    from lib.model.loading import LAYOUT_HEAD_DIM, model_dims
+    from lib.pipeline.params import model_spec
     model, tokenizer, arch = load_model(spec, device="cpu")
     layers, heads, kv = CLUSTER_LAYOUTS[spec]
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim) == (layers, heads, kv, LAYOUT_HEAD_DIM)
@@ -232,7 +232,7 @@ def test_layout_specs_build_the_cluster_head_layouts(spec):
 
 @pytest.mark.parametrize("spec", ["random:qwen3:36x32kv5", "random:qwen3:36by32", "random:gpt_neox:16x8kv4"])
 def test_bad_layout_specs_say_the_form(spec):
-    from lib.params import model_spec
+    from lib.pipeline.params import model_spec
     with pytest.raises(ModelSpecError, match="kv"):
         load_model(spec, device="cpu")
     assert "kv" in model_spec(spec)

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import artifacts, neurons as N
-from lib.checkpoints import CheckpointMismatch, differences, parse_shard
-from lib.neurons import pipeline
-from lib.extract import encode_prompts
-from lib.models import arch_info
-from lib.prompts import select_prompts
-from lib.store import ArtifactError, save_npz
+from lib.storage import artifacts
+from lib.experiments import neurons as N
+from lib.storage.checkpoints import CheckpointMismatch, differences, parse_shard
+from lib.experiments.neurons import pipeline
+from lib.experiments.extract import encode_prompts
+from lib.model.loading import arch_info
+from lib.model.prompts import select_prompts
+from lib.storage.store import ArtifactError, save_npz
 from tests.conftest import cached_model
 
 TOL = 1e-4
@@ -489,7 +490,7 @@ def test_shard_specs_and_setting_differences():
 
 def _zeroed_logits(model, arch, ids, layer, neuron):
     """Whole-prompt forward with the neuron's down-projection input set to 0 at the last position (an independent
-    hook, not lib.hooks): logits [V] at the last position."""
+    hook, not lib.model.hooks): logits [V] at the last position."""
     def zero(module, args):
         act = args[0].clone()
         act[:, -1, neuron] = 0.0

@@ -1,4 +1,4 @@
-"""lib.oracle: attribution-patching head importance against finite differences, the prompt split with notebook 05,
+"""lib.experiments.oracle: attribution-patching head importance against finite differences, the prompt split with notebook 05,
 and the oracle ordering through rankings.csv and the ablation."""
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation as A
-from lib import artifacts
-from lib import oracle as O
-from lib import ranking as rk
-from lib.hooks import hooks
-from lib.models import load_model
-from lib.prompts import Prompt
-from lib.store import ArtifactError
+from lib.experiments import ablation as A
+from lib.storage import artifacts
+from lib.experiments import oracle as O
+from lib.experiments import ranking as rk
+from lib.model.hooks import hooks
+from lib.model.loading import load_model
+from lib.model.prompts import Prompt
+from lib.storage.store import ArtifactError
 from tests.test_ablation import left_padded_prompts
 
 PROMPT_LENGTHS = (3, 5, 4)

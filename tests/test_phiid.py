@@ -1,4 +1,4 @@
-"""Accuracy and behaviour of lib.phiid against independent truth.
+"""Accuracy and behaviour of lib.estimators.phiid against independent truth.
 
 Truth comes from (1) the phyid golden cases (tests/data, see its README), (2) `spec_phiid` below, written from
 the specification in tests/data/README.md's source: local Gaussian log-densities from scipy (log space, so no
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from lib import phiid
-from lib.phiid import ATOM_NAMES, DegeneratePairWarning, phiid_all_pairs, phiid_pair
+from lib.estimators import phiid
+from lib.estimators.phiid import ATOM_NAMES, DegeneratePairWarning, phiid_all_pairs, phiid_pair
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = {red: np.load(DATA / f"phyid_gaussian_{red.lower()}.npz") for red in ("MMI", "CCS")}
@@ -66,7 +66,7 @@ def spec_local_mi(rows):
 
 
 def spec_phiid(rows, redundancy):
-    """rows [4, N] -> 16 atom means from local values (independent of lib.phiid)."""
+    """rows [4, N] -> 16 atom means from local values (independent of lib.estimators.phiid)."""
     I = spec_local_mi(rows)
     pairs = [(0, 2, 4), (1, 3, 5), (6, 7, 8), (0, 1, 6), (2, 3, 7), (4, 5, 8)]  # (first, second, joint)
     if redundancy == "MMI":
@@ -302,7 +302,7 @@ def test_torch_backend_agrees_with_numpy(mode, red):
 
 def test_imports_and_runs_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import numpy as np, lib.phiid as p\n"
+            "import numpy as np, lib.estimators.phiid as p\n"
             "r = p.phiid_all_pairs(np.random.default_rng(0).standard_normal((2, 3, 20)))\n"
             "assert np.isfinite(r['sts'][0, 1])\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)

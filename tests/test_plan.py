@@ -8,7 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from lib import REPO_ROOT, artifacts
+from lib import REPO_ROOT
+from lib.storage import artifacts
 from lib import plan
 from lib.plots.claims import forest_rows
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.prompts import CATEGORIES, all_prompts, select_prompts
+from lib.model.prompts import CATEGORIES, all_prompts, select_prompts
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "paper_prompts.json"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lib import REPO_ROOT, provenance
+from lib import REPO_ROOT
+from lib.pipeline import provenance
 from lib.run import ParamsError, build_steps, load_params, main
 
 TINY = REPO_ROOT / "params" / "tiny.yaml"
@@ -55,23 +56,25 @@ def test_a_comment_docstring_or_formatting_change_keeps_the_fingerprint_an_edit_
 
 
 def test_imports_are_resolved_absolute_relative_and_inside_functions():
-    names = provenance.imported_names("from . import common\nfrom ..store import save_npz\n"
-                                      "def f():\n    import lib.phiid as p\n", "lib.plots.ranking")
-    assert names == {"lib.plots", "lib.plots.common", "lib.store", "lib.store.save_npz", "lib.phiid"}
+    names = provenance.imported_names("from . import common\nfrom ..storage.store import save_npz\n"
+                                      "def f():\n    import lib.estimators.phiid as p\n", "lib.plots.ranking")
+    assert names == {"lib.plots", "lib.plots.common", "lib.storage.store", "lib.storage.store.save_npz",
+                     "lib.estimators.phiid"}
     files = provenance.imported_modules("from lib.plots import ranking\n")
     assert files == {"lib/__init__.py", "lib/plots/__init__.py", "lib/plots/ranking.py"}
 
 
 def test_lib_closure_follows_lib_imports_transitively():
-    closure = provenance.lib_closure("from lib import ranking\n")
-    ranking_src = (REPO_ROOT / "lib/ranking.py").read_text()
-    direct = {f"lib/{m}.py" for m in re.findall(r"^from lib import (\w+)", ranking_src, re.M)}
+    closure = provenance.lib_closure("from lib.experiments import ranking\n")
+    ranking_src = (REPO_ROOT / "lib/experiments/ranking.py").read_text()
+    direct = {f"lib/{p}/{m}.py" for p, m in re.findall(r"^from lib\.(\w+) import (\w+)", ranking_src, re.M)
+              if (REPO_ROOT / f"lib/{p}/{m}.py").exists()}
     assert direct and direct <= set(closure), (direct, closure)
     # and what those import in turn: phiid.py imports its own lib modules, all of which are in the closure
     for rel in direct:
         _, deps = provenance.module_info(REPO_ROOT / rel)
         assert set(deps) <= set(closure)
-    assert closure["lib/ranking.py"] == provenance.source_fingerprint(ranking_src)
+    assert closure["lib/experiments/ranking.py"] == provenance.source_fingerprint(ranking_src)
 
 
 def _copy_notebook(tmp_path, name="03_phiid_diagnostics"):
@@ -104,11 +107,11 @@ def test_notebook_fingerprint_is_code_only(tmp_path):
 
 
 def test_code_reasons_name_what_changed():
-    old = {"notebook": "a", "lib": {"lib/ranking.py": "1", "lib/phiid.py": "2"}, "packages": {"torch": "2.13.0"},
+    old = {"notebook": "a", "lib": {"lib/experiments/ranking.py": "1", "lib/estimators/phiid.py": "2"}, "packages": {"torch": "2.13.0"},
            "weights": "random:llama seed 0"}
-    new = {"notebook": "b", "lib": {"lib/ranking.py": "9", "lib/phiid.py": "2"}, "packages": {"torch": "2.14.0"},
+    new = {"notebook": "b", "lib": {"lib/experiments/ranking.py": "9", "lib/estimators/phiid.py": "2"}, "packages": {"torch": "2.14.0"},
            "weights": "random:llama seed 0"}
-    assert provenance.code_reasons(old, new) == ["notebook code changed", "code changed: lib/ranking.py",
+    assert provenance.code_reasons(old, new) == ["notebook code changed", "code changed: lib/experiments/ranking.py",
                                                  "torch 2.13.0 -> 2.14.0"]
     assert provenance.code_reasons(old, old) == []
     assert provenance.code_reasons(None, new)[0].startswith("no code fingerprint recorded")
@@ -155,6 +158,9 @@ def _params(tmp_path, text):
     ("09_task_behaviour.task=no/such/file.jsonl", r"09_task_behaviour: task='no/such/file.jsonl' names no file"),
     ("09_task_behaviour.seed=1", r"09_task_behaviour.seed=1 differs from 01_extract_activations.seed=0: with model "
                                  r"random:llama the seed builds the weights.*set 09_task_behaviour.seed: 0"),
+    ("05_ablation.n_prompts=7", r"05_ablation.n_prompts=7 is more than the 6 prompts that 01 leaves to it "
+                                r"\(01_extract_activations.n_prompts=12 minus oracle_prompts=6.*set "
+                                r"01_extract_activations.n_prompts: 13"),
     ("05_ablation.model=random:qwen2", r"05_ablation.model='random:qwen2' differs from 01_extract_activations"),
 ])
 def test_check_catches_what_the_node_would(override, message):
@@ -207,8 +213,8 @@ def _hold_and_die(code: str, *args):
 
 
 def test_the_lock_of_a_killed_notebook_run_is_removed(tmp_path):
-    from lib.store import run_lock
-    pid = _hold_and_die("import sys, time\nfrom lib.store import run_lock\n"
+    from lib.storage.store import run_lock
+    pid = _hold_and_die("import sys, time\nfrom lib.storage.store import run_lock\n"
                         "with run_lock(sys.argv[1], 'python -m lib.run --only 08_topology', '08_topology'):\n"
                         "    print('held', flush=True); time.sleep(60)\n", str(tmp_path))
     assert (tmp_path / ".run.lock.08_topology").exists()
@@ -221,8 +227,8 @@ def test_the_lock_of_a_killed_notebook_run_is_removed(tmp_path):
 
 
 def test_the_manifest_lock_of_a_killed_process_is_ignored(tmp_path):
-    from lib.store import locked
-    _hold_and_die("import sys, time\nfrom lib.store import locked\n"
+    from lib.storage.store import locked
+    _hold_and_die("import sys, time\nfrom lib.storage.store import locked\n"
                   "with locked(sys.argv[1] + '/manifest.json'):\n    print('held', flush=True); time.sleep(60)\n",
                   str(tmp_path))
     assert (tmp_path / "manifest.json.lock").exists()
@@ -243,35 +249,35 @@ def _explain(out, *overrides):
 def test_the_tiny_run_records_code_packages_weights_and_git(tiny_run):
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     entry = manifest["notebooks"]["04_ranking_variants"]
-    assert "lib/ranking.py" in entry["code"]["lib"] and entry["code"]["packages"]["numpy"]
+    assert "lib/experiments/ranking.py" in entry["code"]["lib"] and entry["code"]["packages"]["numpy"]
     assert manifest["notebooks"]["05_ablation"]["code"]["weights"] == "random:llama seed 0"   # random: the seed
     assert set(entry["git"]) == {"commit", "dirty", "diff_sha256"}
     assert set(manifest["sections"]["run"]["git"]) == {"commit", "dirty", "diff_sha256"}
 
 
 def test_explain_shows_a_lib_change_and_ignores_a_cosmetic_one(tiny_run, monkeypatch):
-    """A changed function in lib/ranking.py: 04 would run ("code changed: lib/ranking.py") and what reads it after;
+    """A changed function in lib/experiments/ranking.py: 04 would run ("code changed: lib/experiments/ranking.py") and what reads it after;
     the same module with a comment added: everything up to date. Nothing runs."""
     assert set(_explain(tiny_run).values()) == {"up to date"}
     real = provenance.module_info
-    source = (REPO_ROOT / "lib/ranking.py").read_text()
+    source = (REPO_ROOT / "lib/experiments/ranking.py").read_text()
 
     def edited(text):
         def info(path):
             fp, deps = real(path)
-            return (provenance.source_fingerprint(text), deps) if Path(path) == REPO_ROOT / "lib/ranking.py" \
+            return (provenance.source_fingerprint(text), deps) if Path(path) == REPO_ROOT / "lib/experiments/ranking.py" \
                 else (fp, deps)
         return info
     monkeypatch.setattr(provenance, "module_info", edited(source + "\n# a comment\n"))
     assert set(_explain(tiny_run).values()) == {"up to date"}
     monkeypatch.setattr(provenance, "module_info", edited(source + "\nBALANCE_EPS = 1e-9\n"))
     lines = _explain(tiny_run)
-    assert lines["04_ranking_variants"] == "would run (code changed): code changed: lib/ranking.py"
-    users = {nb for nb in lines if "lib/ranking.py" in provenance.notebook_fingerprint(
+    assert lines["04_ranking_variants"] == "would run (code changed): code changed: lib/experiments/ranking.py"
+    users = {nb for nb in lines if "lib/experiments/ranking.py" in provenance.notebook_fingerprint(
         REPO_ROOT / "notebooks" / f"{nb}.ipynb")["lib"]}
     for nb, line in lines.items():
         if nb in users:
-            assert "code changed: lib/ranking.py" in line, (nb, line)
+            assert "code changed: lib/experiments/ranking.py" in line, (nb, line)
         elif nb in ("05_ablation", "09_task_behaviour", "10_head_finetuning"):      # read 04's rankings
             assert line.startswith("would run"), (nb, line)
     assert lines["01_extract_activations"] == lines["02_phiid"] == "up to date"
@@ -298,7 +304,7 @@ def test_editing_a_notebook_cell_reruns_it_and_marks_its_dependents(tiny_run_cop
     """Case 1: `lag=lag` -> `lag=2` in a code cell of 03 reruns 03 (log: "notebook code changed") and makes 04 stale
     ("03 ran since"); the same cell with a comment and re-spacing reruns nothing."""
     from lib.run import stale_reasons, upstream_of
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     out, notebooks = tiny_run_copy, tmp_path / "notebooks"
     shutil.copytree(REPO_ROOT / "notebooks", notebooks)
     path = notebooks / "03_phiid_diagnostics.ipynb"
@@ -362,9 +368,9 @@ def test_claims_from_a_failed_or_stale_notebook_are_not_tested(tiny_run_copy, mo
 def test_a_checkpoint_read_back_is_kept_not_removed(tmp_path, monkeypatch, capsys):
     """Case 6: a notebook that read its own output back as a valid checkpoint (and so did not rewrite it) keeps it,
     recorded as derived from the current inputs; one it did not read is still removed (test_run)."""
-    from lib import artifacts
+    from lib.storage import artifacts
     from lib.run import Step, params_hash, record_success
-    from lib.store import read_manifest, save_npz
+    from lib.storage.store import read_manifest, save_npz
     import numpy as np
     for a in (artifacts.Artifact("made", "made.npz", "97_make", "input"),
               artifacts.Artifact("ckpt", "ckpt.npz", "98_use", "a checkpoint")):

@@ -1,13 +1,13 @@
-"""lib.ranking against independent truth: lib.phiid itself, explicit loops, seeded reruns, bad inputs."""
+"""lib.experiments.ranking against independent truth: lib.estimators.phiid itself, explicit loops, seeded reruns, bad inputs."""
 import warnings
 
 import numpy as np
 import pytest
 
-from lib import diagnostics as dg
-from lib import ranking as rk
-from lib.phiid import DegeneratePairWarning, phiid_all_pairs, run_phiid_for_run
-from lib.store import ArtifactError, save_npz
+from lib.experiments import diagnostics as dg
+from lib.experiments import ranking as rk
+from lib.estimators.phiid import DegeneratePairWarning, phiid_all_pairs, run_phiid_for_run
+from lib.storage.store import ArtifactError, save_npz
 
 
 def _ar_heads(P=10, layers=4, per_layer=3, T=40, seed=0, identity=True):
@@ -178,7 +178,7 @@ def test_scores_are_in_unit_interval_and_use_the_phiid_files(run_dir):
     assert set(sc) == set(rk.DEFAULT_VARIANTS)
     for s in sc.values():
         assert s.score.min() == 0 and s.score.max() == 1 and len(s.layer_mean) == 4
-    # rank_diff on the per_prompt file equals a direct computation on lib.phiid
+    # rank_diff on the per_prompt file equals a direct computation on lib.estimators.phiid
     ref = phiid_all_pairs(inp.X, warn=False)
     raw = _rank(_loop_mean(ref["sts"], ref.degenerate)) - _rank(_loop_mean(ref["rtr"], ref.degenerate))
     np.testing.assert_allclose(sc["rank_diff"].raw, raw)
@@ -275,7 +275,7 @@ def test_agreement_and_rankings_frame(run_dir):
 
 def test_oracle_column_in_rankings_and_its_agreement(tmp_path):
     """oracle.npz present: rankings.csv gets `oracle` = minmax(score) after the variants; absent: no column."""
-    from lib import artifacts
+    from lib.storage import artifacts
     X = _ar_heads(P=4, T=20, seed=3)
     _write_run(tmp_path, X, 4, 3, modes=("per_prompt",))
     inp = rk.load_inputs(tmp_path, ("rank_diff", "balance"))

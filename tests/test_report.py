@@ -1,7 +1,7 @@
 """lib.report: the run index (outputs/<run>/html/index.html).
 
 Run folders are built here the way the runner leaves them: executed notebooks (nbformat, with real PNG outputs
-drawn by matplotlib), runner bookkeeping through lib.run.record / lib.store.update_manifest, HTML report files.
+drawn by matplotlib), runner bookkeeping through lib.run.record / lib.storage.store.update_manifest, HTML report files.
 The key figures written next to index.html must be byte-identical to the PNGs put into the notebooks.
 The browser test opens the index in headless Chromium (installed with apt-get when missing) and checks that the
 page rendered and that every image loaded, with a broken image as the negative control.
@@ -21,7 +21,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 from lib import report
 from lib.run import Step, record
-from lib.store import update_manifest
+from lib.storage.store import update_manifest
 
 
 def png_bytes(seed: int, color: str = "tab:blue") -> bytes:
@@ -134,7 +134,7 @@ def test_index_is_idempotent_and_drops_stale_figures(clean_run):
 
 
 def planted_claims(out: Path) -> list[dict]:
-    from lib import artifacts
+    from lib.storage import artifacts
     from lib import claims as C
     rows = [C.new_claim("C1"), C.new_claim("C5"), C.not_tested("C6", "no behaviour_summary.json (09 did not run)")]
     rows[0].verdict, rows[0].value, rows[0].ci95 = "ruled out", 0.891, [0.85, 0.92]

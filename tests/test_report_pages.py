@@ -1,5 +1,5 @@
-"""Reports a reviewer reads without squinting: the table formatter (lib.tables), the generated "What this shows"
-boxes (lib.conclusions) on planted numbers, and the report check of every page of the tiny run in headless
+"""Reports a reviewer reads without squinting: the table formatter (lib.pipeline.tables), the generated "What this shows"
+boxes (lib.pipeline.conclusions) on planted numbers, and the report check of every page of the tiny run in headless
 Chromium at 1,300 px (tables that fit, no NaN / None / inf or long floats, every image loaded, the box present)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import conclusions as cc
-from lib import tables
+from lib.pipeline import conclusions as cc
+from lib.pipeline import tables
 
-# ----------------------------------------------------------------------------- lib.tables
+# ----------------------------------------------------------------------------- lib.pipeline.tables
 
 
 @pytest.mark.parametrize("value, text", [
@@ -71,7 +71,7 @@ def test_thin_keeps_the_ends_and_at_most_k_measured_values():
     assert list(tables.thin([0.1, 0.2], 10)) == [0.1, 0.2]
 
 
-# ----------------------------------------------------------------------------- lib.conclusions on planted numbers
+# ----------------------------------------------------------------------------- lib.pipeline.conclusions on planted numbers
 
 def _auc_row(ordering, ratio, lo, hi, variant="rank_diff", band=(0.8, 1.2)):
     return {"variant": variant, "ordering": ordering, "auc_ratio": ratio, "ci_low": lo, "ci_high": hi,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lib import REPO_ROOT
-from lib.store import ArtifactError
+from lib.storage.store import ArtifactError
 from lib.run import ParamsError, build_steps, declared_parameters, load_params, parse_value, pipeline_notebooks
 
 
@@ -230,14 +230,15 @@ def test_check_accepts_every_tiny_architecture_lib_models_builds(tmp_path, arch)
 
 
 def test_model_rule_lists_the_architectures_of_lib_models():
-    from lib import models, params
+    from lib.model import loading as models
+    from lib.pipeline import params
     message = params.model_spec("random:foo")
     assert all(f"random:{a}'" in message for a in models.RANDOM_ARCHS + models.CLUSTER_ARCHS)
     assert params.model_spec("bundled:smollm2-135m") is None and "bundled:nope is unknown" in params.model_spec("bundled:nope")
 
 
 def test_importing_params_does_not_import_torch():
-    code = "import sys, lib.params; assert 'torch' not in sys.modules, 'lib.params imported torch'"
+    code = "import sys, lib.pipeline.params; assert 'torch' not in sys.modules, 'lib.pipeline.params imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
@@ -249,7 +250,7 @@ def test_check_cli_is_one_line_and_lists_every_problem(tmp_path):
 
 
 def test_constraints_are_the_library_rules():
-    from lib import params
+    from lib.pipeline import params
     assert params.problems("05_ablation", {"shard": "2/4", "step_size": None, "fractions": [0.5, 1.0]}) == []
     with pytest.raises(params.ParamsValueError, match="noise_sigma=0 must be > 0"):
         params.validate("05_ablation", {"noise_sigma": 0})
@@ -263,7 +264,7 @@ def test_constraints_are_the_library_rules():
 def fake_pipeline(tmp_path, monkeypatch):
     """Two notebooks known only by their registered artifacts (no runner change): 97_make writes made*.npz from
     the model, 98_use reads made.npz and writes used.npz."""
-    from lib import artifacts
+    from lib.storage import artifacts
     from lib.run import Step
     for a in (artifacts.Artifact("made", "made{kind}{tag}.npz", "97_make", "test input"),
               artifacts.Artifact("used", "used.npz", "98_use", "test output")):
@@ -286,12 +287,12 @@ def _succeed(step, reads=(), earlier=()):
 
 def _reasons(step, earlier=()):
     from lib.run import stale_reasons
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     return stale_reasons(step, read_manifest(step.output.parent), list(earlier))
 
 
 def test_up_to_date_needs_parameters_inputs_and_outputs(fake_pipeline):
-    from lib.store import save_npz
+    from lib.storage.store import save_npz
     out, step = fake_pipeline
     make, use = step("97_make", model="random:llama", seed=0), step("98_use")
     save_npz(out / "made.npz", x=np.arange(3))
@@ -314,8 +315,8 @@ def test_up_to_date_needs_parameters_inputs_and_outputs(fake_pipeline):
 
 
 def test_consumers_refuse_replaced_mixed_and_foreign_inputs(fake_pipeline):
-    from lib import artifacts
-    from lib.store import save_npz
+    from lib.storage import artifacts
+    from lib.storage.store import save_npz
     out, step = fake_pipeline
     save_npz(out / "made.npz", x=np.arange(3))
     _succeed(step("97_make", model="random:llama", seed=0))
@@ -334,8 +335,8 @@ def test_consumers_refuse_replaced_mixed_and_foreign_inputs(fake_pipeline):
 
 
 def test_reads_under_the_runner_are_checked_and_logged(fake_pipeline, monkeypatch):
-    from lib import artifacts
-    from lib.store import load_npz, save_npz
+    from lib.storage import artifacts
+    from lib.storage.store import load_npz, save_npz
     out, step = fake_pipeline
     save_npz(out / "made.npz", x=np.arange(3))
     _succeed(step("97_make", model="random:gpt2", seed=0))
@@ -351,7 +352,7 @@ def test_reads_under_the_runner_are_checked_and_logged(fake_pipeline, monkeypatc
 
 def test_stale_leftover_outputs_are_removed(fake_pipeline, capsys):
     """A notebook rerun that no longer writes a file (its input is gone) removes the stale file it left."""
-    from lib.store import save_npz
+    from lib.storage.store import save_npz
     out, step = fake_pipeline
     save_npz(out / "made.npz", x=np.arange(3))
     save_npz(out / "made__random_init.npz", x=np.arange(4))
@@ -479,7 +480,7 @@ UNDER_TEST = ("01_extract_activations", "02_phiid", "03_phiid_diagnostics", "04_
 
 def reasons_of(out, *overrides):
     from lib.run import stale_reasons, upstream_of
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     steps, manifest = tiny_steps(out, *overrides), read_manifest(out)
     return {name: stale_reasons(s, manifest, upstream_of(name, steps)) for name, s in steps.items()
             if name in UNDER_TEST}

@@ -336,7 +336,7 @@ def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
     assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), states(jobs)
     out = pipeline["out"]
     from lib.report import check_run
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     manifest = read_manifest(out)["notebooks"]
     for nb in sections():
         assert manifest[nb]["status"] == "ok", (nb, manifest[nb])

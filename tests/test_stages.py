@@ -1,4 +1,4 @@
-"""lib/stages.py: one declaration per stage, read by the runner's graph, the cost table, the claims map and the SLURM
+"""lib/pipeline/stages.py: one declaration per stage, read by the runner's graph, the cost table, the claims map and the SLURM
 submitter; a stage declared outside lib (a toy stage in a temporary folder) goes through --check, the runner, the
 cost table and slurm/pipeline.sh --dry-run without an edit anywhere else."""
 from __future__ import annotations
@@ -12,11 +12,12 @@ import textwrap
 import nbformat
 import pytest
 
-from lib import REPO_ROOT, stages
+from lib import REPO_ROOT
+from lib.pipeline import stages
 
 TOY_STAGE = '''
-from lib.cost import Work
-from lib.stages import Stage, declare
+from lib.pipeline.cost import Work
+from lib.pipeline.stages import Stage, declare
 
 
 def toy_cost(p, run, dims):
@@ -30,7 +31,7 @@ declare(Stage("99_toy", device="GPU", cost=toy_cost, path=__file__.replace("toy_
 
 def test_the_declared_graph_is_the_runners_and_the_claims_map():
     from lib.claims import CLAIMS
-    from lib.cost import GPU_NOTEBOOKS, estimator
+    from lib.pipeline.cost import GPU_NOTEBOOKS, estimator
     from lib.run import PARENTS, pipeline_notebooks
     declared = stages.stages()
     assert PARENTS == {name: list(s.reads) for name, s in declared.items()}

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.store import ArtifactError, ensure_writable_dir, load_npz, save_npz, update_manifest, read_manifest
+from lib.storage.store import ArtifactError, ensure_writable_dir, load_npz, save_npz, update_manifest, read_manifest
 
 
 def test_killed_write_leaves_no_file(tmp_path):
     target = tmp_path / "big.npz"
-    code = ("import numpy as np, sys\nfrom lib import store\n"
+    code = ("import numpy as np, sys\nfrom lib.storage import store\n"
             "class Slow:\n  def __array__(self, *a, **k):\n    import time; print('writing', flush=True); time.sleep(60)\n"
             "store.save_npz(sys.argv[1], a=np.zeros(10), slow=Slow())\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
@@ -72,7 +72,7 @@ def test_manifest_sections_merge(tmp_path):
 # ----------------------------------------------------------------------------- unreadable files, full disks
 
 def test_corrupt_manifest_is_one_error_naming_the_file(tmp_path):
-    from lib.store import read_manifest
+    from lib.storage.store import read_manifest
     (tmp_path / "manifest.json").write_bytes(b'{"notebooks": {"01": \xff\xfe')
     with pytest.raises(ArtifactError, match=r"manifest.json is unreadable .*truncated or corrupt: move it aside"):
         read_manifest(tmp_path)
@@ -85,7 +85,7 @@ def test_corrupt_manifest_is_one_error_naming_the_file(tmp_path):
 
 
 def test_truncated_npz_is_one_error_naming_the_file(tmp_path):
-    from lib import artifacts
+    from lib.storage import artifacts
     path = save_npz(tmp_path / "activations.npz", activations=np.zeros((2, 3, 4), np.float32))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match=r"activations.npz is unreadable .*truncated or corrupt: delete it and rerun 01"):
@@ -95,14 +95,14 @@ def test_truncated_npz_is_one_error_naming_the_file(tmp_path):
 
 
 def test_malformed_csv_is_one_error_naming_the_file(tmp_path):
-    from lib import artifacts
+    from lib.storage import artifacts
     (tmp_path / "rankings.csv").write_text('layer,head\n0,1\n1,"2\n')
     with pytest.raises(ArtifactError, match=r"rankings.csv is unreadable .*rerun 04_ranking_variants"):
         artifacts.load("rankings", tmp_path)
 
 
 def test_temp_files_of_interrupted_writes_are_cleaned(tmp_path):
-    from lib.store import clean_temp_files
+    from lib.storage.store import clean_temp_files
     orphans = [tmp_path / ".neurons_direct_vs_total.png.k2j3.tmp.png", tmp_path / ".ablation_shards" / ".a.npz.x.tmp.npz",
                tmp_path / ".write-test-abc", tmp_path / "html" / ".02_phiid.tmp.html"]
     for p in orphans:
@@ -114,7 +114,7 @@ def test_temp_files_of_interrupted_writes_are_cleaned(tmp_path):
 
 
 def _fill_disk(monkeypatch, after_bytes: int):
-    """Make every write through lib.store fail with ENOSPC once `after_bytes` were written (a fake full disk)."""
+    """Make every write through lib.storage.store fail with ENOSPC once `after_bytes` were written (a fake full disk)."""
     import builtins
     import errno
     real_open = builtins.open
@@ -150,7 +150,7 @@ def _fill_disk(monkeypatch, after_bytes: int):
 
 
 def test_full_disk_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    from lib.store import save_json
+    from lib.storage.store import save_json
     target = save_npz(tmp_path / "x.npz", a=np.arange(3))
     save_json(tmp_path / "s.json", {"a": 1})
     _fill_disk(monkeypatch, after_bytes=64)
@@ -187,8 +187,8 @@ def test_real_full_tmpfs_leaves_no_partial_file(tmp_path):
 
 def test_run_lock_names_the_owner(tmp_path):
     import socket
-    from lib.store import RunLockedError, run_lock
-    code = ("import sys, time\nfrom lib.store import run_lock\n"
+    from lib.storage.store import RunLockedError, run_lock
+    code = ("import sys, time\nfrom lib.storage.store import run_lock\n"
             "with run_lock(sys.argv[1], 'owner run'):\n  print('locked', flush=True); time.sleep(60)\n")
     owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -207,7 +207,7 @@ def test_run_lock_names_the_owner(tmp_path):
 
 
 def test_shard_runs_share_the_folder_but_not_a_shard(tmp_path):
-    from lib.store import RunLockedError, run_lock
+    from lib.storage.store import RunLockedError, run_lock
     with run_lock(tmp_path, "a", stem="05_ablation.shard-1-of-2") as stale_a:
         with run_lock(tmp_path, "b", stem="05_ablation.shard-2-of-2") as stale_b:
             assert stale_a is None and stale_b is None
@@ -222,7 +222,7 @@ def test_shard_runs_share_the_folder_but_not_a_shard(tmp_path):
 
 
 def test_clean_temp_files_can_keep_to_one_notebooks_files(tmp_path):
-    from lib.store import clean_temp_files
+    from lib.storage.store import clean_temp_files
     mine, theirs = tmp_path / ".made.npz.k2j.tmp.npz", tmp_path / ".used.npz.p9q.tmp.npz"
     mine.write_bytes(b"x")
     theirs.write_bytes(b"x")                     # another notebook, running beside this one, is writing it
@@ -233,7 +233,7 @@ def test_clean_temp_files_can_keep_to_one_notebooks_files(tmp_path):
 
 def test_json_is_strict_nan_and_inf_become_null(tmp_path):
     import json
-    from lib.store import save_json
+    from lib.storage.store import save_json
     path = save_json(tmp_path / "x.json", {"a": np.float64("nan"), "b": np.array([1.0, np.inf]), "c": float("-inf"),
                                            "d": np.float32(2.5), "e": [np.int64(3)]})
     def refuse(token):

@@ -1,4 +1,4 @@
-"""Network-free activations (lib.synthetic): the planted-core VAR(1) positive control against its closed-form PhiID,
+"""Network-free activations (lib.experiments.synthetic): the planted-core VAR(1) positive control against its closed-form PhiID,
 imported activation files and their validation, and both synthetic runs end to end to the claims scorecard."""
 import json
 import subprocess
@@ -9,9 +9,9 @@ import pytest
 
 from lib import REPO_ROOT
 from lib import claims as C
-from lib import synthetic as sy
-from lib.params import problems
-from lib.phiid import ATOM_NAMES, phiid_all_pairs, phiid_pair
+from lib.experiments import synthetic as sy
+from lib.pipeline.params import problems
+from lib.estimators.phiid import ATOM_NAMES, phiid_all_pairs, phiid_pair
 
 SMALL = "synthetic:{}:3x3"          # 9 heads: early, core and late groups of 3
 
@@ -154,12 +154,12 @@ def test_spec_parsing_and_params_rule():
 
 
 def test_notebooks_that_run_the_model_refuse_a_network_free_spec_before_running(tmp_path):
-    from lib.params import NEEDS_NETWORK
+    from lib.pipeline.params import NEEDS_NETWORK
     for notebook in NEEDS_NETWORK:
         (msg,) = problems(notebook, {"model": "synthetic:planted-core"})
         assert "no network" in msg and notebook in msg
     assert not problems("05_ablation", {"model": "random:llama"})
-    from lib.models import ModelSpecError, load_model
+    from lib.model.loading import ModelSpecError, load_model
     with pytest.raises(ModelSpecError, match="no network"):
         load_model("synthetic:no-core")
 

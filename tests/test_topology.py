@@ -1,4 +1,4 @@
-"""lib.topology against bctpy (the Brain Connectivity Toolbox port), networkx and hand computations."""
+"""lib.experiments.topology against bctpy (the Brain Connectivity Toolbox port), networkx and hand computations."""
 import json
 
 import bct
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from scipy.sparse import csgraph
 
-from lib import artifacts
-from lib import topology as tp
-from lib.phiid import ATOM_NAMES
+from lib.storage import artifacts
+from lib.estimators import networks as nw
+from lib.experiments import topology as tp
+from lib.estimators.phiid import ATOM_NAMES
 
 
 def _sym(A):
@@ -44,28 +45,28 @@ def _networkx_efficiency(W):
 
 @pytest.mark.parametrize("n,keep", [(8, 1.0), (40, 1.0), (40, 0.1), (60, 0.05)])
 def test_efficiency_equals_bctpy_and_networkx_dijkstra(n, keep):
-    W = tp.threshold_proportional(_lognormal(n, seed=n), keep)      # 5%: several components
-    ours = tp.global_efficiency(W)
+    W = nw.threshold_proportional(_lognormal(n, seed=n), keep)      # 5%: several components
+    ours = nw.global_efficiency(W)
     assert abs(ours - bct.efficiency_wei(W / W.max())) < 1e-10
     assert abs(ours - _networkx_efficiency(W)) < 1e-10
 
 
 def test_pruned_shortest_paths_equal_dense_dijkstra():
     W = _lognormal(120, seed=3, sigma=2.0)
-    L = tp._lengths(W)
-    np.testing.assert_allclose(tp.shortest_paths(L), csgraph.dijkstra(L, directed=False), rtol=1e-13, atol=0)
+    L = nw._lengths(W)
+    np.testing.assert_allclose(nw.shortest_paths(L), csgraph.dijkstra(L, directed=False), rtol=1e-13, atol=0)
 
 
 def test_efficiency_by_hand_on_a_path():
     # 0 -1- 1 -0.5- 2: lengths 1 and 2 (on W / max W), d02 = 3: E = (2 (1 + 1/2 + 1/3)) / 6
     W = np.array([[0, 1, 0], [1, 0, 0.5], [0, 0.5, 0]], float)
-    assert tp.global_efficiency(W) == pytest.approx(2 * (1 + 0.5 + 1 / 3) / 6, abs=1e-15)
+    assert nw.global_efficiency(W) == pytest.approx(2 * (1 + 0.5 + 1 / 3) / 6, abs=1e-15)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.2, 0.5, 1.0])
 def test_threshold_proportional_equals_bctpy(p):
     W = _lognormal(50, seed=1)
-    np.testing.assert_array_equal(tp.threshold_proportional(W, p), bct.threshold_proportional(W, p))
+    np.testing.assert_array_equal(nw.threshold_proportional(W, p), bct.threshold_proportional(W, p))
 
 
 # ------------------------------------------------------------------------------------------------ modularity
@@ -81,7 +82,7 @@ def test_modularity_formula_equals_networkx():
 def test_louvain_recovers_a_planted_two_block_network():
     W, truth = _blocks([20, 20], seed=2)
     modules, q = tp.louvain(W, n_seeds=5, seed=0)
-    assert tp.nmi(modules, truth) == pytest.approx(1.0)
+    assert nw.nmi(modules, truth) == pytest.approx(1.0)
     assert q == pytest.approx(tp.modularity(W, truth), abs=1e-12)
     ci, q_bct = bct.community_louvain(W, gamma=1, seed=0)
     assert q == pytest.approx(q_bct, abs=1e-9)
@@ -96,7 +97,7 @@ def test_louvain_matches_bctpy_and_networkx_on_noisy_blocks():
     q_nx = max(nx.community.modularity(G, nx.community.louvain_communities(G, weight="weight", seed=s))
                for s in range(10))
     assert q >= max(q_bct, q_nx) - 2e-3
-    assert tp.nmi(modules, truth) > 0.9
+    assert nw.nmi(modules, truth) > 0.9
 
 
 def test_louvain_q_is_the_networkx_modularity_of_its_partition_with_an_isolated_node():
@@ -120,8 +121,8 @@ def test_louvain_batch_is_best_of_seeds_per_network():
 def test_nmi_equals_bctpy_partition_distance():
     rng = np.random.default_rng(5)
     a, b = rng.integers(0, 4, 60), rng.integers(0, 3, 60)
-    assert tp.nmi(a, b) == pytest.approx(bct.partition_distance(a + 1, b + 1)[1], abs=1e-12)
-    assert tp.nmi(a, a) == pytest.approx(1.0)
+    assert nw.nmi(a, b) == pytest.approx(bct.partition_distance(a + 1, b + 1)[1], abs=1e-12)
+    assert nw.nmi(a, a) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------------------ null
@@ -129,7 +130,7 @@ def test_nmi_equals_bctpy_partition_distance():
 def test_null_keeps_weight_distribution_and_strengths_within_one_percent():
     W = _lognormal(100, seed=6)
     W[7, :] = W[:, 7] = 0.0                                      # an isolated node stays isolated
-    null, err = tp.strength_null(W, np.random.default_rng(0))
+    null, err = nw.strength_null(W, np.random.default_rng(0))
     iu = np.triu_indices(100, 1)
     live = np.delete(np.arange(100), 7)
     np.testing.assert_array_equal(np.sort(null[iu]), np.sort(W[iu]))
@@ -143,7 +144,7 @@ def test_null_of_a_heavy_tailed_network_reaches_one_percent():
     rng = np.random.default_rng(3)
     hub = rng.lognormal(sigma=0.9, size=300)                      # strengths spread over ~two decades
     W = _sym(np.outer(hub, hub) * rng.lognormal(sigma=0.6, size=(300, 300)))
-    null, err = tp.strength_null(W, np.random.default_rng(1))
+    null, err = nw.strength_null(W, np.random.default_rng(1))
     iu = np.triu_indices(300, 1)
     np.testing.assert_array_equal(np.sort(null[iu]), np.sort(W[iu]))
     assert err == pytest.approx(np.max(np.abs(null.sum(1) - W.sum(1)) / W.sum(1))) and err < 0.01
@@ -153,13 +154,13 @@ def test_ranking_is_a_stable_argsort():
     rng = np.random.default_rng(8)
     y = np.concatenate([rng.random(3000), np.repeat(rng.random(50), 20), np.zeros(10)])  # ties and zeros
     y = y[rng.permutation(y.size)]
-    np.testing.assert_array_equal(tp._ranking(y), np.argsort(y, kind="stable"))
+    np.testing.assert_array_equal(nw._ranking(y), np.argsort(y, kind="stable"))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # inside bctpy's null
 def test_null_destroys_planted_modules_like_bctpy_null():
     W, truth = _blocks([15, 15], seed=7)
-    ours = [tp.louvain(tp.strength_null(W, np.random.default_rng(s))[0], 3, s)[1] for s in range(5)]
+    ours = [tp.louvain(nw.strength_null(W, np.random.default_rng(s))[0], 3, s)[1] for s in range(5)]
     theirs = [tp.louvain(bct.null_model_und_sign(W, seed=s)[0], 3, s)[1] for s in range(3)]
     q = tp.louvain(W, 3, 0)[1]
     assert max(ours) < q / 2 and max(theirs) < q / 2
@@ -177,7 +178,7 @@ def test_pair_weights_by_hand():
     sts = np.array([[0, 2, -1], [4, 0, 5], [-3, 7, 0]], float)
     degenerate = np.zeros((3, 3), bool)
     degenerate[1, 2] = True                                      # only 2 -> 1 defined
-    W = tp.pair_weights(sts, degenerate)
+    W = nw.pair_weights(sts, degenerate)
     np.testing.assert_array_equal(W, [[0, 3, 0], [3, 0, 7], [0, 7, 0]])
 
 
@@ -239,21 +240,21 @@ def test_no_null_networks_is_allowed(tmp_path):
 ])
 def test_bad_settings_fail_before_writing(tmp_path, bad, match):
     _phiid_file(tmp_path)
-    with pytest.raises(tp.TopologyError, match=match):
+    with pytest.raises(nw.TopologyError, match=match):
         tp.run_topology(tmp_path, **{"n_louvain": 2, "n_null": 2, **bad})
     assert _written(tmp_path) == []
 
 
 def test_every_pair_undefined_fails(tmp_path):
     _phiid_file(tmp_path, degenerate=np.ones((24, 24), bool))
-    with pytest.raises(tp.TopologyError, match="every head pair is undefined"):
+    with pytest.raises(nw.TopologyError, match="every head pair is undefined"):
         tp.run_topology(tmp_path, n_null=2, n_louvain=2)
     assert _written(tmp_path) == []
 
 
 def test_no_positive_weight_fails(tmp_path):
     _phiid_file(tmp_path, sts=-np.ones((24, 24)))
-    with pytest.raises(tp.TopologyError, match="no positive weight"):
+    with pytest.raises(nw.TopologyError, match="no positive weight"):
         tp.run_topology(tmp_path, n_null=2, n_louvain=2)
     assert _written(tmp_path) == []
 
@@ -267,7 +268,7 @@ def test_a_file_of_another_run_fails(tmp_path):
             "n_heads": 6, "n_kv_heads": 6, "pad_token_id": 0, "model": np.str_("random:llama"),
             "chat_template": False, "seconds": 0.0}
     artifacts.save("activations", tmp_path, acts)
-    with pytest.raises(tp.TopologyError, match="computed for model 'random:gpt2'"):
+    with pytest.raises(nw.TopologyError, match="computed for model 'random:gpt2'"):
         tp.run_topology(tmp_path, n_null=2, n_louvain=2)
     assert _written(tmp_path) == []
 
@@ -276,7 +277,7 @@ def test_a_baseline_file_copied_from_another_tag_fails(tmp_path):
     _phiid_file(tmp_path)
     p = _phiid_file(tmp_path, tag="random_init")
     p.write_bytes(artifacts.path("phiid", tmp_path, mode="per_prompt").read_bytes())   # the trained file, renamed
-    with pytest.raises(tp.TopologyError, match="file of another run or tag"):
+    with pytest.raises(nw.TopologyError, match="file of another run or tag"):
         tp.run_topology(tmp_path, n_null=2, n_louvain=2)
     assert _written(tmp_path) == []
 
@@ -314,7 +315,7 @@ def test_resampled_weights_by_hand():
 def test_c4_ci_is_a_bootstrap_over_prompts_of_the_phiid_files_values(tmp_path):
     import warnings
 
-    from lib.phiid import DegeneratePairWarning, run_phiid_for_run
+    from lib.estimators.phiid import DegeneratePairWarning, run_phiid_for_run
     from tests.test_artifacts import activation_arrays
     arrays = activation_arrays(0, n_heads=12)
     rng = np.random.default_rng(1)

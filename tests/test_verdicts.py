@@ -1,4 +1,4 @@
-"""lib.verdicts: every verdict of the table from planted inputs, the equivalence test against scipy, and the minimum
+"""lib.pipeline.verdicts: every verdict of the table from planted inputs, the equivalence test against scipy, and the minimum
 detectable effect against a simulation with a known effect (detection rate 80% +- 10% over 300 runs)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib.verdicts import Evidence, VERDICTS, decide, power, settle_factor, tost
+from lib.pipeline.verdicts import Evidence, VERDICTS, decide, power, settle_factor, tost
 
 
 def ev(ci, direction="greater", paper=1.0, null=0.0, band=None, **kw):

@@ -24,7 +24,10 @@ def _write():
 
 
 def _install():
-    import lib.models as models
+    try:
+        import lib.model.loading as models            # where load_model looks arch_info up
+    except ImportError:
+        import lib.models as models
     original = models.arch_info
     hooked = set()
 

@@ -70,7 +70,7 @@ def autocorr_vs_atoms(heads, summary: dict, n_layers: int):
 
 def layer_profiles(profiles: dict, columns=None, ncols: int = 3):
     """Per-layer mean +- standard error (over the heads of the layer) of per-head quantities against
-    normalised depth. profiles: name -> lib.diagnostics.layer_profile frame."""
+    normalised depth. profiles: name -> lib.experiments.diagnostics.layer_profile frame."""
     columns = list(columns or profiles)
     nrows = int(np.ceil(len(columns) / ncols))
     fig, axes = new_figure(4.0 * ncols, 3.2 * nrows, ncols=ncols, nrows=nrows, squeeze=False)

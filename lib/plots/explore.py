@@ -1,6 +1,6 @@
 """Figures of the explorer (notebooks/00_explore.ipynb): one head, one ranking variant.
 
-Input: a lib.explore.RunData, whose methods give the tables drawn here (this module does not import lib.explore)."""
+Input: a lib.pipeline.explore.RunData, whose methods give the tables drawn here (this module does not import lib.pipeline.explore)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ __all__ = ["head_panel", "variant_panel", "prompt_panel"]
 
 
 def new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
-    """A figure outside pyplot (the explorer renders it itself, lib.explore.show): widget callbacks then draw into
+    """A figure outside pyplot (the explorer renders it itself, lib.pipeline.explore.show): widget callbacks then draw into
     figures that no pyplot hook of the kernel (matplotlib-inline's, run between cells) can touch."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -129,7 +129,7 @@ def variant_panel(run, variant: str, idx: int | None = None):
 
 def prompt_panel(run, idx: int, prompt: int, table):
     """The head over one prompt's generation: its activation (left axis) and, when notebook 11 ran, its local
-    synergy at each step (right axis), the generated tokens as tick labels. table: lib.explore.prompt_tokens."""
+    synergy at each step (right axis), the generated tokens as tick labels. table: lib.pipeline.explore.prompt_tokens."""
     layer, head = divmod(idx, run.n_heads)
     fig, ax = new_figure(11, 3.6)
     steps = table["step"].to_numpy()

@@ -1,4 +1,4 @@
-"""Figures of notebook 07 (QK-OV interference). Each function takes a lib.interference.InterferenceResult and
+"""Figures of notebook 07 (QK-OV interference). Each function takes a lib.experiments.interference.InterferenceResult and
 returns a Figure. K and V panels have one column per KV head (grouped-query attention: not copied per query head).
 An empty result (no task-B samples) gives a figure that says so instead of NaN heatmaps."""
 from __future__ import annotations

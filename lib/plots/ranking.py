@@ -40,7 +40,7 @@ def variant_heatmaps(scores: dict, head_layer, head_index, n_layers: int, n_head
 
 def variant_profiles(null_table, verdicts=None, ncols: int = 4):
     """Fig 2c per variant: per-layer mean score against normalised depth, with the circular-shift surrogate
-    null (mean and 95% band). null_table: lib.ranking.null_tables; verdicts: lib.ranking.inverted_u_table."""
+    null (mean and 95% band). null_table: lib.experiments.ranking.null_tables; verdicts: lib.experiments.ranking.inverted_u_table."""
     names = list(dict.fromkeys(null_table["variant"]))
     verdict = {} if verdicts is None else dict(zip(verdicts["variant"], verdicts["verdict"]))
     nrows, ncols = _grid(len(names), ncols)

@@ -54,7 +54,7 @@ def network_drawing(W, head_layer, modules, ax=None, title: str = ""):
 
 def network_drawings(networks: dict, modules_table, tag: str = "trained", fraction: float = 0.1):
     """Fig 3b for both networks of one tag: top `fraction` of pairs, layout by that threshold's modules."""
-    from lib import topology as tp
+    from lib.estimators import networks as tp
     fig, axes = new_figure(11, 5.0, ncols=2)
     nets = networks["" if tag == "trained" else tag]
     for ax, net in zip(axes, tp.NETWORKS):

@@ -1,0 +1,416 @@
+"""Cost estimate of a run before it is submitted: per notebook, model forwards, forward tokens, GPU-hours and peak
+memory; PhiID pair evaluations for the CPU notebooks.
+
+    python -m lib.run --params P --check       (and slurm/pipeline.sh P --dry-run) print cost_table(steps)
+
+Counts come from each notebook's parameters (declared defaults filled in) and the library's own planning
+(lib.experiments.ablation.make_points, the condition lists of lib.experiments.behaviour and lib.experiments.finetune.run). Tokens are forward-token
+equivalents: a backward pass counts as two forwards. Approximations, stated where they are made:
+  - a prompt (a paper prompt or a task problem, chat template included) is PROMPT_TOKENS tokens long;
+  - FLOP per forward token = 2 x n_params (every stored weight, embeddings and a vision tower included; attention
+    over the context is not counted);
+  - peak memory = weights (n_params x dtype bytes) + the K and V of every layer for the longest sequence of one
+    batch; activations, gradients and optimiser states are not counted.
+GPU-hours need a measured forward throughput: benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node
+writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read. Time = tokens x 2 n_params / the
+measured FLOP/s + forwards x the measured latency of a one-token forward (forward_latency_s in the rate file, when
+present): greedy steps of one token per row are latency-bound, not FLOP-bound.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib import REPO_ROOT
+from lib.pipeline import stages
+
+PROMPT_TOKENS = 64                    # approximate prompt length in tokens (chat template included)
+N_CATEGORIES = 6                      # prompt categories of lib.model.prompts (07 takes the prompts of two of them)
+RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
+RATE_ENV = "HEADINFO_RATE"
+GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NO_RATE = "GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node)"
+
+
+@dataclass
+class Work:
+    """What one notebook computes: model forwards, forward-token equivalents, PhiID pair evaluations, and the
+    largest batch (rows x sequence length in tokens) that sizes the K/V memory."""
+    forwards: int = 0
+    tokens: int = 0
+    pairs: int = 0
+    batch_rows: int = 0
+    seq_len: int = 0
+
+
+# ----------------------------------------------------------------------------- per-notebook counts
+
+def _batches(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / max(1, int(batch_size))) if rows else 0
+
+
+def _pairs(dims) -> int | None:
+    """Head pairs of one PhiID evaluation over all heads: H (H - 1) / 2."""
+    return None if dims is None else dims.total_heads * (dims.total_heads - 1) // 2
+
+
+def _extract_models(p01: dict) -> int:
+    """Models notebook 01 extracts: the run's model, its random-init copy, each revision."""
+    return 1 + bool(p01.get("baseline_random_init")) + len(p01.get("revisions") or [])
+
+
+def extraction(p: dict, run: dict, dims) -> Work:
+    """01: greedy generation with a KV cache, n_tokens steps per batch (prefill + one token per step), for every
+    extracted model, plus n_single_check prompts regenerated one at a time (the run's model only), plus the oracle's
+    teacher-forced forward and backward over oracle_prompts prompts (batches of oracle_batch_size)."""
+    from lib.experiments.synthetic import is_network_free
+    if is_network_free(p.get("model", "")):
+        return Work()                                   # series generated or read, no forward pass
+    n, steps, models = p["n_prompts"], p["n_tokens"], _extract_models(p)
+    seq = PROMPT_TOKENS + steps
+    oracle = min(p["oracle_prompts"], n) if p.get("oracle") else 0        # lib.oracle: forward + backward, 3x
+    forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps \
+        + _batches(oracle, p.get("oracle_batch_size", 8))
+    tokens = (models * n + p["n_single_check"]) * seq + 3 * oracle * (seq - 1)
+    return Work(forwards, tokens, 0, min(n, p["batch_size"]), seq)
+
+
+def _tags(p: dict, run: dict) -> int:
+    """Activation files PhiID runs on: an explicit tag list, else every file notebook 01 writes."""
+    return len(p["tags"]) if p.get("tags") is not None else _extract_models(run["01_extract_activations"])
+
+
+def phiid(p: dict, run: dict, dims) -> Work:
+    """02: every head pair, per mode, per activations file (CPU)."""
+    pairs = _pairs(dims)
+    return Work(pairs=None if pairs is None else pairs * len(p["modes"]) * _tags(p, run))
+
+
+def diagnostics(p: dict, run: dict, dims) -> Work:
+    """03: one mode's pair table (read, not recomputed; approximately one pass over the pairs)."""
+    return Work(pairs=_pairs(dims))
+
+
+def ranking(p: dict, run: dict, dims) -> Work:
+    """04: pair statistics for the data and every circular-shift surrogate, for each preprocessing the variants
+    need (raw, detrended, first_difference); split halves reuse per-prompt statistics (approximation)."""
+    pairs = _pairs(dims)
+    sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
+    return Work(pairs=None if pairs is None else pairs * (1 + p["n_surrogates"]) * sources)
+
+
+def _n_prompts(run: dict) -> int:
+    return run["01_extract_activations"]["n_prompts"]
+
+
+def _orderings(p: dict) -> int:
+    """Removal orders of 05 (lib.ablation.make_orderings): the ranking (and its reverse) per variant, the random
+    ones, and n_matched layer-matched orders of every ranking and of every reverse."""
+    rankings = len(p["variants"]) * (1 + bool(p["include_reverse"]))
+    return rankings + p["n_random"] + p["n_matched"] * rankings
+
+
+def _ablation_units(points: int, orders: int, n_prompts: int, p: dict) -> int:
+    """Forwards of the curves: lib.ablation.run_ablation batches each unit (point x group of orderings) on its own.
+    zero: one group; its distinct masks are 1 at the first point (nothing removed) and the last (all removed) and
+    every ordering at the others (an upper bound: coinciding masks are computed once). noise: one ordering a group."""
+    if p["perturbation"] == "zero":
+        per_point = [1, *[orders] * (points - 2), 1] if points > 1 else [1]
+        return sum(_batches(m * n_prompts, p["batch_size"]) for m in per_point)
+    return points * orders * _batches(n_prompts, p["batch_size"])
+
+
+def _ablation_checks(points: int, orders: int, n_prompts: int) -> int:
+    """lib.ablation.verify with its defaults (3 checks x 2 prompts): per check and prompt an ablated and a clean
+    forward of one prompt; points with nothing removed are not checked."""
+    return min(3, (points - 1) * orders) * min(2, n_prompts) * 2
+
+
+def ablation(p: dict, run: dict, dims) -> Work | None:
+    """05: teacher-forced forwards over prompt + generated tokens: one clean pass over the prompts, every unit's
+    (head mask, prompt) rows (_ablation_units), and the slow check's one-prompt forwards (_ablation_checks). The
+    clean cache is assumed to hold every prompt at once (one chunk)."""
+    from lib.experiments.ablation import make_points
+    if dims is None:
+        return None
+    n_prompts = p["n_prompts"] or _n_prompts(run)
+    points = len(make_points(dims.total_heads, p["step_size"], p["fractions"]))
+    orders = _orderings(p)
+    masks = (points - 2) * orders + 2 if p["perturbation"] == "zero" else points * orders
+    checks = _ablation_checks(points, orders, n_prompts)
+    rows = (masks + 1) * n_prompts + checks
+    seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
+    forwards = _batches(n_prompts, p["batch_size"]) + _ablation_units(points, orders, n_prompts, p) + checks
+    return Work(forwards, rows * seq, 0, p["batch_size"], seq)
+
+
+def neurons(p: dict, run: dict, dims) -> Work:
+    """06 (lib.neurons): per prompt a clean pass (the prompt but its last token, then the last token on that cache:
+    2 forwards), then batches of batch_size - 1 neurons plus a clean row, each an incremental forward of the last
+    position on the cached prompt; the check (lib.neurons.verify) on min(n_prompts, 2) prompts: one incremental
+    forward of the n_check neurons, then per neuron a whole-prompt forward and the two of the frozen reference
+    (each of 2 rows: clean and treated)."""
+    n_neurons = len(p["neurons"]) if p.get("neurons") else p["n_neurons"]
+    n_batches = _batches(n_neurons, max(1, p["batch_size"] - 1))
+    checked, check_prompts = min(p["n_check"], n_neurons), min(2, p["n_prompts"])
+    forwards = p["n_prompts"] * (2 + n_batches) + check_prompts * (1 + 3 * checked)
+    tokens = (p["n_prompts"] * (PROMPT_TOKENS + n_neurons + n_batches)
+              + check_prompts * (checked + 1 + 5 * checked * PROMPT_TOKENS))
+    return Work(forwards, tokens, 0, min(p["batch_size"], n_neurons + 1), PROMPT_TOKENS)
+
+
+def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
+    """(samples of both tasks, sequence length): the prompts of the two categories in activations.npz with their
+    generated continuation, or the given texts (PROMPT_TOKENS + n_new_tokens each, approximation)."""
+    if p["sample_source"] == "texts":
+        n = len(p["task_a_texts"]) + len(p["task_b_texts"])
+        return n, PROMPT_TOKENS + p["n_new_tokens"]
+    per_task = math.ceil(_n_prompts(run) / N_CATEGORIES) if "01_extract_activations" in run else 10
+    if p["max_samples"]:
+        per_task = min(per_task, p["max_samples"])
+    cont = run.get("01_extract_activations", {}).get("n_tokens", p["n_new_tokens"])
+    if p["max_continuation_tokens"]:
+        cont = min(cont, p["max_continuation_tokens"])
+    return 2 * per_task, PROMPT_TOKENS + cont
+
+
+def interference(p: dict, run: dict, dims) -> Work:
+    """07: one forward and one backward (2 forwards) per sample batch, the two tasks batched apart (grad_method
+    "loop": one sample a batch): 3 forward-token equivalents."""
+    n, seq = _interference_samples(p, run)
+    size = 1 if p.get("grad_method") == "loop" else p["batch_size"]
+    if p["sample_source"] == "texts":
+        per_task = [len(p["task_a_texts"]), len(p["task_b_texts"])]
+    else:
+        per_task = [n // 2, n - n // 2]
+    return Work(sum(_batches(k, size) for k in per_task), 3 * n * seq, 0, min(n, size), seq)
+
+
+def _behaviour_conditions(p: dict) -> int:
+    """lib.experiments.behaviour.make_conditions: baseline + (synergistic, redundant, layer-matched per variant + random sets)
+    under each perturbation (noise: each sigma, or the one calibrated sigma)."""
+    sets = 3 * len(p["variants"]) + p["n_random"]
+    n_sigmas = 1 if p.get("calibrate") else len(p["sigmas"])
+    per_set = sum(n_sigmas if kind == "noise" else 1 for kind in p["perturbations"])
+    return 1 + sets * per_set
+
+
+def _calibration_rows(p: dict) -> int:
+    """lib.experiments.behaviour.calibration_plan: baseline + calibration sets x sigmas, on the first calibration problems."""
+    if not p.get("calibrate"):
+        return 0
+    return min(p["calibration_problems"], p["n_problems"]) * (1 + len(p["calibration_sigmas"]) * p["calibration_sets"])
+
+
+def behaviour(p: dict, run: dict, dims) -> Work:
+    """09: greedy replies of max_new_tokens (KV cache) for every problem under every condition (and the dose
+    calibration's, when calibrate is true)."""
+    rows = p["n_problems"] * _behaviour_conditions(p) + _calibration_rows(p)
+    seq = PROMPT_TOKENS + p["max_new_tokens"]
+    return Work(_batches(rows, p["batch_size"]) * p["max_new_tokens"], rows * seq, 0, p["batch_size"], seq)
+
+
+def _evaluation(p: dict, n_steps: int) -> Work:
+    """Test-set generations of one training run: every eval_every steps and after the last step (the evaluation
+    before training is shared by every run: finetune counts it once, as _evaluation(p, 0))."""
+    every = max(1, p["eval_every"])
+    evals = n_steps // every + (1 if n_steps % every else 0) if n_steps else 1
+    seq = PROMPT_TOKENS + p["max_new_tokens"]
+    return Work(evals * _batches(p["n_test"], p["eval_batch_size"]) * p["max_new_tokens"], evals * p["n_test"] * seq)
+
+
+def _grpo(g: dict | None) -> tuple[Work, int]:
+    """One GRPO run -> (its work, its steps): per step batch_size x grad_accum completions generated
+    (max_completion_length steps, KV cache) and trained on (forward + backward): 4 forward-token equivalents."""
+    from dataclasses import asdict
+    from lib.experiments.finetune.grpo import GRPOSettings
+    s = {**asdict(GRPOSettings()), **(g or {})}
+    rows, seq = s["batch_size"] * s["grad_accum"], PROMPT_TOKENS + s["max_completion_length"]
+    forwards = s["n_steps"] * s["grad_accum"] * (s["max_completion_length"] + 1)
+    return Work(forwards, 4 * s["n_steps"] * rows * seq, 0, s["batch_size"], seq), s["n_steps"]
+
+
+def finetune(p: dict, run: dict, dims) -> Work:
+    """10: for every method x condition (synergistic, redundant, layer-matched, random sets) x seed: SFT steps of
+    batch_size x grad_accum examples (prompt + answer of max_new_tokens, forward + backward: 3x), or a GRPO run
+    (_grpo), plus the test evaluations of each run. SFT runs over sft_seeds when given, else seeds."""
+    seq = PROMPT_TOKENS + p["max_new_tokens"]
+    total = Work(batch_rows=p["batch_size"], seq_len=seq)
+    for method in p["methods"]:
+        seeds = (p.get("sft_seeds") or p["seeds"]) if method == "sft" else p["seeds"]      # sft_seeds: SFT's own
+        runs_per_method = (3 + p["n_random"]) * len(seeds)
+        if method == "sft":
+            steps, accum = p["n_steps"], p.get("grad_accum", 1)      # grad_accum: lib.experiments.finetune.SFTSettings only
+            one = Work(steps * accum, 3 * steps * accum * p["batch_size"] * seq)
+        else:
+            one, steps = _grpo(p["grpo"])
+            total.batch_rows, total.seq_len = max(total.batch_rows, one.batch_rows), max(total.seq_len, one.seq_len)
+        ev = _evaluation(p, steps)
+        total.forwards += runs_per_method * (one.forwards + ev.forwards)
+        total.tokens += runs_per_method * (one.tokens + ev.tokens)
+    baseline = _evaluation(p, 0)
+    total.forwards, total.tokens = total.forwards + baseline.forwards, total.tokens + baseline.tokens
+    return total
+
+
+def topology(p: dict, run: dict, dims) -> Work:
+    """08: networks over the head pairs (edges = pairs) of the model and its baselines; Louvain and null networks
+    are graph operations, counted here as pairs x (1 + n_null) x thresholds x tags (approximation)."""
+    pairs = _pairs(dims)
+    n = (1 + p["n_null"]) * len(set(p["thresholds"]) | {0.1, 1.0}) * _extract_models(run.get("01_extract_activations", {}))
+    return Work(pairs=None if pairs is None else pairs * n)
+
+
+def local(p: dict, run: dict, dims) -> Work:
+    """11: a teacher-forced forward over prompt + generated tokens per prompt and tag, then local PhiID of every
+    pair per tag with n_null circular shifts."""
+    n = _n_prompts(run) if "01_extract_activations" in run else 12
+    seq = PROMPT_TOKENS + run.get("01_extract_activations", {}).get("n_tokens", 24)
+    tags = len(p["tags"])
+    pairs = _pairs(dims)
+    return Work(tags * _batches(n, p["batch_size"]), tags * n * seq, None if pairs is None else pairs * tags * (1 + p["n_null"]),
+                min(n, p["batch_size"]), seq)
+
+
+def estimator(name: str):
+    """The cost estimator of a stage (its declaration's `cost`: a function of this module, or "module:function"),
+    or None."""
+    stage = stages.stages().get(name)
+    if stage is None or not stage.cost:
+        return None
+    if callable(stage.cost):
+        return stage.cost
+    if ":" in stage.cost:
+        module, func = stage.cost.split(":", 1)
+        return getattr(importlib.import_module(module), func)
+    return globals()[stage.cost]
+
+
+# ----------------------------------------------------------------------------- rate, memory, table
+
+def read_rate(path: str | os.PathLike | None = None) -> dict | None:
+    """The measured forward throughput {"flop_per_s", "device", "dtype", "date", ...} (benchmarks/gpu_check.py
+    --save-rate) from `path`, else $HEADINFO_RATE, else slurm/rate.json; None when there is no such file."""
+    path = Path(path or os.environ.get(RATE_ENV) or RATE_FILE)
+    if not path.is_file():
+        return None
+    rate = json.loads(path.read_text())
+    if not isinstance(rate.get("flop_per_s"), (int, float)) or rate["flop_per_s"] <= 0:
+        raise ValueError(f"{path}: 'flop_per_s' must be a positive number; rewrite it with benchmarks/gpu_check.py --save-rate")
+    return rate
+
+
+def gpu_hours(tokens: int, n_params: int, flop_per_s: float, forwards: int = 0, latency_s: float = 0.0) -> float:
+    """tokens x 2 n_params FLOP at flop_per_s, plus forwards x latency_s (the fixed time of one forward call: a
+    greedy step of one token per row costs about this, far more than its FLOP), in hours."""
+    return (tokens * 2 * n_params / flop_per_s + forwards * latency_s) / 3600
+
+
+def memory_gib(dims, dtype: str, work: Work) -> float:
+    """Weights (n_params x dtype bytes) + K and V of every layer for batch_rows x seq_len tokens, GiB."""
+    size = DTYPE_BYTES.get(dtype, 4)
+    kv = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * work.batch_rows * work.seq_len * size
+    return (dims.n_params * size + kv) / 2 ** 30
+
+
+def with_defaults(path, params: dict) -> dict:
+    """A notebook's parameters with its declared defaults filled in."""
+    from lib.pipeline.notebook_params import declared_parameters, default_value
+    declared = declared_parameters(path)
+    return {**{k: default_value(v["default"]) for k, v in declared.items()}, **params}
+
+
+def _run_params(steps) -> dict:
+    """notebook -> parameters with defaults, 01 always present (its defaults when not in the run)."""
+    run = {s.name: with_defaults(s.path, s.params) for s in steps}
+    if "01_extract_activations" not in run:
+        run["01_extract_activations"] = with_defaults(stages.stages()["01_extract_activations"].path, {})
+    return run
+
+
+def _dims_of(specs: set[str]) -> tuple[dict, list[str]]:
+    """spec -> ModelDims for each model spec that can be read here; and what is missing for the others."""
+    from lib.model.loading import ModelSpecError, model_dims
+    dims, missing = {}, []
+    for spec in sorted(specs):
+        try:
+            dims[spec] = _network_free_dims(spec) if spec.startswith(("synthetic:", "file:")) else model_dims(spec)
+        except ModelSpecError as e:
+            missing.append(str(e))
+    return dims, missing
+
+
+def _network_free_dims(spec: str):
+    """ModelDims of a synthetic: or file: spec: its heads and layers, no network (no parameters, no MLP)."""
+    from lib.experiments.synthetic import network_free_shape
+    from lib.model.loading import ModelDims
+    n_layers, n_heads = network_free_shape(spec)
+    return ModelDims(0, n_layers, n_heads, n_heads, 0, "no network (lib.experiments.synthetic)")
+
+
+def _cell(value) -> str:
+    """Table cell: None -> "?" (unknown, see the notes), 0 -> "-" (none), numbers readable."""
+    if value is None:
+        return "?"
+    if isinstance(value, str):
+        return value
+    if value == 0:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else f"{value:,}"
+
+
+def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool) -> dict:
+    """One table row; None marks what cannot be computed (model size unknown, no measured rate)."""
+    if work is None:
+        return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=None, tokens=None,
+                    gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None)
+    hours = "CPU"
+    if on_gpu:
+        hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"], work.forwards,
+                                                     rate.get("forward_latency_s", 0.0))
+                                          if dims is not None and rate else None)
+    memory = 0 if not work.tokens else memory_gib(dims, p.get("dtype", "float32"), work) if dims else None
+    return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=work.forwards, tokens=work.tokens,
+                gpu_hours=hours, memory_gib=memory, pairs=work.pairs)
+
+
+def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
+    """-> (one row per step: notebook, device, forwards, tokens, gpu_hours, memory_gib, pairs; notes; rate)."""
+    run = _run_params(steps)
+    model_of = lambda name: run[name].get("model") or run["01_extract_activations"]["model"]      # noqa: E731
+    dims, notes = _dims_of({model_of(s.name) for s in steps})
+    rate = read_rate()
+    gpu = os.environ.get("HEADINFO_GPU_NOTEBOOKS", " ".join(GPU_NOTEBOOKS)).split()
+    rows = []
+    for s in steps:
+        d, p = dims.get(model_of(s.name)), run[s.name]
+        estimate = estimator(s.name)
+        work = estimate(p, run, d) if estimate else None
+        rows.append(_row(s, p, work, d, rate, s.name in gpu))
+    notes += [f"{spec}: {d.n_params:,} parameters ({d.source})" for spec, d in dims.items()]
+    return rows, notes, rate
+
+
+COLUMNS = (("notebook", "<24"), ("device", "<6"), ("forwards", ">12"), ("tokens", ">16"), ("gpu_hours", ">10"),
+           ("memory_gib", ">9"), ("pairs", ">14"))
+HEADERS = {"gpu_hours": "GPU-hours", "memory_gib": "peak GiB", "pairs": "PhiID pairs"}
+
+
+def cost_table(steps) -> str:
+    """The printed estimate: one line per notebook, then the rate used (or why there are no GPU-hours) and notes."""
+    rows, notes, rate = estimates(steps)
+    lines = ["cost estimate (approximate, see lib/pipeline/cost.py; ? = unknown, see below)",
+             " ".join(f"{HEADERS.get(k, k):{f}}" for k, f in COLUMNS)]
+    lines += [" ".join(f"{_cell(r[k]):{f}}" for k, f in COLUMNS) for r in rows]
+    if rate:
+        total = sum(r["gpu_hours"] for r in rows if isinstance(r["gpu_hours"], float))
+        lines.append(f"GPU-hours at {rate['flop_per_s']:.3g} FLOP/s measured on {rate.get('device', '?')} "
+                     f"({rate.get('model', '?')}, {rate.get('dtype', '?')}, {rate.get('date', '?')}); total {total:.3g}")
+    else:
+        lines.append(NO_RATE)
+    return "\n".join(lines + [f"  {n}" for n in notes])

@@ -1,0 +1,112 @@
+"""The pipeline's stages, each declared once: its notebook, the stages it reads, where it runs, its cost estimator
+and the claims it tests. The runner's graph (lib.run), the cost table (lib.pipeline.cost), the claims map (lib.claims) and
+the SLURM submitter (slurm/pipeline.sh: GPU or CPU job, afterok parents) all read this table.
+
+    Stage("05_ablation", reads=("04_ranking_variants",), device="GPU", cost="ablation", claims=("C5",))
+
+Adding a stage: its notebook (notebooks/NN_name.ipynb, or `path=`), its lib module, one `Stage(...)` here, its
+tests; value rules beside the module (lib.pipeline.params.declare) and artifacts in lib.storage.artifacts. A stage declared outside
+lib (a project's own experiment) is a module that calls `declare(Stage(...))`, named in HEADINFO_STAGES
+("pkg.module" or a file path, several separated by ':'), which every runner, cost table and SLURM call imports.
+Nothing here imports torch: `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib import REPO_ROOT
+
+__all__ = ["Stage", "declare", "stages", "parents", "gpu_stages", "stage_testing", "EXTRA_VAR"]
+
+EXTRA_VAR = "HEADINFO_STAGES"
+NOTEBOOKS_VAR = "HEADINFO_NOTEBOOKS"     # another folder holding the stages' notebooks (tests: an edited copy)
+DEVICES = ("GPU", "CPU")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the pipeline. reads: the stages whose files it reads (it reruns when one of them ran since;
+    its SLURM job waits for them). device: "GPU" when it runs the model (a GPU job on a cluster; it still runs on
+    CPU anywhere). cost: its estimator (p, run, dims) -> lib.pipeline.cost.Work: a function name of lib.pipeline.cost, "module:function"
+or the function itself (None: no forward-pass estimate). claims: the ids
+    of the paper's claims it tests (lib.claims). path: the notebook (default notebooks/<name>.ipynb, or
+    $HEADINFO_NOTEBOOKS/<name>.ipynb)."""
+    name: str
+    reads: tuple[str, ...] = ()
+    device: str = "CPU"
+    cost: object = None              # str (a lib.pipeline.cost function, or "module:function") or a callable
+    claims: tuple[str, ...] = ()
+    path: Path | None = None
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"stage {self.name}: device must be one of {DEVICES}, got {self.device!r}")
+        object.__setattr__(self, "reads", tuple(self.reads))
+        object.__setattr__(self, "claims", tuple(self.claims))
+        folder = Path(os.environ.get(NOTEBOOKS_VAR) or REPO_ROOT / "notebooks")
+        object.__setattr__(self, "path", Path(self.path) if self.path else folder / f"{self.name}.ipynb")
+
+
+_DECLARED: dict[str, Stage] = {s.name: s for s in (
+    Stage("01_extract_activations", device="GPU", cost="extraction"),
+    Stage("02_phiid", reads=("01_extract_activations",), cost="phiid"),
+    Stage("03_phiid_diagnostics", reads=("02_phiid",), cost="diagnostics", claims=("C1",)),
+    Stage("04_ranking_variants", reads=("02_phiid", "03_phiid_diagnostics"), cost="ranking", claims=("C2", "C3")),
+    Stage("05_ablation", reads=("04_ranking_variants",), device="GPU", cost="ablation", claims=("C5",)),
+    Stage("06_neuron_effects", reads=("01_extract_activations",), device="GPU", cost="neurons"),
+    Stage("07_qkov_interference", reads=("01_extract_activations",), device="GPU", cost="interference"),
+    Stage("08_topology", reads=("02_phiid",), cost="topology", claims=("C4",)),
+    Stage("09_task_behaviour", reads=("04_ranking_variants",), device="GPU", cost="behaviour", claims=("C6",)),
+    Stage("10_head_finetuning", reads=("04_ranking_variants",), device="GPU", cost="finetune", claims=("C7",)),
+    Stage("11_local_synergy", reads=("02_phiid",), cost="local"),
+)}
+_loaded_extra: set[str] = set()
+
+
+def declare(stage: Stage) -> Stage:
+    """Add a stage (or replace one of the same name); its parents must be declared stages."""
+    unknown = [r for r in stage.reads if r not in _DECLARED and r != stage.name]
+    if unknown:
+        raise ValueError(f"stage {stage.name} reads {unknown}, which are not declared stages; declare them first")
+    _DECLARED[stage.name] = stage
+    return stage
+
+
+def _import_extra(spec: str) -> None:
+    """Import a module that declares stages: a dotted name or a .py file path."""
+    if spec.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(f"headinfo_stages_{Path(spec).stem}", spec)
+        if loaded is None or not Path(spec).is_file():
+            raise ValueError(f"{EXTRA_VAR}: {spec} is not a Python file; name a module or a .py file that calls "
+                             f"lib.pipeline.stages.declare(...)")
+        loaded.loader.exec_module(importlib.util.module_from_spec(loaded))
+    else:
+        importlib.import_module(spec)
+
+
+def stages() -> dict[str, Stage]:
+    """Every declared stage (those of HEADINFO_STAGES included), by name, in pipeline order."""
+    for spec in filter(None, os.environ.get(EXTRA_VAR, "").split(":")):
+        if spec not in _loaded_extra:
+            _loaded_extra.add(spec)
+            _import_extra(spec)
+    return dict(sorted(_DECLARED.items()))
+
+
+def parents() -> dict[str, list[str]]:
+    """stage -> the stages it reads (the runner's graph)."""
+    return {name: list(s.reads) for name, s in stages().items()}
+
+
+def gpu_stages() -> tuple[str, ...]:
+    """The stages that run the model (GPU jobs on a cluster)."""
+    return tuple(name for name, s in stages().items() if s.device == "GPU")
+
+
+def stage_testing(claim: str) -> str | None:
+    """The stage whose notebook tests `claim`, or None."""
+    return next((name for name, s in stages().items() if claim in s.claims), None)

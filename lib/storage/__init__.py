@@ -1,0 +1,4 @@
+"""The storage layer (lowest): atomic file writes and the manifest (store), every file of a run declared once
+(artifacts), resumable checkpoints (checkpoints). It imports no other layer of lib."""
+
+__all__: list[str] = []
