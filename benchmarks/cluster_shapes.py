@@ -11,7 +11,8 @@ Measured, per notebook kernel:
     incremental forwards, goes through it once; the random-init baseline and revisions included), counted by a
     forward hook a probe module installs in the kernel (this folder's `_probe/sitecustomize.py`, activated by
     $HEADINFO_PROBE; nothing in lib is changed);
-  - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit;
+  - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit (a
+    kernel that exits without running its exit handlers leaves no record: "–");
   - seconds: the runner's own record in manifest.json (kernel start to report written).
 Estimated: lib.cost.estimates on the same steps: forwards, and peak GiB = weights + K/V only (lib.cost's model; a
 CPU kernel also holds Python, torch and the libraries: the "base" column is an empty kernel's resident set,
@@ -39,10 +40,11 @@ sys.path.insert(0, str(REPO))
 
 PROBE_DIR = Path(__file__).resolve().parent / "_probe"
 # cluster example -> (params file, random model with its head layout)
+# (the largest first: with --jobs 2 it runs beside the two others in turn)
 LAYOUTS = {
+    "qwen3-8b": ("params/qwen3-8b.yaml", "random:qwen3:36x32kv8"),
     "pythia-1b": ("params/pythia-1b.yaml", "random:gpt_neox:16x8"),
     "gemma-3-4b": ("params/gemma3-4b.yaml", "random:gemma3_multimodal:34x8kv4"),
-    "qwen3-8b": ("params/qwen3-8b.yaml", "random:qwen3:36x32kv8"),
 }
 N_PROMPTS, N_TOKENS = 6, 8            # one prompt per category, 8 generated tokens
 
