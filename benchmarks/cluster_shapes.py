@@ -11,8 +11,8 @@ Measured, per notebook kernel:
     incremental forwards, goes through it once; the random-init baseline and revisions included), counted by a
     forward hook a probe module installs in the kernel (this folder's `_probe/sitecustomize.py`, activated by
     $HEADINFO_PROBE; nothing in lib is changed);
-  - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit (a
-    kernel that exits without running its exit handlers leaves no record: "–");
+  - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit and
+    every 2 s before (a kernel stopped before its exit handlers run keeps the figure of its last 2 s);
   - seconds: the runner's own record in manifest.json (kernel start to report written).
 Estimated: lib.cost.estimates on the same steps: forwards, and peak GiB = weights + K/V only (lib.cost's model; a
 CPU kernel also holds Python, torch and the libraries: the "base" column is an empty kernel's resident set,
