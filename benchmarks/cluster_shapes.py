@@ -14,10 +14,12 @@ Measured, per notebook kernel:
   - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit and
     every 2 s before (a kernel stopped before its exit handlers run keeps the figure of its last 2 s);
   - seconds: the runner's own record in manifest.json (kernel start to report written).
-Estimated: lib.cost.estimates on the same steps: forwards, and peak GiB = weights + K/V only (lib.cost's model; a
-CPU kernel also holds Python, torch and the libraries: the "base" column is an empty kernel's resident set,
-measured once per invocation, so the memory ratio compares the estimate with the measured growth over it).
-PhiID pairs are estimated for the CPU notebooks and not measured (no forwards: "-").
+Estimated: lib.pipeline.cost.estimates on the same steps: forwards; seconds = the fixed cost of a notebook +
+forwards at a CPU rate measured per layout (gpu_check.forward_rate, one thread; CPU notebooks: the fixed cost only);
+host GiB = a kernel's base RSS + the notebook's large arrays + weights and K/V (lib.pipeline.cost.host_gib). The
+fixed seconds and base RSS are measured once per invocation on this machine (gpu_check.notebook_overhead, what
+--save-rate records), or with --defaults taken from lib.pipeline.cost.DEFAULT_CALIBRATION. PhiID pairs are
+estimated for the CPU notebooks and not measured.
 
 Timings are only comparable on an idle machine: the load average before and after each layout is printed.
 """
@@ -137,12 +139,32 @@ def base_rss_kb() -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def estimates(name: str, root: Path) -> dict:
-    """notebook -> lib.cost's row (forwards, tokens, memory_gib, pairs) for the layout's params file."""
-    from lib.pipeline.cost import estimates as cost_estimates
+def estimates(name: str, root: Path, rate: dict) -> dict:
+    """notebook -> lib.cost's row (forwards, tokens, host_gib, pairs) for the layout's params file, with `rate`
+    (its host calibration) as the rate file."""
+    from lib.pipeline import cost
     from lib.run import check_run
-    rows, _, _ = cost_estimates(check_run(root / f"{name}.yaml", None, []))
+    with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
+        path = Path(tmp) / "rate.json"
+        path.write_text(json.dumps({**rate, "flop_per_s": rate["flop_per_s"]}))
+        old = os.environ.get(cost.RATE_ENV)
+        os.environ[cost.RATE_ENV] = str(path)
+        try:
+            rows, _, _ = cost.estimates(check_run(root / f"{name}.yaml", None, []))
+        finally:
+            os.environ.pop(cost.RATE_ENV) if old is None else os.environ.__setitem__(cost.RATE_ENV, old)
     return {r["notebook"]: r for r in rows}
+
+
+def host_calibration(use_defaults: bool) -> dict:
+    """notebook_fixed_s and base_rss_gib measured here (gpu_check.notebook_overhead), or {} (the defaults)."""
+    if use_defaults:
+        return {}
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check.notebook_overhead()
 
 
 def seconds_of(out_dir: Path) -> dict:
@@ -156,21 +178,20 @@ def ratio(est, meas) -> str:
     return f"{est / meas:.2f}"
 
 
-def table(name: str, est: dict, meas: dict, secs: dict, base_kb: int, rate: dict) -> list[dict]:
-    """One row per notebook: estimates (forwards, seconds at the CPU rate for the model-running notebooks, GiB,
-    pairs) beside the measured forwards, seconds and peak RSS."""
-    from lib.pipeline.cost import gpu_hours
+def table(name: str, est: dict, meas: dict, secs: dict, rate: dict) -> list[dict]:
+    """One row per notebook: estimates (forwards, seconds = fixed + forwards at the CPU rate, host GiB, pairs)
+    beside the measured forwards, seconds and peak RSS. `rate`: the CPU rate with the host calibration."""
+    from lib.pipeline.cost import calibration, gpu_hours
+    fixed, _, _ = calibration(rate)
     rows = []
     for nb in sorted(est):
         e, m = est[nb], meas.get(nb, {})
         rss_gib = m["maxrss_kb"] / 2 ** 20 if m else None
-        growth = None if rss_gib is None else max(rss_gib - base_kb / 2 ** 20, 1e-9)
-        est_s = gpu_hours(e["tokens"], rate["n_params"], rate["flop_per_s"], e["forwards"] or 0,
-                          rate["forward_latency_s"]) * 3600 \
-            if e["device"] == "GPU" and e["tokens"] else None
+        forward_s = gpu_hours(e["tokens"], rate["n_params"], rate["flop_per_s"], e["forwards"] or 0,
+                              rate["forward_latency_s"]) * 3600 if e["tokens"] else 0.0
         rows.append(dict(layout=name, notebook=nb, est_forwards=e["forwards"] or 0, forwards=m.get("forwards"),
-                         tokens=e["tokens"] or 0, est_seconds=est_s, seconds=secs.get(nb), est_gib=e["memory_gib"] or 0,
-                         rss_gib=rss_gib, growth_gib=growth, pairs=e["pairs"] or 0))
+                         tokens=e["tokens"] or 0, est_seconds=fixed + forward_s, seconds=secs.get(nb),
+                         est_gib=e["host_gib"], rss_gib=rss_gib, pairs=e["pairs"] or 0))
     return rows
 
 
@@ -183,22 +204,23 @@ def fmt(v, digits=4) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds est. (CPU rate) | seconds meas. | ratio "
-            "| GiB est. (weights + K/V) | peak RSS GiB | RSS over base GiB | ratio | PhiID pairs est. |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds est. (fixed + CPU rate) | seconds meas. "
+            "| ratio | host GiB est. | peak RSS GiB | ratio | PhiID pairs est. |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['notebook']} | {fmt(r['est_forwards'])} | {fmt(r['forwards'])} | "
                      f"{ratio(r['est_forwards'], r['forwards'])} | {fmt(r['est_seconds'], 3)} | {fmt(r['seconds'])} | "
                      f"{ratio(r['est_seconds'], r['seconds'])} | {fmt(r['est_gib'], 3)} | {fmt(r['rss_gib'], 3)} | "
-                     f"{fmt(r['growth_gib'], 3)} | {ratio(r['est_gib'], r['growth_gib'])} | {fmt(r['pairs'])} |")
+                     f"{ratio(r['est_gib'], r['rss_gib'])} | {fmt(r['pairs'])} |")
     return "\n".join(lines)
 
 
-def report(name: str, root: Path, base: int) -> tuple[list[dict], str]:
-    """Table rows and the one-line summary of a layout already run in root/name."""
+def report(name: str, root: Path, host: dict) -> tuple[list[dict], str]:
+    """Table rows and the one-line summary of a layout already run in root/name; `host`: the calibration's
+    notebook_fixed_s and base_rss_gib ({} for lib.pipeline.cost's defaults)."""
     model = LAYOUTS[name][1]
-    rate = cpu_rate(model)
-    rows = table(name, estimates(name, root), probe_records(name, root), seconds_of(root / name), base, rate)
+    rate = {**cpu_rate(model), **host}
+    rows = table(name, estimates(name, root, rate), probe_records(name, root), seconds_of(root / name), rate)
     worst = max((max(r["est_forwards"], r["forwards"]) / max(1, min(r["est_forwards"], r["forwards"]))
                  for r in rows if r["forwards"] is not None), default=1.0)
     peak = max((r["rss_gib"] or 0) for r in rows)
@@ -227,9 +249,14 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table of a --keep folder")
     parser.add_argument("--jobs", type=int, default=2, help="layouts run at the same time (default 2: one per core, "
                                                             "each kernel single-threaded)")
+    parser.add_argument("--defaults", action="store_true", help="estimate with lib.pipeline.cost's default fixed "
+                                                                "seconds and base RSS instead of measuring them here")
     args = parser.parse_args(argv)
-    base = base_rss_kb()
-    print(f"[cluster_shapes] base kernel RSS {base / 2 ** 20:.3f} GiB; load {load()}", flush=True)
+    from lib.pipeline.cost import calibration
+    host = host_calibration(args.defaults)
+    fixed, base, source = calibration({**host, "device": "this machine", "date": time.strftime("%Y-%m-%d")} if host else None)
+    print(f"[cluster_shapes] notebook fixed cost {fixed:.1f} s, kernel base RSS {base:.3f} GiB ({source}); "
+          f"bare-import RSS {base_rss_kb() / 2 ** 20:.3f} GiB; load {load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="cluster-shapes-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -239,7 +266,7 @@ def main(argv=None) -> int:
                 list(pool.map(lambda name: one_layout(name, root), args.layouts))
             print(f"[cluster_shapes] all {len(args.layouts)} layouts in {time.perf_counter() - t0:.0f} s wall "
                   f"({args.jobs} at a time); load at the end {load()}", flush=True)
-        reports = [report(name, root, base) for name in args.layouts]
+        reports = [report(name, root, host) for name in args.layouts]
     all_rows = [r for rows, _ in reports for r in rows]
     for _, line in reports:
         print(line)

@@ -11,7 +11,9 @@ held to, seconds on the device and on the CPU, peak memory on the device (CUDA: 
 CPU: the process's peak resident set). Exit status 1 when an engine is outside its tolerance.
 
 --save-rate PATH also measures the forward throughput of --model on the device in --dtype (FLOP/s = 2 x parameters
-x tokens / seconds, the best of a few timed batched forwards after a warm-up) and writes it as JSON; the cost
+x tokens / seconds, the best of a few timed batched forwards after a warm-up), the one-token forward latency, and
+this machine's fixed cost of one notebook (notebook_fixed_s: an import-only notebook through papermill and the HTML
+export; base_rss_gib: its kernel's resident set) and writes them as JSON; the cost
 estimate of `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` reads slurm/rate.json (or $HEADINFO_RATE).
 Measure with the run's model on the cluster's GPU:
 
@@ -129,12 +131,42 @@ def forward_rate(model, device: torch.device, rows: int, seq_len: int, repeats: 
             "seconds": seconds, "forward_latency_s": latency}
 
 
+OVERHEAD_CELL = """import resource, time
+import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, transformers
+import lib.experiments.extract, lib.experiments.ablation, lib.estimators.phiid, lib.plots, lib.storage
+fig, ax = plt.subplots(); ax.plot(np.arange(10), np.arange(10), marker="o"); ax.set_xlabel("x"); plt.show()
+print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+
+
+def notebook_overhead(kernel: str = "python3") -> dict:
+    """The fixed cost of one notebook on this machine, as lib.run pays it: a one-cell notebook (the notebooks'
+    imports and one figure) executed by papermill in a fresh kernel and exported to HTML without code ->
+    {"notebook_fixed_s": wall seconds, "base_rss_gib": the kernel's peak resident set after the imports}."""
+    import tempfile
+
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        src, out = Path(tmp) / "in.ipynb", Path(tmp) / "out.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(OVERHEAD_CELL)]), src)
+        t0 = time.perf_counter()
+        pm.execute_notebook(str(src), str(out), kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()))
+        nb = nbformat.read(out, as_version=4)
+        HTMLExporter(exclude_input=True).from_notebook_node(nb)
+        seconds = time.perf_counter() - t0
+    text = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("output_type") == "stream")
+    rss_kb = int(text.split("RSS_KB")[1].split()[0])
+    return {"notebook_fixed_s": seconds, "base_rss_gib": rss_kb / 2 ** 20}
+
+
 def save_rate(args, path: Path) -> dict:
     """forward_rate of --model on --device in --dtype, written to `path` as JSON (device name, dtype, date)."""
     device = resolve_device(args.device)
     model, _, _ = load_model(args.model, dtype=args.dtype, device=str(device))
     rate = forward_rate(model, device, args.rate_rows, args.rate_seq_len)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rate.update(notebook_overhead())                      # host side: fixed seconds and base RSS of a notebook
     rate.update(device=name, dtype=args.dtype, model=args.model, date=time.strftime("%Y-%m-%d"),
                 torch=torch.__version__)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -140,3 +140,60 @@ def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
     assert rate == written and rate["flop_per_s"] > 0 and rate["tokens"] == 16
     assert rate["flop_per_s"] == pytest.approx(2 * rate["n_params"] * 16 / rate["seconds"])
     assert {"device", "dtype", "date", "model"} <= set(rate)
+
+
+def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_text(TINY + "03_phiid_diagnostics: {}\n04_ranking_variants: {}\n08_topology: {}\n")
+    tiny_steps = build_steps(*load_params(path))
+    rate = tmp_path / "rate.json"
+    rate.write_text(json.dumps({"flop_per_s": 2.5e12, "forward_latency_s": 0.02, "device": "Test", "date": "d",
+                                "notebook_fixed_s": 12.5, "base_rss_gib": 0.5}))
+    monkeypatch.setenv(cost.RATE_ENV, str(rate))
+    rows = rows_of(tiny_steps)
+    # random:llama: 16 heads, 120 pairs; 02: one 128-byte row per pair, 3 modes x 2 activation files
+    assert rows["02_phiid"]["host_gib"] == pytest.approx(0.5 + 120 * 128 * 3 * 2 / 2 ** 30)
+    assert rows["02_phiid"]["seconds"] == 12.5                                    # CPU notebook: the fixed term only
+    # 03: one table + 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
+    # n_jobs 1): 3 tables + 8 float64 [120 pairs, 12 prompts x 24 tokens]; 08 (n_null 10): a table + 11 [16, 16]
+    # networks x 2 activation files
+    assert rows["03_phiid_diagnostics"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * (5 * 256 + 3 * 500 * 16)) / 2 ** 30)
+    assert rows["04_ranking_variants"]["host_gib"] == pytest.approx(0.5 + (3 * 120 * 128 + 8 * 8 * 120 * 288) / 2 ** 30)
+    assert rows["08_topology"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * 256 * 11 * 2) / 2 ** 30)
+    # 05 on device auto (not the CPU): no weights on the host; seconds = fixed + its GPU time
+    assert rows["05_ablation"]["host_gib"] == 0.5
+    assert rows["05_ablation"]["seconds"] == pytest.approx(12.5 + 3600 * rows["05_ablation"]["gpu_hours"])
+    assert "fixed 12.5 s per notebook, kernel base 0.5 GiB, measured on Test d" in cost.cost_table(tiny_steps)
+
+
+def test_host_terms_default_without_calibration_and_add_the_model_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
+    path = tmp_path / "cpu.yaml"
+    path.write_text(TINY.replace("dtype: float32", "dtype: float32\ndevice: cpu"))
+    steps = build_steps(*load_params(path))
+    rows = rows_of(steps)
+    fixed, base = cost.DEFAULT_CALIBRATION["notebook_fixed_s"], cost.DEFAULT_CALIBRATION["base_rss_gib"]
+    assert rows["02_phiid"]["seconds"] == fixed and rows["05_ablation"]["seconds"] is None     # no rate: unknown
+    assert rows["05_ablation"]["host_gib"] == pytest.approx(base + rows["05_ablation"]["memory_gib"])
+    assert "defaults (no calibration" in cost.cost_table(steps)
+
+
+def test_diagnostics_bootstrap_memory_is_within_2x_of_its_term():
+    """Measured small case: the peak of lib's pair-level cluster bootstrap (tracemalloc) at 256 heads (the term's
+    constants were fitted at 96 and 192) against host_arrays_gib's heads^2 + resamples x heads float64 term (the
+    pair table itself excluded: allocated before)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from lib.experiments.diagnostics import pair_bootstrap_correlation
+    heads = 256
+    i, j = np.triu_indices(heads, 1)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=i.size), rng.normal(size=i.size)
+    tracemalloc.start()
+    pair_bootstrap_correlation(i, j, a, b, n_heads=heads, n_boot=cost.PAIR_BOOT)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    term = 8 * (cost.BOOT_ARRAYS[0] * heads * heads + cost.BOOT_ARRAYS[1] * cost.PAIR_BOOT * heads)
+    assert term / 1.5 <= peak <= 1.5 * term, (peak, term)

@@ -15,6 +15,14 @@ GPU-hours need a measured forward throughput: benchmarks/gpu_check.py --save-rat
 writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read. Time = tokens x 2 n_params / the
 measured FLOP/s + forwards x the measured latency of a one-token forward (forward_latency_s in the rate file, when
 present): greedy steps of one token per row are latency-bound, not FLOP-bound.
+
+Host side (the machine a notebook's kernel runs on), from the same rate file or, without one, DEFAULT_CALIBRATION:
+  - seconds = notebook_fixed_s (kernel start, imports, a figure, the HTML report: measured by gpu_check --save-rate
+    as an import-only notebook run through papermill and exported) + the forward time above (CPU notebooks: the
+    fixed term only; their PhiID pair time is not modelled);
+  - host GiB = base_rss_gib (that notebook kernel's resident set after its imports) + the notebook's large arrays
+    (host_arrays_gib: pair tables, 03's heads^2 + resamples x heads bootstrap, 04's per-job pair x sample arrays
+    x n_jobs, 08's networks) + weights and K/V when the model runs on the CPU.
 """
 from __future__ import annotations
 
@@ -34,6 +42,14 @@ RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
 RATE_ENV = "HEADINFO_RATE"
 GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# without a calibration: measured on the 2-core development machine at load ~10 (benchmarks/RESULTS.md, cluster layouts)
+DEFAULT_CALIBRATION = {"notebook_fixed_s": 34.0, "base_rss_gib": 0.68}
+PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
+PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
+BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
+                                      # 96 and 192 heads; tests/test_cost.py checks 256)
+PAIR_SAMPLE_ARRAYS = 8                # 04: float64 [pairs, samples] arrays one surrogate job holds (fitted to the
+                                      # Qwen3-8B layout's 2.5 GiB peak, benchmarks/RESULTS.md)
 NO_RATE = "GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node)"
 
 
@@ -318,6 +334,53 @@ def memory_gib(dims, dtype: str, work: Work) -> float:
     return (dims.n_params * size + kv) / 2 ** 30
 
 
+def calibration(rate: dict | None) -> tuple[float, float, str]:
+    """(fixed seconds per notebook, base kernel RSS GiB, where they come from): the rate file's notebook_fixed_s and
+    base_rss_gib (gpu_check --save-rate), else DEFAULT_CALIBRATION."""
+    if rate and isinstance(rate.get("notebook_fixed_s"), (int, float)) and isinstance(rate.get("base_rss_gib"), (int, float)):
+        return rate["notebook_fixed_s"], rate["base_rss_gib"], f"measured on {rate.get('device', '?')} {rate.get('date', '?')}"
+    d = DEFAULT_CALIBRATION
+    return d["notebook_fixed_s"], d["base_rss_gib"], "defaults (no calibration: benchmarks/gpu_check.py --save-rate)"
+
+
+def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
+    """Large host arrays of a notebook beyond the model, GiB: PhiID pair tables (pairs x PAIR_ROW_BYTES each);
+    02 and 11 one per mode (11: per tag) and activations file; 03 one table + the cluster bootstrap's float64
+    [heads, heads] and [PAIR_BOOT, heads] arrays (BOOT_ARRAYS of each); 04 the tables of its sources + per surrogate job PAIR_SAMPLE_ARRAYS
+    float64 [pairs, samples] (samples = prompts x tokens), x n_jobs; 08 one table + float64 [heads, heads] per
+    network (model and nulls) of each activations file. 0 for the others or an unknown model."""
+    if dims is None:
+        return 0.0
+    heads, pairs = dims.total_heads, _pairs(dims)
+    table = pairs * PAIR_ROW_BYTES
+    p01 = run.get("01_extract_activations", {})
+    if name == "02_phiid":
+        size = table * len(p["modes"]) * _tags(p, run)
+    elif name == "11_local_synergy":
+        size = table * len(p["tags"])
+    elif name == "03_phiid_diagnostics":
+        size = table + 8 * (BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
+    elif name == "04_ranking_variants":
+        samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
+        sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
+        size = table * sources + max(1, p.get("n_jobs", 1)) * PAIR_SAMPLE_ARRAYS * 8 * pairs * samples
+    elif name == "08_topology":
+        size = table + 8 * heads * heads * (1 + p["n_null"]) * _extract_models(p01)
+    else:
+        size = 0
+    return size / 2 ** 30
+
+
+def host_gib(name: str, p: dict, run: dict, dims, work: Work | None, base_gib: float) -> float | None:
+    """Peak host memory of a notebook's kernel: base_gib + host_arrays_gib + weights and K/V (memory_gib) when the
+    model runs on the CPU (device "cpu"); None when the model is unknown and the notebook runs it."""
+    on_cpu = p.get("device", "auto") == "cpu" and work is not None and work.tokens
+    if on_cpu and dims is None:
+        return None
+    model = memory_gib(dims, p.get("dtype", "float32"), work) if on_cpu else 0.0
+    return base_gib + host_arrays_gib(name, p, run, dims) + model
+
+
 def with_defaults(path, params: dict) -> dict:
     """A notebook's parameters with its declared defaults filled in."""
     from lib.pipeline.notebook_params import declared_parameters, default_value
@@ -368,7 +431,7 @@ def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool
     """One table row; None marks what cannot be computed (model size unknown, no measured rate)."""
     if work is None:
         return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=None, tokens=None,
-                    gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None)
+                    gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None, seconds=None, host_gib=None)
     hours = "CPU"
     if on_gpu:
         hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"], work.forwards,
@@ -377,6 +440,14 @@ def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool
     memory = 0 if not work.tokens else memory_gib(dims, p.get("dtype", "float32"), work) if dims else None
     return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=work.forwards, tokens=work.tokens,
                 gpu_hours=hours, memory_gib=memory, pairs=work.pairs)
+
+
+def _host_terms(row: dict, name: str, p: dict, run: dict, dims, work: Work | None, rate: dict | None) -> dict:
+    """row + seconds (fixed per notebook + the forward time, None when that is unknown) and host_gib."""
+    fixed, base, _ = calibration(rate)
+    hours = row["gpu_hours"]
+    seconds = fixed + (3600 * hours if isinstance(hours, (int, float)) else 0) if hours is not None else None
+    return {**row, "seconds": seconds, "host_gib": host_gib(name, p, run, dims, work, base)}
 
 
 def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
@@ -391,14 +462,16 @@ def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
         d, p = dims.get(model_of(s.name)), run[s.name]
         estimate = estimator(s.name)
         work = estimate(p, run, d) if estimate else None
-        rows.append(_row(s, p, work, d, rate, s.name in gpu))
+        rows.append(_host_terms(_row(s, p, work, d, rate, s.name in gpu), s.name, p, run, d, work, rate))
+    notes.append("seconds and host GiB: fixed %.3g s per notebook, kernel base %.3g GiB, %s" % calibration(rate))
     notes += [f"{spec}: {d.n_params:,} parameters ({d.source})" for spec, d in dims.items()]
     return rows, notes, rate
 
 
 COLUMNS = (("notebook", "<24"), ("device", "<6"), ("forwards", ">12"), ("tokens", ">16"), ("gpu_hours", ">10"),
-           ("memory_gib", ">9"), ("pairs", ">14"))
-HEADERS = {"gpu_hours": "GPU-hours", "memory_gib": "peak GiB", "pairs": "PhiID pairs"}
+           ("memory_gib", ">9"), ("pairs", ">14"), ("seconds", ">9"), ("host_gib", ">9"))
+HEADERS = {"gpu_hours": "GPU-hours", "memory_gib": "peak GiB", "pairs": "PhiID pairs", "seconds": "seconds",
+           "host_gib": "host GiB"}
 
 
 def cost_table(steps) -> str:
