@@ -4,7 +4,8 @@
 
 Compares every .npz (same keys, arrays np.allclose with equal_nan, non-numeric arrays equal), every .csv (pandas:
 same columns and rows, numeric columns allclose, the others equal), every .json and .jsonl (numbers within the same
-tolerance, everything else equal; keys that record when, where or how long something ran are skipped: IGNORED_KEYS)
+tolerance, everything else equal; keys and npz arrays that record when, where or how long something ran are
+skipped: IGNORED_KEYS, and --ignore KEY...)
 and, for claims.json, lists every claim whose verdict differs. The manifest (timings, hosts, paths) and the
 executed notebooks and figures are left out. Prints one line per difference; exit status 1 when there is one.
 """
@@ -48,7 +49,7 @@ def compare_npz(a: Path, b: Path, rtol: float, atol: float) -> list[str]:
         if set(x.files) != set(y.files):
             return [f"{a.name}: keys only in one run: {sorted(set(x.files) ^ set(y.files))}"]
         out = []
-        for k in sorted(x.files):
+        for k in sorted(set(x.files) - IGNORED_KEYS):
             u, v = x[k], y[k]
             if u.shape != v.shape:
                 out.append(f"{a.name}[{k}]: shape {u.shape} != {v.shape}")
@@ -113,7 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--rtol", type=float, default=1e-6)
     parser.add_argument("--atol", type=float, default=1e-9)
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="KEY",
+                        help="more keys to skip (JSON keys, npz arrays), e.g. rule when only module paths changed")
     args = parser.parse_args(argv)
+    IGNORED_KEYS.update(args.ignore)
     diffs, n = compare_runs(args.run_a, args.run_b, args.rtol, args.atol)
     print("\n".join(diffs))
     print(f"{n} files compared (npz, csv, json, jsonl; rtol {args.rtol:g}, atol {args.atol:g}): "

@@ -592,7 +592,7 @@ def read_block(cid: str, out_dir) -> tuple[Claim | None, dict]:
     """(a not-tested Claim, {}) when the experiment's JSON or its claim block is absent; else (None, block)."""
     name = EXPERIMENT_ARTIFACTS[cid]
     if name not in artifacts.ARTIFACTS:
-        return not_tested(cid, f"artifact kind {name!r} is not declared in lib/storage/artifacts.py (notebook "
+        return not_tested(cid, f"artifact kind {name!r} is not declared in lib/storage/artifacts/ (notebook "
                                f"{CLAIMS[cid][1]} is not part of this version)", [name]), {}
     p = artifacts.path(name, out_dir)
     if not p.exists():

@@ -27,6 +27,9 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 
+__all__ = ["CompareError", "load_runs", "prompt_sets", "claims_matrix", "verdict_grid", "syn_red_table",
+           "trained_vs_random", "depth_profile", "ablation_curves", "ablation_auc", "render", "main"]
+
 COMPARE_DIR = Path("outputs") / "compare"
 
 

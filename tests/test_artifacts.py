@@ -192,7 +192,7 @@ def test_missing_file_names_the_producer(tmp_path):
 def test_readme_holds_the_generated_outputs_table():
     readme = (REPO_ROOT / "README.md").read_text()
     assert artifacts.readme_with_table(readme) == readme, "README's artifacts table is stale: run " \
-                                                          "python -m lib.artifacts --readme"
+                                                          "python -m lib.storage.artifacts --readme"
     for a in artifacts.ARTIFACTS.values():
         assert f"`{artifacts.shown_name(a)}`" in readme
 

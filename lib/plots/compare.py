@@ -5,6 +5,8 @@ import pandas as pd
 
 from lib.plots.common import new_figure
 
+__all__ = ["plot_syn_red", "plot_depth_profiles", "plot_ablation_curves"]
+
 
 def plot_depth_profiles(profiles: list[pd.DataFrame], variant: str = "rank_diff"):
     """The paper's Fig 2c: mean `variant` score per layer over normalised depth, one line per run (markers on the
