@@ -55,7 +55,7 @@ from lib.pipeline.verdicts import VERDICTS, Evidence, decide, power, settle_fact
 
 __all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS", "EXPERIMENT_ARTIFACTS", "Claim",
            "new_claim", "not_tested", "evidence_c1", "evidence_profile", "bootstrap_spearman", "HeadEvidence",
-           "head_evidence", "series_correlation", "profile_verdicts", "claim_c1", "claim_c2", "claim_c3",
+           "head_evidence", "series_correlation", "profile_verdicts", "c1_against_null", "claim_c1", "claim_c2", "claim_c3",
            "near_duplicates", "claim_c5", "block_evidence", "claim_from_block", "recentred", "claim_c6", "claim_c7",
            "write_claims", "weights_note", "main"]
 
@@ -363,6 +363,21 @@ def _c1_numbers(ev: HeadEvidence, n_boot: int, seed: int) -> dict:
     return {"r": ev.r, "ci95": list(ci), "null_mean": float(ev.null_r.mean()), "null_ci95": list(band),
             "verdict": verdict, "why": why, "n_heads": len(ev.syn), "n_prompts": ev.n_prompts,
             "steps": ev.steps, "n_surrogates": len(ev.null_r)}
+
+
+def c1_against_null(evidence: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """C1's numbers for each copy of the model (evidence: tag -> HeadEvidence; "" is the trained model), as the
+    scorecard computes them -> one row per copy: r (Spearman, per-prompt PhiID) with its bootstrap 95% CI over heads,
+    the circular-shift null's mean and 95% band, r minus the null mean, and where r's CI lies against the band."""
+    rows = []
+    for tag, ev in evidence.items():
+        c = _c1_numbers(ev, n_boot, seed)
+        (lo, hi), (n_lo, n_hi) = c["ci95"], c["null_ci95"]
+        where = "below the band" if hi < n_lo else "above the band" if lo > n_hi else "overlaps the band"
+        rows.append({"copy": tag or "trained", "r": c["r"], "ci_low": lo, "ci_high": hi, "null_mean": c["null_mean"],
+                     "null_low": n_lo, "null_high": n_hi, "r_minus_null": c["r"] - c["null_mean"],
+                     "r_vs_null": where, "heads": c["n_heads"], "surrogates": c["n_surrogates"]})
+    return rows
 
 
 def _sizes(ev: HeadEvidence) -> dict:

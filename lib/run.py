@@ -48,7 +48,8 @@ from lib.storage.store import ArtifactError, ensure_writable_dir, read_manifest,
 __all__ = ["OUTPUT_ROOT", "Step", "PARENTS", "parents_of", "upstream_of", "pipeline_notebooks", "check_type",
            "parse_value", "load_params", "build_steps", "shard_suffix", "params_hash", "model_key", "stale_reasons",
            "code_reasons", "is_up_to_date", "record", "record_success", "export_html", "render_html", "execute",
-           "run_pipeline", "explain", "check_run", "cache_problem", "main", "stale_notebooks"]
+           "run_pipeline", "default_jobs", "kernel_threads", "run_concurrently", "explain", "check_run",
+           "cache_problem", "main", "stale_notebooks"]
 
 # papermill and nbconvert import nbformat, which imports jsonschema, whose optional IRI format check imports
 # rfc3987_syntax (installed with jupyter's jsonschema[format-nongpl]); that module compiles a grammar on import:
@@ -450,24 +451,62 @@ def render_html(executed: Path, html: Path) -> None:
 
 
 class _KernelEnv:
-    """Environment of one notebook's kernel: quiet progress bars off a terminal, provenance logging of reads."""
+    """Environment of one notebook's kernel: quiet progress bars off a terminal, provenance logging of reads, and
+    (notebooks run at once, --jobs N) the thread count of its share of the CPUs. Given to that kernel only (the
+    runner's own environment is left alone, so notebooks run at once in threads each log their own reads)."""
 
     def __init__(self, step: Step, reads_log: Path):
         self.values = {artifacts.READS_ENV: str(reads_log), artifacts.NOTEBOOK_ENV: step.name,
-                       artifacts.MODEL_ENV: model_key(step.params)}
+                       artifacts.MODEL_ENV: model_key(step.params), **getattr(_RUNNING.local, "threads", {})}
         if not sys.stderr.isatty():
             self.values["TQDM_MININTERVAL"] = "10"   # readable logs under papermill / SLURM: few progress updates
 
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
+    def manager(self):
+        """A jupyter_client kernel manager class whose kernels start in REPO_ROOT with os.environ + these values;
+        each one it starts is listed in _RUNNING.kernels until it is shut down (an interrupt stops them all)."""
+        from jupyter_client.manager import AsyncKernelManager
+        values = self.values
 
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        class KernelManager(AsyncKernelManager):
+            async def start_kernel(self, **kw):
+                if _RUNNING.stopping:
+                    raise RuntimeError("the runner is stopping: no new kernel")
+                kw.update(env={**os.environ, **kw.get("env", {}), **values}, cwd=str(REPO_ROOT))
+                _RUNNING.kernels.add(self)
+                await super().start_kernel(**kw)
+
+            async def shutdown_kernel(self, *args, **kw):
+                try:
+                    await super().shutdown_kernel(*args, **kw)
+                finally:
+                    _RUNNING.kernels.discard(self)
+        return KernelManager
+
+
+class _Running:
+    """What the notebooks running now share: their kernel managers (stopped on an interrupt); per runner thread,
+    its log prefix and its kernel's thread variables (--jobs N)."""
+
+    def __init__(self):
+        import threading
+        self.kernels: set = set()
+        self.stopping = False
+        self.local = threading.local()
+
+    def stop_kernels(self) -> None:
+        """Kill every kernel still running (their notebooks then fail as interrupted in their own threads)."""
+        for km in list(self.kernels):
+            process = getattr(getattr(km, "provisioner", None), "process", None)
+            if process is not None and process.poll() is None:
+                process.kill()
+
+
+_RUNNING = _Running()
+
+
+def _reads_log(step: Step) -> Path:
+    """The temporary file a notebook's kernel lists the run-folder files it reads in (lib.artifacts)."""
+    return step.output.with_name(f".{step.output.stem}.reads.tmp.log")
 
 
 def _papermill(step: Step, target: Path, log_output: bool) -> None:
@@ -475,9 +514,12 @@ def _papermill(step: Step, target: Path, log_output: bool) -> None:
     from lib.pipeline.progress import KERNEL_SETUP, LineWriter
     # cell stdout/stderr streamed to our stdout/stderr (one line per update off a terminal); tqdm.auto in the
     # kernel becomes a text bar on the log (lib/pipeline/progress.py), so reports hold no blank progress widgets
-    streams = {"stdout_file": LineWriter(sys.stdout), "stderr_file": LineWriter(sys.stderr)} if log_output else {}
-    papermill.execute_notebook(str(step.path), str(target), parameters=step.params, cwd=str(REPO_ROOT),
-                               log_output=False, progress_bar=False, kernel_name="python3",
+    prefix = getattr(_RUNNING.local, "prefix", "")
+    streams = {"stdout_file": LineWriter(sys.stdout, prefix), "stderr_file": LineWriter(sys.stderr, prefix)} \
+        if log_output else {}
+    papermill.execute_notebook(str(step.path), str(target), parameters=step.params, log_output=False,
+                               progress_bar=False, kernel_name="python3",
+                               kernel_manager_class=_KernelEnv(step, _reads_log(step)).manager(),
                                extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"], **streams)
 
 
@@ -489,12 +531,11 @@ def execute(step: Step, log_output: bool = True, earlier: list[str] = ()) -> flo
     code, git = current_code(step), provenance.git_state()        # what runs: taken before the kernel starts
     record(step, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), params_hash=params_hash(step.params))
     tmp = step.output.with_name(f".{step.output.name}.tmp.ipynb")
-    log = step.output.with_name(f".{step.output.stem}.reads.tmp.log")    # removed by the next run if we are killed
+    log = _reads_log(step)                        # removed by the next run if we are killed
     failure = None
     try:
         log.write_text("")
-        with _KernelEnv(step, Path(log)):
-            _papermill(step, tmp, log_output)
+        _papermill(step, tmp, log_output)
         os.replace(tmp, step.output)
         render_html(step.output, step.html)
         reads = {Path(line) for line in Path(log).read_text().splitlines() if line}
@@ -570,7 +611,9 @@ def _lock_scope(steps: list[Step]) -> str | None:
 
 
 def run_pipeline(params_path: str, only: list[str] | None = None, overrides: list[str] = (), force: bool = False,
-                 log_output: bool = True) -> Path:
+                 log_output: bool = True, jobs: int = 1) -> Path:
+    """Run the pipeline of a params file (or `only` some of its notebooks), up to `jobs` notebooks at once, then
+    write claims.json and the report index; -> the run folder."""
     from lib.storage.store import clean_temp_files, run_lock
     run, shared, sections = load_params(params_path, overrides)
     steps = build_steps(run, shared, sections, only)
@@ -584,7 +627,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
         _settle_interrupted(out_dir, scope)
         update_manifest(out_dir, "run", {"name": run, "params_file": str(params_path), "shared": shared,
                                          "overrides": list(overrides), "git": provenance.git_state()})
-        _run_steps(steps, sorted(sections), force, log_output)
+        _run_steps(steps, sorted(sections), force, log_output, jobs)
         try:
             from lib.claims import write_claims
             from lib.report import write_index
@@ -595,18 +638,106 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
     return out_dir
 
 
-def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: bool) -> None:
-    for step in steps:
-        earlier = upstream_of(step.name, pipeline)
-        reasons = ["--force"] if force else stale_reasons(step, read_manifest(step.output.parent), earlier)
-        if not reasons:
-            print(f"[run] {step.name}: up to date (same parameters, inputs and outputs), skipped; --force reruns it",
-                  flush=True)
-            continue
-        shown = step.output.relative_to(REPO_ROOT) if step.output.is_relative_to(REPO_ROOT) else step.output
-        print(f"[run] {step.name} -> {shown} (runs because {'; '.join(reasons)})", flush=True)
-        seconds = execute(step, log_output=log_output, earlier=earlier)
-        print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
+def default_jobs() -> int:
+    """How many notebooks run at once when --jobs is not given: $HEADINFO_JOBS, else min(2, the CPUs this process
+    may use); 1 on one CPU."""
+    if os.environ.get("HEADINFO_JOBS"):
+        return max(1, int(os.environ["HEADINFO_JOBS"]))
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def kernel_threads(jobs: int) -> dict[str, str]:
+    """Thread variables for a kernel started while `jobs` notebooks run (or are ready to) at once: the CPUs split
+    between them, unless OMP_NUM_THREADS is set already (tests, SLURM jobs) or it runs alone."""
+    if jobs <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    share = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
+
+
+def _run_one(step: Step, pipeline: list[str], force: bool, log_output: bool) -> None:
+    """Run `step` unless it is up to date (decided now, after the notebooks it reads from have run)."""
+    earlier = upstream_of(step.name, pipeline)
+    reasons = ["--force"] if force else stale_reasons(step, read_manifest(step.output.parent), earlier)
+    if not reasons:
+        print(f"[run] {step.name}: up to date (same parameters, inputs and outputs), skipped; --force reruns it",
+              flush=True)
+        return
+    shown = step.output.relative_to(REPO_ROOT) if step.output.is_relative_to(REPO_ROOT) else step.output
+    print(f"[run] {step.name} -> {shown} (runs because {'; '.join(reasons)})", flush=True)
+    seconds = execute(step, log_output=log_output, earlier=earlier)
+    print(f"[run] {step.name}: done in {seconds:.1f} s", flush=True)
+
+
+def _run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: bool, jobs: int = 1) -> None:
+    """Run the steps in order, or up to `jobs` at once, each after the steps it reads from (run_concurrently)."""
+    if jobs <= 1 or len(steps) <= 1:
+        for step in steps:
+            _run_one(step, pipeline, force, log_output)
+        return
+    run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
+
+
+def _waits_for(steps: list[Step], pipeline: list[str]) -> dict[str, set[str]]:
+    """step stem -> the stems of the steps it reads from, directly or through others (upstream_of)."""
+    return {s.output.stem: {o.output.stem for o in steps if o.name in upstream_of(s.name, pipeline)} for s in steps}
+
+
+def _critical_first(steps: list[Step], waits: dict[str, set[str]]) -> list[Step]:
+    """The steps, longest chain first: a step's chain is its own seconds (as last recorded in the manifest; 1 s when
+    unknown) plus the longest chain of the steps waiting on it. Among ready steps the runner starts the first."""
+    entries = read_manifest(steps[0].output.parent).get("notebooks", {}) if steps else {}
+    chain: dict[str, float] = {}
+    for s in sorted(steps, key=lambda s: -len(waits[s.output.stem])):      # steps waiting on others first
+        after = [chain[t] for t, w in waits.items() if s.output.stem in w]
+        chain[s.output.stem] = float(entries.get(s.output.stem, {}).get("seconds") or 1.0) + max(after, default=0.0)
+    return sorted(steps, key=lambda s: -chain[s.output.stem])
+
+
+def run_concurrently(steps: list[Step], pipeline: list[str], jobs: int, run_one) -> None:
+    """Call run_one(step) in up to `jobs` threads at once, each step after every step it reads from has finished
+    (its kernel gets the CPUs' share of the notebooks running or ready when it starts: kernel_threads).
+    A failure: no further step starts, those running finish, then the first error is raised. An interrupt
+    (Ctrl-C, SIGTERM) in the main thread kills the running kernels (their notebooks are recorded failed) and
+    is re-raised once their threads have finished."""
+    import threading
+    waits, done, running, errors = _waits_for(steps, pipeline), set(), {}, []
+    pending, changed = _critical_first(steps, waits), threading.Condition()
+
+    def work(step, busy):
+        _RUNNING.local.prefix, _RUNNING.local.threads = f"[{step.output.stem}] ", kernel_threads(busy)
+        try:
+            run_one(step)
+        except BaseException as e:               # noqa: B036 - handed to the main thread
+            errors.append(e)
+        with changed:
+            done.add(step.output.stem)
+            running.pop(step.output.stem)
+            changed.notify_all()
+    try:
+        with changed:
+            while pending or running:
+                ready = [] if errors else [s for s in pending if waits[s.output.stem] <= done]
+                busy = min(jobs, len(running) + len(ready))          # notebooks sharing the CPUs from now on
+                for step in ready[:jobs - len(running)]:
+                    pending.remove(step)
+                    running[step.output.stem] = threading.Thread(target=work, args=(step, busy), daemon=True)
+                    running[step.output.stem].start()
+                if not running:
+                    break
+                changed.wait(timeout=1.0)
+    except BaseException:
+        _RUNNING.stopping = True
+        deadline = time.time() + 60
+        while any(t.is_alive() for t in list(running.values())) and time.time() < deadline:
+            _RUNNING.stop_kernels()               # again: a kernel may have been starting the first time
+            for thread in list(running.values()):
+                thread.join(timeout=0.5)
+        raise
+    finally:
+        _RUNNING.stopping = False
+    if errors:
+        raise errors[0]
 
 
 def explain(params_path: str, only=None, overrides=()) -> list[str]:
@@ -684,6 +815,9 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when their outputs are up to date")
     parser.add_argument("--check", action="store_true", help="validate the params file and exit")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs to the log")
+    parser.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                        help="notebooks run at once, each after those it reads from (default: $HEADINFO_JOBS, else "
+                             "min(2, CPUs)); 1 runs them one after another")
     parser.add_argument("--explain", action="store_true",
                         help="print what would run and why, per notebook, and exit (runs nothing)")
     args = parser.parse_args(argv)
@@ -701,7 +835,8 @@ def main(argv=None) -> int:
             print(cost_table(steps))
             return 0
         with _StderrGate():
-            run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet)
+            run_pipeline(args.params, args.only, args.overrides, args.force, log_output=not args.quiet,
+                         jobs=args.jobs if args.jobs is not None else default_jobs())
     except (ParamsError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

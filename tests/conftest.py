@@ -39,6 +39,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# one thread per process, as make test sets it: a notebook rerun by a test (kill -9, stale inputs) then computes
+# bit for bit what the session's tiny run computed, whatever CPU share the runner (--jobs) gave either kernel
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from lib import REPO_ROOT  # noqa: E402
 from lib.model.loading import CLUSTER_ARCHS, RANDOM_ARCHS, load_model  # noqa: E402

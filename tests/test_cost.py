@@ -197,3 +197,14 @@ def test_diagnostics_bootstrap_memory_is_within_2x_of_its_term():
     tracemalloc.stop()
     term = 8 * (cost.BOOT_ARRAYS[0] * heads * heads + cost.BOOT_ARRAYS[1] * cost.PAIR_BOOT * heads)
     assert term / 1.5 <= peak <= 1.5 * term, (peak, term)
+
+
+def test_diagnostics_counts_claim_c1s_surrogates_for_each_copy():
+    from types import SimpleNamespace
+    from lib.pipeline import cost
+    dims = SimpleNamespace(total_heads=270)
+    pairs = 270 * 269 // 2
+    run = {"01_extract_activations": {"baseline_random_init": True}}
+    # by hand: the pair table once, then (data + 20 surrogates) for the model and for its random-init copy
+    assert cost.diagnostics({"c1_surrogates": 20}, run, dims).pairs == pairs * (1 + 2 * 21)
+    assert cost.diagnostics({"c1_surrogates": 5}, {"01_extract_activations": {}}, dims).pairs == pairs * (1 + 6)

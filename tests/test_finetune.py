@@ -486,3 +486,45 @@ def test_cost_estimate_counts_sft_seeds_and_one_shared_baseline():
     assert cost.finetune(p, {}, None).forwards == 8 * (4 + 4) + 4
     assert cost.finetune(p, {}, None).tokens == 8 * (3 * 4 * 8 * seq + 40 * seq) + 40 * seq
     assert cost.finetune({**p, "sft_seeds": [0]}, {}, None).forwards == 4 * (4 + 4) + 4
+
+
+def test_tables_show_no_g_or_p_that_is_not_a_result(tmp_path):
+    """SFT with one seed: g needs >= 2 runs a side and the permutation p of 1 vs 1 run can only be 0.5 or 1, so
+    both are None with the reason; GRPO's redundant runs all end at 0.2 and the layer-matched at 0.5 (no spread)."""
+    finals = {("grpo", "synergistic"): [0.6, 0.7], ("grpo", "random"): [0.4, 0.5], ("grpo", "redundant"): [0.2, 0.2],
+              ("grpo", "layer_matched"): [0.5, 0.5], ("sft", "synergistic"): [0.6], ("sft", "random"): [0.4],
+              ("sft", "redundant"): [0.5], ("sft", "layer_matched"): [0.5]}
+    result = _planted_result(tmp_path, ["sft", "grpo"], finals, sft_seeds=[0])
+    t = finetune.tests_table(result).set_index(["method", "synergistic vs"])
+    sft = t.loc[("sft", "random")]
+    assert pd.isna(sft["Hedges g"]) and pd.isna(sft["permutation p (one-sided)"])      # shown as an en dash
+    assert sft["g and p not defined because"] == "needs >= 2 runs per condition (here 1 vs 1)"
+    assert sft["paired difference (points)"] == pytest.approx(20.0)          # 6 vs 4 of 10 problems
+    grpo = t.loc[("grpo", "random")]                                          # by hand: means 0.65 / 0.45, sd 0.0707
+    assert grpo["Hedges g"] == pytest.approx(2 * np.sqrt(2) * 4 / 7) and grpo["g and p not defined because"] == ""
+    assert grpo["permutation p (one-sided)"] == pytest.approx(1 / 6)           # 1 of the 6 splits of 4 runs
+    both_flat = t.loc[("grpo", "layer_matched")]                              # synergistic varies: g is defined
+    assert both_flat["Hedges g"] == pytest.approx((0.65 - 0.5) / np.sqrt(0.005 / 2) * 4 / 7)
+    from lib.experiments.finetune.run import undefined_because
+    assert undefined_because(2, 2, float("nan")).startswith("no spread")
+    claim = finetune.claim_table(result).set_index("statistic")
+    assert claim.loc["g synergistic vs random (grpo)", "value"] == pytest.approx(2 * np.sqrt(2) * 4 / 7)
+    assert claim["not defined because"].tolist() == ["", "", ""]
+    from lib.pipeline import tables
+    html = tables.to_html(finetune.tests_table(result), missing="not a result")
+    assert "nan" not in html.lower() and "0.5</td>" not in html and "None" not in html
+
+
+def test_claim_table_gives_the_reason_instead_of_an_undefined_g(tmp_path):
+    finals = {("grpo", k): [0.5, 0.5] for k in ("synergistic", "random", "redundant", "layer_matched")}
+    claim = finetune.claim_table(_planted_result(tmp_path, ["grpo"], finals)).set_index("statistic")
+    row = claim.loc["g synergistic vs random (grpo)"]
+    assert pd.isna(row["value"]) and pd.isna(row["95% CI"]) and pd.isna(row["se"])
+    assert row["not defined because"].startswith("no spread")
+
+
+def test_overlap_table_names_the_none_policy_so_it_is_not_shown_as_missing(tmp_path):
+    finals = {("grpo", k): [0.5, 0.4] for k in ("synergistic", "random", "redundant", "layer_matched")}
+    table = finetune.overlap_table(_planted_result(tmp_path, ["grpo"], finals))
+    assert set(table.kv) == {"any", "all", "majority", "none (K/V frozen)"}
+    assert (table[table["this run"] == "*"].kv == "none (K/V frozen)").all()        # _planted_result uses kv none

@@ -269,6 +269,28 @@ def ablation_checkpoint(out: Path, i: int) -> dict | None:
         return None
 
 
+def busy_and_idle(jobs: list[dict]) -> dict:
+    """Where the pipeline's wall time went (SLURM's 1 s timestamps): busy_s, seconds in which some job ran;
+    idle_s, seconds from the first submission to the last end in which none ran (scheduler latency, the test's
+    own polling and the resubmission); jobs, how many jobs and array tasks ran."""
+    from datetime import datetime
+
+    def t(text):
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
+    ran = sorted((t(j["StartTime"]), t(j["EndTime"])) for j in jobs if j.get("StartTime", "Unknown") != "Unknown"
+                 and j.get("EndTime", "Unknown") != "Unknown" and j["JobState"] != "PENDING")
+    if not ran:
+        return {}
+    busy, (start, end) = 0.0, ran[0]
+    for a, b in ran[1:]:
+        if a > end:
+            busy, start = busy + end - start, a
+        end = max(end, b)
+    busy += end - start
+    first = min(t(j["SubmitTime"]) for j in jobs)
+    return {"busy_s": busy, "idle_s": max(r[1] for r in ran) - first - busy, "jobs": len(ran)}
+
+
 @pytest.fixture(scope="module")
 def pipeline(cluster):
     """Run the tiny pipeline to the end on the cluster, with one cancelled and resubmitted ablation shard."""
@@ -315,8 +337,9 @@ def pipeline(cluster):
     record["earlier"] = cluster.wait(record["earlier_jobs"], timeout=60) if record["earlier_jobs"] else []
     record["seconds_pipeline"] = time.perf_counter() - t_submit
     record["seconds_from_nothing"] = time.perf_counter() - cluster.t0
+    ids = list(record["first_submission"].values()) + list((record.get("resubmission") or {}).values())
     summary = {"installed_now": cluster.installed_now, "cluster_start_s": round(cluster.start_seconds, 1),
-               "pipeline_s": round(record["seconds_pipeline"], 1),
+               "pipeline_s": round(record["seconds_pipeline"], 1), **busy_and_idle(cluster.jobs(ids)),
                "from_nothing_to_finished_s": round(record["seconds_from_nothing"], 1),
                "notebooks": sections(), "shards": SHARDS, "cancel_and_resubmit": record["cancel"] is not None}
     print("\nSLURM tiny pipeline:", json.dumps(summary))
@@ -519,3 +542,15 @@ def test_dry_run_takes_the_shard_count_from_the_params_file(tmp_path):
     assert re.search(r"^# 05_ablation +GPU", text, re.M) and "cost estimate" in text
     assert array_of("--shards", "2")[0] == "1-2"                  # the command line overrides the file
     assert array_of("--shards", "05_ablation=5")[0] == "1-5"
+
+
+def test_busy_and_idle_seconds_of_a_job_timeline():
+    jobs = [{"SubmitTime": "2026-12-04T10:00:00", "StartTime": "2026-12-04T10:00:02", "EndTime": "2026-12-04T10:00:10",
+             "JobState": "COMPLETED"},
+            {"SubmitTime": "2026-12-04T10:00:00", "StartTime": "2026-12-04T10:00:05", "EndTime": "2026-12-04T10:00:12",
+             "JobState": "COMPLETED"},
+            {"SubmitTime": "2026-12-04T10:00:00", "StartTime": "2026-12-04T10:00:15", "EndTime": "2026-12-04T10:00:20",
+             "JobState": "CANCELLED"},
+            {"SubmitTime": "2026-12-04T10:00:00", "StartTime": "Unknown", "EndTime": "Unknown", "JobState": "CANCELLED"}]
+    # by hand: running 02-12 (10 s) and 15-20 (5 s); from the submission at 00 to the last end at 20: 5 s idle
+    assert busy_and_idle(jobs) == {"busy_s": 15.0, "idle_s": 5.0, "jobs": 3}

@@ -23,9 +23,9 @@ import pandas as pd
 from lib.pipeline.tables import number as _n
 
 __all__ = ["Conclusion", "ci", "to_html", "show", "conclude", "extraction", "phiid", "diagnostics_sentences",
-           "diagnostics", "ranking_sentences", "rankings", "ablation_sentences", "ablation", "neurons",
-           "interference", "topology", "behaviour_sentences", "behaviour", "finetune_sentences", "finetune", "local",
-           "GENERATORS"]
+           "untrained_sentences", "c1_sentences", "diagnostics", "ranking_sentences", "rankings", "ablation_sentences",
+           "ablation", "neurons", "interference", "topology", "behaviour_sentences", "dose_sentences",
+           "floor_sentences", "behaviour", "finetune_sentences", "curve_sentences", "finetune", "local", "GENERATORS"]
 
 BOX_ID = "what-this-shows"
 BOX_STYLE = ("border:2px solid #0969da;border-radius:8px;padding:.3rem 1rem .8rem;margin:1rem 0 1.5rem;"
@@ -167,7 +167,7 @@ def phiid(out_dir: Path) -> Conclusion:
 
 def diagnostics_sentences(d: dict) -> tuple[list[str], list[str]]:
     sr, ac = d["syn_red"], d["autocorr_vs_synergy"]
-    found = [f"Over the {sr['n_heads']} heads, synergy and redundancy correlate r = {_n(sr['head_pearson'])} "
+    found = [f"Over the {sr['n_heads']} heads, synergy and redundancy correlate Pearson r = {_n(sr['head_pearson'])} "
              f"(pairs: r = {_n(sr['pair_pearson'])}).",
              f"A head's lag-{d.get('lag', 1)} autocorrelation predicts its synergy r = {_n(ac['pearson'])} and its "
              f"redundancy r = {_n(d['autocorr_vs_redundancy']['pearson'])}; TDMI predicts synergy r = "
@@ -179,12 +179,71 @@ def diagnostics_sentences(d: dict) -> tuple[list[str], list[str]]:
     if abs(ac["pearson"]) >= 0.5:
         against.append(f"Synergy follows each head's own smoothness (autocorrelation r = {_n(ac['pearson'])}): a "
                        f"single-head property, not an interaction between heads.")
-    for row in d.get("all_files") or []:
-        r = row.get("syn_red_head_pearson", row.get("head_pearson"))
-        if row.get("tag") == "random_init" and r is not None and r <= -0.3:
-            against.append(f"The randomly initialised copy gives r = {_n(r)} in mode {row.get('mode')}: as "
-                           f"'brain-like' a negative syn-red correlation as the paper's, without any training.")
+    against += untrained_sentences(d.get("all_files") or [])
     return found, against
+
+
+def _mode_r(row: dict):
+    """(Spearman r over heads, CI low, CI high) of one all_files row of diagnostics.json (Pearson when that is all)."""
+    r = row.get("head_spearman", row.get("syn_red_head_pearson", row.get("head_pearson")))
+    return r, row.get("head_spearman_lo"), row.get("head_spearman_hi")
+
+
+def untrained_sentences(all_files: list[dict], brain: float = -0.4) -> list[str]:
+    """What a randomly initialised copy with a brain-like (r <= -0.3) syn-red correlation in some PhiID mode means,
+    from diagnostics.json's all_files rows (tag, mode, head_spearman and its CI)."""
+    untrained = {row["mode"]: _mode_r(row) for row in all_files if row.get("tag") == "random_init"}
+    trained = {row["mode"]: _mode_r(row) for row in all_files if row.get("tag") in ("(model)", "", "trained")}
+    out = []
+    for mode, (r, lo, hi) in untrained.items():
+        if r is None or r > -0.3:
+            continue
+        rs = [v[0] for v in untrained.values() if v[0] is not None]
+        spread = (f"across the PhiID modes the untrained copy's r runs from {_n(min(rs))} to {_n(max(rs))}"
+                  + (", changing sign" if min(rs) < 0 < max(rs) else ""))
+        other = f" (trained model in that mode: r = {_n(trained[mode][0])})" if mode in trained else ""
+        out.append(f"The randomly initialised copy, which never learned anything, gives r = {ci(r, lo, hi)} in mode "
+                   f"{mode}{other}: as 'brain-like' as the brain's r ~ {_n(brain)}. {spread[0].upper()}{spread[1:]}, "
+                   f"so its syn-red correlation is set by how the estimator treats the prompts and by the "
+                   f"architecture, not by training: a negative r alone is no evidence of brain-like organisation, "
+                   f"which is why C1 is judged against a surrogate null.")
+    return out
+
+
+def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[str]]:
+    """Claim C1 per copy of the model (rows: lib.claims.c1_against_null) -> (findings, against)."""
+    found, against = [], []
+    for row in rows:
+        found.append(f"C1, {row['copy']} copy: Spearman r(synergy, redundancy) = "
+                     f"{ci(row['r'], row['ci_low'], row['ci_high'])} over {row['heads']} heads; its circular-shift "
+                     f"null ({row['surrogates']} surrogates) has mean {_n(row['null_mean'])} and 95% band "
+                     f"[{_n(row['null_low'])}, {_n(row['null_high'])}]: r's CI {row['r_vs_null']} (r - null mean = "
+                     f"{_n(row['r_minus_null'])}).")
+    trained = next((row for row in rows if row["copy"] == "trained"), None)
+    if trained is not None and trained["ci_high"] >= max_r:
+        how = ("less alike than in surrogates with the same values and autocorrelation"
+               if trained["r_vs_null"] == "below the band" else "no less alike than in those surrogates")
+        against.append(f"The trained heads' synergy and redundancy are {how}, yet still correlate r = "
+                       f"{_n(trained['r'])}: not the distinct properties C1 expects (CI high {_n(trained['ci_high'])} "
+                       f">= {_n(max_r)}; the brain: r ~ -0.4).")
+    untrained = next((row for row in rows if row["copy"] == "random_init"), None)
+    if trained is not None and untrained is not None and untrained["r_minus_null"] < min(trained["r_minus_null"], 0):
+        against.append(f"By C1's own test the untrained copy looks more 'distinct' than the trained model (r - null "
+                       f"mean = {_n(untrained['r_minus_null'])} vs {_n(trained['r_minus_null'])}): lying below the "
+                       f"null is not something training produced here.")
+    return found, against
+
+
+def diagnostics(out_dir: Path, c1: list[dict] | None = None) -> Conclusion:
+    """03's box from diagnostics.json and, given the notebook's C1 rows (lib.claims.c1_against_null), claim C1."""
+    c = Conclusion("03_phiid_diagnostics", sources=["diagnostics.json"] + ["activations*.npz"] * bool(c1))
+    d = _read_json(out_dir, "diagnostics.json")
+    if d:
+        c.findings, c.against = diagnostics_sentences(d)
+    if c1:
+        found, against = c1_sentences(c1)
+        c.findings, c.against = found + c.findings, against + c.against
+    return c
 
 
 # ----------------------------------------------------------------------------- 04 rankings
@@ -227,9 +286,11 @@ def ablation_sentences(rows: list[dict]) -> tuple[list[str], list[str]]:
                      f"[{_n(r['random_band_low'])}, {_n(r['random_band_high'])}]: {where} it; percentile "
                      f"{_n(r['percentile'], 2)} among {int(r['n_random'])} random orders.")
         if ordering == "ranking" and not (where == "above" and r["ci_low"] > 1):
+            vs_one = (" lies below 1: it changes behaviour less than random removal" if r["ci_high"] < 1 else
+                      " includes 1" if r["ci_low"] <= 1 else " lies above 1")
             against.append(f"Removing the '{variant}' ranking's most synergistic heads first is not shown to change "
                            f"behaviour more than random removal (ratio {where} the random band; CI "
-                           f"[{_n(r['ci_low'])}, {_n(r['ci_high'])}]{' includes 1' if r['ci_low'] <= 1 else ''}).")
+                           f"[{_n(r['ci_low'])}, {_n(r['ci_high'])}]{vs_one}).")
         if ordering == "reverse" and where == "above":
             against.append(f"The reverse order of '{variant}' lies above the random band: the most redundant heads "
                            f"matter most here, the opposite of the expectation that it lies below.")
@@ -336,17 +397,78 @@ def behaviour_sentences(s: dict) -> tuple[list[str], list[str]]:
                          f"redundant {_n(100 * acc.get('redundant', np.nan), 3)}%, random "
                          f"{_n(100 * r.get('random_mean', np.nan), 3)}% (syn - random "
                          f"{ci(r['syn_minus_random'], *r['syn_minus_random_ci95'])}).")
-    sigmas = [x for x in s.get("sigmas") or [] if x]
-    if len(sigmas) < 4:
-        found.append(f"Accuracy against the noise dose is measured at {len(sigmas)} non-zero sigma value(s) "
-                     f"({', '.join(_n(x) for x in sigmas) or 'none'}): too few points to read a dose-response curve.")
     if cl.get("value") is None or not (cl.get("validity") or {}).get("valid", True):
-        against.append(f"Not testable at this dose: {(cl.get('validity') or {}).get('reason', 'no relative effect')}; "
-                       f"with every perturbed set at the floor, no ordering of head sets can show.")
+        against.append(f"Not testable at this dose: {(cl.get('validity') or {}).get('reason', 'no relative effect')}.")
     elif cl["ci95"][1] is not None and cl["ci95"][1] >= 0:
         against.append(f"Perturbing the synergistic heads does not lower accuracy more than random sets: relative "
                        f"difference {ci(cl['value'], *cl['ci95'])} (the paper: {_n(cl.get('paper_effect'))}).")
     return found, against
+
+
+def dose_sentences(main_sigmas, sweep: pd.DataFrame | None) -> list[str]:
+    """How many noise doses were measured: the main run's sigmas and the calibration sweep's
+    (behaviour_calibration.csv rows: kind, sigma, accuracy, relative_accuracy)."""
+    main = sorted({float(x) for x in main_sigmas or [] if x})
+    swept = sorted(set(sweep.sigma[sweep.sigma > 0])) if sweep is not None and len(sweep) else []
+    doses = sorted(set(main) | set(swept))
+    out = []
+    if swept:
+        rel = sweep[sweep.kind == "random_mean"].sort_values("sigma")
+        out.append(f"Dose sweep on {int(sweep.n_problems.iloc[0])} problems at sigma {', '.join(_n(x) for x in swept)}: "
+                   f"the random sets keep {_n(rel.relative_accuracy.iloc[0], 2)} of the baseline's accuracy at sigma "
+                   f"{_n(rel.sigma.iloc[0])} and {_n(rel.relative_accuracy.iloc[-1], 2)} at sigma "
+                   f"{_n(rel.sigma.iloc[-1])}; the main run used sigma {', '.join(_n(x) for x in main) or 'none'}.")
+    if len(doses) < 4:
+        out.append(f"Accuracy against the noise dose is measured at {len(doses)} non-zero sigma value(s) "
+                   f"({', '.join(_n(x) for x in doses) or 'none'}): too few points to read a dose-response curve.")
+    return out
+
+
+def floor_sentences(table: pd.DataFrame, margin: float) -> list[str]:
+    """Perturbed head sets at the floor (within `margin` problems of 0: lib.experiments.behaviour.floor_margin, recorded in
+    behaviour_summary.json), per perturbation setting of behaviour.csv (kind, perturbation, sigma, n_problems,
+    n_correct, accuracy)."""
+    base = table[table.kind == "baseline"]
+    if base.empty:
+        return []
+    n, b = int(base.n_problems.iloc[0]), float(base.accuracy.iloc[0])
+    out = []
+    for (pert, sigma), g in table[table.kind != "baseline"].groupby(["perturbation", "sigma"], sort=True):
+        at = int((g.n_correct <= margin).sum())
+        if at == 0:
+            continue
+        setting = f"{pert} sigma {_n(sigma)}" if pert == "noise" else pert
+        lo, hi = (_n(100 * x, 3) for x in (g.accuracy.min(), g.accuracy.max()))
+        span = f"{lo}% correct" if lo == hi else f"{lo}-{hi}% correct"
+        floor = f"the floor ({margin:g} of {n} problems = {_n(100 * margin / n, 3)}%)"
+        if int(base.n_correct.iloc[0]) <= margin:
+            out.append(f"At {setting} {at} of {len(g)} perturbed head sets sit at or below {floor} ({span}), but so "
+                       f"does the unperturbed baseline ({_n(100 * b, 3)}%): the task is too hard for this model.")
+        elif at == len(g):
+            out.append(f"At {setting} every perturbed head set ({at} of {at}) sits at or below {floor}: {span}, from "
+                       f"a baseline of {_n(100 * b, 3)}%. The dose breaks the model whichever heads it hits, so the "
+                       f"sets cannot be told apart here.")
+        else:
+            out.append(f"At {setting} {at} of {len(g)} perturbed head sets sit at or below {floor} (all sets: "
+                       f"{span}; baseline {_n(100 * b, 3)}%).")
+    return out
+
+
+def behaviour(out_dir: Path) -> Conclusion:
+    """09's box from behaviour_summary.json, behaviour.csv (the floor) and behaviour_calibration.csv (the doses)."""
+    c = Conclusion("09_task_behaviour", sources=["behaviour_summary.json", "behaviour.csv",
+                                                 "behaviour_calibration.csv"])
+    s = _read_json(out_dir, "behaviour_summary.json")
+    if not s:
+        return c
+    c.findings, c.against = behaviour_sentences(s)
+    sweep = _read_csv(out_dir, "behaviour_calibration.csv")
+    table = _read_csv(out_dir, "behaviour.csv")
+    main = sorted(set(table[table.perturbation == "noise"].sigma)) if table is not None else s.get("sigmas")
+    c.findings += dose_sentences(main, sweep)
+    margin = ((s["claim"].get("details") or {}).get("validity") or {}).get("margin")
+    c.against += floor_sentences(table, margin) if table is not None and margin is not None else []
+    return c
 
 
 # ----------------------------------------------------------------------------- 10 fine-tuning
@@ -362,12 +484,42 @@ def finetune_sentences(s: dict) -> tuple[list[str], list[str]]:
                 f"{k} {_n(100 * v, 3)}%" for k, v in g[method].items()) + f" ({int((runs['method'] == method).sum())} runs).")
     cl = s.get("claim") or {}
     if cl.get("value") is None:
-        against.append("Hedges' g is undefined here (every run of a condition ends at the same accuracy, so there is "
-                       "no spread to scale by): the learning claim is not tested by this run.")
+        n_a, n_b = ((cl.get("details") or {}).get(k) for k in ("n_a", "n_b"))
+        why = (f"it needs >= 2 runs per condition, here {n_a} vs {n_b}" if n_a is not None and n_b is not None
+               and min(n_a, n_b) < 2 else "every run of a condition ends at the same accuracy, so there is no "
+               "spread to scale by")
+        against.append(f"Hedges' g is undefined here ({why}): the learning claim is not tested by this run.")
     elif cl["ci95"][0] is not None and cl["ci95"][0] <= 0:
         against.append(f"Training only the synergistic heads does not learn more than random heads: g = "
                        f"{ci(cl['value'], *cl['ci95'])} (the paper: about 1.4).")
     return found, against
+
+
+def curve_sentences(curves: pd.DataFrame) -> list[str]:
+    """finetune.csv (method, kind, seed, step, accuracy) -> per method: the steps evaluated and each kind's mean test
+    accuracy before training and at the last step."""
+    out = []
+    for method, m in curves.groupby("method", sort=False):
+        steps = sorted(set(m.step))
+        first, last = (m[m.step == s].groupby("kind", sort=False).accuracy.mean() for s in (steps[0], steps[-1]))
+        moves = ", ".join(f"{k} {_n(100 * first.get(k, np.nan), 3)}% -> {_n(100 * v, 3)}%" for k, v in last.items())
+        out.append(f"{method}: test accuracy measured at steps {', '.join(str(int(x)) for x in steps)} "
+                   f"({len(steps)} points per run, {m.groupby(['condition', 'seed']).ngroups} runs); before training "
+                   f"-> step {int(steps[-1])}, mean over runs: {moves}.")
+    return out
+
+
+def finetune(out_dir: Path) -> Conclusion:
+    """10's box from finetune_summary.json and the learning curves of finetune.csv."""
+    c = Conclusion("10_head_finetuning", sources=["finetune_summary.json", "finetune.csv"])
+    s = _read_json(out_dir, "finetune_summary.json")
+    if not s:
+        return c
+    c.findings, c.against = finetune_sentences(s)
+    curves = _read_csv(out_dir, "finetune.csv")
+    if curves is not None and len(curves):
+        c.findings = curve_sentences(curves)
+    return c
 
 
 # ----------------------------------------------------------------------------- 11 local synergy
@@ -403,13 +555,10 @@ def _from_file(notebook: str, file: str, sentences):
     return generate
 
 
-diagnostics = _from_file("03_phiid_diagnostics", "diagnostics.json", diagnostics_sentences)
 rankings = _from_file("04_ranking_variants", "ranking_summary.json", ranking_sentences)
 neurons = _from_file("06_neuron_effects", "layer_summary.csv", neuron_sentences)
 interference = _from_file("07_qkov_interference", "interference_summary.csv", interference_sentences)
 topology = _from_file("08_topology", "topology.json", topology_sentences)
-behaviour = _from_file("09_task_behaviour", "behaviour_summary.json", behaviour_sentences)
-finetune = _from_file("10_head_finetuning", "finetune_summary.json", finetune_sentences)
 local = _from_file("11_local_synergy", "local_summary.json", local_sentences)
 
 

@@ -112,8 +112,12 @@ def phiid(p: dict, run: dict, dims) -> Work:
 
 
 def diagnostics(p: dict, run: dict, dims) -> Work:
-    """03: one mode's pair table (read, not recomputed; approximately one pass over the pairs)."""
-    return Work(pairs=_pairs(dims))
+    """03: one mode's pair table (read, not recomputed; approximately one pass over the pairs), plus claim C1's
+    per-prompt PhiID of the data and of c1_surrogates circular-shift surrogates, for the model and its random-init
+    copy when 01 extracts one."""
+    pairs = _pairs(dims)
+    copies = 1 + bool(run["01_extract_activations"].get("baseline_random_init"))
+    return Work(pairs=None if pairs is None else pairs * (1 + copies * (1 + p.get("c1_surrogates", 20))))
 
 
 def ranking(p: dict, run: dict, dims) -> Work:

@@ -21,10 +21,12 @@ KERNEL_SETUP = "__import__('lib.pipeline.progress').pipeline.progress.use_text_p
 
 class LineWriter:
     """File-like wrapper: on a terminal writes through; elsewhere turns each carriage-return update into its own
-    line and drops blank redraws (tqdm clears a finished leave=False bar with spaces)."""
+    line and drops blank redraws (tqdm clears a finished leave=False bar with spaces). prefix starts every line
+    written off a terminal (the runner's notebooks run at once: "[05_ablation] ")."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, prefix: str = ""):
         self.stream = stream
+        self.prefix = prefix
         try:
             self.tty = bool(stream.isatty())
         except (AttributeError, ValueError):
@@ -41,10 +43,16 @@ class LineWriter:
                 self._line_open = False
             if not part or (not self._line_open and not part.strip(" ")):
                 continue
-            self.stream.write(part)
+            self.stream.write(self._prefixed(part) if self.prefix else part)
             self._line_open = not part.endswith("\n")
         self.flush()
         return len(text)
+
+    def _prefixed(self, part: str) -> str:
+        """`part` with the prefix before each of its lines that starts here and is not empty."""
+        lines = part.splitlines(keepends=True)
+        starts = [not self._line_open] + [True] * (len(lines) - 1)
+        return "".join(self.prefix + l if first and l != "\n" else l for first, l in zip(starts, lines))
 
     def flush(self) -> None:
         try:

@@ -80,6 +80,11 @@ def cell(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
     return _cut(str(x), max_chars)
 
 
+def label(x, digits: int = 3, max_chars: int = MAX_CHARS) -> str:
+    """Display text of a column or row name: a name is never a missing value (a column called "null" stays)."""
+    return _cut(x, max_chars) if isinstance(x, str) else cell(x, digits, max_chars)
+
+
 def _cut(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[:max_chars - 3].rstrip() + "..."
 
@@ -87,10 +92,10 @@ def _cut(text: str, max_chars: int) -> str:
 def text_frame(df: pd.DataFrame, digits: int = 3, max_chars: int = MAX_CHARS) -> tuple[pd.DataFrame, bool]:
     """-> (every cell of `df` as display text, whether any value was missing)."""
     out = df.astype(object).map(lambda v: cell(v, digits, max_chars)) if len(df.columns) else df.astype(object)
-    out.index = [cell(i, digits, max_chars) for i in df.index] if not isinstance(df.index, pd.MultiIndex) else \
-        pd.MultiIndex.from_tuples([tuple(cell(i, digits, max_chars) for i in t) for t in df.index], names=df.index.names)
-    out.columns = [cell(c, digits, max_chars) if not isinstance(c, tuple) else " / ".join(cell(i, digits, max_chars)
-                                                                                           for i in c) for c in df.columns]
+    out.index = [label(i, digits, max_chars) for i in df.index] if not isinstance(df.index, pd.MultiIndex) else \
+        pd.MultiIndex.from_tuples([tuple(label(i, digits, max_chars) for i in t) for t in df.index], names=df.index.names)
+    out.columns = [label(c, digits, max_chars) if not isinstance(c, tuple) else " / ".join(label(i, digits, max_chars)
+                                                                                            for i in c) for c in df.columns]
     return out, bool((out == DASH).to_numpy().any())
 
 

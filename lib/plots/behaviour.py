@@ -51,29 +51,62 @@ def plot_accuracy_bars(result, perturbation: str | None = None, sigma: float | N
     return fig
 
 
-def plot_accuracy_vs_sigma(result):
-    """Accuracy vs noise sigma per kind (first variant's synergistic / redundant / layer-matched; random: mean +- sd
-    over sets); sigma 0 is the baseline."""
-    curve = result.sigma_curve()
-    fig, ax = new_figure(6.4, 4.0)
-    if curve.empty:
+def _sweep(ax, table):
+    """The calibration sweep's random sets: each set (small markers) and their mean with its 95% CI."""
+    mean, sets = table[table.kind == "random_mean"].sort_values("sigma"), table[table.kind == "random"]
+    n = int(table.n_problems.iloc[0])
+    ax.plot(sets.sigma, sets.accuracy, "o", ms=3, color=COLORS["random"], alpha=0.35,
+            label=f"dose sweep: each of {sets.seed.nunique()} random sets ({n} problems)")
+    ax.errorbar(mean.sigma, mean.accuracy, yerr=[mean.accuracy - mean.ci_low, mean.ci_high - mean.accuracy],
+                fmt="o-", color=COLORS["random"], capsize=3, ms=4, lw=1,
+                label="dose sweep: random sets' mean (95% CI over problems)")
+
+
+def _main_sets(ax, noise, variant: str):
+    """The main run's head sets at each noise sigma: named sets with Clopper-Pearson CIs (shifted a little
+    along the log axis so that they do not hide each other), random sets as mean +- 1 sd over sets."""
+    for kind, shift in (("redundant", 0.95), ("layer_matched", 1.05), ("synergistic", 1.1)):
+        c = noise[(noise.kind == kind) & (noise.variant == variant)].sort_values("sigma")
+        if len(c):
+            ax.errorbar(c.sigma * shift, c.accuracy, yerr=[c.accuracy - c.ci_low, c.ci_high - c.accuracy],
+                        fmt="o" + "-" * (c.sigma.nunique() > 1), color=COLORS[kind], capsize=3, ms=5,
+                        label=f"{kind.replace('_', '-')} ({variant}), 95% CI")
+    r = noise[noise.kind == "random"].groupby("sigma").accuracy.agg(["mean", "std", "count"])
+    if len(r):
+        ax.errorbar(r.index, r["mean"], yerr=r["std"].fillna(0.0), fmt="s" + "-" * (len(r) > 1), ms=5, capsize=3,
+                    color="k", mfc="white", label=f"random sets' mean, main run (+- 1 sd over {int(r['count'].max())} sets)")
+
+
+def plot_accuracy_vs_sigma(result, calibration=None):
+    """Accuracy vs noise sigma (log axis) at every measured dose: the calibration sweep's random sets (given
+    `calibration`), the main run's synergistic / redundant / layer-matched sets of the first variant and its random
+    sets; the baseline (dashed, 95% Clopper-Pearson band) and the floor (dotted: max(2, 5 % of n) problems, where a
+    comparison is flagged invalid) as horizontal lines. Lines join measured sigmas only."""
+    t = result.table
+    noise = t[t.perturbation == "noise"]
+    sweep = calibration.table if calibration is not None else t.iloc[:0]
+    fig, ax = new_figure(7.8, 4.4)
+    if noise.empty and sweep.empty:
         ax.axis("off")
         ax.text(0.5, 0.5, "no noise conditions in this run (perturbations without 'noise')", ha="center")
         return fig
-    base = float(result.table[result.table.kind == "baseline"].accuracy.iloc[0])
-    variant = result.plan.variants[0]
-    for kind in ORDER[1:]:
-        c = curve[(curve.kind == kind) & ((curve.variant == variant) | (kind == "random"))].sort_values("sigma")
-        x = np.concatenate([[0.0], c.sigma.to_numpy()])
-        y = np.concatenate([[base], c.accuracy.to_numpy()])
-        ax.plot(x, y, "o-", color=COLORS[kind], label=kind.replace("_", "-") + ("" if kind == "random" else f" ({variant})"))
-        if kind == "random" and c.n_sets.max() > 1:
-            sd = np.concatenate([[0.0], c.sd.fillna(0).to_numpy()])
-            ax.fill_between(x, y - sd, y + sd, color=COLORS[kind], alpha=0.15, lw=0, label="random +- 1 sd over sets")
-    ax.set_xlabel("noise sigma (units of the weights' standard deviation)")
+    base = t[t.kind == "baseline"].iloc[0]
+    n = int(base.n_problems)
+    ax.axhspan(base.ci_low, base.ci_high, color=COLORS["baseline"], alpha=0.15, lw=0)
+    ax.axhline(base.accuracy, color=COLORS["baseline"], ls="--",
+               label=f"baseline, no noise: {base.accuracy:.0%} of {n} (95% CI band)")
+    margin = result.floor_margin()
+    ax.axhline(margin / n, color="C3", ls=":", lw=1.2, label=f"floor: {margin:g} of {n} problems ({margin / n:.0%})")
+    if len(sweep):
+        _sweep(ax, sweep)
+    _main_sets(ax, noise, result.plan.variants[0])
+    ax.set_xscale("log")
+    ax.set_xlabel("noise sigma (units of the weights' standard deviation, log scale)")
     ax.set_ylabel("accuracy (fraction correct)")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    ax.set_title(f"Accuracy at every measured noise dose (top {result.plan.fraction:.0%} of heads perturbed)",
+                 fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig
 
 

@@ -6,7 +6,8 @@ import numpy as np
 
 from lib.plots.common import LAYER_CMAP, new_figure
 
-__all__ = ["syn_red_scatter", "pair_hexbin", "autocorr_vs_atoms", "layer_profiles", "head_heatmaps", "pair_matrix"]
+__all__ = ["syn_red_scatter", "pair_hexbin", "autocorr_vs_atoms", "layer_profiles", "head_heatmaps", "pair_matrix",
+           "c1_null"]
 
 LABELS = {
     "synergy": "synergy, mean sts per pair (nats)",
@@ -130,4 +131,28 @@ def pair_matrix(M, head_layer, title: str, unit: str = "nats", cmap: str = "viri
     ax.set_xlabel("target head (ticks: first head of the layer)")
     ax.set_ylabel("source head (layer)")
     ax.set_title(f"{title} for every head pair")
+    return fig
+
+
+def c1_null(rows: list[dict], nulls: dict, brain: float = -0.4):
+    """Claim C1 per copy of the model (rows: lib.claims.c1_against_null; nulls: copy -> [surrogates] Spearman r of
+    each circular-shift surrogate): every surrogate's r (grey dots), the null's 95% band (grey bar), the observed r
+    with its bootstrap 95% CI (black), and the brain's r (dashed)."""
+    fig, ax = new_figure(7.6, 1.6 + 0.75 * len(rows))
+    for y, row in enumerate(rows):
+        null = np.asarray(nulls.get(row["copy"], []), float)
+        ax.fill_betweenx([y - 0.28, y + 0.28], row["null_low"], row["null_high"], color="0.75", lw=0,
+                         label="null: 95% band of the surrogates" if y == 0 else None)
+        ax.plot(null, y + np.linspace(-0.18, 0.18, len(null)), "o", ms=2.5, color="0.45", ls="none",
+                label=f"null: each surrogate's r ({len(null)})" if y == 0 else None)
+        ax.errorbar([row["r"]], [y], xerr=[[row["r"] - row["ci_low"]], [row["ci_high"] - row["r"]]], fmt="D",
+                    color="k", capsize=4, ms=6, label="observed r (95% bootstrap CI over heads)" if y == 0 else None)
+    ax.axvline(brain, color="C3", ls="--", lw=1, label=f"brain (Luppi et al.): r ~ {brain:g}")
+    ax.axvline(0, color="0.6", lw=0.6)
+    ax.set_yticks(range(len(rows)), [r["copy"].replace("_", "-") for r in rows])
+    ax.set_ylim(len(rows) - 0.4, -0.6)                   # the first copy (the trained model) on top
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Spearman r(synergy, redundancy) over heads, per-prompt PhiID")
+    ax.set_title("Claim C1: observed syn-red correlation against its circular-shift null", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig

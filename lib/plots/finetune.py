@@ -47,8 +47,10 @@ def learning_curves(result):
         sub = curves[curves.method == method]
         for kind in (k for k in KIND_ORDER if k in set(sub.kind)):
             g = sub[sub.kind == kind].groupby("step")[["accuracy", "ci_lo", "ci_hi"]].mean()
-            ax.plot(g.index, 100 * g.accuracy, "-o", ms=3, color=KIND_COLORS[kind], label=kind)
+            ax.plot(g.index, 100 * g.accuracy, "-o", ms=4, color=KIND_COLORS[kind], label=kind)
             ax.fill_between(g.index, 100 * g.ci_lo, 100 * g.ci_hi, color=KIND_COLORS[kind], alpha=0.12, lw=0)
+        ax.fill_between([], [], [], color="0.5", alpha=0.25, lw=0, label="95% CI of one run's accuracy (band)")
+        ax.set_xticks(sorted(set(sub.step)))
         ax.set_xlabel("training step")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(method.upper(), fontsize=10)

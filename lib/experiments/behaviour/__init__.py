@@ -64,10 +64,10 @@ from lib.experiments.behaviour.running import (eos_ids, greedy_generate, problem
                                                run_behaviour)
 from lib.experiments.behaviour.calibration import pick_sigma, calibration_plan, calibrate
 from lib.experiments.behaviour.statistics import (clopper_pearson, mcnemar, percentile_among, paired_difference_ci,
-                                                  relative_difference, relative_accuracy, floor_ceiling)
+                                                  relative_difference, relative_accuracy, floor_margin, floor_ceiling)
 
 __all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER", "Condition", "head_sets",
            "make_conditions", "check_settings", "load_rankings", "check_rankings_model", "prepare", "plan_table",
            "eos_ids", "greedy_generate", "problem_batches", "fingerprint", "Checkpoint", "run_behaviour", "pick_sigma",
            "calibration_plan", "Calibration", "calibrate", "clopper_pearson", "mcnemar", "percentile_among",
-           "paired_difference_ci", "relative_difference", "relative_accuracy", "floor_ceiling"]
+           "paired_difference_ci", "relative_difference", "relative_accuracy", "floor_margin", "floor_ceiling"]

@@ -14,7 +14,7 @@ from lib.experiments.behaviour.plan import (BehaviourPlan, Calibration, PAPER, P
                                             TARGET_RELATIVE_ACCURACY)
 
 __all__ = ["clopper_pearson", "mcnemar", "percentile_among", "paired_difference_ci", "relative_difference",
-           "relative_accuracy", "floor_ceiling"]
+           "relative_accuracy", "floor_margin", "floor_ceiling"]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -83,11 +83,16 @@ def relative_accuracy(random: np.ndarray, base: np.ndarray, n_boot: int = 2000,
     return 0.0 - r["value"], 0.0 - r["ci95"][1], 0.0 - r["ci95"][0]          # 0.0 - x: no "-0.0"
 
 
+def floor_margin(n: int) -> float:
+    """Problems within which of 0 (floor) or of the baseline (ceiling) a head set counts as stuck: max(2, 5 % of n)."""
+    return max(2.0, 0.05 * n)
+
+
 def floor_ceiling(baseline_correct: int, random_correct, n: int) -> dict:
     """Validity of a synergistic-vs-random comparison: invalid when the random sets' mean number of correct problems
     lies within margin = max(2, 5 % of n) problems of 0 (floor) or of the baseline's number correct (ceiling).
     random_correct [sets] -> {valid, reason, margin, random_mean_correct, baseline_correct, n}."""
-    mean, margin = float(np.mean(random_correct)), max(2.0, 0.05 * n)
+    mean, margin = float(np.mean(random_correct)), floor_margin(n)
     where = f"random sets at {mean:.1f}/{n} problems, baseline {baseline_correct}/{n}"
     floor, ceiling = mean <= margin, mean >= baseline_correct - margin
     problems = [f"floor (within {margin:g} problems of 0)"] * floor + \
@@ -173,6 +178,10 @@ class BehaviourResult:
         cond = self.correct[self.index(kind, perturbation, sigma, variant)[0]]
         return relative_difference(cond, self.correct[self.index("random", perturbation, sigma)],
                                    self.correct[self.index("baseline")[0]], seed=self.plan.seed)
+
+    def floor_margin(self) -> float:
+        """floor_margin of this run's number of problems."""
+        return floor_margin(len(self.plan.problems))
 
     def validity(self, perturbation: str, sigma: float) -> dict:
         """floor_ceiling of one setting's random sets against the baseline."""

@@ -490,14 +490,32 @@ def plan_table(plan: FinetunePlan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def undefined_because(n_a: int, n_b: int, g: float | None) -> str:
+    """Why Hedges' g and the permutation p of two groups of runs are not results ('' when they are): g needs a
+    spread within the groups, and with one run per group the permutation p can only be 0.5 or 1."""
+    if n_a < 2 or n_b < 2:
+        return f"needs >= 2 runs per condition (here {n_a} vs {n_b})"
+    if g is None or not np.isfinite(g):
+        return "no spread: each condition's runs all end equal"
+    return ""
+
+
+def _finite_ci(ci) -> list[float] | None:
+    return None if ci is None or not np.isfinite(np.asarray(ci, float)).all() else [float(ci[0]), float(ci[1])]
+
+
 def tests_table(result: FinetuneResult) -> pd.DataFrame:
-    """Synergistic vs each control per method (FinetuneResult.tests), accuracy in points."""
+    """Synergistic vs each control per method (FinetuneResult.tests), accuracy in points; g and p are left empty
+    (None) with the reason in the last column when they are not results (undefined_because)."""
     rows = []
     for t in result.tests():
+        why = undefined_because(t["n_a"], t["n_b"], t["hedges_g"])
         rows.append({"method": t["method"], "synergistic vs": t["b"], "runs": f"{t['n_a']} vs {t['n_b']}",
-                     "Hedges g": t["hedges_g"], "permutation p (one-sided)": t["permutation_p"],
+                     "Hedges g": None if why else t["hedges_g"],
+                     "permutation p (one-sided)": None if why else t["permutation_p"],
                      "paired difference (points)": 100 * t["paired_difference"],
-                     "95% CI (points)": f"[{100 * t['paired_ci95'][0]:.1f}, {100 * t['paired_ci95'][1]:.1f}]"})
+                     "95% CI (points)": f"[{100 * t['paired_ci95'][0]:.1f}, {100 * t['paired_ci95'][1]:.1f}]",
+                     "g and p not defined because": why})
     return pd.DataFrame(rows)
 
 
@@ -518,20 +536,27 @@ def overlap_table(result: FinetuneResult) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows.insert(1, "this run", np.where(rows.kv == result.plan.kv, "*", ""))
+    rows["kv"] = rows.kv.replace({"none": "none (K/V frozen)"})        # a policy, not a missing value
     return rows.drop(columns="a").rename(columns={"b": "synergistic vs"})
 
 
 def claim_table(result: FinetuneResult) -> pd.DataFrame:
-    """The C7 numbers in one table: GRPO (or SFT) g vs random and vs redundant with CIs, the SFT control, validity."""
+    """The C7 numbers in one table: GRPO (or SFT) g vs random and vs redundant with CIs, the SFT control; an
+    undefined g is None with the reason in the last column (undefined_because)."""
     c = result.claim()
-    rows = [{"statistic": f"g synergistic vs random ({c['details']['arm']})", "value": c["value"],
-             "95% CI": c["ci95"], "se": c.get("se")},
-            {"statistic": f"g synergistic vs redundant ({c['details']['arm']})", "value": c["vs_redundant"]["value"],
-             "95% CI": c["vs_redundant"]["ci95"], "se": c["vs_redundant"]["se"]}]
+    arm, d, red = c["details"]["arm"], c["details"], c["vs_redundant"]
+    g_rows = [(f"g synergistic vs random ({arm})", c["value"], c["ci95"], c.get("se"), d.get("n_a"), d.get("n_b")),
+              (f"g synergistic vs redundant ({arm})", red["value"], red["ci95"], red["se"], red["n_a"], red["n_b"])]
+    rows = []
+    for name, value, ci, se, n_a, n_b in g_rows:
+        why = undefined_because(n_a, n_b, value) if n_a is not None and n_b is not None else ""
+        why = why or ("" if value is not None and np.isfinite(value) else "not defined")
+        rows.append({"statistic": name, "value": None if why else value, "95% CI": None if why else _finite_ci(ci),
+                     "se": None if why else se, "not defined because": why})
     sft = c["sft_control"]
     if sft.get("ran"):
         rows.append({"statistic": "SFT synergistic - random (points, paired)", "value": sft["difference_points"],
-                     "95% CI": sft["ci95_points"], "se": sft["se_points"]})
+                     "95% CI": _finite_ci(sft["ci95_points"]), "se": sft["se_points"], "not defined because": ""})
     table = pd.DataFrame(rows)
     table["95% CI"] = [None if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]" for ci in table["95% CI"]]
     return table
