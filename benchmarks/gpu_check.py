@@ -11,7 +11,9 @@ held to, seconds on the device and on the CPU, peak memory on the device (CUDA: 
 CPU: the process's peak resident set). Exit status 1 when an engine is outside its tolerance.
 
 --save-rate PATH also measures the forward throughput of --model on the device in --dtype (FLOP/s = 2 x parameters
-x tokens / seconds, the best of a few timed batched forwards after a warm-up) and writes it as JSON; the cost
+x tokens / seconds, the best of a few timed batched forwards after a warm-up), the one-token forward latency, and
+this machine's fixed cost of one notebook (notebook_fixed_s: an import-only notebook through papermill and the HTML
+export; base_rss_gib: its kernel's resident set) and writes them as JSON; the cost
 estimate of `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` reads slurm/rate.json (or $HEADINFO_RATE).
 Measure with the run's model on the cluster's GPU:
 
@@ -115,14 +117,47 @@ def check(args) -> list[dict]:
 
 def forward_rate(model, device: torch.device, rows: int, seq_len: int, repeats: int = 3) -> dict:
     """Measured forward throughput of `model` on [rows, seq_len] random token ids: FLOP/s = 2 x n_params x
-    rows x seq_len / seconds (fastest of `repeats` timed forwards after one warm-up)."""
+    rows x seq_len / seconds (fastest of `repeats` timed forwards after one warm-up), and forward_latency_s: the
+    fastest of 3 x `repeats` forwards of one token (the fixed cost of a forward call, lib.cost.gpu_hours)."""
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (rows, seq_len), device=device)
+    one = ids[:1, :1]
     with torch.inference_mode():
         model(input_ids=ids)
         seconds = min(timed(lambda: model(input_ids=ids), device)[1] for _ in range(repeats))
+        model(input_ids=one)
+        latency = min(timed(lambda: model(input_ids=one), device)[1] for _ in range(3 * repeats))
     return {"flop_per_s": 2 * n_params * rows * seq_len / seconds, "n_params": n_params, "tokens": rows * seq_len,
-            "seconds": seconds}
+            "seconds": seconds, "forward_latency_s": latency}
+
+
+OVERHEAD_CELL = """import resource, time
+import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, transformers
+import lib.experiments.extract, lib.experiments.ablation, lib.estimators.phiid, lib.plots, lib.storage
+fig, ax = plt.subplots(); ax.plot(np.arange(10), np.arange(10), marker="o"); ax.set_xlabel("x"); plt.show()
+print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+
+
+def notebook_overhead(kernel: str = "python3") -> dict:
+    """The fixed cost of one notebook on this machine, as lib.run pays it: a one-cell notebook (the notebooks'
+    imports and one figure) executed by papermill in a fresh kernel and exported to HTML without code ->
+    {"notebook_fixed_s": wall seconds, "base_rss_gib": the kernel's peak resident set after the imports}."""
+    import tempfile
+
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        src, out = Path(tmp) / "in.ipynb", Path(tmp) / "out.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(OVERHEAD_CELL)]), src)
+        t0 = time.perf_counter()
+        pm.execute_notebook(str(src), str(out), kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()))
+        nb = nbformat.read(out, as_version=4)
+        HTMLExporter(exclude_input=True).from_notebook_node(nb)
+        seconds = time.perf_counter() - t0
+    text = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("output_type") == "stream")
+    rss_kb = int(text.split("RSS_KB")[1].split()[0])
+    return {"notebook_fixed_s": seconds, "base_rss_gib": rss_kb / 2 ** 20}
 
 
 def save_rate(args, path: Path) -> dict:
@@ -131,6 +166,7 @@ def save_rate(args, path: Path) -> dict:
     model, _, _ = load_model(args.model, dtype=args.dtype, device=str(device))
     rate = forward_rate(model, device, args.rate_rows, args.rate_seq_len)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rate.update(notebook_overhead())                      # host side: fixed seconds and base RSS of a notebook
     rate.update(device=name, dtype=args.dtype, model=args.model, date=time.strftime("%Y-%m-%d"),
                 torch=torch.__version__)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,14 +43,18 @@ def rows_of(steps) -> dict:
 def test_counts_match_a_hand_computation(tiny_steps, monkeypatch, tmp_path):
     monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "none.json"))
     rows = rows_of(tiny_steps)
-    # 01: 2 models x 1 batch x 24 steps + 2 single prompts x 24 steps; (2 x 12 + 2) sequences of P + 24 tokens
-    assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == (96, 26 * (P + 24))
+    # 01: 2 models x 1 batch x 24 steps + 2 single prompts x 24 steps + the oracle (default on: 6 prompts in one
+    # batch of 8); (2 x 12 + 2) sequences of P + 24 tokens, the oracle's forward + backward over 6 x (P + 23)
+    assert (rows["01_extract_activations"]["forwards"], rows["01_extract_activations"]["tokens"]) == \
+        (96 + 1, 26 * (P + 24) + 3 * 6 * (P + 23))
     # 02: 16 * 15 / 2 pairs x 3 modes x 2 activation files, on CPU
     assert rows["02_phiid"]["pairs"] == 720 and rows["02_phiid"]["gpu_hours"] == "CPU"
-    # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched = 9; masks: 7 x 9 + 2
-    # (first and last point: one mask) + the clean pass = 66, x 12 prompts; sequences of P + 24 - 1 tokens
-    assert rows["05_ablation"]["forwards"] == -(-66 * 12 // 32) == 25
-    assert rows["05_ablation"]["tokens"] == 66 * 12 * (P + 23)
+    # 05: points 0, 2, ..., 16 (9); orderings 2 rankings + 2 reverse + 3 random + 2 matched of each of the 4 = 15;
+    # each point batched alone: the first and last one mask (12 rows, 1 forward), the 7 others 15 masks (180 rows,
+    # 6 forwards); the clean pass 1; the check 3 x 2 prompts x 2 one-prompt forwards = 12. Rows: masks 7 x 15 + 2
+    # + the clean pass = 108, x 12 prompts, + the check's 12; sequences of P + 24 - 1 tokens
+    assert rows["05_ablation"]["forwards"] == 1 + 7 * 6 + 1 + 1 + 12 == 57
+    assert rows["05_ablation"]["tokens"] == (108 * 12 + 12) * (P + 23)
     # 09: baseline + 9 head sets (3 per variant + 3 random) x (2 sigmas + zero) = 28 conditions x 8 problems
     assert rows["09_task_behaviour"]["forwards"] == -(-28 * 8 // 16) * 6
     assert rows["09_task_behaviour"]["tokens"] == 28 * 8 * (P + 6)
@@ -70,12 +74,25 @@ def test_gpu_hours_follow_the_formula_with_a_rate_file(tiny_steps, tiny_params, 
     rate.write_text(json.dumps({"flop_per_s": 2.5e12, "device": "Test GPU", "dtype": "float32", "date": "2026-01-01"}))
     monkeypatch.setenv(cost.RATE_ENV, str(rate))
     rows = rows_of(tiny_steps)
-    tokens = 66 * 12 * (P + 23)
+    tokens = (108 * 12 + 12) * (P + 23)          # 05 as in test_counts_match_a_hand_computation
     assert rows["05_ablation"]["gpu_hours"] == pytest.approx(tokens * 2 * tiny_params / 2.5e12 / 3600, rel=1e-12)
     # memory: float32 weights + K and V of 4 layers x 2 KV heads x 16 dims for 32 rows x (P + 23) tokens
     kv = 2 * 4 * 2 * 16 * 32 * (P + 23) * 4
     assert rows["05_ablation"]["memory_gib"] == pytest.approx((tiny_params * 4 + kv) / 2 ** 30)
     assert "2.5e+12 FLOP/s measured on Test GPU" in cost.cost_table(tiny_steps)
+
+
+def test_gpu_hours_add_the_forward_latency_per_forward(tiny_steps, tiny_params, monkeypatch, tmp_path):
+    rate = tmp_path / "rate.json"
+    rate.write_text(json.dumps({"flop_per_s": 2.5e12, "forward_latency_s": 0.02, "device": "Test GPU"}))
+    monkeypatch.setenv(cost.RATE_ENV, str(rate))
+    rows = rows_of(tiny_steps)
+    # 05: the FLOP time of its tokens plus 57 forwards (test_counts_match_a_hand_computation) x 20 ms; 09: 84 greedy
+    # steps (224 rows in 14 batches of 16, x 6 tokens) x 20 ms beside 224 rows of P + 6 tokens
+    tokens = (108 * 12 + 12) * (P + 23)
+    assert rows["05_ablation"]["gpu_hours"] == pytest.approx((tokens * 2 * tiny_params / 2.5e12 + 57 * 0.02) / 3600)
+    assert rows["09_task_behaviour"]["gpu_hours"] == pytest.approx(
+        (28 * 8 * (P + 6) * 2 * tiny_params / 2.5e12 + 84 * 0.02) / 3600)
 
 
 def test_missing_rate_file_says_how_to_measure(tiny_steps, monkeypatch, tmp_path):
@@ -123,6 +140,63 @@ def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
     assert rate == written and rate["flop_per_s"] > 0 and rate["tokens"] == 16
     assert rate["flop_per_s"] == pytest.approx(2 * rate["n_params"] * 16 / rate["seconds"])
     assert {"device", "dtype", "date", "model"} <= set(rate)
+
+
+def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_text(TINY + "03_phiid_diagnostics: {}\n04_ranking_variants: {}\n08_topology: {}\n")
+    tiny_steps = build_steps(*load_params(path))
+    rate = tmp_path / "rate.json"
+    rate.write_text(json.dumps({"flop_per_s": 2.5e12, "forward_latency_s": 0.02, "device": "Test", "date": "d",
+                                "notebook_fixed_s": 12.5, "base_rss_gib": 0.5}))
+    monkeypatch.setenv(cost.RATE_ENV, str(rate))
+    rows = rows_of(tiny_steps)
+    # random:llama: 16 heads, 120 pairs; 02: one 128-byte row per pair, 3 modes x 2 activation files
+    assert rows["02_phiid"]["host_gib"] == pytest.approx(0.5 + 120 * 128 * 3 * 2 / 2 ** 30)
+    assert rows["02_phiid"]["seconds"] == 12.5                                    # CPU notebook: the fixed term only
+    # 03: one table + 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
+    # n_jobs 1): 3 tables + 8 float64 [120 pairs, 12 prompts x 24 tokens]; 08 (n_null 10): a table + 11 [16, 16]
+    # networks x 2 activation files
+    assert rows["03_phiid_diagnostics"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * (5 * 256 + 3 * 500 * 16)) / 2 ** 30)
+    assert rows["04_ranking_variants"]["host_gib"] == pytest.approx(0.5 + (3 * 120 * 128 + 8 * 8 * 120 * 288) / 2 ** 30)
+    assert rows["08_topology"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * 256 * 11 * 2) / 2 ** 30)
+    # 05 on device auto (not the CPU): no weights on the host; seconds = fixed + its GPU time
+    assert rows["05_ablation"]["host_gib"] == 0.5
+    assert rows["05_ablation"]["seconds"] == pytest.approx(12.5 + 3600 * rows["05_ablation"]["gpu_hours"])
+    assert "fixed 12.5 s per notebook, kernel base 0.5 GiB, measured on Test d" in cost.cost_table(tiny_steps)
+
+
+def test_host_terms_default_without_calibration_and_add_the_model_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(cost.RATE_ENV, str(tmp_path / "absent.json"))
+    path = tmp_path / "cpu.yaml"
+    path.write_text(TINY.replace("dtype: float32", "dtype: float32\ndevice: cpu"))
+    steps = build_steps(*load_params(path))
+    rows = rows_of(steps)
+    fixed, base = cost.DEFAULT_CALIBRATION["notebook_fixed_s"], cost.DEFAULT_CALIBRATION["base_rss_gib"]
+    assert rows["02_phiid"]["seconds"] == fixed and rows["05_ablation"]["seconds"] is None     # no rate: unknown
+    assert rows["05_ablation"]["host_gib"] == pytest.approx(base + rows["05_ablation"]["memory_gib"])
+    assert "defaults (no calibration" in cost.cost_table(steps)
+
+
+def test_diagnostics_bootstrap_memory_is_within_2x_of_its_term():
+    """Measured small case: the peak of lib's pair-level cluster bootstrap (tracemalloc) at 256 heads (the term's
+    constants were fitted at 96 and 192) against host_arrays_gib's heads^2 + resamples x heads float64 term (the
+    pair table itself excluded: allocated before)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from lib.experiments.diagnostics import pair_bootstrap_correlation
+    heads = 256
+    i, j = np.triu_indices(heads, 1)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=i.size), rng.normal(size=i.size)
+    tracemalloc.start()
+    pair_bootstrap_correlation(i, j, a, b, n_heads=heads, n_boot=cost.PAIR_BOOT)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    term = 8 * (cost.BOOT_ARRAYS[0] * heads * heads + cost.BOOT_ARRAYS[1] * cost.PAIR_BOOT * heads)
+    assert term / 1.5 <= peak <= 1.5 * term, (peak, term)
 
 
 def test_diagnostics_counts_claim_c1s_surrogates_for_each_copy():

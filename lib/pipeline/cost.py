@@ -12,7 +12,17 @@ equivalents: a backward pass counts as two forwards. Approximations, stated wher
   - peak memory = weights (n_params x dtype bytes) + the K and V of every layer for the longest sequence of one
     batch; activations, gradients and optimiser states are not counted.
 GPU-hours need a measured forward throughput: benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node
-writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read.
+writes it; the file named by $HEADINFO_RATE, else slurm/rate.json, is read. Time = tokens x 2 n_params / the
+measured FLOP/s + forwards x the measured latency of a one-token forward (forward_latency_s in the rate file, when
+present): greedy steps of one token per row are latency-bound, not FLOP-bound.
+
+Host side (the machine a notebook's kernel runs on), from the same rate file or, without one, DEFAULT_CALIBRATION:
+  - seconds = notebook_fixed_s (kernel start, imports, a figure, the HTML report: measured by gpu_check --save-rate
+    as an import-only notebook run through papermill and exported) + the forward time above (CPU notebooks: the
+    fixed term only; their PhiID pair time is not modelled);
+  - host GiB = base_rss_gib (that notebook kernel's resident set after its imports) + the notebook's large arrays
+    (host_arrays_gib: pair tables, 03's heads^2 + resamples x heads bootstrap, 04's per-job pair x sample arrays
+    x n_jobs, 08's networks) + weights and K/V when the model runs on the CPU.
 """
 from __future__ import annotations
 
@@ -36,6 +46,14 @@ RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
 RATE_ENV = "HEADINFO_RATE"
 GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# without a calibration: measured on the 2-core development machine at load ~10 (benchmarks/RESULTS.md, cluster layouts)
+DEFAULT_CALIBRATION = {"notebook_fixed_s": 34.0, "base_rss_gib": 0.68}
+PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
+PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
+BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
+                                      # 96 and 192 heads; tests/test_cost.py checks 256)
+PAIR_SAMPLE_ARRAYS = 8                # 04: float64 [pairs, samples] arrays one surrogate job holds (fitted to the
+                                      # Qwen3-8B layout's 2.5 GiB peak, benchmarks/RESULTS.md)
 NO_RATE = "GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate slurm/rate.json on a GPU node)"
 
 
@@ -68,14 +86,18 @@ def _extract_models(p01: dict) -> int:
 
 def extraction(p: dict, run: dict, dims) -> Work:
     """01: greedy generation with a KV cache, n_tokens steps per batch (prefill + one token per step), for every
-    extracted model, plus n_single_check prompts regenerated one at a time (the run's model only)."""
+    extracted model, plus n_single_check prompts regenerated one at a time (the run's model only), plus the oracle's
+    teacher-forced forward and backward over oracle_prompts prompts (batches of oracle_batch_size)."""
     from lib.experiments.synthetic import is_network_free
     if is_network_free(p.get("model", "")):
         return Work()                                   # series generated or read, no forward pass
     n, steps, models = p["n_prompts"], p["n_tokens"], _extract_models(p)
     seq = PROMPT_TOKENS + steps
-    forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps
-    return Work(forwards, (models * n + p["n_single_check"]) * seq, 0, min(n, p["batch_size"]), seq)
+    oracle = min(p["oracle_prompts"], n) if p.get("oracle") else 0        # lib.oracle: forward + backward, 3x
+    forwards = models * _batches(n, p["batch_size"]) * steps + p["n_single_check"] * steps \
+        + _batches(oracle, p.get("oracle_batch_size", 8))
+    tokens = (models * n + p["n_single_check"]) * seq + 3 * oracle * (seq - 1)
+    return Work(forwards, tokens, 0, min(n, p["batch_size"]), seq)
 
 
 def _tags(p: dict, run: dict) -> int:
@@ -111,15 +133,32 @@ def _n_prompts(run: dict) -> int:
 
 
 def _orderings(p: dict) -> int:
-    """Removal orders of 05: ranking (and reverse) per variant, random ones, layer-matched for the first variant."""
-    return len(p["variants"]) * (1 + bool(p["include_reverse"])) + p["n_random"] + p["n_matched"]
+    """Removal orders of 05 (lib.ablation.make_orderings): the ranking (and its reverse) per variant, the random
+    ones, and n_matched layer-matched orders of every ranking and of every reverse."""
+    rankings = len(p["variants"]) * (1 + bool(p["include_reverse"]))
+    return rankings + p["n_random"] + p["n_matched"] * rankings
+
+
+def _ablation_units(points: int, orders: int, n_prompts: int, p: dict) -> int:
+    """Forwards of the curves: lib.ablation.run_ablation batches each unit (point x group of orderings) on its own.
+    zero: one group; its distinct masks are 1 at the first point (nothing removed) and the last (all removed) and
+    every ordering at the others (an upper bound: coinciding masks are computed once). noise: one ordering a group."""
+    if p["perturbation"] == "zero":
+        per_point = [1, *[orders] * (points - 2), 1] if points > 1 else [1]
+        return sum(_batches(m * n_prompts, p["batch_size"]) for m in per_point)
+    return points * orders * _batches(n_prompts, p["batch_size"])
+
+
+def _ablation_checks(points: int, orders: int, n_prompts: int) -> int:
+    """lib.ablation.verify with its defaults (3 checks x 2 prompts): per check and prompt an ablated and a clean
+    forward of one prompt; points with nothing removed are not checked."""
+    return min(3, (points - 1) * orders) * min(2, n_prompts) * 2
 
 
 def ablation(p: dict, run: dict, dims) -> Work | None:
-    """05: teacher-forced forwards over prompt + generated tokens for every (head mask, prompt) row at every
-    ablation point (lib.experiments.ablation.make_points), plus one clean pass. zero: the orderings' masks of a point share
-    forwards; the first point (nothing removed) and the last (all removed) count one mask (intermediate points
-    count every ordering: an upper bound, coinciding masks are computed once). noise: each ordering alone."""
+    """05: teacher-forced forwards over prompt + generated tokens: one clean pass over the prompts, every unit's
+    (head mask, prompt) rows (_ablation_units), and the slow check's one-prompt forwards (_ablation_checks). The
+    clean cache is assumed to hold every prompt at once (one chunk)."""
     from lib.experiments.ablation import make_points
     if dims is None:
         return None
@@ -127,20 +166,26 @@ def ablation(p: dict, run: dict, dims) -> Work | None:
     points = len(make_points(dims.total_heads, p["step_size"], p["fractions"]))
     orders = _orderings(p)
     masks = (points - 2) * orders + 2 if p["perturbation"] == "zero" else points * orders
-    rows = (masks + 1) * n_prompts
+    checks = _ablation_checks(points, orders, n_prompts)
+    rows = (masks + 1) * n_prompts + checks
     seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
-    return Work(_batches(rows, p["batch_size"]), rows * seq, 0, p["batch_size"], seq)
+    forwards = _batches(n_prompts, p["batch_size"]) + _ablation_units(points, orders, n_prompts, p) + checks
+    return Work(forwards, rows * seq, 0, p["batch_size"], seq)
 
 
 def neurons(p: dict, run: dict, dims) -> Work:
-    """06: per prompt one clean pass over the prompt, then batches of batch_size - 1 neurons plus a clean row,
-    each an incremental forward of the last position on the cached prompt; n_check x 2 slow full forwards."""
+    """06 (lib.neurons): per prompt a clean pass (the prompt but its last token, then the last token on that cache:
+    2 forwards), then batches of batch_size - 1 neurons plus a clean row, each an incremental forward of the last
+    position on the cached prompt; the check (lib.neurons.verify) on min(n_prompts, 2) prompts: one incremental
+    forward of the n_check neurons, then per neuron a whole-prompt forward and the two of the frozen reference
+    (each of 2 rows: clean and treated)."""
     n_neurons = len(p["neurons"]) if p.get("neurons") else p["n_neurons"]
     n_batches = _batches(n_neurons, max(1, p["batch_size"] - 1))
-    per_prompt = PROMPT_TOKENS + n_neurons + n_batches
-    forwards = p["n_prompts"] * (1 + n_batches) + 2 * p["n_check"]
-    return Work(forwards, p["n_prompts"] * per_prompt + 2 * p["n_check"] * PROMPT_TOKENS, 0,
-                min(p["batch_size"], n_neurons + 1), PROMPT_TOKENS)
+    checked, check_prompts = min(p["n_check"], n_neurons), min(2, p["n_prompts"])
+    forwards = p["n_prompts"] * (2 + n_batches) + check_prompts * (1 + 3 * checked)
+    tokens = (p["n_prompts"] * (PROMPT_TOKENS + n_neurons + n_batches)
+              + check_prompts * (checked + 1 + 5 * checked * PROMPT_TOKENS))
+    return Work(forwards, tokens, 0, min(p["batch_size"], n_neurons + 1), PROMPT_TOKENS)
 
 
 def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
@@ -159,9 +204,15 @@ def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
 
 
 def interference(p: dict, run: dict, dims) -> Work:
-    """07: one forward and one backward (2 forwards) per sample batch of both tasks: 3 forward-token equivalents."""
+    """07: one forward and one backward (2 forwards) per sample batch, the two tasks batched apart (grad_method
+    "loop": one sample a batch): 3 forward-token equivalents."""
     n, seq = _interference_samples(p, run)
-    return Work(_batches(n, p["batch_size"]), 3 * n * seq, 0, min(n, p["batch_size"]), seq)
+    size = 1 if p.get("grad_method") == "loop" else p["batch_size"]
+    if p["sample_source"] == "texts":
+        per_task = [len(p["task_a_texts"]), len(p["task_b_texts"])]
+    else:
+        per_task = [n // 2, n - n // 2]
+    return Work(sum(_batches(k, size) for k in per_task), 3 * n * seq, 0, min(n, size), seq)
 
 
 def _behaviour_conditions(p: dict) -> int:
@@ -278,9 +329,10 @@ def read_rate(path: str | os.PathLike | None = None) -> dict | None:
     return rate
 
 
-def gpu_hours(tokens: int, n_params: int, flop_per_s: float) -> float:
-    """tokens x 2 n_params FLOP at flop_per_s, in hours."""
-    return tokens * 2 * n_params / flop_per_s / 3600
+def gpu_hours(tokens: int, n_params: int, flop_per_s: float, forwards: int = 0, latency_s: float = 0.0) -> float:
+    """tokens x 2 n_params FLOP at flop_per_s, plus forwards x latency_s (the fixed time of one forward call: a
+    greedy step of one token per row costs about this, far more than its FLOP), in hours."""
+    return (tokens * 2 * n_params / flop_per_s + forwards * latency_s) / 3600
 
 
 def memory_gib(dims, dtype: str, work: Work) -> float:
@@ -288,6 +340,53 @@ def memory_gib(dims, dtype: str, work: Work) -> float:
     size = DTYPE_BYTES.get(dtype, 4)
     kv = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * work.batch_rows * work.seq_len * size
     return (dims.n_params * size + kv) / 2 ** 30
+
+
+def calibration(rate: dict | None) -> tuple[float, float, str]:
+    """(fixed seconds per notebook, base kernel RSS GiB, where they come from): the rate file's notebook_fixed_s and
+    base_rss_gib (gpu_check --save-rate), else DEFAULT_CALIBRATION."""
+    if rate and isinstance(rate.get("notebook_fixed_s"), (int, float)) and isinstance(rate.get("base_rss_gib"), (int, float)):
+        return rate["notebook_fixed_s"], rate["base_rss_gib"], f"measured on {rate.get('device', '?')} {rate.get('date', '?')}"
+    d = DEFAULT_CALIBRATION
+    return d["notebook_fixed_s"], d["base_rss_gib"], "defaults (no calibration: benchmarks/gpu_check.py --save-rate)"
+
+
+def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
+    """Large host arrays of a notebook beyond the model, GiB: PhiID pair tables (pairs x PAIR_ROW_BYTES each);
+    02 and 11 one per mode (11: per tag) and activations file; 03 one table + the cluster bootstrap's float64
+    [heads, heads] and [PAIR_BOOT, heads] arrays (BOOT_ARRAYS of each); 04 the tables of its sources + per surrogate job PAIR_SAMPLE_ARRAYS
+    float64 [pairs, samples] (samples = prompts x tokens), x n_jobs; 08 one table + float64 [heads, heads] per
+    network (model and nulls) of each activations file. 0 for the others or an unknown model."""
+    if dims is None:
+        return 0.0
+    heads, pairs = dims.total_heads, _pairs(dims)
+    table = pairs * PAIR_ROW_BYTES
+    p01 = run.get("01_extract_activations", {})
+    if name == "02_phiid":
+        size = table * len(p["modes"]) * _tags(p, run)
+    elif name == "11_local_synergy":
+        size = table * len(p["tags"])
+    elif name == "03_phiid_diagnostics":
+        size = table + 8 * (BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
+    elif name == "04_ranking_variants":
+        samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
+        sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
+        size = table * sources + max(1, p.get("n_jobs", 1)) * PAIR_SAMPLE_ARRAYS * 8 * pairs * samples
+    elif name == "08_topology":
+        size = table + 8 * heads * heads * (1 + p["n_null"]) * _extract_models(p01)
+    else:
+        size = 0
+    return size / 2 ** 30
+
+
+def host_gib(name: str, p: dict, run: dict, dims, work: Work | None, base_gib: float) -> float | None:
+    """Peak host memory of a notebook's kernel: base_gib + host_arrays_gib + weights and K/V (memory_gib) when the
+    model runs on the CPU (device "cpu"); None when the model is unknown and the notebook runs it."""
+    on_cpu = p.get("device", "auto") == "cpu" and work is not None and work.tokens
+    if on_cpu and dims is None:
+        return None
+    model = memory_gib(dims, p.get("dtype", "float32"), work) if on_cpu else 0.0
+    return base_gib + host_arrays_gib(name, p, run, dims) + model
 
 
 def with_defaults(path, params: dict) -> dict:
@@ -340,14 +439,23 @@ def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool
     """One table row; None marks what cannot be computed (model size unknown, no measured rate)."""
     if work is None:
         return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=None, tokens=None,
-                    gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None)
+                    gpu_hours=None if on_gpu else "CPU", memory_gib=None, pairs=None, seconds=None, host_gib=None)
     hours = "CPU"
     if on_gpu:
-        hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"])
+        hours = 0 if not work.tokens else (gpu_hours(work.tokens, dims.n_params, rate["flop_per_s"], work.forwards,
+                                                     rate.get("forward_latency_s", 0.0))
                                           if dims is not None and rate else None)
     memory = 0 if not work.tokens else memory_gib(dims, p.get("dtype", "float32"), work) if dims else None
     return dict(notebook=step.name, device="GPU" if on_gpu else "CPU", forwards=work.forwards, tokens=work.tokens,
                 gpu_hours=hours, memory_gib=memory, pairs=work.pairs)
+
+
+def _host_terms(row: dict, name: str, p: dict, run: dict, dims, work: Work | None, rate: dict | None) -> dict:
+    """row + seconds (fixed per notebook + the forward time, None when that is unknown) and host_gib."""
+    fixed, base, _ = calibration(rate)
+    hours = row["gpu_hours"]
+    seconds = fixed + (3600 * hours if isinstance(hours, (int, float)) else 0) if hours is not None else None
+    return {**row, "seconds": seconds, "host_gib": host_gib(name, p, run, dims, work, base)}
 
 
 def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
@@ -362,14 +470,16 @@ def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
         d, p = dims.get(model_of(s.name)), run[s.name]
         estimate = estimator(s.name)
         work = estimate(p, run, d) if estimate else None
-        rows.append(_row(s, p, work, d, rate, s.name in gpu))
+        rows.append(_host_terms(_row(s, p, work, d, rate, s.name in gpu), s.name, p, run, d, work, rate))
+    notes.append("seconds and host GiB: fixed %.3g s per notebook, kernel base %.3g GiB, %s" % calibration(rate))
     notes += [f"{spec}: {d.n_params:,} parameters ({d.source})" for spec, d in dims.items()]
     return rows, notes, rate
 
 
 COLUMNS = (("notebook", "<24"), ("device", "<6"), ("forwards", ">12"), ("tokens", ">16"), ("gpu_hours", ">10"),
-           ("memory_gib", ">9"), ("pairs", ">14"))
-HEADERS = {"gpu_hours": "GPU-hours", "memory_gib": "peak GiB", "pairs": "PhiID pairs"}
+           ("memory_gib", ">9"), ("pairs", ">14"), ("seconds", ">9"), ("host_gib", ">9"))
+HEADERS = {"gpu_hours": "GPU-hours", "memory_gib": "peak GiB", "pairs": "PhiID pairs", "seconds": "seconds",
+           "host_gib": "host GiB"}
 
 
 def cost_table(steps) -> str:

@@ -134,9 +134,15 @@ def model_spec(v) -> str | None:
         from lib.experiments.synthetic import spec_problem
         return spec_problem(v)
     if v.startswith("random:"):
-        arch, random_archs = v.split(":", 1)[1], _random_archs()
+        from lib.model.loading import ModelSpecError, layout_overrides, parse_random_spec
+        try:
+            arch, layout = parse_random_spec(v)
+            layout_overrides(arch, layout)
+        except ModelSpecError as e:
+            return str(e)
+        random_archs = _random_archs()
         return None if arch in random_archs else f"random:{arch} is not a tiny test model; use one of " \
-                                                   f"{[f'random:{a}' for a in random_archs]}"
+                                                   f"{[f'random:{a}' for a in random_archs]} (optionally :<L>x<H>[kv<K>])"
     if v.startswith("bundled:"):
         name, bundled = v.split(":", 1)[1], _bundled_models()
         return None if name in bundled else f"bundled:{name} is unknown; use one of " \

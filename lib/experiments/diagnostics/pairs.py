@@ -155,17 +155,36 @@ def bootstrap_correlation(a, b, n_boot: int = 1000, seed=0, level: float = 0.95)
 def pair_bootstrap_correlation(i, j, a, b, n_heads: int, n_boot: int = 500, seed=0, level: float = 0.95) -> dict:
     """Pair-level correlation of a, b [pairs] (pairs (i, j) of heads) with a head-cluster bootstrap: heads are
     resampled with replacement and each pair weighted by the product of its heads' counts, so pairs that share a
-    head are not treated as independent. The Spearman CI uses the full-data ranks (weighted Pearson of ranks)."""
+    head are not treated as independent. The Spearman CI uses the full-data ranks (weighted Pearson of ranks).
+    Memory n_heads^2 + n_boot x n_heads (_cluster_pearson), not n_boot x pairs."""
     i, j = np.asarray(i), np.asarray(j)
     a, b = np.asarray(a, float), np.asarray(b, float)
     point = correlation(a, b)
     rng = np.random.default_rng(seed)
     counts = np.stack([np.bincount(rng.integers(0, n_heads, n_heads), minlength=n_heads) for _ in range(n_boot)])
-    w = (counts[:, i] * counts[:, j]).astype(float)                          # [n_boot, pairs]
-    tile = lambda x: np.broadcast_to(x, w.shape)                              # noqa: E731
     ra, rb = stats.rankdata(a), stats.rankdata(b)
-    return {**point, "pearson_ci": _interval(_rows_pearson(tile(a), tile(b), w), level),
-            "spearman_ci": _interval(_rows_pearson(tile(ra), tile(rb), w), level)}
+    return {**point, "pearson_ci": _interval(_cluster_pearson(counts, i, j, a, b, n_heads), level),
+            "spearman_ci": _interval(_cluster_pearson(counts, i, j, ra, rb, n_heads), level)}
+
+
+def _quadratic_sums(counts: np.ndarray, index: np.ndarray, values: np.ndarray, n_heads: int) -> np.ndarray:
+    """sum_p counts[r, i_p] counts[r, j_p] values_p for every resample r -> [resamples]: the pair values summed into
+    a [heads, heads] matrix M (flat index i * n_heads + j), then counts M counts^T row by row."""
+    M = np.bincount(index, weights=values, minlength=n_heads * n_heads).reshape(n_heads, n_heads)
+    return ((counts @ M) * counts).sum(1)
+
+
+def _cluster_pearson(counts, i, j, a, b, n_heads: int) -> np.ndarray:
+    """Pearson r of a, b [pairs] weighted by w_p = counts[r, i_p] counts[r, j_p], one per resample r (counts
+    [resamples, heads]): (S_w S_ab - S_a S_b) / sqrt((S_w S_aa - S_a^2)(S_w S_bb - S_b^2)) with S_x = sum_p w_p x_p
+    (_quadratic_sums), the same r as the centred weighted formula of _rows_pearson; a and b are centred on their
+    plain means first, which leaves r unchanged and keeps the moments small."""
+    counts, index = counts.astype(np.float64), i.astype(np.int64) * n_heads + j.astype(np.int64)
+    a, b = a - a.mean(), b - b.mean()
+    sw, sa, sb, saa, sbb, sab = (_quadratic_sums(counts, index, v, n_heads)
+                                 for v in (np.ones_like(a), a, b, a * a, b * b, a * b))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sw * sab - sa * sb) / np.sqrt((sw * saa - sa ** 2) * (sw * sbb - sb ** 2))
 
 
 HEAD_CORRELATIONS = (("synergy", "redundancy"), ("autocorr", "synergy"), ("autocorr", "redundancy"),
