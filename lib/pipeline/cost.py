@@ -46,8 +46,10 @@ RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
 RATE_ENV = "HEADINFO_RATE"
 GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# without a calibration: measured on the 2-core development machine at load ~10 (benchmarks/RESULTS.md, cluster layouts)
-DEFAULT_CALIBRATION = {"notebook_fixed_s": 34.0, "base_rss_gib": 0.68}
+# without a calibration: the 2-core development machine IDLE (a notebook of the tiny run doing almost no work took
+# 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics; base RSS 0.68 GiB from the cluster layouts' kernels). Under
+# load the fixed term grows several-fold (34 s at load ~10): calibrate on the machine that runs (gpu_check --save-rate)
+DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.68}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
 PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
 BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
