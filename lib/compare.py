@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.pipeline import tables
 from lib.storage import artifacts
 from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 
@@ -109,7 +110,8 @@ def prompt_sets(views: list[RunView]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- claims matrix
 
 def _fmt(x, digits=3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}g}"
+    """A number of a report table (lib.pipeline.tables.number: 3 significant figures, an en dash when missing)."""
+    return tables.number(x, digits)
 
 
 def claims_matrix(views: list[RunView]) -> pd.DataFrame:
@@ -121,7 +123,8 @@ def claims_matrix(views: list[RunView]) -> pd.DataFrame:
         for c in claims:
             ci = c.get("ci95") or [None, None]
             rows.append({"claim": c["id"], "run": v.name, "verdict": c["verdict"],
-                         "effect [95% CI]": f"{_fmt(c.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]",
+                         "effect [95% CI]": (f"{_fmt(c.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+                                             if c.get("value") is not None else tables.DASH),
                          "null": _fmt((c.get("null") or {}).get("value")),
                          "paper's effect": _fmt((c.get("paper_effect") or {}).get("value")),
                          "min. detectable": _fmt((c.get("power") or {}).get("mde")),
