@@ -6,9 +6,20 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
-__all__ = ["ParamsError", "declared_parameters", "assigned_names", "default_value"]
+__all__ = ["ParamsError", "declared_parameters", "assigned_names", "default_value", "parse_python"]
+
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_python(source: str):
+    """ast.parse under a lock: CPython 3.11's parser is not thread-safe (two runner threads fingerprinting notebooks
+    at once (--jobs) raised "SystemError: AST constructor recursion depth mismatch")."""
+    import ast
+    with _PARSE_LOCK:
+        return ast.parse(source)
 
 
 class ParamsError(ValueError):
@@ -66,7 +77,7 @@ def assigned_names(path: Path) -> set[str]:
     cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ParamsError(f"{path.name} must have exactly one cell tagged 'parameters' (has {len(cells)})")
-    tree = ast.parse("".join(cells[0]["source"]))
+    tree = parse_python("".join(cells[0]["source"]))
     names = set()
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lib import REPO_ROOT
+from lib.pipeline.notebook_params import parse_python
 
 __all__ = ["source_fingerprint", "module_info", "imported_names", "imported_modules", "lib_closure",
            "package_versions", "notebook_fingerprint", "code_reasons", "weights_id", "git_state",
@@ -58,7 +59,7 @@ def source_fingerprint(source: str) -> str:
     """sha256 (16 hex) of the syntax tree of `source` without docstrings, comments, line numbers or formatting;
     source that does not parse (IPython magics) counts as its non-blank lines, right-stripped."""
     try:
-        text = ast.dump(_strip_docstrings(ast.parse(source)))
+        text = ast.dump(_strip_docstrings(parse_python(source)))
     except SyntaxError:
         text = "\n".join(line.rstrip() for line in source.splitlines() if line.strip())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -85,7 +86,7 @@ def imported_names(source: str, package: str = "") -> set[str]:
     """Every absolute module name `source` imports (top level and inside functions), relative imports resolved
     against `package` (the dotted name of the module holding `source`); `from a import b` gives a and a.b."""
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)
     except SyntaxError:
         return set()
     names = set()
@@ -267,7 +268,7 @@ def parameter_defaults(nb_path: Path) -> dict[str, str]:
     papermill: cheap enough to fingerprint every notebook of a run when claims are written)."""
     source = parameters_source(nb_path)
     defaults = {}
-    for node in ast.parse(source).body:
+    for node in parse_python(source).body:
         targets = node.targets if isinstance(node, ast.Assign) else \
             [node.target] if isinstance(node, ast.AnnAssign) else []
         for t in targets:
