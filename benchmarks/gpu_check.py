@@ -12,8 +12,10 @@ CPU: the process's peak resident set). Exit status 1 when an engine is outside i
 
 --save-rate PATH also measures the forward throughput of --model on the device in --dtype (FLOP/s = 2 x parameters
 x tokens / seconds, the best of a few timed batched forwards after a warm-up), the one-token forward latency, and
-this machine's fixed cost of one notebook (notebook_fixed_s: an import-only notebook through papermill and the HTML
-export; base_rss_gib: its kernel's resident set) and writes them as JSON; the cost
+this machine's fixed cost of one notebook (notebook_fixed_s: a notebook with the notebooks' imports, a small model
+run once and 4 figures, through papermill and the HTML export; base_rss_gib and model_rss_gib: its kernel's resident
+set after the imports and after the model) and the seconds per unit of the CPU notebooks' work (host_rates:
+lib.pipeline.cost.HOST_UNITS, CPU seconds of small PhiID and graph timings) and writes them as JSON; the cost
 estimate of `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` reads slurm/rate.json (or $HEADINFO_RATE).
 Measure with the run's model on the cluster's GPU:
 
@@ -131,17 +133,30 @@ def forward_rate(model, device: torch.device, rows: int, seq_len: int, repeats: 
             "seconds": seconds, "forward_latency_s": latency}
 
 
-OVERHEAD_CELL = """import resource, time
+FIGURES = 4                   # figures (each with a table) of the fixed-cost notebook: a typical notebook draws 3-8
+
+
+OVERHEAD_CELLS = ["""import resource, time
 import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, transformers
+from IPython.display import display
 import lib.experiments.extract, lib.experiments.ablation, lib.estimators.phiid, lib.plots, lib.storage
-fig, ax = plt.subplots(); ax.plot(np.arange(10), np.arange(10), marker="o"); ax.set_xlabel("x"); plt.show()
-print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)""",
+                  """from lib.model.loading import load_model
+model, tokenizer, arch = load_model("random:llama", device="cpu")
+with torch.inference_mode():
+    model(**tokenizer(["one prompt of a few words"] * 6, return_tensors="pt"))
+print("MODEL_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""] + [
+    f"""fig, ax = plt.subplots(); ax.plot(np.arange(50), np.random.default_rng({k}).normal(size=50), marker="o")
+ax.set_xlabel("x"); ax.set_ylabel("y"); ax.set_title("figure {k}"); plt.show()
+display(pd.DataFrame(np.random.default_rng({k}).normal(size=(8, 4))).round(3))""" for k in range(FIGURES)]
 
 
 def notebook_overhead(kernel: str = "python3") -> dict:
-    """The fixed cost of one notebook on this machine, as lib.run pays it: a one-cell notebook (the notebooks'
-    imports and one figure) executed by papermill in a fresh kernel and exported to HTML without code ->
-    {"notebook_fixed_s": wall seconds, "base_rss_gib": the kernel's peak resident set after the imports}."""
+    """The fixed cost of one notebook on this machine, as lib.run pays it: a notebook doing what every notebook
+    does besides its own work (the notebooks' imports, a small random model loaded and run once, FIGURES figures
+    each with a table) executed by papermill in a fresh kernel and exported to HTML without code ->
+    {"notebook_fixed_s": wall seconds, "base_rss_gib": the kernel's peak resident set after the imports,
+    "model_rss_gib": after the model's forward}."""
     import tempfile
 
     import nbformat
@@ -149,15 +164,66 @@ def notebook_overhead(kernel: str = "python3") -> dict:
     from nbconvert import HTMLExporter
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         src, out = Path(tmp) / "in.ipynb", Path(tmp) / "out.ipynb"
-        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(OVERHEAD_CELL)]), src)
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in OVERHEAD_CELLS]), src)
         t0 = time.perf_counter()
         pm.execute_notebook(str(src), str(out), kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()))
         nb = nbformat.read(out, as_version=4)
         HTMLExporter(exclude_input=True).from_notebook_node(nb)
         seconds = time.perf_counter() - t0
-    text = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("output_type") == "stream")
-    rss_kb = int(text.split("RSS_KB")[1].split()[0])
-    return {"notebook_fixed_s": seconds, "base_rss_gib": rss_kb / 2 ** 20}
+    text = "".join(o.get("text", "") for c in nb.cells[:2] for o in c.outputs if o.get("output_type") == "stream")
+    kb = {key: int(text.split(f"{key} ")[1].split()[0]) for key in ("RSS_KB", "MODEL_RSS_KB")}
+    return {"notebook_fixed_s": seconds, "base_rss_gib": kb["RSS_KB"] / 2 ** 20,
+            "model_rss_gib": kb["MODEL_RSS_KB"] / 2 ** 20}
+
+
+def _cpu_seconds(call, repeats: int = 2) -> float:
+    """Fewest CPU seconds (this process, all threads: time.process_time) of `repeats` calls of call()."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        call()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def _phiid_rates(heads: int, prompts: int, steps: int, long_steps: int) -> dict:
+    """Seconds per unit of the three PhiID kernels on random series [prompts, heads, steps] (per_prompt, MMI):
+    phiid_pair_s and fast_pair_s per pair-segment; local_pair_s and local_sample_s from two lengths (steps and
+    long_steps): t = pair-segments x local_pair_s + pair-samples x local_sample_s."""
+    from lib.estimators.phiid import phiid_fast_stats, phiid_local_head_means
+    rng = np.random.default_rng(0)
+    X, X_long = rng.normal(size=(prompts, heads, steps)), rng.normal(size=(prompts, heads, long_steps))
+    pair_segments = heads * (heads - 1) // 2 * prompts
+    phiid_fast_stats(X[:, :16])                                                   # warm-up
+    local = [_cpu_seconds(lambda Y=Y: phiid_local_head_means(Y)) for Y in (X, X_long)]
+    per_sample = (local[1] - local[0]) / (pair_segments * (long_steps - steps))
+    return {"phiid_pair_s": _cpu_seconds(lambda: phiid_all_pairs(X, warn=False)) / pair_segments,
+            "fast_pair_s": _cpu_seconds(lambda: phiid_fast_stats(X, per_segment=True)) / pair_segments,
+            "local_sample_s": max(per_sample, 0.0),
+            "local_pair_s": max(local[0] - per_sample * pair_segments * (steps - 1), 0.0) / pair_segments}
+
+
+def _graph_rates(nodes: int, n_louvain: int = 2) -> dict:
+    """Seconds per unit of 08's graph work on a complete network of |normal| weights over `nodes` nodes:
+    efficiency_s per node x edge (global_efficiency), null_s per pair (strength_null), louvain_s per pair x run."""
+    from lib.estimators.louvain import louvain_batch
+    from lib.estimators.networks import global_efficiency, strength_null
+    rng = np.random.default_rng(0)
+    W = np.abs(rng.normal(size=(nodes, nodes)))
+    W = np.triu(W, 1) + np.triu(W, 1).T
+    pairs = nodes * (nodes - 1) // 2
+    louvain_batch(W[None, :32, :32], 1, 0)                                         # numba: load or compile
+    return {"efficiency_s": _cpu_seconds(lambda: global_efficiency(W)) / (nodes * pairs),
+            "null_s": _cpu_seconds(lambda: strength_null(W, np.random.default_rng(1))) / pairs,
+            "louvain_s": _cpu_seconds(lambda: louvain_batch(W[None], n_louvain, 0)) / (pairs * n_louvain)}
+
+
+def host_rates(heads: int = 512, nodes: int = 640) -> dict:
+    """lib.pipeline.cost.HOST_UNITS measured on this machine: seconds per unit of the CPU notebooks' work, as CPU
+    seconds (the wall time on one core, not inflated by other processes), from small timings (~15 CPU s):
+    the PhiID kernels on random series of 6 prompts x 9 steps (long: 33) over `heads` heads, the graph work on a
+    complete network of `nodes` nodes."""
+    return {**_phiid_rates(heads, 6, 9, 33), **_graph_rates(nodes)}
 
 
 def save_rate(args, path: Path) -> dict:
@@ -167,6 +233,7 @@ def save_rate(args, path: Path) -> dict:
     rate = forward_rate(model, device, args.rate_rows, args.rate_seq_len)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rate.update(notebook_overhead())                      # host side: fixed seconds and base RSS of a notebook
+    rate.update(host_rates(getattr(args, "host_heads", 512), getattr(args, "host_nodes", 640)))  # its CPU work's units
     rate.update(device=name, dtype=args.dtype, model=args.model, date=time.strftime("%Y-%m-%d"),
                 torch=torch.__version__)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +255,8 @@ def main(argv=None) -> int:
                         help="also measure the forward FLOP/s of --model and write it as JSON (slurm/rate.json)")
     parser.add_argument("--rate-rows", type=int, default=16, help="batch rows of the rate measurement")
     parser.add_argument("--rate-seq-len", type=int, default=256, help="tokens per row of the rate measurement")
+    parser.add_argument("--host-heads", type=int, default=512, help="heads of the PhiID timings of --save-rate")
+    parser.add_argument("--host-nodes", type=int, default=640, help="nodes of the graph timings of --save-rate")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device} but torch.cuda.is_available() is False (torch {torch.__version__}); "

@@ -134,12 +134,17 @@ def test_gpu_check_save_rate_writes_what_read_rate_reads(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", cost.REPO_ROOT / "benchmarks" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    args = argparse.Namespace(device="cpu", dtype="float32", model="random:llama", rate_rows=2, rate_seq_len=8)
+    args = argparse.Namespace(device="cpu", dtype="float32", model="random:llama", rate_rows=2, rate_seq_len=8,
+                              host_heads=48, host_nodes=64)
     written = gpu_check.save_rate(args, tmp_path / "rate.json")
     rate = cost.read_rate(tmp_path / "rate.json")
     assert rate == written and rate["flop_per_s"] > 0 and rate["tokens"] == 16
     assert rate["flop_per_s"] == pytest.approx(2 * rate["n_params"] * 16 / rate["seconds"])
     assert {"device", "dtype", "date", "model"} <= set(rate)
+    # the host calibration: every unit's seconds, read back by lib.pipeline.cost in place of the defaults
+    assert all(rate[k] >= 0 for k in cost.HOST_UNITS) and rate["phiid_pair_s"] > 0 and rate["efficiency_s"] > 0
+    assert cost.host_rates(rate)["phiid_pair_s"] == rate["phiid_pair_s"]
+    assert rate["model_rss_gib"] >= rate["base_rss_gib"] > 0
 
 
 def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
@@ -148,12 +153,13 @@ def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
     tiny_steps = build_steps(*load_params(path))
     rate = tmp_path / "rate.json"
     rate.write_text(json.dumps({"flop_per_s": 2.5e12, "forward_latency_s": 0.02, "device": "Test", "date": "d",
-                                "notebook_fixed_s": 12.5, "base_rss_gib": 0.5}))
+                                "notebook_fixed_s": 12.5, "base_rss_gib": 0.5, "phiid_pair_s": 1e-3}))
     monkeypatch.setenv(cost.RATE_ENV, str(rate))
     rows = rows_of(tiny_steps)
     # random:llama: 16 heads, 120 pairs; 02: one 128-byte row per pair, 3 modes x 2 activation files
     assert rows["02_phiid"]["host_gib"] == pytest.approx(0.5 + 120 * 128 * 3 * 2 / 2 ** 30)
-    assert rows["02_phiid"]["seconds"] == 12.5                                    # CPU notebook: the fixed term only
+    # CPU notebook: the fixed term + its PhiID: 120 pairs x (12 prompts + concat + pooled) x 2 files x 1 ms
+    assert rows["02_phiid"]["seconds"] == pytest.approx(12.5 + 120 * 14 * 2 * 1e-3)
     # 03: one table + 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
     # n_jobs 1): 3 tables + 8 float64 [120 pairs, 12 prompts x 24 tokens]; 08 (n_null 10): a table + 11 [16, 16]
     # networks x 2 activation files
@@ -172,9 +178,12 @@ def test_host_terms_default_without_calibration_and_add_the_model_on_cpu(tmp_pat
     path.write_text(TINY.replace("dtype: float32", "dtype: float32\ndevice: cpu"))
     steps = build_steps(*load_params(path))
     rows = rows_of(steps)
-    fixed, base = cost.DEFAULT_CALIBRATION["notebook_fixed_s"], cost.DEFAULT_CALIBRATION["base_rss_gib"]
-    assert rows["02_phiid"]["seconds"] == fixed and rows["05_ablation"]["seconds"] is None     # no rate: unknown
-    assert rows["05_ablation"]["host_gib"] == pytest.approx(base + rows["05_ablation"]["memory_gib"])
+    d = cost.DEFAULT_CALIBRATION
+    assert rows["02_phiid"]["seconds"] == pytest.approx(d["notebook_fixed_s"] + 120 * 14 * 2 * d["phiid_pair_s"])
+    assert rows["05_ablation"]["seconds"] is None                                              # no rate: unknown
+    # the model on the CPU: the kernel base after a model's forward, + weights and K/V; a CPU notebook: the base
+    assert rows["05_ablation"]["host_gib"] == pytest.approx(d["model_rss_gib"] + rows["05_ablation"]["memory_gib"])
+    assert rows["02_phiid"]["host_gib"] == pytest.approx(d["base_rss_gib"] + 120 * 128 * 3 * 2 / 2 ** 30)
     assert "defaults (no calibration" in cost.cost_table(steps)
 
 

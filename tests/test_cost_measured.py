@@ -91,3 +91,26 @@ def test_extraction_and_oracle_forwards(counted):
              n_single_check=0, oracle=True, oracle_prompts=5, oracle_batch_size=2)
     # by hand: 2 batches x 5 greedy steps (prefill, then one token per step, KV cache); the oracle ceil(5 / 2)
     assert (generated, oracle) == (10, 3) and cost.extraction(p, {}, None).forwards == 13
+
+
+def test_ablation_forwards_repeat_per_prompt_chunk_for_a_soft_capped_model(tmp_path, monkeypatch):
+    """random:gemma3 (text) soft-caps its logits: run_ablation caches log p and p per prompt and splits the prompts
+    into chunks of max_cache_gb, each with its own clean pass and every unit again. With a cache of 3.5 prompts'
+    worth, 4 prompts make chunks of 3 and 1; cost.ablation reads the same size (CLEAN_CACHE_GIB) and counts both."""
+    model, _, arch = load_model("random:gemma3", device="cpu")
+    assert arch.final_logit_softcap and model_dims("random:gemma3").logit_softcap
+    counter = [0]
+    arch.layers()[-1].register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    write_run(tmp_path, arch, spec="random:gemma3")
+    cache_gib = 3.5 * 2 * T * arch.vocab_size * 4 / 2 ** 30
+    monkeypatch.setattr(cost, "CLEAN_CACHE_GIB", cache_gib)
+    inputs, plan = A.prepare(tmp_path, model="random:gemma3", perturbation="zero", noise_sigma=0.05,
+                             **{k: v for k, v in ABLATION.items() if k != "batch_size"})
+    result = A.run_ablation(model, arch, inputs, plan, batch_size=ABLATION["batch_size"], max_cache_gb=cache_gib,
+                            progress=False)
+    A.verify(model, arch, inputs, plan, result)
+    p = {**ABLATION, "perturbation": "zero"}
+    work = cost.ablation(p, {"01_extract_activations": {"n_prompts": 4, "n_tokens": T}}, model_dims("random:gemma3"))
+    # by hand, per chunk (3 prompts, then 1): clean 1 + point 0 1 + point 4 (10 orderings x 3 rows = 30: 6 batches
+    # of 5; x 1 row: 2) + point 16 1; then the check 12
+    assert counter[0] == work.forwards == (1 + 1 + 6 + 1) + (1 + 1 + 2 + 1) + 12

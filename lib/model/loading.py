@@ -631,6 +631,8 @@ class ModelDims:
     n_kv_heads: int               # key/value heads per layer (GQA)
     head_dim: int
     source: str                   # where n_params comes from: safetensors headers or the config on the meta device
+    vocab_size: int = 0           # rows of the unembedding (0: unknown)
+    logit_softcap: bool = False   # the LM head soft-caps its logits (ArchInfo.final_logit_softcap)
 
     @property
     def total_heads(self) -> int:
@@ -648,10 +650,14 @@ def model_dims(spec: str, revision: str | None = None) -> ModelDims:
     source = f"safetensors headers in {folder}" if counted is not None else "config built on the meta device"
     text = config.get_text_config()
     n_heads = int(text.num_attention_heads)
+    arch = ARCHITECTURES.get(config.model_type)
     return ModelDims(n_params=counted if counted is not None else meta_parameter_count(config),
                      n_layers=int(text.num_hidden_layers), n_heads=n_heads,
                      n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
-                     head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // n_heads), source=source)
+                     head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // n_heads), source=source,
+                     vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+                     logit_softcap=bool(getattr(text, "final_logit_softcapping", None))
+                     and (arch is None or arch.softcaps_logits))
 
 
 def _config_and_folder(spec: str, revision: str | None):

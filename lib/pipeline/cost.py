@@ -17,10 +17,13 @@ measured FLOP/s + forwards x the measured latency of a one-token forward (forwar
 present): greedy steps of one token per row are latency-bound, not FLOP-bound.
 
 Host side (the machine a notebook's kernel runs on), from the same rate file or, without one, DEFAULT_CALIBRATION:
-  - seconds = notebook_fixed_s (kernel start, imports, a figure, the HTML report: measured by gpu_check --save-rate
-    as an import-only notebook run through papermill and exported) + the forward time above (CPU notebooks: the
-    fixed term only; their PhiID pair time is not modelled);
-  - host GiB = base_rss_gib (that notebook kernel's resident set after its imports) + the notebook's large arrays
+  - seconds = notebook_fixed_s (kernel start, imports, a random model loaded and run once, figures, the HTML report:
+    measured by benchmarks/gpu_check.py notebook_overhead as such a notebook run through papermill and exported)
+    + the forward time above + the notebook's CPU work: its units (Work.host: PhiID pair-segments of the three
+    kernels, local pair-samples, graph node x edge passes, null and Louvain pairs) x the seconds per unit in
+    HOST_UNITS (measured by gpu_check host_rates on small inputs; one core; MMI redundancy);
+  - host GiB = the kernel's resident set after its imports (base_rss_gib; model_rss_gib for a notebook that runs
+    the model on the CPU: the same kernel after a small model's load and forward) + the notebook's large arrays
     (host_arrays_gib: pair tables, 03's heads^2 + resamples x heads bootstrap, 04's per-job pair x sample arrays
     x n_jobs, 08's networks) + weights and K/V when the model runs on the CPU.
 """
@@ -30,13 +33,14 @@ import importlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib import REPO_ROOT
 from lib.pipeline import stages
 
-__all__ = ["Work", "NO_RATE", "PROMPT_TOKENS", "RATE_ENV", "read_rate", "estimates", "cost_table", "extraction",
+__all__ = ["Work", "NO_RATE", "HOST_UNITS", "DEFAULT_CALIBRATION", "calibration", "host_rates", "host_seconds", "gpu_hours",
+           "host_gib", "PROMPT_TOKENS", "RATE_ENV", "read_rate", "estimates", "cost_table", "extraction",
            "phiid", "diagnostics", "ranking", "ablation", "neurons", "interference", "topology", "behaviour",
            "finetune", "local"]
 
@@ -46,10 +50,25 @@ RATE_FILE = REPO_ROOT / "slurm" / "rate.json"
 RATE_ENV = "HEADINFO_RATE"
 GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# without a calibration: the 2-core development machine IDLE (a notebook of the tiny run doing almost no work took
-# 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics; base RSS 0.68 GiB from the cluster layouts' kernels). Under
-# load the fixed term grows several-fold (34 s at load ~10): calibrate on the machine that runs (gpu_check --save-rate)
-DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.68}
+# Seconds per unit of a notebook's CPU work (Work.host), by unit: what one unit is. Measured by
+# benchmarks/gpu_check.py host_rates (CPU seconds of the timed call, all its threads: the wall time on one core).
+HOST_UNITS = {
+    "phiid_pair_s": "one head pair in one segment of lib.estimators.phiid.phiid_all_pairs (16 MMI atoms; 02)",
+    "fast_pair_s": "one head pair in one segment of phiid_fast_stats (MMI sts, rtr, TDMI; 03's C1, 04, 08)",
+    "local_pair_s": "one head pair in one segment of phiid_local_head_means (its geometry; 11)",
+    "local_sample_s": "one head pair x one sample of phiid_local_head_means (the local values; 11)",
+    "efficiency_s": "one node x one edge of a global efficiency (Dijkstra from every node; 08)",
+    "null_s": "one head pair of a strength-preserving null network (lib.estimators.networks.strength_null; 08)",
+    "louvain_s": "one head pair x one Louvain run (lib.estimators.louvain.louvain_batch; 08)",
+}
+# Without a calibration: this 2-core development machine. notebook_fixed_s IDLE (a notebook of the tiny run doing
+# almost no work took 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics); base_rss_gib: the cluster layouts'
+# CPU-notebook kernels (0.49-0.60 GiB, 02-08 on the Pythia layout), model_rss_gib: their model notebooks' (0.67-0.91);
+# the units' seconds: gpu_check host_rates (see HOST_UNITS), as CPU seconds, December 4. Under load the fixed term
+# grows several-fold (34 s at load ~10): calibrate on the machine that runs (gpu_check --save-rate).
+DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.5, "model_rss_gib": 0.68,
+                       "phiid_pair_s": 1.0e-6, "fast_pair_s": 3.0e-7, "local_pair_s": 1.0e-6,
+                       "local_sample_s": 1.0e-7, "efficiency_s": 1.5e-9, "null_s": 1.0e-6, "louvain_s": 1.0e-7}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
 PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
 BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
@@ -61,13 +80,14 @@ NO_RATE = "GPU-hours: no measured rate (run benchmarks/gpu_check.py --save-rate 
 
 @dataclass
 class Work:
-    """What one notebook computes: model forwards, forward-token equivalents, PhiID pair evaluations, and the
-    largest batch (rows x sequence length in tokens) that sizes the K/V memory."""
+    """What one notebook computes: model forwards, forward-token equivalents, PhiID pair evaluations, the
+    largest batch (rows x sequence length in tokens) that sizes the K/V memory, and its CPU work in HOST_UNITS."""
     forwards: int = 0
     tokens: int = 0
     pairs: int = 0
     batch_rows: int = 0
     seq_len: int = 0
+    host: dict = field(default_factory=dict)     # CPU work: HOST_UNITS name -> number of units
 
 
 # ----------------------------------------------------------------------------- per-notebook counts
@@ -107,10 +127,19 @@ def _tags(p: dict, run: dict) -> int:
     return len(p["tags"]) if p.get("tags") is not None else _extract_models(run["01_extract_activations"])
 
 
+def _segments(mode: str, n_prompts: int) -> int:
+    """Segments a PhiID kernel evaluates every pair in: one per prompt (per_prompt), else one (concat, pooled)."""
+    return n_prompts if mode == "per_prompt" else 1
+
+
 def phiid(p: dict, run: dict, dims) -> Work:
-    """02: every head pair, per mode, per activations file (CPU)."""
+    """02: every head pair, per mode, per activations file (CPU); host: pairs x the modes' segments x files
+    evaluations of the 16-atom kernel (MMI: CCS's local redundancies are slower and not modelled)."""
     pairs = _pairs(dims)
-    return Work(pairs=None if pairs is None else pairs * len(p["modes"]) * _tags(p, run))
+    if pairs is None:
+        return Work(pairs=None)
+    segments = sum(_segments(m, _n_prompts(run)) for m in p["modes"])
+    return Work(pairs=pairs * len(p["modes"]) * _tags(p, run), host={"phiid_pair_s": pairs * segments * _tags(p, run)})
 
 
 def diagnostics(p: dict, run: dict, dims) -> Work:
@@ -118,20 +147,41 @@ def diagnostics(p: dict, run: dict, dims) -> Work:
     per-prompt PhiID of the data and of c1_surrogates circular-shift surrogates, for the model and its random-init
     copy when 01 extracts one."""
     pairs = _pairs(dims)
+    if pairs is None:
+        return Work(pairs=None)
     copies = 1 + bool(run["01_extract_activations"].get("baseline_random_init"))
-    return Work(pairs=None if pairs is None else pairs * (1 + copies * (1 + p.get("c1_surrogates", 20))))
+    runs = copies * (1 + p.get("c1_surrogates", 20))                  # per-prompt fast PhiID of each
+    return Work(pairs=pairs * (1 + runs), host={"fast_pair_s": pairs * runs * _n_prompts(run)})
+
+
+def _ranking_segments(p: dict, n_prompts: int) -> tuple[int, int]:
+    """04's fast-PhiID segments (lib.experiments.ranking): (one pass over every source (mode, preprocessing) the
+    variants need: the data's check against 02's files and its preprocessed sources, each surrogate, each baseline
+    file; the split halves' concat / pooled recomputations: 2 halves x n_splits per such source)."""
+    from lib.experiments.ranking import VARIANTS
+    sources = {VARIANTS[v].source for v in p["variants"]}
+    one_pass = sum(_segments(mode, n_prompts) for mode, _ in sources)
+    return one_pass, 2 * p["n_splits"] * sum(mode != "per_prompt" for mode, _ in sources)
 
 
 def ranking(p: dict, run: dict, dims) -> Work:
     """04: pair statistics for the data and every circular-shift surrogate, for each preprocessing the variants
-    need (raw, detrended, first_difference); split halves reuse per-prompt statistics (approximation)."""
+    need (raw, detrended, first_difference); split halves reuse per-prompt statistics. host: fast-PhiID pair-segments
+    of the data, its baselines (random-init, revisions: when baselines is true), the split halves and the
+    surrogates, these spread over n_jobs processes (wall time)."""
     pairs = _pairs(dims)
+    if pairs is None:
+        return Work(pairs=None)
     sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
-    return Work(pairs=None if pairs is None else pairs * (1 + p["n_surrogates"]) * sources)
+    one_pass, halves = _ranking_segments(p, _n_prompts(run))
+    files = 1 + (_extract_models(run["01_extract_activations"]) - 1 if p.get("baselines", True) else 0)
+    segments = files * one_pass + halves + p["n_surrogates"] * one_pass / max(1, p.get("n_jobs", 1))
+    return Work(pairs=pairs * (1 + p["n_surrogates"]) * sources, host={"fast_pair_s": pairs * segments})
 
 
 def _n_prompts(run: dict) -> int:
-    return run["01_extract_activations"]["n_prompts"]
+    """Notebook 01's prompts (0 when the run has no 01 parameters: estimates() always fills them in)."""
+    return run.get("01_extract_activations", {}).get("n_prompts", 0)
 
 
 def _orderings(p: dict) -> int:
@@ -157,10 +207,23 @@ def _ablation_checks(points: int, orders: int, n_prompts: int) -> int:
     return min(3, (points - 1) * orders) * min(2, n_prompts) * 2
 
 
+CLEAN_CACHE_GIB = 2.0                 # lib.experiments.ablation.run_ablation's max_cache_gb (its default)
+
+
+def _prompt_chunks(n_prompts: int, n_tokens: int, dims) -> list[int]:
+    """Prompts per chunk of lib.experiments.ablation.run_ablation: one chunk, except for a model that soft-caps
+    its logits, whose clean cache holds log p and p [n_tokens, vocab] float32 per prompt (DivergenceEngine
+    "direct"): CLEAN_CACHE_GIB of them per chunk."""
+    if not getattr(dims, "logit_softcap", False) or not dims.vocab_size:
+        return [n_prompts]
+    size = max(1, int(CLEAN_CACHE_GIB * 2 ** 30 // (2 * n_tokens * dims.vocab_size * 4)))
+    return [min(size, n_prompts - s) for s in range(0, n_prompts, size)]
+
+
 def ablation(p: dict, run: dict, dims) -> Work | None:
-    """05: teacher-forced forwards over prompt + generated tokens: one clean pass over the prompts, every unit's
-    (head mask, prompt) rows (_ablation_units), and the slow check's one-prompt forwards (_ablation_checks). The
-    clean cache is assumed to hold every prompt at once (one chunk)."""
+    """05: teacher-forced forwards over prompt + generated tokens, per prompt chunk (_prompt_chunks): one clean
+    pass over the chunk's prompts and every unit's (head mask, prompt) rows (_ablation_units); then the slow
+    check's one-prompt forwards (_ablation_checks)."""
     from lib.experiments.ablation import make_points
     if dims is None:
         return None
@@ -171,7 +234,8 @@ def ablation(p: dict, run: dict, dims) -> Work | None:
     checks = _ablation_checks(points, orders, n_prompts)
     rows = (masks + 1) * n_prompts + checks
     seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
-    forwards = _batches(n_prompts, p["batch_size"]) + _ablation_units(points, orders, n_prompts, p) + checks
+    forwards = checks + sum(_batches(n, p["batch_size"]) + _ablation_units(points, orders, n, p)
+                            for n in _prompt_chunks(n_prompts, run["01_extract_activations"]["n_tokens"], dims))
     return Work(forwards, rows * seq, 0, p["batch_size"], seq)
 
 
@@ -284,23 +348,50 @@ def finetune(p: dict, run: dict, dims) -> Work:
     return total
 
 
+def _topology_units(p: dict, heads: int, pairs: int) -> dict:
+    """HOST_UNITS of one network of 08 (lib.experiments.topology): efficiency and n_louvain Louvain runs at each
+    threshold (edges = the kept pairs), and n_null strength-preserving nulls of all pairs, each with its
+    efficiency and Louvain runs, spread over n_jobs processes."""
+    kept = sum(round(t * pairs) for t in set(p["thresholds"]) | {0.1, 1.0})
+    edges = kept + p["n_null"] * pairs
+    jobs = max(1, p.get("n_jobs", 1))
+    return {"efficiency_s": heads * edges / jobs, "louvain_s": p["n_louvain"] * edges / jobs,
+            "null_s": p["n_null"] * pairs / jobs}
+
+
 def topology(p: dict, run: dict, dims) -> Work:
-    """08: networks over the head pairs (edges = pairs) of the model and its baselines; Louvain and null networks
-    are graph operations, counted here as pairs x (1 + n_null) x thresholds x tags (approximation)."""
+    """08: networks over the head pairs (edges = pairs) of the model and its baselines; pairs: counted as pairs x
+    (1 + n_null) x thresholds x tags (approximation). host: two networks (sts, rtr) per activations file
+    (_topology_units), plus per file the prompt bootstrap (per-prompt fast PhiID once, then n_boot + 1 pairs of
+    full-network efficiencies; mode per_prompt only)."""
     pairs = _pairs(dims)
-    n = (1 + p["n_null"]) * len(set(p["thresholds"]) | {0.1, 1.0}) * _extract_models(run.get("01_extract_activations", {}))
-    return Work(pairs=None if pairs is None else pairs * n)
+    p01 = run.get("01_extract_activations", {})
+    tags = _extract_models(p01) if p.get("baselines", True) else 1
+    if pairs is None:
+        return Work(pairs=None)
+    host = {k: 2 * tags * v for k, v in _topology_units(p, dims.total_heads, pairs).items()}
+    if p.get("n_boot") and p.get("mode", "per_prompt") == "per_prompt":
+        host["efficiency_s"] += tags * 2 * (p["n_boot"] + 1) * dims.total_heads * pairs
+        host["fast_pair_s"] = tags * pairs * p01.get("n_prompts", 0)
+    n = (1 + p["n_null"]) * len(set(p["thresholds"]) | {0.1, 1.0}) * _extract_models(p01)
+    return Work(pairs=pairs * n, host=host)
 
 
 def local(p: dict, run: dict, dims) -> Work:
     """11: a teacher-forced forward over prompt + generated tokens per prompt and tag, then local PhiID of every
-    pair per tag with n_null circular shifts."""
+    pair per tag (pairs: pairs x tags; the n_null circular shifts move head and layer means, no pair). host: per
+    tag, the pairs' geometry in each segment and their local values at each of prompts x (steps - tau) samples."""
     n = _n_prompts(run) if "01_extract_activations" in run else 12
-    seq = PROMPT_TOKENS + run.get("01_extract_activations", {}).get("n_tokens", 24)
+    steps = run.get("01_extract_activations", {}).get("n_tokens", 24)
+    seq = PROMPT_TOKENS + steps
     tags = len(p["tags"])
     pairs = _pairs(dims)
-    return Work(tags * _batches(n, p["batch_size"]), tags * n * seq, None if pairs is None else pairs * tags * (1 + p["n_null"]),
-                min(n, p["batch_size"]), seq)
+    work = Work(tags * _batches(n, p["batch_size"]), tags * n * seq, None, min(n, p["batch_size"]), seq)
+    if pairs is not None:
+        work.pairs = pairs * tags
+        work.host = {"local_pair_s": pairs * tags * _segments(p.get("mode", "per_prompt"), n),
+                     "local_sample_s": pairs * tags * n * max(0, steps - p.get("tau", 1))}
+    return work
 
 
 def estimator(name: str):
@@ -353,6 +444,20 @@ def calibration(rate: dict | None) -> tuple[float, float, str]:
     return d["notebook_fixed_s"], d["base_rss_gib"], "defaults (no calibration: benchmarks/gpu_check.py --save-rate)"
 
 
+def host_rates(rate: dict | None) -> dict:
+    """Seconds per unit of every HOST_UNITS entry and model_rss_gib: the rate file's (gpu_check --save-rate), else
+    DEFAULT_CALIBRATION's; model_rss_gib falls back to the file's base_rss_gib (a file from before it existed)."""
+    measured = {k: v for k, v in (rate or {}).items() if isinstance(v, (int, float))}
+    out = {k: measured.get(k, DEFAULT_CALIBRATION[k]) for k in HOST_UNITS}
+    out["model_rss_gib"] = measured.get("model_rss_gib", measured.get("base_rss_gib", DEFAULT_CALIBRATION["model_rss_gib"]))
+    return out
+
+
+def host_seconds(work: Work | None, rates: dict) -> float:
+    """Seconds of a notebook's CPU work: its HOST_UNITS counts x the seconds per unit (0 without work)."""
+    return float(sum(n * rates[k] for k, n in work.host.items())) if work is not None else 0.0
+
+
 def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
     """Large host arrays of a notebook beyond the model, GiB: PhiID pair tables (pairs x PAIR_ROW_BYTES each);
     02 and 11 one per mode (11: per tag) and activations file; 03 one table + the cluster bootstrap's float64
@@ -381,14 +486,17 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
     return size / 2 ** 30
 
 
-def host_gib(name: str, p: dict, run: dict, dims, work: Work | None, base_gib: float) -> float | None:
-    """Peak host memory of a notebook's kernel: base_gib + host_arrays_gib + weights and K/V (memory_gib) when the
-    model runs on the CPU (device "cpu"); None when the model is unknown and the notebook runs it."""
+def host_gib(name: str, p: dict, run: dict, dims, work: Work | None, base_gib: float,
+             model_base_gib: float | None = None) -> float | None:
+    """Peak host memory of a notebook's kernel: base_gib (model_base_gib, default base_gib, when the model runs on
+    the CPU: device "cpu") + host_arrays_gib + then weights and K/V (memory_gib); None when the model is unknown
+    and the notebook runs it."""
     on_cpu = p.get("device", "auto") == "cpu" and work is not None and work.tokens
     if on_cpu and dims is None:
         return None
     model = memory_gib(dims, p.get("dtype", "float32"), work) if on_cpu else 0.0
-    return base_gib + host_arrays_gib(name, p, run, dims) + model
+    base = (base_gib if model_base_gib is None else model_base_gib) if on_cpu else base_gib
+    return base + host_arrays_gib(name, p, run, dims) + model
 
 
 def with_defaults(path, params: dict) -> dict:
@@ -453,11 +561,13 @@ def _row(step, p: dict, work: Work | None, dims, rate: dict | None, on_gpu: bool
 
 
 def _host_terms(row: dict, name: str, p: dict, run: dict, dims, work: Work | None, rate: dict | None) -> dict:
-    """row + seconds (fixed per notebook + the forward time, None when that is unknown) and host_gib."""
+    """row + seconds (fixed per notebook + the forward time + the CPU work's, None when the forward time is
+    unknown) and host_gib."""
     fixed, base, _ = calibration(rate)
-    hours = row["gpu_hours"]
-    seconds = fixed + (3600 * hours if isinstance(hours, (int, float)) else 0) if hours is not None else None
-    return {**row, "seconds": seconds, "host_gib": host_gib(name, p, run, dims, work, base)}
+    rates, hours = host_rates(rate), row["gpu_hours"]
+    forward = 3600 * hours if isinstance(hours, (int, float)) else 0
+    seconds = fixed + forward + host_seconds(work, rates) if hours is not None else None
+    return {**row, "seconds": seconds, "host_gib": host_gib(name, p, run, dims, work, base, rates["model_rss_gib"])}
 
 
 def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
