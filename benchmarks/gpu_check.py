@@ -197,10 +197,34 @@ def _phiid_rates(heads: int, prompts: int, steps: int, long_steps: int) -> dict:
     phiid_fast_stats(X[:, :16])                                                   # warm-up
     local = [_cpu_seconds(lambda Y=Y: phiid_local_head_means(Y)) for Y in (X, X_long)]
     per_sample = (local[1] - local[0]) / (pair_segments * (long_steps - steps))
+    result = phiid_all_pairs(X, warn=False)
     return {"phiid_pair_s": _cpu_seconds(lambda: phiid_all_pairs(X, warn=False)) / pair_segments,
+            "phiid_file_pair_s": _cpu_seconds(lambda: _phiid_file(result, heads), 1) / (pair_segments / prompts),
             "fast_pair_s": _cpu_seconds(lambda: phiid_fast_stats(X, per_segment=True)) / pair_segments,
             "local_sample_s": max(per_sample, 0.0),
             "local_pair_s": max(local[0] - per_sample * pair_segments * (steps - 1), 0.0) / pair_segments}
+
+
+def _phiid_file(result, heads: int) -> None:
+    """What 02 does with one (mode, file) result besides computing it: write it, read it back, draw its sts and
+    rtr heatmaps (lib.plots.phiid.atom_heatmaps) as a PNG."""
+    import io
+    import tempfile
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.estimators.phiid import load_phiid, save_phiid
+    from lib.plots import phiid as phiid_plots
+    layer, index = np.arange(heads) // 8, np.arange(heads) % 8
+    with tempfile.TemporaryDirectory(prefix="phiid-file-") as tmp:
+        path = Path(tmp) / "phiid_per_prompt.npz"
+        save_phiid(path, result, layer, index)
+        loaded = load_phiid(path)
+        fig = phiid_plots.atom_heatmaps(loaded, loaded["head_layer"], loaded["head_index"], names=("sts", "rtr"))
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
 
 
 def _graph_rates(nodes: int, n_louvain: int = 2) -> dict:

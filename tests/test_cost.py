@@ -158,8 +158,10 @@ def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
     rows = rows_of(tiny_steps)
     # random:llama: 16 heads, 120 pairs; 02: one 128-byte row per pair, 3 modes x 2 activation files
     assert rows["02_phiid"]["host_gib"] == pytest.approx(0.5 + 120 * 128 * 3 * 2 / 2 ** 30)
-    # CPU notebook: the fixed term + its PhiID: 120 pairs x (12 prompts + concat + pooled) x 2 files x 1 ms
-    assert rows["02_phiid"]["seconds"] == pytest.approx(12.5 + 120 * 14 * 2 * 1e-3)
+    # CPU notebook: the fixed term + its PhiID: 120 pairs x (12 prompts + concat + pooled) x 2 files x 1 ms, and
+    # 120 pairs x 3 modes x 2 files written and drawn (the default seconds per pair: not in this rate file)
+    assert rows["02_phiid"]["seconds"] == pytest.approx(
+        12.5 + 120 * 14 * 2 * 1e-3 + 120 * 6 * cost.DEFAULT_CALIBRATION["phiid_file_pair_s"])
     # 03: one table + 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
     # n_jobs 1): 3 tables + 8 float64 [120 pairs, 12 prompts x 24 tokens]; 08 (n_null 10): a table + 11 [16, 16]
     # networks x 2 activation files
@@ -179,7 +181,8 @@ def test_host_terms_default_without_calibration_and_add_the_model_on_cpu(tmp_pat
     steps = build_steps(*load_params(path))
     rows = rows_of(steps)
     d = cost.DEFAULT_CALIBRATION
-    assert rows["02_phiid"]["seconds"] == pytest.approx(d["notebook_fixed_s"] + 120 * 14 * 2 * d["phiid_pair_s"])
+    assert rows["02_phiid"]["seconds"] == pytest.approx(d["notebook_fixed_s"] + 120 * 14 * 2 * d["phiid_pair_s"]
+                                                        + 120 * 6 * d["phiid_file_pair_s"])
     assert rows["05_ablation"]["seconds"] is None                                              # no rate: unknown
     # the model on the CPU: the kernel base after a model's forward, + weights and K/V; a CPU notebook: the base
     assert rows["05_ablation"]["host_gib"] == pytest.approx(d["model_rss_gib"] + rows["05_ablation"]["memory_gib"])

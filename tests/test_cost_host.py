@@ -72,8 +72,9 @@ def test_phiid_pair_segments_equal_the_engine_loops(tmp_path, run_dir, counted):
         shutil.copy(f, tmp_path / f.name)
     run_phiid_for_run(tmp_path, modes=["per_prompt", "concat", "pooled"])
     work = cost.phiid({"modes": ["per_prompt", "concat", "pooled"], "tags": None}, RUN, DIMS)
-    # by hand: 66 pairs x (5 prompts + concat + pooled) x 2 files
+    # by hand: 66 pairs x (5 prompts + concat + pooled) x 2 files; written: 66 pairs in each of 3 modes x 2 files
     assert counted["phiid_pair_s"] == work.host["phiid_pair_s"] == 66 * 7 * 2
+    assert work.host["phiid_file_pair_s"] == 66 * len(list(tmp_path.glob("phiid_*.npz"))) == 66 * 6
 
 
 def test_diagnostics_c1_fast_segments_equal_the_engine_loops(run_dir, counted):

@@ -54,6 +54,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # benchmarks/gpu_check.py host_rates (CPU seconds of the timed call, all its threads: the wall time on one core).
 HOST_UNITS = {
     "phiid_pair_s": "one head pair in one segment of lib.estimators.phiid.phiid_all_pairs (16 MMI atoms; 02)",
+    "phiid_file_pair_s": "one head pair of one (mode, file) table of 02 written, read back and drawn as heatmaps",
     "fast_pair_s": "one head pair in one segment of phiid_fast_stats (MMI sts, rtr, TDMI; 03's C1, 04, 08)",
     "local_pair_s": "one head pair in one segment of phiid_local_head_means (its geometry; 11)",
     "local_sample_s": "one head pair x one sample of phiid_local_head_means (the local values; 11)",
@@ -64,11 +65,13 @@ HOST_UNITS = {
 # Without a calibration: this 2-core development machine. notebook_fixed_s IDLE (a notebook of the tiny run doing
 # almost no work took 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics); base_rss_gib: the cluster layouts'
 # CPU-notebook kernels (0.49-0.60 GiB, 02-08 on the Pythia layout), model_rss_gib: their model notebooks' (0.67-0.91);
-# the units' seconds: gpu_check host_rates (see HOST_UNITS), as CPU seconds, December 4. Under load the fixed term
-# grows several-fold (34 s at load ~10): calibrate on the machine that runs (gpu_check --save-rate).
+# the units' seconds: gpu_check host_rates (see HOST_UNITS; 512 heads x 6 prompts x 9 steps, a 640-node network)
+# as CPU seconds, December 4 at load 1.2 (a second measurement at load 8 within 25%, local_sample_s within 70%: it
+# is small beside local_pair_s at these lengths). Under load the fixed term grows several-fold (34 s at load ~10):
+# calibrate on the machine that runs (gpu_check --save-rate).
 DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.5, "model_rss_gib": 0.68,
-                       "phiid_pair_s": 1.0e-6, "fast_pair_s": 3.0e-7, "local_pair_s": 1.0e-6,
-                       "local_sample_s": 1.0e-7, "efficiency_s": 1.5e-9, "null_s": 1.0e-6, "louvain_s": 1.0e-7}
+                       "phiid_pair_s": 3.2e-7, "phiid_file_pair_s": 3.9e-6, "fast_pair_s": 1.3e-7, "local_pair_s": 1.13e-6,
+                       "local_sample_s": 7.3e-10, "efficiency_s": 1.9e-9, "null_s": 1.4e-7, "louvain_s": 2.2e-8}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
 PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
 BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
@@ -134,12 +137,14 @@ def _segments(mode: str, n_prompts: int) -> int:
 
 def phiid(p: dict, run: dict, dims) -> Work:
     """02: every head pair, per mode, per activations file (CPU); host: pairs x the modes' segments x files
-    evaluations of the 16-atom kernel (MMI: CCS's local redundancies are slower and not modelled)."""
+    evaluations of the 16-atom kernel (MMI: CCS's local redundancies are slower and not modelled), and each
+    (mode, file) table's pairs written, read back and drawn."""
     pairs = _pairs(dims)
     if pairs is None:
         return Work(pairs=None)
     segments = sum(_segments(m, _n_prompts(run)) for m in p["modes"])
-    return Work(pairs=pairs * len(p["modes"]) * _tags(p, run), host={"phiid_pair_s": pairs * segments * _tags(p, run)})
+    files = len(p["modes"]) * _tags(p, run)
+    return Work(pairs=pairs * files, host={"phiid_pair_s": pairs * segments * _tags(p, run), "phiid_file_pair_s": pairs * files})
 
 
 def diagnostics(p: dict, run: dict, dims) -> Work:
