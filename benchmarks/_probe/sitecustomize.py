@@ -1,6 +1,6 @@
 """Probe for benchmarks/cluster_shapes.py, active only in a notebook kernel started with $HEADINFO_PROBE set (this
 folder first on PYTHONPATH): counts the calls of the last transformer block of every model lib.models describes
-(one per forward pass, full or partial) and writes {notebook, forwards, maxrss_kb} to $HEADINFO_PROBE/<pid>.json
+(one per forward pass, full or partial) and writes {notebook, forwards, maxrss_kb, cpu_s} to $HEADINFO_PROBE/<pid>.json
 when the kernel exits (and every 2 s before)."""
 import atexit
 import json
@@ -19,8 +19,9 @@ def _count(*_):
 
 
 def _write():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     record = {"notebook": os.environ.get("HEADINFO_NOTEBOOK", ""), "forwards": _COUNT[0],
-              "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+              "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}
     path = os.path.join(_FOLDER, f"{os.getpid()}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)
