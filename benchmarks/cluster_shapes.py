@@ -17,7 +17,8 @@ Measured, per notebook kernel:
     $HEADINFO_PROBE; nothing in lib is changed);
   - peak memory: the kernel's peak resident set (getrusage ru_maxrss), written by the same probe at exit and
     every 2 s before (a kernel stopped before its exit handlers run keeps the figure of its last 2 s);
-  - seconds: the runner's own record in manifest.json (kernel start to report written).
+  - seconds: the runner's own record in manifest.json (kernel start to report written); the kernel's CPU seconds
+    (getrusage, all its threads) beside them: on a loaded machine the wall seconds inflate, the CPU seconds less.
 Estimated: lib.pipeline.cost.estimates on the same steps, every notebook's forwards on the CPU: forwards; seconds =
 the fixed cost of a notebook + forwards at a CPU rate measured per layout (gpu_check.forward_rate, one thread) + the
 notebook's CPU work (PhiID pair-segments, graph passes: lib.pipeline.cost.HOST_UNITS x seconds per unit); host GiB =
@@ -203,7 +204,7 @@ def table(name: str, est: dict, meas: dict, secs: dict) -> list[dict]:
         rss_gib = m["maxrss_kb"] / 2 ** 20 if m else None
         rows.append(dict(layout=name, notebook=nb, est_forwards=e["forwards"] or 0, forwards=m.get("forwards"),
                          tokens=e["tokens"] or 0, est_seconds=e["seconds"], seconds=secs.get(nb),
-                         est_gib=e["host_gib"], rss_gib=rss_gib, pairs=e["pairs"] or 0))
+                         est_gib=e["host_gib"], rss_gib=rss_gib, pairs=e["pairs"] or 0, cpu_s=m.get("cpu_s")))
     return rows
 
 
@@ -231,12 +232,13 @@ def summary(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| layout | notebook | forwards est. | forwards meas. | ratio | seconds est. | seconds meas. "
-            "| ratio | host GiB est. | peak RSS GiB | ratio | PhiID pairs est. |")
-    lines = [head, "|" + "---|" * 12]
+            "| ratio | kernel CPU s | host GiB est. | peak RSS GiB | ratio | PhiID pairs est. |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['notebook']} | {fmt(r['est_forwards'])} | {fmt(r['forwards'])} | "
                      f"{ratio(r['est_forwards'], r['forwards'])} | {fmt(r['est_seconds'], 3)} | {fmt(r['seconds'])} | "
-                     f"{ratio(r['est_seconds'], r['seconds'])} | {fmt(r['est_gib'], 3)} | {fmt(r['rss_gib'], 3)} | "
+                     f"{ratio(r['est_seconds'], r['seconds'])} | {fmt(r.get('cpu_s'), 3)} | {fmt(r['est_gib'], 3)} | "
+                     f"{fmt(r['rss_gib'], 3)} | "
                      f"{ratio(r['est_gib'], r['rss_gib'])} | {fmt(r['pairs'])} |")
     return "\n".join(lines)
 

@@ -162,10 +162,10 @@ def test_host_terms_follow_a_hand_computation(monkeypatch, tmp_path):
     # 120 pairs x 3 modes x 2 files written and drawn (the default seconds per pair: not in this rate file)
     assert rows["02_phiid"]["seconds"] == pytest.approx(
         12.5 + 120 * 14 * 2 * 1e-3 + 120 * 6 * cost.DEFAULT_CALIBRATION["phiid_file_pair_s"])
-    # 03: one table + 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
+    # 03: one table + the file's 16 atoms and 5 float64 [16, 16] + 3 [500, 16]; 04 (defaults: 8 variants incl. detrended and first_difference,
     # n_jobs 1): 3 tables + 8 float64 [120 pairs, 12 prompts x 24 tokens]; 08 (n_null 10): a table + 11 [16, 16]
     # networks x 2 activation files
-    assert rows["03_phiid_diagnostics"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * (5 * 256 + 3 * 500 * 16)) / 2 ** 30)
+    assert rows["03_phiid_diagnostics"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * ((16 + 5) * 256 + 3 * 500 * 16)) / 2 ** 30)
     assert rows["04_ranking_variants"]["host_gib"] == pytest.approx(0.5 + (3 * 120 * 128 + 8 * 8 * 120 * 288) / 2 ** 30)
     assert rows["08_topology"]["host_gib"] == pytest.approx(0.5 + (120 * 128 + 8 * 256 * 11 * 2) / 2 ** 30)
     # 05 on device auto (not the CPU): no weights on the host; seconds = fixed + its GPU time

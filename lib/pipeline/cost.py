@@ -73,6 +73,7 @@ DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.5, "model_rss_
                        "phiid_pair_s": 3.2e-7, "phiid_file_pair_s": 3.9e-6, "fast_pair_s": 1.3e-7, "local_pair_s": 1.13e-6,
                        "local_sample_s": 7.3e-10, "efficiency_s": 1.9e-9, "null_s": 1.4e-7, "louvain_s": 2.2e-8}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
+ATOMS = 16                            # PhiID atoms: a phiid file holds one float64 [heads, heads] array of each
 PAIR_BOOT = 500                       # lib.diagnostics.pair_bootstrap_correlation's default n_boot (notebook 03)
 BOOT_ARRAYS = (5, 3)                  # its peak: ~5 float64 [heads, heads] + ~3 [n_boot, heads] (tracemalloc fit at
                                       # 96 and 192 heads; tests/test_cost.py checks 256)
@@ -468,7 +469,9 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
     02 and 11 one per mode (11: per tag) and activations file; 03 one table + the cluster bootstrap's float64
     [heads, heads] and [PAIR_BOOT, heads] arrays (BOOT_ARRAYS of each); 04 the tables of its sources + per surrogate job PAIR_SAMPLE_ARRAYS
     float64 [pairs, samples] (samples = prompts x tokens), x n_jobs; 08 one table + float64 [heads, heads] per
-    network (model and nulls) of each activations file. 0 for the others or an unknown model."""
+    network (model and nulls) of each activations file. 0 for the others or an unknown model. 03 also holds the
+    mode's phiid file as read (ATOMS float64 [heads, heads]: 0.47 GiB of 03's 0.97 GiB peak at 1,152 heads beyond
+    the other terms, benchmarks/cluster_shapes.py)."""
     if dims is None:
         return 0.0
     heads, pairs = dims.total_heads, _pairs(dims)
@@ -478,8 +481,8 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
         size = table * len(p["modes"]) * _tags(p, run)
     elif name == "11_local_synergy":
         size = table * len(p["tags"])
-    elif name == "03_phiid_diagnostics":
-        size = table + 8 * (BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
+    elif name == "03_phiid_diagnostics":         # + the mode's file as read: 16 float64 [heads, heads] atoms
+        size = table + 8 * (ATOMS * heads * heads + BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
     elif name == "04_ranking_variants":
         samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
         sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
