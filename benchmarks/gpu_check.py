@@ -200,7 +200,7 @@ def _phiid_rates(heads: int, prompts: int, steps: int, long_steps: int) -> dict:
     wide = 2 * heads                   # the file's drawing has a fixed part: time it on a wide one-prompt table
     result = phiid_all_pairs(rng.normal(size=(1, wide, steps)), warn=False)
     return {"phiid_pair_s": _cpu_seconds(lambda: phiid_all_pairs(X, warn=False)) / pair_segments,
-            "phiid_file_pair_s": _cpu_seconds(lambda: _phiid_file(result, wide), 1) / (wide * (wide - 1) // 2),
+            "phiid_file_pair_s": _cpu_seconds(lambda: _phiid_file(result, wide)) / (wide * (wide - 1) // 2),
             "fast_pair_s": _cpu_seconds(lambda: phiid_fast_stats(X, per_segment=True)) / pair_segments,
             "local_sample_s": max(per_sample, 0.0),
             "local_pair_s": max(local[0] - per_sample * pair_segments * (steps - 1), 0.0) / pair_segments}

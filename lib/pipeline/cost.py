@@ -70,7 +70,7 @@ HOST_UNITS = {
 # is small beside local_pair_s at these lengths). Under load the fixed term grows several-fold (34 s at load ~10):
 # calibrate on the machine that runs (gpu_check --save-rate).
 DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.5, "model_rss_gib": 0.68,
-                       "phiid_pair_s": 3.2e-7, "phiid_file_pair_s": 3.9e-6, "fast_pair_s": 1.3e-7, "local_pair_s": 1.13e-6,
+                       "phiid_pair_s": 3.2e-7, "phiid_file_pair_s": 2.4e-6, "fast_pair_s": 1.3e-7, "local_pair_s": 1.13e-6,
                        "local_sample_s": 7.3e-10, "efficiency_s": 1.9e-9, "null_s": 1.4e-7, "louvain_s": 2.2e-8}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
 ATOMS = 16                            # PhiID atoms: a phiid file holds one float64 [heads, heads] array of each
