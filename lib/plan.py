@@ -2,7 +2,7 @@
 
     python -m lib.plan outputs/<run>        # prints the table, writes params/<run>-settle.yaml
 
-For every claim of claims.json whose verdict is `underpowered`, lib/claims.py stored a settle plan: the factor on
+For every claim of claims.json whose verdict is `underpowered`, lib/pipeline/claims/ stored a settle plan: the factor on
 the sample size that brings the minimum detectable effect (80% power) down to the paper's effect (se ~ 1/sqrt(n))
 and the params values it gives (e.g. 09_task_behaviour.n_problems). This module merges those values into the run's
 own params file (the largest value wins when two claims ask for the same key), validates the result with the

@@ -4,7 +4,7 @@
                                                           write_index(out_dir) at the end of every invocation)
 
 The page (rendered from lib/templates/index.html.j2) opens with the Findings box: the claims scorecard of
-claims.json (lib/claims.py: every claim of the paper with our number and CI, its null, the paper's figure and a
+claims.json (lib/pipeline/claims/: every claim of the paper with our number and CI, its null, the paper's figure and a
 colour-coded verdict); the same box, restricted to the claims a notebook tests, is put at the top of that
 notebook's HTML report. Then the run summary from manifest.json (model, params file and overrides, git commit, package
 versions, status and time of every notebook, shard runs included), links to every notebook's report
@@ -428,7 +428,7 @@ def findings_rows(claims: list[dict], notebook: str | None = None) -> list[dict]
 def _claims(out_dir: Path) -> tuple[str, list[dict]]:
     from lib.storage import artifacts
     if not artifacts.path("claims", out_dir).exists():
-        from lib.claims import PAPER
+        from lib.pipeline.claims import PAPER
         return PAPER, []
     data = artifacts.load("claims", out_dir)
     return data.get("paper", ""), data.get("claims", [])
@@ -520,7 +520,7 @@ def _summary_rows(manifest: dict, reports: list[NotebookReport], total: float) -
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     model = _model(manifest, reports)
     rows = [("model", model)]
-    from lib.claims import weights_note
+    from lib.pipeline.claims import weights_note
     if weights_note(model):
         rows.append(("weights", weights_note(model)))
     return rows + [("params file", run.get("params_file", "?")),

@@ -631,7 +631,7 @@ def run_pipeline(params_path: str, only: list[str] | None = None, overrides: lis
         prepare_bundled_models(steps)
         _run_steps(steps, sorted(sections), force, log_output, jobs)
         try:
-            from lib.claims import write_claims
+            from lib.pipeline.claims import write_claims
             from lib.report import write_index
             print(f"[run] claims: {write_claims(out_dir, stale=stale_notebooks(out_dir))}", flush=True)
             print(f"[run] report: {write_index(out_dir)}", flush=True)

@@ -202,7 +202,7 @@ def test_missing_gemma3_package_says_how_to_install(monkeypatch):
 
 
 def test_bundled_notes_state_quantization():
-    from lib.claims import weights_note
+    from lib.pipeline.claims import weights_note
     assert "Q4_K_M" in weights_note("bundled:gemma3-270m") and "base model" in weights_note("bundled:gemma3-270m")
     assert "Q4_1" in weights_note("bundled:smollm2-135m")
     assert weights_note("random:gemma3") == "" and weights_note("google/gemma-3-270m") == ""

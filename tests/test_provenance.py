@@ -333,7 +333,7 @@ def test_editing_a_notebook_cell_reruns_it_and_marks_its_dependents(tiny_run_cop
 def test_claims_from_a_failed_or_stale_notebook_are_not_tested(tiny_run_copy, monkeypatch):
     """Case 4: 09 failed after its last success: C6 is `not tested` naming the failure (claims.json, the manifest's
     claims section and the index agree); a code change under 08: C4 is `not tested`, stale."""
-    from lib.claims import write_claims
+    from lib.pipeline.claims import write_claims
     out = tiny_run_copy
     before = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
     assert before["C6"]["verdict"] != "not tested"

@@ -135,7 +135,7 @@ def test_index_is_idempotent_and_drops_stale_figures(clean_run):
 
 def planted_claims(out: Path) -> list[dict]:
     from lib.storage import artifacts
-    from lib import claims as C
+    from lib.pipeline import claims as C
     rows = [C.new_claim("C1"), C.new_claim("C5"), C.not_tested("C6", "no behaviour_summary.json (09 did not run)")]
     rows[0].verdict, rows[0].value, rows[0].ci95 = "ruled out", 0.891, [0.85, 0.92]
     rows[0].null = {"name": "circular-shift surrogates", "value": 0.9, "ci95": [0.88, 0.93]}

@@ -167,7 +167,7 @@ def test_c1_sentences_put_r_beside_its_null_and_say_when_it_is_still_collinear()
 
 
 def test_c1_against_null_matches_a_hand_computation():
-    from lib import claims
+    from lib.pipeline import claims
     rng = np.random.default_rng(3)
     syn = rng.normal(size=40)
     red = syn + rng.normal(size=40)

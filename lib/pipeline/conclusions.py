@@ -211,7 +211,7 @@ def untrained_sentences(all_files: list[dict], brain: float = -0.4) -> list[str]
 
 
 def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[str]]:
-    """Claim C1 per copy of the model (rows: lib.claims.c1_against_null) -> (findings, against)."""
+    """Claim C1 per copy of the model (rows: lib.pipeline.claims.c1_against_null) -> (findings, against)."""
     found, against = [], []
     for row in rows:
         found.append(f"C1, {row['copy']} copy: Spearman r(synergy, redundancy) = "
@@ -235,7 +235,7 @@ def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[
 
 
 def diagnostics(out_dir: Path, c1: list[dict] | None = None) -> Conclusion:
-    """03's box from diagnostics.json and, given the notebook's C1 rows (lib.claims.c1_against_null), claim C1."""
+    """03's box from diagnostics.json and, given the notebook's C1 rows (lib.pipeline.claims.c1_against_null), claim C1."""
     c = Conclusion("03_phiid_diagnostics", sources=["diagnostics.json"] + ["activations*.npz"] * bool(c1))
     d = _read_json(out_dir, "diagnostics.json")
     if d:

@@ -288,7 +288,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              "parameters, versions, git commit, weights checksum, timings; one section per notebook"),
     Artifact("claims", "claims.json", "lib.run",
              "the claims scorecard: one entry per claim of the paper (C1-C7) with statistic, 95% CI, null, the "
-             "paper's figure and a verdict by the rules of lib/claims.py", {
+             "paper's figure and a verdict by the rules of lib/pipeline/claims/", {
                  "paper": _k("str"), "claims": _k("str", "claims", doc="list of claim entries"),
              }),
     Artifact("manifest_lock", "manifest.json.lock", "lib.run",
