@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     if not Path(args.out_dir).is_dir():
         print(f"error: run folder {args.out_dir!r} does not exist", file=sys.stderr)
         return 2
-    from lib.run import stale_notebooks          # the command-line entry (top of the stack) may use the runner
+    from lib.pipeline.bookkeeping import stale_notebooks
     path = write_claims(args.out_dir, args.surrogates, stale=stale_notebooks(args.out_dir))
     for c in load_claims(args.out_dir):
         print(f"{c['id']}  {c['verdict']:<14} {c['statistic'][:60]}  {c['value']}")

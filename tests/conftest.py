@@ -75,7 +75,8 @@ def _set_writable(folder: Path, writable: bool) -> None:
 
 def _up_to_date_problems(out: Path) -> dict[str, list[str]]:
     """notebook -> why the runner would rerun it (empty lists: the run is finished and up to date)."""
-    from lib.run import build_steps, load_params, stale_reasons, upstream_of
+    from lib.pipeline.bookkeeping import stale_reasons
+    from lib.pipeline.steps import build_steps, load_params, upstream_of
     from lib.storage.store import read_manifest
     run, shared, sections = load_params(TINY_PARAMS, [f"out_dir={out}"])
     steps = {s.name: s for s in build_steps(run, shared, sections)}

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib import REPO_ROOT, report
+from lib import REPO_ROOT
 from lib.storage import artifacts
-from lib.pipeline import claims as C, verdicts
+from lib.pipeline import claims as C, report, verdicts
 from lib.pipeline.claims import block_claims
 from lib.experiments.ablation import AblationResult, Ordering, RANDOM_VARIANT
 from lib.experiments.diagnostics import inverted_u_test

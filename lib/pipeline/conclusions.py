@@ -7,7 +7,7 @@ of the page. A generator is one function per notebook: `GENERATORS[name](out_dir
 sentence builders below it (e.g. `ablation_sentences(auc_rows)`) take plain numbers, so they are unit-tested on
 planted values.
 
-The box reuses the Findings box style (lib/report.py FINDINGS_CSS: section.findings); the report check
+The box reuses the Findings box style (lib/pipeline/report/findings.py FINDINGS_CSS: section.findings); the report check
 (tests/test_reports_browser.py) finds it by its id prefix `what-this-shows`.
 """
 from __future__ import annotations

@@ -354,7 +354,7 @@ def _held_out_problems(runs: dict[str, dict]) -> list[str]:
 
 
 def _weights_key(p: dict) -> tuple:
-    """(model, seed where the seed builds the weights): what lib.run.model_key compares between notebooks."""
+    """(model, seed where the seed builds the weights): what lib.pipeline.bookkeeping.model_key compares between notebooks."""
     spec = str(p.get("model"))
     return (spec, p.get("seed", 0) if spec.startswith(("random:", "synthetic:")) else None)
 

@@ -46,7 +46,7 @@ WRITE_OVERRIDE_ENV = "HEADINFO_WRITE_RUN_FOLDER"     # "1": let a kernel outside
 
 def runner_folder(path: str | os.PathLike, depth: int = 3) -> Path | None:
     """The run folder holding `path` (it or one of its `depth` nearest parents) when the runner owns it: its
-    manifest.json has notebook entries (lib.run.record); else None."""
+    manifest.json has notebook entries (lib.pipeline.bookkeeping.record); else None."""
     for folder in list(Path(path).resolve().parents)[:depth]:
         manifest = folder / "manifest.json"
         if manifest.is_file():

@@ -38,7 +38,7 @@ def _evidence(out_dir, tag, truncate, n_surrogates, seed, null_kind="circular"):
 def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
              stale: dict | None = None) -> list[Claim]:
     """Every claim C1-C7 from the artifacts of out_dir (absent inputs -> not tested). stale: notebook -> why its
-    results are not current (lib.run.stale_notebooks; None: the notebooks whose last run failed, from the
+    results are not current (lib.pipeline.bookkeeping.stale_notebooks; None: the notebooks whose last run failed, from the
     manifest)."""
     tags = [t for t in artifacts.tags("activations", out_dir)]
     trained, why = _evidence(out_dir, "", False, n_surrogates, seed) if "" in tags else (None, "no activations.npz")
@@ -61,7 +61,7 @@ def evaluate(out_dir, n_surrogates: int = 20, n_boot: int = 1000, seed: int = 0,
 
 def failed_notebooks(out_dir) -> dict[str, str]:
     """notebook -> why its results are not current, from the manifest alone: its last run failed or did not
-    finish (lib.run.stale_notebooks adds code, package and input changes)."""
+    finish (lib.pipeline.bookkeeping.stale_notebooks adds code, package and input changes)."""
     from lib.storage.store import read_manifest
     entries = read_manifest(out_dir).get("notebooks", {})
     return {stem: f"its last run {e.get('status', 'did not finish')}" + (f" ({e['error']})" if e.get("error") else "")
@@ -69,7 +69,7 @@ def failed_notebooks(out_dir) -> dict[str, str]:
 
 
 def current_only(stale: dict, claims: list[Claim]) -> list[Claim]:
-    """A claim resting on a notebook whose last run failed, or whose results are stale (lib.run.stale_notebooks:
+    """A claim resting on a notebook whose last run failed, or whose results are stale (lib.pipeline.bookkeeping.stale_notebooks:
     code, packages, inputs changed), is `not tested` with the reason: no verdict from a previous run's files."""
     from lib.pipeline.provenance import claim_notebooks
     for i, c in enumerate(claims):

@@ -60,7 +60,7 @@ def check_same_run(acts: dict, ph: dict) -> None:
 
 READS_ENV = "HEADINFO_READS"          # file the kernel appends every artifact it reads to (set by the runner)
 NOTEBOOK_ENV = store.NOTEBOOK_ENV    # notebook being executed by the runner
-MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.run.model_key)
+MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.pipeline.bookkeeping.model_key)
 
 
 def note_read(p) -> None:
