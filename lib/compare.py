@@ -250,7 +250,7 @@ def ensure_run(folder) -> None:
     from lib.pipeline.steps import load_params
     model = load_params(params)[1].get("model", "")
     if str(model).startswith("bundled:"):
-        from lib.model.loading import install_bundled
+        from lib.model.bundled import install_bundled
         install_bundled(model.split(":", 1)[1])
     print(f"[compare] {folder} is not finished: running {params}", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "lib.run", "--params", str(params), "--set", f"out_dir={folder}"],

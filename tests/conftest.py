@@ -182,7 +182,7 @@ def gemma3():
     """The real bundled Gemma-3-270M base (sdpa attention): (model, tokenizer, arch). Skipped, naming the install
     command, when its weights package is not installed (make model PARAMS=params/gemma3-270m.yaml installs it)."""
     import importlib.util
-    from lib.model.loading import BUNDLED, bundled_install_command
+    from lib.model.bundled import BUNDLED, bundled_install_command
     if importlib.util.find_spec(BUNDLED["gemma3-270m"][0]) is None:
         pytest.skip(f"bundled:gemma3-270m is not installed: {bundled_install_command('gemma3-270m')}")
     return cached_model("bundled:gemma3-270m")

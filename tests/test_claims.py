@@ -143,7 +143,7 @@ def test_planted_autocorrelation_artefact_is_not_supported_beyond_the_null(artef
 def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path):
     X = np.asarray(artifacts.load("activations", artefact_run, keys=["activations"])["activations"], float)
     tokens = np.full(X.shape[::2], 7, np.int64)
-    from lib.model.loading import bundled_tokenizer
+    from lib.model.bundled import bundled_tokenizer
     from lib.model.prompts import end_of_turn_ids
     eot = end_of_turn_ids(bundled_tokenizer())[0]
     tokens[0, 30], tokens[1, 5], tokens[2, 40] = eot, eot, eot          # prompt 1 ends too early: left out

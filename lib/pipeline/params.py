@@ -122,7 +122,7 @@ def _random_archs() -> tuple[str, ...]:
 
 
 def _bundled_models() -> tuple[str, ...]:
-    from lib.model.loading import BUNDLED
+    from lib.model.bundled import BUNDLED
     return tuple(BUNDLED)
 
 

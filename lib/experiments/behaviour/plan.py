@@ -12,7 +12,7 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.experiments import tasks
 from lib.experiments.ablation import make_orderings
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
 
 __all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER", "Condition", "head_sets",

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lib.storage import artifacts
 from lib.storage.checkpoints import CheckpointMismatch, Parts, describe_differences, differences, parse_shard
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.neurons.effects import (CleanPass, Treatment, _batch_rows, classify, clean_pass, direct_logits,
                                  direct_ratio, frozen_logits, neuron_directions, neuron_scales, total_logits_full,
                                  treated_logits_incremental)

@@ -136,7 +136,7 @@ def _run_model(out_dir) -> str:
 
 def weights_note(model_spec: str) -> str:
     """What the weights of a bundled model are (stated in claims.json, the manifest and the index)."""
-    from lib.model.loading import bundled_note
+    from lib.model.bundled import bundled_note
     return bundled_note(model_spec)
 
 
