@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lib.pipeline.tables import number as _n
+from lib.storage.store import run_folder
 
 __all__ = ["Conclusion", "ci", "to_html", "show", "conclude", "extraction", "phiid", "diagnostics_sentences",
            "untrained_sentences", "c1_sentences", "diagnostics", "ranking_sentences", "rankings", "ablation_sentences",
@@ -48,12 +49,12 @@ def ci(value, lo, hi, digits: int = 3) -> str:
 
 
 def _read_json(out_dir: Path, name: str):
-    p = Path(out_dir) / name
+    p = run_folder(out_dir) / name
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def _read_csv(out_dir: Path, name: str):
-    p = Path(out_dir) / name
+    p = run_folder(out_dir) / name
     return pd.read_csv(p) if p.exists() else None
 
 
@@ -84,7 +85,7 @@ def show(notebook: str, out_dir, **extra):
 def conclude(notebook: str, out_dir, **extra) -> Conclusion:
     if notebook not in GENERATORS:
         raise KeyError(f"no conclusion generator for {notebook!r}; known: {sorted(GENERATORS)}")
-    return GENERATORS[notebook](Path(out_dir), **extra)
+    return GENERATORS[notebook](run_folder(out_dir), **extra)
 
 
 # ----------------------------------------------------------------------------- 01 activations

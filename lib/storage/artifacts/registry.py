@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.storage.store import ArtifactError
+from lib.storage.store import ArtifactError, run_folder
 
 __all__ = ["FORMATS", "RANDOM_INIT", "Artifact", "ARTIFACTS", "artifact", "sharded", "path"]
 
@@ -54,10 +54,10 @@ class Artifact:
 
     def path(self, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
         if shard is None:
-            return Path(out_dir) / self.filename(tag, **fields)
+            return run_folder(out_dir) / self.filename(tag, **fields)
         if not self.shard_dir:
             raise ArtifactError(f"artifact {self.name!r} has no shard files (only {sharded()} do)")
-        return Path(out_dir) / self.shard_dir / self.filename(tag, shard, **fields)
+        return run_folder(out_dir) / self.shard_dir / self.filename(tag, shard, **fields)
 def _k(dtype, *dims, doc="", optional=False) -> Key:
     return Key(dtype, tuple(dims), doc, optional)
 def _columns(*names, optional=()) -> dict[str, Key]:
