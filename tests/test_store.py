@@ -271,6 +271,7 @@ def test_a_relative_run_folder_is_relative_to_the_repository_root_whatever_the_w
     assert run_folder("outputs/dev") == REPO_ROOT / "outputs" / "dev"
     assert run_folder(tmp_path / "run") == tmp_path / "run"                     # absolute folders are kept
     assert artifacts.path("rankings", "outputs/dev") == REPO_ROOT / "outputs" / "dev" / "rankings.csv"
+    assert artifacts.path("rankings", "") == Path("rankings.csv")               # a name inside any run folder
 
 
 def test_importing_lib_leaves_the_working_directory_alone():

@@ -30,9 +30,10 @@ __all__ = ["run_folder", "ArtifactError", "RunFolderWriteError", "NOTEBOOK_ENV",
 def run_folder(out_dir) -> Path:
     """A run folder as a Path. A relative one (a notebook's default "outputs/dev") is relative to the repository
     root, whatever the kernel's working directory: papermill runs kernels there, JupyterLab and nbval start them in
-    notebooks/."""
+    notebooks/. An empty out_dir ("") stays empty: artifacts.path(name, "") is a file's path inside any run folder
+    (what artifacts.identify reads back), not a file of the repository root."""
     path = Path(out_dir).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    return path if path.is_absolute() or path == Path("") else REPO_ROOT / path
 
 
 _UMASK = os.umask(0)
