@@ -63,6 +63,10 @@ def _k(dtype, *dims, doc="", optional=False) -> Key:
 def _columns(*names, optional=()) -> dict[str, Key]:
     """CSV columns (presence is checked; pandas decides their dtypes)."""
     return {n: _k("any", "rows", optional=n in optional) for n in (*names, *optional)}
+def _claim_summary(name: str, producer: str, doc: str, claim: str) -> Artifact:
+    """<name>.json of a stage whose "claim" key holds the block of `claim` (e.g. "C6") the claims scorecard reads."""
+    return Artifact(name, f"{name}.json", producer, doc, {
+        "claim": _k("object", doc=f"the {claim} claim block read by the claims scorecard")})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,10 +245,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              }),
     Artifact("behaviour_generations", "behaviour_generations.jsonl", "09_task_behaviour",
              "per condition and problem: generated text, extracted answer, correctness"),
-    Artifact("behaviour_summary", "behaviour_summary.json", "09_task_behaviour",
-             "settings, synergistic vs random tests per variant and the C6 claim block", {
-                 "claim": _k("object", doc="the C6 claim block read by the claims scorecard"),
-             }),
+    _claim_summary("behaviour_summary", "09_task_behaviour",
+                   "settings, synergistic vs random tests per variant and the C6 claim block", "C6"),
     Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
     Artifact("finetune", "finetune.csv", "10_head_finetuning",
@@ -258,10 +260,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "layer": _k("int", "rows"), "head": _k("int", "rows"), "block": _k("str", "rows"),
                  "delta_norm": _k("float", "rows"), "selected": _k("bool", "rows"),
              }),
-    Artifact("finetune_summary", "finetune_summary.json", "10_head_finetuning",
-             "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", {
-                 "claim": _k("object", doc="the C7 claim block read by the claims scorecard"),
-             }),
+    _claim_summary("finetune_summary", "10_head_finetuning",
+                   "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", "C7"),
     Artifact("finetune_checkpoint", ".finetune_checkpoints/{key}/{run}.pt", "10_head_finetuning",
              "state of one fine-tuning run after its last evaluation (removed when every run finished)"),
     Artifact("local_phiid", "local_phiid{tag}.npz", "11_local_synergy",
