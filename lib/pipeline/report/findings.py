@@ -43,7 +43,7 @@ FINDINGS_MARK = ("<!-- findings -->", "<!-- /findings -->")
 
 def template(name: str):
     import jinja2
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parents[2] / "templates")),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.get_template(name)
 
