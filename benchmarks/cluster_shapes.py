@@ -150,7 +150,7 @@ def estimates(name: str, root: Path, rate: dict) -> dict:
     """notebook -> lib.cost's row (forwards, tokens, seconds, host_gib, pairs) for the layout's params file, with
     `rate` (the CPU rate and the host calibration) as the rate file and every notebook's forwards on this CPU."""
     from lib.pipeline import cost, stages
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     env = {cost.RATE_ENV: None, "HEADINFO_GPU_NOTEBOOKS": " ".join(stages.stages())}
     with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
         env[cost.RATE_ENV] = str(Path(tmp) / "rate.json")

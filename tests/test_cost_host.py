@@ -78,7 +78,7 @@ def test_phiid_pair_segments_equal_the_engine_loops(tmp_path, run_dir, counted):
 
 
 def test_diagnostics_c1_fast_segments_equal_the_engine_loops(run_dir, counted):
-    from lib import claims
+    from lib.pipeline import claims
     for tag in ("", "random_init"):
         claims.head_evidence(run_dir, tag, n_surrogates=3)
     work = cost.diagnostics({"c1_surrogates": 3}, RUN, DIMS)
