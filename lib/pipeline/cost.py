@@ -26,7 +26,6 @@ Host side (the machine a notebook's kernel runs on), from the same rate file or,
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from lib import REPO_ROOT
 from lib.pipeline import stages
+from lib.storage.notebooks import NB
 
 __all__ = ["Work", "NO_RATE", "PROMPT_TOKENS", "RATE_ENV", "read_rate", "estimates", "cost_table", "extraction",
            "phiid", "diagnostics", "ranking", "ablation", "neurons", "interference", "topology", "behaviour",
@@ -47,7 +47,7 @@ RATE_ENV = "HEADINFO_RATE"
 GPU_NOTEBOOKS = stages.gpu_stages()          # declared device "GPU" (lib/pipeline/stages.py): slurm/pipeline.sh's GPU jobs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # without a calibration: the 2-core development machine IDLE (a notebook of the tiny run doing almost no work took
-# 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics; base RSS 0.68 GiB from the cluster layouts' kernels). Under
+# 5.2-7.5 s at load ~1: notebooks 02 and 03; base RSS 0.68 GiB from the cluster layouts' kernels). Under
 # load the fixed term grows several-fold (34 s at load ~10): calibrate on the machine that runs (gpu_check --save-rate)
 DEFAULT_CALIBRATION = {"notebook_fixed_s": 7.0, "base_rss_gib": 0.68}
 PAIR_ROW_BYTES = 128                  # one head pair's row in a PhiID table: ~16 float64 columns (atoms, i, j, ...)
@@ -104,7 +104,7 @@ def extraction(p: dict, run: dict, dims) -> Work:
 
 def _tags(p: dict, run: dict) -> int:
     """Activation files PhiID runs on: an explicit tag list, else every file notebook 01 writes."""
-    return len(p["tags"]) if p.get("tags") is not None else _extract_models(run["01_extract_activations"])
+    return len(p["tags"]) if p.get("tags") is not None else _extract_models(run[NB.EXTRACT])
 
 
 def phiid(p: dict, run: dict, dims) -> Work:
@@ -118,7 +118,7 @@ def diagnostics(p: dict, run: dict, dims) -> Work:
     per-prompt PhiID of the data and of c1_surrogates circular-shift surrogates, for the model and its random-init
     copy when 01 extracts one."""
     pairs = _pairs(dims)
-    copies = 1 + bool(run["01_extract_activations"].get("baseline_random_init"))
+    copies = 1 + bool(run[NB.EXTRACT].get("baseline_random_init"))
     return Work(pairs=None if pairs is None else pairs * (1 + copies * (1 + p.get("c1_surrogates", 20))))
 
 
@@ -131,7 +131,7 @@ def ranking(p: dict, run: dict, dims) -> Work:
 
 
 def _n_prompts(run: dict) -> int:
-    return run["01_extract_activations"]["n_prompts"]
+    return run[NB.EXTRACT]["n_prompts"]
 
 
 def _orderings(p: dict) -> int:
@@ -170,7 +170,7 @@ def ablation(p: dict, run: dict, dims) -> Work | None:
     masks = (points - 2) * orders + 2 if p["perturbation"] == "zero" else points * orders
     checks = _ablation_checks(points, orders, n_prompts)
     rows = (masks + 1) * n_prompts + checks
-    seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
+    seq = PROMPT_TOKENS + run[NB.EXTRACT]["n_tokens"] - 1
     forwards = _batches(n_prompts, p["batch_size"]) + _ablation_units(points, orders, n_prompts, p) + checks
     return Work(forwards, rows * seq, 0, p["batch_size"], seq)
 
@@ -196,10 +196,10 @@ def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
     if p["sample_source"] == "texts":
         n = len(p["task_a_texts"]) + len(p["task_b_texts"])
         return n, PROMPT_TOKENS + p["n_new_tokens"]
-    per_task = math.ceil(_n_prompts(run) / N_CATEGORIES) if "01_extract_activations" in run else 10
+    per_task = math.ceil(_n_prompts(run) / N_CATEGORIES) if NB.EXTRACT in run else 10
     if p["max_samples"]:
         per_task = min(per_task, p["max_samples"])
-    cont = run.get("01_extract_activations", {}).get("n_tokens", p["n_new_tokens"])
+    cont = run.get(NB.EXTRACT, {}).get("n_tokens", p["n_new_tokens"])
     if p["max_continuation_tokens"]:
         cont = min(cont, p["max_continuation_tokens"])
     return 2 * per_task, PROMPT_TOKENS + cont
@@ -288,15 +288,15 @@ def topology(p: dict, run: dict, dims) -> Work:
     """08: networks over the head pairs (edges = pairs) of the model and its baselines; Louvain and null networks
     are graph operations, counted here as pairs x (1 + n_null) x thresholds x tags (approximation)."""
     pairs = _pairs(dims)
-    n = (1 + p["n_null"]) * len(set(p["thresholds"]) | {0.1, 1.0}) * _extract_models(run.get("01_extract_activations", {}))
+    n = (1 + p["n_null"]) * len(set(p["thresholds"]) | {0.1, 1.0}) * _extract_models(run.get(NB.EXTRACT, {}))
     return Work(pairs=None if pairs is None else pairs * n)
 
 
 def local(p: dict, run: dict, dims) -> Work:
     """11: a teacher-forced forward over prompt + generated tokens per prompt and tag, then local PhiID of every
     pair per tag with n_null circular shifts."""
-    n = _n_prompts(run) if "01_extract_activations" in run else 12
-    seq = PROMPT_TOKENS + run.get("01_extract_activations", {}).get("n_tokens", 24)
+    n = _n_prompts(run) if NB.EXTRACT in run else 12
+    seq = PROMPT_TOKENS + run.get(NB.EXTRACT, {}).get("n_tokens", 24)
     tags = len(p["tags"])
     pairs = _pairs(dims)
     return Work(tags * _batches(n, p["batch_size"]), tags * n * seq, None if pairs is None else pairs * tags * (1 + p["n_null"]),
@@ -306,15 +306,7 @@ def local(p: dict, run: dict, dims) -> Work:
 def estimator(name: str):
     """The cost estimator of a stage (its declaration's `cost`: a function of this module, or "module:function"),
     or None."""
-    stage = stages.stages().get(name)
-    if stage is None or not stage.cost:
-        return None
-    if callable(stage.cost):
-        return stage.cost
-    if ":" in stage.cost:
-        module, func = stage.cost.split(":", 1)
-        return getattr(importlib.import_module(module), func)
-    return globals()[stage.cost]
+    return stages.pointed(name, "cost", __name__)
 
 
 # ----------------------------------------------------------------------------- rate, memory, table
@@ -363,18 +355,18 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
         return 0.0
     heads, pairs = dims.total_heads, _pairs(dims)
     table = pairs * PAIR_ROW_BYTES
-    p01 = run.get("01_extract_activations", {})
-    if name == "02_phiid":
+    p01 = run.get(NB.EXTRACT, {})
+    if name == NB.PHIID:
         size = table * len(p["modes"]) * _tags(p, run)
-    elif name == "11_local_synergy":
+    elif name == NB.LOCAL:
         size = table * len(p["tags"])
-    elif name == "03_phiid_diagnostics":
+    elif name == NB.DIAGNOSTICS:
         size = table + 8 * (BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
-    elif name == "04_ranking_variants":
+    elif name == NB.RANKING:
         samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
         sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
         size = table * sources + max(1, p.get("n_jobs", 1)) * PAIR_SAMPLE_ARRAYS * 8 * pairs * samples
-    elif name == "08_topology":
+    elif name == NB.TOPOLOGY:
         size = table + 8 * heads * heads * (1 + p["n_null"]) * _extract_models(p01)
     else:
         size = 0
@@ -401,8 +393,8 @@ def with_defaults(path, params: dict) -> dict:
 def _run_params(steps) -> dict:
     """notebook -> parameters with defaults, 01 always present (its defaults when not in the run)."""
     run = {s.name: with_defaults(s.path, s.params) for s in steps}
-    if "01_extract_activations" not in run:
-        run["01_extract_activations"] = with_defaults(stages.stages()["01_extract_activations"].path, {})
+    if NB.EXTRACT not in run:
+        run[NB.EXTRACT] = with_defaults(stages.stages()[NB.EXTRACT].path, {})
     return run
 
 
@@ -463,7 +455,7 @@ def _host_terms(row: dict, name: str, p: dict, run: dict, dims, work: Work | Non
 def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
     """-> (one row per step: notebook, device, forwards, tokens, gpu_hours, memory_gib, pairs; notes; rate)."""
     run = _run_params(steps)
-    model_of = lambda name: run[name].get("model") or run["01_extract_activations"]["model"]      # noqa: E731
+    model_of = lambda name: run[name].get("model") or run[NB.EXTRACT]["model"]      # noqa: E731
     dims, notes = _dims_of({model_of(s.name) for s in steps})
     rate = read_rate()
     gpu = os.environ.get("HEADINFO_GPU_NOTEBOOKS", " ".join(GPU_NOTEBOOKS)).split()
