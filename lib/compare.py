@@ -25,11 +25,13 @@ import numpy as np
 import pandas as pd
 
 from lib.pipeline import tables
+from lib.pipeline.conclusions import Conclusion, ci, to_html
 from lib.storage import artifacts
 from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 
 __all__ = ["CompareError", "load_runs", "prompt_sets", "claims_matrix", "verdict_grid", "syn_red_table",
-           "trained_vs_random", "depth_profile", "ablation_curves", "ablation_auc", "render", "main"]
+           "trained_vs_random", "depth_profile", "ablation_curves", "ablation_auc", "claim_sentences",
+           "syn_red_sentences", "ablation_sentences", "profile_sentences", "summary", "show_summary", "render", "main"]
 
 COMPARE_DIR = Path("outputs") / "compare"
 
@@ -216,6 +218,88 @@ def trained_vs_random(views: list[RunView]) -> pd.DataFrame:
                                             f"{_fmt((c3.get('ci95') or [None, None])[1])}]") if c3 else "",
                      "C3 statistic": c3.get("statistic", "") if c3 else ""})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- what this shows
+
+DECIDED = ("supported", "opposite", "ruled out")
+
+
+def claim_sentences(matrix: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Per claim of the claims matrix, one sentence naming every run's verdict and effect [95% CI]. A claim every run
+    decides the same way is a finding; one the runs decide differently, or that no run can decide, goes against the
+    page's premise (the paper's claims hold across model families)."""
+    found, against = [], []
+    for claim, rows in matrix.groupby("claim", sort=True):
+        each = "; ".join(f"{r['run']} {r['verdict']} ({r['effect [95% CI]']})" for _, r in rows.iterrows())
+        decided = set(rows["verdict"]) & set(DECIDED)
+        if len(decided) > 1:
+            against.append(f"{claim}: the runs disagree: {each}.")
+        elif not decided:
+            against.append(f"{claim}: no run decides it: {each}.")
+        elif len(set(rows["verdict"])) == 1:
+            found.append(f"{claim}: {rows['verdict'].iloc[0]} in every run: {each}.")
+        else:
+            found.append(f"{claim}: {decided.pop()} where a run decides it, undecided elsewhere: {each}.")
+    if len(matrix) and not (matrix["verdict"] == "supported").any():
+        against.append("No run supports any claim of the paper.")
+    return found, against
+
+
+def syn_red_sentences(syn_red: pd.DataFrame) -> list[str]:
+    """The synergy-redundancy head correlation of each run's trained and random-init weights, with CIs."""
+    def one(r):
+        return f"{r['run']} {str(r['weights']).replace('_', '-')} {ci(r['syn-red Spearman'], r['ci_lo'], r['ci_hi'])}"
+    trained = syn_red[syn_red["weights"] == "trained"]
+    other = syn_red[syn_red["weights"] != "trained"]
+    out = ["Spearman correlation of synergy and redundancy over heads: "
+           + "; ".join(one(r) for _, r in trained.iterrows()) + "."]
+    if len(other):
+        out.append("The same correlation on the random-init copies: " + "; ".join(one(r) for _, r in other.iterrows())
+                   + ".")
+    return out
+
+
+def ablation_sentences(auc: pd.DataFrame) -> list[str]:
+    """The AUC ratio (ranking / random orders) of each run over its widest window: below 1 the synergistic-first
+    order hurts less than random removal, above 1 more; a CI across 1 decides nothing."""
+    out = []
+    for run, rows in auc.groupby("run", sort=False):
+        r = rows.sort_values("max_fraction").iloc[-1]
+        lo, hi = float(r["ci_low"]), float(r["ci_high"])
+        reading = ("less than random removal" if hi < 1 else "more than random removal" if lo > 1
+                   else "its CI includes 1 (no difference from random removal)")
+        out.append(f"{run}: removing heads most synergistic first over 0-{float(r['max_fraction']):.0%} of heads: "
+                   f"AUC ratio {ci(r['auc_ratio'], lo, hi)}, {reading}.")
+    return out
+
+
+def profile_sentences(profiles: list[pd.DataFrame]) -> list[str]:
+    """Per run: the layer whose mean score is highest (normalised depth) and how many layers lie above their
+    surrogate band (the paper's synergistic core is an inverted U above it at mid depth)."""
+    out = []
+    for p in profiles:
+        top = p.loc[p["score"].idxmax()]
+        above = int((p["score"] > p["null_hi"]).sum())
+        out.append(f"{p['run'].iloc[0]}: highest layer mean {_fmt(top['score'])} at depth {float(top['depth']):.2f} "
+                   f"(band {_fmt(top['null_lo'])} to {_fmt(top['null_hi'])}); {above} of {len(p)} layers above "
+                   f"their band.")
+    return out
+
+
+def summary(matrix: pd.DataFrame, syn_red: pd.DataFrame, auc: pd.DataFrame, profiles: list[pd.DataFrame]):
+    """The page's "What this shows" box (lib.pipeline.conclusions.Conclusion) from the tables shown above it."""
+    found, against = claim_sentences(matrix)
+    return Conclusion(NOTEBOOK, findings=found + syn_red_sentences(syn_red) + profile_sentences(profiles)
+                      + ablation_sentences(auc), against=against,
+                      sources=["claims.json", "diagnostics.json", "rankings.csv", "ablation_auc.csv"],
+                      origin="lib/compare.py", scope="each run compared")
+
+
+def show_summary(matrix, syn_red, auc, profiles):
+    """summary() as HTML for IPython.display.display."""
+    from IPython.display import HTML
+    return HTML(to_html(summary(matrix, syn_red, auc, profiles)))
 
 
 # ----------------------------------------------------------------------------- links from the runs' indexes

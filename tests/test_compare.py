@@ -91,6 +91,7 @@ def test_report_and_index_links(tiny_run_copy, tmp_path):
     b = _copy(tiny_run_copy, runs / "tiny-b")
     html = compare.render([a, b], runs / "compare")
     assert html.exists() and "Claims matrix" in html.read_text()
+    assert "what-this-shows-12_compare_models" in html.read_text()          # the page ends with its box
     executed = json.loads((runs / "compare" / "12_compare_models.ipynb").read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"
               or o.get("name") == "stderr"]
@@ -98,3 +99,49 @@ def test_report_and_index_links(tiny_run_copy, tmp_path):
     for run in (a, b):
         index = (run / "html" / "index.html").read_text()
         assert "../../compare/12_compare_models.html" in index
+
+
+def _matrix(rows):
+    return pd.DataFrame([{"claim": c, "run": r, "verdict": v, "effect [95% CI]": e} for c, r, v, e in rows])
+
+
+def test_claim_sentences_on_planted_verdicts():
+    found, against = compare.claim_sentences(_matrix([
+        ("C1", "a", "ruled out", "0.9 [0.8, 1]"), ("C1", "b", "ruled out", "0.93 [0.88, 0.96]"),
+        ("C2", "a", "ruled out", "0.01"), ("C2", "b", "underpowered", "0.05"),
+        ("C5", "a", "ruled out", "0.66"), ("C5", "b", "supported", "1.9"),
+        ("C6", "a", "invalid", "-"), ("C6", "b", "underpowered", "-")]))
+    assert found == ["C1: ruled out in every run: a ruled out (0.9 [0.8, 1]); b ruled out (0.93 [0.88, 0.96]).",
+                     "C2: ruled out where a run decides it, undecided elsewhere: a ruled out (0.01); "
+                     "b underpowered (0.05)."]
+    assert against[0] == "C5: the runs disagree: a ruled out (0.66); b supported (1.9)."
+    assert against[1].startswith("C6: no run decides it")
+    assert len(against) == 2                       # one run supports a claim: no "supports nothing" sentence
+    assert compare.claim_sentences(_matrix([("C1", "a", "ruled out", "0.9")]))[1] == [
+        "No run supports any claim of the paper."]
+
+
+def test_ablation_and_profile_sentences_read_the_ci_against_one():
+    auc = pd.DataFrame({"run": ["a", "a", "b", "c"], "max_fraction": [0.2, 0.4, 0.4, 0.4],
+                        "auc_ratio": [2.0, 0.658, 1.37, 1.5], "ci_low": [1.5, 0.451, 0.773, 1.1],
+                        "ci_high": [2.5, 0.957, 2.73, 1.9]})
+    a, b, c = compare.ablation_sentences(auc)
+    assert "0-40%" in a and "0.658 [0.451, 0.957], less than random removal" in a     # widest window, not 0.2
+    assert "includes 1" in b and c.endswith("more than random removal.")
+    p = pd.DataFrame({"run": "a", "depth": [1 / 6, 0.5, 5 / 6], "score": [0.1, 0.5, 0.2],
+                      "null_lo": [0.0, 0.0, 0.0], "null_hi": [0.2, 0.3, 0.3]})
+    assert compare.profile_sentences([p]) == ["a: highest layer mean 0.5 at depth 0.50 (band 0 to 0.3); 1 of 3 "
+                                              "layers above their band."]
+
+
+def test_summary_box_names_its_origin_and_reads_every_table():
+    from lib.pipeline.conclusions import to_html
+    matrix = _matrix([("C1", "a", "ruled out", "0.9")])
+    syn_red = pd.DataFrame({"run": ["a", "a"], "weights": ["trained", "random_init"], "syn-red Spearman": [0.9, 0.1],
+                            "ci_lo": [0.85, None], "ci_hi": [0.95, None]})
+    auc = pd.DataFrame({"run": ["a"], "max_fraction": [0.4], "auc_ratio": [0.5], "ci_low": [0.4], "ci_high": [0.6]})
+    prof = pd.DataFrame({"run": "a", "depth": [0.5], "score": [1.0], "null_lo": [0.0], "null_hi": [0.5]})
+    box = to_html(compare.summary(matrix, syn_red, auc, [prof]))
+    assert "id='what-this-shows-12_compare_models'" in box and "by lib/compare.py from" in box
+    assert "a trained 0.9 [0.85, 0.95]" in box and "a random-init 0.1;" not in box and "a random-init 0.1." in box
+    assert "1 of 1 layers above" in box and "less than random removal" in box and "C1: ruled out in every run" in box

@@ -31,10 +31,19 @@ def accuracy_by_condition(result, metric: str = "final"):
         ax.set_xticks(range(len(kinds)), [k.replace("_", "-") for k in kinds], rotation=20)
         ax.set_ylabel("test accuracy after training (%)")
         ax.set_title(f"{method.upper()}: {len(result.plan.seeds_for(method))} seed(s), {len(rows)} runs", fontsize=10)
-        ax.legend(fontsize=8, loc="best")
+    _legend_below(fig, axes[0])
     fig.suptitle(f"Learning through {100 * result.plan.fraction:.0f}% of heads selected by {result.plan.variant} "
                  f"({result.plan.model})", fontsize=10)
     return fig
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for all panels, under them (a legend inside a panel covered an error bar)."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 5), fontsize=8)
 
 
 def learning_curves(result):
