@@ -240,7 +240,7 @@ def claim_sentences(matrix: pd.DataFrame) -> tuple[list[str], list[str]]:
         elif len(set(rows["verdict"])) == 1:
             found.append(f"{claim}: {rows['verdict'].iloc[0]} in every run: {each}.")
         else:
-            found.append(f"{claim}: {decided.pop()} where a run decides it, undecided elsewhere: {each}.")
+            found.append(f"{claim}: {decided.pop()} where a run decides it, not decided in the others: {each}.")
     if len(matrix) and not (matrix["verdict"] == "supported").any():
         against.append("No run supports any claim of the paper.")
     return found, against
@@ -261,16 +261,17 @@ def syn_red_sentences(syn_red: pd.DataFrame) -> list[str]:
 
 
 def ablation_sentences(auc: pd.DataFrame) -> list[str]:
-    """The AUC ratio (ranking / random orders) of each run over its widest window: below 1 the synergistic-first
-    order hurts less than random removal, above 1 more; a CI across 1 decides nothing."""
+    """Per run, the AUC ratio (ranking / random orders) of each window (C5 is decided on the narrowest): below 1 the
+    synergistic-first order hurts less than random removal, above 1 more; a CI across 1 decides nothing."""
+    def reading(lo, hi):
+        return "less than random" if hi < 1 else "more than random" if lo > 1 else "CI includes 1"
     out = []
     for run, rows in auc.groupby("run", sort=False):
-        r = rows.sort_values("max_fraction").iloc[-1]
-        lo, hi = float(r["ci_low"]), float(r["ci_high"])
-        reading = ("less than random removal" if hi < 1 else "more than random removal" if lo > 1
-                   else "its CI includes 1 (no difference from random removal)")
-        out.append(f"{run}: removing heads most synergistic first over 0-{float(r['max_fraction']):.0%} of heads: "
-                   f"AUC ratio {ci(r['auc_ratio'], lo, hi)}, {reading}.")
+        windows = [f"{ci(r['auc_ratio'], r['ci_low'], r['ci_high'])} over 0-{float(r['max_fraction']):.0%} of heads "
+                   f"({reading(float(r['ci_low']), float(r['ci_high']))})"
+                   for _, r in rows.sort_values("max_fraction").iterrows()]
+        out.append(f"{run}: removing heads most synergistic first, AUC ratio to random orders " + "; ".join(windows)
+                   + ".")
     return out
 
 

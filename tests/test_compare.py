@@ -112,7 +112,7 @@ def test_claim_sentences_on_planted_verdicts():
         ("C5", "a", "ruled out", "0.66"), ("C5", "b", "supported", "1.9"),
         ("C6", "a", "invalid", "-"), ("C6", "b", "underpowered", "-")]))
     assert found == ["C1: ruled out in every run: a ruled out (0.9 [0.8, 1]); b ruled out (0.93 [0.88, 0.96]).",
-                     "C2: ruled out where a run decides it, undecided elsewhere: a ruled out (0.01); "
+                     "C2: ruled out where a run decides it, not decided in the others: a ruled out (0.01); "
                      "b underpowered (0.05)."]
     assert against[0] == "C5: the runs disagree: a ruled out (0.66); b supported (1.9)."
     assert against[1].startswith("C6: no run decides it")
@@ -126,8 +126,9 @@ def test_ablation_and_profile_sentences_read_the_ci_against_one():
                         "auc_ratio": [2.0, 0.658, 1.37, 1.5], "ci_low": [1.5, 0.451, 0.773, 1.1],
                         "ci_high": [2.5, 0.957, 2.73, 1.9]})
     a, b, c = compare.ablation_sentences(auc)
-    assert "0-40%" in a and "0.658 [0.451, 0.957], less than random removal" in a     # widest window, not 0.2
-    assert "includes 1" in b and c.endswith("more than random removal.")
+    assert a.index("2 [1.5, 2.5] over 0-20% of heads (more than random)") < a.index(
+        "0.658 [0.451, 0.957] over 0-40% of heads (less than random)")                # every window, narrowest first
+    assert "(CI includes 1)" in b and c.endswith("(more than random).")
     p = pd.DataFrame({"run": "a", "depth": [1 / 6, 0.5, 5 / 6], "score": [0.1, 0.5, 0.2],
                       "null_lo": [0.0, 0.0, 0.0], "null_hi": [0.2, 0.3, 0.3]})
     assert compare.profile_sentences([p]) == ["a: highest layer mean 0.5 at depth 0.50 (band 0 to 0.3); 1 of 3 "
@@ -144,4 +145,4 @@ def test_summary_box_names_its_origin_and_reads_every_table():
     box = to_html(compare.summary(matrix, syn_red, auc, [prof]))
     assert "id='what-this-shows-12_compare_models'" in box and "by lib/compare.py from" in box
     assert "a trained 0.9 [0.85, 0.95]" in box and "a random-init 0.1;" not in box and "a random-init 0.1." in box
-    assert "1 of 1 layers above" in box and "less than random removal" in box and "C1: ruled out in every run" in box
+    assert "1 of 1 layers above" in box and "(less than random)" in box and "C1: ruled out in every run" in box
