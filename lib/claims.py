@@ -52,6 +52,7 @@ from lib.storage import artifacts
 from lib.pipeline import stages
 from lib.storage.store import ArtifactError, jsonable
 from lib.pipeline.verdicts import VERDICTS, Evidence, decide, power, settle_factor
+from lib.storage.notebooks import NB
 
 __all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS", "EXPERIMENT_ARTIFACTS", "Claim",
            "new_claim", "not_tested", "evidence_c1", "evidence_profile", "bootstrap_spearman", "HeadEvidence",
@@ -439,8 +440,8 @@ def claim_c2(ev: HeadEvidence, eos: HeadEvidence | None = None, n_boot: int = 10
 def claim_c3(trained: HeadEvidence, random_init: HeadEvidence | None, checkpoints: dict, n_boot: int = 1000,
              seed: int = 0) -> Claim:
     if random_init is None:
-        return not_tested("C3", "no random-init copy in this run (01_extract_activations baseline_random_init "
-                                "and 02_phiid on it)", ["activations", "phiid"])
+        return not_tested("C3", f"no random-init copy in this run ({NB.EXTRACT} baseline_random_init "
+                                f"and {NB.PHIID} on it)", ["activations", "phiid"])
     c = new_claim("C3")
     t, r = profile_verdicts(trained, n_boot, seed), profile_verdicts(random_init, n_boot, seed)
     tb, rb = _profile_row(t["beyond_null"]), _profile_row(r["beyond_null"])
@@ -487,7 +488,7 @@ def near_duplicates(series_r: np.ndarray | None, threshold: float = 0.95) -> dic
 def claim_c5(out_dir, n_boot: int = 2000, seed: int = 0) -> Claim:
     from lib.experiments.ablation import AblationResult
     if not artifacts.path("ablation_kl", out_dir).exists():
-        return not_tested("C5", "no ablation_kl.npz (05_ablation did not run)", ["ablation_kl"])
+        return not_tested("C5", f"no ablation_kl.npz ({NB.ABLATION} did not run)", ["ablation_kl"])
     result = AblationResult.load(out_dir)
     if not result.variants or not result.index("random"):
         return not_tested("C5", "the ablation has no ranking or no random orders (n_random = 0)", ["ablation_kl"])
@@ -524,8 +525,8 @@ def claim_c5(out_dir, n_boot: int = 2000, seed: int = 0) -> Claim:
     if c.reason:
         c.verdict = "underpowered"
         return c
-    judge(c, _c5_evidence(row, band), sizes, {"05_ablation.n_prompts": sizes["prompts"],
-                                        "05_ablation.n_random": sizes["random_orders"]})
+    judge(c, _c5_evidence(row, band), sizes, {f"{NB.ABLATION}.n_prompts": sizes["prompts"],
+                                        f"{NB.ABLATION}.n_random": sizes["random_orders"]})
     return _oracle_check(c, orderings.get(f"ranking:{ORACLE_VARIANT}"))
 
 
@@ -573,7 +574,7 @@ def _c5_also(orderings: dict, primary: str) -> list[str]:
 def _oracle_check(c: Claim, oracle: dict | None) -> Claim:
     """Without a detected oracle the budget cannot show the claim: `ruled out` becomes `underpowered`."""
     if oracle is None:
-        c.details["oracle"] = "no oracle ordering in this run (01_extract_activations oracle, variant 'oracle')"
+        c.details["oracle"] = f"no oracle ordering in this run ({NB.EXTRACT} oracle, variant 'oracle')"
         return c
     c.details["oracle"] = oracle
     if oracle.get("verdict") != "supported" and c.verdict == "ruled out":
@@ -661,9 +662,9 @@ def claim_from_block(cid: str, out_dir, transform=None) -> Claim:
 
 
 SCALE = {   # claim -> sample sizes -> {params key: current value}: what the settle plan multiplies
-    "C4": lambda s: {"01_extract_activations.n_prompts": s["prompts"]} if "prompts" in s else None,
-    "C6": lambda s: {"09_task_behaviour.n_problems": s["problems"]} if "problems" in s else None,
-    "C7": lambda s: {"10_head_finetuning.seeds": s["seeds"]} if "seeds" in s else None,
+    "C4": lambda s: {f"{NB.EXTRACT}.n_prompts": s["prompts"]} if "prompts" in s else None,
+    "C6": lambda s: {f"{NB.BEHAVIOUR}.n_problems": s["problems"]} if "problems" in s else None,
+    "C7": lambda s: {f"{NB.FINETUNE}.seeds": s["seeds"]} if "seeds" in s else None,
 }
 
 
@@ -735,7 +736,7 @@ def claim_c7(out_dir) -> Claim:
     if c.verdict != "not tested" and c.details.get("arm", "grpo") == "sft":
         c.verdict = "invalid"
         c.reason = ("the run fine-tuned with SFT only: the paper claims C7 for RL (GRPO) and reports no difference "
-                    "for SFT (add grpo to 10_head_finetuning.methods)")
+                    f"for SFT (add grpo to {NB.FINETUNE}.methods)")
     return c
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.storage.store import atomic_path, locked, read_manifest
+from lib.storage.notebooks import NB
 
 __all__ = ["Figure", "NotebookReport", "stderr_cells", "check_run", "FINDINGS_CSS", "INDEX_FIGURE_LIMIT",
            "own_findings", "FINDINGS_TAG", "add_findings_to_notebooks", "write_index", "main"]
@@ -56,8 +57,8 @@ class Figure:
 
 @dataclass
 class NotebookReport:
-    stem: str                   # output stem: 05_ablation or 05_ablation.shard-1-of-4
-    name: str                   # notebook name: 05_ablation
+    stem: str                   # output stem: <notebook> or <notebook>.shard-1-of-4
+    name: str                   # notebook name (an NB constant)
     shard: tuple[int, int] | None
     status: str                 # ok, failed, running, error (ok in the manifest but error outputs), not run
     seconds: float | None = None
@@ -309,7 +310,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-INDEX_FIGURE_LIMIT = {"02_phiid": 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
+INDEX_FIGURE_LIMIT = {NB.PHIID: 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
 VERDICT_CSS = {"supported": "v-yes", "opposite": "v-opp", "ruled out": "v-no", "underpowered": "v-maybe",
                "invalid": "v-bad", "not tested": "v-none"}
 FINDINGS_MARK = ("<!-- findings -->", "<!-- /findings -->")
@@ -561,14 +562,14 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
 
 
 def comparisons_including(run_dir, compare_root=None) -> list[Path]:
-    """The comparison reports (outputs/compare*/12_compare_models.html) whose runs include `run_dir`."""
+    """The comparison reports (outputs/compare*/<NB.COMPARE>.html) whose runs include `run_dir`."""
     run_dir = Path(run_dir).resolve()
     root = Path(compare_root) if compare_root else run_dir.parent
     found = []
     for runs_file in sorted(root.glob("compare*/runs.json")):
         runs = [Path(r).resolve() for r in json.loads(runs_file.read_text()).get("runs", [])]
-        if run_dir in runs and (runs_file.parent / "12_compare_models.html").exists():
-            found.append(runs_file.parent / "12_compare_models.html")
+        if run_dir in runs and (runs_file.parent / f"{NB.COMPARE}.html").exists():
+            found.append(runs_file.parent / f"{NB.COMPARE}.html")
     return found
 
 
