@@ -143,7 +143,7 @@ def estimates(name: str, root: Path, rate: dict) -> dict:
     """notebook -> lib.cost's row (forwards, tokens, host_gib, pairs) for the layout's params file, with `rate`
     (its host calibration) as the rate file."""
     from lib.pipeline import cost
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
         path = Path(tmp) / "rate.json"
         path.write_text(json.dumps({**rate, "flop_per_s": rate["flop_per_s"]}))

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib.experiments.extract import encode_prompts, generate_batch  # noqa: E402
-from lib.model.loading import load_model, prepare_bundled  # noqa: E402
+from lib.model.bundled import prepare_bundled  # noqa: E402
+from lib.model.loading import load_model
 from lib.model.prompts import select_prompts  # noqa: E402
 
 

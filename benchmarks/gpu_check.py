@@ -36,7 +36,8 @@ import torch
 
 from lib.experiments import ablation as A
 from lib.experiments.extract import extract_activations
-from lib.model.loading import arch_info, load_model, resolve_device, resolve_dtype
+from lib.model.architectures import arch_info
+from lib.model.loading import load_model, resolve_device, resolve_dtype
 from lib.estimators.phiid import phiid_all_pairs
 from lib.model.prompts import select_prompts
 

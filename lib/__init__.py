@@ -5,17 +5,13 @@ storage (files, manifest, artifacts), model (architectures, loading, hooks, prom
 network measures), plots, experiments (one module or package per stage), pipeline (stage declarations, value
 rules, cost, verdicts, report tables); at the top the commands run, claims, report, plan, compare and models.
 
-Relative paths (a notebook's default out_dir "outputs/dev") are relative to the repository root. papermill runs
-kernels there (the runner passes cwd); JupyterLab and nbval start kernels in notebooks/, so importing lib from a
-kernel whose working directory is the repository's notebooks/ folder moves it to the repository root.
+Relative run folders (a notebook's default out_dir "outputs/dev") are relative to the repository root whatever the
+kernel's working directory (papermill runs kernels there, JupyterLab and nbval in notebooks/): lib resolves them
+with lib.storage.store.run_folder. Importing lib has no side effect.
 """
-import os
 from pathlib import Path
 
 __all__ = ["REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 __version__ = "0.1.0"
-
-if Path.cwd() == REPO_ROOT / "notebooks":
-    os.chdir(REPO_ROOT)

@@ -27,7 +27,7 @@ import pandas as pd
 from lib.pipeline import tables
 from lib.pipeline.conclusions import Conclusion, ci, to_html
 from lib.storage import artifacts
-from lib.report import comparisons_including  # noqa: F401  (re-exported; the index links through it)
+from lib.pipeline.report.index import comparisons_including  # noqa: F401  (re-exported; the index links through it)
 from lib.storage.notebooks import NB
 
 __all__ = ["CompareError", "load_runs", "prompt_sets", "claims_matrix", "verdict_grid", "syn_red_table",
@@ -333,10 +333,10 @@ def ensure_run(folder) -> None:
     params = Path("params") / f"{folder.name}.yaml"
     if not params.exists():
         raise CompareError(f"{folder} is not a finished run and there is no {params} to run it with")
-    from lib.run import load_params
+    from lib.pipeline.steps import load_params
     model = load_params(params)[1].get("model", "")
     if str(model).startswith("bundled:"):
-        from lib.model.loading import install_bundled
+        from lib.model.bundled import install_bundled
         install_bundled(model.split(":", 1)[1])
     print(f"[compare] {folder} is not finished: running {params}", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "lib.run", "--params", str(params), "--set", f"out_dir={folder}"],
@@ -348,7 +348,7 @@ def render(folders: list, out_dir=COMPARE_DIR) -> Path:
     the runs (runs.json) and refresh each run's index so it links here; -> the HTML report."""
     import papermill
     from lib import REPO_ROOT
-    from lib.run import render_html
+    from lib.pipeline.execution import render_html
     load_runs(folders)                                       # refuse before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,7 @@ def render(folders: list, out_dir=COMPARE_DIR) -> Path:
 
 
 def _refresh_indexes(folders: list) -> None:
-    from lib.report import write_index
+    from lib.pipeline.report import write_index
     for f in folders:
         try:
             write_index(Path(f))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.model.loading import ModelSpecError, install_bundled, load_model, prepare_bundled
+from lib.model.bundled import install_bundled, prepare_bundled
+from lib.model.loading import ModelSpecError, load_model
 
 __all__ = ["main"]
 

@@ -2,7 +2,7 @@
 
     python -m lib.plan outputs/<run>        # prints the table, writes params/<run>-settle.yaml
 
-For every claim of claims.json whose verdict is `underpowered`, lib/claims.py stored a settle plan: the factor on
+For every claim of claims.json whose verdict is `underpowered`, lib/pipeline/claims/ stored a settle plan: the factor on
 the sample size that brings the minimum detectable effect (80% power) down to the paper's effect (se ~ 1/sqrt(n))
 and the params values it gives (e.g. NB.BEHAVIOUR's n_problems). This module merges those values into the run's
 own params file (the largest value wins when two claims ask for the same key), validates the result with the
@@ -71,7 +71,7 @@ def _run_params_file(out_dir: Path) -> Path:
 def write_settle(out_dir, target: Path | None = None) -> tuple[Path | None, list[dict]]:
     """Write params/<run>-settle.yaml (checked with the runner) -> (its path or None when nothing is
     underpowered, the table rows)."""
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     out_dir = Path(out_dir)
     claims = artifacts.load("claims", out_dir)["claims"]
     values = settle_values(claims)
@@ -102,7 +102,7 @@ def cpu_hours(out_dir: Path, original: Path, settle: Path) -> dict:
     """notebook -> (CPU hours here for the settle run, GPU-hours or None): measured seconds of the run times the
     ratio of lib/pipeline/cost.py's token (or forward) estimates."""
     from lib.pipeline.cost import estimates
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     manifest = json.loads((out_dir / "manifest.json").read_text())
     seconds = {k: v.get("seconds") for k, v in (manifest.get("notebooks") or {}).items()}
     before = {r["notebook"]: r for r in estimates(check_run(str(original), require_cache=False))[0]}

@@ -4,7 +4,7 @@
 #   slurm/pipeline.sh params/<run>.yaml [options]
 #
 # One job per notebook that has a section in the params file, each `afterok` the notebooks whose files it reads
-# (lib.run.PARENTS; a sharded notebook counts as done when its merge job is):
+# (lib.pipeline.steps.PARENTS; a sharded notebook counts as done when its merge job is):
 #   01 extract (GPU)
 #   ├─ 02 PhiID (CPU) ─┬─ 03 diagnostics (CPU) ── 04 ranking (CPU; after 02 and 03)
 #   │                  │                            ├─ 05 ablation array (GPU, shard i/N) -> 05 merge (CPU)
@@ -99,7 +99,7 @@ fi
 # cache; --dry-run reports a missing model instead of stopping) before anything is submitted, and list the pipeline:
 # "OUT_DIR <dir>" then "NB <name> <shardable 0/1> <stale 0/1> <shards stale 0/1> <shards>" per notebook, where
 # stale means that the runner would (re)compute something of it: a step not done with these parameters (shards
-# included), and "PARENTS <name> <parent>..." for the notebooks each reads the files of (lib.run.PARENTS; its
+# included), and "PARENTS <name> <parent>..." for the notebooks each reads the files of (lib.pipeline.steps.PARENTS; its
 # afterok parents: absent from the run or before --from, they are done); "CACHE <ok | the problem>"; "COST <line>"
 # for each line of the cost table.
 SHARDS_JSON="{"
@@ -108,7 +108,10 @@ SHARDS_JSON="${SHARDS_JSON%, }}"
 PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_GIVEN" "$DRY" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
-from lib.run import PARENTS, ParamsError, Step, shard_suffix, cache_problem, check_run, declared_parameters, is_up_to_date
+from lib.pipeline.bookkeeping import is_up_to_date
+from lib.pipeline.notebook_params import ParamsError, declared_parameters
+from lib.pipeline.runner import cache_problem, check_run
+from lib.pipeline.steps import PARENTS, Step, shard_suffix
 from lib.pipeline.stages import gpu_stages
 from lib.storage.store import ArtifactError
 params, default_shards, shards_given, dry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"

@@ -75,7 +75,8 @@ def _set_writable(folder: Path, writable: bool) -> None:
 
 def _up_to_date_problems(out: Path) -> dict[str, list[str]]:
     """notebook -> why the runner would rerun it (empty lists: the run is finished and up to date)."""
-    from lib.run import build_steps, load_params, stale_reasons, upstream_of
+    from lib.pipeline.bookkeeping import stale_reasons
+    from lib.pipeline.steps import build_steps, load_params, upstream_of
     from lib.storage.store import read_manifest
     run, shared, sections = load_params(TINY_PARAMS, [f"out_dir={out}"])
     steps = {s.name: s for s in build_steps(run, shared, sections)}
@@ -181,7 +182,7 @@ def gemma3():
     """The real bundled Gemma-3-270M base (sdpa attention): (model, tokenizer, arch). Skipped, naming the install
     command, when its weights package is not installed (make model PARAMS=params/gemma3-270m.yaml installs it)."""
     import importlib.util
-    from lib.model.loading import BUNDLED, bundled_install_command
+    from lib.model.bundled import BUNDLED, bundled_install_command
     if importlib.util.find_spec(BUNDLED["gemma3-270m"][0]) is None:
         pytest.skip(f"bundled:gemma3-270m is not installed: {bundled_install_command('gemma3-270m')}")
     return cached_model("bundled:gemma3-270m")

@@ -10,7 +10,8 @@ import torch
 
 from lib.storage import artifacts
 from lib.experiments import behaviour, tasks
-from lib.model.loading import arch_info, load_model
+from lib.model.architectures import arch_info
+from lib.model.loading import load_model
 from lib.storage.store import ArtifactError
 
 SPEC = "random:llama"

@@ -1,4 +1,5 @@
-"""lib.claims: every verdict follows its documented rule on planted inputs, and claims.json of a tiny run.
+"""lib.pipeline.claims (python -m lib.claims): every verdict follows its documented rule on planted inputs, and
+claims.json of a tiny run.
 
 Planted inputs: head series with an autocorrelation artefact (independent AR(1) heads whose coefficient follows an
 inverted U over depth: synergy and redundancy both track it, the circular-shift null keeps it), ablation curves
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib import REPO_ROOT, report
+from lib import REPO_ROOT
 from lib.storage import artifacts
-from lib import claims as C
+from lib.pipeline import claims as C, report, verdicts
+from lib.pipeline.claims import block_claims
 from lib.experiments.ablation import AblationResult, Ordering, RANDOM_VARIANT
 from lib.experiments.diagnostics import inverted_u_test
 from lib.storage.store import save_npz
@@ -26,7 +28,7 @@ from lib.storage.store import save_npz
 # ----------------------------------------------------------------------------- rules as functions
 
 def v(ev):
-    return C.decide(ev)[0]
+    return verdicts.decide(ev)[0]
 
 
 def test_verdict_rules_follow_their_documented_thresholds():
@@ -60,10 +62,10 @@ def test_verdict_rules_follow_their_documented_thresholds():
 
 
 def test_c4_needs_both_halves():
-    assert C._combine_halves("supported", "supported", "")[0] == "supported"
-    assert C._combine_halves("supported", "opposite", "")[0] == "opposite"
-    assert C._combine_halves("supported", "ruled out", "")[0] == "underpowered"
-    assert C._combine_halves("ruled out", "underpowered", "")[0] == "underpowered"
+    assert block_claims._combine_halves("supported", "supported", "")[0] == "supported"
+    assert block_claims._combine_halves("supported", "opposite", "")[0] == "opposite"
+    assert block_claims._combine_halves("supported", "ruled out", "")[0] == "underpowered"
+    assert block_claims._combine_halves("ruled out", "underpowered", "")[0] == "underpowered"
 
 
 def test_near_duplicate_heads_by_hand():
@@ -141,7 +143,7 @@ def test_planted_autocorrelation_artefact_is_not_supported_beyond_the_null(artef
 def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path):
     X = np.asarray(artifacts.load("activations", artefact_run, keys=["activations"])["activations"], float)
     tokens = np.full(X.shape[::2], 7, np.int64)
-    from lib.model.loading import bundled_tokenizer
+    from lib.model.bundled import bundled_tokenizer
     from lib.model.prompts import end_of_turn_ids
     eot = end_of_turn_ids(bundled_tokenizer())[0]
     tokens[0, 30], tokens[1, 5], tokens[2, 40] = eot, eot, eot          # prompt 1 ends too early: left out
@@ -298,7 +300,7 @@ def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
     claims = {c["id"]: c for c in data["claims"]}
     assert list(claims) == [f"C{i}" for i in range(1, 8)]
     for c in claims.values():
-        assert c["verdict"] in C.VERDICTS and c["rule"] == C.VERDICT_RULES[c["id"]] and c["paper"]["text"]
+        assert c["verdict"] in verdicts.VERDICTS and c["rule"] == C.VERDICT_RULES[c["id"]] and c["paper"]["text"]
         assert c["claim"] and c["test"] and c["source"]
         assert c["verdict"] != "not tested" or c["reason"]
     c1, c3, c5 = claims["C1"], claims["C3"], claims["C5"]
@@ -310,7 +312,7 @@ def test_claims_json_of_a_tiny_run_follows_the_rules(tiny_run):
     assert m["n"] == 2 and c5["power"]["mde"] > 1 and c5["sample_sizes"]["prompts"] >= 1
     for c in claims.values():
         assert c["verdict"] != "underpowered" or c["settle"]
-    assert claims["C2"]["verdict"] in C.VERDICTS
+    assert claims["C2"]["verdict"] in verdicts.VERDICTS
     for cid in ("C4", "C6", "C7"):
         if not artifacts.path(C.EXPERIMENT_ARTIFACTS[cid], tiny_run).exists() \
                 if C.EXPERIMENT_ARTIFACTS[cid] in artifacts.ARTIFACTS else True:

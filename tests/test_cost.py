@@ -7,7 +7,8 @@ import pytest
 
 from lib.pipeline import cost
 from lib.model.loading import load_model, meta_parameter_count, model_dims
-from lib.run import build_steps, load_params, main
+from lib.pipeline.steps import build_steps, load_params
+from lib.run import main
 
 # 01: 12 prompts x 24 tokens in one batch, with a random-init copy and 2 prompts regenerated alone; 05: random:llama
 # (4 layers x 4 heads = 16 heads), step 2; 09: 2 variants, 3 random sets, noise at 2 sigmas and zero

@@ -12,7 +12,8 @@ import torch
 
 from lib.experiments import ablation as A
 from lib.experiments.extract import extract_activations
-from lib.model.loading import arch_info, load_model
+from lib.model.architectures import arch_info
+from lib.model.loading import load_model
 from lib.model.prompts import select_prompts
 from tests.test_ablation import write_run
 

@@ -13,7 +13,7 @@ import pytest
 
 from lib.storage import artifacts, store
 from lib.pipeline import explore
-from lib import report
+from lib.pipeline import report
 
 
 def _run_folder(folder: Path, statuses: dict[str, str], finished: str, params_file: str = "params/x.yaml") -> Path:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.model.hooks import hooks, patched_weights
-from lib.model.loading import SITES
+from lib.model.architectures import SITES
 from tests import manual_attention
 from tests.conftest import cached_model
 

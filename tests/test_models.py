@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from lib.model.loading import ARCHITECTURES, ModelSpecError, bundled_gguf, load_model, tiny_config
+from lib.model.architectures import ARCHITECTURES
+from lib.model.bundled import bundled_gguf
+from lib.model.loading import ModelSpecError, load_model, tiny_config
 from tests.conftest import cached_model
 
 
@@ -84,10 +86,10 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 
 def test_unsupported_architecture_lists_supported_ones():
     from transformers import AutoConfig, AutoModelForCausalLM
-    from lib.model.loading import arch_info
+    from lib.model.architectures import arch_info
     cfg = AutoConfig.for_model("opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
                                vocab_size=100, word_embed_proj_dim=32)
-    with pytest.raises(ModelSpecError, match="supported: .*llama.*lib/model/loading.py"):
+    with pytest.raises(ModelSpecError, match="supported: .*llama.*lib/model/architectures.py"):
         arch_info(AutoModelForCausalLM.from_config(cfg))
     assert "opt" not in ARCHITECTURES
 
@@ -202,7 +204,7 @@ def test_missing_gemma3_package_says_how_to_install(monkeypatch):
 
 
 def test_bundled_notes_state_quantization():
-    from lib.claims import weights_note
+    from lib.pipeline.claims import weights_note
     assert "Q4_K_M" in weights_note("bundled:gemma3-270m") and "base model" in weights_note("bundled:gemma3-270m")
     assert "Q4_1" in weights_note("bundled:smollm2-135m")
     assert weights_note("random:gemma3") == "" and weights_note("google/gemma-3-270m") == ""

@@ -14,7 +14,7 @@ from lib.experiments import neurons as N
 from lib.storage.checkpoints import CheckpointMismatch, differences, parse_shard
 from lib.experiments.neurons import pipeline
 from lib.experiments.extract import encode_prompts
-from lib.model.loading import arch_info
+from lib.model.architectures import arch_info
 from lib.model.prompts import select_prompts
 from lib.storage.store import ArtifactError, save_npz
 from tests.conftest import cached_model

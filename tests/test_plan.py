@@ -51,7 +51,7 @@ def test_write_settle_gives_a_params_file_that_passes_check(tmp_path):
     assert target == tmp_path / "unit-settle.yaml" and rows[0]["claim"] == "C6"
     assert yaml.safe_load(target.read_text())["09_task_behaviour"]["n_problems"] == 17
     assert "09_task_behaviour.n_problems = 17" in target.read_text()
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     assert check_run(str(target), require_cache=False)
 
 

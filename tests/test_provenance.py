@@ -19,7 +19,9 @@ import pytest
 
 from lib import REPO_ROOT
 from lib.pipeline import provenance
-from lib.run import ParamsError, build_steps, load_params, main
+from lib.pipeline.notebook_params import ParamsError
+from lib.pipeline.steps import build_steps, load_params
+from lib.run import main
 
 TINY = REPO_ROOT / "params" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -241,7 +243,7 @@ def test_the_manifest_lock_of_a_killed_process_is_ignored(tmp_path):
 # ----------------------------------------------------------------------------- the tiny run (slow)
 
 def _explain(out, *overrides):
-    from lib.run import explain
+    from lib.pipeline.runner import explain
     lines = explain(str(TINY), None, [f"out_dir={out}", *overrides])
     return dict(line.split(": ", 1) for line in lines)
 
@@ -303,7 +305,8 @@ def test_explain_names_packages_params_failures_and_old_records(tiny_run_copy, m
 def test_editing_a_notebook_cell_reruns_it_and_marks_its_dependents(tiny_run_copy, tmp_path):
     """Case 1: `lag=lag` -> `lag=2` in a code cell of 03 reruns 03 (log: "notebook code changed") and makes 04 stale
     ("03 ran since"); the same cell with a comment and re-spacing reruns nothing."""
-    from lib.run import stale_reasons, upstream_of
+    from lib.pipeline.bookkeeping import stale_reasons
+    from lib.pipeline.steps import upstream_of
     from lib.storage.store import read_manifest
     out, notebooks = tiny_run_copy, tmp_path / "notebooks"
     shutil.copytree(REPO_ROOT / "notebooks", notebooks)
@@ -333,7 +336,7 @@ def test_editing_a_notebook_cell_reruns_it_and_marks_its_dependents(tiny_run_cop
 def test_claims_from_a_failed_or_stale_notebook_are_not_tested(tiny_run_copy, monkeypatch):
     """Case 4: 09 failed after its last success: C6 is `not tested` naming the failure (claims.json, the manifest's
     claims section and the index agree); a code change under 08: C4 is `not tested`, stale."""
-    from lib.claims import write_claims
+    from lib.pipeline.claims import write_claims
     out = tiny_run_copy
     before = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
     assert before["C6"]["verdict"] != "not tested"
@@ -349,7 +352,7 @@ def test_claims_from_a_failed_or_stale_notebook_are_not_tested(tiny_run_copy, mo
     write_claims(out)                                   # alone, the claims see the manifest: the failure, not the edit
     alone = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
     assert alone["C6"]["verdict"] == "not tested" and alone["C4"]["verdict"] != "not tested"
-    from lib.run import stale_notebooks
+    from lib.pipeline.bookkeeping import stale_notebooks
     write_claims(out, stale=stale_notebooks(out))       # as the runner (and python -m lib.claims) call it
     data = json.loads((out / "claims.json").read_text())
     claims = {c["id"]: c for c in data["claims"]}
@@ -360,7 +363,7 @@ def test_claims_from_a_failed_or_stale_notebook_are_not_tested(tiny_run_copy, mo
     assert set(data["inputs"]["not_current"]) == {"08_topology", "09_task_behaviour"}
     verdicts = json.loads((out / "manifest.json").read_text())["sections"]["claims"]["verdicts"]
     assert verdicts == {c: claims[c]["verdict"] for c in claims}
-    from lib.report import write_index
+    from lib.pipeline.report import write_index
     html = Path(write_index(out)).read_text()
     assert "not from current results" in html
 
@@ -369,7 +372,8 @@ def test_a_checkpoint_read_back_is_kept_not_removed(tmp_path, monkeypatch, capsy
     """Case 6: a notebook that read its own output back as a valid checkpoint (and so did not rewrite it) keeps it,
     recorded as derived from the current inputs; one it did not read is still removed (test_run)."""
     from lib.storage import artifacts
-    from lib.run import Step, params_hash, record_success
+    from lib.pipeline.bookkeeping import record_success
+    from lib.pipeline.steps import Step, params_hash
     from lib.storage.store import read_manifest, save_npz
     import numpy as np
     for a in (artifacts.Artifact("made", "made.npz", "97_make", "input"),
@@ -441,7 +445,7 @@ def test_a_bundled_model_has_one_weights_id_before_and_after_its_first_load(tmp_
 
 def test_the_runner_converts_a_bundled_model_before_fingerprinting(tmp_path, monkeypatch):
     """prepare_bundled_models runs `python -m lib.models prepare` only for bundled models not converted yet."""
-    import lib.run as R
+    import lib.pipeline.runner as R
     monkeypatch.setenv("HEADINFO_CACHE", str(tmp_path))
     _converted_folder(tmp_path, "smollm2-135m", b"x")
     calls = []

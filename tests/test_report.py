@@ -1,7 +1,7 @@
 """lib.report: the run index (outputs/<run>/html/index.html).
 
 Run folders are built here the way the runner leaves them: executed notebooks (nbformat, with real PNG outputs
-drawn by matplotlib), runner bookkeeping through lib.run.record / lib.storage.store.update_manifest, HTML report files.
+drawn by matplotlib), runner bookkeeping through lib.pipeline.bookkeeping.record / lib.storage.store.update_manifest, HTML report files.
 The key figures written next to index.html must be byte-identical to the PNGs put into the notebooks.
 The browser test opens the index in headless Chromium (installed with apt-get when missing) and checks that the
 page rendered and that every image loaded, with a broken image as the negative control.
@@ -19,8 +19,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from lib import report
-from lib.run import Step, record
+from lib import REPO_ROOT, report as report_command
+from lib.pipeline import report
+from lib.pipeline.bookkeeping import record
+from lib.pipeline.steps import Step
 from lib.storage.store import update_manifest
 
 
@@ -135,7 +137,7 @@ def test_index_is_idempotent_and_drops_stale_figures(clean_run):
 
 def planted_claims(out: Path) -> list[dict]:
     from lib.storage import artifacts
-    from lib import claims as C
+    from lib.pipeline import claims as C
     rows = [C.new_claim("C1"), C.new_claim("C5"), C.not_tested("C6", "no behaviour_summary.json (09 did not run)")]
     rows[0].verdict, rows[0].value, rows[0].ci95 = "ruled out", 0.891, [0.85, 0.92]
     rows[0].null = {"name": "circular-shift surrogates", "value": 0.9, "ci95": [0.88, 0.93]}
@@ -181,7 +183,7 @@ def test_templates_ship_with_the_package():
     import tomllib
     names = {p.name for p in files("lib").joinpath("templates").iterdir()}
     assert {"index.html.j2", "findings.html.j2"} <= names
-    pyproject = tomllib.loads((Path(report.__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert "templates/*.j2" in pyproject["tool"]["setuptools"]["package-data"]["lib"]
 
 
@@ -218,12 +220,12 @@ def test_check_run_reports_failures_error_cells_tracebacks_and_notebooks_never_r
 
 def test_cli_exit_codes(clean_run, tmp_path, capsys):
     out, _ = clean_run
-    assert report.main([str(out), "--check"]) == 0
+    assert report_command.main([str(out), "--check"]) == 0
     assert "index.html" in capsys.readouterr().out
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert report_command.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     executed_notebook(out / "02_phiid.ipynb", [], error=True)
-    assert report.main([str(out), "--check"]) == 1
+    assert report_command.main([str(out), "--check"]) == 1
     assert "02_phiid: status error" in capsys.readouterr().out
 
 
@@ -263,7 +265,7 @@ def test_notebook_formulas_read_offline_without_mathjax():
     import json
     import re
     tex = re.compile(r"\$\$.*?\$\$|\$[^$\n]+\$|\\\(|\\\[", re.S)
-    notebooks = sorted((Path(report.__file__).parents[1] / "notebooks").glob("*.ipynb"))
+    notebooks = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
     assert notebooks
     found = {p.name: m.group(0)[:40] for p in notebooks for c in json.loads(p.read_text())["cells"]
              if c["cell_type"] == "markdown" for m in [tex.search("".join(c["source"]))] if m}

@@ -167,7 +167,7 @@ def test_c1_sentences_put_r_beside_its_null_and_say_when_it_is_still_collinear()
 
 
 def test_c1_against_null_matches_a_hand_computation():
-    from lib import claims
+    from lib.pipeline import claims
     rng = np.random.default_rng(3)
     syn = rng.normal(size=40)
     red = syn + rng.normal(size=40)
@@ -255,7 +255,7 @@ def test_box_html_is_escaped_and_findable():
 
 
 def test_pages_without_a_claim_get_their_own_box_on_top():
-    from lib import report
+    from lib.pipeline import report
     box = cc.to_html(cc.Conclusion("06_neuron_effects", findings=["direct share 0.9"])).replace("'", '"')  # as nbconvert
     top = report.own_findings(f"<html><body><p>text</p>{box}</body></html>")
     assert 'id="own-findings-06_neuron_effects"' in top and ">Findings of this page</h2>" in top
@@ -265,7 +265,7 @@ def test_pages_without_a_claim_get_their_own_box_on_top():
 
 def test_every_pipeline_notebook_ends_with_its_box():
     import json
-    from lib.run import pipeline_notebooks
+    from lib.pipeline.steps import pipeline_notebooks
     for name, path in pipeline_notebooks().items():
         last = "".join(json.loads(path.read_text())["cells"][-1]["source"])
         assert f'conclusions.show("{name}", out_dir' in last, name

@@ -11,7 +11,8 @@ import pytest
 
 from lib import REPO_ROOT
 from lib.storage.store import ArtifactError
-from lib.run import ParamsError, build_steps, declared_parameters, load_params, parse_value, pipeline_notebooks
+from lib.pipeline.notebook_params import ParamsError, declared_parameters
+from lib.pipeline.steps import build_steps, load_params, parse_value, pipeline_notebooks
 
 
 def write_params(tmp_path, text, name="myrun", model=True):
@@ -182,7 +183,7 @@ def test_none_default_without_declared_type_is_refused(tmp_path):
     with pytest.raises(ParamsError, match=r"\['k'\] default to None without a declared type.*# type: int"):
         declared_parameters(_notebook(tmp_path, 'out_dir = "x"\nk = None  # how many\n'))
     typed = declared_parameters(_notebook(tmp_path, 'out_dir = "x"\nk = None  # type: Optional[int]  how many\n', "01_b.ipynb"))
-    from lib.run import check_type
+    from lib.pipeline.steps import check_type
     check_type("01_b", "k", 3, typed["k"])
     check_type("01_b", "k", None, typed["k"])
     with pytest.raises(ParamsError, match="'k' must be int"):
@@ -265,7 +266,7 @@ def fake_pipeline(tmp_path, monkeypatch):
     """Two notebooks known only by their registered artifacts (no runner change): 97_make writes made*.npz from
     the model, 98_use reads made.npz and writes used.npz."""
     from lib.storage import artifacts
-    from lib.run import Step
+    from lib.pipeline.steps import Step
     for a in (artifacts.Artifact("made", "made{kind}{tag}.npz", "97_make", "test input"),
               artifacts.Artifact("used", "used.npz", "98_use", "test output")):
         monkeypatch.setitem(artifacts.ARTIFACTS, a.name, a)
@@ -279,14 +280,15 @@ def fake_pipeline(tmp_path, monkeypatch):
 
 
 def _succeed(step, reads=(), earlier=()):
-    from lib.run import params_hash, record_success
+    from lib.pipeline.bookkeeping import record_success
+    from lib.pipeline.steps import params_hash
     step.output.write_text("{}")
     record_success(step, {step.output.parent / r for r in reads}, list(earlier), status="ok",
                    params_hash=params_hash(step.params))
 
 
 def _reasons(step, earlier=()):
-    from lib.run import stale_reasons
+    from lib.pipeline.bookkeeping import stale_reasons
     from lib.storage.store import read_manifest
     return stale_reasons(step, read_manifest(step.output.parent), list(earlier))
 
@@ -368,61 +370,61 @@ def test_stale_leftover_outputs_are_removed(fake_pipeline, capsys):
 
 def test_full_disk_during_a_notebook_is_one_line_and_failed(fake_pipeline, monkeypatch):
     import errno
-    from lib import run
+    from lib.pipeline import execution
     out, step = fake_pipeline
     s = step("97_make")
 
     def full(step, target, log_output):
         target.write_text('{"cells": [')                     # a partial executed copy
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
-    monkeypatch.setattr(run, "_papermill", full)
+    monkeypatch.setattr(execution, "_papermill", full)
     with pytest.raises(RuntimeError, match=r"^notebook 97_make: could not write .*97_make.ipynb.tmp.ipynb: No space "
                                            r"left on device \(errno 28\); free space there"):
-        run.execute(s)
+        execution.execute(s)
     entry = json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]
     assert entry["status"] == "failed" and "No space left" in entry["error"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.json.lock"]
 
 
 def test_full_disk_in_nbconvert_leaves_no_html(fake_pipeline, monkeypatch):
-    from lib import run
+    from lib.pipeline import execution
     out, step = fake_pipeline
     s = step("97_make")
-    monkeypatch.setattr(run, "_papermill", lambda step, target, log_output: target.write_text("{}"))
+    monkeypatch.setattr(execution, "_papermill", lambda step, target, log_output: target.write_text("{}"))
 
     def nbconvert_full(executed, target):
         import errno
         Path(target).write_text("<html")                         # a partial page, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(run, "export_html", nbconvert_full)
+    monkeypatch.setattr(execution, "export_html", nbconvert_full)
     with pytest.raises(RuntimeError, match=r"^notebook 97_make: nbconvert could not write .*97_make.html: OSError: "
                                            r"\[Errno 28\] No space left on device$"):
-        run.execute(s)
+        execution.execute(s)
     assert json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]["status"] == "failed"
     assert list((out / "html").iterdir()) == []
 
 
 def test_interrupted_entries_are_marked_failed(fake_pipeline):
-    from lib.run import _settle_interrupted, record
+    from lib.pipeline.bookkeeping import record, settle_interrupted
     out, step = fake_pipeline
     record(step("97_make"), status="running")
-    _settle_interrupted(out)
+    settle_interrupted(out)
     entry = json.loads((out / "manifest.json").read_text())["notebooks"]["97_make"]
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
 
 
 def test_a_single_notebook_run_settles_only_its_own_entry(fake_pipeline):
-    from lib.run import _settle_interrupted, record
+    from lib.pipeline.bookkeeping import record, settle_interrupted
     out, step = fake_pipeline
     record(step("97_make"), status="running")
     record(step("98_use"), status="running")          # another notebook's job, running beside this one
-    _settle_interrupted(out, "97_make")
+    settle_interrupted(out, "97_make")
     entries = json.loads((out / "manifest.json").read_text())["notebooks"]
     assert entries["97_make"]["status"] == "failed" and entries["98_use"]["status"] == "running"
 
 
 def test_upstream_follows_the_parents_graph():
-    from lib.run import PARENTS, upstream_of
+    from lib.pipeline.steps import PARENTS, upstream_of
     pipeline = sorted(PARENTS) + ["12_unlisted"]
     assert upstream_of("06_neuron_effects", pipeline) == ["01_extract_activations"]
     assert upstream_of("05_ablation", pipeline) == ["01_extract_activations", "02_phiid", "03_phiid_diagnostics",
@@ -433,7 +435,7 @@ def test_upstream_follows_the_parents_graph():
 
 @pytest.mark.slow(reason="reads the session's tiny pipeline run")
 def test_parents_cover_every_file_a_notebook_read(tiny_reference):
-    from lib.run import PARENTS, upstream_of
+    from lib.pipeline.steps import PARENTS, upstream_of
     manifest = json.loads((tiny_reference / "manifest.json").read_text())
     records = manifest["artifacts"]
     checked = 0
@@ -479,7 +481,8 @@ UNDER_TEST = ("01_extract_activations", "02_phiid", "03_phiid_diagnostics", "04_
 
 
 def reasons_of(out, *overrides):
-    from lib.run import stale_reasons, upstream_of
+    from lib.pipeline.bookkeeping import stale_reasons
+    from lib.pipeline.steps import upstream_of
     from lib.storage.store import read_manifest
     steps, manifest = tiny_steps(out, *overrides), read_manifest(out)
     return {name: stale_reasons(s, manifest, upstream_of(name, steps)) for name, s in steps.items()
@@ -647,7 +650,7 @@ def test_kill_9_mid_notebook_then_rerun_gives_the_same_artifacts(tiny_reference,
 
 def test_check_names_the_download_for_models_missing_from_the_cache(tmp_path, monkeypatch):
     import huggingface_hub
-    from lib.run import check_run
+    from lib.pipeline.runner import check_run
     path = write_params(tmp_path, "model: EleutherAI/pythia-1b\n01_extract_activations:\n  revisions: [step1000]\n")
     seen = []
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
@@ -676,7 +679,8 @@ def test_shards_key_is_read_by_the_runner_not_passed_to_the_notebook(tmp_path):
     ("model: random:llama\n02_phiid:\n  tau: 1\n02_phiid:\n  tau: 2\n", "'02_phiid' is given twice (lines 2 and 4)"),
 ])
 def test_duplicate_keys_are_refused_naming_the_key_and_lines(tmp_path, text, where):
-    from lib.run import ParamsError, load_params
+    from lib.pipeline.notebook_params import ParamsError
+    from lib.pipeline.steps import load_params
     path = tmp_path / "dup.yaml"
     path.write_text(text)
     with pytest.raises(ParamsError, match=re.escape(where)) as e:
@@ -693,7 +697,7 @@ def test_a_run_without_a_model_is_refused(tmp_path):
 def test_in_process_html_export_is_the_nbconvert_command_line_output(tmp_path):
     """The runner's one in-process exporter writes byte for byte what `jupyter nbconvert --to html --no-input
     --CoalesceStreamsPreprocessor.enabled=True` writes (code hidden, split stream outputs merged)."""
-    from lib.run import render_html
+    from lib.pipeline.execution import render_html
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
     nb.cells = [nbformat.v4.new_markdown_cell("# Report"),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lib import REPO_ROOT
-from lib.run import build_steps, default_jobs, kernel_threads, load_params, run_concurrently
+from lib.pipeline.scheduler import default_jobs, kernel_threads, run_concurrently
+from lib.pipeline.steps import build_steps, load_params
 
 TINY = REPO_ROOT / "params" / "tiny.yaml"
 # the notebooks whose files each notebook reads, directly (docs/conventions, lib/stages.py)
@@ -175,13 +176,13 @@ def test_sigterm_stops_every_running_kernel_and_records_their_notebooks_failed(t
 
 def test_a_kernel_gets_all_cpus_alone_and_its_share_beside_others(tmp_path, monkeypatch):
     import os
-    from lib import run
+    from lib.pipeline import execution
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     seen = {}
     rec = Recorder()
 
     def run_one(step):
-        seen[step.name] = dict(getattr(run._RUNNING.local, "threads", {}))
+        seen[step.name] = dict(getattr(execution.RUNNING.local, "threads", {}))
         rec(step)
     run_concurrently(tiny_steps(tmp_path / "run"), sorted(PARENTS), 2, run_one)
     half = str(max(1, len(os.sched_getaffinity(0)) // 2))

@@ -51,7 +51,7 @@ def sections(params: Path = PARAMS) -> list[str]:
 
 
 def shardable(nb: str) -> bool:
-    from lib.run import declared_parameters
+    from lib.pipeline.notebook_params import declared_parameters
     return "shard" in declared_parameters(REPO_ROOT / "notebooks" / f"{nb}.ipynb")
 
 
@@ -161,7 +161,8 @@ def test_dry_run_from_waits_for_the_given_job_where_parents_are_not_submitted(tm
 @pytest.mark.slow(reason="slurm/pipeline.sh --dry-run: each call starts Python, checks the params and imports torch for the cost table")
 def test_dry_run_forces_the_notebooks_after_the_first_one_with_work(tmp_path):
     """Each job is its own runner call: notebooks after one that will run must get --force (stale inputs)."""
-    from lib.run import Step, build_steps, current_code, load_params, params_hash, record_success, shard_suffix
+    from lib.pipeline.bookkeeping import current_code, record_success
+    from lib.pipeline.steps import Step, build_steps, load_params, params_hash, shard_suffix
     out = tmp_path / "run"
     run, shared, secs = load_params(PARAMS, [f"out_dir={out}"])
     steps = build_steps(run, shared, secs)
@@ -358,7 +359,7 @@ def test_pipeline_runs_to_the_end_with_every_artifact(pipeline):
     jobs = pipeline["final"] + pipeline["earlier"]
     assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), states(jobs)
     out = pipeline["out"]
-    from lib.report import check_run
+    from lib.pipeline.report import check_run
     from lib.storage.store import read_manifest
     manifest = read_manifest(out)["notebooks"]
     for nb in sections():
@@ -416,7 +417,7 @@ def test_cancelled_shard_stops_what_depends_on_it_and_resumes_when_resubmitted(p
         np.testing.assert_array_equal(final["done"][g, j], before["done"][g, j])
     kept = np.isfinite(before["kl"])
     np.testing.assert_array_equal(final["kl"][kept], before["kl"][kept])
-    # the finished shard is skipped: nothing it reads ran since (the up-to-date rule follows the graph, lib.run.PARENTS)
+    # the finished shard is skipped: nothing it reads ran since (the up-to-date rule follows the graph, lib.pipeline.steps.PARENTS)
     log1 = (out / "logs" / f"05_ablation.shard-1-of-{SHARDS}.{array}_1.out").read_text()
     assert "up to date (same parameters, inputs and outputs), skipped" in log1, log1[-3000:]
 

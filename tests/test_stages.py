@@ -30,9 +30,9 @@ declare(Stage("99_toy", device="GPU", cost=toy_cost, path=__file__.replace("toy_
 
 
 def test_the_declared_graph_is_the_runners_and_the_claims_map():
-    from lib.claims import CLAIMS
+    from lib.pipeline.claims import CLAIMS
     from lib.pipeline.cost import GPU_NOTEBOOKS, estimator
-    from lib.run import PARENTS, pipeline_notebooks
+    from lib.pipeline.steps import PARENTS, pipeline_notebooks
     declared = stages.stages()
     assert PARENTS == {name: list(s.reads) for name, s in declared.items()}
     assert set(pipeline_notebooks()) == set(declared)                       # every stage has its notebook

@@ -260,3 +260,24 @@ def test_the_wheel_holds_every_module_and_template(tmp_path):
     wanted = {str(p.relative_to(REPO_ROOT)) for p in lib_dir.rglob("*.py")} | \
              {str(p.relative_to(REPO_ROOT)) for p in (lib_dir / "templates").glob("*.j2")}
     assert not wanted - names, f"missing from the wheel: {sorted(wanted - names)}"
+
+
+def test_a_relative_run_folder_is_relative_to_the_repository_root_whatever_the_working_directory(tmp_path,
+                                                                                                monkeypatch):
+    from lib import REPO_ROOT
+    from lib.storage import artifacts
+    from lib.storage.store import run_folder
+    monkeypatch.chdir(tmp_path)                   # a kernel started elsewhere (JupyterLab, nbval: notebooks/)
+    assert run_folder("outputs/dev") == REPO_ROOT / "outputs" / "dev"
+    assert run_folder(tmp_path / "run") == tmp_path / "run"                     # absolute folders are kept
+    assert artifacts.path("rankings", "outputs/dev") == REPO_ROOT / "outputs" / "dev" / "rankings.csv"
+    assert artifacts.path("rankings", "") == Path("rankings.csv")               # a name inside any run folder
+
+
+def test_importing_lib_leaves_the_working_directory_alone():
+    from lib import REPO_ROOT
+    code = "import os, lib, lib.storage.artifacts; print(os.getcwd())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT / "notebooks", capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == REPO_ROOT / "notebooks"

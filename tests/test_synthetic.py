@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lib import REPO_ROOT
-from lib import claims as C
+from lib.pipeline import claims as C, verdicts
 from lib.experiments import synthetic as sy
 from lib.pipeline.params import problems
 from lib.estimators.phiid import ATOM_NAMES, phiid_all_pairs, phiid_pair
@@ -265,7 +265,7 @@ def test_imported_numpy_file_runs_through_phiid_ranking_and_claims(tmp_path):
     claims = run_pipeline("params/synthetic.yaml", out, "--set", f"model=file:{path}", "--set",
                           "01_extract_activations.baseline_random_init=false", "--only", "01_extract_activations",
                           "02_phiid", "03_phiid_diagnostics", "04_ranking_variants")
-    assert claims["C1"]["verdict"] in C.VERDICTS and claims["C1"]["n"] == 12
+    assert claims["C1"]["verdict"] in verdicts.VERDICTS and claims["C1"]["n"] == 12
     assert claims["C3"]["verdict"] == "not tested"
     manifest = json.loads((out / "manifest.json").read_text())
     import hashlib

@@ -137,7 +137,7 @@ def test_load_task_missing_file_and_split(tmp_path):
 
 
 def test_prompt_format_uses_chat_template_and_instruction():
-    from lib.model.loading import bundled_tokenizer
+    from lib.model.bundled import bundled_tokenizer
     tok = bundled_tokenizer()
     p = tasks.generate_problems(1, "test", 1, 0)[0]
     text = tok.decode(tasks.encode_problem(tok, p, chat_template=True))

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lib.storage import artifacts
 from lib.model.heads import HeadHooks
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.activation_run import ActivationRun  # noqa: F401  (re-exported: lib.experiments.extract.ActivationRun)
 from lib.model.prompts import Prompt
 

@@ -36,7 +36,7 @@ import torch
 from lib.storage import artifacts
 from lib.experiments.extract import left_pad
 from lib.model.hooks import hooks
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
 from lib.storage.notebooks import NB
 

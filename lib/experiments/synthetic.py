@@ -339,7 +339,7 @@ def read_file(path) -> ImportedActivations:
 
 @dataclass
 class NoNetwork:
-    """What notebook 01 prints about the 'model' of a network-free spec (the fields of lib.model.loading.ArchInfo it uses)."""
+    """What notebook 01 prints about the 'model' of a network-free spec (the fields of lib.model.architectures.ArchInfo it uses)."""
     n_layers: int
     n_heads: int
     source: str

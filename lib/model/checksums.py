@@ -34,7 +34,7 @@ def weights_checksum(folder: Path) -> str:
 
 def stamped_checksum(folder: Path) -> str:
     """weights_checksum of a converted bundled folder, stamped next to the weights (computing it takes ~1 s): the
-    stamp is written when the folder is made (lib.model.loading.prepare_bundled) or at the first call."""
+    stamp is written when the folder is made (lib.model.bundled.prepare_bundled) or at the first call."""
     stamp = Path(folder) / STAMP
     if stamp.exists():
         return stamp.read_text().strip()

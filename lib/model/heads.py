@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lib.model.hooks import hooks
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 
 __all__ = ["HeadHooks", "head_mask"]
 

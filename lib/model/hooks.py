@@ -1,6 +1,6 @@
 """The one place where the project hooks a model or patches its weights.
 
-Read or replace a tensor at a named site (lib.model.loading.SITES) of every layer or of one layer:
+Read or replace a tensor at a named site (lib.model.architectures.SITES) of every layer or of one layer:
 
     def scale_heads(layer, z):                  # z: head_out [batch, pos, n_heads * head_dim]
         return z * 0.5                          # a replacement tensor, or None to leave it unchanged
@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from lib.model.loading import SITES, ArchInfo
+from lib.model.architectures import ArchInfo, SITES
 
 __all__ = ["hooks", "skipped_blocks", "patched_weights"]
 

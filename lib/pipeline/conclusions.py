@@ -8,7 +8,7 @@ of the page. A generator is one function per notebook, named by its stage declar
 sentence builders below it (e.g. `ablation_sentences(auc_rows)`) take plain numbers, so they are unit-tested on
 planted values.
 
-The box reuses the Findings box style (lib/report.py FINDINGS_CSS: section.findings); the report check
+The box reuses the Findings box style (lib/pipeline/report/findings.py FINDINGS_CSS: section.findings); the report check
 (tests/test_reports_browser.py) finds it by its id prefix `what-this-shows`.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 
 from lib.pipeline import stages
 from lib.pipeline.tables import number as _n
+from lib.storage.store import run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["Conclusion", "ci", "to_html", "show", "conclude", "extraction", "phiid", "diagnostics_sentences",
@@ -53,12 +54,12 @@ def ci(value, lo, hi, digits: int = 3) -> str:
 
 
 def _read_json(out_dir: Path, name: str):
-    p = Path(out_dir) / name
+    p = run_folder(out_dir) / name
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def _read_csv(out_dir: Path, name: str):
-    p = Path(out_dir) / name
+    p = run_folder(out_dir) / name
     return pd.read_csv(p) if p.exists() else None
 
 
@@ -93,7 +94,7 @@ def conclude(notebook: str, out_dir, **extra) -> Conclusion:
         known = sorted(n for n in stages.stages() if stages.pointed(n, "conclusions", __name__))
         raise KeyError(f"no conclusion generator for {notebook!r}; known: {known}. Declare one: "
                        f"Stage({notebook!r}, ..., conclusions=<function>) in lib.pipeline.stages")
-    return generate(Path(out_dir), **extra)
+    return generate(run_folder(out_dir), **extra)
 
 
 # ----------------------------------------------------------------------------- 01 activations
@@ -220,7 +221,7 @@ def untrained_sentences(all_files: list[dict], brain: float = -0.4) -> list[str]
 
 
 def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[str]]:
-    """Claim C1 per copy of the model (rows: lib.claims.c1_against_null) -> (findings, against)."""
+    """Claim C1 per copy of the model (rows: lib.pipeline.claims.c1_against_null) -> (findings, against)."""
     found, against = [], []
     for row in rows:
         found.append(f"C1, {row['copy']} copy: Spearman r(synergy, redundancy) = "
@@ -244,7 +245,7 @@ def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[
 
 
 def diagnostics(out_dir: Path, c1: list[dict] | None = None) -> Conclusion:
-    """03's box from diagnostics.json and, given the notebook's C1 rows (lib.claims.c1_against_null), claim C1."""
+    """03's box from diagnostics.json and, given the notebook's C1 rows (lib.pipeline.claims.c1_against_null), claim C1."""
     c = Conclusion(NB.DIAGNOSTICS, sources=["diagnostics.json"] + ["activations*.npz"] * bool(c1))
     d = _read_json(out_dir, "diagnostics.json")
     if d:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from lib import REPO_ROOT
 from lib.storage import artifacts
+from lib.storage.store import run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["OUTPUT_ROOT", "RunData", "load_run", "summary", "head_id", "label", "default_mode", "default_variant",
@@ -100,7 +101,7 @@ def load_run(out_dir: str | Path = "") -> RunData:
             return RunData(out_dir=OUTPUT_ROOT, missing=[f"no run folder in {OUTPUT_ROOT} (a folder with a "
                                                          f"manifest.json): run `make run`, or set out_dir"])
         out_dir = found
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     run = RunData(out_dir=out_dir)
     _load_activations(run)
     _load_local(run)

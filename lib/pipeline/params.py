@@ -123,7 +123,7 @@ def _random_archs() -> tuple[str, ...]:
 
 
 def _bundled_models() -> tuple[str, ...]:
-    from lib.model.loading import BUNDLED
+    from lib.model.bundled import BUNDLED
     return tuple(BUNDLED)
 
 
@@ -355,7 +355,7 @@ def _held_out_problems(runs: dict[str, dict]) -> list[str]:
 
 
 def _weights_key(p: dict) -> tuple:
-    """(model, seed where the seed builds the weights): what lib.run.model_key compares between notebooks."""
+    """(model, seed where the seed builds the weights): what lib.pipeline.bookkeeping.model_key compares between notebooks."""
     spec = str(p.get("model"))
     return (spec, p.get("seed", 0) if spec.startswith(("random:", "synthetic:")) else None)
 

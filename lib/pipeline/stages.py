@@ -1,5 +1,5 @@
 """The pipeline's stages, each declared once: its notebook, the stages it reads, where it runs, its cost estimator
-and the claims it tests. The runner's graph (lib.run), the cost table (lib.pipeline.cost), the claims map (lib.claims) and
+and the claims it tests. The runner's graph (lib.run), the cost table (lib.pipeline.cost), the claims map (lib.pipeline.claims) and
 the SLURM submitter (slurm/pipeline.sh: GPU or CPU job, afterok parents) all read this table.
 
     Stage(NB.ABLATION, reads=(NB.RANKING,), device="GPU", cost="ablation", claims=("C5",))
@@ -36,7 +36,7 @@ class Stage:
     its SLURM job waits for them). device: "GPU" when it runs the model (a GPU job on a cluster; it still runs on
     CPU anywhere). cost: its estimator (p, run, dims) -> lib.pipeline.cost.Work: a function name of lib.pipeline.cost, "module:function"
 or the function itself (None: no forward-pass estimate). claims: the ids
-    of the paper's claims it tests (lib.claims). conclusions: its "What this shows" generator (out_dir, **extra) ->
+    of the paper's claims it tests (lib.pipeline.claims). conclusions: its "What this shows" generator (out_dir, **extra) ->
     lib.pipeline.conclusions.Conclusion, named like cost (a function of lib.pipeline.conclusions, "module:function"
     or the function; None: no box). path: the notebook (default notebooks/<name>.ipynb, or
     $HEADINFO_NOTEBOOKS/<name>.ipynb)."""

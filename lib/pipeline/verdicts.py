@@ -1,7 +1,7 @@
 """Verdicts a reviewer accepts: one table of rules, the paper's effect as the smallest effect of interest, the
 minimum detectable effect at 80% power, and the equivalence test that rules an effect out.
 
-Every claim of lib/claims.py reduces to an `Evidence`: an estimate with its 95% CI, a null (a value n0 and the band
+Every claim of lib/pipeline/claims/ reduces to an `Evidence`: an estimate with its 95% CI, a null (a value n0 and the band
 [n_lo, n_hi] of what the null gives: the null value itself when it has no spread), the claimed direction and the
 paper's effect P in the same units. Turned so that the claimed direction is positive (x -> s * x with s = +1 for
 "greater", -1 for "less"), with CI [lo, hi]:
@@ -14,7 +14,7 @@ paper's effect P in the same units. Turned so that the claimed direction is posi
                  beyond the null but fails its extra condition (C1: r must also stay below 0.5) and excludes
                  the paper's effect is ruled out too.
   underpowered   otherwise: the CI spans the null and the paper's effect
-  not tested     no input (the notebook did not run, failed, or its inputs are stale): decided by lib/claims.py
+  not tested     no input (the notebook did not run, failed, or its inputs are stale): decided by lib/pipeline/claims/
 
 Minimum detectable effect (80% power, two-sided alpha 0.05): with se the estimate's standard error (given, or
 (hi - lo) / (2 x 1.96) from the CI), the test detects a true effect m when m - 1.96 se > n_hi with probability

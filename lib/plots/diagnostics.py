@@ -135,7 +135,7 @@ def pair_matrix(M, head_layer, title: str, unit: str = "nats", cmap: str = "viri
 
 
 def c1_null(rows: list[dict], nulls: dict, brain: float = -0.4):
-    """Claim C1 per copy of the model (rows: lib.claims.c1_against_null; nulls: copy -> [surrogates] Spearman r of
+    """Claim C1 per copy of the model (rows: lib.pipeline.claims.c1_against_null; nulls: copy -> [surrogates] Spearman r of
     each circular-shift surrogate): every surrogate's r (grey dots), the null's 95% band (grey bar), the observed r
     with its bootstrap 95% CI (black), and the brain's r (dashed)."""
     fig, ax = new_figure(7.6, 1.6 + 0.75 * len(rows))

@@ -20,11 +20,20 @@ import numpy as np
 
 from lib import REPO_ROOT
 
-__all__ = ["ArtifactError", "RunFolderWriteError", "NOTEBOOK_ENV", "PRODUCER_HOOKS", "WRITE_OVERRIDE_ENV",
+__all__ = ["run_folder", "ArtifactError", "RunFolderWriteError", "NOTEBOOK_ENV", "PRODUCER_HOOKS", "WRITE_OVERRIDE_ENV",
            "in_jupyter_kernel", "check_write_allowed", "ensure_writable_dir", "atomic_path", "save_npz", "save_json",
            "save_csv", "save_figure", "READ_HOOKS", "load_npz", "check_same_heads", "git_commit", "package_versions",
            "file_checksum", "read_manifest", "clean_temp_files", "disk_error", "locked", "update_manifest",
            "jsonable", "RunLockedError", "run_lock"]
+
+
+def run_folder(out_dir) -> Path:
+    """A run folder as a Path. A relative one (a notebook's default "outputs/dev") is relative to the repository
+    root, whatever the kernel's working directory: papermill runs kernels there, JupyterLab and nbval start them in
+    notebooks/. An empty out_dir ("") stays empty: artifacts.path(name, "") is a file's path inside any run folder
+    (what artifacts.identify reads back), not a file of the repository root."""
+    path = Path(out_dir).expanduser()
+    return path if path.is_absolute() or path == Path("") else REPO_ROOT / path
 
 
 _UMASK = os.umask(0)
@@ -46,7 +55,7 @@ WRITE_OVERRIDE_ENV = "HEADINFO_WRITE_RUN_FOLDER"     # "1": let a kernel outside
 
 def runner_folder(path: str | os.PathLike, depth: int = 3) -> Path | None:
     """The run folder holding `path` (it or one of its `depth` nearest parents) when the runner owns it: its
-    manifest.json has notebook entries (lib.run.record); else None."""
+    manifest.json has notebook entries (lib.pipeline.bookkeeping.record); else None."""
     for folder in list(Path(path).resolve().parents)[:depth]:
         manifest = folder / "manifest.json"
         if manifest.is_file():
@@ -221,7 +230,7 @@ def file_checksum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / "manifest.json"
+    path = run_folder(out_dir) / "manifest.json"
     if not path.exists():
         return {}
     try:
@@ -244,7 +253,7 @@ def clean_temp_files(out_dir: str | os.PathLike, globs: list[str] | None = None)
     import fnmatch
     removed = []
     for pattern in TEMP_GLOBS:
-        for p in Path(out_dir).rglob(pattern):
+        for p in run_folder(out_dir).rglob(pattern):
             if globs is not None and (p.parent.name == "html" or not any(fnmatch.fnmatch(p.name, f".{g}.*")
                                                                          for g in globs)):
                 continue          # pages are rewritten by every job's report step: left to the whole run's clean-up
@@ -278,7 +287,7 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
 
 def update_manifest(out_dir: str | os.PathLike, section: str, entry: dict, merge: bool = True) -> dict:
     """Merge `entry` into manifest.json under `section` (e.g. a notebook name), atomically and under a lock."""
-    path = Path(out_dir) / "manifest.json"
+    path = run_folder(out_dir) / "manifest.json"
     with locked(path):
         manifest = read_manifest(out_dir)
         manifest.setdefault("git_commit", git_commit())
@@ -346,7 +355,7 @@ def run_lock(out_dir: str | os.PathLike, what: str, stem: str | None = None) -> 
     when the owner dies the kernel releases them, and the next runner reports the stale owner it replaces. Yields the stale owner's line (or None).
     """
     import fcntl
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     main_path = out_dir / ".run.lock"
     held = []
     try:

@@ -10,6 +10,7 @@ import numpy as np
 from lib.estimators.phiid.atoms import ATOM_NAMES, DegeneratePairWarning, MODES, REDUNDANCIES
 from lib.estimators.phiid.engine import phiid_all_pairs
 from lib.estimators.phiid.reference import _check_choice
+from lib.storage.store import run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["phiid_path", "save_phiid", "load_phiid", "run_phiid_for_run"]
@@ -68,7 +69,7 @@ def _missing_mode(out_dir, path, mode, needed_by):
     who = f"{needed_by} needs" if needed_by else "this analysis needs"
     spec = artifacts.artifact("phiid")
     return artifacts.ArtifactError(
-        f"{who} {path.name} in {str(Path(out_dir))!r}, which does not exist. Notebook {spec.producer} writes "
+        f"{who} {path.name} in {str(run_folder(out_dir))!r}, which does not exist. Notebook {spec.producer} writes "
         f"{artifacts.shown_name(spec)} for every mode in its `modes` parameter: add {mode!r} to `modes` (params "
         f"YAML, section of {spec.producer}) and rerun it (python -m lib.run --params <run>.yaml --only "
         f"{spec.producer}), or drop the variants that need it")

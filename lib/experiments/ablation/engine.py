@@ -8,7 +8,7 @@ import torch
 from lib.experiments.extract import left_pad
 from lib.model.heads import HeadHooks
 from lib.model.hooks import patched_weights
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.ablation.plan import AblationInputs, AblationPlan
 
 __all__ = ["DivergenceEngine", "removal_masks", "perturbed_heads"]

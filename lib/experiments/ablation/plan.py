@@ -11,7 +11,7 @@ import pandas as pd
 
 from lib.storage import artifacts
 from lib.storage.checkpoints import parse_shard
-from lib.storage.store import ArtifactError, check_same_heads
+from lib.storage.store import ArtifactError, check_same_heads, run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["PERTURBATIONS", "RANDOM_VARIANT", "ORACLE", "Ordering", "AblationInputs", "make_points", "make_orderings",
@@ -162,7 +162,7 @@ def make_orderings(rankings: pd.DataFrame, variants: list[str], n_random: int = 
 def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None = None,
                 model: str | None = None) -> AblationInputs:
     """Read and validate the activations (tokens, prompts) and rankings of out_dir (lib.storage.artifacts)."""
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     act_path = artifacts.path("activations", out_dir)
     act = artifacts.load_file("activations", act_path, require=["tokens", "prompt_input_ids", "prompt_lengths",
                                                                 "head_layer", "head_index"])

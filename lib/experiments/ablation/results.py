@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lib.storage import artifacts
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError, check_same_heads, update_manifest
 from lib.experiments.ablation.engine import DivergenceEngine, perturbed_heads, removal_masks, zeroed_heads
 from lib.experiments.ablation.plan import AblationInputs, AblationPlan, MATCHED, Ordering, TABLE_FRACTIONS

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.storage import artifacts
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
 from lib.experiments.ablation.plan import AblationInputs, AblationPlan
 

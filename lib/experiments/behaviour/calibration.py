@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.behaviour.plan import (CALIBRATION_COLUMNS, CALIBRATION_SEED_OFFSET, BehaviourPlan, Calibration,
                                             CalibrationSettings, Condition, make_conditions)
 from lib.experiments.behaviour.running import run_behaviour

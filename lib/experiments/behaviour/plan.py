@@ -12,8 +12,8 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.experiments import tasks
 from lib.experiments.ablation import make_orderings
-from lib.model.loading import ArchInfo
-from lib.storage.store import ArtifactError
+from lib.model.architectures import ArchInfo
+from lib.storage.store import ArtifactError, run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER", "Condition", "head_sets",
@@ -224,7 +224,7 @@ def prepare(out_dir, model: str | None = None, variants=("rank_diff",), fraction
     check_calibration(calibrate, calibration_sigmas, calibration_problems, calibration_sets,
                       target_relative_accuracy, perturbations)
     problems = tasks.load_task(task, n_problems, "test", difficulty, task_seed)
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     rankings = load_rankings(out_dir, variants, model)
     n_heads = int(rankings["head"].max()) + 1
     sets = head_sets(rankings, variants, float(fraction), n_random, seed, n_heads)

@@ -20,7 +20,7 @@ from lib.experiments import tasks
 from lib.experiments.ablation import perturbed_heads
 from lib.experiments.extract import left_pad
 from lib.model.heads import HeadHooks
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
 from lib.experiments.behaviour.plan import BehaviourPlan, Condition, check_rankings_model
 from lib.experiments.behaviour.statistics import BehaviourResult

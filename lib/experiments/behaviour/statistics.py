@@ -212,7 +212,7 @@ class BehaviourResult:
                 "calibration_sigmas": len(cal.sigmas) if cal else 0}
 
     def claim(self) -> dict:
-        """The C6 block: first variant, first perturbation setting (see CLAIM_INPUTS / lib.claims). value: the
+        """The C6 block: first variant, first perturbation setting (see CLAIM_INPUTS / lib.pipeline.claims). value: the
         relative accuracy difference (relative_difference); the absolute difference is in details["absolute"]."""
         perturbation, sigma = self.settings()[0]
         variant = self.plan.variants[0]

@@ -1,6 +1,6 @@
 """Claim C7 (the paper's Fig 5) from the fine-tuning runs: GRPO's effect, the SFT control, validity, overlap.
 
-The claim block (finetune_summary.json "claim", read by lib.claims) is GRPO's when GRPO ran (details.arm = "grpo"):
+The claim block (finetune_summary.json "claim", read by lib.pipeline.claims) is GRPO's when GRPO ran (details.arm = "grpo"):
     value       Hedges' g of the FINAL test accuracy (after the last GRPO step; not the area under the learning
                 curve), synergistic vs random heads, one value per run: training seeds x random head sets
                 (random sets pooled as one group)

@@ -12,13 +12,13 @@ import warnings
 from dataclasses import dataclass
 
 from lib.experiments.finetune.masks import MaskedAdamW, head_masks
-from lib.experiments.finetune.sft import check_positive
+from lib.experiments.finetune.sft import RunSettings, check_positive
 
 __all__ = ["GRPOSettings", "correctness_reward", "evaluation_callback", "run_grpo"]
 
 
 @dataclass(frozen=True)
-class GRPOSettings:
+class GRPOSettings(RunSettings):
     n_steps: int = 3
     lr: float = 1.0e-6
     n_generations: int = 4
@@ -26,8 +26,6 @@ class GRPOSettings:
     grad_accum: int = 1
     max_completion_length: int = 32
     temperature: float = 1.0
-    kv: str = "any"
-    seed: int = 0
 
     def check(self) -> None:
         check_positive(self, ("n_steps", "n_generations", "batch_size", "grad_accum", "max_completion_length"), "lr",

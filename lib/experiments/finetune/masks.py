@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 
 __all__ = ["KV_POLICIES", "kv_heads_selected", "head_masks", "MaskedAdamW", "selected_units", "weight_deltas",
            "overlap"]

@@ -36,7 +36,7 @@ from lib.experiments.finetune.grpo import GRPOSettings, evaluation_callback, run
 from lib.experiments.finetune.masks import KV_POLICIES, head_masks, selected_units, weight_deltas
 from lib.experiments.finetune.sft import Example, SFTSettings, run_sft
 from lib.experiments.finetune.stats import hedges_g, paired_bootstrap, permutation_null
-from lib.storage.store import ArtifactError
+from lib.storage.store import ArtifactError, run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["METHODS", "KINDS", "PAPER", "Condition", "check_settings", "make_conditions", "prepare", "sft_examples",
@@ -144,7 +144,7 @@ def prepare(out_dir, model: str | None = None, variant: str = "rank_diff", fract
         grpo.check()
     train = tasks.load_task(task, n_train, "train", difficulty, task_seed)
     test = tasks.load_task(task, n_test, "test", difficulty, task_seed)
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     rankings = load_rankings(out_dir, [variant], model)
     n_heads = int(rankings["head"].max()) + 1
     conditions = make_conditions(rankings, variant, float(fraction), n_random, seed, n_heads)

@@ -13,21 +13,27 @@ import torch
 
 from lib.experiments.finetune.masks import MaskedAdamW, head_masks
 
-__all__ = ["SFTSettings", "check_positive", "Example", "collate", "train_step", "run_sft"]
+__all__ = ["RunSettings", "SFTSettings", "check_positive", "Example", "collate", "train_step", "run_sft"]
 
 IGNORE = -100
 
 
 @dataclass(frozen=True)
-class SFTSettings:
+class RunSettings:
+    """What the settings of every fine-tuning method (SFTSettings, GRPOSettings) hold besides their own: the KV
+    policy of the head masks (lib.experiments.finetune.masks.KV_POLICIES) and the seed, both set per run."""
+    kv: str = "any"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SFTSettings(RunSettings):
     n_steps: int = 20
     lr: float = 1.0e-4
     batch_size: int = 8
     grad_accum: int = 1
     eval_every: int = 10
     weight_decay: float = 0.0
-    kv: str = "any"
-    seed: int = 0
 
     def check(self) -> None:
         check_positive(self, ("n_steps", "batch_size", "grad_accum", "eval_every"), "lr", "SFT")

@@ -39,7 +39,7 @@ from lib.experiments.interference.samples import (MIN_SAMPLES_FOR_FISHER, SOURCE
                                       samples_from_file, samples_from_generation, samples_from_texts)
 from lib.experiments.interference.scores import (check_block_slices, compute_interference, fisher_denominator,
                                      interference_from_gradients, normalised_contributions, pair_scores)
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 
 __all__ = ["METHODS", "SampleGradients", "continuation_nll", "per_sample_gradients", "projection_sites",
            "projection_weights", "torch_threads", "BLOCKS", "DEFAULT_EPS", "KV_BLOCKS", "VARIANT_UNITS", "VARIANTS",

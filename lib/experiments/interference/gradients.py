@@ -13,7 +13,7 @@ from torch import nn
 
 from lib.model.hooks import hooks
 from lib.experiments.interference.samples import Sample, TaskSamples
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 
 __all__ = ["METHODS", "projection_sites", "projection_weights", "torch_threads", "continuation_nll",
            "SampleGradients", "per_sample_gradients"]
@@ -28,7 +28,7 @@ _QKV_OUT_SITES = ("q_out", "k_out", "v_out")
 
 def projection_sites(arch: ArchInfo) -> dict[str, tuple[int, nn.Module, str, str]]:
     """Parameter name of every attention projection weight -> (layer, module owning it, input site, output site)
-    (lib.model.loading.SITES, PROJECTION_SITES). Fused tensors appear once; q/k/v share their input site qkv_in."""
+    (lib.model.architectures.SITES, PROJECTION_SITES). Fused tensors appear once; q/k/v share their input site qkv_in."""
     module_names = {id(m): n for n, m in arch.model.named_modules()}
     out: dict[str, tuple[int, nn.Module, str, str]] = {}
     for layer in range(arch.n_layers):

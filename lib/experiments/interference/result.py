@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from lib.storage import artifacts
+from lib.storage.store import run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["BLOCKS", "KV_BLOCKS", "VARIANTS", "DEFAULT_EPS", "VARIANT_UNITS", "InterferenceResult"]
@@ -154,7 +155,7 @@ class InterferenceResult:
                 raise ValueError(f"refusing to write {artifacts.path('interference', out_dir).name}: {key} holds "
                                  f"non-finite values (raise eps or ridge)")
         top, summary = self.top_pairs(top_k), self.summary()
-        self.out_dir = Path(out_dir)
+        self.out_dir = run_folder(out_dir)
         paths = {"npz": artifacts.save("interference", out_dir, arrays),
                  "top_conflicts": artifacts.save("top_conflicts", out_dir, top),
                  "summary": artifacts.save("interference_summary", out_dir, summary)}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lib.storage import artifacts
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.model.prompts import CATEGORIES, all_prompts
 from lib.storage.store import ArtifactError
 from lib.storage.notebooks import NB

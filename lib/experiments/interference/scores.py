@@ -13,7 +13,7 @@ from torch import nn
 from lib.experiments.interference.gradients import METHODS, SampleGradients, per_sample_gradients, torch_threads
 from lib.experiments.interference.result import BLOCKS, DEFAULT_EPS, KV_BLOCKS, VARIANTS, InterferenceResult
 from lib.experiments.interference.samples import MIN_SAMPLES_FOR_FISHER, TaskSamples
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 
 __all__ = ["fisher_denominator", "normalised_contributions", "pair_scores", "check_block_slices",
            "interference_from_gradients", "compute_interference"]

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lib.model.hooks import hooks, skipped_blocks
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.neurons.selection import SCALES, Neuron, PromptSet
 
 __all__ = ["CLASSES", "TOTAL_EPS", "CleanPass", "clean_pass", "Treatment", "treated_logits_incremental",

@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 
 from lib.storage import artifacts
 from lib.storage.checkpoints import CheckpointMismatch, Parts, describe_differences, differences, parse_shard
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.experiments.neurons.effects import (CleanPass, Treatment, _batch_rows, classify, clean_pass, direct_logits,
                                  direct_ratio, frozen_logits, neuron_directions, neuron_scales, total_logits_full,
                                  treated_logits_incremental)
 from lib.experiments.neurons.selection import (MODES, SCALES, SELECTORS, Neuron, PromptSet, check_mlp_site, load_prompts,
                                    read_neuron_file, select_neurons, validate_neurons)
 from lib.experiments.neurons.summaries import layer_summary, summaries_frame, summarize_neurons
-from lib.storage.store import ArtifactError
+from lib.storage.store import ArtifactError, run_folder
 from lib.storage.notebooks import NB
 
 __all__ = ["NeuronSetup", "prepare", "compute_batch", "read_effects_csv", "compute_effects", "NeuronResult", "run",
@@ -173,7 +173,7 @@ def prepare(model, tokenizer, arch: ArchInfo, *, out_dir: str | Path = "outputs/
                   activation_scale=activation_scale, targets=targets, thresholds=list(thresholds),
                   batch_size=batch_size, topk=topk, shard=shard, seed=seed, chat_template=chat_template,
                   prompt_source=prompts.source)
-    return NeuronSetup(model, tokenizer, arch, Path(out_dir), prompts, clean, explicit, mode, activation_scale,
+    return NeuronSetup(model, tokenizer, arch, run_folder(out_dir), prompts, clean, explicit, mode, activation_scale,
                        target_ids, distractor_ids, source, (float(thresholds[0]), float(thresholds[1])),
                        batch_size, topk, shard_t, skip_lower, params)
 

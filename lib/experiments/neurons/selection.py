@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from lib.storage import artifacts
-from lib.model.loading import ArchInfo
+from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
 from lib.storage.notebooks import NB
 
@@ -43,7 +43,7 @@ def check_mlp_site(arch: ArchInfo) -> None:
     """Fail clearly when the architecture's MLP down projection (the neuron site) cannot be found or has the wrong
     shape; names the architecture and the module path tried."""
     path = getattr(arch.spec, "mlp_down", None)
-    fix = ("add or correct the ArchSpec.mlp_down entry for it in lib/model/loading.py (the module whose input is the "
+    fix = ("add or correct the ArchSpec.mlp_down entry for it in lib/model/architectures.py (the module whose input is the "
            "neuron activations, [.., d_mlp], and whose output is added to the residual stream)")
     if not path:
         raise ValueError(f"the MLP site of architecture {arch.model_type!r} is unknown (no mlp_down path): {fix}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.storage.store import ArtifactError
+from lib.storage.store import ArtifactError, run_folder
 from lib.storage.artifacts.registry import ARTIFACTS, Artifact, Key, RANDOM_INIT, _FIELD, artifact, sharded
 
 __all__ = ["revision_tag", "tag_sort_key", "tags", "identify", "parts_dir", "shards"]
@@ -85,7 +85,7 @@ def parts_dir(name: str, out_dir, shard: tuple[int, int] | None = None) -> Path:
     if not a.shard_dir:
         raise ArtifactError(f"artifact {name!r} has no shard folder, hence no checkpoint parts")
     stem = a.filename(shard=shard).rsplit(".", 1)[0]
-    return Path(out_dir) / a.shard_dir / f"{stem}.parts"
+    return run_folder(out_dir) / a.shard_dir / f"{stem}.parts"
 
 
 def _shard_regex(a: Artifact, **fields: Any) -> re.Pattern:
@@ -101,7 +101,7 @@ def shards(name: str, out_dir, **fields: Any) -> dict[tuple[int, int], Path]:
     a = artifact(name)
     if not a.shard_dir:
         raise ArtifactError(f"artifact {name!r} has no shard files (only {sharded()} do)")
-    folder, pattern = Path(out_dir) / a.shard_dir, _shard_regex(a, **fields)
+    folder, pattern = run_folder(out_dir) / a.shard_dir, _shard_regex(a, **fields)
     found = {}
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = pattern.match(p.name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.storage import store
-from lib.storage.store import ArtifactError, check_same_heads
+from lib.storage.store import ArtifactError, check_same_heads, run_folder
 from lib.storage.artifacts.folders import identify
 from lib.storage.artifacts.readme import producer_outputs
 from lib.storage.artifacts.registry import ARTIFACTS, artifact
@@ -60,7 +60,7 @@ def check_same_run(acts: dict, ph: dict) -> None:
 
 READS_ENV = "HEADINFO_READS"          # file the kernel appends every artifact it reads to (set by the runner)
 NOTEBOOK_ENV = store.NOTEBOOK_ENV    # notebook being executed by the runner
-MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.run.model_key)
+MODEL_ENV = "HEADINFO_MODEL"          # that notebook's model key (see lib.pipeline.bookkeeping.model_key)
 
 
 def note_read(p) -> None:
@@ -104,7 +104,7 @@ def output_globs(notebook: str) -> list[str]:
 def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -> list[Path]:
     """The files of the notebook's registered artifacts present in out_dir: the shard files of `shard` for a shard
     run, else the run folder's files (shard files excluded)."""
-    out_dir, found = Path(out_dir), set()
+    out_dir, found = run_folder(out_dir), set()
     for a in producer_outputs(notebook):
         if shard is not None:
             if a.shard_dir:
@@ -117,7 +117,7 @@ def output_files(notebook: str, out_dir, shard: tuple[int, int] | None = None) -
 
 
 def relative(p, out_dir) -> str:
-    return Path(p).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+    return Path(p).resolve().relative_to(run_folder(out_dir).resolve()).as_posix()
 
 
 def _records(out_dir) -> dict:
@@ -133,7 +133,7 @@ def is_tagged(rel: str) -> bool:
 def check_input(out_dir, p, notebook: str = "", model: str = "", records: dict | None = None) -> None:
     """Refuse a run-folder file whose provenance does not hold: modified or replaced after its producer wrote it,
     computed from a file that has changed since (mixed inputs), or derived from other weights than `model`."""
-    out_dir = Path(out_dir)
+    out_dir = run_folder(out_dir)
     try:
         rel = relative(p, out_dir)
     except ValueError:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib.storage.store import ArtifactError, run_folder
 from lib.storage.notebooks import NB
-from lib.storage.store import ArtifactError
 
 __all__ = ["FORMATS", "RANDOM_INIT", "Artifact", "ARTIFACTS", "artifact", "sharded", "path"]
 
@@ -55,15 +55,19 @@ class Artifact:
 
     def path(self, out_dir, tag: str = "", shard: tuple[int, int] | None = None, **fields: Any) -> Path:
         if shard is None:
-            return Path(out_dir) / self.filename(tag, **fields)
+            return run_folder(out_dir) / self.filename(tag, **fields)
         if not self.shard_dir:
             raise ArtifactError(f"artifact {self.name!r} has no shard files (only {sharded()} do)")
-        return Path(out_dir) / self.shard_dir / self.filename(tag, shard, **fields)
+        return run_folder(out_dir) / self.shard_dir / self.filename(tag, shard, **fields)
 def _k(dtype, *dims, doc="", optional=False) -> Key:
     return Key(dtype, tuple(dims), doc, optional)
 def _columns(*names, optional=()) -> dict[str, Key]:
     """CSV columns (presence is checked; pandas decides their dtypes)."""
     return {n: _k("any", "rows", optional=n in optional) for n in (*names, *optional)}
+def _claim_summary(name: str, producer: str, doc: str, claim: str) -> Artifact:
+    """<name>.json of a stage whose "claim" key holds the block of `claim` (e.g. "C6") the claims scorecard reads."""
+    return Artifact(name, f"{name}.json", producer, doc, {
+        "claim": _k("object", doc=f"the {claim} claim block read by the claims scorecard")})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,10 +246,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              }),
     Artifact("behaviour_generations", "behaviour_generations.jsonl", NB.BEHAVIOUR,
              "per condition and problem: generated text, extracted answer, correctness"),
-    Artifact("behaviour_summary", "behaviour_summary.json", NB.BEHAVIOUR,
-             "settings, synergistic vs random tests per variant and the C6 claim block", {
-                 "claim": _k("object", doc="the C6 claim block read by the claims scorecard"),
-             }),
+    _claim_summary("behaviour_summary", NB.BEHAVIOUR,
+                   "settings, synergistic vs random tests per variant and the C6 claim block", "C6"),
     Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", NB.BEHAVIOUR,
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
     Artifact("finetune", "finetune.csv", NB.FINETUNE,
@@ -259,10 +261,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "layer": _k("int", "rows"), "head": _k("int", "rows"), "block": _k("str", "rows"),
                  "delta_norm": _k("float", "rows"), "selected": _k("bool", "rows"),
              }),
-    Artifact("finetune_summary", "finetune_summary.json", NB.FINETUNE,
-             "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", {
-                 "claim": _k("object", doc="the C7 claim block read by the claims scorecard"),
-             }),
+    _claim_summary("finetune_summary", NB.FINETUNE,
+                   "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", "C7"),
     Artifact("finetune_checkpoint", ".finetune_checkpoints/{key}/{run}.pt", NB.FINETUNE,
              "state of one fine-tuning run after its last evaluation (removed when every run finished)"),
     Artifact("local_phiid", "local_phiid{tag}.npz", NB.LOCAL,
@@ -289,7 +289,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
              "parameters, versions, git commit, weights checksum, timings; one section per notebook"),
     Artifact("claims", "claims.json", "lib.run",
              "the claims scorecard: one entry per claim of the paper (C1-C7) with statistic, 95% CI, null, the "
-             "paper's figure and a verdict by the rules of lib/claims.py", {
+             "paper's figure and a verdict by the rules of lib/pipeline/claims/", {
                  "paper": _k("str"), "claims": _k("str", "claims", doc="list of claim entries"),
              }),
     Artifact("manifest_lock", "manifest.json.lock", "lib.run",
