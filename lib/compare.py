@@ -1,4 +1,4 @@
-"""Several finished runs side by side (notebooks/12_compare_models.ipynb, `make compare`): the claims matrix, the
+"""Several finished runs side by side (the notebook NB.COMPARE, `make compare`): the claims matrix, the
 synergy-minus-redundancy profiles over normalised depth with their null bands (the paper's Fig 2c), the
 synergy-redundancy correlation and autocorrelation per model, the ablation curves on the fraction axis, and trained
 vs random-init per model. Everything is read through lib.storage.artifacts.
@@ -28,6 +28,7 @@ from lib.pipeline import tables
 from lib.pipeline.conclusions import Conclusion, ci, to_html
 from lib.storage import artifacts
 from lib.pipeline.report.index import comparisons_including  # noqa: F401  (re-exported; the index links through it)
+from lib.storage.notebooks import NB
 
 __all__ = ["CompareError", "load_runs", "prompt_sets", "claims_matrix", "verdict_grid", "syn_red_table",
            "trained_vs_random", "depth_profile", "ablation_curves", "ablation_auc", "claim_sentences",
@@ -76,7 +77,7 @@ def check_comparable(views: list[RunView]) -> None:
         for key in ("tau", "redundancy", "mode"):
             if v.phiid[key] != first.phiid[key]:
                 raise CompareError(f"runs {first.name} and {v.name} differ in the PhiID setting {key!r} "
-                                   f"({first.phiid[key]!r} vs {v.phiid[key]!r}): rerun one with the other's 02_phiid "
+                                   f"({first.phiid[key]!r} vs {v.phiid[key]!r}): rerun one with the other's {NB.PHIID} "
                                    f"settings")
         shared = set(first.prompts) & set(v.prompts)
         clash = sorted(i for i in shared if first.prompts[i] != v.prompts[i])
@@ -318,7 +319,7 @@ def record_runs(folders: list, out_dir) -> Path:
 
 # ----------------------------------------------------------------------------- make compare
 
-NOTEBOOK = "12_compare_models"
+NOTEBOOK = NB.COMPARE
 
 
 def ensure_run(folder) -> None:
@@ -343,7 +344,7 @@ def ensure_run(folder) -> None:
 
 
 def render(folders: list, out_dir=COMPARE_DIR) -> Path:
-    """Execute notebooks/12_compare_models.ipynb over `folders` into out_dir (executed copy + HTML report), record
+    """Execute the comparison notebook (NOTEBOOK) over `folders` into out_dir (executed copy + HTML report), record
     the runs (runs.json) and refresh each run's index so it links here; -> the HTML report."""
     import papermill
     from lib import REPO_ROOT

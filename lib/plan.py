@@ -4,7 +4,7 @@
 
 For every claim of claims.json whose verdict is `underpowered`, lib/pipeline/claims/ stored a settle plan: the factor on
 the sample size that brings the minimum detectable effect (80% power) down to the paper's effect (se ~ 1/sqrt(n))
-and the params values it gives (e.g. 09_task_behaviour.n_problems). This module merges those values into the run's
+and the params values it gives (e.g. NB.BEHAVIOUR's n_problems). This module merges those values into the run's
 own params file (the largest value wins when two claims ask for the same key), validates the result with the
 runner's --check, and prints, per notebook, lib/pipeline/cost.py's forwards and GPU-hours (with a rate file) and CPU hours
 here: the run's measured seconds scaled by the ratio of estimated tokens (forwards for notebooks without tokens).
@@ -20,6 +20,7 @@ import yaml
 
 from lib import REPO_ROOT
 from lib.storage import artifacts
+from lib.storage.notebooks import NB
 
 __all__ = ["settle_values", "settle_params", "write_settle", "cpu_hours", "main"]
 
@@ -49,7 +50,7 @@ def settle_params(raw: dict, values: dict) -> dict:
 def _enough_prompts(params: dict) -> dict:
     """05 ablates prompts of 01's activations that the oracle did not use: 01.n_prompts must cover 05.n_prompts plus
     01.oracle_prompts (when the oracle runs), else 05 fails on the node. Raises 01.n_prompts in place."""
-    extract, ablation = params.get("01_extract_activations") or {}, params.get("05_ablation") or {}
+    extract, ablation = params.get(NB.EXTRACT) or {}, params.get(NB.ABLATION) or {}
     wanted = ablation.get("n_prompts")
     if not isinstance(wanted, int) or "n_prompts" not in extract:
         return params

@@ -1,9 +1,9 @@
 """The runner: executes the notebook pipeline of one run with papermill.
 
-    python -m lib.run --params params/<run>.yaml [--only 01_extract_activations ...] [--set key=value ...] [--force]
+    python -m lib.run --params params/<run>.yaml [--only <notebook> ...] [--set key=value ...] [--force]
 
 A params file holds shared keys (top level: injected into every notebook that declares them) and one section per
-notebook (a top-level key named like the notebook, e.g. `02_phiid:`); the notebooks with a section form the run's
+notebook (a top-level key named like the notebook, e.g. `<NN_name>:`); the notebooks with a section form the run's
 pipeline, in file-name order. The run's name, and so its output folder outputs/<run>/, is the params file's stem.
 
 Before anything runs, every key is checked against the notebook's declared parameters (its `parameters` cell,

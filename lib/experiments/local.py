@@ -36,11 +36,12 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.estimators.phiid import phiid_local_head_means
 from lib.storage.store import ArtifactError
+from lib.storage.notebooks import NB
 
 __all__ = ["KINDS", "teacher_forced_steps", "token_kinds", "step_correlations", "kind_means", "step_profile",
            "correlation_summary", "run_local", "load_local"]
 
-NOTEBOOK = "11_local_synergy"
+NOTEBOOK = NB.LOCAL
 KINDS = ("punctuation", "digit", "first_answer", "end_of_turn", "after_end_of_turn", "digit_numerical", "other")
 ATOMS = ("sts", "rtr")
 NUMERICAL_CATEGORY = "Numerical"   # prompt categories containing this word count as arithmetic prompts
@@ -256,7 +257,7 @@ def _check_tokens(acts, tokenizer, where):
     if tokens.shape != (acts["activations"].shape[0], acts["activations"].shape[2]):
         raise ArtifactError(f"{where}: tokens have shape {tokens.shape} but the activations are [prompts, heads, "
                             f"steps] = {acts['activations'].shape}: the file mixes two runs; rerun "
-                            f"01_extract_activations")
+                            f"{NB.EXTRACT}")
     if tokens.min() < 0 or tokens.max() >= len(tokenizer):
         raise ArtifactError(f"{where}: token ids up to {tokens.max()} but the model's tokenizer has {len(tokenizer)} "
                             f"tokens: these tokens come from another model's run; pass the run's model")

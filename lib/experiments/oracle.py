@@ -38,6 +38,7 @@ from lib.experiments.extract import left_pad
 from lib.model.hooks import hooks
 from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
+from lib.storage.notebooks import NB
 
 __all__ = ["select_oracle_rows", "sequences", "compute_oracle", "run_oracle", "load_oracle", "summary"]
 
@@ -179,12 +180,12 @@ def load_oracle(out_dir, head_layer, head_index, extraction_key: str | None = No
     d = artifacts.load_file("oracle", path)
     if not (np.array_equal(d["head_layer"], head_layer) and np.array_equal(d["head_index"], head_index)):
         raise ArtifactError(f"{path} has another head map than the run's activations: it comes from another model; "
-                            f"rerun 01_extract_activations (python -m lib.run --params <run>.yaml --only "
-                            f"01_extract_activations --force)")
+                            f"rerun {NB.EXTRACT} (python -m lib.run --params <run>.yaml --only "
+                            f"{NB.EXTRACT} --force)")
     theirs = str(d["extraction_key"])
     if extraction_key and theirs and theirs != str(extraction_key):
         raise ArtifactError(f"{path} was computed from another extraction (key {theirs}) than activations.npz "
-                            f"({extraction_key}): rerun 01_extract_activations")
+                            f"({extraction_key}): rerun {NB.EXTRACT}")
     return d
 
 

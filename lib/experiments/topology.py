@@ -48,6 +48,7 @@ from lib.estimators.networks import (NETWORKS, TopologyError, check_network, che
                                      global_efficiency, layer_bands, nmi, pair_weights, shortest_paths,
                                      strength_by_layer, strength_error, strength_null, symmetric_weights,
                                      threshold_proportional)
+from lib.storage.notebooks import NB
 
 __all__ = ["NETWORKS", "DRAW_FRACTION", "TopologyError", "pair_weights", "threshold_proportional", "shortest_paths",
            "global_efficiency", "strength_null", "nmi", "strength_by_layer", "observed_measures", "band",
@@ -142,7 +143,7 @@ def _scalar(data: dict, key: str):
 
 
 def _fix(mode: str) -> str:
-    return (f"rerun 02_phiid on this run (python -m lib.run --params <run>.yaml --only 02_phiid --force) so that "
+    return (f"rerun {NB.PHIID} on this run (python -m lib.run --params <run>.yaml --only {NB.PHIID} --force) so that "
             f"phiid_{mode}*.npz come from this run's activations")
 
 
@@ -450,7 +451,7 @@ def run_topology(out_dir, mode: str = "per_prompt", thresholds=THRESHOLDS, n_lou
                           for tag, nets in inputs.items() for net in NETWORKS], ignore_index=True)
     artifacts.save("modules", out_dir, modules)
     artifacts.save("topology", out_dir, summary)
-    store.update_manifest(out_dir, "08_topology", {k: summary[k] for k in ("mode", "thresholds", "n_louvain",
+    store.update_manifest(out_dir, NB.TOPOLOGY, {k: summary[k] for k in ("mode", "thresholds", "n_louvain",
                                                                           "n_null", "n_boot", "n_bands", "seed")})
     return {"json": summary, "summary": summary_table(per_tag), "sweep": sweep_table(per_tag), "modules": modules,
             "strength": strength, "networks": inputs}

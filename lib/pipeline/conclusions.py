@@ -3,7 +3,8 @@
 Each notebook's last cell is `display(conclusions.show("NN_name", out_dir))`. The box's sentences are written here
 from the artifacts the notebook has just saved in the run folder (never hand-written prose that can drift from the
 numbers), in two lists: what the page finds, and what contradicts (or cannot test) the expectation stated at the top
-of the page. A generator is one function per notebook: `GENERATORS[name](out_dir) -> Conclusion`; the pure
+of the page. A generator is one function per notebook, named by its stage declaration (lib.pipeline.stages:
+`Stage(..., conclusions="ablation")`): `GENERATORS[name](out_dir) -> Conclusion`; the pure
 sentence builders below it (e.g. `ablation_sentences(auc_rows)`) take plain numbers, so they are unit-tested on
 planted values.
 
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.pipeline import stages
 from lib.pipeline.tables import number as _n
 from lib.storage.store import run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["Conclusion", "ci", "to_html", "show", "conclude", "extraction", "phiid", "diagnostics_sentences",
            "untrained_sentences", "c1_sentences", "diagnostics", "ranking_sentences", "rankings", "ablation_sentences",
@@ -79,21 +82,25 @@ def to_html(c: Conclusion) -> str:
 
 
 def show(notebook: str, out_dir, **extra):
-    """The box of `notebook` ("05_ablation") for IPython.display.display."""
+    """The box of `notebook` (e.g. NB.ABLATION) for IPython.display.display."""
     from IPython.display import HTML
     return HTML(to_html(conclude(notebook, out_dir, **extra)))
 
 
 def conclude(notebook: str, out_dir, **extra) -> Conclusion:
-    if notebook not in GENERATORS:
-        raise KeyError(f"no conclusion generator for {notebook!r}; known: {sorted(GENERATORS)}")
-    return GENERATORS[notebook](run_folder(out_dir), **extra)
+    """The box of `notebook` from the generator its stage declares (stages.Stage.conclusions)."""
+    generate = stages.pointed(notebook, "conclusions", __name__)
+    if generate is None:
+        known = sorted(n for n in stages.stages() if stages.pointed(n, "conclusions", __name__))
+        raise KeyError(f"no conclusion generator for {notebook!r}; known: {known}. Declare one: "
+                       f"Stage({notebook!r}, ..., conclusions=<function>) in lib.pipeline.stages")
+    return generate(run_folder(out_dir), **extra)
 
 
 # ----------------------------------------------------------------------------- 01 activations
 
 def extraction(out_dir: Path, run=None, tokenizer=None, baselines=None, oracle_result=None) -> Conclusion:
-    c = Conclusion("01_extract_activations", sources=["activations*.npz"])
+    c = Conclusion(NB.EXTRACT, sources=["activations*.npz"])
     if run is None:
         return c
     acts = np.asarray(run.activations)                          # [prompts, heads, steps]
@@ -153,7 +160,7 @@ def phiid_sentences(rows: list[dict]) -> tuple[list[str], list[str]]:
 
 def phiid(out_dir: Path) -> Conclusion:
     from lib.estimators import phiid as ph
-    c = Conclusion("02_phiid", sources=["phiid_*.npz"])
+    c = Conclusion(NB.PHIID, sources=["phiid_*.npz"])
     rows = []
     for path in sorted(out_dir.glob("phiid_*.npz")):
         mode, _, tag = path.stem[len("phiid_"):].partition("__")
@@ -239,7 +246,7 @@ def c1_sentences(rows: list[dict], max_r: float = 0.5) -> tuple[list[str], list[
 
 def diagnostics(out_dir: Path, c1: list[dict] | None = None) -> Conclusion:
     """03's box from diagnostics.json and, given the notebook's C1 rows (lib.pipeline.claims.c1_against_null), claim C1."""
-    c = Conclusion("03_phiid_diagnostics", sources=["diagnostics.json"] + ["activations*.npz"] * bool(c1))
+    c = Conclusion(NB.DIAGNOSTICS, sources=["diagnostics.json"] + ["activations*.npz"] * bool(c1))
     d = _read_json(out_dir, "diagnostics.json")
     if d:
         c.findings, c.against = diagnostics_sentences(d)
@@ -305,7 +312,7 @@ def ablation_sentences(rows: list[dict]) -> tuple[list[str], list[str]]:
 
 
 def ablation(out_dir: Path) -> Conclusion:
-    c = Conclusion("05_ablation", sources=["ablation_auc.csv", "ablation.csv"])
+    c = Conclusion(NB.ABLATION, sources=["ablation_auc.csv", "ablation.csv"])
     auc = _read_csv(out_dir, "ablation_auc.csv")
     if auc is None or not len(auc):
         return c
@@ -459,7 +466,7 @@ def floor_sentences(table: pd.DataFrame, margin: float) -> list[str]:
 
 def behaviour(out_dir: Path) -> Conclusion:
     """09's box from behaviour_summary.json, behaviour.csv (the floor) and behaviour_calibration.csv (the doses)."""
-    c = Conclusion("09_task_behaviour", sources=["behaviour_summary.json", "behaviour.csv",
+    c = Conclusion(NB.BEHAVIOUR, sources=["behaviour_summary.json", "behaviour.csv",
                                                  "behaviour_calibration.csv"])
     s = _read_json(out_dir, "behaviour_summary.json")
     if not s:
@@ -514,7 +521,7 @@ def curve_sentences(curves: pd.DataFrame) -> list[str]:
 
 def finetune(out_dir: Path) -> Conclusion:
     """10's box from finetune_summary.json and the learning curves of finetune.csv."""
-    c = Conclusion("10_head_finetuning", sources=["finetune_summary.json", "finetune.csv"])
+    c = Conclusion(NB.FINETUNE, sources=["finetune_summary.json", "finetune.csv"])
     s = _read_json(out_dir, "finetune_summary.json")
     if not s:
         return c
@@ -558,14 +565,13 @@ def _from_file(notebook: str, file: str, sentences):
     return generate
 
 
-rankings = _from_file("04_ranking_variants", "ranking_summary.json", ranking_sentences)
-neurons = _from_file("06_neuron_effects", "layer_summary.csv", neuron_sentences)
-interference = _from_file("07_qkov_interference", "interference_summary.csv", interference_sentences)
-topology = _from_file("08_topology", "topology.json", topology_sentences)
-local = _from_file("11_local_synergy", "local_summary.json", local_sentences)
+rankings = _from_file(NB.RANKING, "ranking_summary.json", ranking_sentences)
+neurons = _from_file(NB.NEURONS, "layer_summary.csv", neuron_sentences)
+interference = _from_file(NB.INTERFERENCE, "interference_summary.csv", interference_sentences)
+topology = _from_file(NB.TOPOLOGY, "topology.json", topology_sentences)
+local = _from_file(NB.LOCAL, "local_summary.json", local_sentences)
 
 
-GENERATORS = {"01_extract_activations": extraction, "02_phiid": phiid, "03_phiid_diagnostics": diagnostics,
-              "04_ranking_variants": rankings, "05_ablation": ablation, "06_neuron_effects": neurons,
-              "07_qkov_interference": interference, "08_topology": topology, "09_task_behaviour": behaviour,
-              "10_head_finetuning": finetune, "11_local_synergy": local}
+# notebook -> generator, as the stages declare them (those of this module)
+GENERATORS = {name: globals()[s.conclusions] for name, s in stages.stages().items()
+              if isinstance(s.conclusions, str) and s.conclusions in globals()}

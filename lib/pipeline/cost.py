@@ -29,7 +29,6 @@ Host side (the machine a notebook's kernel runs on), from the same rate file or,
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from lib import REPO_ROOT
 from lib.pipeline import stages
+from lib.storage.notebooks import NB
 
 __all__ = ["Work", "NO_RATE", "HOST_UNITS", "DEFAULT_CALIBRATION", "calibration", "host_rates", "host_seconds", "gpu_hours",
            "host_gib", "PROMPT_TOKENS", "RATE_ENV", "read_rate", "estimates", "cost_table", "extraction",
@@ -128,7 +128,7 @@ def extraction(p: dict, run: dict, dims) -> Work:
 
 def _tags(p: dict, run: dict) -> int:
     """Activation files PhiID runs on: an explicit tag list, else every file notebook 01 writes."""
-    return len(p["tags"]) if p.get("tags") is not None else _extract_models(run["01_extract_activations"])
+    return len(p["tags"]) if p.get("tags") is not None else _extract_models(run[NB.EXTRACT])
 
 
 def _segments(mode: str, n_prompts: int) -> int:
@@ -155,7 +155,7 @@ def diagnostics(p: dict, run: dict, dims) -> Work:
     pairs = _pairs(dims)
     if pairs is None:
         return Work(pairs=None)
-    copies = 1 + bool(run["01_extract_activations"].get("baseline_random_init"))
+    copies = 1 + bool(run[NB.EXTRACT].get("baseline_random_init"))
     runs = copies * (1 + p.get("c1_surrogates", 20))                  # per-prompt fast PhiID of each
     return Work(pairs=pairs * (1 + runs), host={"fast_pair_s": pairs * runs * _n_prompts(run)})
 
@@ -180,14 +180,14 @@ def ranking(p: dict, run: dict, dims) -> Work:
         return Work(pairs=None)
     sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
     one_pass, halves = _ranking_segments(p, _n_prompts(run))
-    files = 1 + (_extract_models(run["01_extract_activations"]) - 1 if p.get("baselines", True) else 0)
+    files = 1 + (_extract_models(run[NB.EXTRACT]) - 1 if p.get("baselines", True) else 0)
     segments = files * one_pass + halves + p["n_surrogates"] * one_pass / max(1, p.get("n_jobs", 1))
     return Work(pairs=pairs * (1 + p["n_surrogates"]) * sources, host={"fast_pair_s": pairs * segments})
 
 
 def _n_prompts(run: dict) -> int:
     """Notebook 01's prompts (0 when the run has no 01 parameters: estimates() always fills them in)."""
-    return run.get("01_extract_activations", {}).get("n_prompts", 0)
+    return run.get(NB.EXTRACT, {}).get("n_prompts", 0)
 
 
 def _orderings(p: dict) -> int:
@@ -239,9 +239,9 @@ def ablation(p: dict, run: dict, dims) -> Work | None:
     masks = (points - 2) * orders + 2 if p["perturbation"] == "zero" else points * orders
     checks = _ablation_checks(points, orders, n_prompts)
     rows = (masks + 1) * n_prompts + checks
-    seq = PROMPT_TOKENS + run["01_extract_activations"]["n_tokens"] - 1
+    seq = PROMPT_TOKENS + run[NB.EXTRACT]["n_tokens"] - 1
     forwards = checks + sum(_batches(n, p["batch_size"]) + _ablation_units(points, orders, n, p)
-                            for n in _prompt_chunks(n_prompts, run["01_extract_activations"]["n_tokens"], dims))
+                            for n in _prompt_chunks(n_prompts, run[NB.EXTRACT]["n_tokens"], dims))
     return Work(forwards, rows * seq, 0, p["batch_size"], seq)
 
 
@@ -266,10 +266,10 @@ def _interference_samples(p: dict, run: dict) -> tuple[int, int]:
     if p["sample_source"] == "texts":
         n = len(p["task_a_texts"]) + len(p["task_b_texts"])
         return n, PROMPT_TOKENS + p["n_new_tokens"]
-    per_task = math.ceil(_n_prompts(run) / N_CATEGORIES) if "01_extract_activations" in run else 10
+    per_task = math.ceil(_n_prompts(run) / N_CATEGORIES) if NB.EXTRACT in run else 10
     if p["max_samples"]:
         per_task = min(per_task, p["max_samples"])
-    cont = run.get("01_extract_activations", {}).get("n_tokens", p["n_new_tokens"])
+    cont = run.get(NB.EXTRACT, {}).get("n_tokens", p["n_new_tokens"])
     if p["max_continuation_tokens"]:
         cont = min(cont, p["max_continuation_tokens"])
     return 2 * per_task, PROMPT_TOKENS + cont
@@ -371,7 +371,7 @@ def topology(p: dict, run: dict, dims) -> Work:
     (_topology_units), plus per file the prompt bootstrap (per-prompt fast PhiID once, then n_boot + 1 pairs of
     full-network efficiencies; mode per_prompt only)."""
     pairs = _pairs(dims)
-    p01 = run.get("01_extract_activations", {})
+    p01 = run.get(NB.EXTRACT, {})
     tags = _extract_models(p01) if p.get("baselines", True) else 1
     if pairs is None:
         return Work(pairs=None)
@@ -387,8 +387,8 @@ def local(p: dict, run: dict, dims) -> Work:
     """11: a teacher-forced forward over prompt + generated tokens per prompt and tag, then local PhiID of every
     pair per tag (pairs: pairs x tags; the n_null circular shifts move head and layer means, no pair). host: per
     tag, the pairs' geometry in each segment and their local values at each of prompts x (steps - tau) samples."""
-    n = _n_prompts(run) if "01_extract_activations" in run else 12
-    steps = run.get("01_extract_activations", {}).get("n_tokens", 24)
+    n = _n_prompts(run) if NB.EXTRACT in run else 12
+    steps = run.get(NB.EXTRACT, {}).get("n_tokens", 24)
     seq = PROMPT_TOKENS + steps
     tags = len(p["tags"])
     pairs = _pairs(dims)
@@ -403,15 +403,7 @@ def local(p: dict, run: dict, dims) -> Work:
 def estimator(name: str):
     """The cost estimator of a stage (its declaration's `cost`: a function of this module, or "module:function"),
     or None."""
-    stage = stages.stages().get(name)
-    if stage is None or not stage.cost:
-        return None
-    if callable(stage.cost):
-        return stage.cost
-    if ":" in stage.cost:
-        module, func = stage.cost.split(":", 1)
-        return getattr(importlib.import_module(module), func)
-    return globals()[stage.cost]
+    return stages.pointed(name, "cost", __name__)
 
 
 # ----------------------------------------------------------------------------- rate, memory, table
@@ -476,10 +468,10 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
         return 0.0
     heads, pairs = dims.total_heads, _pairs(dims)
     table = pairs * PAIR_ROW_BYTES
-    p01 = run.get("01_extract_activations", {})
-    if name == "02_phiid":
+    p01 = run.get(NB.EXTRACT, {})
+    if name == NB.PHIID:
         size = table * len(p["modes"]) * _tags(p, run)
-    elif name == "11_local_synergy":
+    elif name == NB.LOCAL:
         size = table * len(p["tags"])
     elif name == "03_phiid_diagnostics":         # + the mode's file as read: 16 float64 [heads, heads] atoms
         size = table + 8 * (ATOMS * heads * heads + BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
@@ -487,7 +479,7 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
         samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
         sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
         size = table * sources + max(1, p.get("n_jobs", 1)) * PAIR_SAMPLE_ARRAYS * 8 * pairs * samples
-    elif name == "08_topology":
+    elif name == NB.TOPOLOGY:
         size = table + 8 * heads * heads * (1 + p["n_null"]) * _extract_models(p01)
     else:
         size = 0
@@ -517,8 +509,8 @@ def with_defaults(path, params: dict) -> dict:
 def _run_params(steps) -> dict:
     """notebook -> parameters with defaults, 01 always present (its defaults when not in the run)."""
     run = {s.name: with_defaults(s.path, s.params) for s in steps}
-    if "01_extract_activations" not in run:
-        run["01_extract_activations"] = with_defaults(stages.stages()["01_extract_activations"].path, {})
+    if NB.EXTRACT not in run:
+        run[NB.EXTRACT] = with_defaults(stages.stages()[NB.EXTRACT].path, {})
     return run
 
 
@@ -581,7 +573,7 @@ def _host_terms(row: dict, name: str, p: dict, run: dict, dims, work: Work | Non
 def estimates(steps) -> tuple[list[dict], list[str], dict | None]:
     """-> (one row per step: notebook, device, forwards, tokens, gpu_hours, memory_gib, pairs; notes; rate)."""
     run = _run_params(steps)
-    model_of = lambda name: run[name].get("model") or run["01_extract_activations"]["model"]      # noqa: E731
+    model_of = lambda name: run[name].get("model") or run[NB.EXTRACT]["model"]      # noqa: E731
     dims, notes = _dims_of({model_of(s.name) for s in steps})
     rate = read_rate()
     gpu = os.environ.get("HEADINFO_GPU_NOTEBOOKS", " ".join(GPU_NOTEBOOKS)).split()

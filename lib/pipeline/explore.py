@@ -1,4 +1,4 @@
-"""Explore a finished run (notebooks/00_explore.ipynb): one head at a time, one ranking variant at a time.
+"""Explore a finished run (the explorer notebook, NB.EXPLORE): one head at a time, one ranking variant at a time.
 
 `load_run(out_dir)` reads whatever the run folder has (activations from 01, PhiID per mode from 02, rankings
 from 04; lib.storage.artifacts names the files) and records what is missing instead of failing, so the explorer opens on
@@ -24,6 +24,7 @@ import pandas as pd
 from lib import REPO_ROOT
 from lib.storage import artifacts
 from lib.storage.store import run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["OUTPUT_ROOT", "RunData", "load_run", "summary", "head_id", "label", "default_mode", "default_variant",
            "head_ranks", "phiid_row", "variant_grid", "variant_profile", "list_runs", "default_run", "message_html",
@@ -421,7 +422,7 @@ def prompt_view(run: RunData, prompt: int, idx: int) -> list:
     table = prompt_tokens(run, prompt, idx)
     text = run.prompt_text[prompt] if prompt < len(run.prompt_text) else "(prompt text not recorded)"
     local = ("local synergy from notebook 11" if run.local.get("sts") is not None
-             else "no local synergy: notebook 11_local_synergy has not run")
+             else f"no local synergy: notebook {NB.LOCAL} has not run")
     return [f"<span class='hi-prompt'><b>Prompt {prompt}, head {label(run, idx)}</b> ({html.escape(local)})</span><br>"
             f"<i>prompt:</i> {html.escape(text)}<br><i>generated:</i> <code>{html.escape(visible_text(table['token']))}</code>",
             plots.prompt_panel(run, idx, prompt, table)]

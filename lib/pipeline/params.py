@@ -5,7 +5,7 @@ entry points call `validate(notebook, params)`, so a value that would fail on a 
 node with the same one-line message. Types are checked by the runner from the parameters cell; these rules check
 values: ranges, allowed names, shard specs, model specs.
 
-A notebook added to the pipeline declares its rules with `declare("08_topology", {"n_null": at_least(1), ...})`;
+A notebook added to the pipeline declares its rules with `declare(NB.TOPOLOGY, {"n_null": at_least(1), ...})`;
 keys without a rule are only type-checked. SHARED rules (model, dtype, device, seed, shard) apply to every notebook
 that declares the key.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lib import REPO_ROOT
+from lib.storage.notebooks import NB
 
 __all__ = ["DTYPES", "ParamsValueError", "at_least", "above", "fractions", "numbers", "thresholds", "shard",
            "device", "model_spec", "resamples", "MIN_PROMPTS", "NEEDS_NETWORK", "declare", "problems",
@@ -206,7 +207,7 @@ def task_source(v) -> str | None:
 MIN_PROMPTS = 2          # 01's prompts: split halves (04, 11's halves) and prompt bootstraps (08, 11) need two
 MIN_RESAMPLES = 2        # surrogates / null draws / bootstrap draws when not 0 (resamples)
 PHIID_MIN_SAMPLES = 5    # lib.estimators.phiid.MIN_SAMPLES: PhiID needs n_tokens >= tau + 5 past/future samples
-PROMPT_USERS = ("04_ranking_variants", "03_phiid_diagnostics", "08_topology", "11_local_synergy")
+PROMPT_USERS = (NB.RANKING, NB.DIAGNOSTICS, NB.TOPOLOGY, NB.LOCAL)
 
 SHARED: dict[str, Rule] = {
     "model": model_spec, "dtype": one_of(*DTYPES), "device": device, "seed": at_least(0), "shard": shard,
@@ -214,30 +215,30 @@ SHARED: dict[str, Rule] = {
 }
 
 CONSTRAINTS: dict[str, dict[str, Rule]] = {
-    "01_extract_activations": {"n_prompts": at_least(1), "n_tokens": at_least(1), "n_single_check": at_least(0),
+    NB.EXTRACT: {"n_prompts": at_least(1), "n_tokens": at_least(1), "n_single_check": at_least(0),
                                "revisions": list_of(str, optional=False)},
-    "02_phiid": {"modes": subset_of(*PHIID_MODES), "tau": at_least(1), "redundancy": one_of("MMI", "CCS"),
+    NB.PHIID: {"modes": subset_of(*PHIID_MODES), "tau": at_least(1), "redundancy": one_of("MMI", "CCS"),
                  "backend": one_of("numpy", "torch"), "tags": list_of(str)},
-    "03_phiid_diagnostics": {"mode": one_of(*PHIID_MODES), "lag": at_least(1), "hexbin_gridsize": at_least(1)},
-    "04_ranking_variants": {"n_splits": at_least(1), "n_surrogates": resamples, "n_bootstrap": resamples,
+    NB.DIAGNOSTICS: {"mode": one_of(*PHIID_MODES), "lag": at_least(1), "hexbin_gridsize": at_least(1)},
+    NB.RANKING: {"n_splits": at_least(1), "n_surrogates": resamples, "n_bootstrap": resamples,
                             "tau": at_least(1), "redundancy": one_of("MMI", "CCS"), "n_jobs": at_least(1)},
-    "05_ablation": {"n_random": at_least(0), "n_matched": at_least(0), "step_size": at_least(1, optional=True),
+    NB.ABLATION: {"n_random": at_least(0), "n_matched": at_least(0), "step_size": at_least(1, optional=True),
                     "fractions": fractions,
                     "n_prompts": at_least(1, optional=True), "perturbation": one_of("zero", "noise"),
                     "noise_sigma": above(0), "n_bootstrap": resamples},
-    "06_neuron_effects": {"n_prompts": at_least(1), "selector": one_of("top_activation", "random"),
+    NB.NEURONS: {"n_prompts": at_least(1), "selector": one_of("top_activation", "random"),
                           "n_neurons": at_least(1), "layers": list_of(int, low=0), "mode": one_of("add", "ablate"),
                           "activation_scale": one_of("actual", "mean", "unit"), "thresholds": thresholds,
                           "topk": at_least(1), "n_check": at_least(0)},
-    "07_qkov_interference": {"sample_source": one_of("auto", "activations", "generate", "texts"),
+    NB.INTERFERENCE: {"sample_source": one_of("auto", "activations", "generate", "texts"),
                              "max_samples": at_least(0), "max_continuation_tokens": at_least(0),
                              "n_new_tokens": at_least(1), "min_samples_for_fisher": at_least(1), "eps": above(0),
                              "ridge": at_least(0.0), "variants": subset_of("magnitude", "signed", "symmetric", "pooled"),
                              "grad_method": one_of("hooks", "vmap", "loop"), "num_threads": at_least(0),
                              "top_k": at_least(1)},
-    "08_topology": {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
+    NB.TOPOLOGY: {"mode": one_of(*PHIID_MODES), "thresholds": fractions, "n_louvain": at_least(1),
                     "n_null": resamples, "n_boot": resamples, "n_bands": at_least(1), "n_jobs": at_least(1)},
-    "09_task_behaviour": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
+    NB.BEHAVIOUR: {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                           "n_random": at_least(1), "perturbations": subset_of("noise", "zero"),
                           "sigmas": numbers(at_least_zero=True), "n_problems": at_least(1, optional=True),
                           "difficulty": one_of(0, 1, 2, 3, 4, 5), "max_new_tokens": at_least(1),
@@ -245,7 +246,7 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                           "calibration_problems": at_least(1), "calibration_sets": at_least(1),
                           "target_relative_accuracy": lambda v: None if 0 < v < 1 else "must lie in (0, 1)",
                           "task": task_source},
-    "10_head_finetuning": {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
+    NB.FINETUNE: {"fraction": lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
                            "kv": one_of("any", "all", "majority", "none"), "n_random": at_least(1),
                            "seeds": list_of(int, optional=False), "sft_seeds": list_of(int),
                            "methods": subset_of("sft", "grpo"),
@@ -253,12 +254,12 @@ CONSTRAINTS: dict[str, dict[str, Rule]] = {
                            "n_test": at_least(1, optional=True), "max_new_tokens": at_least(1),
                            "eval_batch_size": at_least(1), "n_steps": at_least(1), "lr": above(0),
                            "eval_every": at_least(1), "grpo": grpo_settings, "task": task_source},
-    "11_local_synergy": {"n_null": resamples, "n_boot": resamples, "tau": at_least(1)},
+    NB.LOCAL: {"n_null": resamples, "n_boot": resamples, "tau": at_least(1)},
 }
 
 
-NEEDS_NETWORK = ("05_ablation", "06_neuron_effects", "07_qkov_interference", "09_task_behaviour",
-                 "10_head_finetuning", "11_local_synergy")      # run the model itself (01 can do without one)
+NEEDS_NETWORK = (NB.ABLATION, NB.NEURONS, NB.INTERFERENCE, NB.BEHAVIOUR,
+                 NB.FINETUNE, NB.LOCAL)      # run the model itself (01 can do without one)
 
 
 def network_model_spec(v) -> str | None:
@@ -280,10 +281,10 @@ def declare(notebook: str, rules: dict[str, Rule]) -> None:
 
 def _late_rules(notebook: str) -> dict[str, Rule]:
     """Rules whose allowed names live in a library module (imported only when the notebook is checked)."""
-    if notebook == "04_ranking_variants":
+    if notebook == NB.RANKING:
         from lib.experiments.ranking import VARIANTS
         return {"variants": subset_of(*VARIANTS)}
-    if notebook == "05_ablation":
+    if notebook == NB.ABLATION:
         return {"variants": list_of(str, optional=False)}
     return {}
 
@@ -302,9 +303,9 @@ def problems(notebook: str, params: dict) -> list[str]:
             why = f"has the wrong type ({type(value).__name__})"
         if why:
             found.append(f"{notebook}: {key}={value!r} {why}")
-    if notebook == "05_ablation" and params.get("step_size") is not None and params.get("fractions") is not None:
+    if notebook == NB.ABLATION and params.get("step_size") is not None and params.get("fractions") is not None:
         found.append(f"{notebook}: give either step_size or fractions, not both (set the other to None)")
-    if notebook == "09_task_behaviour" and params.get("calibrate") is True \
+    if notebook == NB.BEHAVIOUR and params.get("calibrate") is True \
             and "noise" not in (params.get("perturbations") or ["noise"]):
         found.append(f"{notebook}: calibrate=True tunes the noise sigma but perturbations="
                      f"{params.get('perturbations')!r} has no 'noise': add 'noise' or set calibrate: false")
@@ -318,39 +319,39 @@ def run_problems(runs: dict[str, dict]) -> list[str]:
 
 
 def _size_problems(runs: dict[str, dict]) -> list[str]:
-    first = runs.get("01_extract_activations")
+    first = runs.get(NB.EXTRACT)
     if not first:
         return []
     found, users = [], [nb for nb in PROMPT_USERS if nb in runs]
     n, steps = first.get("n_prompts"), first.get("n_tokens")
     if users and isinstance(n, int) and n < MIN_PROMPTS:
-        found.append(f"01_extract_activations.n_prompts={n} is below {MIN_PROMPTS}, the fewest that {users[0]} needs "
-                     f"(split halves and prompt bootstraps of {', '.join(users)}); set 01_extract_activations."
+        found.append(f"{NB.EXTRACT}.n_prompts={n} is below {MIN_PROMPTS}, the fewest that {users[0]} needs "
+                     f"(split halves and prompt bootstraps of {', '.join(users)}); set {NB.EXTRACT}."
                      f"n_prompts: {MIN_PROMPTS} or more")
     taus = {nb: p["tau"] for nb, p in runs.items() if isinstance(p.get("tau"), int) and p["tau"] >= 1}
     if taus and isinstance(steps, int):
         nb = max(taus, key=taus.get)
         need = taus[nb] + PHIID_MIN_SAMPLES
         if steps < need:
-            found.append(f"01_extract_activations.n_tokens={steps} is below {need}, the fewest steps PhiID needs with "
+            found.append(f"{NB.EXTRACT}.n_tokens={steps} is below {need}, the fewest steps PhiID needs with "
                          f"{nb}.tau={taus[nb]} (tau + {PHIID_MIN_SAMPLES} past/future samples); set "
-                         f"01_extract_activations.n_tokens: {need} or more, or a smaller tau")
+                         f"{NB.EXTRACT}.n_tokens: {need} or more, or a smaller tau")
     return found
 
 
 def _held_out_problems(runs: dict[str, dict]) -> list[str]:
     """05 ablates only prompts the oracle did not use (lib.experiments.ablation.select_prompt_rows): with the oracle ordering,
     05.n_prompts must fit in 01.n_prompts - 01.oracle_prompts, else 05 fails on the node after 01-04 have run."""
-    first, ablation = runs.get("01_extract_activations") or {}, runs.get("05_ablation") or {}
+    first, ablation = runs.get(NB.EXTRACT) or {}, runs.get(NB.ABLATION) or {}
     n, held, wanted = first.get("n_prompts"), first.get("oracle_prompts"), ablation.get("n_prompts")
     if not (first.get("oracle") is True and "oracle" in (ablation.get("variants") or ())):
         return []
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, held, wanted)) or wanted <= n - held:
         return []
-    return [f"05_ablation.n_prompts={wanted} is more than the {max(n - held, 0)} prompts that 01 leaves to it "
-            f"(01_extract_activations.n_prompts={n} minus oracle_prompts={held}, which the oracle ordering keeps "
-            f"out of the ablation); set 01_extract_activations.n_prompts: {wanted + held}, or lower "
-            f"05_ablation.n_prompts to {max(n - held, 1)} or oracle_prompts"]
+    return [f"{NB.ABLATION}.n_prompts={wanted} is more than the {max(n - held, 0)} prompts that 01 leaves to it "
+            f"({NB.EXTRACT}.n_prompts={n} minus oracle_prompts={held}, which the oracle ordering keeps "
+            f"out of the ablation); set {NB.EXTRACT}.n_prompts: {wanted + held}, or lower "
+            f"{NB.ABLATION}.n_prompts to {max(n - held, 1)} or oracle_prompts"]
 
 
 def _weights_key(p: dict) -> tuple:
@@ -363,7 +364,7 @@ def _weights_problems(runs: dict[str, dict]) -> list[str]:
     models = {nb: p for nb, p in runs.items() if p.get("model") is not None}
     if not models:
         return []
-    ref = "01_extract_activations" if "01_extract_activations" in models else min(models)
+    ref = NB.EXTRACT if NB.EXTRACT in models else min(models)
     found = []
     for nb, p in sorted(models.items()):
         if nb == ref or _weights_key(p) == _weights_key(models[ref]):

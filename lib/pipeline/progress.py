@@ -22,7 +22,7 @@ KERNEL_SETUP = "__import__('lib.pipeline.progress').pipeline.progress.use_text_p
 class LineWriter:
     """File-like wrapper: on a terminal writes through; elsewhere turns each carriage-return update into its own
     line and drops blank redraws (tqdm clears a finished leave=False bar with spaces). prefix starts every line
-    written off a terminal (the runner's notebooks run at once: "[05_ablation] ")."""
+    written off a terminal (the runner's notebooks run at once: "[<notebook>] ")."""
 
     def __init__(self, stream, prefix: str = ""):
         self.stream = stream

@@ -2,10 +2,12 @@
 and the claims it tests. The runner's graph (lib.run), the cost table (lib.pipeline.cost), the claims map (lib.pipeline.claims) and
 the SLURM submitter (slurm/pipeline.sh: GPU or CPU job, afterok parents) all read this table.
 
-    Stage("05_ablation", reads=("04_ranking_variants",), device="GPU", cost="ablation", claims=("C5",))
+    Stage(NB.ABLATION, reads=(NB.RANKING,), device="GPU", cost="ablation", claims=("C5",))
 
-Adding a stage: its notebook (notebooks/NN_name.ipynb, or `path=`), its lib module, one `Stage(...)` here, its
-tests; value rules beside the module (lib.pipeline.params.declare) and artifacts in lib.storage.artifacts. A stage declared outside
+A stage's name is an `NB` constant (lib.storage.notebooks, the only module of lib that spells notebook names); the
+rest of lib refers to it through that constant. Adding a stage: its notebook (notebooks/NN_name.ipynb, or `path=`),
+its name in NB, its lib module, one `Stage(...)` here, its tests; value rules beside the module
+(lib.pipeline.params.declare) and artifacts in lib.storage.artifacts. A stage declared outside
 lib (a project's own experiment) is a module that calls `declare(Stage(...))`, named in HEADINFO_STAGES
 ("pkg.module" or a file path, several separated by ':'), which every runner, cost table and SLURM call imports.
 Nothing here imports torch: `python -m lib.run --check` and `slurm/pipeline.sh --dry-run` stay fast.
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib import REPO_ROOT
+from lib.storage.notebooks import NB
 
-__all__ = ["Stage", "declare", "stages", "parents", "gpu_stages", "stage_testing", "EXTRA_VAR"]
+__all__ = ["Stage", "declare", "stages", "parents", "gpu_stages", "stage_testing", "pointed", "EXTRA_VAR"]
 
 EXTRA_VAR = "HEADINFO_STAGES"
 NOTEBOOKS_VAR = "HEADINFO_NOTEBOOKS"     # another folder holding the stages' notebooks (tests: an edited copy)
@@ -33,7 +36,9 @@ class Stage:
     its SLURM job waits for them). device: "GPU" when it runs the model (a GPU job on a cluster; it still runs on
     CPU anywhere). cost: its estimator (p, run, dims) -> lib.pipeline.cost.Work: a function name of lib.pipeline.cost, "module:function"
 or the function itself (None: no forward-pass estimate). claims: the ids
-    of the paper's claims it tests (lib.pipeline.claims). path: the notebook (default notebooks/<name>.ipynb, or
+    of the paper's claims it tests (lib.pipeline.claims). conclusions: its "What this shows" generator (out_dir, **extra) ->
+    lib.pipeline.conclusions.Conclusion, named like cost (a function of lib.pipeline.conclusions, "module:function"
+    or the function; None: no box). path: the notebook (default notebooks/<name>.ipynb, or
     $HEADINFO_NOTEBOOKS/<name>.ipynb)."""
     name: str
     reads: tuple[str, ...] = ()
@@ -41,6 +46,7 @@ or the function itself (None: no forward-pass estimate). claims: the ids
     cost: object = None              # str (a lib.pipeline.cost function, or "module:function") or a callable
     claims: tuple[str, ...] = ()
     path: Path | None = None
+    conclusions: object = None       # like cost, in lib.pipeline.conclusions
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -52,17 +58,17 @@ or the function itself (None: no forward-pass estimate). claims: the ids
 
 
 _DECLARED: dict[str, Stage] = {s.name: s for s in (
-    Stage("01_extract_activations", device="GPU", cost="extraction"),
-    Stage("02_phiid", reads=("01_extract_activations",), cost="phiid"),
-    Stage("03_phiid_diagnostics", reads=("02_phiid",), cost="diagnostics", claims=("C1",)),
-    Stage("04_ranking_variants", reads=("02_phiid", "03_phiid_diagnostics"), cost="ranking", claims=("C2", "C3")),
-    Stage("05_ablation", reads=("04_ranking_variants",), device="GPU", cost="ablation", claims=("C5",)),
-    Stage("06_neuron_effects", reads=("01_extract_activations",), device="GPU", cost="neurons"),
-    Stage("07_qkov_interference", reads=("01_extract_activations",), device="GPU", cost="interference"),
-    Stage("08_topology", reads=("02_phiid",), cost="topology", claims=("C4",)),
-    Stage("09_task_behaviour", reads=("04_ranking_variants",), device="GPU", cost="behaviour", claims=("C6",)),
-    Stage("10_head_finetuning", reads=("04_ranking_variants",), device="GPU", cost="finetune", claims=("C7",)),
-    Stage("11_local_synergy", reads=("02_phiid",), cost="local"),
+    Stage(NB.EXTRACT, device="GPU", cost="extraction", conclusions="extraction"),
+    Stage(NB.PHIID, reads=(NB.EXTRACT,), cost="phiid", conclusions="phiid"),
+    Stage(NB.DIAGNOSTICS, reads=(NB.PHIID,), cost="diagnostics", claims=("C1",), conclusions="diagnostics"),
+    Stage(NB.RANKING, reads=(NB.PHIID, NB.DIAGNOSTICS), cost="ranking", claims=("C2", "C3"), conclusions="rankings"),
+    Stage(NB.ABLATION, reads=(NB.RANKING,), device="GPU", cost="ablation", claims=("C5",), conclusions="ablation"),
+    Stage(NB.NEURONS, reads=(NB.EXTRACT,), device="GPU", cost="neurons", conclusions="neurons"),
+    Stage(NB.INTERFERENCE, reads=(NB.EXTRACT,), device="GPU", cost="interference", conclusions="interference"),
+    Stage(NB.TOPOLOGY, reads=(NB.PHIID,), cost="topology", claims=("C4",), conclusions="topology"),
+    Stage(NB.BEHAVIOUR, reads=(NB.RANKING,), device="GPU", cost="behaviour", claims=("C6",), conclusions="behaviour"),
+    Stage(NB.FINETUNE, reads=(NB.RANKING,), device="GPU", cost="finetune", claims=("C7",), conclusions="finetune"),
+    Stage(NB.LOCAL, reads=(NB.PHIID,), cost="local", conclusions="local"),
 )}
 _loaded_extra: set[str] = set()
 
@@ -105,6 +111,18 @@ def parents() -> dict[str, list[str]]:
 def gpu_stages() -> tuple[str, ...]:
     """The stages that run the model (GPU jobs on a cluster)."""
     return tuple(name for name, s in stages().items() if s.device == "GPU")
+
+
+def pointed(name: str, field: str, home: str):
+    """A stage's `cost` or `conclusions` as a function: the declared callable, "module:function", or a function name of
+    the module `home` (imported here, so that this module stays free of numpy, pandas and torch); None when the stage
+    is unknown or declares none."""
+    stage = stages().get(name)
+    target = getattr(stage, field) if stage is not None else None
+    if not target or callable(target):
+        return target or None
+    module, _, func = target.rpartition(":") if ":" in target else (home, "", target)
+    return getattr(importlib.import_module(module), func)
 
 
 def stage_testing(claim: str) -> str | None:

@@ -28,7 +28,7 @@ RUNNER_KEYS = {"out_dir"}          # set by the runner, may be overridden with -
 
 @dataclass
 class Step:
-    name: str                 # notebook stem, e.g. "02_phiid"
+    name: str                 # notebook stem (an NB constant)
     path: Path
     params: dict              # everything injected into the notebook
     output: Path              # executed notebook

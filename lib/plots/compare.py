@@ -1,4 +1,4 @@
-"""Figures of the cross-model comparison (notebooks/12_compare_models.ipynb, lib/compare.py)."""
+"""Figures of the cross-model comparison (the notebook NB.COMPARE of lib.storage.notebooks, run by lib/compare.py)."""
 from __future__ import annotations
 
 import pandas as pd

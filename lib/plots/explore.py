@@ -1,4 +1,4 @@
-"""Figures of the explorer (notebooks/00_explore.ipynb): one head, one ranking variant.
+"""Figures of the explorer (the notebook NB.EXPLORE of lib.storage.notebooks): one head, one ranking variant.
 
 Input: a lib.pipeline.explore.RunData, whose methods give the tables drawn here (this module does not import lib.pipeline.explore)."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from lib.plots.common import layer_colors
+from lib.storage.notebooks import NB
 
 __all__ = ["head_panel", "variant_panel", "prompt_panel"]
 
@@ -57,7 +58,7 @@ def head_panel(run, idx: int, mode: str | None, clim: str = "shared", prompt: in
     fig.suptitle(f"{run.model or run.out_dir.name}: head L{layer}H{head} (index {idx})")
     ax = axes[0, 0]
     if run.activations is None:
-        _message(ax, "no activations in this run: run notebook 01_extract_activations")
+        _message(ax, f"no activations in this run: run notebook {NB.EXTRACT}")
     else:
         series = run.activations[:, idx, :].astype(float)
         steps = np.arange(series.shape[1])
@@ -73,7 +74,7 @@ def head_panel(run, idx: int, mode: str | None, clim: str = "shared", prompt: in
         _legend_above(ax)
     if mode is None or mode not in run.phiid:
         for ax in axes[0, 1], axes[1, 0]:
-            _message(ax, f"no PhiID ({mode or 'any mode'}) in this run: run notebook 02_phiid")
+            _message(ax, f"no PhiID ({mode or 'any mode'}) in this run: run notebook {NB.PHIID}")
     else:
         row = run.phiid_row(idx, mode)
         for ax, column, key, atom, cmap in ((axes[0, 1], "synergy", "syn", "sts", "viridis"),
@@ -86,7 +87,7 @@ def head_panel(run, idx: int, mode: str | None, clim: str = "shared", prompt: in
     ax = axes[1, 1]
     ranks = run.head_ranks(idx)
     if ranks.empty:
-        _message(ax, "no rankings in this run: run notebook 04_ranking_variants")
+        _message(ax, f"no rankings in this run: run notebook {NB.RANKING}")
     else:
         y = np.arange(len(ranks))
         ax.barh(y, ranks["score"], color="tab:blue")

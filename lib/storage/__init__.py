@@ -1,4 +1,5 @@
 """The storage layer (lowest): atomic file writes and the manifest (store), every file of a run declared once
-(artifacts), resumable checkpoints (checkpoints). It imports no other layer of lib."""
+(artifacts), resumable checkpoints (checkpoints), the notebooks' names (notebooks: NB). It imports no other layer
+of lib."""
 
 __all__: list[str] = []

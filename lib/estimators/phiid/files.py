@@ -11,6 +11,7 @@ from lib.estimators.phiid.atoms import ATOM_NAMES, DegeneratePairWarning, MODES,
 from lib.estimators.phiid.engine import phiid_all_pairs
 from lib.estimators.phiid.reference import _check_choice
 from lib.storage.store import run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["phiid_path", "save_phiid", "load_phiid", "run_phiid_for_run"]
 
@@ -28,7 +29,7 @@ def activations_files(out_dir, tags=None):
     if tags is None:
         found = [(tag, artifacts.path("activations", out_dir, tag)) for tag in artifacts.tags("activations", out_dir)]
         if not found:
-            raise FileNotFoundError(f"no {names} in {str(out_dir)!r}: run notebook 01_extract_activations with "
+            raise FileNotFoundError(f"no {names} in {str(out_dir)!r}: run notebook {NB.EXTRACT} with "
                                     f"out_dir={str(out_dir)!r} first")
         return found
     tags = [tags] if isinstance(tags, str) else list(tags)
@@ -147,6 +148,6 @@ def run_phiid_for_run(out_dir, modes=MODES, tau=1, redundancy="MMI", backend="nu
                          "mean_sts": _mean_defined(result["sts"]), "mean_rtr": _mean_defined(result["rtr"]),
                          "file": out.name})
     table = pd.DataFrame(rows)
-    store.update_manifest(out_dir, "02_phiid", {"tau": tau, "redundancy": redundancy, "backend": backend,
+    store.update_manifest(out_dir, NB.PHIID, {"tau": tau, "redundancy": redundancy, "backend": backend,
                                                 "modes": modes, "runs": rows})
     return table

@@ -12,6 +12,7 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.storage.checkpoints import parse_shard
 from lib.storage.store import ArtifactError, check_same_heads, run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["PERTURBATIONS", "RANDOM_VARIANT", "ORACLE", "Ordering", "AblationInputs", "make_points", "make_orderings",
            "load_inputs", "select_prompt_rows", "prepare"]
@@ -169,13 +170,13 @@ def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None 
     if model is not None and "model" in act and str(act["model"]) != model:
         raise ValueError(f"{act_path} holds the greedy tokens of model {str(act['model'])!r} "
                          f"but this notebook runs model={model!r}: the divergence must be measured on the same "
-                         f"model; set model to {str(act['model'])!r} or rerun 01_extract_activations with {model!r}")
+                         f"model; set model to {str(act['model'])!r} or rerun {NB.EXTRACT} with {model!r}")
     path = artifacts.path("rankings", out_dir)
     rankings = artifacts.load_file("rankings", path, require=["head_idx", "layer", "head"])
     check_same_heads(str(path), len(rankings), str(act_path), total)
     if sorted(rankings["head_idx"].tolist()) != list(range(total)):
         raise ArtifactError(f"{path}: head_idx must list every head 0..{total - 1} once; regenerate it with "
-                            f"04_ranking_variants")
+                            f"{NB.RANKING}")
     by_head = rankings.set_index("head_idx").loc[np.arange(total)]
     if not (np.array_equal(by_head["layer"].to_numpy(), act["head_layer"])
             and np.array_equal(by_head["head"].to_numpy(), act["head_index"])):
@@ -188,7 +189,7 @@ def load_inputs(out_dir: str | Path, variants: list[str], n_prompts: int | None 
     unknown = [v for v in variants if v not in available]
     if unknown:
         raise ValueError(f"ranking variant(s) {unknown} not in {path}; available: {available}. The columns are "
-                         f"produced by notebook 04_ranking_variants (its `variants` params choose them): add the "
+                         f"produced by notebook {NB.RANKING} (its `variants` params choose them): add the "
                          f"variant there and rerun 04, or pick one of the available ones")
     for v in variants:
         if not np.isfinite(pd.to_numeric(rankings[v], errors="coerce")).all():
@@ -231,7 +232,7 @@ def select_prompt_rows(category: np.ndarray, n_prompts: int | None, exclude=()) 
     rows = [r for r in range(len(category)) if r not in set(exclude)]
     if not rows:
         raise ValueError("no prompts left for the ablation: the oracle (01, oracle_prompts) uses all of them; "
-                         "lower oracle_prompts in 01_extract_activations or raise its n_prompts")
+                         f"lower oracle_prompts in {NB.EXTRACT} or raise its n_prompts")
     if n_prompts is None:
         return rows
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or not 1 <= n_prompts <= len(rows):

@@ -20,6 +20,7 @@ from lib.experiments.ablation.engine import DivergenceEngine, perturbed_heads, r
 from lib.experiments.ablation.plan import AblationInputs, AblationPlan, MATCHED, Ordering, TABLE_FRACTIONS
 from lib.experiments.ablation.resume import (_open_checkpoint, checkpoint_path, existing_shards, fingerprint,
                                              merge_shards, shard_path)
+from lib.storage.notebooks import NB
 
 __all__ = ["AblationResult", "manifest_entry", "run_ablation", "plan_table", "verify", "shard_summary"]
 
@@ -184,14 +185,14 @@ class AblationResult:
         if not self.complete:
             raise ValueError(f"this is a partial (shard) result: {self.message}")
         for name in [*(tables or {}), *(figures or {})]:
-            if artifacts.artifact(name).producer != "05_ablation":
-                raise ArtifactError(f"{name!r} is not an artifact of 05_ablation; use one of "
-                                    f"{[a.name for a in artifacts.producer_outputs('05_ablation')]}")
+            if artifacts.artifact(name).producer != NB.ABLATION:
+                raise ArtifactError(f"{name!r} is not an artifact of {NB.ABLATION}; use one of "
+                                    f"{[a.name for a in artifacts.producer_outputs(NB.ABLATION)]}")
         paths = [artifacts.save("ablation", out_dir, self.to_frame()),
                  artifacts.save("ablation_kl", out_dir, self._kl_arrays())]
         paths += [artifacts.save(name, out_dir, data) for name, data in {**(tables or {}), **(figures or {})}.items()]
         if manifest is not None:
-            update_manifest(out_dir, "05_ablation", {**manifest, "files": [p.name for p in paths]})
+            update_manifest(out_dir, NB.ABLATION, {**manifest, "files": [p.name for p in paths]})
         return paths
 
     def _kl_arrays(self) -> dict:

@@ -14,6 +14,7 @@ from lib.experiments import tasks
 from lib.experiments.ablation import make_orderings
 from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError, run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["PERTURBATIONS", "KINDS", "PAPER_EFFECT", "PAPER_EFFECT_NOTE", "PAPER", "Condition", "head_sets",
            "make_conditions", "check_settings", "load_rankings", "check_rankings_model", "prepare", "plan_table", "Calibration"]
@@ -177,12 +178,12 @@ def load_rankings(out_dir: Path, variants: list[str], model: str | None) -> pd.D
     rankings = artifacts.load("rankings", out_dir)
     p = artifacts.path("rankings", out_dir)
     if "head_idx" not in rankings.columns or sorted(rankings["head_idx"]) != list(range(len(rankings))):
-        raise ArtifactError(f"{p}: head_idx must list every head 0..n-1 once; regenerate it with 04_ranking_variants")
+        raise ArtifactError(f"{p}: head_idx must list every head 0..n-1 once; regenerate it with {NB.RANKING}")
     available = [c for c in rankings.columns if c not in ("head_idx", "layer", "head")]
     unknown = [v for v in variants if v not in available]
     if unknown:
         raise ValueError(f"unknown ranking variant(s) {unknown}: not columns of {p}; available: {available} (add the "
-                         f"variant to 04_ranking_variants' `variants` and rerun 04, or pick an available one)")
+                         f"variant to {NB.RANKING}' `variants` and rerun 04, or pick an available one)")
     for v in variants:
         if not np.isfinite(pd.to_numeric(rankings[v], errors="coerce")).all():
             raise ArtifactError(f"{p}: column {v!r} has missing or non-numeric scores; regenerate it with 04")

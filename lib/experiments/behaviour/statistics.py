@@ -12,6 +12,7 @@ import pandas as pd
 from lib.storage import artifacts
 from lib.experiments.behaviour.plan import (BehaviourPlan, Calibration, PAPER, PAPER_EFFECT, PAPER_EFFECT_NOTE,
                                             TARGET_RELATIVE_ACCURACY)
+from lib.storage.notebooks import NB
 
 __all__ = ["clopper_pearson", "mcnemar", "percentile_among", "paired_difference_ci", "relative_difference",
            "relative_accuracy", "floor_margin", "floor_ceiling"]
@@ -290,6 +291,6 @@ class BehaviourResult:
                  artifacts.save("behaviour_calibration", out_dir, (self.plan.calibrated or Calibration.off()).table),
                  artifacts.save("behaviour_generations", out_dir, self.rows),
                  artifacts.save("behaviour_summary", out_dir, summary)]
-        update_manifest(out_dir, "09_task_behaviour", {k: v for k, v in summary.items() if k != "claim"}
+        update_manifest(out_dir, NB.BEHAVIOUR, {k: v for k, v in summary.items() if k != "claim"}
                         | {"files": [p.name for p in paths], "c6_value": summary["claim"]["value"]})
         return paths

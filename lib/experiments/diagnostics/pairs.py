@@ -8,6 +8,7 @@ from scipy import stats
 
 from lib.storage import artifacts
 from lib.storage.store import ArtifactError, check_same_heads
+from lib.storage.notebooks import NB
 
 __all__ = ["DegenerateHeadError", "load_activations", "available_tags", "head_labels", "per_head_mean", "pair_index",
            "upper", "per_head_mean_pairs", "tdmi_matrix", "correlation", "bootstrap_correlation",
@@ -107,7 +108,7 @@ def tdmi_matrix(atoms) -> np.ndarray:
     from lib.estimators.phiid import ATOM_NAMES
     missing = [a for a in ATOM_NAMES if a not in atoms]
     if missing:
-        raise ArtifactError(f"TDMI needs all 16 atoms; missing {missing}. Rerun 02_phiid with all atoms")
+        raise ArtifactError(f"TDMI needs all 16 atoms; missing {missing}. Rerun {NB.PHIID} with all atoms")
     return sum(np.asarray(atoms[a], dtype=np.float64) for a in ATOM_NAMES)
 
 

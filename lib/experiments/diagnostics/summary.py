@@ -17,6 +17,7 @@ from lib.experiments.diagnostics.pairs import (DegenerateHeadError, PHIID_MODES,
                                                syn_red_correlations, tdmi_matrix, upper)
 from lib.experiments.diagnostics.series import (head_autocorrelation, head_drift, layer_means, layer_profile,
                                                 normalized_depth)
+from lib.storage.notebooks import NB
 
 __all__ = ["inverted_u_test", "diagnose", "run_diagnostics", "summary_table"]
 
@@ -223,7 +224,7 @@ def run_diagnostics(out_dir, mode: str = "per_prompt", lag: int = 1, tag: str = 
     from lib.storage.store import update_manifest
     t0 = time.perf_counter()
     acts = load_activations(out_dir, tag)
-    ph = load_phiid(out_dir, mode, tag, activations=acts, needed_by="03_phiid_diagnostics")
+    ph = load_phiid(out_dir, mode, tag, activations=acts, needed_by=NB.DIAGNOSTICS)
     d = diagnose(acts, ph, lag)
     table = correlation_table(out_dir, lag)
     d.summary.update(mode=mode, tag=tag, phiid_tau=artifacts.scalar(ph, "tau"),
@@ -231,7 +232,7 @@ def run_diagnostics(out_dir, mode: str = "per_prompt", lag: int = 1, tag: str = 
                      all_files=table.to_dict(orient="records"))
     d.summary["per_head"] = d.heads.to_dict(orient="list")
     name = artifacts.save("diagnostics", out_dir, d.summary, tag=tag).name
-    update_manifest(out_dir, "03_phiid_diagnostics", {"mode": mode, "lag": lag, "tag": tag, "file": name,
+    update_manifest(out_dir, NB.DIAGNOSTICS, {"mode": mode, "lag": lag, "tag": tag, "file": name,
                                                       "seconds": round(time.perf_counter() - t0, 3)})
     return d, table
 

@@ -37,6 +37,7 @@ from lib.experiments.finetune.masks import KV_POLICIES, head_masks, selected_uni
 from lib.experiments.finetune.sft import Example, SFTSettings, run_sft
 from lib.experiments.finetune.stats import hedges_g, paired_bootstrap, permutation_null
 from lib.storage.store import ArtifactError, run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["METHODS", "KINDS", "PAPER", "Condition", "check_settings", "make_conditions", "prepare", "sft_examples",
            "RunRecord", "run_finetune", "FinetuneResult", "plan_table", "tests_table", "moved_table",
@@ -472,7 +473,7 @@ class FinetuneResult:
         paths = [artifacts.save("finetune", out_dir, self.curves()),
                  artifacts.save("finetune_deltas", out_dir, self.deltas()),
                  artifacts.save("finetune_summary", out_dir, self.summary())]
-        update_manifest(out_dir, "10_head_finetuning", {"model": self.plan.model, "seconds": round(self.seconds, 1),
+        update_manifest(out_dir, NB.FINETUNE, {"model": self.plan.model, "seconds": round(self.seconds, 1),
                                                         "artifacts": [p.name for p in paths]})
         return paths
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from lib.storage import artifacts
 from lib.storage.store import run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["BLOCKS", "KV_BLOCKS", "VARIANTS", "DEFAULT_EPS", "VARIANT_UNITS", "InterferenceResult"]
 
@@ -147,7 +148,7 @@ class InterferenceResult:
 
     def save(self, out_dir: str | Path, top_k: int = 20, record: dict | None = None) -> dict[str, Path]:
         """interference.npz, top_conflicts.csv, interference_summary.csv in out_dir (validated before writing) and
-        the manifest section 07_qkov_interference (what was computed, timings, plus `record`)."""
+        the manifest section NB.INTERFERENCE (what was computed, timings, plus `record`)."""
         arrays = self.to_arrays()
         for key, value in arrays.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -163,7 +164,7 @@ class InterferenceResult:
 
     def _record(self, extra: dict) -> None:
         from lib.storage.store import update_manifest
-        update_manifest(self.out_dir, "07_qkov_interference", {
+        update_manifest(self.out_dir, NB.INTERFERENCE, {
             "model": self.model, "task_a": self.task_a, "task_b": self.task_b, "source_a": self.source_a,
             "source_b": self.source_b, "n_a": self.n_a, "n_b": self.n_b, "variants": self.variants, "eps": self.eps,
             "ridge": self.ridge, "grad_method": self.method, "timings": self.seconds, **extra})

@@ -14,6 +14,7 @@ from lib.storage import artifacts
 from lib.model.architectures import ArchInfo
 from lib.model.prompts import CATEGORIES, all_prompts
 from lib.storage.store import ArtifactError
+from lib.storage.notebooks import NB
 
 __all__ = ["SOURCES", "MIN_SAMPLES_FOR_FISHER", "TEXT_SEPARATOR", "Sample", "TaskSamples",
            "samples_from_activations", "samples_from_generation", "sample_from_text", "samples_from_texts",
@@ -89,7 +90,7 @@ def _activations_problem(path: Path, arch: ArchInfo, task_a: str, task_b: str, n
                          max_samples: int) -> str | None:
     """Why the activations file cannot serve as the sample source (None when it can)."""
     if not path.exists():
-        return f"{path} does not exist (run 01_extract_activations first, or use generated/text samples)"
+        return f"{path} does not exist (run {NB.EXTRACT} first, or use generated/text samples)"
     try:
         data = artifacts.load_file("activations", path, keys=_SAMPLE_KEYS)
     except ArtifactError as e:
@@ -121,7 +122,7 @@ def samples_from_activations(path: str | Path, category: str, max_samples: int =
     made_by = str(data["model"]) if "model" in data else ""
     if model_source and made_by and made_by != model_source:
         raise ArtifactError(f"{path} was produced by model {made_by!r} but this run uses {model_source!r}: rerun "
-                            f"01_extract_activations with this model, or use sample_source='generate'")
+                            f"{NB.EXTRACT} with this model, or use sample_source='generate'")
     rows = [i for i, c in enumerate(data["prompt_category"]) if str(c) == category]
     if max_samples > 0:
         rows = rows[:max_samples]
@@ -281,7 +282,7 @@ def _load_task_samples(model, tokenizer, arch, out_dir, task_a, task_b, source, 
             log(f"[interference] samples from {path}: {len(a)} for A ({task_a!r}), {len(b)} for B ({task_b!r})")
             return a, b
         if source == "activations":
-            raise ValueError(f"cannot take the samples from activations: {problem}. Fix: rerun 01_extract_activations "
+            raise ValueError(f"cannot take the samples from activations: {problem}. Fix: rerun {NB.EXTRACT} "
                              f"with more prompts per category, lower min_samples_for_fisher, or use "
                              f"sample_source='generate' or 'texts'")
         log(f"[interference] NOTE: {problem}; generating {n_new_tokens}-token greedy continuations of the paper's "

@@ -25,6 +25,7 @@ from lib.experiments.neurons.selection import (MODES, SCALES, SELECTORS, Neuron,
                                    read_neuron_file, select_neurons, validate_neurons)
 from lib.experiments.neurons.summaries import layer_summary, summaries_frame, summarize_neurons
 from lib.storage.store import ArtifactError, run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["NeuronSetup", "prepare", "compute_batch", "read_effects_csv", "compute_effects", "NeuronResult", "run",
            "verify"]
@@ -297,11 +298,11 @@ class NeuronResult:
         return fig
 
     def record(self, check: pd.DataFrame | None = None, **extra) -> None:
-        """Write the run's manifest section (06_neuron_effects): parameters, sizes, settings hash, how the effects
+        """Write the run's manifest section (NB.NEURONS): parameters, sizes, settings hash, how the effects
         were obtained, the live check's verdict, and `extra` (e.g. dtype, seconds)."""
         from lib.storage.store import update_manifest
         setup = self.setup
-        update_manifest(setup.out_dir, "06_neuron_effects", {
+        update_manifest(setup.out_dir, NB.NEURONS, {
             **{k: v for k, v in setup.params.items() if k != "out_dir"}, "n_neurons_run": len(setup.neurons),
             "n_prompts_run": len(setup.prompts), "fingerprint": setup.fingerprint(), "how": self.message,
             "check_ok": None if check is None else bool(check["ok"].all()), "effects_seconds": self.seconds,

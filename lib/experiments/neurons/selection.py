@@ -14,6 +14,7 @@ import torch
 from lib.storage import artifacts
 from lib.model.architectures import ArchInfo
 from lib.storage.store import ArtifactError
+from lib.storage.notebooks import NB
 
 __all__ = ["MODES", "SCALES", "SELECTORS", "Neuron", "check_mlp_site", "validate_neurons", "read_neuron_file",
            "select_neurons", "PromptSet", "load_prompts"]
@@ -208,7 +209,7 @@ def load_prompts(out_dir: str | Path, tokenizer, arch: ArchInfo, n_prompts: int 
         bad = [int(t.max()) for t in ids if int(t.max()) >= arch.vocab_size]
         if bad:
             raise ArtifactError(f"{path}: token id {bad[0]} >= vocabulary {arch.vocab_size}: the file is from another "
-                                f"tokenizer; regenerate it with 01_extract_activations for this model")
+                                f"tokenizer; regenerate it with {NB.EXTRACT} for this model")
         return PromptSet(ids, [ids_in_file[r] for r in rows], texts, cats, f"{path} (prompt_input_ids)")
     from lib.experiments.extract import encode_prompts
     prompts = select_prompts(n_prompts)

@@ -13,6 +13,7 @@ from lib.storage.store import ArtifactError
 from lib.experiments.ranking.scores import (DEFAULT_VARIANTS, NEEDS_TDMI, PairStats, PerPromptStats, VARIANTS,
                                             VariantScore, _atom_names, check_variants, mmi_pair_means,
                                             per_prompt_stats, phiid_pair_stats, preprocess, variant_score)
+from lib.storage.notebooks import NB
 
 __all__ = ["RankingInputs", "load_inputs"]
 
@@ -112,7 +113,7 @@ def check_file_matches(ph: dict, computed: PairStats, rtol=1e-6, atol=1e-8) -> N
     f = PairStats.from_atoms(ph, ph["degenerate"])
     name = Path(ph.get("path", "phiid.npz")).name
     fix = (f"{name} and the activations come from different runs (or another tau / redundancy): rerun "
-           f"02_phiid on this run (python -m lib.run --params <run>.yaml --only 02_phiid --force)")
+           f"{NB.PHIID} on this run (python -m lib.run --params <run>.yaml --only {NB.PHIID} --force)")
     if not np.array_equal(f.valid, computed.valid):
         raise ArtifactError(f"{name} marks {int((~f.valid).sum())} degenerate pairs but the activations give "
                             f"{int((~computed.valid).sum())}: {fix}")
@@ -145,7 +146,7 @@ def load_inputs(out_dir, variants=DEFAULT_VARIANTS, tag: str = "", tau: int = 1,
             got = artifacts.scalar(ph, key)
             if got is not None and str(got) != str(want):
                 raise ArtifactError(f"{ph['path'].name} was computed with {key}={got!r} but this notebook has "
-                                    f"{key}={want!r}: set {key}: {got!r} in its parameters (or rerun 02_phiid "
+                                    f"{key}={want!r}: set {key}: {got!r} in its parameters (or rerun {NB.PHIID} "
                                     f"with {key}={want!r})")
         files[mode] = ph
     inputs = RankingInputs(X=np.asarray(acts["activations"], dtype=np.float64), head_layer=acts["head_layer"],

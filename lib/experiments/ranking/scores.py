@@ -9,6 +9,7 @@ from scipy import stats
 
 from lib.experiments import diagnostics as dg
 from lib.storage.store import ArtifactError
+from lib.storage.notebooks import NB
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "check_variants", "PairStats", "mmi_segment_stats", "mmi_pair_means",
            "phiid_pair_stats", "per_prompt_stats", "VariantScore", "minmax", "variant_score"]
@@ -225,7 +226,7 @@ def raw_scores(kind: str, pairs: PairStats, autocorr=None, labels=None) -> tuple
     if kind == "tdmi_normalized":
         if pairs.tdmi is None:
             raise ArtifactError("tdmi_normalized needs all 16 atoms (TDMI = their sum); the PhiID file has only "
-                                "some: rerun 02_phiid with all atoms")
+                                f"some: rerun {NB.PHIID} with all atoms")
         s, ok_s = _ratio(pairs.sts, pairs.tdmi, pairs.valid)
         r, ok_r = _ratio(pairs.rtr, pairs.tdmi, pairs.valid)
         syn, red = dg.per_head_mean_pairs(s, ok_s, H, labels), dg.per_head_mean_pairs(r, ok_r, H, labels)

@@ -14,6 +14,7 @@ from lib.storage.store import ArtifactError
 from lib.experiments.ranking.inputs import RankingInputs, load_inputs
 from lib.experiments.ranking.scores import (DEFAULT_VARIANTS, VARIANTS, VariantScore, check_variants, minmax,
                                             source_stats)
+from lib.storage.notebooks import NB
 
 __all__ = ["split_half_reliability", "surrogate_scores", "null_tables", "inverted_u_table", "signal_summary",
            "agreement", "rankings_frame", "profiles_frame", "baseline_profiles", "ORACLE", "oracle_score",
@@ -218,7 +219,7 @@ def baseline_profiles(out_dir, variants=DEFAULT_VARIANTS, tau=1, redundancy="MMI
             var = VARIANTS[v]
             needed = artifacts.path("phiid", out_dir, tag, mode=var.mode)
             if var.preprocess is None and not needed.exists():
-                skipped.append((tag, f"variant {v} skipped: no {needed.name} (02_phiid modes)"))
+                skipped.append((tag, f"variant {v} skipped: no {needed.name} ({NB.PHIID} modes)"))
             else:
                 usable.append(v)
         if not usable:
@@ -283,6 +284,6 @@ def save_rankings(out_dir, inputs: RankingInputs, scores: dict, reliability=None
     if agreement_matrix is not None:
         summary["agreement"] = agreement_matrix.to_dict()
     files = [artifacts.save("rankings", out_dir, df).name, artifacts.save("ranking_summary", out_dir, summary).name]
-    update_manifest(out_dir, "04_ranking_variants", {**(params or {}), "files": files,
+    update_manifest(out_dir, NB.RANKING, {**(params or {}), "files": files,
                                                      **({"seconds": round(seconds, 3)} if seconds is not None else {})})
     return df

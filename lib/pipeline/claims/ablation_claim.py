@@ -8,6 +8,7 @@ from lib.pipeline.claims.rules import (C5_PERCENTILE, C5_RANGE, Claim, ORACLE_VA
                                        judge, new_claim, not_tested, oracle_check, too_few)
 from lib.pipeline.verdicts import Evidence, decide
 from lib.storage import artifacts
+from lib.storage.notebooks import NB
 
 __all__ = ["claim_c5", "ORDERING_WORDS"]
 
@@ -17,7 +18,7 @@ __all__ = ["claim_c5", "ORDERING_WORDS"]
 def claim_c5(out_dir, n_boot: int = 2000, seed: int = 0) -> Claim:
     from lib.experiments.ablation import AblationResult
     if not artifacts.path("ablation_kl", out_dir).exists():
-        return not_tested("C5", "no ablation_kl.npz (05_ablation did not run)", ["ablation_kl"])
+        return not_tested("C5", f"no ablation_kl.npz ({NB.ABLATION} did not run)", ["ablation_kl"])
     result = AblationResult.load(out_dir)
     if not result.variants or not result.index("random"):
         return not_tested("C5", "the ablation has no ranking or no random orders (n_random = 0)", ["ablation_kl"])
@@ -54,8 +55,8 @@ def claim_c5(out_dir, n_boot: int = 2000, seed: int = 0) -> Claim:
     if c.reason:
         c.verdict = "underpowered"
         return c
-    judge(c, _c5_evidence(row, band), sizes, {"05_ablation.n_prompts": sizes["prompts"],
-                                        "05_ablation.n_random": sizes["random_orders"]})
+    judge(c, _c5_evidence(row, band), sizes, {f"{NB.ABLATION}.n_prompts": sizes["prompts"],
+                                        f"{NB.ABLATION}.n_random": sizes["random_orders"]})
     return oracle_check(c, orderings.get(f"ranking:{ORACLE_VARIANT}"))
 
 

@@ -9,6 +9,7 @@ from lib.pipeline.claims.rules import (C4_MODULARITY_EFFECT, CLAIMS, Claim, EXPE
                                        PAPER_EFFECTS, judge, new_claim, not_tested, oracle_check)
 from lib.pipeline.verdicts import Evidence, decide
 from lib.storage import artifacts
+from lib.storage.notebooks import NB
 
 __all__ = ["block_evidence", "claim_from_block", "recentred", "claim_c6", "claim_c7", "read_block", "SCALE",
            "claim_c4"]
@@ -74,9 +75,9 @@ def claim_from_block(cid: str, out_dir, transform=None) -> Claim:
 
 
 SCALE = {   # claim -> sample sizes -> {params key: current value}: what the settle plan multiplies
-    "C4": lambda s: {"01_extract_activations.n_prompts": s["prompts"]} if "prompts" in s else None,
-    "C6": lambda s: {"09_task_behaviour.n_problems": s["problems"]} if "problems" in s else None,
-    "C7": lambda s: {"10_head_finetuning.seeds": s["seeds"]} if "seeds" in s else None,
+    "C4": lambda s: {f"{NB.EXTRACT}.n_prompts": s["prompts"]} if "prompts" in s else None,
+    "C6": lambda s: {f"{NB.BEHAVIOUR}.n_problems": s["problems"]} if "problems" in s else None,
+    "C7": lambda s: {f"{NB.FINETUNE}.seeds": s["seeds"]} if "seeds" in s else None,
 }
 
 
@@ -148,5 +149,5 @@ def claim_c7(out_dir) -> Claim:
     if c.verdict != "not tested" and c.details.get("arm", "grpo") == "sft":
         c.verdict = "invalid"
         c.reason = ("the run fine-tuned with SFT only: the paper claims C7 for RL (GRPO) and reports no difference "
-                    "for SFT (add grpo to 10_head_finetuning.methods)")
+                    f"for SFT (add grpo to {NB.FINETUNE}.methods)")
     return c

@@ -12,6 +12,7 @@ from lib.pipeline.claims.rules import (Claim, MIN_STEPS, PAPER_EFFECTS, PRIMARY_
                                        evidence_profile, judge, new_claim, not_tested, too_few)
 from lib.pipeline.verdicts import Evidence, decide
 from lib.storage import artifacts
+from lib.storage.notebooks import NB
 
 __all__ = ["bootstrap_spearman", "HeadEvidence", "head_evidence", "series_correlation", "profile_verdicts",
            "c1_against_null", "claim_c1", "claim_c2", "claim_c3", "near_duplicates", "NULL_KINDS", "NULL_TEXT",
@@ -227,8 +228,8 @@ def claim_c2(ev: HeadEvidence, eos: HeadEvidence | None = None, n_boot: int = 10
 def claim_c3(trained: HeadEvidence, random_init: HeadEvidence | None, checkpoints: dict, n_boot: int = 1000,
              seed: int = 0) -> Claim:
     if random_init is None:
-        return not_tested("C3", "no random-init copy in this run (01_extract_activations baseline_random_init "
-                                "and 02_phiid on it)", ["activations", "phiid"])
+        return not_tested("C3", f"no random-init copy in this run ({NB.EXTRACT} baseline_random_init "
+                                f"and {NB.PHIID} on it)", ["activations", "phiid"])
     c = new_claim("C3")
     t, r = profile_verdicts(trained, n_boot, seed), profile_verdicts(random_init, n_boot, seed)
     tb, rb = _profile_row(t["beyond_null"]), _profile_row(r["beyond_null"])

@@ -10,6 +10,7 @@ import numpy as np
 from lib.pipeline import stages
 from lib.pipeline.verdicts import Evidence, decide, power, settle_factor
 from lib.storage.store import jsonable
+from lib.storage.notebooks import NB
 
 __all__ = ["PAPER", "VERDICT_RULES", "CLAIMS", "PAPER_FIGURES", "PAPER_EFFECTS", "EXPERIMENT_ARTIFACTS", "Claim",
            "new_claim", "not_tested", "evidence_c1", "evidence_profile", "TABLE_TEXT", "PRIMARY_VARIANT",
@@ -191,7 +192,7 @@ def evidence_profile(row: dict, paper: float, extra_ok: bool, note: str) -> Evid
 def oracle_check(c: Claim, oracle: dict | None) -> Claim:
     """Without a detected oracle the budget cannot show the claim: `ruled out` becomes `underpowered`."""
     if oracle is None:
-        c.details["oracle"] = "no oracle ordering in this run (01_extract_activations oracle, variant 'oracle')"
+        c.details["oracle"] = f"no oracle ordering in this run ({NB.EXTRACT} oracle, variant 'oracle')"
         return c
     c.details["oracle"] = oracle
     if oracle.get("verdict") != "supported" and c.verdict == "ruled out":

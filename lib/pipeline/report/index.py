@@ -11,6 +11,7 @@ from lib.pipeline.report.findings import (FINDINGS_CSS, add_findings_to_notebook
                                           findings_rows, read_claims, template)
 from lib.pipeline.report.reading import Figure, NotebookReport, check_run, collect
 from lib.storage.store import atomic_path, locked
+from lib.storage.notebooks import NB
 
 __all__ = ["INDEX_FIGURE_LIMIT", "write_index", "render_index", "comparisons_including"]
 
@@ -99,7 +100,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-INDEX_FIGURE_LIMIT = {"02_phiid": 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
+INDEX_FIGURE_LIMIT = {NB.PHIID: 1}     # notebook -> key figures shown on the index (02: the per_prompt pair)
 
 
 def _index_figures(reports: list[NotebookReport]) -> list[Figure]:
@@ -152,14 +153,14 @@ def render_index(out_dir: Path, manifest: dict, reports: list[NotebookReport], p
 
 
 def comparisons_including(run_dir, compare_root=None) -> list[Path]:
-    """The comparison reports (outputs/compare*/12_compare_models.html) whose runs include `run_dir`."""
+    """The comparison reports (outputs/compare*/<NB.COMPARE>.html) whose runs include `run_dir`."""
     run_dir = Path(run_dir).resolve()
     root = Path(compare_root) if compare_root else run_dir.parent
     found = []
     for runs_file in sorted(root.glob("compare*/runs.json")):
         runs = [Path(r).resolve() for r in json.loads(runs_file.read_text()).get("runs", [])]
-        if run_dir in runs and (runs_file.parent / "12_compare_models.html").exists():
-            found.append(runs_file.parent / "12_compare_models.html")
+        if run_dir in runs and (runs_file.parent / f"{NB.COMPARE}.html").exists():
+            found.append(runs_file.parent / f"{NB.COMPARE}.html")
     return found
 
 

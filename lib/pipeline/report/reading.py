@@ -37,8 +37,8 @@ class Figure:
 
 @dataclass
 class NotebookReport:
-    stem: str                   # output stem: 05_ablation or 05_ablation.shard-1-of-4
-    name: str                   # notebook name: 05_ablation
+    stem: str                   # output stem: <notebook> or <notebook>.shard-1-of-4
+    name: str                   # notebook name (an NB constant)
     shard: tuple[int, int] | None
     status: str                 # ok, failed, running, error (ok in the manifest but error outputs), not run
     seconds: float | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.storage.store import ArtifactError, run_folder
+from lib.storage.notebooks import NB
 
 __all__ = ["FORMATS", "RANDOM_INIT", "Artifact", "ARTIFACTS", "artifact", "sharded", "path"]
 
@@ -28,7 +29,7 @@ class Key:
 class Artifact:
     name: str
     pattern: str                      # e.g. "phiid_{mode}{tag}.npz"; {tag} -> "" or "__<tag>"
-    producer: str                     # notebook that writes it
+    producer: str                     # notebook that writes it (an NB constant), or the lib command that does
     doc: str
     keys: dict[str, Key] = field(default_factory=dict)
     shard_dir: str | None = None      # folder (relative to the run) for shard files, if the artifact shards
@@ -75,7 +76,7 @@ def _claim_summary(name: str, producer: str, doc: str, claim: str) -> Artifact:
 _ATOMS = ("rtr", "rtx", "rty", "rts", "xtr", "xtx", "xty", "xts", "ytr", "ytx", "yty", "yts", "str", "stx", "sty", "sts")
 
 ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
-    Artifact("activations", "activations{tag}.npz", "01_extract_activations",
+    Artifact("activations", "activations{tag}.npz", NB.EXTRACT,
              "per-head L2 norm of the attention output at every generated step, with the greedy tokens", {
                  "activations": _k("float32", "prompts", "heads", "steps", doc="L2 norm of each head's output"),
                  "tokens": _k("int", "prompts", "steps", doc="generated token ids"),
@@ -91,13 +92,13 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "extraction_key": _k("str", optional=True),
              }),
     Artifact("extract_checkpoint", ".extract_checkpoints/{key}/batch-{start:05d}-{batch_size}.npz",
-             "01_extract_activations",
+             NB.EXTRACT,
              "one finished generation batch of an interrupted extraction (key: hash of its settings); removed when "
              "the extraction completes", {
                  "tokens": _k("int", "batch", "steps"),
                  "norms": _k("float32", "batch", "heads", "steps"),
              }),
-    Artifact("oracle", "oracle.npz", "01_extract_activations",
+    Artifact("oracle", "oracle.npz", NB.EXTRACT,
              "measured head importance (attribution patching: sum over positions of |grad x activation| of the "
              "greedy tokens' NLL at each head's output, mean over the oracle's prompts); lib.experiments.oracle", {
                  "score": _k("float", "heads", doc="mean_q sum_i |g . z|, the oracle's ordering key"),
@@ -107,7 +108,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "head_layer": _k("int", "heads"), "head_index": _k("int", "heads"),
                  "model": _k("str"), "extraction_key": _k("str"), "seconds": _k("float"),
              }),
-    Artifact("phiid", "phiid_{mode}{tag}.npz", "02_phiid",
+    Artifact("phiid", "phiid_{mode}{tag}.npz", NB.PHIID,
              "all 16 PhiID atoms (nats) for every ordered head pair, one mode (per_prompt, concat, pooled)", {
                  **{a: _k("float", "heads", "heads") for a in _ATOMS},
                  "atom_names": _k("str", "atoms"),
@@ -118,16 +119,16 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "n_prompts": _k("int", optional=True), "n_steps": _k("int", optional=True),
                  "activations_file": _k("str", optional=True), "model": _k("str", optional=True),
              }),
-    Artifact("diagnostics", "diagnostics{tag}.json", "03_phiid_diagnostics",
+    Artifact("diagnostics", "diagnostics{tag}.json", NB.DIAGNOSTICS,
              "synergy-redundancy correlation, lag-1 autocorrelation, TDMI, drift, layer profiles", {
                  "n_prompts": _k("int"), "n_heads": _k("int"), "n_steps": _k("int"), "syn_red": _k("dict"),
                  "layer_profiles": _k("dict"), "per_head": _k("dict"), "all_files": _k("list"),
                  "mode": _k("str"), "tag": _k("str"),
              }),
-    Artifact("rankings", "rankings.csv", "04_ranking_variants",
+    Artifact("rankings", "rankings.csv", NB.RANKING,
              "one row per head: head_idx, layer, head, one score column per ranking variant, syn / red",
              _columns("head_idx", "layer", "head", optional=("syn", "red"))),
-    Artifact("ranking_summary", "ranking_summary.json", "04_ranking_variants",
+    Artifact("ranking_summary", "ranking_summary.json", NB.RANKING,
              "split-half reliability, surrogate null, inverted-U test, trained vs random", {
                  "variants": _k("list"), "n_heads": _k("int"),
                  **{k: _k(t, optional=True) for k, t in (("n_prompts", "int"), ("tau", "int"), ("redundancy", "str"),
@@ -135,16 +136,16 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                                                          ("inverted_u", "list"), ("inverted_u_beyond_null", "list"),
                                                          ("null_z", "dict"), ("agreement", "dict"))},
              }),
-    Artifact("ranking_surrogates", "ranking_surrogates.npz", "04_ranking_variants",
+    Artifact("ranking_surrogates", "ranking_surrogates.npz", NB.RANKING,
              "circular-shift surrogate scores, one [surrogates, heads] array per variant (also the resume "
              "checkpoint)", {
                  "signature": _k("str", doc="hash of the activations, variants, tau, redundancy and seed"),
              }),
-    Artifact("ablation", "ablation.csv", "05_ablation",
+    Artifact("ablation", "ablation.csv", NB.ABLATION,
              "KL(clean ‖ ablated) per order and number of heads removed (mean and SEM over prompts)",
              _columns("ordering", "variant", "seed", "n_removed", "fraction", "kl_mean", "kl_sem", "perturbation",
                       "n_prompts")),
-    Artifact("ablation_kl", "ablation_kl.npz", "05_ablation",
+    Artifact("ablation_kl", "ablation_kl.npz", NB.ABLATION,
              "KL per order, point and prompt (nats/token), with the orders", {
                  "kl": _k("float", "orders", "points", "prompts"),
                  "n_removed": _k("int", "points"), "fraction": _k("float", "points"),
@@ -153,26 +154,26 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "prompt_ids": _k("int", "prompts"), "prompt_category": _k("str", "prompts"),
                  "total_heads": _k("int"), "perturbation": _k("str"), "noise_sigma": _k("float"), "model": _k("str"),
              }),
-    Artifact("ablation_checkpoint", "ablation_checkpoint_{digest}.npz", "05_ablation",
+    Artifact("ablation_checkpoint", "ablation_checkpoint_{digest}.npz", NB.ABLATION,
              "progress of an ablation run (digest: hash of its settings), or of shard i of n", {
                  "fingerprint": _k("str", doc="JSON of everything the numbers depend on"),
                  "shard_i": _k("int"), "shard_n": _k("int"),
                  "assigned": _k("bool", "groups", "points"), "done": _k("bool", "groups", "points", "prompts"),
                  "kl": _k("float64", "orders", "points", "prompts"),
              }, shard_dir="ablation_shards", shard_pattern="shard-{i}-of-{n}.npz"),
-    Artifact("ablation_fractions", "ablation_fractions.csv", "05_ablation",
+    Artifact("ablation_fractions", "ablation_fractions.csv", NB.ABLATION,
              "KL at 12.5 %, 25 %, ..., 100 % of heads removed: ranking, random mean and sd, ratio, reverse",
              _columns("variant", "fraction", "n_removed", "on_grid", "ranking_kl", "random_mean", "random_sd",
                       "ratio", "reverse_kl")),
-    Artifact("ablation_auc", "ablation_auc.csv", "05_ablation",
+    Artifact("ablation_auc", "ablation_auc.csv", NB.ABLATION,
              "area under each KL curve and its ratio to the random orders, with a bootstrap CI over prompts",
              _columns("variant", "ordering", "auc", "random_auc_mean", "random_auc_sd", "auc_ratio", "ci_low",
                       "ci_high")),
-    Artifact("ablation_curves", "ablation_curves.png", "05_ablation",
+    Artifact("ablation_curves", "ablation_curves.png", NB.ABLATION,
              "figure: KL vs fraction of heads removed, ranking vs random and reverse orders"),
-    Artifact("ablation_prompt_ratios", "ablation_prompt_ratios.png", "05_ablation",
+    Artifact("ablation_prompt_ratios", "ablation_prompt_ratios.png", NB.ABLATION,
              "figure: per-prompt AUC ratios by task category"),
-    Artifact("neuron_effects", "neuron_effects.csv", "06_neuron_effects",
+    Artifact("neuron_effects", "neuron_effects.csv", NB.NEURONS,
              "direct, indirect and total effect of each selected MLP neuron on each prompt", {
                  "neuron_id": _k("str", "rows"), "layer": _k("int", "rows"), "neuron": _k("int", "rows"),
                  "prompt": _k("int", "rows"), "prompt_id": _k("int", "rows"),
@@ -181,19 +182,19 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  **{c: _k("str", "rows", doc="space-separated, top-k tokens") for c in (
                      "top_total_ids", "top_total_effects", "top_direct_ids", "top_direct_effects")},
              }, shard_dir=".neuron_shards"),
-    Artifact("neuron_shard_info", "neuron_effects.json", "06_neuron_effects",
+    Artifact("neuron_shard_info", "neuron_effects.json", NB.NEURONS,
              "what one shard of neuron_effects computed (settings, neurons, rows); next to its shard CSV", {
                  "settings": _k("object", doc="what the numbers depend on"), "shard": _k("str"), "n_rows": _k("int"),
              }, shard_dir=".neuron_shards"),
-    Artifact("neuron_effects_part", "batch-{batch:05d}.csv", "06_neuron_effects",
+    Artifact("neuron_effects_part", "batch-{batch:05d}.csv", NB.NEURONS,
              "checkpoint: the rows of one finished batch, in a parts folder (parts_dir('neuron_effects', ...))"),
-    Artifact("neuron_summaries", "neuron_summaries.json", "06_neuron_effects", "per-class summaries of the effects"),
-    Artifact("layer_summary", "layer_summary.csv", "06_neuron_effects", "direct/total ratio by layer", {
+    Artifact("neuron_summaries", "neuron_summaries.json", NB.NEURONS, "per-class summaries of the effects"),
+    Artifact("layer_summary", "layer_summary.csv", NB.NEURONS, "direct/total ratio by layer", {
                  "layer": _k("int", "layers"), "n_neurons": _k("int", "layers"),
              }),
-    Artifact("neurons_figure", "neurons_{figure}.png", "06_neuron_effects",
+    Artifact("neurons_figure", "neurons_{figure}.png", NB.NEURONS,
              "figures: direct_vs_total, direct_ratio_by_layer, classes_by_layer"),
-    Artifact("interference", "interference.npz", "07_qkov_interference",
+    Artifact("interference", "interference.npz", NB.INTERFERENCE,
              "QK-OV Fisher interference scores per variant and block (scores__<variant>__<block> [samples_a, "
              "samples_b, layers, heads]), sample ids of both tasks", {
                  "ids_a": _k("str", "samples_a"), "ids_b": _k("str", "samples_b"),
@@ -206,34 +207,34 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "ridge": _k("float"), "task_a": _k("str"), "task_b": _k("str"), "model": _k("str"),
                  "method": _k("str"), "source_a": _k("str"), "source_b": _k("str"),
              }),
-    Artifact("top_conflicts", "top_conflicts.csv", "07_qkov_interference", "the most conflicting (layer, head, block)", {
+    Artifact("top_conflicts", "top_conflicts.csv", NB.INTERFERENCE, "the most conflicting (layer, head, block)", {
                  "variant": _k("str", "rows"), "block": _k("str", "rows"), "rank": _k("int", "rows"),
                  "sample_a": _k("str", "rows"), "sample_b": _k("str", "rows"), "text_a": _k("str", "rows"),
                  "text_b": _k("str", "rows"),
              }),
-    Artifact("interference_summary", "interference_summary.csv", "07_qkov_interference",
+    Artifact("interference_summary", "interference_summary.csv", NB.INTERFERENCE,
              "interference per block and variant", {"variant": _k("str", "rows"), "block": _k("str", "rows")}),
-    Artifact("interference_figure", "interference_{figure}.png", "07_qkov_interference",
+    Artifact("interference_figure", "interference_{figure}.png", NB.INTERFERENCE,
              "figures: heatmaps_magnitude, heatmaps_signed, layers"),
-    Artifact("topology", "topology.json", "08_topology",
+    Artifact("topology", "topology.json", NB.TOPOLOGY,
              "efficiency and modularity of the synergy and redundancy networks, threshold sweep, strength-"
              "preserving null, modules vs layers, per tag; the C4 claim block", {
                  "tags": _k("object", doc="per tag (trained, random_init, rev-...): measures, null bands, z-scores"),
                  "claim": _k("object", doc="claim C4 in the claims scorecard's shape"),
              }),
-    Artifact("modules", "modules.csv", "08_topology",
+    Artifact("modules", "modules.csv", NB.TOPOLOGY,
              "Louvain module of every head in each network (full and top 10%), its layer and strength", {
                  "head_idx": _k("int", "heads"), "layer": _k("int", "heads"), "head": _k("int", "heads"),
                  "module": _k("int", "heads"), "module_top": _k("int", "heads"),
                  "strength": _k("float", "heads"),
              }),
-    Artifact("behaviour", "behaviour.csv", "09_task_behaviour",
+    Artifact("behaviour", "behaviour.csv", NB.BEHAVIOUR,
              "task accuracy per perturbation condition: Clopper-Pearson CI, McNemar vs random, percentile", {
                  "condition": _k("str", "conditions"), "kind": _k("str", "conditions"),
                  "accuracy": _k("float", "conditions"), "ci_low": _k("float", "conditions"),
                  "ci_high": _k("float", "conditions"), "n_problems": _k("int", "conditions"),
              }),
-    Artifact("behaviour_calibration", "behaviour_calibration.csv", "09_task_behaviour",
+    Artifact("behaviour_calibration", "behaviour_calibration.csv", NB.BEHAVIOUR,
              "dose sweep before the main measurement: accuracy of the baseline and of random head sets per noise sigma "
              "(CIs), relative to the baseline, the target and the chosen sigma (no rows when calibrate is false)", {
                  "kind": _k("str", "rows"), "seed": _k("int", "rows"), "sigma": _k("float", "rows"),
@@ -243,28 +244,28 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "relative_ci_high": _k("float", "rows"), "target": _k("float", "rows"),
                  "chosen_sigma": _k("float", "rows"),
              }),
-    Artifact("behaviour_generations", "behaviour_generations.jsonl", "09_task_behaviour",
+    Artifact("behaviour_generations", "behaviour_generations.jsonl", NB.BEHAVIOUR,
              "per condition and problem: generated text, extracted answer, correctness"),
-    _claim_summary("behaviour_summary", "09_task_behaviour",
+    _claim_summary("behaviour_summary", NB.BEHAVIOUR,
                    "settings, synergistic vs random tests per variant and the C6 claim block", "C6"),
-    Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", "09_task_behaviour",
+    Artifact("behaviour_checkpoint", "behaviour_checkpoint_{key}.jsonl", NB.BEHAVIOUR,
              "finished work units of a behaviour run (a rerun with the same settings resumes from it)"),
-    Artifact("finetune", "finetune.csv", "10_head_finetuning",
+    Artifact("finetune", "finetune.csv", NB.FINETUNE,
              "test accuracy (with Clopper-Pearson CI) per method, condition, seed and evaluation step", {
                  "method": _k("str", "rows"), "condition": _k("str", "rows"), "seed": _k("int", "rows"),
                  "step": _k("int", "rows"), "accuracy": _k("float", "rows"), "n": _k("int", "rows"),
              }),
-    Artifact("finetune_deltas", "finetune_deltas.csv", "10_head_finetuning",
+    Artifact("finetune_deltas", "finetune_deltas.csv", NB.FINETUNE,
              "Frobenius norm of each head's Q/K/V/O weight change per method, condition and seed, and whether the "
              "slice was trainable", {
                  "layer": _k("int", "rows"), "head": _k("int", "rows"), "block": _k("str", "rows"),
                  "delta_norm": _k("float", "rows"), "selected": _k("bool", "rows"),
              }),
-    _claim_summary("finetune_summary", "10_head_finetuning",
+    _claim_summary("finetune_summary", NB.FINETUNE,
                    "final and best accuracy per run, Hedges' g and permutation tests between conditions, claim C7", "C7"),
-    Artifact("finetune_checkpoint", ".finetune_checkpoints/{key}/{run}.pt", "10_head_finetuning",
+    Artifact("finetune_checkpoint", ".finetune_checkpoints/{key}/{run}.pt", NB.FINETUNE,
              "state of one fine-tuning run after its last evaluation (removed when every run finished)"),
-    Artifact("local_phiid", "local_phiid{tag}.npz", "11_local_synergy",
+    Artifact("local_phiid", "local_phiid{tag}.npz", NB.LOCAL,
              "per-head local sts and rtr (mean over partners) at every transition t -> t + tau, with the token "
              "read, entropy and surprisal at the future step and the token kinds", {
                  "sts": _k("float", "heads", "prompts", "transitions", doc="local synergy, nats"),
@@ -278,7 +279,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"), "model": _k("str"),
                  "greedy_agreement": _k("float"), "seconds": _k("float"),
              }),
-    Artifact("local_summary", "local_summary.json", "11_local_synergy",
+    Artifact("local_summary", "local_summary.json", NB.LOCAL,
              "local synergy vs entropy/surprisal (circular-shift null) per layer, by token kind (bootstrap CI, "
              "shift null), per tag", {
                  "tau": _k("int"), "redundancy": _k("str"), "mode": _k("str"),
