@@ -63,7 +63,7 @@ HOST_UNITS = {
     "louvain_s": "one head pair x one Louvain run (lib.estimators.louvain.louvain_batch; 08)",
 }
 # Without a calibration: this 2-core development machine. notebook_fixed_s IDLE (a notebook of the tiny run doing
-# almost no work took 5.2-7.5 s at load ~1: 02_phiid, 03_phiid_diagnostics); base_rss_gib: the cluster layouts'
+# almost no work took 5.2-7.5 s at load ~1: PhiID, diagnostics); base_rss_gib: the cluster layouts'
 # CPU-notebook kernels (0.49-0.60 GiB, 02-08 on the Pythia layout), model_rss_gib: their model notebooks' (0.67-0.91);
 # the units' seconds: gpu_check host_rates (see HOST_UNITS; 512 heads x 6 prompts x 9 steps, a 640-node network)
 # as CPU seconds, December 4 at load 1.2 (a second measurement at load 8 within 25%, local_sample_s within 70%: it
@@ -473,9 +473,9 @@ def host_arrays_gib(name: str, p: dict, run: dict, dims) -> float:
         size = table * len(p["modes"]) * _tags(p, run)
     elif name == NB.LOCAL:
         size = table * len(p["tags"])
-    elif name == "03_phiid_diagnostics":         # + the mode's file as read: 16 float64 [heads, heads] atoms
+    elif name == NB.DIAGNOSTICS:                 # + the mode's file as read: 16 float64 [heads, heads] atoms
         size = table + 8 * (ATOMS * heads * heads + BOOT_ARRAYS[0] * heads * heads + BOOT_ARRAYS[1] * PAIR_BOOT * heads)
-    elif name == "04_ranking_variants":
+    elif name == NB.RANKING:
         samples = p01.get("n_prompts", 0) * p01.get("n_tokens", 0)
         sources = 1 + sum(v in p["variants"] for v in ("detrended", "first_difference"))
         size = table * sources + max(1, p.get("n_jobs", 1)) * PAIR_SAMPLE_ARRAYS * 8 * pairs * samples

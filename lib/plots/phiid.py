@@ -44,8 +44,7 @@ def atom_heatmaps(atoms, head_layer, head_index, names=("sts", "rtr"), title="",
     fig, axes = new_figure(5.2 * len(names), 4.6, ncols=len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = np.asarray(atoms[name], dtype=float)[np.ix_(order, order)]
-        colours = matplotlib.colormaps[cmap].copy()
-        colours.set_bad("0.8")
+        colours = matplotlib.colormaps[cmap].with_extremes(bad="0.8")
         norm, how = colour_norm(values)
         image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, norm=norm, interpolation="nearest")
         for s in starts[1:]:
