@@ -51,6 +51,11 @@ class StderrGate:
 
     def __exit__(self, *exc):
         sys.stderr.flush()
-        os.dup2(_REAL_STDERR[-1], 2)           # the pipe stays open only in kernels still shutting down
+        if INTERRUPTS:                         # after the one line only shutdown noise is left, e.g. asyncio's "Task
+            quiet = os.open(os.devnull, os.O_WRONLY)   # exception was never retrieved" for the dead kernel at exit
+            os.dup2(quiet, 2)
+            os.close(quiet)
+        else:
+            os.dup2(_REAL_STDERR[-1], 2)       # the pipe stays open only in kernels still shutting down
         self.thread.join(timeout=1.0)          # what we wrote is forwarded before we return
         os.close(_REAL_STDERR.pop())
