@@ -24,8 +24,15 @@ def on_interrupt(*_):
     sys.stdout.flush()
     os.write(_REAL_STDERR[-1] if _REAL_STDERR else 2, f"{INTERRUPTED}\n".encode())
     if not _REAL_STDERR:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        _quiet_stderr()
     raise KeyboardInterrupt
+
+
+def _quiet_stderr() -> None:
+    """fd 2 -> /dev/null for the rest of the process."""
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.close(quiet)
 
 
 class StderrGate:
@@ -51,10 +58,8 @@ class StderrGate:
 
     def __exit__(self, *exc):
         sys.stderr.flush()
-        if INTERRUPTS:                         # after the one line only shutdown noise is left, e.g. asyncio's "Task
-            quiet = os.open(os.devnull, os.O_WRONLY)   # exception was never retrieved" for the dead kernel at exit
-            os.dup2(quiet, 2)
-            os.close(quiet)
+        if INTERRUPTS:       # after the one line only shutdown noise is left, e.g. asyncio's "Task exception was
+            _quiet_stderr()  # never retrieved" for the dead kernel at interpreter exit
         else:
             os.dup2(_REAL_STDERR[-1], 2)       # the pipe stays open only in kernels still shutting down
         self.thread.join(timeout=1.0)          # what we wrote is forwarded before we return
