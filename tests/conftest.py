@@ -128,6 +128,14 @@ def _tiny_run_session():
     yield out, {"stdout": log["stdout"], "stderr": log["stderr"]}
 
 
+@pytest.fixture(scope="session")
+def session_folder() -> Path:
+    """The folder every process of this pytest session shares (the xdist controller and its workers)."""
+    folder = _session_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture
 def tiny_run(_tiny_run_session):
     """Path of the session's finished tiny run (params/tiny.yaml). READ-ONLY: checked unchanged after the test."""
@@ -214,15 +222,18 @@ SLOW_FIXTURES = {
 
 
 SLURM_FIXTURES = {"cluster", "pipeline"}    # tests/test_slurm.py: ONE local SLURM cluster and run per session
+GROUPS_FILE = "xdist-groups.json"          # nodeid -> work unit, written by the workers, read by the scheduler
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """A test that uses a slow fixture (SLOW_FIXTURES: SmolLM2, the shared tiny run) is marked slow with the reason,
     so `make test-fast` (-m "not slow") leaves it out even when its author did not mark it.
-    For xdist (`make test`: -n 2 --dist loadgroup): the tests on the local SLURM cluster form one group (one worker,
-    one cluster), and their modules go first, so the longest group starts at once while the other worker takes the
-    rest (the first of those that needs the tiny run makes it). Modules stay contiguous (module fixtures once)."""
-    first = set()
+    For xdist (`make test`: -n 2 --dist loadgroup): the tests on the local SLURM cluster form one work unit (one
+    worker, one cluster, one pipeline run), and their module goes first, so the longest unit starts at once while
+    the other worker takes the rest (the first of those that needs the tiny run makes it). The units are handed to
+    the scheduler through the session folder (see pytest_xdist_make_scheduler); modules stay contiguous."""
+    first, groups = set(), {}
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         reasons = [why for name, why in SLOW_FIXTURES.items() if name in names]
@@ -233,6 +244,41 @@ def pytest_collection_modifyitems(config, items):
             first.add(item.module.__name__ if item.module else "")
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda it: (0 if it.module and it.module.__name__ in first else 1, order[id(it)]))
+    if _is_worker(config):
+        for item in items:
+            marks = [m.args[0] if m.args else m.kwargs.get("name", "default") for m in item.iter_markers("xdist_group")]
+            if marks:
+                groups[item.nodeid] = "_".join(sorted(set(map(str, marks))))
+        _write_atomically(_session_dir() / GROUPS_FILE, json.dumps(groups))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup that holds with pytest >= 9.2: xdist 3.8 forms a group by appending "@group" to item._nodeid
+    on the worker, which pytest 9.2 no longer reads (the nodeid is built from item._id), so every xdist_group test
+    became its own unit and each worker started its own SLURM cluster and pipeline run. This scheduler reads the
+    units the workers wrote at collection (GROUPS_FILE) instead; a nodeid not in it falls back to xdist's rule."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroupScheduling(LoadGroupScheduling):
+        _units: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._units is None:       # called once every worker has collected (and written the file)
+                path = _session_dir() / GROUPS_FILE
+                self._units = json.loads(path.read_text()) if path.exists() else {}
+            return self._units.get(nodeid) or super()._split_scope(nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- one session, several processes

@@ -223,9 +223,23 @@ def test_pipeline_refuses_bad_params_before_submitting(tmp_path):
 
 # ----------------------------------------------------------------------------- the real cluster
 
+def claim_the_one_cluster(session_folder: Path) -> None:
+    """Fail when a second local SLURM cluster is started in this pytest session: the tests on it are one xdist work
+    unit (tests/conftest.py), and two clusters would run the tiny pipeline twice, on the same 2 cores."""
+    mark = session_folder / "slurm-cluster-started"
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pytest.fail(f"a second local SLURM cluster in this session (the first: {mark.read_text()}): the tests on the "
+                    f"cluster must run as one xdist work unit (tests/conftest.py, pytest_xdist_make_scheduler)")
+    os.write(fd, f"worker {os.environ.get('PYTEST_XDIST_WORKER', 'main')}, pid {os.getpid()}".encode())
+    os.close(fd)
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(session_folder):
     from tests.tools.local_slurm import LocalSlurm, SlurmUnavailable
+    claim_the_one_cluster(session_folder)
     t0 = time.perf_counter()
     c = LocalSlurm(cpus=16, gpus=4, kill_invalid_depend=False)
     try:
