@@ -3,6 +3,7 @@ logging of reads, its share of the CPUs), the HTML report view (nbconvert), and 
 the kernels running now (stopped all at once on an interrupt)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from lib.pipeline.bookkeeping import current_code, model_key, record, record_suc
 from lib.pipeline.steps import Step, params_hash
 from lib.storage import artifacts
 
-__all__ = ["export_html", "render_html", "execute", "html_exporter", "RUNNING"]
+__all__ = ["export_html", "render_html", "execute", "html_exporter", "forked_kernels", "RUNNING"]
 
 
 _HTML_EXPORTER = []        # one nbconvert exporter per runner process (importing nbconvert takes seconds)
@@ -80,6 +81,11 @@ class _KernelEnv:
                 RUNNING.kernels.add(self)
                 await super().start_kernel(**kw)
 
+            def format_kernel_cmd(self, extra_arguments=None):
+                cmd = super().format_kernel_cmd(extra_arguments)
+                server = RUNNING.fork_server
+                return server.launch_command(cmd) if server is not None else cmd
+
             async def shutdown_kernel(self, *args, **kw):
                 try:
                     await super().shutdown_kernel(*args, **kw)
@@ -96,6 +102,7 @@ class _Running:
         import threading
         self.kernels: set = set()
         self.stopping = False
+        self.fork_server = None
         self.local = threading.local()
 
     def stop_kernels(self) -> None:
@@ -107,6 +114,24 @@ class _Running:
 
 
 RUNNING = _Running()
+
+
+@contextlib.contextmanager
+def forked_kernels():
+    """Within the block, kernels are forked from one server that has imported the heavy libraries once
+    (lib.pipeline.forkserver) as soon as it is ready. Off with HEADINFO_FORK_SERVER=0 or without os.fork."""
+    if os.environ.get("HEADINFO_FORK_SERVER") == "0" or not hasattr(os, "fork"):
+        yield
+        return
+    from lib.pipeline.forkserver import ForkServer
+    env = {**os.environ, **({} if sys.stderr.isatty() else {"TQDM_MININTERVAL": "10"})}   # as _KernelEnv sets it
+    server = ForkServer(env, str(REPO_ROOT))
+    RUNNING.fork_server = server
+    try:
+        yield
+    finally:
+        RUNNING.fork_server = None
+        server.stop()
 
 
 def _reads_log(step: Step) -> Path:

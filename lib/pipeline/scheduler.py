@@ -7,7 +7,7 @@ import time
 
 from lib import REPO_ROOT
 from lib.pipeline.bookkeeping import stale_reasons
-from lib.pipeline.execution import RUNNING, execute
+from lib.pipeline.execution import RUNNING, execute, forked_kernels
 from lib.pipeline.steps import Step, upstream_of
 from lib.storage.store import read_manifest
 
@@ -51,7 +51,8 @@ def run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: b
         for step in steps:
             _run_one(step, pipeline, force, log_output)
         return
-    run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
+    with forked_kernels():
+        run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
 
 
 def _waits_for(steps: list[Step], pipeline: list[str]) -> dict[str, set[str]]:

@@ -1,0 +1,141 @@
+"""lib/pipeline/forkserver.py: kernels forked from a server that imported the heavy libraries once.
+
+Checked through jupyter_client as the runner uses it (a KernelManager whose command goes through the launcher):
+the forked kernel runs code with its own environment, working directory and thread count, is a child of the
+server with the libraries already imported, gets freshly seeded global generators, is interrupted by SIGINT,
+ends when its launcher is killed, and returns its exit code through the launcher. Whether a pipeline run with
+forked kernels computes what fresh kernels compute is checked by tests/test_run.py's kill -9 tests: the killed
+notebook is rerun alone (a fresh kernel) and compared bit for bit with the session's tiny run (forked kernels)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from lib import REPO_ROOT
+from lib.pipeline import execution
+from lib.pipeline.forkserver import ForkServer
+
+pytestmark = pytest.mark.slow(reason="starts a fork server (imports torch and transformers) and kernels")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ForkServer({**os.environ, "OMP_NUM_THREADS": "2"}, str(REPO_ROOT))
+    try:
+        wait_for(s.ready, 180, "the fork server to import its libraries")
+        yield s
+    finally:
+        s.stop()
+    assert s.process.returncode == 0 and not os.path.exists(s.folder)
+
+
+def start(server, env: dict, cwd):
+    from jupyter_client.manager import KernelManager
+
+    class Forked(KernelManager):
+        def format_kernel_cmd(self, extra_arguments=None):
+            return server.launch_command(super().format_kernel_cmd(extra_arguments))
+    km = Forked(kernel_name="python3")
+    km.start_kernel(env={**os.environ, **env}, cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+def run(kc, code: str, timeout: float = 60) -> tuple[str, dict]:
+    """Execute `code` -> (its stdout, the execute reply's content)."""
+    out = []
+
+    def hook(msg):
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    return "".join(out), reply["content"]
+
+
+def test_the_launch_command_wraps_only_ipykernel_and_only_once_ready(server):
+    cmd = ["/x/python", "-m", "ipykernel_launcher", "-f", "conn.json", "--IPKernelApp.exec_lines=1"]
+    import sys
+    from lib.pipeline import forkserver
+    assert server.launch_command(cmd) == [sys.executable, forkserver.__file__, "launch", server.path, "--", "-f",
+                                          "conn.json", "--IPKernelApp.exec_lines=1"]
+    assert server.launch_command(["/x/python", "-m", "other_kernel"]) == ["/x/python", "-m", "other_kernel"]
+    cold = ForkServer(dict(os.environ), str(REPO_ROOT))           # still importing: fresh kernels meanwhile
+    try:
+        assert not cold.ready() and cold.launch_command(cmd) == cmd
+    finally:
+        cold.stop()
+
+
+def test_a_forked_kernel_has_its_own_environment_directory_threads_and_generators(server, tmp_path):
+    kernels = [start(server, {"HI_PROBE": f"kernel {i}", "OMP_NUM_THREADS": "1"}, tmp_path) for i in range(2)]
+    try:
+        seen = []
+        for km, kc in kernels:
+            text, reply = run(kc, "import sys\npreloaded = 'transformers' in sys.modules\n"
+                                  "import os, random, numpy as np, torch\n"
+                                  "print(os.environ['HI_PROBE'], os.getcwd(), torch.get_num_threads(), os.getppid(), "
+                                  "preloaded, np.random.random(), random.random(), sep='|')")
+            assert reply["status"] == "ok", reply
+            seen.append(text.strip().split("|"))
+        for i, (probe, cwd, threads, ppid, preloaded, _, _) in enumerate(seen):
+            assert probe == f"kernel {i}" and cwd == str(tmp_path) and threads == "1"
+            assert int(ppid) == server.process.pid and preloaded == "True"     # forked: imported before the fork
+        assert seen[0][5] != seen[1][5] and seen[0][6] != seen[1][6]          # reseeded, not the server's state
+    finally:
+        for km, kc in kernels:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+
+def test_sigint_interrupts_the_forked_kernel_and_shutdown_ends_the_launcher(server, tmp_path):
+    km, kc = start(server, {}, tmp_path)
+    try:
+        msg_id = kc.execute("import time\ntime.sleep(60)")
+        time.sleep(1.0)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=20)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert run(kc, "print(6 * 7)")[0].strip() == "42"                  # the kernel lives on
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert km.provisioner is None or km.provisioner.process is None or km.provisioner.process.returncode == 0
+
+
+def test_killing_the_launcher_ends_the_forked_kernel(server, tmp_path):
+    km, kc = start(server, {}, tmp_path)
+    pid = int(run(kc, "import os\nprint(os.getpid())")[0])
+    launcher = km.provisioner.process
+    assert pid != launcher.pid
+    launcher.kill()                                                       # what the runner does on Ctrl-C
+    launcher.wait()
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(gone, 10, f"the forked kernel {pid} to end after its launcher was killed")
+    kc.stop_channels()
+    km.cleanup_resources()
+
+
+def test_fork_server_off_leaves_kernels_fresh(monkeypatch):
+    monkeypatch.setenv("HEADINFO_FORK_SERVER", "0")
+    with execution.forked_kernels():
+        assert execution.RUNNING.fork_server is None
