@@ -108,6 +108,8 @@ SHARDS_JSON="${SHARDS_JSON%, }}"
 PLAN=$("$PY" - "$PARAMS" "$DEFAULT_SHARDS" "$SHARDS_GIVEN" "$DRY" "$SHARDS_JSON" "${SETS[@]}" <<'PYEOF'
 import json
 import sys
+from lib.run import without_iri_grammar
+without_iri_grammar()                                 # as the runner: no IRI grammar compiled on import (~1 s)
 from lib.pipeline.bookkeeping import is_up_to_date
 from lib.pipeline.notebook_params import ParamsError, declared_parameters
 from lib.pipeline.runner import cache_problem, check_run
