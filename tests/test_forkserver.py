@@ -36,8 +36,8 @@ def server():
         wait_for(s.ready, 180, "the fork server to import its libraries")
         yield s
     finally:
-        s.stop()
-    assert s.process.returncode == 0 and not os.path.exists(s.folder)
+        problem = s.stop()
+    assert problem is None and s.process.returncode == 0 and not os.path.exists(s.folder)
 
 
 def start(server, env: dict, cwd):
@@ -76,7 +76,8 @@ def test_the_launch_command_wraps_only_ipykernel_and_only_once_ready(server):
     try:
         assert not cold.ready() and cold.launch_command(cmd) == cmd
     finally:
-        cold.stop()
+        cold.process.kill()                                          # a server that dies says so when stopped
+        assert "the kernel fork server failed (exit -9" in cold.stop() and not os.path.exists(cold.folder)
 
 
 def test_a_forked_kernel_has_its_own_environment_directory_threads_and_generators(server, tmp_path):

@@ -119,8 +119,10 @@ RUNNING = _Running()
 @contextlib.contextmanager
 def forked_kernels():
     """Within the block, kernels are forked from one server that has imported the heavy libraries once
-    (lib.pipeline.forkserver) as soon as it is ready. Off with HEADINFO_FORK_SERVER=0 or without os.fork."""
-    if os.environ.get("HEADINFO_FORK_SERVER") == "0" or not hasattr(os, "fork"):
+    (lib.pipeline.forkserver) as soon as it is ready. Off with HEADINFO_FORK_SERVER=0, without os.fork, and on a
+    machine with an NVIDIA device (CUDA is not fork-safe)."""
+    import glob
+    if os.environ.get("HEADINFO_FORK_SERVER") == "0" or not hasattr(os, "fork") or glob.glob("/dev/nvidia[0-9]*"):
         yield
         return
     from lib.pipeline.forkserver import ForkServer
@@ -131,7 +133,9 @@ def forked_kernels():
         yield
     finally:
         RUNNING.fork_server = None
-        server.stop()
+        problem = server.stop()
+        if problem:
+            print(f"[run] {problem}; its kernels started as fresh processes", flush=True)
 
 
 def _reads_log(step: Step) -> Path:

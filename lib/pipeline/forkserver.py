@@ -15,7 +15,9 @@ takes the thread count of its environment (torch.set_num_threads, threadpoolctl 
 NumPy's global generators from the OS, and lib itself is never preloaded (it reads its environment, the run's
 read log and notebook name, when a notebook imports it). Variables read at import by the preloaded libraries
 (TQDM_*, MPLBACKEND, HF_HUB_OFFLINE, ...) are the runner's, as they are for every kernel it starts.
-HEADINFO_FORK_SERVER=0 turns it off (every kernel a fresh process)."""
+HEADINFO_FORK_SERVER=0 turns it off (every kernel a fresh process), and a machine with an NVIDIA device does
+without it: CUDA cannot be used in a process forked after the driver was touched, and beside a GPU's work the
+imports are a small part of a notebook."""
 from __future__ import annotations
 
 import json
@@ -57,8 +59,13 @@ def launch(path: str, argv: list[str]) -> int:
         print("[forkserver] the server closed the connection before starting the kernel", file=sys.stderr)
         return 1
     pid = started["pid"]
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:                   # it has just ended: its exit code is on the way
+            pass
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
+        signal.signal(sig, forward)
     ended = _message(conn)
     os.close(lifeline_write)
     return ended["exit"] if ended else 1
@@ -73,7 +80,10 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the runner's: it stops the kernels itself
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")   # as ipykernel sets it
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:                     # not installed here: the notebook that needs it says so
+            print(f"[forkserver] not preloaded: {name} ({e})", file=sys.stderr)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
     listener.listen(16)
@@ -226,7 +236,9 @@ class ForkServer:
             return cmd
         return [sys.executable, __file__, "launch", self.path, "--", *cmd[3:]]
 
-    def stop(self) -> None:
+    def stop(self) -> str | None:
+        """End the server and remove its folder -> None, or what went wrong when it failed (the kernels started
+        meanwhile were fresh processes)."""
         import shutil
         try:
             self.process.stdin.close()
@@ -235,7 +247,12 @@ class ForkServer:
             self.process.kill()
             self.process.wait()
         self.log.close()
+        with open(self.log.name, errors="replace") as f:
+            lines = f.read().strip().splitlines()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.process.returncode != 0:
+            return f"the kernel fork server failed (exit {self.process.returncode}: {lines[-1] if lines else ''})"
+        return None
 
 
 if __name__ == "__main__":
