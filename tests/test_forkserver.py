@@ -140,3 +140,30 @@ def test_fork_server_off_leaves_kernels_fresh(monkeypatch):
     monkeypatch.setenv("HEADINFO_FORK_SERVER", "0")
     with execution.forked_kernels():
         assert execution.RUNNING.fork_server is None
+
+
+def test_when_the_runner_dies_the_server_kernels_and_launchers_end_and_the_folder_goes(tmp_path):
+    """The runner killed with SIGKILL: the server reads end of file on its input (what closing it here does), exits
+    and removes its folder; its forked kernel, orphaned, ends (ipykernel's parent poller), and so does the launcher."""
+    s = ForkServer(dict(os.environ), str(REPO_ROOT))
+    try:
+        wait_for(s.ready, 180, "the fork server to import its libraries")
+        km, kc = start(s, {}, tmp_path)
+        pid = int(run(kc, "import os\nprint(os.getpid())")[0])
+        s.process.stdin.close()                                          # the runner is gone
+        s.process.wait(timeout=10)
+        launcher = km.provisioner.process
+
+        def gone():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return launcher.poll() is not None
+            return False
+        wait_for(gone, 15, f"the orphaned kernel {pid} and its launcher to end")
+        assert s.process.returncode == 0 and not os.path.exists(s.folder)
+        kc.stop_channels()
+        km.cleanup_resources()
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()

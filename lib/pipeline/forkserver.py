@@ -8,7 +8,8 @@ a small process (standard library only) that hands its standard streams, environ
 server, which forks a child; the child becomes the kernel exactly as ipykernel_launcher would have started it.
 To jupyter_client the launcher is the kernel process: it forwards SIGINT, SIGTERM and SIGHUP to the child and
 exits with the child's exit code; when it is killed (SIGKILL), the child's lifeline (a pipe only the launcher
-holds open) closes and the child exits. The server exits when the runner closes its standard input or dies.
+holds open) closes and the child exits. The server exits, removing its folder, when the runner closes its standard
+input or dies.
 
 What a fork inherits that a fresh process would not have: the preloaded libraries' state. The child therefore
 takes the thread count of its environment (torch.set_num_threads, threadpoolctl for BLAS), reseeds Python's and
@@ -101,6 +102,8 @@ def serve(path: str) -> None:
         _report_exits(waiting)
     for conn in waiting.values():
         conn.close()
+    import shutil
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)      # also when the runner was killed (SIGKILL)
 
 
 def _report_exits(waiting: dict[int, socket.socket]) -> None:
@@ -223,7 +226,7 @@ class ForkServer:
         import tempfile
         self.folder = tempfile.mkdtemp(prefix="hi-fork-")
         self.path = os.path.join(self.folder, "kernels.sock")
-        self.log = open(os.path.join(self.folder, "server.log"), "wb")
+        self.log = open(os.path.join(self.folder, "server.log"), "w+b")   # read back in stop(), even once removed
         self.process = subprocess.Popen([sys.executable, __file__, "serve", self.path], stdin=subprocess.PIPE,
                                         stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=cwd,
                                         start_new_session=True)
@@ -246,9 +249,9 @@ class ForkServer:
         except Exception:
             self.process.kill()
             self.process.wait()
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").strip().splitlines()
         self.log.close()
-        with open(self.log.name, errors="replace") as f:
-            lines = f.read().strip().splitlines()
         shutil.rmtree(self.folder, ignore_errors=True)
         if self.process.returncode != 0:
             return f"the kernel fork server failed (exit {self.process.returncode}: {lines[-1] if lines else ''})"
