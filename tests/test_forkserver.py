@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float, what: str):
 def server():
     s = ForkServer({**os.environ, "OMP_NUM_THREADS": "2"}, str(REPO_ROOT))
     try:
-        wait_for(s.ready, 180, "the fork server to import its libraries")
+        assert s.wait_ready(timeout=180), "the fork server did not get ready in 180 s"
         yield s
     finally:
         problem = s.stop()
@@ -77,6 +77,7 @@ def test_the_launch_command_wraps_only_ipykernel_and_only_once_ready(server):
         assert not cold.ready() and cold.launch_command(cmd) == cmd
     finally:
         cold.process.kill()                                          # a server that dies says so when stopped
+        assert cold.wait_ready(timeout=30) is False                  # and is not waited for
         assert "the kernel fork server failed (exit -9" in cold.stop() and not os.path.exists(cold.folder)
 
 

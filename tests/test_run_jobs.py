@@ -188,3 +188,41 @@ def test_a_kernel_gets_all_cpus_alone_and_its_share_beside_others(tmp_path, monk
     half = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert seen["01_extract_activations"] == {}                       # nothing else can run beside it
     assert seen["02_phiid"] == {"OMP_NUM_THREADS": half, "MKL_NUM_THREADS": half}     # 06 and 07 ready too
+
+
+def test_lines_printed_by_notebooks_run_at_once_reach_stdout_whole():
+    """print() writes its text and its newline separately, so two runner threads printing at once could run their
+    lines together ("[run] 02_phiid -> ...[run] 07_qkov_interference -> ..." was seen in a runner log): under
+    whole_lines every write that reaches the stream is whole lines, and every line arrives intact."""
+    import sys
+    import threading
+    from lib.pipeline.scheduler import whole_lines
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+    recorder, real = Recorder(), sys.stdout
+    sys.stdout = recorder
+    try:
+        with whole_lines():
+            def talk(name):
+                for i in range(300):
+                    print(f"[run] {name} line {i}", flush=True)
+            threads = [threading.Thread(target=talk, args=(n,)) for n in ("a", "b", "c")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            print("unfinished", end="")
+    finally:
+        sys.stdout = real
+    written = [w for w in recorder.writes if w]
+    assert all(w.endswith("\n") for w in written[:-1]) and written[-1] == "unfinished"   # flushed at the end
+    lines = "".join(written[:-1]).splitlines()
+    assert sorted(lines) == sorted(f"[run] {n} line {i}" for n in "abc" for i in range(300))

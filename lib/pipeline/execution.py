@@ -119,8 +119,9 @@ RUNNING = _Running()
 @contextlib.contextmanager
 def forked_kernels():
     """Within the block, kernels are forked from one server that has imported the heavy libraries once
-    (lib.pipeline.forkserver) as soon as it is ready. Off with HEADINFO_FORK_SERVER=0, without os.fork, and on a
-    machine with an NVIDIA device (CUDA is not fork-safe)."""
+    (lib.pipeline.forkserver); the block starts once the server is ready (or has failed: fresh kernels then).
+    Off with HEADINFO_FORK_SERVER=0, without os.fork, and on a machine with an NVIDIA device (CUDA is not
+    fork-safe)."""
     import glob
     if os.environ.get("HEADINFO_FORK_SERVER") == "0" or not hasattr(os, "fork") or glob.glob("/dev/nvidia[0-9]*"):
         yield
@@ -130,6 +131,7 @@ def forked_kernels():
     server = ForkServer(env, str(REPO_ROOT))
     RUNNING.fork_server = server
     try:
+        server.wait_ready(timeout=60)  # a fresh kernel would spend as long importing, and the imports happen once
         yield
     finally:
         RUNNING.fork_server = None

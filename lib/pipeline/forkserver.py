@@ -219,7 +219,8 @@ def fresh_process_state(env) -> None:
 
 class ForkServer:
     """The server process for one runner call: `launch_command(cmd)` turns an ipykernel command into the
-    launcher's once the server has imported PRELOAD (before that kernels start as fresh processes)."""
+    launcher's once the server has imported PRELOAD (before that, or when it failed, kernels start as fresh
+    processes)."""
 
     def __init__(self, env: dict[str, str], cwd: str):
         import subprocess
@@ -233,6 +234,14 @@ class ForkServer:
 
     def ready(self) -> bool:
         return self.process.poll() is None and os.path.exists(self.path)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the server has imported PRELOAD and listens (False: it failed or `timeout` s passed)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not self.ready() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.ready()
 
     def launch_command(self, cmd: list[str]) -> list[str]:
         if not self.ready() or cmd[1:3] != ["-m", "ipykernel_launcher"]:

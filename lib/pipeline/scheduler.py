@@ -2,6 +2,7 @@
 first, each kernel with its share of the CPUs; a failure or an interrupt stops the rest."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -51,8 +52,45 @@ def run_steps(steps: list[Step], pipeline: list[str], force: bool, log_output: b
         for step in steps:
             _run_one(step, pipeline, force, log_output)
         return
-    with forked_kernels():
+    with forked_kernels(), whole_lines():
         run_concurrently(steps, pipeline, jobs, lambda step: _run_one(step, pipeline, force, log_output))
+
+
+class _WholeLines:
+    """sys.stdout while notebooks run at once: each thread's text reaches the stream a whole line at a time, so the
+    lines of two threads never run into each other (print writes its text and its newline separately)."""
+
+    def __init__(self, stream):
+        import threading
+        self.stream, self.lock, self.local = stream, threading.Lock(), threading.local()
+
+    def write(self, text: str) -> int:
+        *lines, self.local.pending = (getattr(self.local, "pending", "") + text).split("\n")
+        if lines:
+            with self.lock:
+                self.stream.write("".join(f"{line}\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        pending, self.local.pending = getattr(self.local, "pending", ""), ""
+        with self.lock:
+            self.stream.write(pending)
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def whole_lines():
+    """Within the block sys.stdout writes whole lines per thread (_WholeLines)."""
+    import sys
+    previous, sys.stdout = sys.stdout, _WholeLines(sys.stdout)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = previous
 
 
 def _waits_for(steps: list[Step], pipeline: list[str]) -> dict[str, set[str]]:
