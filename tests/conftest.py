@@ -46,6 +46,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from lib import REPO_ROOT  # noqa: E402
 from lib.model.loading import CLUSTER_ARCHS, RANDOM_ARCHS, load_model  # noqa: E402
+from lib.storage.store import save_json  # noqa: E402
 
 TINY_PARAMS = REPO_ROOT / "params" / "tiny.yaml"
 SESSION_VAR = "HEADINFO_TEST_SESSION"     # names the folder the session's processes share (see _session_dir)
@@ -98,7 +99,7 @@ def _make_tiny_run(out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "lib.run", "--params", str(TINY_PARAMS), "--set", f"out_dir={out}",
                            "--quiet"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3000)
     log = {"stdout": proc.stdout, "stderr": proc.stderr, "returncode": proc.returncode}
-    (out.parent / "tiny-log.json").write_text(json.dumps(log))
+    save_json(out.parent / "tiny-log.json", log)
     return log
 
 
@@ -249,7 +250,7 @@ def pytest_collection_modifyitems(config, items):
             marks = [m.args[0] if m.args else m.kwargs.get("name", "default") for m in item.iter_markers("xdist_group")]
             if marks:
                 groups[item.nodeid] = "_".join(sorted(set(map(str, marks))))
-        _write_atomically(_session_dir() / GROUPS_FILE, json.dumps(groups))
+        save_json(_session_dir() / GROUPS_FILE, groups)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -272,13 +273,6 @@ def pytest_xdist_make_scheduler(config, log):
             return self._units.get(nodeid) or super()._split_scope(nodeid)
 
     return FileGroupScheduling(config, log)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- one session, several processes

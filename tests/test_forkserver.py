@@ -16,17 +16,9 @@ import pytest
 from lib import REPO_ROOT
 from lib.pipeline import execution
 from lib.pipeline.forkserver import ForkServer
+from tests.tools.waiting import wait_for
 
 pytestmark = pytest.mark.slow(reason="starts a fork server (imports torch and transformers) and kernels")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from lib import REPO_ROOT
+from tests.tools.waiting import wait_for
 
 # HEADINFO_SLURM_TEST_PARAMS: run the same checks on another params file (e.g. a cluster's params on a real cluster)
 PARAMS = Path(os.environ.get("HEADINFO_SLURM_TEST_PARAMS", REPO_ROOT / "params" / "tiny.yaml")).resolve()
@@ -258,16 +259,6 @@ def cluster(session_folder):
         assert pids and not alive, f"daemons still alive after stop: {alive} (recorded {pids})"
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
 def submit(cluster, *args) -> tuple[dict[str, str], str]:
     r = cluster.run(str(PIPELINE), str(PARAMS), "--shards", str(SHARDS), *args, timeout=300)
     return parse_submission(r.stdout), r.stdout
@@ -331,7 +322,7 @@ def pipeline(cluster):
         wait_for(running_with_checkpoint, 600, f"ablation task {task} running with a partial checkpoint", 0.1)
         cluster.run("scancel", task)
         state = wait_for(lambda: (j := cluster.jobs(task)) and j[0]["JobState"] in ("CANCELLED", "COMPLETED")
-                         and j[0], 60, f"{task} to end")
+                         and j[0], 60, f"{task} to end", poll=0.2)
         assert state["JobState"] == "CANCELLED", state
         before = ablation_checkpoint(out, SHARDS)
         # the merge and what reads 05's files are cancelled (never satisfiable), not left pending; the notebooks
@@ -536,7 +527,7 @@ def test_a_rejected_submission_cancels_the_jobs_already_submitted(cluster, priva
     first = jobs[sections()[0]]
     assert "cancelling the jobs submitted so far" in r.stderr and first in r.stderr
     state = wait_for(lambda: (j := cluster.jobs(first)) and j[0]["JobState"] in ("CANCELLED",) and j[0], 30,
-                     f"job {first} to be cancelled")
+                     f"job {first} to be cancelled", poll=0.2)
     assert state["JobState"] == "CANCELLED"
 
 

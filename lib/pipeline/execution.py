@@ -56,6 +56,11 @@ def render_html(executed: Path, html: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def quiet_progress_env() -> dict[str, str]:
+    """Readable logs under papermill / SLURM: off a terminal, progress bars update every 10 s at most."""
+    return {} if sys.stderr.isatty() else {"TQDM_MININTERVAL": "10"}
+
+
 class _KernelEnv:
     """Environment of one notebook's kernel: quiet progress bars off a terminal, provenance logging of reads, and
     (notebooks run at once, --jobs N) the thread count of its share of the CPUs. Given to that kernel only (the
@@ -63,9 +68,8 @@ class _KernelEnv:
 
     def __init__(self, step: Step, reads_log: Path):
         self.values = {artifacts.READS_ENV: str(reads_log), artifacts.NOTEBOOK_ENV: step.name,
-                       artifacts.MODEL_ENV: model_key(step.params), **getattr(RUNNING.local, "threads", {})}
-        if not sys.stderr.isatty():
-            self.values["TQDM_MININTERVAL"] = "10"   # readable logs under papermill / SLURM: few progress updates
+                       artifacts.MODEL_ENV: model_key(step.params), **getattr(RUNNING.local, "threads", {}),
+                       **quiet_progress_env()}
 
     def manager(self):
         """A jupyter_client kernel manager class whose kernels start in REPO_ROOT with os.environ + these values;
@@ -127,7 +131,7 @@ def forked_kernels():
         yield
         return
     from lib.pipeline.forkserver import ForkServer
-    env = {**os.environ, **({} if sys.stderr.isatty() else {"TQDM_MININTERVAL": "10"})}   # as _KernelEnv sets it
+    env = {**os.environ, **quiet_progress_env()}      # tqdm reads it on import: the server's kernels need it too
     server = ForkServer(env, str(REPO_ROOT))
     RUNNING.fork_server = server
     try:

@@ -35,15 +35,20 @@ _LIMIT = 1 << 20                 # bytes of one request (the kernel's environmen
 
 # ----------------------------------------------------------------------------- the launcher (jupyter_client's kernel)
 
-def _message(conn: socket.socket) -> dict | None:
-    """One newline-terminated JSON message from `conn`, or None when it closed first."""
-    data = b""
+def _read_line(conn: socket.socket, data: bytes = b"") -> bytes | None:
+    """`data` completed to one newline-terminated message from `conn`, or None when it closed first."""
     while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
+        chunk = conn.recv(_LIMIT)
         if not chunk:
             return None
         data += chunk
-    return json.loads(data)
+    return data
+
+
+def _message(conn: socket.socket) -> dict | None:
+    """One newline-terminated JSON message from `conn`, or None when it closed first."""
+    line = _read_line(conn)
+    return None if line is None else json.loads(line)
 
 
 def launch(path: str, argv: list[str]) -> int:
@@ -130,11 +135,9 @@ def _fork_kernel(conn: socket.socket, others: list[socket.socket]) -> int | None
     `others`: the server's other sockets, closed in the child."""
     data, fds, _, _ = socket.recv_fds(conn, _LIMIT, 4)
     try:
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(_LIMIT)
-            if not chunk:
-                raise ValueError("truncated request")
-            data += chunk
+        data = _read_line(conn, data)
+        if data is None:
+            raise ValueError("truncated request")
         request = json.loads(data)
         if len(fds) != 4:
             raise ValueError(f"{len(fds)} descriptors instead of 4")
