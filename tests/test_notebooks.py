@@ -15,6 +15,7 @@ def test_notebooks_run_with_defaults_under_nbval():
     ordered = [n for n in notebooks if not n.startswith("notebooks/00_")] + [n for n in notebooks if n.startswith("notebooks/00_")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
-                           "-q", "-o", "addopts=", "--nbval-cell-timeout=1200", *ordered], cwd=REPO_ROOT, env=env,
+                           "-q", "-o", "addopts=", "--nbval-cell-timeout=1200", "-p", "tests.tools.nbval_forked",
+                           *ordered], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-6000:]

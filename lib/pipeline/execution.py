@@ -120,14 +120,19 @@ class _Running:
 RUNNING = _Running()
 
 
+def fork_server_wanted() -> bool:
+    """False with HEADINFO_FORK_SERVER=0, without os.fork, and on a machine with an NVIDIA device (CUDA is not
+    fork-safe)."""
+    import glob
+    return os.environ.get("HEADINFO_FORK_SERVER") != "0" and hasattr(os, "fork") and not glob.glob("/dev/nvidia[0-9]*")
+
+
 @contextlib.contextmanager
 def forked_kernels():
     """Within the block, kernels are forked from one server that has imported the heavy libraries once
     (lib.pipeline.forkserver); the block starts once the server is ready (or has failed: fresh kernels then).
-    Off with HEADINFO_FORK_SERVER=0, without os.fork, and on a machine with an NVIDIA device (CUDA is not
-    fork-safe)."""
-    import glob
-    if os.environ.get("HEADINFO_FORK_SERVER") == "0" or not hasattr(os, "fork") or glob.glob("/dev/nvidia[0-9]*"):
+    Fresh kernels where fork_server_wanted() says no."""
+    if not fork_server_wanted():
         yield
         return
     from lib.pipeline.forkserver import ForkServer
