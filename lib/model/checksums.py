@@ -4,9 +4,10 @@ when it loads a model and by lib.pipeline.provenance when the runner fingerprint
 string."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from lib.storage.disk_index import DiskIndex, cache_dir
 
 __all__ = ["cache_dir", "weights_checksum", "stamped_checksum", "ModelSpecError"]
 
@@ -15,11 +16,6 @@ STAMP = "weights.sha256"
 
 class ModelSpecError(ValueError):
     """A model spec, dtype or device that cannot be loaded; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Where converted bundled models and the checksum index live ($HEADINFO_CACHE, else ~/.cache/headinfo)."""
-    return Path(os.environ.get("HEADINFO_CACHE", Path.home() / ".cache" / "headinfo"))
 
 
 def weights_checksum(folder: Path) -> str:
@@ -46,22 +42,18 @@ def stamped_checksum(folder: Path) -> str:
     return digest
 
 
+_CHECKSUMS = DiskIndex("weights-sha256.json")     # real path -> sha256, while its size and mtime hold
+
+
 def _file_sha256(path: Path) -> str:
     from lib.storage.store import file_checksum
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
         return real.name
     stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = cache_dir() / "checksums.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    if key not in index:
-        index[key] = file_checksum(real)
-        try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index_path.with_name(f"checksums.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(index, indent=0))
-            os.replace(tmp, index_path)
-        except OSError:
-            pass
-    return index[key]
+    stamp = f"{stat.st_size}|{stat.st_mtime_ns}"
+    digest = _CHECKSUMS.get(str(real), stamp)
+    if digest is None:
+        digest = file_checksum(real)
+        _CHECKSUMS.put(str(real), stamp, digest)
+    return digest

@@ -22,11 +22,13 @@ import ast
 import hashlib
 import json
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 from lib import REPO_ROOT
 from lib.pipeline.notebook_params import parse_python
+from lib.storage.disk_index import DiskIndex
 
 __all__ = ["source_fingerprint", "module_info", "imported_names", "imported_modules", "lib_closure",
            "package_versions", "notebook_fingerprint", "code_reasons", "weights_id", "git_state",
@@ -65,14 +67,34 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_MODULES = DiskIndex("lib-modules.json")   # lib file -> (fingerprint, imported names), while its text holds
+_PARSER = f"{sys.version}|{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}"   # what the values depend on too
+
+
+@lru_cache(maxsize=None)
+def _parsed_module(path: str, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """(fingerprint, every module name it imports) of one lib file; cached by (path, mtime, size) in the process
+    and, across processes, in the disk index while the file's text, this module's code and Python are unchanged
+    (parsing the ~100 files a runner fingerprints costs ~2.5 s of CPU)."""
+    source = Path(path).read_text()
+    rel = Path(path).relative_to(REPO_ROOT)
+    stamp = hashlib.sha256(f"{_PARSER}|{source}".encode()).hexdigest()
+    cached = _MODULES.get(str(rel), stamp)
+    if isinstance(cached, list) and len(cached) == 2:
+        return cached[0], tuple(cached[1])
+    package = ".".join(rel.with_suffix("").parts)
+    if rel.name == "__init__.py":
+        package = package.rsplit(".", 1)[0] + "._"       # relative imports resolve against the package itself
+    fingerprint, names = source_fingerprint(source), tuple(sorted(imported_names(source, package)))
+    _MODULES.put(str(rel), stamp, [fingerprint, list(names)])
+    return fingerprint, names
+
+
 @lru_cache(maxsize=None)
 def _module_info(path: str, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
-    """(fingerprint, lib modules it imports) of one lib file; cached by (path, mtime, size)."""
-    source = Path(path).read_text()
-    package = ".".join(Path(path).relative_to(REPO_ROOT).with_suffix("").parts)
-    if Path(path).name == "__init__.py":
-        package = package.rsplit(".", 1)[0] + "._"       # relative imports resolve against the package itself
-    return source_fingerprint(source), tuple(sorted(imported_modules(source, package)))
+    """(fingerprint, lib modules it imports) of one lib file."""
+    fingerprint, names = _parsed_module(path, mtime_ns, size)
+    return fingerprint, tuple(sorted(lib_files(names)))
 
 
 def module_info(path: Path) -> tuple[str, tuple[str, ...]]:
@@ -117,8 +139,13 @@ def _lib_file(name: str) -> Path | None:
 
 def imported_modules(source: str, package: str = "") -> set[str]:
     """The lib files (relative paths, e.g. 'lib/experiments/ranking/') that `source` imports, with their parent packages."""
+    return lib_files(imported_names(source, package))
+
+
+def lib_files(names) -> set[str]:
+    """The lib files (relative paths) of these imported module names, with their parent packages."""
     files = set()
-    for name in imported_names(source, package):
+    for name in names:
         parts = name.split(".")
         for i in range(1, len(parts) + 1):           # importing lib.a.b runs lib/__init__ and lib/a/__init__ too
             p = _lib_file(".".join(parts[:i]))
@@ -148,10 +175,9 @@ def external_imports(source: str, lib_files) -> set[str]:
     return names - {"lib"}
 
 
-@lru_cache(maxsize=None)
 def _module_externals(path: str, mtime_ns: int, size: int) -> frozenset:
-    """Top-level names a lib file imports; cached by (path, mtime, size)."""
-    return frozenset(n.split(".")[0] for n in imported_names(Path(path).read_text(), "lib._"))
+    """Top-level names a lib file imports."""
+    return frozenset(n.split(".")[0] for n in _parsed_module(path, mtime_ns, size)[1])
 
 
 # ----------------------------------------------------------------------------- a notebook's fingerprint
