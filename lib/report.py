@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="a run folder, e.g. outputs/smollm2-135m")
     parser.add_argument("--check", action="store_true", help="also list problems; exit 1 when there are any")
     args = parser.parse_args(argv)
+    from lib.run import without_iri_grammar
+    without_iri_grammar()                          # as the runner: the notebooks' schema needs no IRI grammar
     try:
         path = write_index(args.out_dir)
     except FileNotFoundError as e:

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from lib.model.checksums import ModelSpecError, cache_dir, stamped_checksum
 
 __all__ = ["BUNDLED", "bundled_gguf", "bundled_note", "install_bundled", "prepare_bundled", "BUNDLED_NOTES",
@@ -74,6 +72,7 @@ def bundled_gguf(name: str) -> Path:
 
 def prepare_bundled(name: str = "smollm2-135m", verbose: bool = True) -> Path:
     """Dequantize the bundled GGUF once into a float32 safetensors folder; return that folder (atomic)."""
+    import torch                                  # here: the rest of this module serves runners and reports
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / f"{name}-float32"
