@@ -18,12 +18,12 @@ Model specs:
 `random_init=True` re-initialises any loaded model with the architecture's own initialiser (seeded): the
 untrained baseline.
 
-The architecture table is in lib.model.architectures, the bundled models' conversion in lib.model.bundled.
+The architecture table is in lib.model.architectures, the bundled models' conversion in lib.model.bundled, the parse of
+a random: spec in lib.model.specs.
 """
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,8 @@ from torch import nn
 from lib.model.architectures import ARCHITECTURES, arch_info
 from lib.model.bundled import BUNDLED, bundled_tokenizer, prepare_bundled
 from lib.model.checksums import ModelSpecError, cache_dir, stamped_checksum, weights_checksum  # noqa: F401 (re-exported)
+from lib.model.specs import (CLUSTER_ARCHS, LAYOUT_HEAD_DIM, RANDOM_ARCHS, layout_overrides,  # noqa: F401 (re-exported)
+                             parse_random_spec)
 
 __all__ = ["CLUSTER_ARCHS", "RANDOM_ARCHS", "ModelSpecError", "ModelDims", "load_model", "resolve_device",
            "resolve_dtype", "tiny_config", "model_dims", "meta_parameter_count", "spec_tokenizer", "parse_random_spec",
@@ -41,10 +43,6 @@ __all__ = ["CLUSTER_ARCHS", "RANDOM_ARCHS", "ModelSpecError", "ModelDims", "load
            "cache_dir", "weights_checksum"]
 
 
-RANDOM_ARCHS = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3", "gpt2")
-# tiny versions of the cluster examples' layouts: google/gemma-3-4b-it as it loads (Gemma3ForConditionalGeneration,
-# text decoder under model.language_model), Gemma 2 (attention and final logit soft-capping), Mistral (sliding window)
-CLUSTER_ARCHS = ("gemma3_multimodal", "gemma2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,48 +77,6 @@ def spec_tokenizer(spec: str):
     if spec.startswith("bundled:"):
         return AutoTokenizer.from_pretrained(prepare_bundled(spec.split(":", 1)[1], verbose=False))
     return AutoTokenizer.from_pretrained(spec)
-
-
-def parse_random_spec(spec: str) -> tuple[str, tuple[int, int, int] | None]:
-    """'random:<arch>[:<L>x<H>[kv<K>]]' -> (arch, (layers, query heads, KV heads) or None for the default tiny
-    layout). KV heads default to H (no GQA). ModelSpecError naming the form when the layout does not parse."""
-    body = spec.split(":", 1)[1] if spec.startswith("random:") else spec
-    arch, _, shape = body.partition(":")
-    if not shape:
-        return arch, None
-    m = _LAYOUT.fullmatch(shape)
-    if m is None or int(m[1]) < 1 or int(m[2]) < 1 or (m[3] and not 1 <= int(m[3]) <= int(m[2])) \
-            or (m[3] and int(m[2]) % int(m[3])):
-        raise ModelSpecError(f"random:{arch}:{shape}: the layout must be <layers>x<heads>[kv<kv heads>] with KV heads "
-                             f"dividing the heads, e.g. random:qwen3:36x32kv8")
-    return arch, (int(m[1]), int(m[2]), int(m[3] or m[2]))
-
-
-_LAYOUT = re.compile(r"(\d+)x(\d+)(?:kv(\d+))?")
-LAYOUT_HEAD_DIM = 8           # head_dim of a random:<arch>:<L>x<H> model (RoPE needs an even size; 8 keeps 2 rotary
-                              # dimensions under GPT-NeoX's rotary_pct 0.25)
-
-
-def layout_overrides(arch: str, layout: tuple[int, int, int] | None) -> dict:
-    """Config keywords that give a tiny config the layout (layers, heads, KV heads) with LAYOUT_HEAD_DIM-wide heads:
-    hidden size = heads x head_dim where the architecture ties them (GPT-NeoX, GPT-2, Llama, Mistral), else 64."""
-    if layout is None:
-        return {}
-    layers, heads, kv = layout
-    if arch == "gpt2":
-        if kv != heads:
-            raise ModelSpecError(f"random:gpt2 has no grouped KV heads; give kv{heads} or leave it out")
-        return dict(n_layer=layers, n_head=heads, n_embd=heads * LAYOUT_HEAD_DIM)
-    if arch == "gpt_neox" and kv != heads:
-        raise ModelSpecError(f"random:gpt_neox has no grouped KV heads; give kv{heads} or leave it out")
-    tied = arch in ("gpt_neox", "llama", "mistral")
-    hidden = heads * LAYOUT_HEAD_DIM if tied else 64
-    out = dict(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden, intermediate_size=2 * hidden)
-    if arch != "gpt_neox":
-        out.update(num_key_value_heads=kv, head_dim=LAYOUT_HEAD_DIM)
-    if arch in ("gemma3", "gemma3_multimodal", "gemma2"):
-        out["query_pre_attn_scalar"] = LAYOUT_HEAD_DIM
-    return out
 
 
 def tiny_config(arch: str, vocab_size: int = 49152):

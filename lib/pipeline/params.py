@@ -118,7 +118,7 @@ def device(v) -> str | None:
 
 def _random_archs() -> tuple[str, ...]:
     """The tiny test architectures lib.model.loading can build (imported here so `import lib.pipeline.params` needs no torch)."""
-    from lib.model.loading import CLUSTER_ARCHS, RANDOM_ARCHS
+    from lib.model.specs import CLUSTER_ARCHS, RANDOM_ARCHS
     return RANDOM_ARCHS + CLUSTER_ARCHS
 
 
@@ -135,7 +135,7 @@ def model_spec(v) -> str | None:
         from lib.experiments.synthetic import spec_problem
         return spec_problem(v)
     if v.startswith("random:"):
-        from lib.model.loading import ModelSpecError, layout_overrides, parse_random_spec
+        from lib.model.specs import ModelSpecError, layout_overrides, parse_random_spec
         try:
             arch, layout = parse_random_spec(v)
             layout_overrides(arch, layout)
