@@ -106,13 +106,14 @@ def ar_series(phi, n_prompts, n_steps, rng):
     return 5.0 + X
 
 
-def write_heads(out_dir: Path, X, tag: str = "", tokens=None) -> None:
+def write_heads(out_dir: Path, X, tag: str = "", tokens=None, end_of_turn_ids=None) -> None:
     H = X.shape[1]
     layer = np.repeat(np.arange(N_LAYERS), HEADS_PER_LAYER)
     tokens = np.ones(X.shape[::2], np.int64) * 7 if tokens is None else tokens
+    stored = {} if end_of_turn_ids is None else {"end_of_turn_ids": np.asarray(end_of_turn_ids, np.int64)}
     save_npz(artifacts.path("activations", out_dir, tag=tag), activations=X.astype(np.float32), tokens=tokens,
              head_layer=layer, head_index=np.tile(np.arange(HEADS_PER_LAYER), N_LAYERS), n_layers=N_LAYERS,
-             n_heads=HEADS_PER_LAYER, model="random:llama")
+             n_heads=HEADS_PER_LAYER, model="random:llama", **stored)
     save_npz(artifacts.path("phiid", out_dir, tag=tag, mode="per_prompt"), sts=np.zeros((H, H)))
 
 
@@ -160,6 +161,23 @@ def test_head_evidence_truncates_at_the_first_end_of_turn(artefact_run, tmp_path
     syn = np.array([np.nanmean(np.concatenate([sts[(i == h)], sts[(j == h)]])) for h in range(len(layer))
                     for i, j in [np.triu_indices(len(layer), 1)]])
     assert np.allclose(ev.syn, syn, rtol=1e-8, atol=1e-10)
+    # ids stored in the activations file (notebook 01 writes its tokenizer's) are used instead of the tokenizer:
+    # the same cuts made by token 999, an ordinary token of the bundled tokenizer
+    assert 999 not in end_of_turn_ids(bundled_tokenizer())
+    write_heads(tmp_path / "stored", X, tokens=np.where(tokens == eot, 999, tokens), end_of_turn_ids=[999])
+    stored = C.head_evidence(tmp_path / "stored", truncate_at_eos=True, n_surrogates=2)
+    assert stored.n_prompts == ev.n_prompts and stored.steps == ev.steps and np.array_equal(stored.syn, ev.syn)
+
+
+def test_notebook_01_stores_the_end_of_turn_ids_of_its_tokenizer(tiny_run):
+    from lib.model.loading import spec_tokenizer
+    from lib.model.prompts import END_OF_TURN_TOKENS
+    for tag in artifacts.tags("activations", tiny_run):
+        acts = artifacts.load("activations", tiny_run, tag=tag, keys=["end_of_turn_ids", "model"])
+        tokenizer = spec_tokenizer(str(acts["model"]))
+        vocab = tokenizer.get_vocab()
+        expected = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        assert acts["end_of_turn_ids"].dtype == np.int64 and sorted(acts["end_of_turn_ids"].tolist()) == sorted(expected)
 
 
 def planted_profile(scores, null_scores) -> "C.HeadEvidence":
@@ -283,10 +301,15 @@ def test_experiment_blocks_give_their_rule_verdicts(tmp_path, declared):
     assert "no valid 'claim' block" in C.claim_from_block("C4", tmp_path).reason
 
 
-def test_undeclared_experiment_is_not_tested(tmp_path, monkeypatch):
-    monkeypatch.delitem(artifacts.ARTIFACTS, "topology", raising=False)
-    c = C.claim_from_block("C4", tmp_path)
-    assert c.verdict == "not tested" and "lib/storage/artifacts/" in c.reason
+def test_undeclared_experiment_is_not_tested(tmp_path):
+    registry = dict(artifacts.ARTIFACTS)
+    try:
+        del artifacts.ARTIFACTS["topology"]
+        c = C.claim_from_block("C4", tmp_path)
+        assert c.verdict == "not tested" and "lib/storage/artifacts/" in c.reason
+    finally:                 # in its order (monkeypatch.delitem would put it back last: the README table's order)
+        artifacts.ARTIFACTS.clear()
+        artifacts.ARTIFACTS.update(registry)
 
 
 # ----------------------------------------------------------------------------- claims.json of a tiny run

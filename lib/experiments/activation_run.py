@@ -32,6 +32,7 @@ class ActivationRun:
     chat_template: bool
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    end_of_turn_ids: np.ndarray | None = None   # int64 [ids]: the tokenizer's end-of-turn tokens (None: not known)
 
     def save(self, out_dir, tag: str = "", extraction_key: str | None = None, manifest: dict | None = None):
         """Write the activations file (tag "" = the run's model) atomically and, when `manifest` is given, notebook
@@ -53,4 +54,5 @@ class ActivationRun:
             prompt_text=np.array([p.text for p in self.prompts]), head_layer=self.head_layer,
             head_index=self.head_index, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             pad_token_id=self.pad_token_id, model=self.model, chat_template=self.chat_template,
-            seconds=self.seconds)
+            seconds=self.seconds,
+            **({} if self.end_of_turn_ids is None else {"end_of_turn_ids": np.asarray(self.end_of_turn_ids, np.int64)}))

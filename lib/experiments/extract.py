@@ -17,7 +17,7 @@ from lib.storage import artifacts
 from lib.model.heads import HeadHooks
 from lib.model.architectures import ArchInfo
 from lib.experiments.activation_run import ActivationRun  # noqa: F401  (re-exported: lib.experiments.extract.ActivationRun)
-from lib.model.prompts import Prompt
+from lib.model.prompts import Prompt, end_of_turn_ids
 
 __all__ = ["encode_prompts", "left_pad", "generate_batch", "extract_activations", "compare_batched",
            "extraction_key", "extract_to_file", "extract_baselines", "load_run", "generated_texts",
@@ -104,7 +104,8 @@ def extract_activations(model, tokenizer, arch: ArchInfo, prompts: list[Prompt],
         prompt_input_ids=prompt_input_ids.numpy(), prompt_lengths=np.array([len(e) for e in encoded]),
         prompts=list(prompts), head_layer=np.array(head_layer), head_index=np.array(head_index),
         n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id),
-        model=arch.source, chat_template=bool(chat_template), seconds=seconds)
+        model=arch.source, chat_template=bool(chat_template), seconds=seconds,
+        end_of_turn_ids=np.array(end_of_turn_ids(tokenizer), np.int64))
 
 
 def compare_batched(batched: ActivationRun, single: ActivationRun) -> list[dict]:
@@ -188,7 +189,8 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
         prompt_input_ids=prompt_input_ids.numpy(), prompt_lengths=np.array([len(e) for e in encoded]),
         prompts=prompts, head_layer=np.array(head_layer), head_index=np.array(head_index), n_layers=arch.n_layers,
         n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id), model=model,
-        chat_template=bool(chat_template), seconds=time.perf_counter() - t0)
+        chat_template=bool(chat_template), seconds=time.perf_counter() - t0,
+        end_of_turn_ids=np.array(end_of_turn_ids(tokenizer), np.int64))
     run.save(out_dir, tag, key, {
         "model": model, "revision": revision, "random_init": random_init, "seed": seed, "dtype": dtype,
         "device": str(next(model_obj.parameters()).device), "weights_id": arch.weights_id,
@@ -264,7 +266,8 @@ def _run_from_arrays(saved: dict, prompts: list[Prompt]) -> ActivationRun:
         prompt_lengths=saved["prompt_lengths"], prompts=prompts, head_layer=saved["head_layer"],
         head_index=saved["head_index"], n_layers=int(saved["n_layers"]), n_heads=int(saved["n_heads"]),
         n_kv_heads=int(saved["n_kv_heads"]), pad_token_id=int(saved["pad_token_id"]), model=str(saved["model"]),
-        chat_template=bool(saved["chat_template"]), seconds=float(saved["seconds"]))
+        chat_template=bool(saved["chat_template"]), seconds=float(saved["seconds"]),
+        end_of_turn_ids=saved.get("end_of_turn_ids"))
 
 
 def load_run(out_dir, tag: str = "") -> ActivationRun:

@@ -72,13 +72,14 @@ def head_evidence(out_dir, tag: str = "", truncate_at_eos: bool = False, n_surro
     than MIN_STEPS such steps are left out)."""
     from lib.experiments import diagnostics as dg
     artifacts.load("phiid", out_dir, tag=tag, mode="per_prompt", keys=["sts"])     # 02 must have run
-    acts = artifacts.load("activations", out_dir, tag=tag, keys=["activations", "tokens", "head_layer",
-                                                                  "head_index", "n_layers", "model"])
+    needed = ["activations", "tokens", "head_layer", "head_index", "n_layers", "model"]
+    acts = artifacts.load("activations", out_dir, tag=tag, keys=needed + ["end_of_turn_ids"], require=needed)
     X = np.asarray(acts["activations"], np.float64)
     lengths = np.full(X.shape[0], X.shape[2])
     if truncate_at_eos:
         from lib.model.prompts import end_of_turn_lengths
-        lengths = end_of_turn_lengths(acts["tokens"], _end_of_turn_ids(str(acts["model"])))
+        eot = acts["end_of_turn_ids"] if "end_of_turn_ids" in acts else _end_of_turn_ids(str(acts["model"]))
+        lengths = end_of_turn_lengths(acts["tokens"], eot)
         keep = lengths >= MIN_STEPS
         X, lengths = X[keep], lengths[keep]
     head_layer, n_layers = np.asarray(acts["head_layer"]), int(acts["n_layers"])
@@ -132,6 +133,7 @@ def _shift_within(X, lengths, u):
 
 
 def _end_of_turn_ids(model_spec: str) -> list[int]:
+    """From the model's tokenizer, for an activations file written before notebook 01 stored them."""
     from lib.model.loading import spec_tokenizer
     from lib.model.prompts import end_of_turn_ids
     return end_of_turn_ids(spec_tokenizer(model_spec))

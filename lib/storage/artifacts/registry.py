@@ -90,6 +90,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
                  "n_layers": _k("int"), "n_heads": _k("int"), "n_kv_heads": _k("int"), "pad_token_id": _k("int"),
                  "model": _k("str"), "chat_template": _k("bool"), "seconds": _k("float"),
                  "extraction_key": _k("str", optional=True),
+                 "end_of_turn_ids": _k("int", "*", optional=True,
+                                       doc="token ids that end a chat turn for the tokenizer that generated the tokens"),
              }),
     Artifact("extract_checkpoint", ".extract_checkpoints/{key}/batch-{start:05d}-{batch_size}.npz",
              NB.EXTRACT,
