@@ -251,6 +251,16 @@ class ForkServer:
             return cmd
         return [sys.executable, __file__, "launch", self.path, "--", *cmd[3:]]
 
+    def manager_class(self, base):
+        """A subclass of the jupyter_client KernelManager class `base` whose kernels are launched through this
+        server (nbval's and the tests' managers; the runner's looks the server up per kernel, RUNNING.fork_server)."""
+        server = self
+
+        class ForkedKernelManager(base):
+            def format_kernel_cmd(self, extra_arguments=None):
+                return server.launch_command(super().format_kernel_cmd(extra_arguments))
+        return ForkedKernelManager
+
     def stop(self) -> str | None:
         """End the server and remove its folder -> None, or what went wrong when it failed (the kernels started
         meanwhile were fresh processes)."""

@@ -20,12 +20,7 @@ def pytest_configure(config):
     from lib.pipeline.forkserver import ForkServer
     _SERVER = ForkServer(dict(os.environ), str(REPO_ROOT))
     _SERVER.wait_ready(timeout=120)
-    base = nbval.kernel.KernelManager
-
-    class ForkedKernelManager(base):
-        def format_kernel_cmd(self, extra_arguments=None):
-            return _SERVER.launch_command(super().format_kernel_cmd(extra_arguments))
-    nbval.kernel.KernelManager = ForkedKernelManager
+    nbval.kernel.KernelManager = _SERVER.manager_class(nbval.kernel.KernelManager)
 
 
 def pytest_unconfigure(config):
