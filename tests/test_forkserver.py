@@ -16,7 +16,7 @@ import pytest
 from lib import REPO_ROOT
 from lib.pipeline import execution
 from lib.pipeline.forkserver import ForkServer
-from tests.tools.waiting import wait_for
+from tests.tools.waiting import ended, wait_for
 
 pytestmark = pytest.mark.slow(reason="starts a fork server (imports torch and transformers) and kernels")
 
@@ -34,11 +34,7 @@ def server():
 
 def start(server, env: dict, cwd):
     from jupyter_client.manager import KernelManager
-
-    class Forked(KernelManager):
-        def format_kernel_cmd(self, extra_arguments=None):
-            return server.launch_command(super().format_kernel_cmd(extra_arguments))
-    km = Forked(kernel_name="python3")
+    km = server.manager_class(KernelManager)(kernel_name="python3")
     km.start_kernel(env={**os.environ, **env}, cwd=str(cwd))
     kc = km.client()
     kc.start_channels()
@@ -120,14 +116,7 @@ def test_killing_the_launcher_ends_the_forked_kernel(server, tmp_path):
     assert pid != launcher.pid
     launcher.kill()                                                       # what the runner does on Ctrl-C
     launcher.wait()
-
-    def gone():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-    wait_for(gone, 10, f"the forked kernel {pid} to end after its launcher was killed")
+    wait_for(lambda: ended(pid), 10, f"the forked kernel {pid} to end after its launcher was killed")
     kc.stop_channels()
     km.cleanup_resources()
 
@@ -143,20 +132,13 @@ def test_when_the_runner_dies_the_server_kernels_and_launchers_end_and_the_folde
     and removes its folder; its forked kernel, orphaned, ends (ipykernel's parent poller), and so does the launcher."""
     s = ForkServer(dict(os.environ), str(REPO_ROOT))
     try:
-        wait_for(s.ready, 180, "the fork server to import its libraries")
+        assert s.wait_ready(timeout=180), "the fork server did not get ready in 180 s"
         km, kc = start(s, {}, tmp_path)
         pid = int(run(kc, "import os\nprint(os.getpid())")[0])
         s.process.stdin.close()                                          # the runner is gone
         s.process.wait(timeout=10)
         launcher = km.provisioner.process
-
-        def gone():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return launcher.poll() is not None
-            return False
-        wait_for(gone, 15, f"the orphaned kernel {pid} and its launcher to end")
+        wait_for(lambda: ended(pid) and launcher.poll() is not None, 15, f"the orphaned kernel {pid} and its launcher to end")
         assert s.process.returncode == 0 and not os.path.exists(s.folder)
         kc.stop_channels()
         km.cleanup_resources()

@@ -1,6 +1,7 @@
 """Polling with a deadline, for tests that wait on other processes (kernels, SLURM jobs)."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -15,3 +16,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: floa
             return value
         time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ended(pid: int) -> bool:
+    """True once no process has this pid (signal 0 only checks that it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
