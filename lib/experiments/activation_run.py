@@ -32,7 +32,7 @@ class ActivationRun:
     chat_template: bool
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-    end_of_turn_ids: np.ndarray | None = None   # int64 [ids]: the tokenizer's end-of-turn tokens (None: not known)
+    end_of_turn_ids: np.ndarray | list[int] | None = None   # [ids]: the tokenizer's end-of-turn tokens (None: not known)
 
     def save(self, out_dir, tag: str = "", extraction_key: str | None = None, manifest: dict | None = None):
         """Write the activations file (tag "" = the run's model) atomically and, when `manifest` is given, notebook

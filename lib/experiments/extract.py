@@ -105,7 +105,7 @@ def extract_activations(model, tokenizer, arch: ArchInfo, prompts: list[Prompt],
         prompts=list(prompts), head_layer=np.array(head_layer), head_index=np.array(head_index),
         n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id),
         model=arch.source, chat_template=bool(chat_template), seconds=seconds,
-        end_of_turn_ids=np.array(end_of_turn_ids(tokenizer), np.int64))
+        end_of_turn_ids=end_of_turn_ids(tokenizer))
 
 
 def compare_batched(batched: ActivationRun, single: ActivationRun) -> list[dict]:
@@ -190,7 +190,7 @@ def extract_to_file(out_dir, model: str, n_prompts: int = 60, n_tokens: int = 10
         prompts=prompts, head_layer=np.array(head_layer), head_index=np.array(head_index), n_layers=arch.n_layers,
         n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, pad_token_id=int(pad_id), model=model,
         chat_template=bool(chat_template), seconds=time.perf_counter() - t0,
-        end_of_turn_ids=np.array(end_of_turn_ids(tokenizer), np.int64))
+        end_of_turn_ids=end_of_turn_ids(tokenizer))
     run.save(out_dir, tag, key, {
         "model": model, "revision": revision, "random_init": random_init, "seed": seed, "dtype": dtype,
         "device": str(next(model_obj.parameters()).device), "weights_id": arch.weights_id,
